@@ -1,0 +1,35 @@
+"""fimlora: task-informed per-module LoRA ranks from the empirical Fisher of LoRA-B.
+
+    model = get_peft_model(base, LoraConfig(r=8, target_modules=[...]))
+    allocation = fimlora.apply_fim_ranks(model, train_dataloader)   # 8 backward passes
+    # train `model` as usual: it is a standard PEFT LoRA model with rank_pattern
+"""
+
+from .allocate import allocate_ranks, random_scores
+from .allocation import RankAllocation
+from .api import allocation_from_scores, apply_fim_ranks, compute_allocation, random_allocation
+from .calibrate import FisherResult, aggregate_fisher, compute_fisher, compute_scores
+from .config import FimConfig
+from .modules import check_pattern_keys, lora_modules, pattern_matches
+from .resize import apply_allocation
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FimConfig",
+    "FisherResult",
+    "RankAllocation",
+    "aggregate_fisher",
+    "allocate_ranks",
+    "allocation_from_scores",
+    "apply_allocation",
+    "apply_fim_ranks",
+    "check_pattern_keys",
+    "compute_allocation",
+    "compute_fisher",
+    "compute_scores",
+    "lora_modules",
+    "pattern_matches",
+    "random_allocation",
+    "random_scores",
+]

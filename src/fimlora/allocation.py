@@ -1,0 +1,138 @@
+"""RankAllocation: the plain-data result of FIM-LoRA, serialisable to JSON."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+__all__ = ["RankAllocation", "scaled_alpha", "atomic_write_text"]
+
+FORMAT_VERSION = 1
+
+
+def scaled_alpha(alpha: float, old_r: int, new_r: int, scale: str, use_rslora: bool) -> float:
+    """alpha for a module whose rank goes from ``old_r`` to ``new_r``.
+
+    ``preserve``: alpha' = alpha * r'/r, so alpha'/r' == alpha/r
+    (with rsLoRA: alpha' = alpha * sqrt(r'/r), so alpha'/sqrt(r') == alpha/sqrt(r)).
+    ``fixed_alpha``: alpha' = alpha, so the scale becomes alpha/r'.
+    """
+    if scale == "fixed_alpha":
+        return float(alpha)
+    if scale != "preserve":
+        raise ValueError(f"scale: must be 'preserve' or 'fixed_alpha', got {scale!r}")
+    ratio = new_r / old_r
+    return float(alpha * (math.sqrt(ratio) if use_rslora else ratio))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write via a temporary file and rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass
+class RankAllocation:
+    """Per-module scores and ranks, keyed by exact PEFT rank_pattern keys (module order kept).
+
+    ``old_ranks``/``old_alphas`` describe the adapter before resizing,
+    ``ranks``/``alphas`` after; ``shapes`` maps name -> [d_in, d_out].
+    """
+
+    scores: dict[str, float]
+    ranks: dict[str, int]
+    alphas: dict[str, float]
+    old_ranks: dict[str, int]
+    old_alphas: dict[str, float]
+    shapes: dict[str, list[int]]
+    budget: int
+    r_min: int
+    r_max: int
+    base_r: int
+    base_alpha: float
+    use_rslora: bool = False
+    method: str = "fim"
+    settings: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        names = list(self.ranks)
+        for fname in ("scores", "alphas", "old_ranks", "old_alphas", "shapes"):
+            other = getattr(self, fname)
+            if set(other) != set(names):
+                missing = sorted(set(names) - set(other))[:3]
+                extra = sorted(set(other) - set(names))[:3]
+                raise ValueError(f"{fname}: keys must equal the keys of ranks; missing {missing}, extra {extra}")
+        if sum(self.ranks.values()) != self.budget:
+            raise ValueError(f"ranks: must sum to budget={self.budget}, got {sum(self.ranks.values())}")
+        bad = [(n, r) for n, r in self.ranks.items() if not (self.r_min <= r <= self.r_max)]
+        if bad:
+            raise ValueError(f"ranks: must lie in [r_min={self.r_min}, r_max={self.r_max}], got {bad[:3]}")
+
+    @property
+    def module_names(self) -> list[str]:
+        return list(self.ranks)
+
+    @property
+    def rank_pattern(self) -> dict[str, int]:
+        return dict(self.ranks)
+
+    @property
+    def alpha_pattern(self) -> dict[str, float]:
+        return dict(self.alphas)
+
+    def trainable_lora_params(self) -> int:
+        """Number of LoRA parameters after resizing: sum_m r_m * (d_in + d_out)."""
+        return sum(r * sum(self.shapes[n]) for n, r in self.ranks.items())
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["format_version"] = FORMAT_VERSION
+        d["module_order"] = list(self.ranks)
+        return d
+
+    def to_json(self, path: str | os.PathLike | None = None, indent: int = 2) -> str:
+        """JSON text; also written atomically to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            atomic_write_text(path, text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RankAllocation":
+        d = dict(d)
+        version = d.pop("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"format_version: unsupported rank map version {version}, expected {FORMAT_VERSION}")
+        order = d.pop("module_order", None) or list(d["ranks"])
+        for key in ("scores", "ranks", "alphas", "old_ranks", "old_alphas", "shapes"):
+            if key not in d:
+                raise ValueError(f"{key}: missing from the rank map")
+            d[key] = {n: d[key][n] for n in order}
+        d["ranks"] = {n: int(v) for n, v in d["ranks"].items()}
+        d["old_ranks"] = {n: int(v) for n, v in d["old_ranks"].items()}
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text_or_path: str | os.PathLike) -> "RankAllocation":
+        """Parse JSON text, or read it from a file path."""
+        s = str(text_or_path)
+        if not s.lstrip().startswith("{"):
+            s = Path(s).read_text(encoding="utf-8")
+        return cls.from_dict(json.loads(s))

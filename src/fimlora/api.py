@@ -1,0 +1,141 @@
+"""The one-line entry point and the compute step it is built from."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterable, Mapping
+
+from torch import nn
+
+from .allocate import allocate_ranks, random_scores, validate_allocation_inputs
+from .allocation import RankAllocation, scaled_alpha
+from .calibrate import LossFn, compute_fisher, compute_scores
+from .config import FimConfig
+from .modules import lora_config_of, lora_modules
+from .resize import apply_allocation
+
+__all__ = ["apply_fim_ranks", "compute_allocation", "allocation_from_scores", "random_allocation", "versions"]
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that decide the result, for experiment records."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("fimlora", "torch", "transformers", "peft", "accelerate"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _bounds(model: nn.Module, config: FimConfig) -> tuple[int, int, int, list]:
+    lora_cfg = lora_config_of(model, config.adapter_name)
+    infos = lora_modules(model, config.adapter_name)
+    budget = config.budget if config.budget is not None else sum(i.r for i in infos)
+    r_max = config.r_max if config.r_max is not None else 2 * int(lora_cfg.r)
+    # Checked before any calibration compute is spent.
+    validate_allocation_inputs([0.0] * len(infos), budget, config.r_min, r_max)
+    return budget, config.r_min, r_max, infos
+
+
+def allocation_from_scores(
+    model: nn.Module, scores: Mapping[str, float], config: FimConfig | None = None, method: str = "fim",
+    extra_settings: Mapping | None = None,
+) -> RankAllocation:
+    """Allocate ranks from given per-module scores (no calibration); the model is not changed."""
+    config = config or FimConfig()
+    budget, r_min, r_max, infos = _bounds(model, config)
+    names = [i.name for i in infos]
+    if set(scores) != set(names):
+        missing = sorted(set(names) - set(scores))[:3]
+        extra = sorted(set(scores) - set(names))[:3]
+        raise ValueError(f"scores: keys must be the model's LoRA modules; missing {missing}, extra {extra}")
+    ordered = {n: float(scores[n]) for n in names}
+    ranks = allocate_ranks(ordered, budget, r_min, r_max)
+    lora_cfg = lora_config_of(model, config.adapter_name)
+    alphas = {
+        i.name: scaled_alpha(i.alpha, i.r, ranks[i.name], config.scale, bool(lora_cfg.use_rslora)) for i in infos
+    }
+    settings = config.to_dict()
+    settings.pop("progress", None)
+    settings.update(extra_settings or {})
+    return RankAllocation(
+        scores=ordered,
+        ranks=ranks,
+        alphas=alphas,
+        old_ranks={i.name: i.r for i in infos},
+        old_alphas={i.name: i.alpha for i in infos},
+        shapes={i.name: [i.in_features, i.out_features] for i in infos},
+        budget=budget,
+        r_min=r_min,
+        r_max=r_max,
+        base_r=int(lora_cfg.r),
+        base_alpha=float(lora_cfg.lora_alpha),
+        use_rslora=bool(lora_cfg.use_rslora),
+        method=method,
+        settings=settings,
+        versions=versions(),
+    )
+
+
+def compute_allocation(
+    model: nn.Module, dataloader: Iterable, config: FimConfig | None = None, loss_fn: LossFn | None = None
+) -> RankAllocation:
+    """Calibrate and allocate; returns a RankAllocation and leaves the model unchanged."""
+    config = config or FimConfig()
+    _bounds(model, config)
+    fisher = compute_fisher(model, dataloader, config, loss_fn)
+    scores = compute_scores(fisher, config.aggregation)
+    return allocation_from_scores(
+        model, scores, config, method="fim", extra_settings={"n_batches_used": fisher.n_batches}
+    )
+
+
+def random_allocation(model: nn.Module, seed: int, config: FimConfig | None = None) -> RankAllocation:
+    """The random-rank baseline: seeded uniform scores through the same allocator and budget."""
+    config = config or FimConfig()
+    names = [i.name for i in lora_modules(model, config.adapter_name)]
+    return allocation_from_scores(
+        model, random_scores(names, seed), config, method="random", extra_settings={"random_seed": seed}
+    )
+
+
+def apply_fim_ranks(
+    model: nn.Module,
+    dataloader: Iterable,
+    n_batches: int = 8,
+    r_min: int = 1,
+    r_max: int | None = None,
+    budget: int | None = None,
+    estimator: str = "batch",
+    aggregation: str = "mean",
+    *,
+    loss_fn: LossFn | None = None,
+    config: FimConfig | None = None,
+    **kwargs,
+) -> RankAllocation:
+    """Calibrate, allocate and resize the LoRA adapters of ``model`` in place.
+
+    ``model`` is a PEFT LoRA model straight after ``get_peft_model`` (B = 0).
+    Runs ``n_batches`` backward passes on ``dataloader`` batches (loss:
+    ``model(**batch).loss``, a mean, or ``loss_fn(model, batch)``), scores each
+    module by its LoRA-B empirical Fisher (see :mod:`fimlora.calibrate`), splits
+    ``budget`` (default: the current total rank) over the modules within
+    [r_min, r_max] (default r_max: 2 * r) and resizes every adapter. Further
+    settings of :class:`FimConfig` (``scale``, ``adapter_name``, ``seed``, ...)
+    go in ``kwargs`` or as a whole ``config``.
+
+    Returns the RankAllocation; build the optimizer after this call.
+    """
+    if config is None:
+        config = FimConfig(
+            n_batches=n_batches, r_min=r_min, r_max=r_max, budget=budget,
+            estimator=estimator, aggregation=aggregation, **kwargs,
+        )
+    elif kwargs:
+        raise ValueError(f"config: pass either config or keyword settings, not both (got {sorted(kwargs)})")
+    allocation = compute_allocation(model, dataloader, config, loss_fn)
+    apply_allocation(model, allocation, config.adapter_name, seed=config.seed)
+    return allocation

@@ -1,0 +1,186 @@
+"""Finding LoRA modules and naming them exactly as PEFT's ``rank_pattern`` keys.
+
+The single source of module names in fimlora is :func:`lora_modules`. A name is
+the module's path *inside the base model* (``model.layers.0.self_attn.q_proj``),
+never with PEFT's wrapper prefix ``base_model.model.``: PEFT matches pattern
+keys against exactly these names with the regex ``(.*\\.)?(KEY)$``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "LoraModuleInfo",
+    "base_model_of",
+    "lora_config_of",
+    "lora_modules",
+    "pattern_matches",
+    "check_pattern_keys",
+]
+
+_SUPPORTED_INITS = (True, False, "gaussian")
+
+
+@dataclass(frozen=True)
+class LoraModuleInfo:
+    """A LoRA linear layer: its rank_pattern key and the adapter's current shape."""
+
+    name: str
+    layer: nn.Module
+    in_features: int
+    out_features: int
+    r: int
+    alpha: float
+
+
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PeftModel (or a LoraModel)."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraModel
+
+    if isinstance(model, PeftModel):
+        model = model.base_model
+    if isinstance(model, LoraModel):
+        return model.model
+    raise TypeError(
+        f"model: expected a peft.PeftModel (or LoraModel) with LoRA adapters, got {type(model).__name__}; "
+        "wrap it first with peft.get_peft_model(model, LoraConfig(...))"
+    )
+
+
+def lora_config_of(model: nn.Module, adapter_name: str = "default"):
+    """The LoraConfig of ``adapter_name``; clear errors for a missing or non-LoRA adapter."""
+    from peft import LoraConfig
+
+    base_model_of(model)  # type check first
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not configs:
+        raise ValueError("model: has no peft_config; it carries no LoRA adapter")
+    if adapter_name not in configs:
+        raise ValueError(
+            f"adapter_name: no adapter named {adapter_name!r} in the model; it has {sorted(configs)}"
+        )
+    config = configs[adapter_name]
+    if not isinstance(config, LoraConfig):
+        raise ValueError(
+            f"adapter_name: adapter {adapter_name!r} is a {type(config).__name__}, not a LoraConfig; "
+            "fimlora resizes plain LoRA adapters only"
+        )
+    return config
+
+
+def _unsupported_reason(layer: nn.Module, adapter_name: str, config) -> str | None:
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    if not isinstance(layer, LoraLinear):
+        return (
+            f"layer type {type(layer).__module__}.{type(layer).__name__} is not supported "
+            "(only peft.tuners.lora.layer.Linear; quantised, embedding and conv LoRA layers are not)"
+        )
+    if layer.use_dora.get(adapter_name, False) or adapter_name in getattr(layer, "lora_magnitude_vector", {}):
+        return "DoRA adapters are not supported (their magnitude vector depends on the rank)"
+    if adapter_name in getattr(layer, "lora_variant", {}):
+        return f"LoRA variant {type(layer.lora_variant[adapter_name]).__name__} is not supported"
+    if not isinstance(layer.lora_B[adapter_name], nn.Linear):
+        return "lora_B is not an nn.Linear"
+    if layer.merged_adapters and adapter_name in layer.merged_adapters:
+        return "the adapter is merged into the base weight; unmerge it first"
+    init = config.init_lora_weights
+    if init not in _SUPPORTED_INITS:
+        return (
+            f"init_lora_weights={init!r} is not supported (only True, False or 'gaussian'); "
+            "data-driven inits set the rank themselves"
+        )
+    return None
+
+
+def lora_modules(model: nn.Module, adapter_name: str = "default") -> list[LoraModuleInfo]:
+    """All LoRA modules of ``adapter_name`` in model order, named as rank_pattern keys.
+
+    Raises ValueError up front if the adapter does not exist, if the model has no
+    LoRA module for it, or if any module cannot be calibrated and resized.
+    """
+    from peft.tuners.lora.layer import LoraLayer
+
+    config = lora_config_of(model, adapter_name)
+    base = base_model_of(model)
+    found: list[LoraModuleInfo] = []
+    problems: list[str] = []
+    for name, module in base.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if adapter_name not in module.r:
+            continue
+        reason = _unsupported_reason(module, adapter_name, config)
+        if reason is not None:
+            problems.append(f"{name}: {reason}")
+            continue
+        found.append(
+            LoraModuleInfo(
+                name=name,
+                layer=module,
+                in_features=int(module.in_features),
+                out_features=int(module.out_features),
+                r=int(module.r[adapter_name]),
+                alpha=float(module.lora_alpha[adapter_name]),
+            )
+        )
+    if problems:
+        raise ValueError(
+            f"model: {len(problems)} LoRA module(s) of adapter {adapter_name!r} cannot be resized:\n  "
+            + "\n  ".join(problems)
+        )
+    if not found:
+        raise ValueError(f"model: no LoRA layers for adapter {adapter_name!r}; check target_modules")
+    return found
+
+
+def pattern_matches(key: str, module_name: str) -> bool:
+    """PEFT's (and vLLM's) rule: ``key`` matches a dot-bounded suffix of ``module_name``."""
+    if key.startswith("^"):
+        return re.match(key + r"$" if not key.endswith("$") else key, module_name) is not None
+    return re.match(rf"(.*\.)?({key})$", module_name) is not None
+
+
+def check_pattern_keys(
+    pattern: dict[str, object], target_names: Iterable[str], all_names: Iterable[str]
+) -> list[str]:
+    """Problems with a rank/alpha pattern: keys that match no target, match another module, or are shadowed.
+
+    ``target_names``: the LoRA modules the pattern is meant for; ``all_names``:
+    every module name of the base model. PEFT tries keys in *sorted* order after a
+    save/reload, so shadowing is checked in that order.
+    """
+    targets = list(target_names)
+    names = list(all_names)
+    problems = []
+    sorted_keys = sorted(pattern)
+    for key in pattern:
+        if key.startswith("base_model.model."):
+            problems.append(f"key {key!r} carries PEFT's wrapper prefix 'base_model.model.' and matches nothing")
+            continue
+        hits = [n for n in names if pattern_matches(key, n)]
+        target_hits = [n for n in hits if n in targets]
+        if not target_hits:
+            problems.append(f"key {key!r} matches no LoRA module")
+        elif len(target_hits) > 1:
+            problems.append(f"key {key!r} matches {len(target_hits)} LoRA modules: {target_hits[:3]}...")
+    for name in targets:
+        matching = [k for k in sorted_keys if pattern_matches(k, name)]
+        if len(matching) > 1:
+            problems.append(
+                f"module {name!r} is matched by {len(matching)} keys {matching}; after a reload "
+                f"{matching[0]!r} wins (keys are tried in sorted order)"
+            )
+    return problems
+
+
+def lora_params(info: LoraModuleInfo, adapter_name: str) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+    """(A weight, B weight) of one module: shapes (r, d_in) and (d_out, r)."""
+    return info.layer.lora_A[adapter_name].weight, info.layer.lora_B[adapter_name].weight

@@ -1,0 +1,160 @@
+"""Resizing LoRA adapters in place so that PEFT sees a consistent rank_pattern adapter.
+
+For a module going from rank r to r' (k = min(r, r')):
+
+    A' (r', d_in)  = [A[:k]; new rows initialised as PEFT initialises A]
+    B' (d_out, r') = [B[:, :k], 0]
+
+and ``r``, ``lora_alpha`` and ``scaling`` on the layer plus ``rank_pattern`` and
+``alpha_pattern`` in the config are updated together, because PEFT recomputes
+scaling from (r, lora_alpha, use_rslora) on reload and in ``set_scale``.
+All new tensors are built and checked before any is swapped in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+
+import torch
+from torch import nn
+
+from .allocation import RankAllocation
+from .modules import LoraModuleInfo, lora_config_of, lora_modules
+
+__all__ = ["apply_allocation", "resized_lora_weights"]
+
+logger = logging.getLogger(__name__)
+
+
+def _module_seed(seed: int, name: str) -> int:
+    # Stable across processes and Python runs (unlike hash()), so every rank of a
+    # distributed job draws identical new A rows.
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def resized_lora_weights(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    new_r: int,
+    init_lora_weights,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """New (A', B') for rank ``new_r`` from A (r, d_in) and B (d_out, r); inputs untouched.
+
+    New A rows follow PEFT: kaiming_uniform(a=sqrt(5)) for ``True``/``False``
+    (bound 1/sqrt(d_in)), normal(std=1/r') for ``"gaussian"``. Computed in fp32
+    on the CPU generator, then cast to A's dtype and device.
+    """
+    r, d_in = a.shape
+    d_out = b.shape[0]
+    k = min(r, new_r)
+    new_a = torch.empty((new_r, d_in), dtype=a.dtype, device=a.device)
+    new_a[:k].copy_(a.detach()[:k])
+    if new_r > k:
+        rows = torch.empty((new_r - k, d_in), dtype=torch.float32)
+        if init_lora_weights == "gaussian":
+            rows.normal_(0.0, 1.0 / new_r, generator=generator)
+        else:
+            bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform_(a=sqrt(5)) on fan_in = d_in
+            rows.uniform_(-bound, bound, generator=generator)
+        new_a[k:].copy_(rows.to(device=a.device, dtype=a.dtype))
+    new_b = torch.zeros((d_out, new_r), dtype=b.dtype, device=b.device)
+    new_b[:, :k].copy_(b.detach()[:, :k])
+    return new_a, new_b
+
+
+def _build_linear(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool) -> nn.Linear:
+    out_f, in_f = weight.shape
+    lin = torch.nn.utils.skip_init(
+        nn.Linear, in_f, out_f, bias=bias is not None, device=weight.device, dtype=weight.dtype
+    )
+    lin.weight = nn.Parameter(weight, requires_grad=requires_grad)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.detach().clone(), requires_grad=requires_grad)
+    return lin
+
+
+def _validate(allocation: RankAllocation, infos: list[LoraModuleInfo]) -> None:
+    names = [i.name for i in infos]
+    missing = [n for n in names if n not in allocation.ranks]
+    extra = [n for n in allocation.ranks if n not in set(names)]
+    if missing or extra:
+        raise ValueError(
+            "allocation: its modules must be exactly the model's LoRA modules; "
+            f"missing from allocation: {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"not in model: {extra[:3]}{'...' if len(extra) > 3 else ''}"
+        )
+    for info in infos:
+        d_in, d_out = allocation.shapes[info.name]
+        if (d_in, d_out) != (info.in_features, info.out_features):
+            raise ValueError(
+                f"allocation.shapes[{info.name!r}]: must match the model's layer (d_in, d_out)="
+                f"({info.in_features}, {info.out_features}), got ({d_in}, {d_out})"
+            )
+        r = allocation.ranks[info.name]
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"allocation.ranks[{info.name!r}]: must be an integer >= 1, got {r!r}")
+        alpha = allocation.alphas[info.name]
+        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"allocation.alphas[{info.name!r}]: must be a finite number > 0, got {alpha!r}")
+
+
+def apply_allocation(
+    model: nn.Module, allocation: RankAllocation, adapter_name: str = "default", seed: int | None = None
+) -> nn.Module:
+    """Resize every LoRA module of ``adapter_name`` to ``allocation.ranks`` in place.
+
+    Works on the model the allocation was computed on or on a fresh model with
+    the same LoRA config (e.g. an allocation loaded from JSON). Returns ``model``.
+    Parameters are replaced by new objects: build the optimizer afterwards.
+    On any error the model is left untouched. New A rows are drawn from
+    ``seed`` (default: the seed recorded in the allocation's settings).
+    """
+    if seed is None:
+        seed = int(allocation.settings.get("seed", 0))
+    config = lora_config_of(model, adapter_name)
+    infos = lora_modules(model, adapter_name)
+    _validate(allocation, infos)
+    if bool(config.use_rslora) != bool(allocation.use_rslora):
+        raise ValueError(
+            f"allocation.use_rslora: is {allocation.use_rslora} but the adapter's config has "
+            f"use_rslora={config.use_rslora}; the alphas would give a different scale"
+        )
+
+    staged = []
+    for info in infos:
+        new_r = allocation.ranks[info.name]
+        old_a = info.layer.lora_A[adapter_name]
+        old_b = info.layer.lora_B[adapter_name]
+        gen = torch.Generator().manual_seed(_module_seed(seed, info.name))
+        new_a, new_b = resized_lora_weights(old_a.weight, old_b.weight, new_r, config.init_lora_weights, gen)
+        if not (torch.isfinite(new_a).all() and torch.isfinite(new_b).all()):
+            raise ValueError(f"model: non-finite LoRA weights in module {info.name!r}; refusing to resize")
+        lin_a = _build_linear(new_a, None, old_a.weight.requires_grad)
+        lin_b = _build_linear(new_b, old_b.bias, old_b.weight.requires_grad)
+        lin_a.train(old_a.training)
+        lin_b.train(old_b.training)
+        staged.append((info, lin_a, lin_b, new_r, float(allocation.alphas[info.name])))
+
+    # Swap: only assignments from here on, nothing that can fail half-way.
+    for info, lin_a, lin_b, new_r, alpha in staged:
+        layer = info.layer
+        layer.lora_A[adapter_name] = lin_a
+        layer.lora_B[adapter_name] = lin_b
+        layer.r[adapter_name] = new_r
+        layer.lora_alpha[adapter_name] = alpha
+        layer.scaling[adapter_name] = alpha / (math.sqrt(new_r) if config.use_rslora else new_r)
+    # One full, non-overlapping key per module: overlapping keys resolve in sorted
+    # order after a reload and can silently change ranks or scales.
+    config.rank_pattern = {info.name: allocation.ranks[info.name] for info in infos}
+    config.alpha_pattern = {info.name: _as_number(allocation.alphas[info.name]) for info in infos}
+    changed = sum(1 for i in infos if allocation.ranks[i.name] != i.r)
+    logger.info("fimlora: resized %d of %d LoRA modules (budget %d)", changed, len(infos), allocation.budget)
+    return model
+
+
+def _as_number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
