@@ -83,6 +83,8 @@ def water_fill(scores: Sequence[float], budget: int, r_min: int, r_max: int) -> 
 
     if n * lo >= target:  # feasibility makes this equality: everyone at the floor
         return [lo] * n
+    if n * hi <= target:  # ... and this one: everyone at the cap
+        return [hi] * n
     if not positive:  # all-zero scores: uniform
         return [target / n] * n
 

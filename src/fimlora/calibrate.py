@@ -148,6 +148,9 @@ class PerExampleAccumulator:
 
 
 def _per_example_grad_hook(acc: PerExampleAccumulator, name: str, h: torch.Tensor, grad: torch.Tensor):
+    # Counted here, not in the forward hook: a non-reentrant checkpoint recompute
+    # runs the forward again, but gradients only flow through the original output.
+    acc.calls[name] += 1
     acc.add(name, h, grad)
     return None
 
@@ -157,7 +160,6 @@ def _per_example_forward_hook(acc: PerExampleAccumulator, name: str, module, inp
     # there is no backward for this output; the recomputed forward registers.
     if not isinstance(output, torch.Tensor) or not output.requires_grad:
         return None
-    acc.calls[name] += 1
     output.register_hook(functools.partial(_per_example_grad_hook, acc, name, inputs[0].detach()))
     return None
 

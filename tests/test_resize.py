@@ -1,0 +1,232 @@
+"""Resizing gives a standard PEFT adapter: stock save/reload and merge reproduce it exactly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import PeftModel
+
+import fimlora
+from fimlora import FimConfig, RankAllocation, apply_allocation, check_pattern_keys, lora_modules
+from fimlora.modules import base_model_of, pattern_matches
+
+from conftest import cls_batches, lm_batches, lora_bert, lora_llama, make_b_nonzero, tiny_bert, tiny_llama
+
+
+def layer_state(model, adapter="default"):
+    return {
+        i.name: (i.layer.r[adapter], i.layer.lora_alpha[adapter], i.layer.scaling[adapter],
+                 tuple(i.layer.lora_A[adapter].weight.shape), tuple(i.layer.lora_B[adapter].weight.shape))
+        for i in lora_modules(model, adapter)
+    }
+
+
+CASES = [
+    ("bert", lambda: lora_bert(), lambda: tiny_bert(), cls_batches, lambda out: out.logits),
+    ("llama", lambda: lora_llama(), lambda: tiny_llama(), lm_batches, lambda out: out.logits),
+    ("llama-rslora", lambda: lora_llama(use_rslora=True), lambda: tiny_llama(), lm_batches, lambda out: out.logits),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+def test_save_reload_and_merge_reproduce_logits(case, tmp_path):
+    _, make, make_base, batches, logits_of = case
+    model = make()
+    data = batches()
+    alloc = fimlora.apply_fim_ranks(model, data, n_batches=3, progress=False)
+    assert len(set(alloc.ranks.values())) > 1, "test needs a non-uniform pattern"
+    assert sum(alloc.ranks.values()) == alloc.budget
+    make_b_nonzero(model, data)
+    assert all(i.layer.lora_B["default"].weight.abs().sum() > 0 for i in lora_modules(model))
+    with torch.no_grad():
+        ref = logits_of(model(**data[0]))
+    model.save_pretrained(tmp_path)
+
+    reloaded = PeftModel.from_pretrained(make_base(), tmp_path).eval()
+    assert layer_state(reloaded) == layer_state(model)
+    with torch.no_grad():
+        got = logits_of(reloaded(**data[0]))
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+
+    merged = reloaded.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(merged(**data[0])), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_scale_preserved_by_default_and_fixed_alpha_option():
+    model = lora_llama(r=4)  # alpha 8 -> scale 2
+    alloc = fimlora.apply_fim_ranks(model, lm_batches(), n_batches=2, progress=False)
+    for i in lora_modules(model):
+        assert i.layer.scaling["default"] == pytest.approx(2.0)
+        assert i.layer.lora_alpha["default"] == pytest.approx(8 * alloc.ranks[i.name] / 4)
+    model = lora_llama(r=4)
+    alloc = fimlora.apply_fim_ranks(model, lm_batches(), n_batches=2, scale="fixed_alpha", progress=False)
+    for i in lora_modules(model):
+        assert i.layer.lora_alpha["default"] == 8
+        assert i.layer.scaling["default"] == pytest.approx(8 / alloc.ranks[i.name])
+
+
+def test_rslora_scale_preserved():
+    model = lora_llama(r=4, use_rslora=True)
+    alloc = fimlora.apply_fim_ranks(model, lm_batches(), n_batches=2, progress=False)
+    for i in lora_modules(model):
+        r = alloc.ranks[i.name]
+        assert i.layer.scaling["default"] == pytest.approx(8 / math.sqrt(4))
+        assert i.layer.lora_alpha["default"] == pytest.approx(8 * math.sqrt(r / 4))
+
+
+def test_kept_rows_and_columns_new_rows_like_peft():
+    model = lora_llama(r=4)
+    make_b_nonzero(model, lm_batches())
+    before = {i.name: (i.layer.lora_A["default"].weight.detach().clone(),
+                       i.layer.lora_B["default"].weight.detach().clone()) for i in lora_modules(model)}
+    alloc = fimlora.apply_fim_ranks(model, lm_batches(), n_batches=2, progress=False)
+    grew = shrank = 0
+    for i in lora_modules(model):
+        a0, b0 = before[i.name]
+        a, b = i.layer.lora_A["default"].weight, i.layer.lora_B["default"].weight
+        r = alloc.ranks[i.name]
+        k = min(r, 4)
+        assert a.shape == (r, i.in_features) and b.shape == (i.out_features, r)
+        assert torch.equal(a[:k], a0[:k]) and torch.equal(b[:, :k], b0[:, :k])
+        if r > 4:
+            grew += 1
+            assert torch.count_nonzero(b[:, 4:]) == 0
+            bound = 1 / math.sqrt(i.in_features)
+            assert a[4:].abs().max() <= bound and a[4:].std() > 0.3 * bound
+        else:
+            shrank += r < 4
+        assert a.requires_grad and b.requires_grad
+    assert grew and shrank
+
+
+def test_growing_module_keeps_its_output():
+    """With B zero-extended and the scale preserved, a module that only grows computes the same output."""
+    model = lora_llama(r=4)
+    make_b_nonzero(model, lm_batches())
+    infos = lora_modules(model)
+    x = {i.name: torch.randn(3, i.in_features) for i in infos}
+    with torch.no_grad():
+        before = {i.name: i.layer(x[i.name]) for i in infos}
+    names = [i.name for i in infos]
+    scores = {n: (10.0 if k % 2 == 0 else 0.0) for k, n in enumerate(names)}
+    alloc = fimlora.allocation_from_scores(model, scores, FimConfig(r_min=1, r_max=7))
+    apply_allocation(model, alloc)
+    with torch.no_grad():
+        for i in infos:
+            if alloc.ranks[i.name] >= 4:
+                torch.testing.assert_close(i.layer(x[i.name]), before[i.name])
+
+
+def test_rank_pattern_keys_are_exact_and_unprefixed():
+    model = lora_llama(layers=12)  # layer 1 vs layer 11: the dot-boundary trap
+    fimlora.apply_fim_ranks(model, lm_batches(), n_batches=2, progress=False)
+    cfg = model.peft_config["default"]
+    base = base_model_of(model)
+    all_names = [n for n, _ in base.named_modules()]
+    targets = [i.name for i in lora_modules(model)]
+    assert list(cfg.rank_pattern) == targets == list(cfg.alpha_pattern)
+    assert not any(k.startswith("base_model") for k in cfg.rank_pattern)
+    for key in cfg.rank_pattern:
+        assert [n for n in all_names if pattern_matches(key, n)] == [key]
+    assert check_pattern_keys(cfg.rank_pattern, targets, all_names) == []
+    assert pattern_matches("model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.q_proj")
+    assert not pattern_matches("layers.1.self_attn.q_proj", "model.layers.11.self_attn.q_proj")
+
+
+def test_check_pattern_keys_finds_prefix_overlap_and_misses():
+    model = lora_llama()
+    base = base_model_of(model)
+    names = [n for n, _ in base.named_modules()]
+    targets = [i.name for i in lora_modules(model)]
+    problems = check_pattern_keys({"base_model.model.model.layers.0.self_attn.q_proj": 2, "q_proj": 3,
+                                   "model.layers.0.self_attn.q_proj": 4, "nothing_here": 1}, targets, names)
+    text = "\n".join(problems)
+    assert "wrapper prefix" in text and "matches no LoRA module" in text
+    assert "matches 2 LoRA modules" in text and "is matched by 2 keys" in text
+
+
+def test_allocation_json_roundtrip_applies_identically_to_fresh_model(tmp_path):
+    model = lora_bert()
+    alloc = fimlora.apply_fim_ranks(model, cls_batches(), n_batches=2, progress=False, seed=5)
+    path = tmp_path / "rank_map.json"
+    alloc.to_json(path)
+    loaded = RankAllocation.from_json(path)
+    assert loaded == alloc
+    assert list(loaded.ranks) == list(alloc.ranks)
+    fresh = lora_bert()
+    apply_allocation(fresh, loaded)
+    assert layer_state(fresh) == layer_state(model)
+    for i, j in zip(lora_modules(model), lora_modules(fresh)):
+        assert torch.equal(i.layer.lora_A["default"].weight, j.layer.lora_A["default"].weight)
+    assert fresh.peft_config["default"].rank_pattern == model.peft_config["default"].rank_pattern
+
+
+def test_named_adapter(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                           adapter_name="task")
+    alloc = fimlora.apply_fim_ranks(model, lm_batches(), n_batches=2, adapter_name="task", progress=False)
+    assert model.peft_config["task"].rank_pattern == alloc.ranks
+    make_b_nonzero(model, lm_batches())
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "task", adapter_name="task")
+    assert layer_state(reloaded, "task") == layer_state(model, "task")
+
+
+def snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            dict(model.peft_config["default"].rank_pattern), layer_state(model))
+
+
+def assert_untouched(model, snap):
+    sd, pattern, layers = snap
+    now = model.state_dict()
+    assert set(now) == set(sd)
+    assert all(torch.equal(now[k], sd[k]) for k in sd)
+    assert dict(model.peft_config["default"].rank_pattern) == pattern
+    assert layer_state(model) == layers
+
+
+def test_bad_allocation_leaves_model_untouched():
+    model = lora_bert()
+    alloc = fimlora.compute_allocation(model, cls_batches(), FimConfig(n_batches=2, progress=False))
+    last = alloc.module_names[-1]
+    bad = RankAllocation.from_dict({**alloc.to_dict(), "shapes": {**alloc.shapes, last: [1, 2]}})
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=rf"allocation.shapes\['{last}'\]: must match .* got \(1, 2\)"):
+        apply_allocation(model, bad)
+    assert_untouched(model, snap)
+    other = lora_llama()
+    with pytest.raises(ValueError, match="allocation: its modules must be exactly the model's LoRA modules"):
+        apply_allocation(other, alloc)
+
+
+def test_unsupported_layers_rejected_up_front():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True))
+    with pytest.raises(ValueError, match="DoRA adapters are not supported"):
+        fimlora.apply_fim_ranks(model, lm_batches(), progress=False)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model.embed_tokens: layer type .*Embedding is not supported"):
+        fimlora.apply_fim_ranks(model, lm_batches(), progress=False)
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+
+
+def test_trains_after_resize_with_fresh_optimizer():
+    model = lora_llama()
+    fimlora.apply_fim_ranks(model, lm_batches(), n_batches=2, progress=False)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert len(params) == 28
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    b_before = [i.layer.lora_B["default"].weight.detach().clone() for i in lora_modules(model)]
+    loss = model(**lm_batches()[0]).loss
+    loss.backward()
+    opt.step()
+    assert all(not torch.equal(b, i.layer.lora_B["default"].weight) for b, i in zip(b_before, lora_modules(model)))
