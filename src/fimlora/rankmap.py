@@ -1,0 +1,130 @@
+"""Reading a rank map: layer x module-type grid, terminal table, §4.4 statistics, heatmap."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from .allocation import RankAllocation
+
+__all__ = ["split_name", "rank_grid", "group_stats", "format_rank_table", "plot_rank_map"]
+
+_LAYER = re.compile(r"^(?P<prefix>.*?)\.(?P<idx>\d+)\.(?P<rest>.+)$")
+
+
+def split_name(name: str) -> tuple[int | None, str]:
+    """(layer index, module type): ``model.layers.3.self_attn.q_proj`` -> (3, ``self_attn.q_proj``).
+
+    Modules outside the repeated layers (``bert.pooler.dense``) get layer None.
+    """
+    m = _LAYER.match(name)
+    if not m:
+        return None, name
+    return int(m.group("idx")), m.group("rest")
+
+
+def rank_grid(values: dict[str, float]) -> tuple[list[int], list[str], dict[tuple[int, str], float], dict[str, float]]:
+    """(layers, types, grid[(layer, type)] -> value, others) for per-module values."""
+    grid, others = {}, {}
+    layers, types = [], []
+    for name, v in values.items():
+        layer, typ = split_name(name)
+        if layer is None:
+            others[name] = v
+            continue
+        grid[(layer, typ)] = v
+        if layer not in layers:
+            layers.append(layer)
+        if typ not in types:
+            types.append(typ)
+    return sorted(layers), types, grid, others
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def group_stats(alloc: RankAllocation) -> dict:
+    """Mean rank per module type and per layer group (first, middle, last third of layers)."""
+    layers, types, grid, _ = rank_grid(alloc.ranks)
+    by_type = {t: _mean([grid[(l, t)] for l in layers if (l, t) in grid]) for t in types}
+    groups = {}
+    if layers:
+        n = len(layers)
+        cuts = [0, (n + 2) // 3, (2 * n + 2) // 3, n]
+        for label, (a, b) in zip(("first", "middle", "last"), zip(cuts, cuts[1:])):
+            ls = layers[a:b]
+            if ls:
+                vals = [grid[(l, t)] for l in ls for t in types if (l, t) in grid]
+                groups[label] = {"layers": [ls[0], ls[-1]], "mean_rank": _mean(vals)}
+    return {"mean_rank_by_type": by_type, "mean_rank_by_layer_group": groups,
+            "base_r": alloc.base_r, "budget": alloc.budget}
+
+
+def _short(t: str) -> str:
+    return t.replace("self_attn.", "").replace("attention.self.", "").replace("attention.output.dense", "attn_out") \
+        .replace("mlp.", "").replace("intermediate.dense", "ffn_in").replace("output.dense", "ffn_out")
+
+
+def format_rank_table(alloc: RankAllocation) -> str:
+    """Compact text table: rank by layer and module type, then the §4.4 statistics."""
+    layers, types, grid, others = rank_grid(alloc.ranks)
+    heads = [_short(t) for t in types]
+    w = max([5] + [len(h) for h in heads])
+    lines = [f"{'layer':>5} " + " ".join(f"{h:>{w}}" for h in heads)]
+    for l in layers:
+        cells = [f"{grid[(l, t)]:>{w}}" if (l, t) in grid else f"{'':>{w}}" for t in types]
+        lines.append(f"{l:>5} " + " ".join(cells))
+    for name, r in others.items():
+        lines.append(f"{name}: {r}")
+    stats = group_stats(alloc)
+    lines.append("")
+    lines.append("mean rank by type:  " + ", ".join(f"{_short(t)} {v:.2f}" for t, v in stats["mean_rank_by_type"].items()))
+    lines.append("mean rank by layers: " + ", ".join(
+        f"{g} ({v['layers'][0]}-{v['layers'][1]}) {v['mean_rank']:.2f}" for g, v in stats["mean_rank_by_layer_group"].items()))
+    lines.append(f"budget {alloc.budget} over {len(alloc.ranks)} modules (base r={alloc.base_r}, "
+                 f"r_min={alloc.r_min}, r_max={alloc.r_max}); LoRA params {alloc.trainable_lora_params():,}")
+    return "\n".join(lines)
+
+
+def plot_rank_map(alloc: RankAllocation, path: str | Path, scores: bool = True, title: str | None = None) -> Path:
+    """Heatmap of layer x module type with the rank in each cell; scores (log10) as a second panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import math
+
+    import matplotlib.pyplot as plt
+
+    layers, types, grid, _ = rank_grid(alloc.ranks)
+    if not layers:
+        raise ValueError("rank map: no module has a layer index; nothing to plot as a grid")
+    panels = [("rank", alloc.ranks)]
+    if scores:
+        panels.append(("log10 score", {n: math.log10(s) if s > 0 else float("nan") for n, s in alloc.scores.items()}))
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.1 * len(types) * len(panels) + 2, 0.35 * len(layers) + 2.2),
+                             squeeze=False)
+    for ax, (label, values) in zip(axes[0], panels):
+        _, _, g, _ = rank_grid(values)
+        data = [[g.get((l, t), float("nan")) for t in types] for l in layers]
+        im = ax.imshow(data, aspect="auto", cmap="viridis", origin="upper")
+        ax.set_xticks(range(len(types)), [_short(t) for t in types], rotation=45, ha="right")
+        ax.set_yticks(range(len(layers)), [str(l) for l in layers])
+        ax.set_ylabel("layer")
+        ax.set_title(label)
+        if label == "rank":
+            for i, row in enumerate(data):
+                for j, v in enumerate(row):
+                    if v == v:
+                        ax.text(j, i, str(int(v)), ha="center", va="center", fontsize=7,
+                                color="white" if v < (alloc.r_min + alloc.r_max) / 2 else "black")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(title or f"FIM-LoRA rank map (budget {alloc.budget}, r={alloc.base_r}, "
+                          f"r_min={alloc.r_min}, r_max={alloc.r_max})", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,154 @@
+"""Fine-tuning and evaluation with the Hugging Face Trainer (so multi-GPU is ``accelerate launch``)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .data import CausalLMCollator, ClassificationCollator, TaskData, score_choices
+
+__all__ = ["TrainSettings", "DivergenceCallback", "finetune", "evaluate", "collator_for", "trainable_parameters"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSettings:
+    learning_rate: float = 5e-4
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 16
+    grad_accum: int = 1
+    eval_batch_size: int = 64
+    max_length: int = 128
+    warmup_ratio: float = 0.06
+    scheduler: str = "linear"
+    weight_decay: float = 0.0
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    seed: int = 0
+    logging_steps: int = 10
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision: must be one of ['fp32', 'bf16', 'fp16'], got {self.precision!r}")
+        for name in ("batch_size", "grad_accum", "eval_batch_size", "max_length"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: must be an integer >= 1, got {v!r}")
+        if not (self.learning_rate > 0):
+            raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate!r}")
+        if self.max_steps <= 0 and not (self.epochs > 0):
+            raise ValueError(f"epochs: must be > 0 when max_steps is not set, got {self.epochs!r}")
+
+
+def collator_for(task: TaskData, tokenizer, max_length: int):
+    if task.kind == "classification":
+        return ClassificationCollator(tokenizer, max_length)
+    return CausalLMCollator(tokenizer, max_length)
+
+
+def trainable_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class DivergenceCallback(_callback_base()):
+    """Stops training when the logged loss is NaN/inf or exceeds ``factor`` x the first logged loss."""
+
+    def __init__(self, factor: float = 10.0):
+        self.factor = factor
+        self.first_loss: float | None = None
+        self.diverged = False
+        self.reason = ""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is None:
+            return control
+        if self.first_loss is None and math.isfinite(loss):
+            self.first_loss = loss
+        if not math.isfinite(loss) or (self.first_loss is not None and loss > self.factor * max(self.first_loss, 1e-3)):
+            self.diverged = True
+            self.reason = f"loss {loss} at step {state.global_step} (first logged loss {self.first_loss})"
+            control.should_training_stop = True
+        return control
+
+
+def finetune(model, task: TaskData, tokenizer, settings: TrainSettings, output_dir: str, callbacks=None) -> dict:
+    """Train ``model`` on ``task.train`` with the Trainer; returns loss, steps, wall time and divergence."""
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.learning_rate,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        warmup_steps=settings.warmup_ratio,
+        lr_scheduler_type=settings.scheduler,
+        weight_decay=settings.weight_decay,
+        bf16=settings.precision == "bf16",
+        fp16=settings.precision == "fp16",
+        logging_steps=settings.logging_steps,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        seed=settings.seed,
+        data_seed=settings.seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=not settings.progress,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    guard = DivergenceCallback()
+    trainer = Trainer(model=model, args=args, train_dataset=task.train,
+                      data_collator=collator_for(task, tokenizer, settings.max_length),
+                      callbacks=[guard, *(callbacks or [])])
+    start = time.perf_counter()
+    out = trainer.train()
+    wall = time.perf_counter() - start
+    model.eval()
+    return {"train_loss": float(out.training_loss), "steps": int(out.global_step), "train_seconds": wall,
+            "diverged": guard.diverged, "divergence": guard.reason, "settings": asdict(settings)}
+
+
+@torch.no_grad()
+def evaluate(model, task: TaskData, tokenizer, settings: TrainSettings) -> dict:
+    """Accuracy on ``task.test`` (classification: argmax logits; multiple choice: log-likelihood)."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    device = next(model.parameters()).device
+    if task.kind == "classification":
+        collate = ClassificationCollator(tokenizer, settings.max_length)
+        correct = 0
+        for s in tqdm(range(0, len(task.test), settings.eval_batch_size), desc=f"eval {task.name}",
+                      disable=not settings.progress):
+            chunk = task.test[s : s + settings.eval_batch_size]
+            batch = {k: v.to(device) for k, v in collate(chunk).items()}
+            labels = batch.pop("labels")
+            pred = model(**batch).logits.argmax(-1)
+            correct += int((pred == labels).sum())
+        return {"accuracy": correct / len(task.test), "n": len(task.test)}
+    if task.kind == "multiple_choice":
+        preds = score_choices(model, tokenizer, task.test, settings.eval_batch_size, settings.max_length,
+                              progress=settings.progress)
+        correct = sum(int(p == e["answer"]) for p, e in zip(preds, task.test))
+        return {"accuracy": correct / len(task.test), "n": len(task.test)}
+    collate = CausalLMCollator(tokenizer, settings.max_length)
+    losses = []
+    for s in range(0, len(task.test), settings.eval_batch_size):
+        batch = {k: v.to(device) for k, v in collate(task.test[s : s + settings.eval_batch_size]).items()}
+        losses.append(float(model(**batch).loss))
+    return {"loss": sum(losses) / len(losses), "n": len(task.test)}
