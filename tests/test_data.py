@@ -42,6 +42,23 @@ def test_bundled_tasks_split_with_seed(name):
 
 
 @needs_data
+@pytest.mark.parametrize("name", ["sst2", "trec6", "boolq", "piqa", "hellaswag", "winogrande", "siqa", "arc_easy",
+                                  "arc_challenge", "obqa", "boolq_mc"])
+def test_labels_are_balanced_enough(name):
+    """Every class appears with a real share: catches a label parsed into one constant (BoolQ's bool)."""
+    from collections import Counter
+
+    task = load_task(name, seed=0)
+    key = "label" if task.kind == "classification" else "answer"
+    counts = Counter(e[key] for e in task.train + task.test)
+    if task.kind == "classification":
+        assert len(counts) == task.num_labels, counts
+    else:  # a few ARC questions have a 5th option that is never the answer
+        assert len(counts) >= min(len(e["choices"]) for e in task.train), counts
+    assert min(counts.values()) / sum(counts.values()) > 0.01, counts
+
+
+@needs_data
 def test_subsampling_recorded():
     task = load_task("trec6", seed=1, max_train=50, max_test=20)
     assert (len(task.train), len(task.test)) == (50, 20)

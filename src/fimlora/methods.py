@@ -1,0 +1,182 @@
+"""The five methods of the experiment harness, each implemented for real.
+
+* ``lora``: uniform rank r.
+* ``fim``: FIM-LoRA (this package), same budget L*r.
+* ``random``: seeded random scores through the same allocator and budget.
+* ``eva``: PEFT's EVA; ``initialize_lora_eva_weights`` runs and its rank_pattern is recorded.
+* ``adalora``: PEFT's AdaLoRA, ``update_and_allocate`` called after every optimizer step by
+  :class:`AdaLoraCallback`, budget matched to r (target_r = r).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .api import apply_fim_ranks, random_allocation
+from .config import FimConfig
+from .resize import apply_allocation
+
+__all__ = ["METHODS", "MethodSpec", "AdaLoraCallback", "prepare_method", "final_rank_map", "adalora_schedule"]
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("lora", "fim", "random", "eva", "adalora")
+
+
+@dataclass
+class MethodSpec:
+    """Everything a method needs besides the base model and the data."""
+
+    method: str
+    r: int
+    lora_alpha: float
+    target_modules: list[str] | None
+    task_type: str  # SEQ_CLS | CAUSAL_LM
+    lora_dropout: float = 0.0
+    seed: int = 0
+    fim: dict = field(default_factory=dict)  # FimConfig fields
+    eva_rho: float = 2.0
+    adalora: dict = field(default_factory=dict)  # init_r_ratio, tinit_ratio, tfinal_ratio, deltaT, orth_reg_weight
+    total_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method: must be one of {list(METHODS)}, got {self.method!r}")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r: must be an integer >= 1, got {self.r!r}")
+
+
+def adalora_schedule(total_steps: int, r: int, init_r_ratio: float = 1.5, tinit_ratio: float = 0.1,
+                     tfinal_ratio: float = 0.2, deltaT: int = 10) -> dict:
+    """AdaLoRA's schedule in steps, validated: tinit < total_step - tfinal."""
+    if total_steps is None or total_steps < 1:
+        raise ValueError(f"adalora.total_step: must be a positive number of optimizer steps, got {total_steps!r}")
+    tinit = int(round(tinit_ratio * total_steps))
+    tfinal = int(round(tfinal_ratio * total_steps))
+    if not tinit < total_steps - tfinal:
+        raise ValueError(
+            f"adalora: tinit < total_step - tfinal is violated: tinit={tinit}, total_step={total_steps}, "
+            f"tfinal={tfinal} (from tinit_ratio={tinit_ratio}, tfinal_ratio={tfinal_ratio}); "
+            "train longer or lower the ratios"
+        )
+    return {"init_r": max(r, int(math.ceil(init_r_ratio * r))), "target_r": r, "tinit": tinit, "tfinal": tfinal,
+            "deltaT": max(1, int(deltaT)), "total_step": int(total_steps)}
+
+
+def _callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class AdaLoraCallback(_callback_base()):
+    """Calls ``update_and_allocate`` after ``optimizer.step()`` and before ``zero_grad()``.
+
+    The Trainer's ``on_optimizer_step`` hook sits exactly there; without this,
+    AdaLoRA trains at init_r and never prunes.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.calls = 0
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.model.base_model.update_and_allocate(state.global_step)
+        self.calls += 1
+        return control
+
+
+def prepare_method(
+    spec: MethodSpec, base_model: nn.Module, calibration_batches: Callable[[], Iterable] | None = None
+) -> tuple[nn.Module, dict, list]:
+    """Wrap ``base_model`` for ``spec.method``; returns (peft model, info, trainer callbacks).
+
+    ``calibration_batches()`` returns a fresh iterable of model-input batches
+    (with labels) for fim and eva. ``info`` has calibration seconds, forward
+    passes (eva) and settings.
+    """
+    from peft import AdaLoraConfig, EvaConfig, LoraConfig, get_peft_model
+
+    common = dict(target_modules=spec.target_modules, lora_dropout=spec.lora_dropout, task_type=spec.task_type)
+    info: dict = {"method": spec.method, "calibration_seconds": 0.0}
+    torch.manual_seed(spec.seed)
+    if spec.method == "adalora":
+        schedule_args = {k: v for k, v in spec.adalora.items() if k != "orth_reg_weight"}
+        sched = adalora_schedule(spec.total_steps, spec.r, **schedule_args)
+        cfg = AdaLoraConfig(lora_alpha=spec.lora_alpha, orth_reg_weight=spec.adalora.get("orth_reg_weight", 0.5),
+                            **sched, **common)
+        model = get_peft_model(base_model, cfg)
+        info["adalora"] = sched
+        return model, info, [AdaLoraCallback(model)]
+
+    if spec.method == "eva":
+        # Classification labels are (batch,), not per token: EVA's label mask would not broadcast.
+        eva = EvaConfig(rho=spec.eva_rho, use_label_mask=spec.task_type == "CAUSAL_LM")
+        cfg = LoraConfig(r=spec.r, lora_alpha=spec.lora_alpha, init_lora_weights="eva", eva_config=eva, **common)
+        model = get_peft_model(base_model, cfg, low_cpu_mem_usage=True)
+        counter = _CountingIterable(calibration_batches)
+        start = time.perf_counter()
+        from peft import initialize_lora_eva_weights
+
+        initialize_lora_eva_weights(model, counter, show_progress_bar=False)
+        info["calibration_seconds"] = time.perf_counter() - start
+        info["eva_forward_batches"] = counter.count
+        info["eva_rank_pattern"] = dict(model.peft_config["default"].rank_pattern or {})
+        return model, info, []
+
+    model = get_peft_model(base_model, LoraConfig(r=spec.r, lora_alpha=spec.lora_alpha, **common))
+    if spec.method == "fim":
+        cfg = FimConfig(seed=spec.seed, progress=False, **spec.fim)
+        start = time.perf_counter()
+        alloc = apply_fim_ranks(model, calibration_batches(), config=cfg)
+        info["calibration_seconds"] = time.perf_counter() - start
+        info["scores"] = alloc.scores
+    elif spec.method == "random":
+        cfg = FimConfig(seed=spec.seed, progress=False,
+                        **{k: v for k, v in spec.fim.items() if k in ("r_min", "r_max", "budget")})
+        alloc = random_allocation(model, seed=spec.seed, config=cfg)
+        apply_allocation(model, alloc, seed=spec.seed)
+        info["scores"] = alloc.scores
+    return model, info, []
+
+
+class _CountingIterable:
+    """Re-iterable view of fresh calibration batches that counts the batches EVA consumed."""
+
+    def __init__(self, make: Callable[[], Iterable]):
+        self.make = make
+        self.count = 0
+
+    def __iter__(self):
+        for batch in self.make():
+            self.count += 1
+            yield batch
+
+    def __len__(self):
+        return len(self.make())
+
+
+def final_rank_map(model: nn.Module, method: str) -> dict[str, int]:
+    """Per-module rank after preparation or training, keyed by module name in the base model."""
+    if method == "adalora":
+        from peft.tuners.adalora import AdaLoraLayer
+
+        out = {}
+        base = model.base_model.model
+        for name, module in base.named_modules():
+            if isinstance(module, AdaLoraLayer) and "default" in module.lora_E:
+                # pruned singular values are zeroed in E; the live rank is the non-zero count
+                out[name] = int(torch.count_nonzero(module.lora_E["default"].detach()).item())
+        return out
+    from peft.tuners.lora.layer import LoraLayer
+
+    base = model.base_model.model
+    return {name: int(m.r["default"]) for name, m in base.named_modules()
+            if isinstance(m, LoraLayer) and "default" in m.r}
