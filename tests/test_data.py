@@ -55,7 +55,7 @@ def test_labels_are_balanced_enough(name):
         assert len(counts) == task.num_labels, counts
     else:  # a few ARC questions have a 5th option that is never the answer
         assert len(counts) >= min(len(e["choices"]) for e in task.train), counts
-    assert min(counts.values()) / sum(counts.values()) > 0.01, counts
+    assert max(counts.values()) / sum(counts.values()) < 0.7, counts  # no class swallows the task
 
 
 @needs_data
