@@ -25,7 +25,7 @@ def test_sst2_train_has_no_validation_sentence():
 
 
 @needs_data
-@pytest.mark.parametrize("name", ["trec6", "boolq", "piqa", "hellaswag", "winogrande", "siqa", "arc_easy",
+@pytest.mark.parametrize("name", ["trec6", "boolq", "mrpc", "piqa", "hellaswag", "winogrande", "siqa", "arc_easy",
                                   "arc_challenge", "obqa"])
 def test_bundled_tasks_split_with_seed(name):
     a, b, c = load_task(name, seed=3), load_task(name, seed=3), load_task(name, seed=4)
@@ -42,7 +42,7 @@ def test_bundled_tasks_split_with_seed(name):
 
 
 @needs_data
-@pytest.mark.parametrize("name", ["sst2", "trec6", "boolq", "piqa", "hellaswag", "winogrande", "siqa", "arc_easy",
+@pytest.mark.parametrize("name", ["sst2", "trec6", "boolq", "mrpc", "piqa", "hellaswag", "winogrande", "siqa", "arc_easy",
                                   "arc_challenge", "obqa", "boolq_mc"])
 def test_labels_are_balanced_enough(name):
     """Every class appears with a real share: catches a label parsed into one constant (BoolQ's bool)."""

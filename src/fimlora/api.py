@@ -11,6 +11,7 @@ from .allocate import allocate_ranks, random_scores, validate_allocation_inputs
 from .allocation import RankAllocation, scaled_alpha
 from .calibrate import LossFn, compute_fisher, compute_scores
 from .config import FimConfig
+from .distributed import broadcast_object
 from .modules import lora_config_of, lora_modules
 from .resize import apply_allocation
 
@@ -87,7 +88,9 @@ def compute_allocation(
     config = config or FimConfig()
     _bounds(model, config)
     fisher = compute_fisher(model, dataloader, config, loss_fn)
-    scores = compute_scores(fisher, config.aggregation)
+    # All-reduced sums are identical on every process in exact arithmetic; broadcasting
+    # rank 0's scores makes the allocation (and so the tensor shapes DDP checks) identical in practice too.
+    scores = broadcast_object(compute_scores(fisher, config.aggregation))
     return allocation_from_scores(
         model, scores, config, method="fim", extra_settings={"n_batches_used": fisher.n_batches}
     )

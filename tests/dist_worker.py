@@ -1,0 +1,35 @@
+"""Run by tests/test_distributed.py under torchrun: each process calibrates on its own shard of batches."""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import lm_batches, lora_llama  # noqa: E402
+
+import fimlora  # noqa: E402
+from fimlora import FimConfig, compute_fisher  # noqa: E402
+from fimlora.modules import lora_modules  # noqa: E402
+
+
+def main(out_dir: str, estimator: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    batches = lm_batches(n_batches=6, seed=11)[rank::world]  # a DistributedSampler-style shard
+    model = lora_llama(seed=0)
+    cfg = FimConfig(n_batches=len(batches), estimator=estimator, progress=True, seed=3)
+    fisher = compute_fisher(model, batches, cfg)
+    alloc = fimlora.apply_fim_ranks(model, batches, config=cfg)
+    torch.save({"fisher": fisher.fisher, "n_batches": fisher.n_batches, "n_examples": fisher.n_examples,
+                "scores": alloc.scores, "ranks": alloc.ranks,
+                "A": {i.name: i.layer.lora_A["default"].weight.detach().clone() for i in lora_modules(model)}},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

