@@ -114,7 +114,7 @@ def main_tables(runs: list[dict], csv_rows: list[dict]) -> list[str]:
             diverged = sum(1 for x in sel if x["status"] == "diverged")
             label = _label(method, variant) + (f" ⚠ {diverged} diverged" if diverged else "")
             rows.append([label, *cells, _fmt(avgs, n_seeds)])
-        out.append(f"### r = {r} (accuracy %, mean ± std over {n_seeds} seeds)\n\n"
+        out.append(f"#### r = {r} (accuracy %, mean ± std over {n_seeds} seeds)\n\n"
                    + _table(["Method", *tasks, "Avg"], rows))
     return out
 
@@ -133,7 +133,7 @@ def rank_sweep(runs: list[dict]) -> list[str]:
                                     and _variant_key(x) == variant) if a is not None]
                 cells.append(_fmt(vals))
             rows.append([_label(method, variant), *cells])
-        out.append(f"### {t}\n\n" + _table(["Method", *[f"r = {r}" for r in ranks]], rows))
+        out.append(f"#### {t}\n\n" + _table(["Method", *[f"r = {r}" for r in ranks]], rows))
     return out
 
 
@@ -162,6 +162,39 @@ def fim_vs_random(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def verdicts(runs: list[dict]) -> str:
+    """FIM-LoRA against each baseline per task and rank: a difference of means within the larger seed
+    std of the two is called a tie; plus the typical seed noise."""
+    lines = []
+    noise = []
+    for r in sorted({x["r"] for x in runs}):
+        for t in _eval_tasks([x for x in runs if x["r"] == r]):
+            per_method = {}
+            for method in METHOD_ORDER:
+                vals = [a for a in (_acc(x, t) for x in runs if x["method"] == method and x["r"] == r
+                                    and not _variant_key(x)) if a is not None]
+                if vals:
+                    per_method[method] = mean_std([100 * v for v in vals])
+                    if len(vals) > 1:
+                        noise.append(per_method[method][1])
+            if "fim" not in per_method:
+                continue
+            fm, fs = per_method["fim"]
+            parts = []
+            for base in ("lora", "random", "eva", "adalora"):
+                if base not in per_method:
+                    continue
+                bm, bs = per_method[base]
+                d = fm - bm
+                word = "tie" if abs(d) <= max(fs, bs) else ("win" if d > 0 else "loss")
+                parts.append(f"{word} vs {METHOD_LABEL[base]} ({d:+.2f})")
+            lines.append(f"- {t}, r = {r}: FIM-LoRA {fm:.2f} ± {fs:.2f}: " + "; ".join(parts))
+    if noise:
+        lines.append(f"- Seed noise: the std over seeds of one method on one task is {statistics.median(noise):.2f} "
+                     f"points (median; range {min(noise):.2f}–{max(noise):.2f}).")
+    return "\n".join(lines)
+
+
 def ablation_tables(runs: list[dict]) -> list[str]:
     """Tables over fim_grid variants: a 2-D grid when two settings vary, else a 1-D sweep."""
     fim = [x for x in runs if x["method"] == "fim" and x.get("fim_variant")]
@@ -184,7 +217,7 @@ def ablation_tables(runs: list[dict]) -> list[str]:
                                             and x["fim_variant"][b] == v) if y is not None]
                         cells.append(_fmt(vals))
                     rows.append([f"{a} = {u}", *cells])
-                out.append(f"### {t}, r = {r}: {a} x {b}\n\n" + _table([f"{a} \\ {b}", *[f"{b} = {v}" for v in vb]],
+                out.append(f"#### {t}, r = {r}: {a} x {b}\n\n" + _table([f"{a} \\ {b}", *[f"{b} = {v}" for v in vb]],
                                                                          rows))
             else:
                 for k in keys:
@@ -193,7 +226,7 @@ def ablation_tables(runs: list[dict]) -> list[str]:
                     for u in vals_k:
                         vals = [y for y in (_acc(x, t) for x in sel if x["fim_variant"][k] == u) if y is not None]
                         rows.append([f"{k} = {u}", _fmt(vals)])
-                    out.append(f"### {t}, r = {r}: {k}\n\n" + _table([k, "Acc. (%)"], rows))
+                    out.append(f"#### {t}, r = {r}: {k}\n\n" + _table([k, "Acc. (%)"], rows))
     return out
 
 
@@ -268,21 +301,25 @@ def build_report(results_dir, figures_dir: Path | None = None, title: str | None
         parts += ["", f"## {exp}", ""]
         plain = [x for x in sel if not _variant_key(x)]
         if plain:
-            parts += ["#### Methods x tasks", ""]
+            parts += ["### Methods x tasks", ""]
             parts += [t + "\n" for t in main_tables(plain, csv_rows)]
             sweep = rank_sweep(plain)
             if sweep:
-                parts += ["#### Rank sweep (accuracy %, mean ± std over seeds)", ""] + [t + "\n" for t in sweep]
+                parts += ["### Rank sweep (accuracy %, mean ± std over seeds)", ""] + [t + "\n" for t in sweep]
+            v = verdicts(plain)
+            if v:
+                parts += ["### Where FIM-LoRA wins, ties or loses (difference in points; a tie is a difference "
+                          "within the larger seed std)", "", v, ""]
             fr = fim_vs_random(plain)
             if fr:
-                parts += ["#### FIM-LoRA vs random-rank (same allocator, same budget)", "", fr, ""]
+                parts += ["### FIM-LoRA vs random-rank (same allocator, same budget)", "", fr, ""]
         abl = ablation_tables(sel)
         if abl:
-            parts += ["#### FIM-LoRA ablations (accuracy %, mean ± std over seeds)", ""] + [t + "\n" for t in abl]
+            parts += ["### FIM-LoRA ablations (accuracy %, mean ± std over seeds)", ""] + [t + "\n" for t in abl]
         stats = rank_map_stats(sel, figures_dir)
         if stats:
-            parts += ["#### Rank maps (§4.4 statistics: mean rank by module type and by layer third)", ""] + stats + [""]
-        parts += ["#### Cost", "", cost_table(sel), ""]
+            parts += ["### Rank maps (§4.4 statistics: mean rank by module type and by layer third)", ""] + stats + [""]
+        parts += ["### Cost", "", cost_table(sel), ""]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=["table", "r", "method", "variant", "task", "mean", "std", "n"])
     w.writeheader()

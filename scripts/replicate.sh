@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The small-scale replication behind docs/results.md. Resumable: rerun it after a kill and it
+# continues where it stopped. Each config runs as two shards, one per CPU core.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1
+SHARDS="${SHARDS:-2}"
+run() {  # run one config as $SHARDS parallel shards
+  local cfg="$1" out="$2"
+  for ((i = 0; i < SHARDS; i++)); do
+    .venv/bin/fimlora run "$cfg" --results "$out" --shard "$i/$SHARDS" --no-progress > "$out.shard$i.log" 2>&1 &
+  done
+  wait
+}
+mkdir -p results
+run configs/small_encoder.yaml results/small_encoder
+run configs/small_encoder_ablation.yaml results/small_encoder_ablation
+run configs/small_encoder_aggregation.yaml results/small_encoder_aggregation
+.venv/bin/fimlora report results/small_encoder results/small_encoder_ablation results/small_encoder_aggregation \
+  --out docs/results.md --title "FIM-LoRA small-scale replication (CPU, real MiniLM and offline data)" \
+  --command "bash scripts/replicate.sh" \
+  --command "# which runs, per config: fimlora run configs/<name>.yaml --results results/<name> --shard i/2" \
+  --command "fimlora report results/small_encoder results/small_encoder_ablation results/small_encoder_aggregation --out docs/results.md"
