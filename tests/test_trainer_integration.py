@@ -104,3 +104,26 @@ def test_existing_optimizer_is_refused(tmp_path):
     with pytest.raises(ValueError, match="trainer: an optimizer already exists"):
         calibrate_trainer(trainer, n_batches=2, progress=False)
     assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+
+
+def test_rank_map_logged_to_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = lora_llama()
+    trainer = make_trainer(tmp_path, model, Recorder(), max_steps=1)
+    trainer.args.report_to = ["tensorboard"]
+    from transformers.integrations import TensorBoardCallback
+
+    trainer.add_callback(TensorBoardCallback())
+    calibrate_trainer(trainer, n_batches=2, progress=False)
+    trainer.train()
+    logger = next(cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "RankMapLoggerCallback")
+    assert "tensorboard" in logger.logged
+    events = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert "fimlora/rank_map" in tags["images"]
+    assert any(t.startswith("fimlora/rank_map") for t in tags["tensors"])  # the text table
