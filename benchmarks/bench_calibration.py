@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -135,7 +134,6 @@ def bench_floor(cases, repeats, naive_max_examples):
         if n * batches[0]["input_ids"].shape[0] <= naive_max_examples:
             res["naive_per_example"] = timed(lambda: naive_per_example(model, batches), max(1, repeats - 1))
         rows.append(res)
-        del model
     return rows
 
 

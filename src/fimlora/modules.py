@@ -12,7 +12,6 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 __all__ = [
@@ -179,8 +178,3 @@ def check_pattern_keys(
                 f"{matching[0]!r} wins (keys are tried in sorted order)"
             )
     return problems
-
-
-def lora_params(info: LoraModuleInfo, adapter_name: str) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
-    """(A weight, B weight) of one module: shapes (r, d_in) and (d_out, r)."""
-    return info.layer.lora_A[adapter_name].weight, info.layer.lora_B[adapter_name].weight
