@@ -29,6 +29,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 # ----------------------------------------------------------------------------- models and data
 
+# EVA's default input handling indexes token positions, so it cannot take bert.pooler.dense (no
+# sequence axis): the attention projections are the shared target set for both methods.
+MINILM_TARGETS = ["query", "key", "value", "attention.output.dense"]
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -65,7 +68,7 @@ def minilm_peft(r: int = 8):
     from fimlora.models import load_classifier
 
     return get_peft_model(load_classifier("minilm", 2, seed=0), LoraConfig(
-        r=r, lora_alpha=2 * r, task_type="SEQ_CLS", target_modules=["query", "key", "value", "dense"]))
+        r=r, lora_alpha=2 * r, task_type="SEQ_CLS", target_modules=MINILM_TARGETS))
 
 
 def minilm_batches(n: int, bs: int, seq: int):
@@ -422,7 +425,7 @@ def main(argv=None) -> int:
         eva_cases = [
             ("tiny llama 4x256", lambda: llama_base(4, 256), lm_batches(8, 16, 128, 1024), ALL_PROJ, "CAUSAL_LM"),
             ("MiniLM-L6 (real)", lambda: load_classifier("minilm", 2, seed=0), minilm_batches(8, 16, 64),
-             ["query", "key", "value", "dense"], "SEQ_CLS"),
+             MINILM_TARGETS, "SEQ_CLS"),
         ]
         memory_cases = [("tiny llama 4x256", 4, 256, 8, 128), ("tiny llama 8x512", 8, 512, 8, 128)]
         alloc_sizes = [100, 1000, 10_000, 100_000]
