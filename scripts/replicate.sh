@@ -19,6 +19,7 @@ run configs/small_encoder_ablation.yaml results/small_encoder_ablation
 run configs/small_encoder_aggregation.yaml results/small_encoder_aggregation
 .venv/bin/fimlora report results/small_encoder results/small_encoder_ablation results/small_encoder_aggregation \
   --out docs/results.md --title "FIM-LoRA small-scale replication (CPU, real MiniLM and offline data)" \
+  --preface docs/results_preface.md \
   --command "bash scripts/replicate.sh" \
   --command "# which runs, per config: fimlora run configs/<name>.yaml --results results/<name> --shard i/2" \
-  --command "fimlora report results/small_encoder results/small_encoder_ablation results/small_encoder_aggregation --out docs/results.md"
+  --command "fimlora report results/small_encoder results/small_encoder_ablation results/small_encoder_aggregation --out docs/results.md --preface docs/results_preface.md"

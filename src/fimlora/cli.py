@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results_dir", nargs="+", help="results folder(s)")
     p.add_argument("--out", default=None, help="Markdown output (default RESULTS_DIR/report.md; CSV next to it)")
     p.add_argument("--title", default=None, help="report title")
-    p.add_argument("--command", action="append", default=None,
+    p.add_argument("--preface", default=None, help="a Markdown file placed after the commands (the authors' reading)")
+    p.add_argument("--command", action="append", default=None, dest="commands",
                    help="a command that produced the results, quoted in the report (repeatable)")
     return parser
 
@@ -248,7 +249,8 @@ def cmd_report(args) -> int:
         if not d.is_dir():
             raise FileNotFoundError(f"results_dir: {d} is not a folder")
     out = Path(args.out) if args.out else dirs[0] / "report.md"
-    write_report(dirs, out, args.title, args.command)
+    preface = Path(args.preface).read_text(encoding="utf-8") if args.preface else None
+    write_report(dirs, out, args.title, args.commands, preface)
     print(f"report -> {out} (+ {out.with_suffix('.csv').name})")
     return 0
 

@@ -281,7 +281,7 @@ def cost_table(runs: list[dict]) -> str:
 
 
 def build_report(results_dir, figures_dir: Path | None = None, title: str | None = None,
-                 commands: list[str] | None = None) -> tuple[str, str]:
+                 commands: list[str] | None = None, preface: str | None = None) -> tuple[str, str]:
     """(markdown, csv) for every run below ``results_dir``."""
     runs = load_results(results_dir)
     if not runs:
@@ -290,6 +290,8 @@ def build_report(results_dir, figures_dir: Path | None = None, title: str | None
     parts = [f"# {title or 'FIM-LoRA results'}", ""]
     if commands:
         parts += ["Produced by:", "", "```bash", *commands, "```", ""]
+    if preface:
+        parts += [preface.strip(), ""]
     experiments = sorted({x["experiment"] for x in runs})
     v = runs[0]["versions"]
     m = runs[0]["machine"]
@@ -328,10 +330,10 @@ def build_report(results_dir, figures_dir: Path | None = None, title: str | None
 
 
 def write_report(results_dir, out: str | Path, title: str | None = None,
-                 commands: list[str] | None = None) -> Path:
+                 commands: list[str] | None = None, preface: str | None = None) -> Path:
     out = Path(out)
     figures = out.parent / (out.stem + "_figures")
-    md, table_csv = build_report(results_dir, figures, title, commands)
+    md, table_csv = build_report(results_dir, figures, title, commands, preface)
     atomic_write_text(out, md)
     atomic_write_text(out.with_suffix(".csv"), table_csv)
     return out
