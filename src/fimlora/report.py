@@ -57,6 +57,11 @@ def _acc(run: dict, task: str) -> float | None:
     return float(m["accuracy"])
 
 
+def _value_order(v):
+    """Numbers in numeric order (1, 2, 4, 16), then strings."""
+    return (0, float(v), "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0.0, str(v))
+
+
 def _variant_key(run: dict) -> str:
     v = run.get("fim_variant") or {}
     return ",".join(f"{k}={v[k]}" for k in sorted(v))
@@ -64,9 +69,14 @@ def _variant_key(run: dict) -> str:
 
 def _method_rows(runs: list[dict]) -> list[tuple[str, str]]:
     """(method, variant) rows in the paper's method order."""
-    keys = sorted({(r["method"], _variant_key(r)) for r in runs},
-                  key=lambda k: (METHOD_ORDER.index(k[0]) if k[0] in METHOD_ORDER else 99, k[1]))
-    return keys
+    def order(k):
+        method, _ = k
+        sample = next(r for r in runs if (r["method"], _variant_key(r)) == k)
+        v = sample.get("fim_variant") or {}
+        return (METHOD_ORDER.index(method) if method in METHOD_ORDER else 99,
+                tuple(_value_order(v[key]) for key in sorted(v)))
+
+    return sorted({(r["method"], _variant_key(r)) for r in runs}, key=order)
 
 
 def _label(method: str, variant: str) -> str:
@@ -207,8 +217,8 @@ def ablation_tables(runs: list[dict]) -> list[str]:
             sel = [x for x in fim if x["r"] == r]
             if len(keys) == 2:
                 a, b = keys
-                va = sorted({x["fim_variant"][a] for x in sel}, key=str)
-                vb = sorted({x["fim_variant"][b] for x in sel}, key=str)
+                va = sorted({x["fim_variant"][a] for x in sel}, key=_value_order)
+                vb = sorted({x["fim_variant"][b] for x in sel}, key=_value_order)
                 rows = []
                 for u in va:
                     cells = []
@@ -221,7 +231,7 @@ def ablation_tables(runs: list[dict]) -> list[str]:
                                                                          rows))
             else:
                 for k in keys:
-                    vals_k = sorted({x["fim_variant"][k] for x in sel}, key=str)
+                    vals_k = sorted({x["fim_variant"][k] for x in sel}, key=_value_order)
                     rows = []
                     for u in vals_k:
                         vals = [y for y in (_acc(x, t) for x in sel if x["fim_variant"][k] == u) if y is not None]
