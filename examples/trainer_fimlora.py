@@ -43,3 +43,8 @@ if trainer.is_world_process_zero():
     metrics = evaluate(model, task, tok, TrainSettings(max_length=64, progress=False))
     print(f"ranks: {sorted(set(allocation.ranks.values()))}, SST-2 accuracy: {metrics['accuracy']:.4f}")
     model.save_pretrained(f"{args.out}/adapter")
+
+# Keep every process alive until rank 0 has saved, then shut gloo/NCCL down cleanly.
+trainer.accelerator.wait_for_everyone()
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
