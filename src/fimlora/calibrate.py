@@ -252,13 +252,18 @@ def compute_fisher(
     loss_scale = float(config.loss_scale) if config.loss_scale is not None else _default_loss_scale(infos, adapter)
     device = infos[0].layer.lora_B[adapter].weight.device
     b_weights = {i.name: i.layer.lora_B[adapter].weight for i in infos}
-    batch_sums = {n: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for n, w in b_weights.items()}
-    acc = PerExampleAccumulator(infos, adapter, multiply_by_batch=config.loss_reduction == "mean")
-    acc.grad_divisor = loss_scale
+    per_example = config.estimator == "per_example"
+    # Only the chosen estimator's fp32 buffers are allocated: one B-sized buffer per module.
+    if per_example:
+        acc = PerExampleAccumulator(infos, adapter, multiply_by_batch=config.loss_reduction == "mean")
+        acc.grad_divisor = loss_scale
+        hooks = per_example_hooks(infos, adapter, acc)
+    else:
+        batch_sums = {n: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for n, w in b_weights.items()}
+        hooks = contextlib.nullcontext()
     no_grad_modules: set[str] = set()
     n_done = 0
 
-    hooks = per_example_hooks(infos, adapter, acc) if config.estimator == "per_example" else contextlib.nullcontext()
     bar = tqdm(total=config.n_batches, desc="fimlora calibration", unit="batch",
                disable=not (config.progress and is_main_process()))
     try:
@@ -269,7 +274,7 @@ def compute_fisher(
                     batch = next(iterator)
                 except StopIteration:
                     break
-                calls_before = dict(acc.calls)
+                calls_before = dict(acc.calls) if per_example else None
                 loss = loss_fn(model, _to_device(batch, device))
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                     raise ValueError(f"loss_fn: must return a scalar tensor, got {type(loss).__name__} at batch {b}")
@@ -290,11 +295,11 @@ def compute_fisher(
                             f"non-finite gradient in module {name!r} at batch {b} "
                             f"(loss={float(loss.detach()):.6g}); check the data and the dtype/loss scale"
                         )
-                    if config.estimator == "batch":
+                    if not per_example:
                         g = g / loss_scale
                         batch_sums[name].add_(g * g)
                     w.grad = None
-                if config.estimator == "per_example":
+                if per_example:
                     repeated = [n for n in acc.calls if acc.calls[n] - calls_before[n] > 1]
                     if repeated and b == 0:
                         warnings.warn(
@@ -322,12 +327,12 @@ def compute_fisher(
             stacklevel=2,
         )
 
-    if config.estimator == "batch":
-        sums = batch_sums
-        counts = {n: n_done for n in sums}
-    else:
+    if per_example:
         sums = acc.fisher_sums()
         counts = dict(acc.examples)
+    else:
+        sums = batch_sums
+        counts = {n: n_done for n in sums}
     counts = all_reduce_sums(sums, counts)
     fisher = {}
     for name, s in sums.items():
@@ -335,7 +340,7 @@ def compute_fisher(
         if not torch.isfinite(fisher[name]).all():
             raise ValueError(f"non-finite Fisher value in module {name!r} (overflow); lower loss_scale")
     total_batches = all_reduce_count(n_done, device)
-    n_examples = counts if config.estimator == "per_example" else {}
+    n_examples = counts if per_example else {}
     return FisherResult(fisher=fisher, estimator=config.estimator, n_batches=total_batches, n_examples=n_examples)
 
 

@@ -26,6 +26,7 @@ from .allocation import RankAllocation
 from .api import apply_fim_ranks
 from .config import FimConfig
 from .distributed import is_main_process
+from .train import _callback_base
 
 __all__ = ["calibrate_trainer", "RankMapLoggerCallback", "preserved_rng"]
 
@@ -45,12 +46,6 @@ def preserved_rng():
         torch.set_rng_state(states[2])
         if states[3] is not None:
             torch.cuda.set_rng_state_all(states[3])
-
-
-def _callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
 
 
 class RankMapLoggerCallback(_callback_base()):

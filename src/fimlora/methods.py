@@ -22,6 +22,7 @@ from torch import nn
 from .api import apply_fim_ranks, random_allocation
 from .config import FimConfig
 from .resize import apply_allocation
+from .train import _callback_base
 
 __all__ = ["METHODS", "MethodSpec", "AdaLoraCallback", "prepare_method", "final_rank_map", "adalora_schedule"]
 
@@ -68,12 +69,6 @@ def adalora_schedule(total_steps: int, r: int, init_r_ratio: float = 1.5, tinit_
         )
     return {"init_r": max(r, int(math.ceil(init_r_ratio * r))), "target_r": r, "tinit": tinit, "tfinal": tfinal,
             "deltaT": max(1, int(deltaT)), "total_step": int(total_steps)}
-
-
-def _callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
 
 
 class AdaLoraCallback(_callback_base()):
