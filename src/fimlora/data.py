@@ -33,6 +33,7 @@ __all__ = [
     "load_user_file",
     "ClassificationCollator",
     "CausalLMCollator",
+    "choice_logliks",
     "score_choices",
 ]
 
@@ -434,12 +435,25 @@ class CausalLMCollator:
 def score_choices(model, tokenizer, examples: list[dict], batch_size: int = 16, max_length: int = 128,
                   progress: bool = False) -> list[int]:
     """Predicted choice per example: argmax over choices of sum log p(continuation | context)."""
+    scores = choice_logliks(model, tokenizer, examples, batch_size, max_length, progress)
+    return [max(range(len(e["choices"])), key=lambda c: scores[(ei, c)]) for ei, e in enumerate(examples)]
+
+
+def choice_logliks(model, tokenizer, examples: list[dict], batch_size: int = 16, max_length: int = 128,
+                   progress: bool = False) -> dict[tuple[int, int], float]:
+    """{(example, choice): sum_t log p(cont_t | context, cont_<t)}, a sum over continuation tokens.
+
+    Sequences are right-padded in length-sorted batches of ``batch_size``; padding sits after
+    each sequence, so a causal model's scores do not depend on the batching.
+    """
     from tqdm.auto import tqdm
 
     flat = []
     for ei, e in enumerate(examples):
         for ci, c in enumerate(e["choices"]):
             flat.append((ei, ci, *_encode_pair(tokenizer, e["context"], c, max_length)))
+    # Length-sorted chunks: padding costs a full 49k-vocab row per padded position on decoders.
+    flat.sort(key=lambda x: len(x[2]))
     scores: dict[tuple[int, int], float] = {}
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
@@ -457,4 +471,4 @@ def score_choices(model, tokenizer, examples: list[dict], batch_size: int = 16, 
         tok_lp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
         for i, (ei, ci, seq, start) in enumerate(chunk):
             scores[(ei, ci)] = float(tok_lp[i, start - 1 : len(seq) - 1].sum())
-    return [max(range(len(e["choices"])), key=lambda c: scores[(ei, c)]) for ei, e in enumerate(examples)]
+    return scores
