@@ -223,3 +223,22 @@ def test_decoder_mixture_run_scores_each_eval_task(tmp_path):
         assert r["data_meta"]["train"]["n_train"] == 16
     assert sum(runs["fim"]["rank_map"].values()) == 2 * 2
     assert runs["eva"]["method_info"]["eva_forward_batches"] > 0
+
+
+def _fake_run(method, seed, accs, r=2):
+    return {"method": method, "r": r, "seed": seed, "status": "ok", "fim_variant": {},
+            "metrics": {t: {"accuracy": a} for t, a in accs.items()}}
+
+
+def test_verdicts_judge_each_task_and_the_average_against_seed_noise():
+    from fimlora.report import verdicts
+
+    runs = [_fake_run("lora", s, {"a": 0.50 + d, "b": 0.60 + d}) for s, d in ((1, 0.0), (2, 0.01), (3, 0.02))]
+    runs += [_fake_run("fim", s, {"a": 0.50 + d, "b": 0.70 + d}) for s, d in ((1, 0.0), (2, 0.01), (3, 0.02))]
+    text = verdicts(runs)
+    assert "- a, r = 2: FIM-LoRA 51.00 ± 1.00: tie vs LoRA (+0.00)" in text
+    assert "- b, r = 2: FIM-LoRA 71.00 ± 1.00: win vs LoRA (+10.00)" in text
+    assert "- Avg, r = 2: FIM-LoRA 61.00 ± 1.00: win vs LoRA (+5.00)" in text
+    assert "std over seeds of one method on one task is 1.00" in text
+    single = verdicts([{**x, "metrics": {"a": x["metrics"]["a"]}} for x in runs])
+    assert "Avg" not in single  # one task: no separate average line

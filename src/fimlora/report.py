@@ -57,6 +57,12 @@ def _acc(run: dict, task: str) -> float | None:
     return float(m["accuracy"])
 
 
+def _avg_acc(run: dict, tasks: list[str]) -> float | None:
+    """Mean accuracy over ``tasks`` for one run (the paper's Avg column); None unless all are present."""
+    accs = [_acc(run, t) for t in tasks]
+    return None if not accs or any(a is None for a in accs) else statistics.fmean(accs)
+
+
 def _value_order(v):
     """Numbers in numeric order (1, 2, 4, 16), then strings."""
     return (0, float(v), "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0.0, str(v))
@@ -178,14 +184,16 @@ def verdicts(runs: list[dict]) -> str:
     lines = []
     noise = []
     for r in sorted({x["r"] for x in runs}):
-        for t in _eval_tasks([x for x in runs if x["r"] == r]):
+        tasks = _eval_tasks([x for x in runs if x["r"] == r])
+        # With several eval tasks (a mixture), the Avg over tasks is judged too: per-task test sets are small.
+        for t in tasks + (["Avg"] if len(tasks) > 1 else []):
             per_method = {}
             for method in METHOD_ORDER:
-                vals = [a for a in (_acc(x, t) for x in runs if x["method"] == method and x["r"] == r
-                                    and not _variant_key(x)) if a is not None]
+                sel = [x for x in runs if x["method"] == method and x["r"] == r and not _variant_key(x)]
+                vals = [a for a in (_avg_acc(x, tasks) if t == "Avg" else _acc(x, t) for x in sel) if a is not None]
                 if vals:
                     per_method[method] = mean_std([100 * v for v in vals])
-                    if len(vals) > 1:
+                    if len(vals) > 1 and t != "Avg":
                         noise.append(per_method[method][1])
             if "fim" not in per_method:
                 continue
