@@ -17,9 +17,11 @@ mkdir -p results
 run configs/small_encoder.yaml results/small_encoder
 run configs/small_encoder_ablation.yaml results/small_encoder_ablation
 run configs/small_encoder_aggregation.yaml results/small_encoder_aggregation
+run configs/small_decoder.yaml results/small_decoder
 .venv/bin/fimlora report results/small_encoder results/small_encoder_ablation results/small_encoder_aggregation \
-  --out docs/results.md --title "FIM-LoRA small-scale replication (CPU, real MiniLM and offline data)" \
+  results/small_decoder \
+  --out docs/results.md --title "FIM-LoRA small-scale replication (CPU, real MiniLM/SmolLM2 and offline data)" \
   --preface docs/results_preface.md \
   --command "bash scripts/replicate.sh" \
   --command "# which runs, per config: fimlora run configs/<name>.yaml --results results/<name> --shard i/2" \
-  --command "fimlora report results/small_encoder results/small_encoder_ablation results/small_encoder_aggregation --out docs/results.md --preface docs/results_preface.md"
+  --command "fimlora report results/small_encoder results/small_encoder_ablation results/small_encoder_aggregation results/small_decoder --out docs/results.md --preface docs/results_preface.md"
