@@ -242,3 +242,16 @@ def test_verdicts_judge_each_task_and_the_average_against_seed_noise():
     assert "std over seeds of one method on one task is 1.00" in text
     single = verdicts([{**x, "metrics": {"a": x["metrics"]["a"]}} for x in runs])
     assert "Avg" not in single  # one task: no separate average line
+
+
+def test_rank_sweep_of_a_mixture_is_the_average_over_tasks():
+    from fimlora.report import rank_sweep
+
+    runs = [_fake_run("lora", s, {"a": 0.5, "b": 0.7}, r=r) for s in (1, 2) for r in (2, 8)]
+    runs += [_fake_run("fim", s, {"a": 0.6, "b": 0.8 + 0.02 * s}, r=r) for s in (1, 2) for r in (2, 8)]
+    (table,) = rank_sweep(runs)
+    assert table.startswith("#### Avg over 2 tasks")
+    assert "| LoRA | 60.00 ± 0.00 | 60.00 ± 0.00 |" in table
+    assert "| FIM-LoRA | 71.50 ± 0.71 | 71.50 ± 0.71 |" in table
+    separate = [{**x, "task": t, "metrics": {t: x["metrics"][t]}} for x in runs for t in ("a", "b")]
+    assert [t.split("\n")[0] for t in rank_sweep(separate)] == ["#### a", "#### b"]  # one task per run

@@ -140,16 +140,20 @@ def rank_sweep(runs: list[dict]) -> list[str]:
     if len(ranks) < 2:
         return []
     out = []
-    for t in _eval_tasks(runs):
+    tasks = _eval_tasks(runs)
+    # A mixture run is scored on every eval task: its sweep is the Avg column (per task is in the main tables).
+    mixture = len(tasks) > 1 and all(len(x["metrics"]) > 1 for x in runs if x["status"] == "ok")
+    for t in ["Avg"] if mixture else tasks:
         rows = []
         for method, variant in _method_rows(runs):
             cells = []
             for r in ranks:
-                vals = [a for a in (_acc(x, t) for x in runs if x["method"] == method and x["r"] == r
-                                    and _variant_key(x) == variant) if a is not None]
+                sel = [x for x in runs if x["method"] == method and x["r"] == r and _variant_key(x) == variant]
+                vals = [a for a in (_avg_acc(x, tasks) if mixture else _acc(x, t) for x in sel) if a is not None]
                 cells.append(_fmt(vals))
             rows.append([_label(method, variant), *cells])
-        out.append(f"#### {t}\n\n" + _table(["Method", *[f"r = {r}" for r in ranks]], rows))
+        title = f"Avg over {len(tasks)} tasks" if mixture else t
+        out.append(f"#### {title}\n\n" + _table(["Method", *[f"r = {r}" for r in ranks]], rows))
     return out
 
 
