@@ -240,6 +240,9 @@ def test_verdicts_judge_each_task_and_the_average_against_seed_noise():
     assert "- b, r = 2: FIM-LoRA 71.00 ± 1.00: win vs LoRA (+10.00)" in text
     assert "- Avg, r = 2: FIM-LoRA 61.00 ± 1.00: win vs LoRA (+5.00)" in text
     assert "std over seeds of one method on one task is 1.00" in text
+    assert "Test-set resolution" not in text  # the fake metrics carry no test size
+    sized = [{**x, "metrics": {t: {**m, "n": 50} for t, m in x["metrics"].items()}} for x in runs]
+    assert "one test example is worth 2.00 points on a (n = 50), 2.00 points on b (n = 50)" in verdicts(sized)
     single = verdicts([{**x, "metrics": {"a": x["metrics"]["a"]}} for x in runs])
     assert "Avg" not in single  # one task: no separate average line
 

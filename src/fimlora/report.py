@@ -214,7 +214,22 @@ def verdicts(runs: list[dict]) -> str:
     if noise:
         lines.append(f"- Seed noise: the std over seeds of one method on one task is {statistics.median(noise):.2f} "
                      f"points (median; range {min(noise):.2f}–{max(noise):.2f}).")
+    sizes = _test_sizes(runs)
+    if sizes:
+        # Seeds share one test set, so seed std misses test-sampling noise; say how coarse a test set is.
+        lines.append("- Test-set resolution: one test example is worth " + ", ".join(
+            f"{100 / n:.2f} points on {t} (n = {n})" for t, n in sizes.items()) + ".")
     return "\n".join(lines)
+
+
+def _test_sizes(runs: list[dict]) -> dict[str, int]:
+    """{task: number of test examples} from the metrics' ``n`` (the largest seen per task)."""
+    sizes: dict[str, int] = {}
+    for x in runs:
+        for t, m in x["metrics"].items():
+            if isinstance(m, dict) and m.get("n"):
+                sizes[t] = max(sizes.get(t, 0), int(m["n"]))
+    return sizes
 
 
 def ablation_tables(runs: list[dict]) -> list[str]:
