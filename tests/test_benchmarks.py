@@ -16,9 +16,11 @@ def test_benchmark_script_smoke(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "b.md"
-    assert bench.main(["--smoke", "--out", str(out), "--results", str(tmp_path / "none")]) == 0
+    committed = ROOT / "results" / "small_encoder"  # the replication's result JSONs are in the repo
+    assert bench.main(["--smoke", "--out", str(out), "--results", str(committed), str(tmp_path / "none")]) == 0
     text = out.read_text()
     for heading in ("## 1. Calibration vs its floor", "## 2. Against PEFT's EVA", "## 3. Peak memory",
                     "## 4. Allocator and resize scale", "## 5. Calibration as a share"):
         assert heading in text
     assert "| tiny llama 2x64 |" in text
+    assert "| small_encoder | minilm | 18 | 8 | 100 | 8% |" in text  # 3 tasks x 2 ranks x 3 seeds
