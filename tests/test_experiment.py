@@ -224,6 +224,21 @@ def test_decoder_mixture_run_scores_each_eval_task(tmp_path):
     assert sum(runs["fim"]["rank_map"].values()) == 2 * 2
     assert runs["eva"]["method_info"]["eva_forward_batches"] > 0
 
+    # the zero-shot reference script scores the un-tuned model on exactly the runs' eval questions
+    import dataclasses
+    import sys
+
+    import yaml
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import zero_shot_eval
+
+    (tmp_path / "dec.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    ref = zero_shot_eval.main(str(tmp_path / "dec.yaml"))
+    assert set(ref) == {"piqa", "winogrande", "Avg"}
+    assert all(ref[t]["n"] == 6 and 0 <= ref[t]["accuracy"] <= 1 for t in ("piqa", "winogrande"))
+    assert ref["Avg"] == pytest.approx((ref["piqa"]["accuracy"] + ref["winogrande"]["accuracy"]) / 2)
+
 
 def _fake_run(method, seed, accs, r=2):
     return {"method": method, "r": r, "seed": seed, "status": "ok", "fim_variant": {},
