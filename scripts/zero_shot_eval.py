@@ -12,22 +12,18 @@ import sys
 
 import torch
 
-from fimlora.data import load_task
-from fimlora.experiment import load_config
+from fimlora.experiment import causal_lm_dtype, load_config, load_mixture_eval_tasks
 from fimlora.models import load_causal_lm, load_tokenizer
 from fimlora.train import TrainSettings, evaluate
 
 
 def main(path: str) -> dict:
     cfg = load_config(path)
-    if not cfg.mixture:
-        raise SystemExit(f"{path}: zero-shot reference needs a decoder config with a mixture, got tasks {cfg.tasks}")
+    evals = load_mixture_eval_tasks(cfg)  # the runs' own questions
     settings = TrainSettings(**{**cfg.train, "progress": False})
     tok = load_tokenizer(cfg.model)
-    model = load_causal_lm(cfg.model, cfg.n_layers, dtype=torch.float32).eval()
-    seed = cfg.data.get("data_seed", 0)  # the same split and subsample as run_one's eval tasks
-    out = {name: evaluate(model, load_task(name, seed=seed, max_test=cfg.data.get("max_test")), tok, settings)
-           for name in cfg.mixture["eval"]}
+    model = load_causal_lm(cfg.model, cfg.n_layers, dtype=causal_lm_dtype(settings.precision)).eval()
+    out = {t.name: evaluate(model, t, tok, settings) for t in evals}
     out["Avg"] = statistics.fmean(m["accuracy"] for m in out.values())
     return out
 

@@ -240,6 +240,13 @@ def test_decoder_mixture_run_scores_each_eval_task(tmp_path):
     assert ref["Avg"] == pytest.approx((ref["piqa"]["accuracy"] + ref["winogrande"]["accuracy"]) / 2)
 
 
+def test_mixture_eval_tasks_refuse_a_config_without_a_mixture():
+    from fimlora.experiment import load_mixture_eval_tasks
+
+    with pytest.raises(ValueError, match=r"mixture: config 't' has no mixture \(it lists tasks \['trec6'\]\)"):
+        load_mixture_eval_tasks(base_cfg())
+
+
 def _fake_run(method, seed, accs, r=2):
     return {"method": method, "r": r, "seed": seed, "status": "ok", "fim_variant": {},
             "metrics": {t: {"accuracy": a} for t, a in accs.items()}}
@@ -260,6 +267,9 @@ def test_verdicts_judge_each_task_and_the_average_against_seed_noise():
     assert "one test example is worth 2.00 points on a (n = 50), 2.00 points on b (n = 50)" in verdicts(sized)
     single = verdicts([{**x, "metrics": {"a": x["metrics"]["a"]}} for x in runs])
     assert "Avg" not in single  # one task: no separate average line
+    # one run per task (the encoder suites): the same per-seed Avg as a mixture scored on both tasks
+    separate = verdicts([{**x, "metrics": {t: x["metrics"][t]}} for x in runs for t in ("a", "b")])
+    assert "- Avg, r = 2: FIM-LoRA 61.00 ± 1.00: win vs LoRA (+5.00)" in separate
 
 
 def test_rank_sweep_of_a_mixture_is_the_average_over_tasks():

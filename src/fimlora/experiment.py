@@ -161,6 +161,23 @@ def machine_info() -> dict:
     return info
 
 
+def causal_lm_dtype(precision: str):
+    """The dtype a decoder is loaded in for a run's ``train.precision`` (bf16 loads bf16; else fp32 weights)."""
+    import torch
+
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def load_mixture_eval_tasks(cfg: ExperimentConfig) -> list:
+    """A mixture config's eval tasks: every run of the config (and any reference) scores these questions."""
+    from .data import load_task
+
+    if not cfg.mixture:
+        raise ValueError(f"mixture: config {cfg.name!r} has no mixture (it lists tasks {cfg.tasks})")
+    d = cfg.data
+    return [load_task(name, seed=d.get("data_seed", 0), max_test=d.get("max_test")) for name in cfg.mixture["eval"]]
+
+
 def _load_tasks(cfg: ExperimentConfig, run: RunSpec):
     """(train TaskData, [eval TaskData]); the split seed is fixed by data.data_seed, not the run seed."""
     from .data import TaskData, load_task
@@ -171,13 +188,11 @@ def _load_tasks(cfg: ExperimentConfig, run: RunSpec):
         t = load_task(run.task, seed=seed, max_train=d.get("max_train"), max_test=d.get("max_test"),
                       test_fraction=d.get("test_fraction"))
         return t, [t]
-    evals = []
     train_rows = []
     for name in cfg.mixture["train"]:
         t = load_task(name, seed=seed, max_train=d.get("max_train_per_task"), max_test=d.get("max_test"))
         train_rows.extend(t.train)
-    for name in cfg.mixture["eval"]:
-        evals.append(load_task(name, seed=seed, max_test=d.get("max_test")))
+    evals = load_mixture_eval_tasks(cfg)
     import random
 
     random.Random(seed).shuffle(train_rows)
@@ -216,8 +231,7 @@ def run_one(cfg: ExperimentConfig, run: RunSpec, work_dir: str | os.PathLike) ->
     def make_base():
         if kind == "classification":
             return load_classifier(cfg.model, train_task.num_labels, cfg.n_layers, seed=run.seed)
-        dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float32
-        return load_causal_lm(cfg.model, cfg.n_layers, dtype=dtype)
+        return load_causal_lm(cfg.model, cfg.n_layers, dtype=causal_lm_dtype(settings.precision))
 
     collate = collator_for(train_task, tok, settings.max_length)
 

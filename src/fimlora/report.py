@@ -57,10 +57,18 @@ def _acc(run: dict, task: str) -> float | None:
     return float(m["accuracy"])
 
 
-def _avg_acc(run: dict, tasks: list[str]) -> float | None:
-    """Mean accuracy over ``tasks`` for one run (the paper's Avg column); None unless all are present."""
-    accs = [_acc(run, t) for t in tasks]
-    return None if not accs or any(a is None for a in accs) else statistics.fmean(accs)
+def _seed_avgs(runs: list[dict], tasks: list[str]) -> list[float]:
+    """Per seed, the mean accuracy over ``tasks`` (the paper's Avg column), for seeds that have all of them.
+
+    Works alike for a mixture (one run per seed scored on every task) and for one run per task.
+    """
+    per_seed: dict[int, dict[str, float]] = defaultdict(dict)
+    for x in runs:
+        for t in tasks:
+            a = _acc(x, t)
+            if a is not None:
+                per_seed[x["seed"]][t] = a
+    return [statistics.fmean(v.values()) for v in per_seed.values() if len(v) == len(tasks)]
 
 
 def _value_order(v):
@@ -115,18 +123,14 @@ def main_tables(runs: list[dict], csv_rows: list[dict]) -> list[str]:
         rows = []
         for method, variant in _method_rows(at_r):
             sel = [x for x in at_r if x["method"] == method and _variant_key(x) == variant]
-            cells, per_seed_avg = [], defaultdict(list)
+            cells = []
             for t in tasks:
                 vals = [a for a in (_acc(x, t) for x in sel) if a is not None]
                 cells.append(_fmt(vals, n_seeds))
-                for x in sel:
-                    a = _acc(x, t)
-                    if a is not None:
-                        per_seed_avg[x["seed"]].append(a)
                 m, s = mean_std([100 * v for v in vals])
                 csv_rows.append({"table": "main", "r": r, "method": method, "variant": variant, "task": t,
                                  "mean": m, "std": s, "n": len(vals)})
-            avgs = [statistics.fmean(v) for v in per_seed_avg.values() if len(v) == len(tasks)]
+            avgs = _seed_avgs(sel, tasks)
             diverged = sum(1 for x in sel if x["status"] == "diverged")
             label = _label(method, variant) + (f" ⚠ {diverged} diverged" if diverged else "")
             rows.append([label, *cells, _fmt(avgs, n_seeds)])
@@ -149,7 +153,7 @@ def rank_sweep(runs: list[dict]) -> list[str]:
             cells = []
             for r in ranks:
                 sel = [x for x in runs if x["method"] == method and x["r"] == r and _variant_key(x) == variant]
-                vals = [a for a in (_avg_acc(x, tasks) if mixture else _acc(x, t) for x in sel) if a is not None]
+                vals = _seed_avgs(sel, tasks) if mixture else [a for a in (_acc(x, t) for x in sel) if a is not None]
                 cells.append(_fmt(vals))
             rows.append([_label(method, variant), *cells])
         title = f"Avg over {len(tasks)} tasks" if mixture else t
@@ -189,12 +193,13 @@ def verdicts(runs: list[dict]) -> str:
     noise = []
     for r in sorted({x["r"] for x in runs}):
         tasks = _eval_tasks([x for x in runs if x["r"] == r])
-        # With several eval tasks (a mixture), the Avg over tasks is judged too: per-task test sets are small.
+        # With several tasks the Avg column is judged too: it is the paper's headline, and per-task test sets
+        # can be small.
         for t in tasks + (["Avg"] if len(tasks) > 1 else []):
             per_method = {}
             for method in METHOD_ORDER:
                 sel = [x for x in runs if x["method"] == method and x["r"] == r and not _variant_key(x)]
-                vals = [a for a in (_avg_acc(x, tasks) if t == "Avg" else _acc(x, t) for x in sel) if a is not None]
+                vals = _seed_avgs(sel, tasks) if t == "Avg" else [a for a in (_acc(x, t) for x in sel) if a is not None]
                 if vals:
                     per_method[method] = mean_std([100 * v for v in vals])
                     if len(vals) > 1 and t != "Avg":
