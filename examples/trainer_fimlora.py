@@ -7,14 +7,13 @@
 import argparse
 
 import torch
-
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
-from fimlora.data import ClassificationCollator, load_task
+from fimlora.experiments.data import ClassificationCollator, load_task
+from fimlora.experiments.models import load_classifier, load_tokenizer
+from fimlora.experiments.train import TrainSettings, evaluate
 from fimlora.integrations import calibrate_trainer
-from fimlora.models import load_classifier, load_tokenizer
-from fimlora.train import TrainSettings, evaluate
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", default="out/trainer_example")

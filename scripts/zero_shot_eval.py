@@ -12,9 +12,9 @@ import sys
 
 import torch
 
-from fimlora.experiment import causal_lm_dtype, load_config, load_mixture_eval_tasks
-from fimlora.models import load_causal_lm, load_tokenizer
-from fimlora.train import TrainSettings, evaluate
+from fimlora.experiments.models import load_causal_lm, load_tokenizer
+from fimlora.experiments.sweep import causal_lm_dtype, load_config, load_mixture_eval_tasks
+from fimlora.experiments.train import TrainSettings, evaluate
 
 
 def main(path: str) -> dict:

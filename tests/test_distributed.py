@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import lm_batches, lora_llama
 
 import fimlora
 from fimlora import FimConfig, compute_fisher
 from fimlora.distributed import check_not_sharded
 from fimlora.modules import lora_modules
-
-from conftest import lm_batches, lora_llama
 
 HERE = Path(__file__).parent
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from fimlora.experiment import ExperimentConfig, expand_runs, load_config, parse_shard, run_sweep
-from fimlora.methods import adalora_schedule
-from fimlora.report import build_report, load_results, mean_std
-from fimlora.train import DivergenceCallback
+from fimlora.experiments.methods import adalora_schedule
+from fimlora.experiments.report import build_report, load_results, mean_std
+from fimlora.experiments.sweep import ExperimentConfig, expand_runs, load_config, parse_shard, run_sweep
+from fimlora.experiments.train import DivergenceCallback
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
 
@@ -178,10 +178,10 @@ def test_adalora_prunes_through_trainer_callback_and_reloads_with_stock_peft(tmp
     import torch
     from peft import PeftModel
 
-    from fimlora.data import ClassificationCollator, load_task
-    from fimlora.methods import MethodSpec, final_rank_map, prepare_method
-    from fimlora.models import load_classifier, load_tokenizer
-    from fimlora.train import TrainSettings, finetune
+    from fimlora.experiments.data import ClassificationCollator, load_task
+    from fimlora.experiments.methods import MethodSpec, final_rank_map, prepare_method
+    from fimlora.experiments.models import load_classifier, load_tokenizer
+    from fimlora.experiments.train import TrainSettings, finetune
 
     task = load_task("trec6", max_train=64, max_test=16)
     tok = load_tokenizer("minilm")
@@ -241,7 +241,7 @@ def test_decoder_mixture_run_scores_each_eval_task(tmp_path):
 
 
 def test_mixture_eval_tasks_refuse_a_config_without_a_mixture():
-    from fimlora.experiment import load_mixture_eval_tasks
+    from fimlora.experiments.sweep import load_mixture_eval_tasks
 
     with pytest.raises(ValueError, match=r"mixture: config 't' has no mixture \(it lists tasks \['trec6'\]\)"):
         load_mixture_eval_tasks(base_cfg())
@@ -253,7 +253,7 @@ def _fake_run(method, seed, accs, r=2):
 
 
 def test_verdicts_judge_each_task_and_the_average_against_seed_noise():
-    from fimlora.report import verdicts
+    from fimlora.experiments.report import verdicts
 
     runs = [_fake_run("lora", s, {"a": 0.50 + d, "b": 0.60 + d}) for s, d in ((1, 0.0), (2, 0.01), (3, 0.02))]
     runs += [_fake_run("fim", s, {"a": 0.50 + d, "b": 0.70 + d}) for s, d in ((1, 0.0), (2, 0.01), (3, 0.02))]
@@ -273,7 +273,7 @@ def test_verdicts_judge_each_task_and_the_average_against_seed_noise():
 
 
 def test_rank_sweep_of_a_mixture_is_the_average_over_tasks():
-    from fimlora.report import rank_sweep
+    from fimlora.experiments.report import rank_sweep
 
     runs = [_fake_run("lora", s, {"a": 0.5, "b": 0.7}, r=r) for s in (1, 2) for r in (2, 8)]
     runs += [_fake_run("fim", s, {"a": 0.6, "b": 0.8 + 0.02 * s}, r=r) for s in (1, 2) for r in (2, 8)]

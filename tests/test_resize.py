@@ -6,13 +6,12 @@ import math
 
 import pytest
 import torch
+from conftest import cls_batches, lm_batches, lora_bert, lora_llama, make_b_nonzero, tiny_bert, tiny_llama
 from peft import PeftModel
 
 import fimlora
 from fimlora import FimConfig, RankAllocation, apply_allocation, check_pattern_keys, lora_modules
 from fimlora.modules import base_model_of, pattern_matches
-
-from conftest import cls_batches, lm_batches, lora_bert, lora_llama, make_b_nonzero, tiny_bert, tiny_llama
 
 
 def layer_state(model, adapter="default"):
@@ -201,7 +200,7 @@ def test_bad_allocation_leaves_model_untouched():
         apply_allocation(model, bad)
     assert_untouched(model, snap)
     other = lora_llama()
-    with pytest.raises(ValueError, match="allocation: its modules must be exactly the model's LoRA modules"):
+    with pytest.raises(ValueError, match="allocation: keys must be exactly the model's LoRA modules; missing \\['model.layers.0"):
         apply_allocation(other, alloc)
 
 

@@ -5,13 +5,13 @@
     # train `model` as usual: it is a standard PEFT LoRA model with rank_pattern
 """
 
-from .allocate import allocate_ranks, random_scores
 from .allocation import RankAllocation
 from .api import allocation_from_scores, apply_fim_ranks, compute_allocation, random_allocation
-from .calibrate import FisherResult, aggregate_fisher, compute_fisher, compute_scores
 from .config import FimConfig
+from .fisher import FisherResult, aggregate_fisher, compute_fisher, compute_scores
 from .modules import check_pattern_keys, lora_modules, pattern_matches
 from .resize import apply_allocation
+from .waterfill import allocate_ranks, random_scores
 
 __version__ = "0.1.0"
 

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["RankAllocation", "scaled_alpha", "atomic_write_text"]
+from .io import atomic_write_text
+from .modules import check_same_modules
+
+__all__ = ["RankAllocation", "scaled_alpha", "lora_scaling"]
 
 FORMAT_VERSION = 1
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    """PEFT's scale of a LoRA module: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return float(alpha) / (math.sqrt(r) if use_rslora else r)
 
 
 def scaled_alpha(alpha: float, old_r: int, new_r: int, scale: str, use_rslora: bool) -> float:
@@ -28,23 +34,6 @@ def scaled_alpha(alpha: float, old_r: int, new_r: int, scale: str, use_rslora: b
         raise ValueError(f"scale: must be 'preserve' or 'fixed_alpha', got {scale!r}")
     ratio = new_r / old_r
     return float(alpha * (math.sqrt(ratio) if use_rslora else ratio))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass
@@ -74,11 +63,7 @@ class RankAllocation:
     def __post_init__(self) -> None:
         names = list(self.ranks)
         for fname in ("scores", "alphas", "old_ranks", "old_alphas", "shapes"):
-            other = getattr(self, fname)
-            if set(other) != set(names):
-                missing = sorted(set(names) - set(other))[:3]
-                extra = sorted(set(other) - set(names))[:3]
-                raise ValueError(f"{fname}: keys must equal the keys of ranks; missing {missing}, extra {extra}")
+            check_same_modules(fname, getattr(self, fname), names, "the keys of ranks")
         if sum(self.ranks.values()) != self.budget:
             raise ValueError(f"ranks: must sum to budget={self.budget}, got {sum(self.ranks.values())}")
         bad = [(n, r) for n, r in self.ranks.items() if not (self.r_min <= r <= self.r_max)]
@@ -115,7 +100,7 @@ class RankAllocation:
         return text
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RankAllocation":
+    def from_dict(cls, d: dict) -> RankAllocation:
         d = dict(d)
         version = d.pop("format_version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
@@ -130,7 +115,7 @@ class RankAllocation:
         return cls(**d)
 
     @classmethod
-    def from_json(cls, text_or_path: str | os.PathLike) -> "RankAllocation":
+    def from_json(cls, text_or_path: str | os.PathLike) -> RankAllocation:
         """Parse JSON text, or read it from a file path."""
         s = str(text_or_path)
         if not s.lstrip().startswith("{"):

@@ -2,33 +2,20 @@
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Iterable, Mapping
 
 from torch import nn
 
-from .allocate import allocate_ranks, random_scores, validate_allocation_inputs
 from .allocation import RankAllocation, scaled_alpha
-from .calibrate import LossFn, compute_fisher, compute_scores
 from .config import FimConfig
 from .distributed import broadcast_object
-from .modules import lora_config_of, lora_modules
+from .fisher import LossFn, compute_fisher, compute_scores
+from .io import package_versions
+from .modules import check_same_modules, lora_config_of, lora_modules
 from .resize import apply_allocation
+from .waterfill import allocate_ranks, random_scores, validate_allocation_inputs
 
-__all__ = ["apply_fim_ranks", "compute_allocation", "allocation_from_scores", "random_allocation", "versions"]
-
-
-def versions() -> dict[str, str]:
-    """Versions of the packages that decide the result, for experiment records."""
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("fimlora", "torch", "transformers", "peft", "accelerate"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
+__all__ = ["apply_fim_ranks", "compute_allocation", "allocation_from_scores", "random_allocation"]
 
 
 def _bounds(model: nn.Module, config: FimConfig) -> tuple[int, int, int, list]:
@@ -49,10 +36,7 @@ def allocation_from_scores(
     config = config or FimConfig()
     budget, r_min, r_max, infos = _bounds(model, config)
     names = [i.name for i in infos]
-    if set(scores) != set(names):
-        missing = sorted(set(names) - set(scores))[:3]
-        extra = sorted(set(scores) - set(names))[:3]
-        raise ValueError(f"scores: keys must be the model's LoRA modules; missing {missing}, extra {extra}")
+    check_same_modules("scores", scores, names, "the model's LoRA modules")
     ordered = {n: float(scores[n]) for n in names}
     ranks = allocate_ranks(ordered, budget, r_min, r_max)
     lora_cfg = lora_config_of(model, config.adapter_name)
@@ -77,7 +61,7 @@ def allocation_from_scores(
         use_rslora=bool(lora_cfg.use_rslora),
         method=method,
         settings=settings,
-        versions=versions(),
+        versions=package_versions(),
     )
 
 
@@ -124,7 +108,7 @@ def apply_fim_ranks(
     ``model`` is a PEFT LoRA model straight after ``get_peft_model`` (B = 0).
     Runs ``n_batches`` backward passes on ``dataloader`` batches (loss:
     ``model(**batch).loss``, a mean, or ``loss_fn(model, batch)``), scores each
-    module by its LoRA-B empirical Fisher (see :mod:`fimlora.calibrate`), splits
+    module by its LoRA-B empirical Fisher (see :mod:`fimlora.fisher`), splits
     ``budget`` (default: the current total rank) over the modules within
     [r_min, r_max] (default r_max: 2 * r) and resizes every adapter. Further
     settings of :class:`FimConfig` (``scale``, ``adapter_name``, ``seed``, ...)

@@ -3,30 +3,44 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
-import time
 from pathlib import Path
+
+from .config import AGGREGATIONS, ESTIMATORS, SCALE_MODES, FimConfig
+from .experiments.data import TASKS
+from .experiments.demo import DemoJob
+from .experiments.jobs import MIN_MAX_LENGTH
 
 __all__ = ["main", "build_parser"]
 
 logger = logging.getLogger("fimlora")
 
+# Defaults and choices come from the library's and the harness's own constants, never a second list.
+FIM_DEFAULTS = {f.name: f.default for f in dataclasses.fields(FimConfig)}
+DEMO_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DemoJob)}
+
 
 def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("FIM-LoRA")
-    g.add_argument("--r", type=int, default=8, help="base LoRA rank r; the budget is (number of modules) x r (default 8)")
-    g.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 2r)")
-    g.add_argument("--r-min", type=int, default=1, help="smallest rank per module (default 1)")
-    g.add_argument("--r-max", type=int, default=None, help="largest rank per module (default 2r)")
-    g.add_argument("--n-batches", type=int, default=8, help="calibration batches N (default 8)")
-    g.add_argument("--estimator", choices=["batch", "per_example"], default="batch",
-                   help="batch: squared mini-batch gradients (paper); per_example: eq. 1 (default batch)")
-    g.add_argument("--aggregation", choices=["mean", "max", "l2"], default="mean",
-                   help="module score from its Fisher matrix (default mean)")
-    g.add_argument("--scale", choices=["preserve", "fixed_alpha"], default="preserve",
-                   help="preserve alpha/r per module (default) or keep alpha fixed")
-    g.add_argument("--seed", type=int, default=0, help="seed for data order, head init and new A rows (default 0)")
+    g.add_argument("--r", type=int, default=8,
+                   help="base LoRA rank r; the budget is (number of modules) x r (default 8)")
+    g.add_argument("--alpha", type=float, default=None, help="lora_alpha, > 0 (default 2r)")
+    g.add_argument("--r-min", type=int, default=FIM_DEFAULTS["r_min"],
+                   help=f"smallest rank per module (default {FIM_DEFAULTS['r_min']})")
+    g.add_argument("--r-max", type=int, default=FIM_DEFAULTS["r_max"], help="largest rank per module (default 2r)")
+    g.add_argument("--n-batches", type=int, default=FIM_DEFAULTS["n_batches"],
+                   help=f"calibration batches N (default {FIM_DEFAULTS['n_batches']})")
+    g.add_argument("--estimator", choices=ESTIMATORS, default=FIM_DEFAULTS["estimator"],
+                   help="batch: squared mini-batch gradients (paper); per_example: eq. 1 "
+                        f"(default {FIM_DEFAULTS['estimator']})")
+    g.add_argument("--aggregation", choices=AGGREGATIONS, default=FIM_DEFAULTS["aggregation"],
+                   help=f"module score from its Fisher matrix (default {FIM_DEFAULTS['aggregation']})")
+    g.add_argument("--scale", choices=SCALE_MODES, default=FIM_DEFAULTS["scale"],
+                   help=f"preserve alpha/r per module or keep alpha fixed (default {FIM_DEFAULTS['scale']})")
+    g.add_argument("--seed", type=int, default=FIM_DEFAULTS["seed"],
+                   help=f"seed for data order, head init and new A rows (default {FIM_DEFAULTS['seed']})")
 
 
 def _add_model_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -34,13 +48,14 @@ def _add_model_data_args(p: argparse.ArgumentParser, required: bool = True) -> N
     g.add_argument("--model", required=required, default=None if required else "minilm",
                    help="local folder, offline alias (minilm, smollm2) or hub name")
     g.add_argument("--data", required=required, default=None if required else "sst2",
-                   help="bundled task (sst2, trec6, boolq, piqa, hellaswag, winogrande, siqa, arc_easy, "
-                        "arc_challenge, obqa), a .jsonl/.csv file, or hf:NAME[:CONFIG]")
+                   help=f"bundled task ({', '.join(TASKS)}), a .jsonl/.csv file, or hf:NAME[:CONFIG]")
     g.add_argument("--target-modules", nargs="+", default=None,
-                   help="LoRA target modules (default: PEFT's default for the architecture)")
+                   help="LoRA target modules (default: PEFT's default for the architecture, e.g. query and value "
+                        "only on BERT; 'all-linear' adapts every linear layer)")
     g.add_argument("--n-layers", type=int, default=None, help="keep only the first N layers (fast experiments)")
     g.add_argument("--batch-size", type=int, default=16, help="calibration/training batch size (default 16)")
-    g.add_argument("--max-length", type=int, default=128, help="max tokens per example (default 128)")
+    g.add_argument("--max-length", type=int, default=128,
+                   help=f"max tokens per example, >= {MIN_MAX_LENGTH} (default 128)")
     g.add_argument("--max-train", type=int, default=None, help="subsample the training split to this many examples")
 
 
@@ -57,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "PEFT adapter, rank_map.json and rank_map.png to --out.")
     _add_model_data_args(p)
     _add_calibration_args(p)
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (must be new or empty unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     p = sub.add_parser("plot", help="draw a rank map heatmap from rank_map.json",
@@ -79,11 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "print accuracy, trainable parameters and wall time side by side.")
     _add_model_data_args(p, required=False)
     _add_calibration_args(p)
-    p.set_defaults(r=4, batch_size=16, max_length=64, max_train=2000)
-    p.add_argument("--steps", type=int, default=300, help="training steps per method (default 300)")
-    p.add_argument("--lr", type=float, default=2e-3, help="learning rate (default 2e-3)")
-    p.add_argument("--max-test", type=int, default=None, help="subsample the test split")
-    p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    p.set_defaults(**{k: DEMO_DEFAULTS[k] for k in ("model", "data", "r", "batch_size", "max_length", "max_train")})
+    p.add_argument("--steps", type=int, default=DEMO_DEFAULTS["steps"],
+                   help=f"training steps per method (default {DEMO_DEFAULTS['steps']})")
+    p.add_argument("--lr", type=float, default=DEMO_DEFAULTS["lr"],
+                   help=f"learning rate (default {DEMO_DEFAULTS['lr']})")
+    p.add_argument("--max-test", type=int, default=DEMO_DEFAULTS["max_test"], help="subsample the test split")
+    p.add_argument("--out", default=DEMO_DEFAULTS["out"], help=f"output folder (default {DEMO_DEFAULTS['out']})")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p = sub.add_parser("run", help="run an experiment grid from a YAML config (resumable, shardable)",
                        description="Run every run of an experiment config; each writes one JSON result. "
@@ -107,77 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _lora_config(args, kind: str):
-    from peft import LoraConfig
-
-    alpha = args.alpha if args.alpha is not None else 2 * args.r
-    return LoraConfig(r=args.r, lora_alpha=alpha, target_modules=args.target_modules, lora_dropout=0.0,
-                      task_type="SEQ_CLS" if kind == "classification" else "CAUSAL_LM")
-
-
-def _fim_config(args):
-    from .config import FimConfig
-
-    return FimConfig(n_batches=args.n_batches, r_min=args.r_min, r_max=args.r_max, estimator=args.estimator,
-                     aggregation=args.aggregation, scale=args.scale, seed=args.seed,
-                     progress=not getattr(args, "no_progress", False))
-
-
-def _load(args, task):
-    import torch
-    from peft import get_peft_model
-
-    from .models import load_causal_lm, load_classifier, load_tokenizer
-
-    tok = load_tokenizer(args.model)
-    if task.kind == "classification":
-        base = load_classifier(args.model, task.num_labels, args.n_layers, seed=args.seed)
-    else:
-        base = load_causal_lm(args.model, args.n_layers)
-    torch.manual_seed(args.seed)
-    return tok, get_peft_model(base, _lora_config(args, task.kind))
-
-
-def _calibration_loader(task, tok, args):
-    import torch
-    from torch.utils.data import DataLoader
-
-    from .train import collator_for
-
-    g = torch.Generator().manual_seed(args.seed)
-    return DataLoader(task.train, batch_size=args.batch_size, shuffle=True, generator=g,
-                      collate_fn=collator_for(task, tok, args.max_length))
-
-
-def _save_rank_map(alloc, out: Path) -> None:
-    from .rankmap import plot_rank_map
-
-    alloc.to_json(out / "rank_map.json")
-    try:
-        plot_rank_map(alloc, out / "rank_map.png")
-    except ValueError as e:  # a model without numbered layers has no grid to draw
-        logger.warning("rank map plot skipped: %s", e)
+def _job(cls, args):
+    """A job dataclass from the parsed arguments that share its field names."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    values["progress"] = not getattr(args, "no_progress", False)
+    return cls(**values)
 
 
 def cmd_calibrate(args) -> int:
-    from .api import apply_fim_ranks
-    from .data import load_task
+    from .experiments.jobs import CalibrateJob, run_calibrate
     from .rankmap import format_rank_table
 
-    out = Path(args.out)
-    task = load_task(args.data, seed=args.seed, max_train=args.max_train)
-    tok, model = _load(args, task)
-    start = time.perf_counter()
-    alloc = apply_fim_ranks(model, _calibration_loader(task, tok, args), config=_fim_config(args))
-    seconds = time.perf_counter() - start
-    alloc.settings.update({"model": args.model, "data": args.data, "calibration_seconds": seconds,
-                           "data_meta": task.meta})
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out / "adapter")
-    _save_rank_map(alloc, out)
-    print(format_rank_table(alloc))
-    print(f"\ncalibration: {seconds:.1f} s; adapter -> {out / 'adapter'}; rank map -> {out / 'rank_map.json'}, "
-          f"{out / 'rank_map.png'}")
+    result = run_calibrate(_job(CalibrateJob, args))
+    print(format_rank_table(result.allocation))
+    print(f"\ncalibration: {result.seconds:.1f} s; wrote " + ", ".join(str(f) for f in result.files))
+    for note in result.notes:
+        print(f"note: {note}")
     return 0
 
 
@@ -187,54 +150,40 @@ def cmd_plot(args) -> int:
 
     alloc = RankAllocation.from_json(args.rank_map)
     out = Path(args.out) if args.out else Path(args.rank_map).with_suffix(".png")
-    plot_rank_map(alloc, out, scores=not args.no_scores)
-    print(f"rank map -> {out}")
+    print(f"rank map -> {plot_rank_map(alloc, out, scores=not args.no_scores)}")
     return 0
 
 
 def cmd_check(args) -> int:
     from .check import check_adapter
 
-    names = None
+    base_modules = None
     if args.base_model:
-        from transformers import AutoConfig, AutoModel
+        from .experiments.models import base_module_shapes
 
-        from .models import resolve_model
-
-        cfg = AutoConfig.from_pretrained(resolve_model(args.base_model))
-        import torch
-
-        with torch.device("meta"):
-            base = AutoModel.from_config(cfg)
-        names = [n for n, _ in base.named_modules()]
-        # Adapters are saved from task models (BertForSequenceClassification, LlamaForCausalLM):
-        # allow the task model's prefix too.
-        prefix = getattr(base, "base_model_prefix", "")
-        if prefix:
-            names += [f"{prefix}.{n}" if n else prefix for n in names]
-    report = check_adapter(args.adapter_dir, names)
+        base_modules = base_module_shapes(args.base_model)
+    report = check_adapter(args.adapter_dir, base_modules)
     print(report.format())
     return 0 if report.ok else 1
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .experiments.demo import DemoJob, run_demo
 
-    return run_demo(args)
+    run_demo(_job(DemoJob, args))
+    return 0
 
 
 def cmd_run(args) -> int:
-    from .experiment import _is_finished, expand_runs, load_config, parse_shard, run_sweep
+    from .experiments.sweep import load_config, parse_shard, plan_sweep, run_sweep
 
     cfg = load_config(args.config)
     shard = parse_shard(args.shard)
     results = Path(args.results or Path("results") / cfg.name)
     if args.list:
-        runs = expand_runs(cfg)
-        if shard:
-            runs = runs[shard[0]::shard[1]]
-        for r in runs:
-            print(("done " if _is_finished(results / f"{r.run_id}.json") else "todo ") + r.run_id)
+        plan = plan_sweep(cfg, results, shard, args.only)
+        for run in plan.runs:
+            print(("done " if run.run_id in plan.finished else "todo ") + run.run_id)
         return 0
     counts = run_sweep(cfg, results, shard=shard, only=args.only, progress=not args.no_progress)
     print(f"{cfg.name}: {counts} -> {results}")
@@ -242,15 +191,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import write_report
+    from .experiments.report import write_report
 
-    dirs = [Path(d) for d in args.results_dir]
-    for d in dirs:
-        if not d.is_dir():
-            raise FileNotFoundError(f"results_dir: {d} is not a folder")
-    out = Path(args.out) if args.out else dirs[0] / "report.md"
-    preface = Path(args.preface).read_text(encoding="utf-8") if args.preface else None
-    write_report(dirs, out, args.title, args.commands, preface)
+    out = write_report([Path(d) for d in args.results_dir], args.out, args.title, args.commands, args.preface)
     print(f"report -> {out} (+ {out.with_suffix('.csv').name})")
     return 0
 

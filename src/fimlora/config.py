@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
-__all__ = ["FimConfig", "ESTIMATORS", "AGGREGATIONS", "SCALE_MODES", "LOSS_REDUCTIONS"]
+__all__ = [
+    "FimConfig",
+    "ESTIMATORS",
+    "AGGREGATIONS",
+    "SCALE_MODES",
+    "LOSS_REDUCTIONS",
+    "check_int",
+    "check_number",
+    "check_choice",
+    "check_bool",
+]
 
 ESTIMATORS = ("batch", "per_example")
 AGGREGATIONS = ("mean", "max", "l2")
@@ -12,7 +23,8 @@ SCALE_MODES = ("preserve", "fixed_alpha")
 LOSS_REDUCTIONS = ("mean", "sum")
 
 
-def _check_int(name: str, value, minimum: int | None = None, allow_none: bool = False) -> None:
+def check_int(name: str, value, minimum: int | None = None, allow_none: bool = False) -> None:
+    """An integer (``True`` is not one), optionally ``>= minimum``; the error names the field."""
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int):
@@ -21,9 +33,26 @@ def _check_int(name: str, value, minimum: int | None = None, allow_none: bool = 
         raise ValueError(f"{name}: must be >= {minimum}, got {value}")
 
 
-def _check_choice(name: str, value, choices) -> None:
+def check_number(name: str, value, minimum: float | None = None, strict: bool = True,
+                 allow_none: bool = False) -> None:
+    """A finite real number (not a bool, not NaN), optionally above (``strict``) or at least ``minimum``."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}: must be a finite number, got {value!r}")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise ValueError(f"{name}: must be {'>' if strict else '>='} {minimum:g}, got {value!r}")
+
+
+def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name}: must be one of {list(choices)}, got {value!r}")
+
+
+def check_bool(name: str, value) -> None:
+    """A real bool: YAML's ``"no"`` in quotes is a string, and a string is always truthy."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: must be true or false, got {value!r}")
 
 
 @dataclass
@@ -66,21 +95,22 @@ class FimConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        _check_int("n_batches", self.n_batches, minimum=1)
-        _check_int("r_min", self.r_min, minimum=1)
-        _check_int("r_max", self.r_max, minimum=1, allow_none=True)
+        check_int("n_batches", self.n_batches, minimum=1)
+        check_int("r_min", self.r_min, minimum=1)
+        check_int("r_max", self.r_max, minimum=1, allow_none=True)
         if self.r_max is not None and self.r_max < self.r_min:
             raise ValueError(f"r_max: must be >= r_min, got r_max={self.r_max} < r_min={self.r_min}")
-        _check_int("budget", self.budget, minimum=1, allow_none=True)
-        _check_choice("estimator", self.estimator, ESTIMATORS)
-        _check_choice("aggregation", self.aggregation, AGGREGATIONS)
-        _check_choice("scale", self.scale, SCALE_MODES)
-        _check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
-        if self.loss_scale is not None and not (float(self.loss_scale) > 0 and float(self.loss_scale) < float("inf")):
-            raise ValueError(f"loss_scale: must be a finite positive number, got {self.loss_scale!r}")
-        _check_int("seed", self.seed)
+        check_int("budget", self.budget, minimum=1, allow_none=True)
+        check_choice("estimator", self.estimator, ESTIMATORS)
+        check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        check_choice("scale", self.scale, SCALE_MODES)
+        check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
+        check_number("loss_scale", self.loss_scale, minimum=0, allow_none=True)
+        check_int("seed", self.seed)
         if not isinstance(self.adapter_name, str) or not self.adapter_name:
             raise ValueError(f"adapter_name: must be a non-empty string, got {self.adapter_name!r}")
+        check_bool("train_mode", self.train_mode)
+        check_bool("progress", self.progress)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import TrainerCallback
 
 from .allocation import RankAllocation
 from .api import apply_fim_ranks
 from .config import FimConfig
 from .distributed import is_main_process
-from .train import _callback_base
 
 __all__ = ["calibrate_trainer", "RankMapLoggerCallback", "preserved_rng"]
 
@@ -48,7 +48,7 @@ def preserved_rng():
             torch.cuda.set_rng_state_all(states[3])
 
 
-class RankMapLoggerCallback(_callback_base()):
+class RankMapLoggerCallback(TrainerCallback):
     """Logs the rank map to the trainer's trackers once they are set up (at train begin).
 
     TensorBoard gets a text table and the heatmap image; Weights & Biases a

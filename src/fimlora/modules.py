@@ -21,6 +21,7 @@ __all__ = [
     "lora_modules",
     "pattern_matches",
     "check_pattern_keys",
+    "check_same_modules",
 ]
 
 _SUPPORTED_INITS = (True, False, "gaussian")
@@ -138,6 +139,16 @@ def lora_modules(model: nn.Module, adapter_name: str = "default") -> list[LoraMo
     if not found:
         raise ValueError(f"model: no LoRA layers for adapter {adapter_name!r}; check target_modules")
     return found
+
+
+def check_same_modules(field: str, keys: Iterable[str], expected: Iterable[str], what: str) -> None:
+    """Raise ValueError unless ``keys`` are exactly the module names ``expected`` (``what`` describes them)."""
+    keys, expected = list(keys), list(expected)
+    missing = [n for n in expected if n not in set(keys)]
+    extra = [n for n in keys if n not in set(expected)]
+    if missing or extra:
+        more = lambda xs: f"{xs[:3]}{'...' if len(xs) > 3 else ''}"  # noqa: E731
+        raise ValueError(f"{field}: keys must be exactly {what}; missing {more(missing)}, extra {more(extra)}")
 
 
 def pattern_matches(key: str, module_name: str) -> bool:

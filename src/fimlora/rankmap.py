@@ -79,9 +79,11 @@ def format_rank_table(alloc: RankAllocation) -> str:
         lines.append(f"{name}: {r}")
     stats = group_stats(alloc)
     lines.append("")
-    lines.append("mean rank by type:  " + ", ".join(f"{_short(t)} {v:.2f}" for t, v in stats["mean_rank_by_type"].items()))
+    by_type = stats["mean_rank_by_type"].items()
+    by_group = stats["mean_rank_by_layer_group"].items()
+    lines.append("mean rank by type:  " + ", ".join(f"{_short(t)} {v:.2f}" for t, v in by_type))
     lines.append("mean rank by layers: " + ", ".join(
-        f"{g} ({v['layers'][0]}-{v['layers'][1]}) {v['mean_rank']:.2f}" for g, v in stats["mean_rank_by_layer_group"].items()))
+        f"{g} ({v['layers'][0]}-{v['layers'][1]}) {v['mean_rank']:.2f}" for g, v in by_group))
     lines.append(f"budget {alloc.budget} over {len(alloc.ranks)} modules (base r={alloc.base_r}, "
                  f"r_min={alloc.r_min}, r_max={alloc.r_max}); LoRA params {alloc.trainable_lora_params():,}")
     return "\n".join(lines)

@@ -20,8 +20,9 @@ import math
 import torch
 from torch import nn
 
-from .allocation import RankAllocation
-from .modules import LoraModuleInfo, lora_config_of, lora_modules
+from .allocation import RankAllocation, lora_scaling
+from .config import check_int, check_number
+from .modules import LoraModuleInfo, check_same_modules, lora_config_of, lora_modules
 
 __all__ = ["apply_allocation", "resized_lora_weights"]
 
@@ -78,15 +79,7 @@ def _build_linear(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad
 
 
 def _validate(allocation: RankAllocation, infos: list[LoraModuleInfo]) -> None:
-    names = [i.name for i in infos]
-    missing = [n for n in names if n not in allocation.ranks]
-    extra = [n for n in allocation.ranks if n not in set(names)]
-    if missing or extra:
-        raise ValueError(
-            "allocation: its modules must be exactly the model's LoRA modules; "
-            f"missing from allocation: {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"not in model: {extra[:3]}{'...' if len(extra) > 3 else ''}"
-        )
+    check_same_modules("allocation", allocation.ranks, [i.name for i in infos], "the model's LoRA modules")
     for info in infos:
         d_in, d_out = allocation.shapes[info.name]
         if (d_in, d_out) != (info.in_features, info.out_features):
@@ -94,12 +87,8 @@ def _validate(allocation: RankAllocation, infos: list[LoraModuleInfo]) -> None:
                 f"allocation.shapes[{info.name!r}]: must match the model's layer (d_in, d_out)="
                 f"({info.in_features}, {info.out_features}), got ({d_in}, {d_out})"
             )
-        r = allocation.ranks[info.name]
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"allocation.ranks[{info.name!r}]: must be an integer >= 1, got {r!r}")
-        alpha = allocation.alphas[info.name]
-        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"allocation.alphas[{info.name!r}]: must be a finite number > 0, got {alpha!r}")
+        check_int(f"allocation.ranks[{info.name!r}]", allocation.ranks[info.name], minimum=1)
+        check_number(f"allocation.alphas[{info.name!r}]", allocation.alphas[info.name], minimum=0)
 
 
 def apply_allocation(
@@ -146,7 +135,7 @@ def apply_allocation(
         layer.lora_B[adapter_name] = lin_b
         layer.r[adapter_name] = new_r
         layer.lora_alpha[adapter_name] = alpha
-        layer.scaling[adapter_name] = alpha / (math.sqrt(new_r) if config.use_rslora else new_r)
+        layer.scaling[adapter_name] = lora_scaling(alpha, new_r, bool(config.use_rslora))
     # One full, non-overlapping key per module: overlapping keys resolve in sorted
     # order after a reload and can silently change ranks or scales.
     config.rank_pattern = {info.name: allocation.ranks[info.name] for info in infos}

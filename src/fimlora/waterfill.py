@@ -28,6 +28,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from .config import check_int
+
 __all__ = ["allocate_ranks", "water_fill", "random_scores", "validate_allocation_inputs"]
 
 # Fractional parts closer than this to 0 or 1 are treated as exact integers so
@@ -43,8 +45,7 @@ def validate_allocation_inputs(
     if n == 0:
         raise ValueError("scores: need at least one module to allocate rank to, got 0 scores")
     for name, value in (("budget", budget), ("r_min", r_min), ("r_max", r_max)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name}: must be an integer, got {value!r} ({type(value).__name__})")
+        check_int(name, value)
     if r_min < 1:
         raise ValueError(f"r_min: must be >= 1 (PEFT cannot hold a rank-0 LoRA module), got r_min={r_min}")
     if r_max < r_min:
@@ -182,7 +183,8 @@ def allocate_ranks(
         names = None
         values = list(scores)
     if r_max is None:
-        r_max = budget if isinstance(budget, int) and not isinstance(budget, bool) else r_min
+        check_int("budget", budget)
+        r_max = budget
     validate_allocation_inputs(values, budget, r_min, r_max)
     values = [float(v) for v in values]
     x = water_fill(values, budget, r_min, r_max)

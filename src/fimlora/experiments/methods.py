@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
-from .api import apply_fim_ranks, random_allocation
-from .config import FimConfig
-from .resize import apply_allocation
-from .train import _callback_base
+from ..api import apply_fim_ranks, random_allocation
+from ..config import FimConfig, check_int
+from ..resize import apply_allocation
 
 __all__ = ["METHODS", "MethodSpec", "AdaLoraCallback", "prepare_method", "final_rank_map", "adalora_schedule"]
 
@@ -50,8 +50,7 @@ class MethodSpec:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method: must be one of {list(METHODS)}, got {self.method!r}")
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"r: must be an integer >= 1, got {self.r!r}")
+        check_int("r", self.r, minimum=1)
 
 
 def adalora_schedule(total_steps: int, r: int, init_r_ratio: float = 1.5, tinit_ratio: float = 0.1,
@@ -71,7 +70,7 @@ def adalora_schedule(total_steps: int, r: int, init_r_ratio: float = 1.5, tinit_
             "deltaT": max(1, int(deltaT)), "total_step": int(total_steps)}
 
 
-class AdaLoraCallback(_callback_base()):
+class AdaLoraCallback(TrainerCallback):
     """Calls ``update_and_allocate`` after ``optimizer.step()`` and before ``zero_grad()``.
 
     The Trainer's ``on_optimizer_step`` hook sits exactly there; without this,

@@ -8,10 +8,12 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from transformers import TrainerCallback
 
-from .data import CausalLMCollator, ClassificationCollator, TaskData, score_choices
+from ..config import check_int
+from .data import CausalLMCollator, ClassificationCollator, TaskData, collator_for, score_choices
 
-__all__ = ["TrainSettings", "DivergenceCallback", "finetune", "evaluate", "collator_for", "trainable_parameters"]
+__all__ = ["TrainSettings", "DivergenceCallback", "finetune", "evaluate", "trainable_parameters"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,32 +39,18 @@ class TrainSettings:
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision: must be one of ['fp32', 'bf16', 'fp16'], got {self.precision!r}")
         for name in ("batch_size", "grad_accum", "eval_batch_size", "max_length"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: must be an integer >= 1, got {v!r}")
+            check_int(name, getattr(self, name), minimum=1)
         if not (self.learning_rate > 0):
             raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate!r}")
         if self.max_steps <= 0 and not (self.epochs > 0):
             raise ValueError(f"epochs: must be > 0 when max_steps is not set, got {self.epochs!r}")
 
 
-def collator_for(task: TaskData, tokenizer, max_length: int):
-    if task.kind == "classification":
-        return ClassificationCollator(tokenizer, max_length)
-    return CausalLMCollator(tokenizer, max_length)
-
-
 def trainable_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class DivergenceCallback(_callback_base()):
+class DivergenceCallback(TrainerCallback):
     """Stops training when the logged loss is NaN/inf or exceeds ``factor`` x the first logged loss."""
 
     def __init__(self, factor: float = 10.0):
@@ -77,7 +65,8 @@ class DivergenceCallback(_callback_base()):
             return control
         if self.first_loss is None and math.isfinite(loss):
             self.first_loss = loss
-        if not math.isfinite(loss) or (self.first_loss is not None and loss > self.factor * max(self.first_loss, 1e-3)):
+        exploded = self.first_loss is not None and loss > self.factor * max(self.first_loss, 1e-3)
+        if not math.isfinite(loss) or exploded:
             self.diverged = True
             self.reason = f"loss {loss} at step {state.global_step} (first logged loss {self.first_loss})"
             control.should_training_stop = True

@@ -10,7 +10,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from .allocation import atomic_write_text
+from ..io import atomic_write_text
 
 __all__ = ["load_results", "mean_std", "build_report", "write_report"]
 
@@ -273,8 +273,8 @@ def ablation_tables(runs: list[dict]) -> list[str]:
 
 
 def rank_map_stats(runs: list[dict], figures_dir: Path | None) -> list[str]:
-    from .allocation import RankAllocation
-    from .rankmap import group_stats, plot_rank_map
+    from ..allocation import RankAllocation
+    from ..rankmap import group_stats, plot_rank_map
 
     out = []
     seen = set()
@@ -371,9 +371,16 @@ def build_report(results_dir, figures_dir: Path | None = None, title: str | None
     return "\n".join(parts) + "\n", buf.getvalue()
 
 
-def write_report(results_dir, out: str | Path, title: str | None = None,
-                 commands: list[str] | None = None, preface: str | None = None) -> Path:
-    out = Path(out)
+def write_report(results_dirs: list[Path], out: str | Path | None = None, title: str | None = None,
+                 commands: list[str] | None = None, preface_path: str | Path | None = None) -> Path:
+    """Write the report (Markdown, default ``<first results folder>/report.md``) and its CSV next to it."""
+    results_dirs = [Path(d) for d in ([results_dirs] if isinstance(results_dirs, (str, Path)) else results_dirs)]
+    for d in results_dirs:
+        if not d.is_dir():
+            raise FileNotFoundError(f"results_dir: {d} is not a folder")
+    out = Path(out) if out else results_dirs[0] / "report.md"
+    preface = Path(preface_path).read_text(encoding="utf-8") if preface_path else None
+    results_dir = results_dirs
     figures = out.parent / (out.stem + "_figures")
     md, table_csv = build_report(results_dir, figures, title, commands, preface)
     atomic_write_text(out, md)

@@ -9,6 +9,7 @@ gives multi-GPU.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -20,9 +21,20 @@ import traceback
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .allocation import atomic_write_text
+from ..io import atomic_write_text
 
-__all__ = ["ExperimentConfig", "RunSpec", "load_config", "expand_runs", "run_one", "run_sweep", "parse_shard"]
+__all__ = [
+    "ExperimentConfig",
+    "RunSpec",
+    "SweepPlan",
+    "load_config",
+    "expand_runs",
+    "plan_sweep",
+    "is_finished",
+    "run_one",
+    "run_sweep",
+    "parse_shard",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +65,7 @@ class ExperimentConfig:
     notes: str = ""
 
     def __post_init__(self) -> None:
-        from .config import FimConfig
+        from ..config import FimConfig
         from .methods import METHODS
         from .train import TrainSettings
 
@@ -212,38 +224,26 @@ def _total_steps(n_train: int, settings) -> int:
 
 def run_one(cfg: ExperimentConfig, run: RunSpec, work_dir: str | os.PathLike) -> dict:
     """Prepare the method, fine-tune, reload the saved adapter with stock PEFT and evaluate it."""
-    import torch
     from peft import PeftModel
-    from torch.utils.data import DataLoader
     from transformers import set_seed
 
-    from .api import versions
+    from ..io import package_versions
+    from .builders import build_base_model, build_calibration_loader, build_tokenizer, task_type_for
     from .methods import MethodSpec, final_rank_map, prepare_method
-    from .models import load_causal_lm, load_classifier, load_tokenizer
-    from .train import TrainSettings, collator_for, evaluate, finetune, trainable_parameters
+    from .train import TrainSettings, evaluate, finetune, trainable_parameters
 
     work = Path(work_dir)
     settings = TrainSettings(**{**cfg.train, "seed": run.seed, "progress": False})
     train_task, eval_tasks = _load_tasks(cfg, run)
-    kind = train_task.kind
-    tok = load_tokenizer(cfg.model)
-
-    def make_base():
-        if kind == "classification":
-            return load_classifier(cfg.model, train_task.num_labels, cfg.n_layers, seed=run.seed)
-        return load_causal_lm(cfg.model, cfg.n_layers, dtype=causal_lm_dtype(settings.precision))
-
-    collate = collator_for(train_task, tok, settings.max_length)
-
-    def calibration_batches():
-        g = torch.Generator().manual_seed(run.seed)
-        return DataLoader(train_task.train, batch_size=settings.batch_size, shuffle=True, generator=g,
-                          collate_fn=collate)
+    tok = build_tokenizer(cfg.model)
+    make_base = functools.partial(build_base_model, cfg.model, train_task, cfg.n_layers, run.seed,
+                                  causal_lm_dtype(settings.precision))
+    calibration_batches = functools.partial(build_calibration_loader, train_task, tok, settings.batch_size,
+                                            settings.max_length, run.seed)
 
     set_seed(run.seed)
     spec = MethodSpec(method=run.method, r=run.r, lora_alpha=cfg.lora_alpha_ratio * run.r,
-                      target_modules=cfg.target_modules,
-                      task_type="SEQ_CLS" if kind == "classification" else "CAUSAL_LM",
+                      target_modules=cfg.target_modules, task_type=task_type_for(train_task.kind),
                       lora_dropout=cfg.lora_dropout, seed=run.seed, fim={**cfg.fim, **dict(run.fim_variant)},
                       eva_rho=float(cfg.eva.get("rho", 2.0)), adalora=dict(cfg.adalora),
                       total_steps=_total_steps(len(train_task.train), settings))
@@ -271,15 +271,43 @@ def run_one(cfg: ExperimentConfig, run: RunSpec, work_dir: str | os.PathLike) ->
         "train_steps": train_out["steps"], "divergence": train_out["divergence"],
         "method_info": {k: v for k, v in info.items() if k not in ("method",)},
         "data_meta": {t.name: t.meta for t in eval_tasks} | {"train": train_task.meta},
-        "config": asdict(cfg), "versions": versions(), "machine": machine_info(),
+        "config": asdict(cfg), "versions": package_versions(), "machine": machine_info(),
     }
 
 
-def _is_finished(path: Path) -> bool:
+def is_finished(path: Path) -> bool:
+    """A run is finished when its result JSON records status ok or diverged."""
     try:
-        return json.loads(path.read_text()).get("status") in ("ok", "diverged")
+        record = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
+    return isinstance(record, dict) and record.get("status") in ("ok", "diverged")
+
+
+@dataclass
+class SweepPlan:
+    """The runs one process is responsible for, and which of them are already finished."""
+
+    runs: list[RunSpec]
+    finished: set[str]
+
+    @property
+    def todo(self) -> list[RunSpec]:
+        return [r for r in self.runs if r.run_id not in self.finished]
+
+
+def plan_sweep(cfg: ExperimentConfig, results_dir: str | os.PathLike, shard: tuple[int, int] | None = None,
+               only: str | None = None) -> SweepPlan:
+    """The grid, cut to ``shard`` (every n-th run from i) and to run ids containing ``only``, with finished runs."""
+    results = Path(results_dir)
+    runs = expand_runs(cfg)
+    if shard is not None:
+        i, n = shard
+        runs = runs[i::n]
+    if only:
+        runs = [r for r in runs if only in r.run_id]
+    finished = {r.run_id for r in runs if is_finished(results / f"{r.run_id}.json")}
+    return SweepPlan(runs, finished)
 
 
 def run_sweep(cfg: ExperimentConfig, results_dir: str | os.PathLike, shard: tuple[int, int] | None = None,
@@ -289,14 +317,9 @@ def run_sweep(cfg: ExperimentConfig, results_dir: str | os.PathLike, shard: tupl
 
     results = Path(results_dir)
     results.mkdir(parents=True, exist_ok=True)
-    runs = expand_runs(cfg)
-    if shard is not None:
-        i, n = shard
-        runs = runs[i::n]
-    if only:
-        runs = [r for r in runs if only in r.run_id]
-    todo = [r for r in runs if not _is_finished(results / f"{r.run_id}.json")]
-    counts = {"total": len(runs), "skipped": len(runs) - len(todo), "ok": 0, "diverged": 0, "failed": 0}
+    plan = plan_sweep(cfg, results, shard, only)
+    todo = plan.todo
+    counts = {"total": len(plan.runs), "skipped": len(plan.finished), "ok": 0, "diverged": 0, "failed": 0}
     bar = tqdm(todo, desc=f"{cfg.name}", unit="run", disable=not progress)
     for run in bar:
         bar.set_postfix_str(run.run_id)

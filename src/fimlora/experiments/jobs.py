@@ -1,0 +1,134 @@
+"""``fimlora calibrate`` as a job: settings in a validated dataclass, outputs written atomically.
+
+The CLI builds a :class:`CalibrateJob` from its arguments and calls :func:`run_calibrate`; nothing
+else happens in the CLI. Every setting is checked before the model is loaded, so a bad value costs
+no calibration time, and the output folder appears only when everything in it is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..allocation import RankAllocation
+from ..config import FimConfig, check_int, check_number
+from ..io import atomic_directory, check_output_dir
+from .builders import (
+    FIM_DEFAULTS,
+    build_base_model,
+    build_calibration_loader,
+    build_fim_config,
+    build_lora_config,
+    build_peft_model,
+    build_tokenizer,
+)
+from .data import TaskData, is_user_file, load_task
+
+__all__ = ["CalibrateJob", "CalibrateResult", "MIN_MAX_LENGTH", "run_calibrate", "save_rank_map"]
+
+logger = logging.getLogger(__name__)
+
+# Below this a sentence pair or a prompt with its answer no longer fits: the data would be mostly cut.
+MIN_MAX_LENGTH = 8
+
+
+@dataclass
+class CalibrateJob:
+    """What ``fimlora calibrate`` (and the demo, which extends it) needs; validated on construction."""
+
+    model: str
+    data: str
+    out: str
+    target_modules: list[str] | None = None
+    n_layers: int | None = None
+    batch_size: int = 16
+    max_length: int = 128
+    max_train: int | None = None
+    r: int = 8
+    alpha: float | None = None
+    r_min: int = FIM_DEFAULTS["r_min"]
+    r_max: int | None = FIM_DEFAULTS["r_max"]
+    n_batches: int = FIM_DEFAULTS["n_batches"]
+    estimator: str = FIM_DEFAULTS["estimator"]
+    aggregation: str = FIM_DEFAULTS["aggregation"]
+    scale: str = FIM_DEFAULTS["scale"]
+    seed: int = FIM_DEFAULTS["seed"]
+    overwrite: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_int("r", self.r, minimum=1)
+        check_number("alpha", self.alpha, minimum=0, allow_none=True)
+        check_int("batch_size", self.batch_size, minimum=1)
+        check_int("max_length", self.max_length, minimum=MIN_MAX_LENGTH)
+        check_int("n_layers", self.n_layers, minimum=1, allow_none=True)
+        check_int("max_train", self.max_train, minimum=1, allow_none=True)
+        data = Path(self.data).expanduser()
+        if data.is_dir():
+            raise ValueError(f"data: {data} is a folder; give a .jsonl/.csv file, a bundled task or hf:NAME")
+        self.fim_config()  # every FimConfig rule, before any model is loaded
+
+    def fim_config(self) -> FimConfig:
+        return build_fim_config(n_batches=self.n_batches, r_min=self.r_min, r_max=self.r_max,
+                                estimator=self.estimator, aggregation=self.aggregation, scale=self.scale,
+                                seed=self.seed, progress=self.progress)
+
+
+@dataclass
+class CalibrateResult:
+    allocation: RankAllocation
+    task: TaskData
+    seconds: float
+    out: Path
+    files: list[Path]
+    notes: list[str]
+
+
+def save_rank_map(allocation: RankAllocation, folder: Path) -> tuple[list[Path], list[str]]:
+    """rank_map.json, then the PNG if matplotlib is there; returns (files written, notes)."""
+    from ..rankmap import plot_rank_map
+
+    files = [folder / "rank_map.json"]
+    allocation.to_json(files[0])
+    try:
+        files.append(plot_rank_map(allocation, folder / "rank_map.png"))
+    except ImportError:
+        return files, ["rank_map.png skipped: drawing needs matplotlib (pip install 'fimlora[plot]')"]
+    except ValueError as e:  # a model without numbered layers has no grid to draw
+        return files, [f"rank_map.png skipped: {e}"]
+    return files, []
+
+
+def run_calibrate(job: CalibrateJob) -> CalibrateResult:
+    """Calibrate, allocate and resize; write ``adapter/``, ``rank_map.json`` (and ``.png``) into ``job.out``.
+
+    The outputs are written into a temporary folder beside ``job.out`` and moved into place together,
+    so an interrupted run leaves no mixture of old and new files.
+    """
+    from ..api import apply_fim_ranks
+
+    out = Path(job.out).expanduser()
+    check_output_dir(out, job.overwrite)
+    # A user's file is all training data here: calibration never evaluates, so nothing is held out.
+    # A bundled task keeps its recorded split, so its test part stays unseen.
+    test_fraction = 0.0 if is_user_file(job.data) else None
+    task = load_task(job.data, seed=job.seed, max_train=job.max_train, test_fraction=test_fraction)
+    for note in task.meta.get("dropped", []):
+        logger.warning("data: %s", note)
+    tok = build_tokenizer(job.model)
+    base = build_base_model(job.model, task, job.n_layers, seed=job.seed)
+    model = build_peft_model(base, build_lora_config(task.kind, job.r, job.alpha, job.target_modules), job.seed)
+    loader = build_calibration_loader(task, tok, job.batch_size, job.max_length, job.seed)
+    start = time.perf_counter()
+    allocation = apply_fim_ranks(model, loader, config=job.fim_config())
+    seconds = time.perf_counter() - start
+    allocation.settings.update({"model": job.model, "data": job.data, "calibration_seconds": seconds,
+                                "data_meta": task.meta})
+    with atomic_directory(out, overwrite=job.overwrite) as tmp:
+        model.save_pretrained(tmp / "adapter")
+        files, notes = save_rank_map(allocation, tmp)
+    files = [out / "adapter"] + [out / f.name for f in files]
+    return CalibrateResult(allocation, task, seconds, out, files, notes)

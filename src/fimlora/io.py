@@ -1,0 +1,90 @@
+"""Files and provenance shared by the library and the harness: atomic writes, package versions."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+__all__ = ["atomic_write_text", "atomic_directory", "check_output_dir", "package_versions"]
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it; set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write via a temporary file and rename, so a crash never leaves half a file.
+
+    The file gets the permissions a plain ``open(path, "w")`` would give (0666 minus the
+    umask), not mkstemp's private 0600.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary folder beside ``target``; on success it replaces ``target`` in one rename.
+
+    A crash or an exception inside the block leaves ``target`` exactly as it was (the temporary
+    folder is removed). ``target`` must not exist, be an empty folder, or ``overwrite`` must be set;
+    it is checked before the block runs, so no work is spent on an output that would be refused.
+    """
+    target = Path(target)
+    check_output_dir(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_output_dir(target: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse an output folder that is a file, or a non-empty folder without ``overwrite``."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"out: {target} exists and is not a folder")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ValueError(f"out: {target} is not empty; choose a new folder or pass --overwrite to replace it")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that decide a result, for experiment records and rank maps."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("fimlora", "torch", "transformers", "peft", "accelerate"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
