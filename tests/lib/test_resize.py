@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from conftest import cls_batches, lm_batches, lora_bert, lora_llama, make_b_nonzero, tiny_bert, tiny_llama
 from peft import PeftModel
 
 import fimlora
 from fimlora import FimConfig, RankAllocation, apply_allocation, check_pattern_keys, lora_modules
 from fimlora.modules import base_model_of, pattern_matches
+from tests.references import cls_batches, lm_batches, lora_bert, lora_llama, make_b_nonzero, tiny_bert, tiny_llama
 
 
 def layer_state(model, adapter="default"):

@@ -4,55 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cls_batches, lm_batches, lora_bert, lora_llama
 
 import fimlora
 from fimlora import FimConfig, compute_fisher, compute_scores
-from fimlora.modules import lora_modules
-
-
-def b_weights(model, adapter="default"):
-    return {i.name: i.layer.lora_B[adapter].weight for i in lora_modules(model, adapter)}
-
-
-def reference_batch_fisher(model, batches):
-    """(1/N) sum_b (dL_b/dB)^2 from plain autograd, eval mode."""
-    model.eval()
-    ws = b_weights(model)
-    acc = {n: torch.zeros_like(w, dtype=torch.float64) for n, w in ws.items()}
-    for batch in batches:
-        loss = model(**batch).loss
-        grads = torch.autograd.grad(loss, list(ws.values()), allow_unused=True)
-        for (n, _), g in zip(ws.items(), grads):
-            if g is not None:
-                acc[n] += g.double() ** 2
-    return {n: a / len(batches) for n, a in acc.items()}
-
-
-def reference_per_example_fisher(model, batches):
-    """(1/N_ex) sum_n (dl_n/dB)^2 from a loop of single-example backward passes."""
-    model.eval()
-    ws = b_weights(model)
-    acc = {n: torch.zeros_like(w, dtype=torch.float64) for n, w in ws.items()}
-    count = 0
-    for batch in batches:
-        bs = batch["input_ids"].shape[0]
-        for i in range(bs):
-            single = {k: v[i : i + 1] for k, v in batch.items()}
-            loss = model(**single).loss
-            grads = torch.autograd.grad(loss, list(ws.values()), allow_unused=True)
-            for (n, _), g in zip(ws.items(), grads):
-                if g is not None:
-                    acc[n] += g.double() ** 2
-            count += 1
-    return {n: a / count for n, a in acc.items()}
-
-
-def assert_fisher_close(got, ref, rtol=1e-4):
-    assert list(got) == list(ref)
-    for n in ref:
-        scale = ref[n].abs().max().item() + 1e-30
-        torch.testing.assert_close(got[n].double(), ref[n], rtol=rtol, atol=rtol * scale, msg=n)
+from tests.references import (
+    assert_fisher_close,
+    b_weights,
+    cls_batches,
+    lm_batches,
+    lora_bert,
+    lora_llama,
+    reference_batch_fisher,
+    reference_per_example_fisher,
+)
 
 
 @pytest.mark.parametrize("make, batches", [(lora_bert, cls_batches), (lora_llama, lm_batches)])
@@ -189,7 +153,7 @@ def test_bad_input_clear_error_model_unchanged(case):
 
 
 def test_model_without_lora_is_rejected():
-    from conftest import tiny_bert
+    from tests.references import tiny_bert
 
     with pytest.raises(TypeError, match="model: expected a peft.PeftModel"):
         fimlora.apply_fim_ranks(tiny_bert(), cls_batches())

@@ -13,7 +13,7 @@ from fimlora.experiments.report import build_report, load_results, mean_std
 from fimlora.experiments.sweep import ExperimentConfig, expand_runs, load_config, parse_shard, run_sweep
 from fimlora.experiments.train import DivergenceCallback
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml"))
 
 
 def base_cfg(**kw):
@@ -230,7 +230,7 @@ def test_decoder_mixture_run_scores_each_eval_task(tmp_path):
 
     import yaml
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
     import zero_shot_eval
 
     (tmp_path / "dec.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg)))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import lora_llama
 from transformers import Trainer, TrainingArguments
 
 import fimlora
 from fimlora.integrations import calibrate_trainer
 from fimlora.modules import lora_modules
+from tests.references import lora_llama
 
 
 class Recorder:

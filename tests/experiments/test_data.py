@@ -160,7 +160,7 @@ def test_score_choices_picks_highest_likelihood():
 
 def test_choice_logliks_match_one_unpadded_sequence_at_a_time():
     """Length-sorted, right-padded batches give each choice the log-likelihood of its own forward."""
-    from conftest import tiny_llama
+    from tests.references import tiny_llama
 
     model = tiny_llama(seed=3)
     tok = CharTokenizer()

@@ -6,13 +6,13 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import make_b_nonzero
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch.utils.data import DataLoader
 
 import fimlora
 from fimlora.experiments.data import CausalLMCollator, ClassificationCollator, load_task
 from fimlora.experiments.models import load_causal_lm, load_classifier, load_tokenizer
+from tests.references import make_b_nonzero
 
 pytestmark = pytest.mark.slow
 

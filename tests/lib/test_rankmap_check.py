@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from conftest import lm_batches, lora_llama
 from safetensors.torch import load_file, save_file
 
 import fimlora
 from fimlora.check import check_adapter, vllm_max_lora_rank
 from fimlora.rankmap import format_rank_table, group_stats, plot_rank_map, split_name
+from tests.references import lm_batches, lora_llama
 
 
 def test_split_name():

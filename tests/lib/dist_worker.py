@@ -6,12 +6,11 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(__file__))
-from conftest import lm_batches, lora_llama  # noqa: E402
-
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))  # the repository root: tests.*
 import fimlora  # noqa: E402
 from fimlora import FimConfig, compute_fisher  # noqa: E402
 from fimlora.modules import lora_modules  # noqa: E402
+from tests.references import lm_batches, lora_llama  # noqa: E402
 
 
 def main(out_dir: str, estimator: str) -> None:

