@@ -175,7 +175,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .experiments.sweep import load_config, parse_shard, plan_sweep, run_sweep
+    from .experiments.config import load_config, parse_shard
+    from .experiments.sweep import plan_sweep, run_sweep
 
     cfg = load_config(args.config)
     shard = parse_shard(args.shard)
@@ -183,7 +184,8 @@ def cmd_run(args) -> int:
     if args.list:
         plan = plan_sweep(cfg, results, shard, args.only)
         for run in plan.runs:
-            print(("done " if run.run_id in plan.finished else "todo ") + run.run_id)
+            state = "done " if run.run_id in plan.finished else "stale" if run.run_id in plan.stale else "todo "
+            print(f"{state} {run.run_id}")
         return 0
     counts = run_sweep(cfg, results, shard=shard, only=args.only, progress=not args.no_progress)
     print(f"{cfg.name}: {counts} -> {results}")

@@ -1,58 +1,172 @@
-"""Experiments as data: a YAML config expands to a grid of runs; every run writes one JSON result.
+"""Experiment configs: one YAML file per experiment, validated whole before any run starts.
 
-A sweep can be killed at any moment and resumed: results are written atomically
-(temporary file + rename) and finished runs are skipped. ``shard=(i, n)`` runs
-every n-th run of the sorted grid starting at i, for Slurm array jobs or any
-scheduler. Single runs use the Hugging Face Trainer, so ``accelerate launch``
-gives multi-GPU.
+A config expands to a grid of runs (task x method x rank x seed [x FIM variant]). Every settings
+block rejects unknown keys and wrong types up front, so a typo (``eva: {roh: 9}``) or a quoted
+boolean (``keep_adapters: "no"``) stops the sweep before it spends compute, instead of running
+with a default. Each run's resolved settings have a hash that its result records; resuming
+compares it (see :func:`run_settings_hash`).
 """
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import itertools
 import json
-import logging
 import os
-import platform
-import shutil
-import time
-import traceback
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from ..io import atomic_write_text
+from ..config import FimConfig, check_bool, check_int, check_number
+from ..extras import require
 
 __all__ = [
     "ExperimentConfig",
     "RunSpec",
-    "SweepPlan",
     "load_config",
     "expand_runs",
-    "plan_sweep",
-    "is_finished",
-    "run_one",
-    "run_sweep",
     "parse_shard",
+    "task_id",
+    "run_settings",
+    "run_settings_hash",
 ]
 
-logger = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------- settings blocks
+
+
+def _number(minimum: float | None = None, strict: bool = True) -> Callable[[str, object], None]:
+    return lambda name, value: check_number(name, value, minimum=minimum, strict=strict)
+
+
+def _integer(minimum: int | None = None, allow_none: bool = False) -> Callable[[str, object], None]:
+    return lambda name, value: check_int(name, value, minimum=minimum, allow_none=allow_none)
+
+
+def _fraction(name: str, value) -> None:
+    check_number(name, value, minimum=0, strict=False)
+    if value >= 1:
+        raise ValueError(f"{name}: must be < 1, got {value!r}")
+
+
+EVA_SETTINGS = {"rho": _number(minimum=0)}
+ADALORA_SETTINGS = {
+    "init_r_ratio": _number(minimum=1, strict=False),
+    "tinit_ratio": _fraction,
+    "tfinal_ratio": _fraction,
+    "deltaT": _integer(minimum=1),
+    "orth_reg_weight": _number(minimum=0, strict=False),
+}
+DATA_SETTINGS = {
+    "max_train": _integer(minimum=1, allow_none=True),
+    "max_test": _integer(minimum=1, allow_none=True),
+    "max_train_per_task": _integer(minimum=1, allow_none=True),
+    "data_seed": _integer(),
+    "test_fraction": _fraction,
+}
+
+
+def check_block(block_name: str, block, schema: Mapping[str, Callable[[str, object], None]]) -> None:
+    """A settings mapping: known keys only, each value checked by its validator (errors name ``block.key``)."""
+    if not isinstance(block, Mapping):
+        raise ValueError(f"{block_name}: must be a mapping of settings, got {block!r}")
+    unknown = sorted(set(block) - set(schema))
+    if unknown:
+        raise ValueError(f"{block_name}: unknown setting(s) {unknown}; known: {sorted(schema)}")
+    for key, value in block.items():
+        schema[key](f"{block_name}.{key}", value)
+
+
+def _check_fim_block(cfg: ExperimentConfig) -> None:
+    """Every FIM variant the grid will build must be a valid FimConfig (names and types)."""
+    known = {f.name for f in fields(FimConfig)}
+    for name, block in (("fim", cfg.fim), ("fim_grid", cfg.fim_grid)):
+        if not isinstance(block, Mapping):
+            raise ValueError(f"{name}: must be a mapping of settings, got {block!r}")
+        unknown = sorted(set(block) - known)
+        if unknown:
+            raise ValueError(f"{name}: unknown setting(s) {unknown}; known: {sorted(known)}")
+    for key, values in cfg.fim_grid.items():
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"fim_grid.{key}: must be a non-empty list, got {values!r}")
+    for variant in _fim_variants(cfg):
+        try:
+            FimConfig(**{**cfg.fim, **dict(variant)})
+        except (TypeError, ValueError) as e:
+            where = f"fim_grid {dict(variant)}" if variant else "fim"
+            raise ValueError(f"{where}: {e}") from None
+
+
+def _check_train_block(block) -> None:
+    from .train import TrainSettings
+
+    if not isinstance(block, Mapping):
+        raise ValueError(f"train: must be a mapping of settings, got {block!r}")
+    known = {f.name for f in fields(TrainSettings)}
+    unknown = sorted(set(block) - known)
+    if unknown:  # checked before TrainSettings(**block), which would raise a bare TypeError
+        raise ValueError(f"train: unknown setting(s) {unknown}; known: {sorted(known)}")
+    try:
+        TrainSettings(**block)
+    except ValueError as e:
+        raise ValueError(f"train.{e}") from None
+
+
+def _check_string_list(name: str, values, allow_empty: bool = False) -> None:
+    if not isinstance(values, list) or (not values and not allow_empty):
+        raise ValueError(f"{name}: must be a {'' if allow_empty else 'non-empty '}list, got {values!r}")
+    bad = [v for v in values if not isinstance(v, str) or not v]
+    if bad:
+        raise ValueError(f"{name}: every entry must be a non-empty string, got {bad[0]!r}")
+
+
+def _check_tasks(cfg: ExperimentConfig) -> None:
+    if not cfg.tasks and not cfg.mixture:
+        raise ValueError("tasks: give a list of tasks or a mixture {train: [...], eval: [...]}")
+    if cfg.tasks and cfg.mixture:
+        raise ValueError("mixture: give either tasks or mixture, not both")
+    if cfg.tasks:
+        if not isinstance(cfg.tasks, list):
+            raise ValueError(f"tasks: must be a list, got {cfg.tasks!r}")
+        for i, entry in enumerate(cfg.tasks):
+            if isinstance(entry, Mapping):
+                check_block(f"tasks[{i}]", entry, {"train": _check_path, "test": _check_path})
+                if "train" not in entry:
+                    raise ValueError(f"tasks[{i}]: a train/test pair needs 'train', got {dict(entry)}")
+            elif not isinstance(entry, str) or not entry:
+                raise ValueError(f"tasks[{i}]: must be a task name, a file, or {{train: FILE, test: FILE}}, "
+                                 f"got {entry!r}")
+    if cfg.mixture:
+        if not isinstance(cfg.mixture, Mapping) or set(cfg.mixture) != {"train", "eval"}:
+            raise ValueError(f"mixture: needs exactly 'train' and 'eval' task lists, got {cfg.mixture!r}")
+        _check_string_list("mixture.train", cfg.mixture["train"])
+        _check_string_list("mixture.eval", cfg.mixture["eval"])
+
+
+def _check_path(name: str, value) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name}: must be a file path, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- the config
 
 
 @dataclass
 class ExperimentConfig:
-    """One experiment. ``tasks``: one run per task (train and test on it). ``mixture``: train once on
-    the union of ``mixture["train"]`` tasks and evaluate on each of ``mixture["eval"]``."""
+    """One experiment. ``tasks``: one run per task (train and test on it; an entry is a bundled task,
+    a file, or ``{train: FILE, test: FILE}``). ``mixture``: train once on the union of
+    ``mixture["train"]`` tasks and evaluate on each of ``mixture["eval"]``."""
 
     name: str
     model: str
     methods: list[str]
     seeds: list[int]
     ranks: list[int]
-    tasks: list[str] = field(default_factory=list)
+    tasks: list = field(default_factory=list)
     mixture: dict = field(default_factory=dict)
     n_layers: int | None = None
-    target_modules: list[str] | None = None
+    target_modules: list[str] | str | None = None
     lora_alpha_ratio: float = 2.0
     lora_dropout: float = 0.0
     fim: dict = field(default_factory=dict)
@@ -65,61 +179,125 @@ class ExperimentConfig:
     notes: str = ""
 
     def __post_init__(self) -> None:
-        from ..config import FimConfig
         from .methods import METHODS
-        from .train import TrainSettings
 
-        if not self.tasks and not self.mixture:
-            raise ValueError("tasks: give a list of tasks or a mixture {train: [...], eval: [...]}")
-        if self.tasks and self.mixture:
-            raise ValueError("mixture: give either tasks or mixture, not both")
-        if self.mixture and not (self.mixture.get("train") and self.mixture.get("eval")):
-            raise ValueError(f"mixture: needs non-empty 'train' and 'eval' task lists, got {self.mixture}")
+        for name in ("name", "model"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name}: must be a non-empty string, got {getattr(self, name)!r}")
+        _check_tasks(self)
+        _check_string_list("methods", self.methods)
         bad = [m for m in self.methods if m not in METHODS]
-        if bad or not self.methods:
-            raise ValueError(f"methods: each must be one of {list(METHODS)}, got {self.methods}")
+        if bad:
+            raise ValueError(f"methods: each must be one of {list(METHODS)}, got {bad}")
         for name in ("seeds", "ranks"):
             values = getattr(self, name)
-            if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-                raise ValueError(f"{name}: must be a non-empty list of integers, got {values!r}")
-        if any(r < 1 for r in self.ranks):
-            raise ValueError(f"ranks: must all be >= 1, got {self.ranks}")
-        fim_fields = {f.name for f in fields(FimConfig)}
-        for key in list(self.fim) + list(self.fim_grid):
-            if key not in fim_fields:
-                raise ValueError(f"fim: unknown setting {key!r}; known: {sorted(fim_fields)}")
-        for key, values in self.fim_grid.items():
             if not isinstance(values, list) or not values:
-                raise ValueError(f"fim_grid.{key}: must be a non-empty list, got {values!r}")
-        TrainSettings(**self.train)  # validates names and values
-        train_fields = {f.name for f in fields(TrainSettings)}
-        unknown = set(self.train) - train_fields
-        if unknown:
-            raise ValueError(f"train: unknown setting(s) {sorted(unknown)}")
-        unknown = set(self.data) - {"max_train", "max_test", "max_train_per_task", "data_seed", "test_fraction"}
-        if unknown:
-            raise ValueError(f"data: unknown setting(s) {sorted(unknown)}")
+                raise ValueError(f"{name}: must be a non-empty list of integers, got {values!r}")
+            for i, v in enumerate(values):
+                check_int(f"{name}[{i}]", v, minimum=1 if name == "ranks" else None)
+        check_int("n_layers", self.n_layers, minimum=1, allow_none=True)
+        if self.target_modules is not None and not isinstance(self.target_modules, str):
+            _check_string_list("target_modules", self.target_modules)
+        check_number("lora_alpha_ratio", self.lora_alpha_ratio, minimum=0)
+        _fraction("lora_dropout", self.lora_dropout)
+        _check_fim_block(self)
+        check_block("eva", self.eva, EVA_SETTINGS)
+        check_block("adalora", self.adalora, ADALORA_SETTINGS)
+        _check_train_block(self.train)
+        check_block("data", self.data, DATA_SETTINGS)
+        check_bool("keep_adapters", self.keep_adapters)
+        if not isinstance(self.notes, str):
+            raise ValueError(f"notes: must be a string, got {self.notes!r}")
 
     @property
     def task_labels(self) -> list[str]:
-        return list(self.tasks) if self.tasks else ["+".join(self.mixture["train"])]
+        """The task part of every run id: safe file names, one per task (or one for a mixture)."""
+        if self.tasks:
+            return [task_id(t) for t in self.tasks]
+        return ["+".join(task_id(t) for t in self.mixture["train"])]
+
+    def task_entry(self, label: str):
+        """The config's task entry (a name, a file, or a train/test pair) behind a run id's task label."""
+        for entry in self.tasks:
+            if task_id(entry) == label:
+                return entry
+        raise KeyError(label)
+
+
+def task_id(entry) -> str:
+    """A name safe to use in file names for a task entry.
+
+    Bundled tasks keep their name (``sst2``); ``hf:glue:sst2`` becomes ``hf-glue-sst2``; a file becomes
+    its stem plus a short hash of its resolved path (``reviews-3f2a9c1e``), so that two files with the
+    same name never share results and nothing derived from a path (``/``, ``..``) reaches a file name.
+    """
+    if isinstance(entry, Mapping):
+        return task_id(entry["train"])
+    from .data import is_user_file
+
+    if is_user_file(entry):
+        path = Path(entry).expanduser().resolve()
+        digest = hashlib.sha256(str(path).encode()).hexdigest()[:8]
+        return f"{_safe(path.stem)}-{digest}"
+    return _safe(entry)
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]", "-", text).strip(".") or "task"
+
+
+# ----------------------------------------------------------------------------- YAML
+
+
+def _yaml_loader():
+    """SafeLoader that also reads ``2e-3`` as a number (YAML 1.1 needs a dot: ``2.0e-3``)."""
+    yaml = require("yaml", "experiments", "reading an experiment config")
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+    return yaml, Loader
 
 
 def load_config(path: str | os.PathLike) -> ExperimentConfig:
-    import yaml
-
+    """Read and validate a YAML config; errors name the file (and the line for YAML syntax errors)."""
+    yaml, loader = _yaml_loader()
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"config: {path} does not exist")
-    raw = yaml.safe_load(path.read_text())
+    if not path.is_file():
+        raise FileNotFoundError(f"config: {path} does not exist or is not a file")
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"config: {path}:{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config: {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"config: {path} must hold a YAML mapping, got {type(raw).__name__}")
     known = {f.name for f in fields(ExperimentConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"config: {path}: unknown key(s) {unknown}; known: {sorted(known)}")
+    missing = sorted(f.name for f in fields(ExperimentConfig) if f.name not in raw and f.name in _REQUIRED)
+    if missing:
+        raise ValueError(f"config: {path}: missing key(s) {missing}")
     raw.setdefault("name", path.stem)
-    return ExperimentConfig(**raw)
+    try:
+        return ExperimentConfig(**raw)
+    except ValueError as e:
+        raise ValueError(f"config: {path}: {e}") from None
+
+
+_REQUIRED = ("model", "methods", "seeds", "ranks")
+
+
+# ----------------------------------------------------------------------------- the grid
 
 
 @dataclass(frozen=True)
@@ -136,12 +314,16 @@ class RunSpec:
         return f"{self.task}__{self.method}__r{self.r}__s{self.seed}{variant}"
 
 
+def _fim_variants(cfg: ExperimentConfig) -> list[tuple]:
+    if not cfg.fim_grid:
+        return [()]
+    keys = sorted(cfg.fim_grid)
+    return [tuple(zip(keys, combo)) for combo in itertools.product(*(cfg.fim_grid[k] for k in keys))]
+
+
 def expand_runs(cfg: ExperimentConfig) -> list[RunSpec]:
     """The grid, sorted by run id (stable across machines, so shards are disjoint)."""
-    variants = [()]
-    if cfg.fim_grid:
-        keys = sorted(cfg.fim_grid)
-        variants = [tuple(zip(keys, combo)) for combo in itertools.product(*(cfg.fim_grid[k] for k in keys))]
+    variants = _fim_variants(cfg)
     runs = []
     for task in cfg.task_labels:
         for method in cfg.methods:
@@ -164,184 +346,29 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return i, n
 
 
-def machine_info() -> dict:
-    import torch
+# ----------------------------------------------------------------------------- what a result depends on
 
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    return info
-
-
-def causal_lm_dtype(precision: str):
-    """The dtype a decoder is loaded in for a run's ``train.precision`` (bf16 loads bf16; else fp32 weights)."""
-    import torch
-
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+# Settings every run depends on, and the blocks that matter only to some methods. The names, notes,
+# keep_adapters and the other runs of the grid (methods, seeds, ranks lists) do not change a run.
+_COMMON_SETTINGS = ("model", "tasks", "mixture", "n_layers", "target_modules", "lora_alpha_ratio", "lora_dropout",
+                    "train", "data")
+_METHOD_SETTINGS = {"fim": ("fim",), "random": ("fim",), "eva": ("eva",), "adalora": ("adalora",)}
 
 
-def load_mixture_eval_tasks(cfg: ExperimentConfig) -> list:
-    """A mixture config's eval tasks: every run of the config (and any reference) scores these questions."""
-    from .data import load_task
-
-    if not cfg.mixture:
-        raise ValueError(f"mixture: config {cfg.name!r} has no mixture (it lists tasks {cfg.tasks})")
-    d = cfg.data
-    return [load_task(name, seed=d.get("data_seed", 0), max_test=d.get("max_test")) for name in cfg.mixture["eval"]]
-
-
-def _load_tasks(cfg: ExperimentConfig, run: RunSpec):
-    """(train TaskData, [eval TaskData]); the split seed is fixed by data.data_seed, not the run seed."""
-    from .data import TaskData, load_task
-
-    d = cfg.data
-    seed = d.get("data_seed", 0)
-    if cfg.tasks:
-        t = load_task(run.task, seed=seed, max_train=d.get("max_train"), max_test=d.get("max_test"),
-                      test_fraction=d.get("test_fraction"))
-        return t, [t]
-    train_rows = []
-    for name in cfg.mixture["train"]:
-        t = load_task(name, seed=seed, max_train=d.get("max_train_per_task"), max_test=d.get("max_test"))
-        train_rows.extend(t.train)
-    evals = load_mixture_eval_tasks(cfg)
-    import random
-
-    random.Random(seed).shuffle(train_rows)
-    mix = TaskData(run.task, evals[0].kind, train_rows, [], None,
-                   {"mixture": cfg.mixture, "n_train": len(train_rows), "seed": seed})
-    return mix, evals
+def run_settings(config: Mapping, run: RunSpec) -> dict:
+    """The resolved settings one run's result depends on, from a config (an ExperimentConfig's ``asdict``,
+    as every result records it). Missing keys take the current defaults, so older results compare."""
+    defaults = asdict(ExperimentConfig(name="_", model="_", methods=["lora"], seeds=[0], ranks=[1], tasks=["_"]))
+    keys = _COMMON_SETTINGS + _METHOD_SETTINGS.get(run.method, ())
+    settings = {k: config.get(k, defaults[k]) for k in keys}
+    if settings["tasks"]:  # only this run's task entry matters, not the others in the list
+        entries = [t for t in settings["tasks"] if task_id(t) == run.task]
+        settings["tasks"] = entries or [run.task]
+    settings.update(run=run.run_id, method=run.method, r=run.r, seed=run.seed, fim_variant=dict(run.fim_variant))
+    return settings
 
 
-def _total_steps(n_train: int, settings) -> int:
-    import math
-
-    if settings.max_steps and settings.max_steps > 0:
-        return settings.max_steps
-    per_epoch = math.ceil(n_train / settings.batch_size)
-    return int(math.ceil(per_epoch / settings.grad_accum * settings.epochs))
-
-
-def run_one(cfg: ExperimentConfig, run: RunSpec, work_dir: str | os.PathLike) -> dict:
-    """Prepare the method, fine-tune, reload the saved adapter with stock PEFT and evaluate it."""
-    from peft import PeftModel
-    from transformers import set_seed
-
-    from ..io import package_versions
-    from .builders import build_base_model, build_calibration_loader, build_tokenizer, task_type_for
-    from .methods import MethodSpec, final_rank_map, prepare_method
-    from .train import TrainSettings, evaluate, finetune, trainable_parameters
-
-    work = Path(work_dir)
-    settings = TrainSettings(**{**cfg.train, "seed": run.seed, "progress": False})
-    train_task, eval_tasks = _load_tasks(cfg, run)
-    tok = build_tokenizer(cfg.model)
-    make_base = functools.partial(build_base_model, cfg.model, train_task, cfg.n_layers, run.seed,
-                                  causal_lm_dtype(settings.precision))
-    calibration_batches = functools.partial(build_calibration_loader, train_task, tok, settings.batch_size,
-                                            settings.max_length, run.seed)
-
-    set_seed(run.seed)
-    spec = MethodSpec(method=run.method, r=run.r, lora_alpha=cfg.lora_alpha_ratio * run.r,
-                      target_modules=cfg.target_modules, task_type=task_type_for(train_task.kind),
-                      lora_dropout=cfg.lora_dropout, seed=run.seed, fim={**cfg.fim, **dict(run.fim_variant)},
-                      eva_rho=float(cfg.eva.get("rho", 2.0)), adalora=dict(cfg.adalora),
-                      total_steps=_total_steps(len(train_task.train), settings))
-    model, info, callbacks = prepare_method(spec, make_base(), calibration_batches)
-    rank_map_before = final_rank_map(model, run.method)
-    train_out = finetune(model, train_task, tok, settings, str(work / "trainer"), callbacks=callbacks)
-    n_trainable = trainable_parameters(model)
-    ranks_after = final_rank_map(model, run.method)
-
-    adapter_dir = work / "adapter"
-    model.save_pretrained(adapter_dir)
-    del model
-    metrics = {}
-    if not train_out["diverged"]:
-        reloaded = PeftModel.from_pretrained(make_base(), adapter_dir).eval()  # stock PEFT, no custom loader
-        for t in eval_tasks:
-            metrics[t.name] = evaluate(reloaded, t, tok, settings)
-    return {
-        "run_id": run.run_id, "status": "diverged" if train_out["diverged"] else "ok",
-        "experiment": cfg.name, "task": run.task, "method": run.method, "r": run.r, "seed": run.seed,
-        "fim_variant": dict(run.fim_variant), "metrics": metrics,
-        "rank_map": ranks_after, "rank_map_before_training": rank_map_before,
-        "trainable_params": n_trainable, "calibration_seconds": info.get("calibration_seconds", 0.0),
-        "train_seconds": train_out["train_seconds"], "train_loss": train_out["train_loss"],
-        "train_steps": train_out["steps"], "divergence": train_out["divergence"],
-        "method_info": {k: v for k, v in info.items() if k not in ("method",)},
-        "data_meta": {t.name: t.meta for t in eval_tasks} | {"train": train_task.meta},
-        "config": asdict(cfg), "versions": package_versions(), "machine": machine_info(),
-    }
-
-
-def is_finished(path: Path) -> bool:
-    """A run is finished when its result JSON records status ok or diverged."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(record, dict) and record.get("status") in ("ok", "diverged")
-
-
-@dataclass
-class SweepPlan:
-    """The runs one process is responsible for, and which of them are already finished."""
-
-    runs: list[RunSpec]
-    finished: set[str]
-
-    @property
-    def todo(self) -> list[RunSpec]:
-        return [r for r in self.runs if r.run_id not in self.finished]
-
-
-def plan_sweep(cfg: ExperimentConfig, results_dir: str | os.PathLike, shard: tuple[int, int] | None = None,
-               only: str | None = None) -> SweepPlan:
-    """The grid, cut to ``shard`` (every n-th run from i) and to run ids containing ``only``, with finished runs."""
-    results = Path(results_dir)
-    runs = expand_runs(cfg)
-    if shard is not None:
-        i, n = shard
-        runs = runs[i::n]
-    if only:
-        runs = [r for r in runs if only in r.run_id]
-    finished = {r.run_id for r in runs if is_finished(results / f"{r.run_id}.json")}
-    return SweepPlan(runs, finished)
-
-
-def run_sweep(cfg: ExperimentConfig, results_dir: str | os.PathLike, shard: tuple[int, int] | None = None,
-              only: str | None = None, progress: bool = True) -> dict:
-    """Run every unfinished run of the grid (or of this shard); returns counts."""
-    from tqdm.auto import tqdm
-
-    results = Path(results_dir)
-    results.mkdir(parents=True, exist_ok=True)
-    plan = plan_sweep(cfg, results, shard, only)
-    todo = plan.todo
-    counts = {"total": len(plan.runs), "skipped": len(plan.finished), "ok": 0, "diverged": 0, "failed": 0}
-    bar = tqdm(todo, desc=f"{cfg.name}", unit="run", disable=not progress)
-    for run in bar:
-        bar.set_postfix_str(run.run_id)
-        work = results / ".work" / run.run_id
-        shutil.rmtree(work, ignore_errors=True)
-        start = time.perf_counter()
-        try:
-            result = run_one(cfg, run, work)
-        except Exception as e:  # record and go on: one bad run must not lose the rest of a sweep
-            logger.error("run %s failed: %s", run.run_id, e)
-            atomic_write_text(results / f"{run.run_id}.error.json", json.dumps(
-                {"run_id": run.run_id, "status": "failed", "error": repr(e), "traceback": traceback.format_exc()},
-                indent=2))
-            counts["failed"] += 1
-            continue
-        result["wall_seconds"] = time.perf_counter() - start
-        if cfg.keep_adapters:
-            dest = results / "adapters" / run.run_id
-            shutil.rmtree(dest, ignore_errors=True)
-            shutil.move(str(work / "adapter"), dest)
-        atomic_write_text(results / f"{run.run_id}.json", json.dumps(result, indent=2, default=str) + "\n")
-        (results / f"{run.run_id}.error.json").unlink(missing_ok=True)
-        shutil.rmtree(work, ignore_errors=True)
-        counts[result["status"]] += 1
-    return counts
+def run_settings_hash(config: Mapping, run: RunSpec) -> str:
+    """sha256 (16 hex digits) of :func:`run_settings`: equal hashes mean the run would be the same run."""
+    text = json.dumps(run_settings(config, run), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

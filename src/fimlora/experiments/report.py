@@ -7,6 +7,7 @@ import io
 import json
 import math
 import statistics
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -18,6 +19,10 @@ METHOD_ORDER = ["lora", "adalora", "eva", "random", "fim"]
 METHOD_LABEL = {"lora": "LoRA", "adalora": "AdaLoRA", "eva": "EVA", "random": "Random-rank", "fim": "FIM-LoRA"}
 
 
+# JSON files a results folder may hold besides run results.
+NOT_RUN_RESULTS = ("demo_results.json", "rank_map.json", "benchmarks.json")
+
+
 def load_results(results_dirs) -> list[dict]:
     """Every finished run JSON below the folder(s) (failed runs have ``.error.json`` and are skipped)."""
     if isinstance(results_dirs, (str, Path)):
@@ -25,13 +30,18 @@ def load_results(results_dirs) -> list[dict]:
     out = []
     paths = sorted(p for d in results_dirs for p in Path(d).rglob("*.json"))
     for p in paths:
-        if p.name.endswith(".error.json") or ".work" in p.parts or "adapters" in p.parts:
+        if p.name.endswith(".error.json") or {".work", ".stale", ".locks", "adapters"} & set(p.parts):
             continue
         try:
-            d = json.loads(p.read_text())
-        except ValueError:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            warnings.warn(f"results: could not read {p} ({e}); left out of the report", stacklevel=2)
             continue
-        if isinstance(d, dict) and d.get("run_id") and d.get("status") in ("ok", "diverged"):
+        if not isinstance(d, dict) or not d.get("run_id"):
+            if p.name not in NOT_RUN_RESULTS:
+                warnings.warn(f"results: {p} is not a run result (no run_id); left out of the report", stacklevel=2)
+            continue
+        if d.get("status") in ("ok", "diverged"):
             out.append(d)
     return out
 

@@ -10,12 +10,16 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import TrainerCallback
 
-from ..config import check_int
+from ..config import check_bool, check_choice, check_int, check_number
 from .data import CausalLMCollator, ClassificationCollator, TaskData, collator_for, score_choices
 
 __all__ = ["TrainSettings", "DivergenceCallback", "finetune", "evaluate", "trainable_parameters"]
 
 logger = logging.getLogger(__name__)
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 
 
 @dataclass
@@ -36,12 +40,17 @@ class TrainSettings:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision: must be one of ['fp32', 'bf16', 'fp16'], got {self.precision!r}")
-        for name in ("batch_size", "grad_accum", "eval_batch_size", "max_length"):
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("scheduler", self.scheduler, SCHEDULERS)
+        for name in ("batch_size", "grad_accum", "eval_batch_size", "max_length", "logging_steps"):
             check_int(name, getattr(self, name), minimum=1)
-        if not (self.learning_rate > 0):
-            raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate!r}")
+        check_int("max_steps", self.max_steps)
+        check_int("seed", self.seed)
+        check_number("learning_rate", self.learning_rate, minimum=0)
+        check_number("epochs", self.epochs, minimum=0, strict=False)
+        check_number("warmup_ratio", self.warmup_ratio, minimum=0, strict=False)
+        check_number("weight_decay", self.weight_decay, minimum=0, strict=False)
+        check_bool("progress", self.progress)
         if self.max_steps <= 0 and not (self.epochs > 0):
             raise ValueError(f"epochs: must be > 0 when max_steps is not set, got {self.epochs!r}")
 

@@ -1,0 +1,319 @@
+"""Running a config's grid: every run writes one JSON result; sweeps resume and share folders safely.
+
+Guarantees (stated in the README):
+
+* **Atomic results.** A result JSON is written to a temporary file and renamed; a killed sweep never
+  leaves half a result. A run's scratch space is ``RESULTS/.work/RUN_ID`` and is removed afterwards.
+* **Resume compares settings.** A run counts as finished only if its result has status ok/diverged
+  *and* was produced with the same resolved settings (:func:`~fimlora.experiments.config.run_settings_hash`
+  of the current config equals the one of the config recorded in the result). A result made with
+  other settings is moved to ``RESULTS/.stale/`` (never deleted) and the run is run again.
+* **Concurrent workers.** Each run is claimed with a lock file (``RESULTS/.locks/RUN_ID.lock``, the
+  ``filelock`` package) that the operating system releases when its holder dies, so any number of
+  ``fimlora run`` processes (a Slurm array with or without ``--shard``) can share one results folder:
+  a run held by another worker is skipped, a finished one is never redone.
+* Everything a sweep writes stays under the results folder: run ids come from safe task ids.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..io import atomic_write_text
+from .config import ExperimentConfig, RunSpec, expand_runs, run_settings_hash
+
+__all__ = [
+    "SweepPlan",
+    "RunStatus",
+    "plan_sweep",
+    "run_status",
+    "run_one",
+    "run_sweep",
+    "machine_info",
+    "causal_lm_dtype",
+    "load_mixture_eval_tasks",
+]
+
+logger = logging.getLogger(__name__)
+
+FINISHED = ("ok", "diverged")
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """``done``: a result for these settings exists; ``stale``: a result exists for other settings."""
+
+    done: bool
+    stale: bool = False
+
+
+def run_status(cfg: ExperimentConfig, run: RunSpec, results: Path) -> RunStatus:
+    """Whether ``run`` has a finished result made with the settings ``cfg`` gives it now."""
+    try:
+        record = json.loads((results / f"{run.run_id}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return RunStatus(False)
+    if not isinstance(record, dict) or record.get("status") not in FINISHED:
+        return RunStatus(False)
+    recorded = record.get("settings_hash")
+    if recorded is None and isinstance(record.get("config"), dict):
+        recorded = run_settings_hash(record["config"], run)  # results written before hashes were recorded
+    if recorded != run_settings_hash(asdict(cfg), run):
+        return RunStatus(False, stale=True)
+    return RunStatus(True)
+
+
+@dataclass
+class SweepPlan:
+    """The runs one process is responsible for, which are finished, and which have stale results."""
+
+    runs: list[RunSpec]
+    finished: set[str]
+    stale: set[str]
+
+    @property
+    def todo(self) -> list[RunSpec]:
+        return [r for r in self.runs if r.run_id not in self.finished]
+
+
+def plan_sweep(cfg: ExperimentConfig, results_dir: str | os.PathLike, shard: tuple[int, int] | None = None,
+               only: str | None = None) -> SweepPlan:
+    """The grid cut to ``shard`` (every n-th run of the sorted grid from i) and to run ids containing
+    ``only``, with the status of each run's result. Used by ``run_sweep`` and ``fimlora run --list``."""
+    results = Path(results_dir)
+    runs = expand_runs(cfg)
+    if shard is not None:
+        i, n = shard
+        runs = runs[i::n]
+    if only:
+        runs = [r for r in runs if only in r.run_id]
+    status = {r.run_id: run_status(cfg, r, results) for r in runs}
+    return SweepPlan(runs, {k for k, s in status.items() if s.done}, {k for k, s in status.items() if s.stale})
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def machine_info() -> dict:
+    import torch
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def causal_lm_dtype(precision: str):
+    """The dtype a decoder is loaded in for a run's ``train.precision`` (bf16 loads bf16; else fp32 weights)."""
+    import torch
+
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def load_mixture_eval_tasks(cfg: ExperimentConfig) -> list:
+    """A mixture config's eval tasks: every run of the config (and any reference) scores these questions."""
+    from .data import load_task
+
+    if not cfg.mixture:
+        raise ValueError(f"mixture: config {cfg.name!r} has no mixture (it lists tasks {cfg.tasks})")
+    d = cfg.data
+    return [load_task(name, seed=d.get("data_seed", 0), max_test=d.get("max_test")) for name in cfg.mixture["eval"]]
+
+
+def _load_single_task(cfg: ExperimentConfig, label: str):
+    from .data import load_task
+
+    d = cfg.data
+    entry = cfg.task_entry(label)
+    kwargs = {"seed": d.get("data_seed", 0), "max_train": d.get("max_train"), "max_test": d.get("max_test"),
+              "test_fraction": d.get("test_fraction")}
+    if isinstance(entry, dict):
+        return load_task(entry["train"], test_data=entry.get("test"), **kwargs)
+    return load_task(entry, **kwargs)
+
+
+def _load_tasks(cfg: ExperimentConfig, run: RunSpec):
+    """(train TaskData, [eval TaskData]); the split seed is fixed by data.data_seed, not the run seed."""
+    import random
+
+    from .data import TaskData, load_task
+
+    if cfg.tasks:
+        task = _load_single_task(cfg, run.task)
+        return task, [task]
+    d = cfg.data
+    seed = d.get("data_seed", 0)
+    train_rows = []
+    for name in cfg.mixture["train"]:
+        t = load_task(name, seed=seed, max_train=d.get("max_train_per_task"), max_test=d.get("max_test"))
+        train_rows.extend(t.train)
+    evals = load_mixture_eval_tasks(cfg)
+    random.Random(seed).shuffle(train_rows)
+    mix = TaskData(run.task, evals[0].kind, train_rows, [], None,
+                   {"mixture": cfg.mixture, "n_train": len(train_rows), "seed": seed})
+    return mix, evals
+
+
+def _total_steps(n_train: int, settings) -> int:
+    import math
+
+    if settings.max_steps and settings.max_steps > 0:
+        return settings.max_steps
+    per_epoch = math.ceil(n_train / settings.batch_size)
+    return int(math.ceil(per_epoch / settings.grad_accum * settings.epochs))
+
+
+def _method_spec(cfg: ExperimentConfig, run: RunSpec, kind: str, n_train: int, settings):
+    from .builders import task_type_for
+    from .methods import MethodSpec
+
+    return MethodSpec(method=run.method, r=run.r, lora_alpha=cfg.lora_alpha_ratio * run.r,
+                      target_modules=cfg.target_modules, task_type=task_type_for(kind),
+                      lora_dropout=cfg.lora_dropout, seed=run.seed, fim={**cfg.fim, **dict(run.fim_variant)},
+                      eva_rho=float(cfg.eva.get("rho", 2.0)), adalora=dict(cfg.adalora),
+                      total_steps=_total_steps(n_train, settings))
+
+
+def _evaluate_saved(adapter_dir: Path, make_base, eval_tasks, tok, settings) -> dict:
+    """Reload the saved adapter with stock PEFT (no custom loader) onto a fresh base and score it."""
+    from peft import PeftModel
+
+    from .train import evaluate
+
+    reloaded = PeftModel.from_pretrained(make_base(), adapter_dir).eval()
+    return {t.name: evaluate(reloaded, t, tok, settings) for t in eval_tasks}
+
+
+def run_one(cfg: ExperimentConfig, run: RunSpec, work_dir: str | os.PathLike) -> dict:
+    """Prepare the method, fine-tune, reload the saved adapter with stock PEFT and evaluate it."""
+    from transformers import set_seed
+
+    from ..io import package_versions
+    from .builders import build_base_model, build_calibration_loader, build_tokenizer
+    from .methods import final_rank_map, prepare_method
+    from .train import TrainSettings, finetune, trainable_parameters
+
+    work = Path(work_dir)
+    settings = TrainSettings(**{**cfg.train, "seed": run.seed, "progress": False})
+    train_task, eval_tasks = _load_tasks(cfg, run)
+    tok = build_tokenizer(cfg.model)
+    make_base = functools.partial(build_base_model, cfg.model, train_task, cfg.n_layers, run.seed,
+                                  causal_lm_dtype(settings.precision))
+    calibration_batches = functools.partial(build_calibration_loader, train_task, tok, settings.batch_size,
+                                            settings.max_length, run.seed)
+    set_seed(run.seed)
+    spec = _method_spec(cfg, run, train_task.kind, len(train_task.train), settings)
+    model, info, callbacks = prepare_method(spec, make_base(), calibration_batches)
+    rank_map_before = final_rank_map(model, run.method)
+    train_out = finetune(model, train_task, tok, settings, str(work / "trainer"), callbacks=callbacks)
+    n_trainable = trainable_parameters(model)
+    ranks_after = final_rank_map(model, run.method)
+    model.save_pretrained(work / "adapter")
+    del model
+    diverged = train_out["diverged"]
+    metrics = {} if diverged else _evaluate_saved(work / "adapter", make_base, eval_tasks, tok, settings)
+    return {
+        "run_id": run.run_id, "status": "diverged" if diverged else "ok",
+        "experiment": cfg.name, "task": run.task, "method": run.method, "r": run.r, "seed": run.seed,
+        "fim_variant": dict(run.fim_variant), "metrics": metrics,
+        "rank_map": ranks_after, "rank_map_before_training": rank_map_before,
+        "trainable_params": n_trainable, "calibration_seconds": info.get("calibration_seconds", 0.0),
+        "train_seconds": train_out["train_seconds"], "train_loss": train_out["train_loss"],
+        "train_steps": train_out["steps"], "divergence": train_out["divergence"],
+        "method_info": {k: v for k, v in info.items() if k not in ("method",)},
+        "data_meta": {t.name: t.meta for t in eval_tasks} | {"train": train_task.meta},
+        "config": asdict(cfg), "settings_hash": run_settings_hash(asdict(cfg), run),
+        "versions": package_versions(), "machine": machine_info(),
+    }
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def _set_aside_stale(results: Path, run: RunSpec) -> None:
+    """Move a result made with other settings to .stale/ (kept for the record, never read by report)."""
+    src = results / f"{run.run_id}.json"
+    if not src.exists():
+        return
+    dest = results / ".stale" / f"{run.run_id}.{time.strftime('%Y%m%d-%H%M%S')}.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dest)
+    logger.warning("run %s: its result was made with other settings; moved to %s and running it again",
+                   run.run_id, dest)
+
+
+def _record_failure(results: Path, run: RunSpec, error: Exception) -> None:
+    logger.error("run %s failed: %s", run.run_id, error)
+    atomic_write_text(results / f"{run.run_id}.error.json", json.dumps(
+        {"run_id": run.run_id, "status": "failed", "error": repr(error), "traceback": traceback.format_exc()},
+        indent=2))
+
+
+def _execute(cfg: ExperimentConfig, run: RunSpec, results: Path) -> str:
+    """Run one claimed run and write its result; returns its status (ok, diverged or failed)."""
+    work = results / ".work" / run.run_id
+    shutil.rmtree(work, ignore_errors=True)
+    start = time.perf_counter()
+    try:
+        result = run_one(cfg, run, work)
+    except Exception as e:  # record and go on: one bad run must not lose the rest of a sweep
+        _record_failure(results, run, e)
+        shutil.rmtree(work, ignore_errors=True)
+        return "failed"
+    result["wall_seconds"] = time.perf_counter() - start
+    if cfg.keep_adapters:
+        dest = results / "adapters" / run.run_id
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.move(str(work / "adapter"), dest)
+    atomic_write_text(results / f"{run.run_id}.json", json.dumps(result, indent=2, default=str) + "\n")
+    (results / f"{run.run_id}.error.json").unlink(missing_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return result["status"]
+
+
+def run_sweep(cfg: ExperimentConfig, results_dir: str | os.PathLike, shard: tuple[int, int] | None = None,
+              only: str | None = None, progress: bool = True) -> dict:
+    """Run every unfinished run of the grid (or of this shard); returns counts.
+
+    ``busy`` counts runs another worker held when this one reached them.
+    """
+    from filelock import FileLock, Timeout
+    from tqdm.auto import tqdm
+
+    results = Path(results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    plan = plan_sweep(cfg, results, shard, only)
+    counts = {"total": len(plan.runs), "skipped": len(plan.finished), "ok": 0, "diverged": 0, "failed": 0,
+              "busy": 0}
+    (results / ".locks").mkdir(exist_ok=True)
+    bar = tqdm(plan.todo, desc=f"{cfg.name}", unit="run", disable=not progress)
+    for run in bar:
+        bar.set_postfix_str(run.run_id)
+        lock = FileLock(str(results / ".locks" / f"{run.run_id}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            counts["busy"] += 1
+            continue
+        try:
+            status = run_status(cfg, run, results)  # another worker may have finished it meanwhile
+            if status.done:
+                counts["skipped"] += 1
+                continue
+            if status.stale:
+                _set_aside_stale(results, run)
+            counts[_execute(cfg, run, results)] += 1
+        finally:
+            lock.release()
+    return counts

@@ -1,0 +1,104 @@
+"""Experiment configs: every block rejects unknown keys and wrong types before any run starts."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import pytest
+
+from fimlora.experiments.config import ExperimentConfig, RunSpec, expand_runs, load_config, run_settings_hash, task_id
+
+BASE = "name: x\nmodel: minilm\nmethods: [lora, fim, eva]\nseeds: [1]\nranks: [2]\ntasks: [sst2]\n"
+
+
+def cfg(**kw):
+    d = dict(name="t", model="minilm", tasks=["sst2"], methods=["lora", "fim", "eva", "adalora"], seeds=[1],
+             ranks=[2])
+    d.update(kw)
+    return ExperimentConfig(**d)
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(eva={"roh": 9}), r"eva: unknown setting\(s\) \['roh'\]; known: \['rho'\]"),
+    (dict(eva={"rho": "big"}), r"eva.rho: must be a finite number, got 'big'"),
+    (dict(adalora={"deltaT": 0}), r"adalora.deltaT: must be >= 1, got 0"),
+    (dict(adalora={"tinit": 3}), r"adalora: unknown setting\(s\) \['tinit'\]"),
+    (dict(keep_adapters="no"), r"keep_adapters: must be true or false, got 'no'"),
+    (dict(fim={"r_min": "2"}), r"fim: r_min: must be an integer, got '2'"),
+    (dict(fim_grid={"n_batches": [1, 0]}), r"fim_grid \{'n_batches': 0\}: n_batches: must be >= 1, got 0"),
+    (dict(data={"max_trian": 5}), r"data: unknown setting\(s\) \['max_trian'\]"),
+    (dict(data={"test_fraction": 1.5}), r"data.test_fraction: must be < 1, got 1.5"),
+    (dict(train={"learning_rate": "fast"}), r"train.learning_rate: must be a finite number, got 'fast'"),
+    (dict(train={"max_steps": 2.5}), r"train.max_steps: must be an integer, got 2.5"),
+    (dict(train={"progress": "yes"}), r"train.progress: must be true or false, got 'yes'"),
+    (dict(lora_dropout=1.0), r"lora_dropout: must be < 1, got 1.0"),
+    (dict(n_layers=0), r"n_layers: must be >= 1, got 0"),
+    (dict(seeds=[True]), r"seeds\[0\]: must be an integer, got True"),
+    (dict(tasks=[{"train": "a.jsonl", "tst": "b.jsonl"}]), r"tasks\[0\]: unknown setting\(s\) \['tst'\]"),
+])
+def test_every_block_rejects_typos_and_wrong_types(kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        cfg(**kw)
+
+
+def write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_exponent_without_dot_is_a_number(tmp_path):
+    # PyYAML reads 2e-3 as the string "2e-3" (YAML 1.1 wants 2.0e-3); configs mean the number.
+    c = load_config(write(tmp_path, BASE + "train: {learning_rate: 2e-3, weight_decay: 1E-2}\n"))
+    assert c.train == {"learning_rate": 0.002, "weight_decay": 0.01}
+    assert isinstance(c.train["learning_rate"], float)
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    p = write(tmp_path, BASE + "train: {learning_rate: 0.1\nfim: {}\n")
+    with pytest.raises(ValueError, match=rf"config: {p}: line \d+, column \d+: not valid YAML"):
+        load_config(p)
+
+
+def test_typo_inside_train_names_block_and_key(tmp_path):
+    p = write(tmp_path, BASE + "train: {learnig_rate: 0.1}\n")
+    with pytest.raises(ValueError, match=rf"config: {p}: train: unknown setting\(s\) \['learnig_rate'\]"):
+        load_config(p)
+
+
+def test_missing_and_non_mapping_configs(tmp_path):
+    with pytest.raises(ValueError, match=r"missing key\(s\) \['ranks'\]"):
+        load_config(write(tmp_path, "model: minilm\nmethods: [lora]\nseeds: [1]\ntasks: [sst2]\n"))
+    with pytest.raises(ValueError, match="must hold a YAML mapping, got list"):
+        load_config(write(tmp_path, "- a\n- b\n", "l.yaml"))
+    with pytest.raises(FileNotFoundError, match="does not exist or is not a file"):
+        load_config(tmp_path)
+
+
+def test_task_ids_are_safe_file_names(tmp_path):
+    inside = tmp_path / "data" / "reviews.jsonl"
+    other = tmp_path / "other" / "reviews.jsonl"
+    assert task_id("sst2") == "sst2"
+    assert task_id("hf:glue:sst2") == "hf-glue-sst2"
+    a, b = task_id(str(inside)), task_id(str(other))
+    assert a.startswith("reviews-") and b.startswith("reviews-") and a != b
+    assert task_id(str(tmp_path / "x" / ".." / "data" / "reviews.jsonl")) == a  # resolved before hashing
+    assert "/" not in task_id("../../etc/passwd.csv") and ".." not in task_id("../../etc/passwd.csv")
+    assert task_id({"train": str(inside), "test": str(other)}) == a
+
+
+def test_settings_hash_tracks_what_a_run_depends_on():
+    base = cfg(train={"max_steps": 10})
+    run = next(r for r in expand_runs(base) if r.method == "lora")
+    eva_run = next(r for r in expand_runs(base) if r.method == "eva")
+    h = run_settings_hash(asdict(base), run)
+    assert run_settings_hash(asdict(cfg(train={"max_steps": 10}, notes="x", seeds=[1, 2])), run) == h
+    assert run_settings_hash(asdict(cfg(train={"max_steps": 20})), run) != h
+    # a block only some methods use changes only their runs
+    changed_eva = asdict(cfg(train={"max_steps": 10}, eva={"rho": 1.0}))
+    assert run_settings_hash(changed_eva, run) == h
+    assert run_settings_hash(changed_eva, eva_run) != run_settings_hash(asdict(base), eva_run)
+    # a result recorded before a field existed compares equal when the field has its default
+    old = {k: v for k, v in asdict(base).items() if k != "fim_grid"}
+    assert run_settings_hash(old, run) == h
+    assert run_settings_hash(asdict(base), RunSpec("sst2", "lora", 2, 2)) != h
