@@ -1,7 +1,11 @@
 """Fine-tune MiniLM on SST-2-style sentiment with the HF Trainer + FIM-LoRA (offline, CPU or GPU).
 
     python examples/trainer_fimlora.py --out out/trainer_example
-    accelerate launch --num_processes 2 --cpu examples/trainer_fimlora.py --out out/trainer_example_ddp
+    torchrun --nproc_per_node 2 examples/trainer_fimlora.py --out out/trainer_example_ddp
+    accelerate launch --multi_gpu --num_processes 2 examples/trainer_fimlora.py --out out/trainer_example_ddp
+
+Both launchers start 2 DDP processes: NCCL on GPUs, gloo on CPU. (`accelerate launch --cpu --num_processes 2`
+needs MPI and otherwise runs ONE process; calibrate_trainer warns when it sees that.)
 """
 
 import argparse

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -73,7 +74,96 @@ def test_bad_input_exits_2_with_message(tmp_path):
     assert proc.returncode == 2 and "none.jsonl does not exist" in proc.stderr
     proc = fimlora("calibrate", "--model", "minilm", "--n-layers", "1", "--data", "trec6", "--max-train", "16",
                    "--r", "2", "--r-min", "3", "--out", str(tmp_path / "o"), check=False)
-    assert proc.returncode == 2 and "budget: infeasible, L*r_min > budget: 2 modules * r_min=3 = 6 > budget=4" in proc.stderr
+    assert proc.returncode == 2
+    assert "budget: infeasible, L*r_min > budget: 2 modules * r_min=3 = 6 > budget=4" in proc.stderr
+
+
+def main_exit(capsys, *args) -> tuple[int, str]:
+    """The CLI in-process: for errors raised before any model is loaded."""
+    from fimlora.cli import main
+
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+CALIBRATE = ("calibrate", "--model", "minilm", "--n-layers", "1", "--data", "trec6", "--max-train", "16")
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (("--alpha", "0"), "alpha: must be > 0, got 0.0"),
+    (("--alpha", "-2"), "alpha: must be > 0, got -2.0"),
+    (("--alpha", "nan"), "alpha: must be a finite number, got nan"),
+    (("--max-length", "2"), "max_length: must be >= 8, got 2"),
+    (("--r", "0"), "r: must be >= 1, got 0"),
+    (("--n-batches", "0"), "n_batches: must be >= 1, got 0"),
+])
+def test_settings_rejected_before_anything_is_loaded(capsys, tmp_path, extra, needle):
+    code, err = main_exit(capsys, *CALIBRATE, "--out", str(tmp_path / "o"), *extra)
+    assert code == 2 and needle in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_paths_that_cannot_work_are_named(capsys, tmp_path):
+    (tmp_path / "file").write_text("x")
+    code, err = main_exit(capsys, *CALIBRATE, "--out", str(tmp_path / "file"))
+    assert code == 2 and f"out: {tmp_path / 'file'} exists and is not a folder" in err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    code, err = main_exit(capsys, *CALIBRATE, "--out", str(tmp_path / "full"))
+    assert code == 2 and "is not empty; choose a new folder or pass --overwrite" in err
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    code, err = main_exit(capsys, "calibrate", "--model", "minilm", "--data", str(tmp_path), "--out",
+                          str(tmp_path / "o"))
+    assert code == 2 and f"data: {tmp_path} is a folder" in err
+    code, err = main_exit(capsys, "calibrate", "--model", str(tmp_path / "no-such-model"), "--data", "trec6",
+                          "--out", str(tmp_path / "o"))
+    assert code == 2 and f"model: folder {tmp_path / 'no-such-model'} does not exist" in err
+
+
+def test_hub_data_without_datasets_names_the_extra(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    code, err = main_exit(capsys, "calibrate", "--model", "minilm", "--data", "hf:glue:sst2", "--out",
+                          str(tmp_path / "o"))
+    assert code == 2 and "pip install 'fimlora[hf]'" in err
+
+
+def test_model_folder_without_tokenizer_is_refused(capsys, tmp_path):
+    from fimlora.experiments.models import resolve_model
+
+    src = Path(resolve_model("minilm"))
+    model = tmp_path / "bare-model"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (model / name).symlink_to(src / name)
+    code, err = main_exit(capsys, "calibrate", "--model", str(model), "--n-layers", "1", "--data", "trec6",
+                          "--out", str(tmp_path / "o"))
+    assert code == 2 and "has no usable tokenizer" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_calibrate_replaces_out_only_with_overwrite_and_atomically(calibrated, tmp_path, monkeypatch):
+    import fimlora.experiments.jobs as jobs
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    args = ["--model", "minilm", "--n-layers", "1", "--data", "trec6", "--max-train", "16", "--r", "2",
+            "--n-batches", "1", "--batch-size", "4", "--max-length", "16", "--no-progress", "--out", str(out)]
+
+    def crash(*a, **k):
+        raise RuntimeError("killed while writing the rank map")
+
+    monkeypatch.setattr(jobs, "save_rank_map", crash)
+    from fimlora.cli import main
+
+    with pytest.raises(RuntimeError, match="killed while writing"):
+        main(["calibrate", *args, "--overwrite"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left behind
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]  # the old contents, untouched
+    monkeypatch.undo()
+    assert main(["calibrate", *args, "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "rank_map.json", "rank_map.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_demo_small(tmp_path):

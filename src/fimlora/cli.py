@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        # Bad input or a missing extra: the message says what to change; a traceback would bury it.
         print(f"fimlora {args.command}: error: {e}", file=sys.stderr)
         return 2
 

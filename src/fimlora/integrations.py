@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,7 @@ from .api import apply_fim_ranks
 from .config import FimConfig
 from .distributed import is_main_process
 
-__all__ = ["calibrate_trainer", "RankMapLoggerCallback", "preserved_rng"]
+__all__ = ["calibrate_trainer", "RankMapLoggerCallback", "preserved_rng", "warn_if_single_cpu_process"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +91,19 @@ class RankMapLoggerCallback(TrainerCallback):
         return control
 
 
+def warn_if_single_cpu_process(world_size: int) -> bool:
+    """Warn when ``accelerate launch --cpu`` quietly gave one process (its multi-CPU mode needs MPI)."""
+    if world_size == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true":
+        warnings.warn(
+            "fimlora: running as a single process under `accelerate launch --cpu`; that launcher needs MPI for "
+            "several CPU processes and otherwise starts one. For several processes use `accelerate launch "
+            "--multi_gpu --num_processes N` (gloo on CPU) or `torchrun --nproc_per_node N`.",
+            stacklevel=3,
+        )
+        return True
+    return False
+
+
 def _unwrapped(model):
     return getattr(model, "module", model)
 
@@ -115,6 +130,7 @@ def calibrate_trainer(trainer, config: FimConfig | None = None, save: bool = Tru
     with preserved_rng():
         loader = trainer.get_train_dataloader()
         allocation = apply_fim_ranks(model, loader, config=config)
+    warn_if_single_cpu_process(trainer.args.world_size)
     allocation.settings["trainer"] = {"per_device_train_batch_size": trainer.args.per_device_train_batch_size,
                                       "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
                                       "world_size": trainer.args.world_size}
