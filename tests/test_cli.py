@@ -184,3 +184,19 @@ def test_help_is_complete(cmd):
         for flag in ("--model", "--data", "--r-min", "--r-max", "--n-batches", "--estimator", "--aggregation",
                      "--seed", "--out", "--target-modules"):
             assert flag in proc.stdout
+
+
+def test_demo_on_users_own_train_and_validation_files(tmp_path, capsys):
+    from fimlora.cli import main
+
+    words = {0: "dreadful awful boring", 1: "wonderful great lovely"}
+    rows = lambda n, off: "".join(json.dumps({"text": f"{words[i % 2]} film {i + off}", "label": i % 2}) + "\n"  # noqa: E731
+                                  for i in range(n))
+    (tmp_path / "train.jsonl").write_text(rows(40, 0))
+    (tmp_path / "val.csv").write_text("text,label\n" + "".join(f"{words[i % 2]} show {i},{i % 2}\n" for i in range(10)))
+    assert main(["demo", "--data", str(tmp_path / "train.jsonl"), "--eval-data", str(tmp_path / "val.csv"),
+                 "--n-layers", "1", "--steps", "2", "--n-batches", "2", "--batch-size", "8", "--no-progress",
+                 "--out", str(tmp_path / "demo")]) == 0
+    record = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
+    assert record["data_meta"]["n_train"] == 40 and record["data_meta"]["n_test"] == 10  # nothing held out
+    assert record["data_meta"]["test_source"].endswith("val.csv")

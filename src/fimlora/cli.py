@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=DEMO_DEFAULTS["lr"],
                    help=f"learning rate (default {DEMO_DEFAULTS['lr']})")
     p.add_argument("--max-test", type=int, default=DEMO_DEFAULTS["max_test"], help="subsample the test split")
+    p.add_argument("--eval-data", default=DEMO_DEFAULTS["eval_data"],
+                   help="your own validation file (.jsonl/.csv) for --data FILE; without it FILE is split 80/20")
     p.add_argument("--out", default=DEMO_DEFAULTS["out"], help=f"output folder (default {DEMO_DEFAULTS['out']})")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p = sub.add_parser("run", help="run an experiment grid from a YAML config (resumable, shardable)",

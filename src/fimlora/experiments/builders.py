@@ -69,7 +69,10 @@ def build_peft_model(base, lora_config, seed: int = 0):
     from peft import get_peft_model
 
     torch.manual_seed(seed)
-    return get_peft_model(base, lora_config)
+    with warnings.catch_warnings():
+        # PEFT reads transformers' deprecated is_gradient_checkpointing; nothing for a user to change.
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(base, lora_config)
 
 
 def build_calibration_loader(task: TaskData, tokenizer, batch_size: int, max_length: int, seed: int = 0):

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ..extras import require
 from .models import package_dir
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,6 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "TaskData",
     "KINDS",
-    "MissingExtraError",
     "TASKS",
     "load_task",
     "load_user_file",
@@ -322,21 +322,9 @@ def load_task(name: str, seed: int = 0, max_train: int | None = None, max_test: 
     return task
 
 
-class MissingExtraError(ImportError, ValueError):
-    """An optional package is not installed; the message says which ``pip install`` adds it.
-
-    Also a ValueError, so that callers that report bad input (the CLI) show the message, not a traceback.
-    """
-
-
 def _hub_load_dataset(spec: str):
     """``datasets.load_dataset``; the ``datasets`` package is an extra, so its absence says how to install it."""
-    try:
-        from datasets import load_dataset
-    except ImportError:
-        raise MissingExtraError(f"data: hf:{spec} needs the 'datasets' package, which fimlora does not "
-                                "install by default: pip install 'fimlora[hf]'") from None
-    return load_dataset
+    return require("datasets", "hf", f"data: hf:{spec}").load_dataset
 
 
 def _load_hub(spec: str, seed: int) -> TaskData:  # pragma: no cover - needs the network

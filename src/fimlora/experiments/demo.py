@@ -33,6 +33,7 @@ class DemoJob(CalibrateJob):
     steps: int = 300
     lr: float = 2e-3
     max_test: int | None = None
+    eval_data: str | None = None  # a user's own validation file; without it a user's file is split 80/20
     overwrite: bool = True
 
 
@@ -86,7 +87,8 @@ def run_demo(job: DemoJob, say: Callable[[str], None] = print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     target_modules = job.target_modules or DEMO_TARGET_MODULES
     say(f"[1/5] data: {job.data}; model: {job.model}")
-    task = load_task(job.data, seed=job.seed, max_train=job.max_train, max_test=job.max_test)
+    task = load_task(job.data, seed=job.seed, max_train=job.max_train, max_test=job.max_test,
+                     test_data=job.eval_data)
     say(f"      train {len(task.train)} / test {len(task.test)} examples, labels {task.label_names}")
     tok = build_tokenizer(job.model)
     base = build_base_model(job.model, task, job.n_layers, seed=job.seed)

@@ -116,8 +116,10 @@ def run_calibrate(job: CalibrateJob) -> CalibrateResult:
     # A bundled task keeps its recorded split, so its test part stays unseen.
     test_fraction = 0.0 if is_user_file(job.data) else None
     task = load_task(job.data, seed=job.seed, max_train=job.max_train, test_fraction=test_fraction)
+    # A user can act on what was dropped from their own file; a bundled task's drops are part of its recipe.
+    log = logger.warning if is_user_file(job.data) else logger.info
     for note in task.meta.get("dropped", []):
-        logger.warning("data: %s", note)
+        log("data: %s", note)
     tok = build_tokenizer(job.model)
     base = build_base_model(job.model, task, job.n_layers, seed=job.seed)
     model = build_peft_model(base, build_lora_config(task.kind, job.r, job.alpha, job.target_modules), job.seed)

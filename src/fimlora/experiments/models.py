@@ -9,11 +9,13 @@ the cache (``$FIMLORA_CACHE`` or ``~/.cache/fimlora``).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -160,12 +162,37 @@ def cut_layers(model, n_layers: int | None):
     raise ValueError(f"n_layers: don't know where the layers of {type(model).__name__} are")
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """Silence transformers' weight-loading bar and load report while a model loads.
+
+    The report's only finding for our loads is the new classification head, which is what we asked for;
+    errors still raise. Verbosity and the progress-bar switch are restored on exit.
+    """
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*newly initiali[sz]ed.*")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_classifier(name: str, num_labels: int, n_layers: int | None = None, seed: int = 0):
     """Sequence classifier with a freshly initialised (seeded) head."""
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(resolve_model(name), num_labels=num_labels)
+    with quiet_loading():
+        model = AutoModelForSequenceClassification.from_pretrained(resolve_model(name), num_labels=num_labels)
+    logger.info("fimlora: %s loaded with a new %d-way classification head (seed %d)", name, num_labels, seed)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return cut_layers(model, n_layers)
@@ -174,7 +201,8 @@ def load_classifier(name: str, num_labels: int, n_layers: int | None = None, see
 def load_causal_lm(name: str, n_layers: int | None = None, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype)
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype)
     return cut_layers(model, n_layers)
 
 

@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import TrainerCallback
+from transformers import ProgressCallback, TrainerCallback
 
 from ..config import check_bool, check_choice, check_int, check_number
 from .data import CausalLMCollator, ClassificationCollator, TaskData, collator_for, score_choices
@@ -57,6 +57,13 @@ class TrainSettings:
 
 def trainable_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class QuietProgressCallback(ProgressCallback):
+    """The Trainer's progress bar without printing every log dict (the losses are in the result records)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return control
 
 
 class DivergenceCallback(TrainerCallback):
@@ -113,6 +120,9 @@ def finetune(model, task: TaskData, tokenizer, settings: TrainSettings, output_d
     trainer = Trainer(model=model, args=args, train_dataset=task.train,
                       data_collator=collator_for(task, tokenizer, settings.max_length),
                       callbacks=[guard, *(callbacks or [])])
+    if settings.progress:  # the bar, without the raw log dicts the stock progress callback prints under it
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(QuietProgressCallback)
     start = time.perf_counter()
     out = trainer.train()
     wall = time.perf_counter() - start
