@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .distributed import check_not_wrapped
+
 __all__ = [
     "LoraModuleInfo",
     "base_model_of",
@@ -22,6 +24,7 @@ __all__ = [
     "pattern_matches",
     "check_pattern_keys",
     "check_same_modules",
+    "check_fresh_adapter",
 ]
 
 _SUPPORTED_INITS = (True, False, "gaussian")
@@ -40,7 +43,11 @@ class LoraModuleInfo:
 
 
 def base_model_of(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PeftModel (or a LoraModel)."""
+    """The transformers model inside a PeftModel (or a LoraModel).
+
+    A PeftModel inside a training wrapper (DDP, accelerate, ...) is refused with a ValueError
+    saying to calibrate before wrapping; any other model is a TypeError.
+    """
     from peft import PeftModel
     from peft.tuners.lora import LoraModel
 
@@ -48,6 +55,7 @@ def base_model_of(model: nn.Module) -> nn.Module:
         model = model.base_model
     if isinstance(model, LoraModel):
         return model.model
+    check_not_wrapped(model, (PeftModel, LoraModel))
     raise TypeError(
         f"model: expected a peft.PeftModel (or LoraModel) with LoRA adapters, got {type(model).__name__}; "
         "wrap it first with peft.get_peft_model(model, LoraConfig(...))"
@@ -139,6 +147,22 @@ def lora_modules(model: nn.Module, adapter_name: str = "default") -> list[LoraMo
     if not found:
         raise ValueError(f"model: no LoRA layers for adapter {adapter_name!r}; check target_modules")
     return found
+
+
+def check_fresh_adapter(infos: list[LoraModuleInfo], adapter_name: str = "default") -> None:
+    """Raise ValueError naming the first module whose LoRA-B is not all zero.
+
+    FIM-LoRA scores dL/dB at B = 0, the state PEFT leaves straight after ``get_peft_model``;
+    on a trained adapter the scores mean something else and shrinking drops trained components.
+    """
+    for info in infos:
+        b = info.layer.lora_B[adapter_name].weight.detach()
+        if (b != 0).any():
+            raise ValueError(
+                f"model: LoRA-B of {info.name!r} is non-zero (max |B| = {b.abs().max().item():.3g}); calibration "
+                "assumes a freshly initialised adapter (B = 0, straight after get_peft_model), and resizing a "
+                "trained one drops trained rank components; pass allow_trained=True to calibrate it anyway"
+            )
 
 
 def check_same_modules(field: str, keys: Iterable[str], expected: Iterable[str], what: str) -> None:
