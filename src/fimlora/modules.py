@@ -22,6 +22,7 @@ __all__ = [
     "lora_config_of",
     "lora_modules",
     "pattern_matches",
+    "pattern_key_error",
     "check_pattern_keys",
     "check_same_modules",
     "check_fresh_adapter",
@@ -182,6 +183,17 @@ def pattern_matches(key: str, module_name: str) -> bool:
     return re.match(rf"(.*\.)?({key})$", module_name) is not None
 
 
+def pattern_key_error(key: str) -> str | None:
+    """Why PEFT cannot use ``key`` as a pattern key (it is not a valid regex), or None."""
+    if not isinstance(key, str):
+        return f"key {key!r} is not a string"
+    try:
+        re.compile(key)
+    except re.error as e:
+        return f"key {key!r} is not a valid regular expression ({e})"
+    return None
+
+
 def check_pattern_keys(
     pattern: dict[str, object], target_names: Iterable[str], all_names: Iterable[str]
 ) -> list[str]:
@@ -193,9 +205,11 @@ def check_pattern_keys(
     """
     targets = list(target_names)
     names = list(all_names)
-    problems = []
-    sorted_keys = sorted(pattern)
-    for key in pattern:
+    problems = [error for error in map(pattern_key_error, pattern) if error]
+    # An invalid key would raise inside every match below; it is reported once above instead.
+    valid = [key for key in pattern if pattern_key_error(key) is None]
+    sorted_keys = sorted(valid)
+    for key in valid:
         if key.startswith("base_model.model."):
             problems.append(f"key {key!r} carries PEFT's wrapper prefix 'base_model.model.' and matches nothing")
             continue
