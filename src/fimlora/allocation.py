@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .io import atomic_write_text
@@ -14,6 +14,7 @@ from .modules import check_same_modules
 __all__ = ["RankAllocation", "scaled_alpha", "lora_scaling"]
 
 FORMAT_VERSION = 1
+_PER_MODULE = ("scores", "ranks", "alphas", "old_ranks", "old_alphas", "shapes")
 
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
@@ -62,7 +63,7 @@ class RankAllocation:
 
     def __post_init__(self) -> None:
         names = list(self.ranks)
-        for fname in ("scores", "alphas", "old_ranks", "old_alphas", "shapes"):
+        for fname in _PER_MODULE:
             check_same_modules(fname, getattr(self, fname), names, "the keys of ranks")
         if sum(self.ranks.values()) != self.budget:
             raise ValueError(f"ranks: must sum to budget={self.budget}, got {sum(self.ranks.values())}")
@@ -101,14 +102,25 @@ class RankAllocation:
 
     @classmethod
     def from_dict(cls, d: dict) -> RankAllocation:
+        """Build from :meth:`to_dict` output; ValueError naming the key for anything else."""
+        if not isinstance(d, dict):
+            raise ValueError(f"rank map: must be a JSON object, got {type(d).__name__}")
         d = dict(d)
+        unknown = sorted(set(d) - {f.name for f in fields(cls)} - {"format_version", "module_order"})
+        if unknown:
+            raise ValueError(f"rank map: unknown key(s) {unknown}; is this a fimlora rank_map.json?")
         version = d.pop("format_version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
             raise ValueError(f"format_version: unsupported rank map version {version}, expected {FORMAT_VERSION}")
-        order = d.pop("module_order", None) or list(d["ranks"])
-        for key in ("scores", "ranks", "alphas", "old_ranks", "old_alphas", "shapes"):
+        for key in _PER_MODULE:
             if key not in d:
                 raise ValueError(f"{key}: missing from the rank map")
+            if not isinstance(d[key], dict):
+                raise ValueError(f"{key}: must be an object mapping module name -> value, got {type(d[key]).__name__}")
+        order = d.pop("module_order", None) or list(d["ranks"])
+        check_same_modules("module_order", order, d["ranks"], "the keys of ranks")
+        for key in _PER_MODULE:
+            check_same_modules(key, d[key], order, "the keys of ranks")
             d[key] = {n: d[key][n] for n in order}
         d["ranks"] = {n: int(v) for n, v in d["ranks"].items()}
         d["old_ranks"] = {n: int(v) for n, v in d["old_ranks"].items()}
@@ -116,8 +128,17 @@ class RankAllocation:
 
     @classmethod
     def from_json(cls, text_or_path: str | os.PathLike) -> RankAllocation:
-        """Parse JSON text, or read it from a file path."""
+        """Parse JSON text, or read it from a file path; errors name the file."""
         s = str(text_or_path)
+        where = "rank map JSON"
         if not s.lstrip().startswith("{"):
+            where = s
             s = Path(s).read_text(encoding="utf-8")
-        return cls.from_dict(json.loads(s))
+        try:
+            d = json.loads(s)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e})") from None
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from e

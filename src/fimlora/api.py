@@ -7,11 +7,11 @@ from collections.abc import Iterable, Mapping
 from torch import nn
 
 from .allocation import RankAllocation, scaled_alpha
-from .config import FimConfig
+from .config import FimConfig, check_bool
 from .distributed import broadcast_object
 from .fisher import LossFn, compute_fisher, compute_scores
 from .io import package_versions
-from .modules import check_same_modules, lora_config_of, lora_modules
+from .modules import check_fresh_adapter, check_same_modules, lora_config_of, lora_modules
 from .resize import apply_allocation
 from .waterfill import allocate_ranks, random_scores, validate_allocation_inputs
 
@@ -66,17 +66,31 @@ def allocation_from_scores(
 
 
 def compute_allocation(
-    model: nn.Module, dataloader: Iterable, config: FimConfig | None = None, loss_fn: LossFn | None = None
+    model: nn.Module,
+    dataloader: Iterable,
+    config: FimConfig | None = None,
+    loss_fn: LossFn | None = None,
+    *,
+    allow_trained: bool = False,
 ) -> RankAllocation:
-    """Calibrate and allocate; returns a RankAllocation and leaves the model unchanged."""
+    """Calibrate and allocate; returns a RankAllocation and leaves the model unchanged.
+
+    The adapter must be freshly initialised (LoRA-B = 0, straight after ``get_peft_model``):
+    the scores are the Fisher of dL/dB at B = 0. ``allow_trained=True`` calibrates a trained
+    adapter anyway (recorded in ``settings["allow_trained"]``).
+    """
     config = config or FimConfig()
-    _bounds(model, config)
+    check_bool("allow_trained", allow_trained)
+    _, _, _, infos = _bounds(model, config)
+    if not allow_trained:
+        check_fresh_adapter(infos, config.adapter_name)
     fisher = compute_fisher(model, dataloader, config, loss_fn)
     # All-reduced sums are identical on every process in exact arithmetic; broadcasting
     # rank 0's scores makes the allocation (and so the tensor shapes DDP checks) identical in practice too.
     scores = broadcast_object(compute_scores(fisher, config.aggregation))
     return allocation_from_scores(
-        model, scores, config, method="fim", extra_settings={"n_batches_used": fisher.n_batches}
+        model, scores, config, method="fim",
+        extra_settings={"n_batches_used": fisher.n_batches, "allow_trained": allow_trained},
     )
 
 
@@ -89,40 +103,56 @@ def random_allocation(model: nn.Module, seed: int, config: FimConfig | None = No
     )
 
 
+def _config_from_arguments(config: FimConfig | None, settings: Mapping) -> FimConfig:
+    """``config``, or a FimConfig of ``settings``; both at once is ambiguous and refused."""
+    if config is None:
+        return FimConfig(**settings)
+    if settings:
+        raise ValueError(
+            f"config: pass either config or the settings it holds, not both; also got {sorted(settings)} "
+            "(put them in the FimConfig)"
+        )
+    return config
+
+
 def apply_fim_ranks(
     model: nn.Module,
     dataloader: Iterable,
-    n_batches: int = 8,
-    r_min: int = 1,
+    n_batches: int | None = None,
+    r_min: int | None = None,
     r_max: int | None = None,
     budget: int | None = None,
-    estimator: str = "batch",
-    aggregation: str = "mean",
+    estimator: str | None = None,
+    aggregation: str | None = None,
     *,
     loss_fn: LossFn | None = None,
     config: FimConfig | None = None,
+    allow_trained: bool = False,
     **kwargs,
 ) -> RankAllocation:
     """Calibrate, allocate and resize the LoRA adapters of ``model`` in place.
 
-    ``model`` is a PEFT LoRA model straight after ``get_peft_model`` (B = 0).
-    Runs ``n_batches`` backward passes on ``dataloader`` batches (loss:
+    ``model`` is a PEFT LoRA model straight after ``get_peft_model`` (B = 0; a trained
+    adapter is refused unless ``allow_trained=True``), not yet wrapped in DDP/FSDP.
+    Runs ``n_batches`` (default 8) backward passes on ``dataloader`` batches (loss:
     ``model(**batch).loss``, a mean, or ``loss_fn(model, batch)``), scores each
-    module by its LoRA-B empirical Fisher (see :mod:`fimlora.fisher`), splits
-    ``budget`` (default: the current total rank) over the modules within
-    [r_min, r_max] (default r_max: 2 * r) and resizes every adapter. Further
+    module by its LoRA-B empirical Fisher (see :mod:`fimlora.fisher`; ``estimator``
+    default ``"batch"``, ``aggregation`` default ``"mean"``), splits ``budget``
+    (default: the current total rank, sum_m r_m) over the modules within
+    [r_min, r_max] (defaults 1 and 2 * r) and resizes every adapter. Further
     settings of :class:`FimConfig` (``scale``, ``adapter_name``, ``seed``, ...)
-    go in ``kwargs`` or as a whole ``config``.
+    go in ``kwargs``.
+
+    Alternatively pass the settings as one ``config``; then no setting may also be
+    given by name (``None`` counts as not given), and a conflict is a ValueError
+    naming the arguments rather than one silently winning.
 
     Returns the RankAllocation; build the optimizer after this call.
     """
-    if config is None:
-        config = FimConfig(
-            n_batches=n_batches, r_min=r_min, r_max=r_max, budget=budget,
-            estimator=estimator, aggregation=aggregation, **kwargs,
-        )
-    elif kwargs:
-        raise ValueError(f"config: pass either config or keyword settings, not both (got {sorted(kwargs)})")
-    allocation = compute_allocation(model, dataloader, config, loss_fn)
-    apply_allocation(model, allocation, config.adapter_name, seed=config.seed)
+    named = dict(n_batches=n_batches, r_min=r_min, r_max=r_max, budget=budget, estimator=estimator,
+                 aggregation=aggregation)
+    settings = {k: v for k, v in named.items() if v is not None}
+    config = _config_from_arguments(config, {**settings, **kwargs})
+    allocation = compute_allocation(model, dataloader, config, loss_fn, allow_trained=allow_trained)
+    apply_allocation(model, allocation, config.adapter_name, seed=config.seed, allow_trained=allow_trained)
     return allocation

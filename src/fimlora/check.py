@@ -1,26 +1,43 @@
 """``fimlora check``: the things that break rank_pattern adapters in practice.
 
 Reads ``adapter_config.json`` and the safetensors file of a saved PEFT adapter
-and reports: pattern keys that match no module, more than one module, or carry
-the ``base_model.model.`` prefix; modules matched by several keys (resolved in
-sorted order after a reload); ranks that disagree with the tensor shapes;
-inconsistent scaling; and the smallest vLLM ``max_lora_rank`` that serves it.
+and reports: unreadable or invalid files and config values; pattern keys that are
+not valid regexes, match no module, more than one module, or carry the
+``base_model.model.`` prefix; modules matched by several keys (resolved in sorted
+order after a reload); ranks that disagree with the tensor shapes; LoRA shapes that
+disagree with the base model's modules (an adapter made for another model size);
+NaN/inf values; inconsistent scaling; and the smallest vLLM ``max_lora_rank`` that
+serves it.
+
+``check_adapter`` runs one step per group of rules; each step returns a list of
+problems (or notes), so a broken file is reported rather than raised.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .modules import check_pattern_keys, pattern_matches
+from .allocation import lora_scaling
+from .config import check_int, check_number
+from .modules import check_pattern_keys, pattern_key_error, pattern_matches
 
 __all__ = ["CheckReport", "check_adapter", "VLLM_MAX_LORA_RANKS", "vllm_max_lora_rank"]
 
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
 _TENSOR = re.compile(r"^(?:base_model\.model\.)?(?P<name>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+_PEFT_DEFAULT_R, _PEFT_DEFAULT_ALPHA = 8, 8
+_PATTERNS = ("rank_pattern", "alpha_pattern")
+
+# name -> {"A": shape of lora_A (r, d_in), "B": shape of lora_B (d_out, r)}
+LoraShapes = dict[str, dict[str, tuple[int, ...]]]
+# name -> (d_in, d_out) of a linear-like base module, None for other modules
+BaseShapes = Mapping[str, "tuple[int, int] | None"]
 
 
 @dataclass
@@ -49,6 +66,10 @@ class CheckReport:
         return "\n".join(lines)
 
 
+class _Unreadable(Exception):
+    """A file the remaining checks cannot run without; its message is the one problem reported."""
+
+
 def vllm_max_lora_rank(max_rank: int) -> int | None:
     return next((v for v in VLLM_MAX_LORA_RANKS if v >= max_rank), None)
 
@@ -60,87 +81,229 @@ def _first_key(pattern: dict, name: str):
     return None
 
 
-def check_adapter(path: str | Path, base_module_names: list[str] | None = None) -> CheckReport:
-    """Check a saved adapter folder; ``base_module_names`` (all module names of the base model) sharpens key checks."""
-    from safetensors import safe_open
+def _problem(check, *args) -> list[str]:
+    """The config.py validators raise ValueError("field: rule, got value"); here that message is a problem."""
+    try:
+        check(*args)
+    except ValueError as e:
+        return [str(e)]
+    return []
 
-    path = Path(path)
-    report = CheckReport(str(path))
-    cfg_path = path / "adapter_config.json"
+
+# ----------------------------------------------------------------------------- step 1: read the files
+
+
+def read_adapter_config(cfg_path: Path) -> dict:
+    """``adapter_config.json`` as a dict; _Unreadable names the file when missing, not JSON or not an object."""
     if not cfg_path.exists():
-        report.problems.append(f"{cfg_path}: missing; not a PEFT adapter folder")
-        return report
-    cfg = json.loads(cfg_path.read_text())
-    weights = path / "adapter_model.safetensors"
-    if not weights.exists():
-        report.problems.append(f"{weights}: missing (only safetensors adapters are checked)")
-        return report
-    if cfg.get("peft_type") not in (None, "LORA"):
-        report.problems.append(f"peft_type: {cfg.get('peft_type')!r} is not LORA")
-    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
-    with safe_open(str(weights), framework="pt") as f:
-        for key in f.keys():
-            m = _TENSOR.match(key)
-            if not m:
-                continue
-            shape = tuple(f.get_slice(key).get_shape())
-            shapes.setdefault(m.group("name"), {})[m.group("ab")] = shape
-    if not shapes:
-        report.problems.append(f"{weights}: holds no LoRA A/B tensors")
-        return report
-    targets = list(shapes)
-    all_names = base_module_names or targets
-    rank_pattern = cfg.get("rank_pattern") or {}
-    alpha_pattern = cfg.get("alpha_pattern") or {}
-    for label, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
-        for p in check_pattern_keys(pattern, targets, all_names):
-            report.problems.append(f"{label}: {p}")
+        raise _Unreadable(f"{cfg_path}: missing; not a PEFT adapter folder")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _Unreadable(f"{cfg_path}: not valid JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise _Unreadable(f"{cfg_path}: must be a JSON object, got {type(cfg).__name__}")
+    return cfg
 
-    r0, alpha0 = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
-    rslora = bool(cfg.get("use_rslora", False))
+
+def read_lora_tensors(weights: Path) -> tuple[LoraShapes, list[str]]:
+    """(LoRA A/B shapes by module, problems with non-finite values) from reading every tensor of ``weights``.
+
+    Adapters are small (MBs), so values are read, not only the header.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    if not weights.exists():
+        raise _Unreadable(f"{weights}: missing (only safetensors adapters are checked)")
+    shapes: LoraShapes = {}
+    problems = []
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                m = _TENSOR.match(key)
+                if m:
+                    shapes.setdefault(m.group("name"), {})[m.group("ab")] = tuple(tensor.shape)
+                if tensor.is_floating_point():
+                    bad = int((~tensor.isfinite()).sum())
+                    if bad:
+                        problems.append(f"{key}: {bad} non-finite value(s) (NaN or inf)")
+    except (SafetensorError, OSError) as e:
+        raise _Unreadable(
+            f"{weights}: cannot be read as safetensors ({e}); truncated or not a safetensors file?"
+        ) from e
+    if not shapes:
+        raise _Unreadable(f"{weights}: holds no LoRA A/B tensors")
+    return shapes, problems
+
+
+def _as_base_shapes(base_modules: BaseShapes | Iterable[str] | None) -> BaseShapes | None:
+    if base_modules is None or isinstance(base_modules, Mapping):
+        return base_modules
+    return dict.fromkeys(base_modules)
+
+
+# ----------------------------------------------------------------------------- step 2: config values
+
+
+def config_problems(cfg: dict) -> list[str]:
+    """Values PEFT (or the checks below) cannot use: peft_type, r, lora_alpha, the patterns and their entries."""
+    problems = []
+    if cfg.get("peft_type") not in (None, "LORA"):
+        problems.append(f"peft_type: {cfg.get('peft_type')!r} is not LORA")
+    problems += _problem(check_int, "r", cfg.get("r", _PEFT_DEFAULT_R), 1)
+    problems += _problem(check_number, "lora_alpha", cfg.get("lora_alpha", _PEFT_DEFAULT_ALPHA), 0)
+    for label in _PATTERNS:
+        pattern = cfg.get(label) or {}
+        if not isinstance(pattern, dict):
+            problems.append(f"{label}: must be an object mapping key -> value, got {type(pattern).__name__}")
+            continue
+        for key, value in pattern.items():
+            error = pattern_key_error(key)
+            if error:
+                problems.append(f"{label}: {error}; PEFT cannot load the adapter")
+            if label == "rank_pattern":
+                problems += _problem(check_int, f"rank_pattern[{key!r}]", value, 1)
+            else:
+                problems += _problem(check_number, f"alpha_pattern[{key!r}]", value, 0)
+    return problems
+
+
+# ----------------------------------------------------------------------------- step 3: tensors against the base model
+
+
+def tensor_problems(shapes: LoraShapes, base: BaseShapes | None) -> list[str]:
+    """Half-saved modules, empty tensors, and A (r, d_in) / B (d_out, r) that disagree with the base module."""
+    problems = []
     for name, ab in shapes.items():
-        key = _first_key(rank_pattern, name)
-        r = int(rank_pattern[key]) if key is not None else r0
-        akey = _first_key(alpha_pattern, name)
-        alpha = float(alpha_pattern[akey]) if akey is not None else alpha0
         a_shape, b_shape = ab.get("A"), ab.get("B")
         if a_shape is None or b_shape is None:
-            report.problems.append(f"{name}: has only lora_{'A' if a_shape else 'B'}")
+            problems.append(f"{name}: has only lora_{'A' if a_shape else 'B'}")
             continue
         if 0 in a_shape or 0 in b_shape:
-            report.problems.append(f"{name}: empty LoRA tensor {a_shape} / {b_shape} (a ZeRO-3 or sharded save?)")
+            problems.append(f"{name}: empty LoRA tensor {a_shape} / {b_shape} (a ZeRO-3 or sharded save?)")
             continue
+        if base is None:
+            continue
+        if name not in base:
+            problems.append(f"{name}: no such module in the base model")
+            continue
+        expected = base[name]
+        # Only linear-like modules have a known (d_in, d_out); conv/embedding LoRA is not compared.
+        if expected is not None and len(a_shape) == 2 and (a_shape[1], b_shape[0]) != tuple(expected):
+            problems.append(
+                f"{name}: lora_A has d_in {a_shape[1]} and lora_B has d_out {b_shape[0]}, but the base module is "
+                f"(d_in, d_out) = ({expected[0]}, {expected[1]}); the adapter was made for a model of another size "
+                "and fails to load"
+            )
+    return problems
+
+
+# ----------------------------------------------------------------------------- step 4: ranks and scales
+
+
+def rank_and_scale_problems(cfg: dict, shapes: LoraShapes, report: CheckReport) -> list[str]:
+    """Config rank (rank_pattern, else r) against the tensors; fills ``report.ranks`` and ``report.scalings``.
+
+    Scaling per module is PEFT's alpha_m / r_m (alpha_m / sqrt(r_m) with rsLoRA), from the config.
+    """
+    problems = []
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    r0, alpha0 = cfg.get("r", _PEFT_DEFAULT_R), float(cfg.get("lora_alpha", _PEFT_DEFAULT_ALPHA))
+    rslora = bool(cfg.get("use_rslora", False))
+    for name, ab in shapes.items():
+        a_shape, b_shape = ab.get("A"), ab.get("B")
+        if a_shape is None or b_shape is None or 0 in a_shape or 0 in b_shape:
+            continue  # reported by tensor_problems
+        key = _first_key(rank_pattern, name)
+        r = rank_pattern[key] if key is not None else r0
+        akey = _first_key(alpha_pattern, name)
+        alpha = float(alpha_pattern[akey]) if akey is not None else alpha0
         if a_shape[0] != r or b_shape[1] != r:
-            report.problems.append(
+            problems.append(
                 f"{name}: config gives rank {r} (key {key!r}) but tensors are A{list(a_shape)}, B{list(b_shape)}; "
                 "loading fails with a size mismatch"
             )
         report.ranks[name] = int(a_shape[0])
-        scaling = alpha / (math.sqrt(r) if rslora else r)
-        if not (math.isfinite(scaling) and scaling > 0):
-            report.problems.append(f"{name}: scaling alpha/r = {alpha}/{r} is not a finite positive number")
-        report.scalings[name] = scaling
+        report.scalings[name] = lora_scaling(alpha, r, rslora)
+    return problems
+
+
+def scaling_notes(cfg: dict, report: CheckReport) -> list[str]:
+    """Whether every module has one scale (what vLLM applies), and pattern entries without an alpha."""
+    r0, alpha0 = cfg.get("r", _PEFT_DEFAULT_R), cfg.get("lora_alpha", _PEFT_DEFAULT_ALPHA)
+    base_scaling = lora_scaling(alpha0, r0, bool(cfg.get("use_rslora", False)))
+    notes = []
     distinct = sorted({round(s, 9) for s in report.scalings.values()})
-    base_scaling = alpha0 / (math.sqrt(r0) if rslora else r0)
     if len(distinct) == 1:
-        report.notes.append(f"scaling {distinct[0]:g} on every module (base alpha/r = {base_scaling:g})")
+        notes.append(f"scaling {distinct[0]:g} on every module (base alpha/r = {base_scaling:g})")
     elif distinct:
-        report.notes.append(f"scaling varies over modules: {distinct[0]:g} .. {distinct[-1]:g} "
-                            f"(base alpha/r = {base_scaling:g}; expected with scale='fixed_alpha')")
-    changed = [n for n in targets if _first_key(rank_pattern, n) is not None and _first_key(alpha_pattern, n) is None
-               and report.ranks.get(n) != r0]
+        notes.append(f"scaling varies over modules: {distinct[0]:g} .. {distinct[-1]:g} "
+                     f"(base alpha/r = {base_scaling:g}; expected with scale='fixed_alpha')")
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    changed = [n for n in report.ranks if _first_key(rank_pattern, n) is not None
+               and _first_key(alpha_pattern, n) is None and report.ranks[n] != r0]
     if changed:
-        report.notes.append(f"{len(changed)} module(s) have a rank_pattern entry but no alpha_pattern entry; "
-                            f"their scale is alpha/r_m (e.g. {changed[0]})")
+        notes.append(f"{len(changed)} module(s) have a rank_pattern entry but no alpha_pattern entry; "
+                     f"their scale is alpha/r_m (e.g. {changed[0]})")
+    return notes
+
+
+# ----------------------------------------------------------------------------- step 5: vLLM
+
+
+def vllm_findings(cfg: dict, report: CheckReport) -> tuple[list[str], list[str]]:
+    """(problems, notes) for serving with vLLM; sets ``report.vllm_max_lora_rank``."""
+    problems, notes = [], []
     if report.ranks:
-        report.vllm_max_lora_rank = vllm_max_lora_rank(max(max(report.ranks.values()), r0))
+        largest = max(max(report.ranks.values()), cfg.get("r", _PEFT_DEFAULT_R))
+        report.vllm_max_lora_rank = vllm_max_lora_rank(largest)
         if report.vllm_max_lora_rank is None:
-            report.problems.append(f"rank {max(report.ranks.values())} exceeds vLLM's largest max_lora_rank 512")
+            problems.append(f"rank {largest} exceeds vLLM's largest max_lora_rank {VLLM_MAX_LORA_RANKS[-1]}")
     if cfg.get("use_dora"):
-        report.notes.append("use_dora=True: vLLM refuses DoRA adapters")
+        notes.append("use_dora=True: vLLM refuses DoRA adapters")
     if cfg.get("lora_bias"):
-        report.notes.append("lora_bias=True: vLLM refuses LoRA bias")
+        notes.append("lora_bias=True: vLLM refuses LoRA bias")
     init = cfg.get("init_lora_weights")
     if isinstance(init, str) and init.lower().split("_")[0] in ("pissa", "olora", "corda", "loftq"):
-        report.notes.append(f"init_lora_weights={init!r} changes the base weights; vLLM refuses it")
+        notes.append(f"init_lora_weights={init!r} changes the base weights; vLLM refuses it")
+    return problems, notes
+
+
+# ----------------------------------------------------------------------------- the check
+
+
+def check_adapter(path: str | Path, base_modules: BaseShapes | Iterable[str] | None = None) -> CheckReport:
+    """Check a saved adapter folder; problems are reported in the returned CheckReport, not raised.
+
+    ``base_modules`` (optional) describes the base model: a dict of every module name ->
+    (d_in, d_out) for linear-like modules or None for others (as ``base_module_shapes`` gives),
+    or just the names. It sharpens the pattern-key checks, and with shapes each LoRA module's
+    A (r, d_in) and B (d_out, r) are compared with its base module.
+    """
+    path = Path(path)
+    report = CheckReport(str(path))
+    try:
+        cfg = read_adapter_config(path / CONFIG_NAME)
+        shapes, non_finite = read_lora_tensors(path / WEIGHTS_NAME)
+    except _Unreadable as e:
+        report.problems.append(str(e))
+        return report
+    report.problems += non_finite
+    base = _as_base_shapes(base_modules)
+    report.problems += tensor_problems(shapes, base)
+    bad_config = config_problems(cfg)
+    if bad_config:
+        # The key and rank checks below would trip over the same values.
+        report.problems += bad_config
+        return report
+    targets = list(shapes)
+    all_names = list(base) if base is not None else targets
+    for label in _PATTERNS:
+        report.problems += [f"{label}: {p}" for p in check_pattern_keys(cfg.get(label) or {}, targets, all_names)]
+    report.problems += rank_and_scale_problems(cfg, shapes, report)
+    report.notes += scaling_notes(cfg, report)
+    vllm_problems, vllm_notes = vllm_findings(cfg, report)
+    report.problems += vllm_problems
+    report.notes += vllm_notes
     return report

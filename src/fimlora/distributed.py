@@ -12,7 +12,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["is_distributed", "is_main_process", "all_reduce_sums", "broadcast_object", "check_not_sharded"]
+__all__ = [
+    "is_distributed",
+    "is_main_process",
+    "all_reduce_sums",
+    "broadcast_object",
+    "check_not_sharded",
+    "check_not_wrapped",
+    "wrapped_advice",
+]
+
+_SHARDED_ADVICE = ("calibrate and resize the full (unwrapped) PEFT model in every process first, then wrap or "
+                   "shard it (accelerate/Trainer do this when training starts); see fimlora.distributed")
 
 
 def is_distributed() -> bool:
@@ -53,17 +64,38 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def wrapped_advice(wrapper: nn.Module) -> str:
+    """What to do about a PEFT model found inside ``wrapper`` (DDP, FSDP, DeepSpeed, accelerate, ...)."""
+    advice = "calibrate before wrapping: call apply_fim_ranks on the PeftModel before DDP/FSDP wraps it"
+    # FSDP's inner module holds flat, sharded parameters, so handing it over does not help.
+    if "FullyShardedDataParallel" in type(wrapper).__name__:
+        return advice
+    return advice + " (or pass model.module)"
+
+
+def check_not_wrapped(model: nn.Module, inner_types: tuple[type, ...]) -> None:
+    """Refuse a wrapper whose ``.module`` chain leads to an ``inner_types`` model (a PeftModel), naming the fix."""
+    inner = model
+    # Bounded: real wrapper chains are a few deep, and a module may (oddly) be its own ``.module``.
+    for _ in range(16):
+        inner = getattr(inner, "module", None)
+        if not isinstance(inner, nn.Module):
+            return
+        if isinstance(inner, inner_types):
+            raise ValueError(f"model: the PEFT model is wrapped in {type(model).__name__}; {wrapped_advice(model)}")
+
+
 def check_not_sharded(model: nn.Module) -> None:
     """Refuse FSDP-wrapped, FSDP2/DTensor-sharded or ZeRO-3-partitioned models with what to do instead."""
-    advice = ("calibrate and resize the full (unwrapped) PEFT model in every process first, then wrap or "
-              "shard it (accelerate/Trainer do this when training starts); see fimlora.distributed")
     for name, module in model.named_modules():
         if type(module).__name__ in ("FullyShardedDataParallel", "DistributedDataParallel"):
-            raise ValueError(f"model: {name or 'the model'} is wrapped in {type(module).__name__}; {advice}")
+            raise ValueError(
+                f"model: {name or 'the model'} is wrapped in {type(module).__name__}; {wrapped_advice(module)}"
+            )
     for name, p in model.named_parameters():
         if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
-            raise ValueError(f"model: parameter {name} is a sharded DTensor (FSDP2); {advice}")
+            raise ValueError(f"model: parameter {name} is a sharded DTensor (FSDP2); {_SHARDED_ADVICE}")
         if hasattr(p, "ds_id") or hasattr(p, "ds_numel"):
-            raise ValueError(f"model: parameter {name} is partitioned by DeepSpeed ZeRO-3; {advice}")
+            raise ValueError(f"model: parameter {name} is partitioned by DeepSpeed ZeRO-3; {_SHARDED_ADVICE}")
         if p.numel() == 0:
-            raise ValueError(f"model: parameter {name} is empty (a sharded or partitioned model?); {advice}")
+            raise ValueError(f"model: parameter {name} is empty (a sharded or partitioned model?); {_SHARDED_ADVICE}")

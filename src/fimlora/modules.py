@@ -14,14 +14,18 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .distributed import check_not_wrapped
+
 __all__ = [
     "LoraModuleInfo",
     "base_model_of",
     "lora_config_of",
     "lora_modules",
     "pattern_matches",
+    "pattern_key_error",
     "check_pattern_keys",
     "check_same_modules",
+    "check_fresh_adapter",
 ]
 
 _SUPPORTED_INITS = (True, False, "gaussian")
@@ -40,7 +44,11 @@ class LoraModuleInfo:
 
 
 def base_model_of(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PeftModel (or a LoraModel)."""
+    """The transformers model inside a PeftModel (or a LoraModel).
+
+    A PeftModel inside a training wrapper (DDP, accelerate, ...) is refused with a ValueError
+    saying to calibrate before wrapping; any other model is a TypeError.
+    """
     from peft import PeftModel
     from peft.tuners.lora import LoraModel
 
@@ -48,6 +56,7 @@ def base_model_of(model: nn.Module) -> nn.Module:
         model = model.base_model
     if isinstance(model, LoraModel):
         return model.model
+    check_not_wrapped(model, (PeftModel, LoraModel))
     raise TypeError(
         f"model: expected a peft.PeftModel (or LoraModel) with LoRA adapters, got {type(model).__name__}; "
         "wrap it first with peft.get_peft_model(model, LoraConfig(...))"
@@ -141,6 +150,22 @@ def lora_modules(model: nn.Module, adapter_name: str = "default") -> list[LoraMo
     return found
 
 
+def check_fresh_adapter(infos: list[LoraModuleInfo], adapter_name: str = "default") -> None:
+    """Raise ValueError naming the first module whose LoRA-B is not all zero.
+
+    FIM-LoRA scores dL/dB at B = 0, the state PEFT leaves straight after ``get_peft_model``;
+    on a trained adapter the scores mean something else and shrinking drops trained components.
+    """
+    for info in infos:
+        b = info.layer.lora_B[adapter_name].weight.detach()
+        if (b != 0).any():
+            raise ValueError(
+                f"model: LoRA-B of {info.name!r} is non-zero (max |B| = {b.abs().max().item():.3g}); calibration "
+                "assumes a freshly initialised adapter (B = 0, straight after get_peft_model), and resizing a "
+                "trained one drops trained rank components; pass allow_trained=True to calibrate it anyway"
+            )
+
+
 def check_same_modules(field: str, keys: Iterable[str], expected: Iterable[str], what: str) -> None:
     """Raise ValueError unless ``keys`` are exactly the module names ``expected`` (``what`` describes them)."""
     keys, expected = list(keys), list(expected)
@@ -158,6 +183,17 @@ def pattern_matches(key: str, module_name: str) -> bool:
     return re.match(rf"(.*\.)?({key})$", module_name) is not None
 
 
+def pattern_key_error(key: str) -> str | None:
+    """Why PEFT cannot use ``key`` as a pattern key (it is not a valid regex), or None."""
+    if not isinstance(key, str):
+        return f"key {key!r} is not a string"
+    try:
+        re.compile(key)
+    except re.error as e:
+        return f"key {key!r} is not a valid regular expression ({e})"
+    return None
+
+
 def check_pattern_keys(
     pattern: dict[str, object], target_names: Iterable[str], all_names: Iterable[str]
 ) -> list[str]:
@@ -169,9 +205,11 @@ def check_pattern_keys(
     """
     targets = list(target_names)
     names = list(all_names)
-    problems = []
-    sorted_keys = sorted(pattern)
-    for key in pattern:
+    problems = [error for error in map(pattern_key_error, pattern) if error]
+    # An invalid key would raise inside every match below; it is reported once above instead.
+    valid = [key for key in pattern if pattern_key_error(key) is None]
+    sorted_keys = sorted(valid)
+    for key in valid:
         if key.startswith("base_model.model."):
             problems.append(f"key {key!r} carries PEFT's wrapper prefix 'base_model.model.' and matches nothing")
             continue

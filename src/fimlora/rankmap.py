@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -89,23 +90,36 @@ def format_rank_table(alloc: RankAllocation) -> str:
     return "\n".join(lines)
 
 
+def _plotting():
+    """matplotlib's ``Figure`` and ``rc_context``, or an ImportError naming the extra to install."""
+    try:
+        from matplotlib import rc_context
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError("plot_rank_map: drawing needs matplotlib; pip install 'fimlora[plot]'") from e
+    return Figure, rc_context
+
+
 def plot_rank_map(alloc: RankAllocation, path: str | Path, scores: bool = True, title: str | None = None) -> Path:
-    """Heatmap of layer x module type with the rank in each cell; scores (log10) as a second panel."""
-    import matplotlib
+    """Heatmap of layer x module type with the rank in each cell; scores (log10) as a second panel.
 
-    matplotlib.use("Agg")
-    import math
-
-    import matplotlib.pyplot as plt
-
+    The image is (1.1 * types * panels + 2) x (0.35 * layers + 2.2) inches at 120 dpi; the format
+    follows the suffix (``.png``, ``.svg``, ...). SVG keeps text as text, so the ranks stay searchable.
+    Raises ValueError when no module name has a layer index, ImportError without matplotlib.
+    """
     layers, types, grid, _ = rank_grid(alloc.ranks)
     if not layers:
-        raise ValueError("rank map: no module has a layer index; nothing to plot as a grid")
+        raise ValueError(
+            f"rank map: no module name has a layer index (like model.layers.3.self_attn.q_proj), got "
+            f"{list(alloc.ranks)[:3]}; nothing to plot as a grid"
+        )
+    Figure, rc_context = _plotting()
     panels = [("rank", alloc.ranks)]
     if scores:
         panels.append(("log10 score", {n: math.log10(s) if s > 0 else float("nan") for n, s in alloc.scores.items()}))
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.1 * len(types) * len(panels) + 2, 0.35 * len(layers) + 2.2),
-                             squeeze=False)
+    # A bare Figure, not pyplot: no global backend switch and no figure registry in the caller's process.
+    fig = Figure(figsize=(1.1 * len(types) * len(panels) + 2, 0.35 * len(layers) + 2.2))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (label, values) in zip(axes[0], panels):
         _, _, g, _ = rank_grid(values)
         data = [[g.get((l, t), float("nan")) for t in types] for l in layers]
@@ -126,6 +140,6 @@ def plot_rank_map(alloc: RankAllocation, path: str | Path, scores: bool = True, 
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with rc_context({"svg.fonttype": "none"}):
+        fig.savefig(path, dpi=120)
     return path

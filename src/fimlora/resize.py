@@ -9,6 +9,10 @@ and ``r``, ``lora_alpha`` and ``scaling`` on the layer plus ``rank_pattern`` and
 ``alpha_pattern`` in the config are updated together, because PEFT recomputes
 scaling from (r, lora_alpha, use_rslora) on reload and in ``set_scale``.
 All new tensors are built and checked before any is swapped in.
+
+The module's update is scaling * B A = scaling * sum_j B[:, j] A[j]; shrinking drops the terms
+j >= r', which are zero for a fresh adapter (B = 0). With trained B they are not, so shrinking a
+trained module is refused unless ``allow_trained=True``; growing keeps every term.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 from torch import nn
 
 from .allocation import RankAllocation, lora_scaling
-from .config import check_int, check_number
+from .config import check_bool, check_int, check_number
 from .modules import LoraModuleInfo, check_same_modules, lora_config_of, lora_modules
 
 __all__ = ["apply_allocation", "resized_lora_weights"]
@@ -91,8 +95,27 @@ def _validate(allocation: RankAllocation, infos: list[LoraModuleInfo]) -> None:
         check_number(f"allocation.alphas[{info.name!r}]", allocation.alphas[info.name], minimum=0)
 
 
+def _check_keeps_trained(allocation: RankAllocation, infos: list[LoraModuleInfo], adapter_name: str) -> None:
+    """Refuse shrinking r -> r' where the dropped LoRA-B columns B[:, r':] are non-zero (output would change)."""
+    for info in infos:
+        new_r = allocation.ranks[info.name]
+        dropped = info.layer.lora_B[adapter_name].weight.detach()[:, new_r:]
+        if new_r < info.r and (dropped != 0).any():
+            raise ValueError(
+                f"allocation.ranks[{info.name!r}]: shrinking from r={info.r} to {new_r} drops trained rank "
+                f"components (LoRA-B columns {new_r}..{info.r - 1} are non-zero, max |B| = "
+                f"{dropped.abs().max().item():.3g}), so the module's output would change; resize a freshly "
+                "initialised adapter (B = 0), or pass allow_trained=True to truncate anyway"
+            )
+
+
 def apply_allocation(
-    model: nn.Module, allocation: RankAllocation, adapter_name: str = "default", seed: int | None = None
+    model: nn.Module,
+    allocation: RankAllocation,
+    adapter_name: str = "default",
+    seed: int | None = None,
+    *,
+    allow_trained: bool = False,
 ) -> nn.Module:
     """Resize every LoRA module of ``adapter_name`` to ``allocation.ranks`` in place.
 
@@ -101,12 +124,17 @@ def apply_allocation(
     Parameters are replaced by new objects: build the optimizer afterwards.
     On any error the model is left untouched. New A rows are drawn from
     ``seed`` (default: the seed recorded in the allocation's settings).
+    Shrinking a module whose dropped LoRA-B columns are non-zero (a trained adapter)
+    is refused unless ``allow_trained=True``; growing one is always exact.
     """
+    check_bool("allow_trained", allow_trained)
     if seed is None:
         seed = int(allocation.settings.get("seed", 0))
     config = lora_config_of(model, adapter_name)
     infos = lora_modules(model, adapter_name)
     _validate(allocation, infos)
+    if not allow_trained:
+        _check_keeps_trained(allocation, infos, adapter_name)
     if bool(config.use_rslora) != bool(allocation.use_rslora):
         raise ValueError(
             f"allocation.use_rslora: is {allocation.use_rslora} but the adapter's config has "

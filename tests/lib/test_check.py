@@ -1,0 +1,192 @@
+"""`fimlora check` on good and broken adapters."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import fimlora
+from fimlora import check_pattern_keys
+from fimlora.check import check_adapter, vllm_max_lora_rank
+from tests.references import llama_base, lm_batches, lora_llama, tiny_llama
+
+
+def test_vllm_rank():
+    assert [vllm_max_lora_rank(r) for r in (1, 2, 8, 9, 16, 17, 300, 513)] == [1, 8, 8, 16, 16, 32, 320, None]
+
+
+@pytest.fixture
+def saved_adapter(tmp_path):
+    model = lora_llama(layers=12)
+    fimlora.apply_fim_ranks(model, lm_batches(), n_batches=2, progress=False)
+    model.save_pretrained(tmp_path / "a")
+    return tmp_path / "a", model
+
+
+def test_check_passes_on_fimlora_adapter(saved_adapter):
+    path, model = saved_adapter
+    names = [n for n, _ in model.base_model.model.named_modules()]
+    report = check_adapter(path, names)
+    assert report.ok, report.format()
+    assert report.vllm_max_lora_rank == vllm_max_lora_rank(max(report.ranks.values()))
+    assert len(report.ranks) == 84
+
+
+def rewrite_config(path, **changes):
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    for k, fn in changes.items():
+        cfg[k] = fn(cfg[k])
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def test_check_catches_prefixed_keys(saved_adapter):
+    path, _ = saved_adapter
+    rewrite_config(path, rank_pattern=lambda p: {f"base_model.model.{k}": v for k, v in p.items()})
+    report = check_adapter(path)
+    assert not report.ok
+    assert any("wrapper prefix" in p for p in report.problems)
+    assert any("size mismatch" in p for p in report.problems)
+
+
+def test_check_catches_shadowing_key(saved_adapter):
+    path, _ = saved_adapter
+    rewrite_config(path, rank_pattern=lambda p: {**p, "q_proj": 3})
+    report = check_adapter(path)
+    assert any("is matched by 2 keys" in p for p in report.problems)
+
+
+def test_check_catches_rank_tensor_mismatch(saved_adapter):
+    path, _ = saved_adapter
+    rewrite_config(path, rank_pattern=lambda p: {k: v + 1 if i == 0 else v for i, (k, v) in enumerate(p.items())})
+    report = check_adapter(path)
+    assert any("config gives rank" in p for p in report.problems)
+
+
+def test_check_catches_empty_tensors(saved_adapter):
+    path, _ = saved_adapter
+    sd = load_file(path / "adapter_model.safetensors")
+    key = next(k for k in sd if "lora_A" in k)
+    sd[key] = torch.zeros(0)
+    save_file(sd, path / "adapter_model.safetensors")
+    report = check_adapter(path)
+    assert any("empty LoRA tensor" in p for p in report.problems)
+
+
+# ----------------------------------------------------------------------------- base model shapes
+
+
+def shapes_of(model):
+    """What ``base_module_shapes`` gives the CLI: name -> (d_in, d_out) for linears, None otherwise; names both
+    bare (inside the AutoModel) and with the task model's prefix."""
+    bare = {n: (m.in_features, m.out_features) if isinstance(m, torch.nn.Linear) else None
+            for n, m in model.model.named_modules()}
+    return {**bare, **{(f"model.{n}" if n else "model"): s for n, s in bare.items()}}
+
+
+def test_check_passes_with_matching_base_shapes(saved_adapter):
+    path, _ = saved_adapter
+    report = check_adapter(path, shapes_of(tiny_llama(layers=12)))
+    assert report.ok, report.format()
+
+
+def test_check_catches_adapter_for_another_width(saved_adapter):
+    path, _ = saved_adapter
+    report = check_adapter(path, shapes_of(llama_base(layers=12, hidden=32, vocab=64)))
+    assert not report.ok
+    text = "\n".join(report.problems)
+    assert ("model.layers.0.self_attn.q_proj: lora_A has d_in 16 and lora_B has d_out 16, but the base module is "
+            "(d_in, d_out) = (32, 32); the adapter was made for a model of another size") in text
+    assert "model.layers.0.mlp.down_proj: lora_A has d_in 32 and lora_B has d_out 16, but the base module is " \
+           "(d_in, d_out) = (80, 32)" in text
+    assert len(report.problems) == 84
+
+
+def test_check_catches_modules_missing_from_base(saved_adapter):
+    path, _ = saved_adapter
+    report = check_adapter(path, shapes_of(tiny_llama(layers=2)))
+    assert "model.layers.2.self_attn.q_proj: no such module in the base model" in report.problems
+    assert sum("no such module" in p for p in report.problems) == 70
+
+
+def test_check_catches_non_finite_values(saved_adapter):
+    path, _ = saved_adapter
+    sd = load_file(path / "adapter_model.safetensors")
+    b_key = next(k for k in sd if "layers.3" in k and "lora_B" in k)
+    a_key = next(k for k in sd if "layers.5" in k and "lora_A" in k)
+    sd[b_key][0, 0] = float("nan")
+    sd[a_key][1, 2] = float("-inf")
+    save_file(sd, path / "adapter_model.safetensors")
+    report = check_adapter(path)
+    assert f"{b_key}: 1 non-finite value(s) (NaN or inf)" in report.problems
+    assert f"{a_key}: 1 non-finite value(s) (NaN or inf)" in report.problems
+    assert len(report.problems) == 2
+
+
+# ----------------------------------------------------------------------------- unreadable or invalid files
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", r"adapter_config.json: not valid JSON \(Expecting property name"),
+    ("[1, 2]", r"adapter_config.json: must be a JSON object, got list"),
+    ("", r"adapter_config.json: not valid JSON"),
+], ids=["broken", "list", "empty"])
+def test_check_reports_unreadable_config(saved_adapter, text, message):
+    path, _ = saved_adapter
+    (path / "adapter_config.json").write_text(text)
+    report = check_adapter(path)
+    assert len(report.problems) == 1 and re.match(re.escape(str(path)) + "/" + message, report.problems[0]), \
+        report.problems
+    assert "FAILED: 1 problem(s)" in report.format()
+
+
+@pytest.mark.parametrize("keep", [0, 7, 200, -40], ids=["empty", "short-header", "truncated-header", "truncated"])
+def test_check_reports_unreadable_weights(saved_adapter, keep):
+    path, _ = saved_adapter
+    weights = path / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:keep])
+    report = check_adapter(path)
+    assert len(report.problems) == 1
+    assert report.problems[0].startswith(f"{weights}: cannot be read as safetensors (")
+    assert "truncated or not a safetensors file" in report.problems[0]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("r", 0, "r: must be >= 1, got 0"),
+    ("r", -4, "r: must be >= 1, got -4"),
+    ("r", 2.5, "r: must be an integer, got 2.5"),
+    ("r", "8", "r: must be an integer, got '8'"),
+    ("lora_alpha", None, "lora_alpha: must be a finite number, got None"),
+    ("rank_pattern", [["model.layers.0.self_attn.q_proj", 2]],
+     "rank_pattern: must be an object mapping key -> value, got list"),
+    ("alpha_pattern", "q_proj=4", "alpha_pattern: must be an object mapping key -> value, got str"),
+], ids=["r0", "r-neg", "r-float", "r-str", "alpha-none", "rank-pattern-list", "alpha-pattern-str"])
+def test_check_reports_invalid_config_values(saved_adapter, field, value, message):
+    path, _ = saved_adapter
+    rewrite_config(path, **{field: lambda _: value})
+    report = check_adapter(path)
+    assert message in report.problems, report.problems
+    assert not report.ok
+
+
+def test_check_reports_invalid_pattern_entries(saved_adapter):
+    path, _ = saved_adapter
+    rewrite_config(path, rank_pattern=lambda p: {**p, "layers.0.(q_proj": 2, "model.layers.1.mlp.up_proj": 0},
+                   alpha_pattern=lambda p: {**p, "[v_proj": 4.0, "model.layers.1.mlp.up_proj": float("nan")})
+    report = check_adapter(path)
+    text = "\n".join(report.problems)
+    assert "rank_pattern: key 'layers.0.(q_proj' is not a valid regular expression (missing ), unterminated " \
+           "subpattern at position 9); PEFT cannot load the adapter" in text
+    assert "alpha_pattern: key '[v_proj' is not a valid regular expression" in text
+    assert "rank_pattern['model.layers.1.mlp.up_proj']: must be >= 1, got 0" in text
+    assert "alpha_pattern['model.layers.1.mlp.up_proj']: must be a finite number, got nan" in text
+
+
+def test_check_pattern_keys_reports_invalid_regex_instead_of_raising():
+    problems = check_pattern_keys({"(q_proj": 2, "q_proj": 3}, ["a.q_proj"], ["a", "a.q_proj"])
+    assert problems == ["key '(q_proj' is not a valid regular expression (missing ), unterminated subpattern at "
+                        "position 0)"]
