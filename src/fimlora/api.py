@@ -15,7 +15,7 @@ from .modules import check_fresh_adapter, check_same_modules, lora_config_of, lo
 from .resize import apply_allocation
 from .waterfill import allocate_ranks, random_scores, validate_allocation_inputs
 
-__all__ = ["apply_fim_ranks", "compute_allocation", "allocation_from_scores", "random_allocation"]
+__all__ = ["resolve_config", "apply_fim_ranks", "compute_allocation", "allocation_from_scores", "random_allocation"]
 
 
 def _bounds(model: nn.Module, config: FimConfig) -> tuple[int, int, int, list]:
@@ -103,7 +103,7 @@ def random_allocation(model: nn.Module, seed: int, config: FimConfig | None = No
     )
 
 
-def _config_from_arguments(config: FimConfig | None, settings: Mapping) -> FimConfig:
+def resolve_config(config: FimConfig | None, settings: Mapping) -> FimConfig:
     """``config``, or a FimConfig of ``settings``; both at once is ambiguous and refused."""
     if config is None:
         return FimConfig(**settings)
@@ -152,7 +152,7 @@ def apply_fim_ranks(
     named = dict(n_batches=n_batches, r_min=r_min, r_max=r_max, budget=budget, estimator=estimator,
                  aggregation=aggregation)
     settings = {k: v for k, v in named.items() if v is not None}
-    config = _config_from_arguments(config, {**settings, **kwargs})
+    config = resolve_config(config, {**settings, **kwargs})
     allocation = compute_allocation(model, dataloader, config, loss_fn, allow_trained=allow_trained)
     apply_allocation(model, allocation, config.adapter_name, seed=config.seed, allow_trained=allow_trained)
     return allocation

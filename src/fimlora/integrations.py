@@ -26,7 +26,7 @@ import torch
 from transformers import TrainerCallback
 
 from .allocation import RankAllocation
-from .api import apply_fim_ranks
+from .api import apply_fim_ranks, resolve_config
 from .config import FimConfig
 from .distributed import is_main_process
 
@@ -108,28 +108,28 @@ def _unwrapped(model):
     return getattr(model, "module", model)
 
 
-def calibrate_trainer(trainer, config: FimConfig | None = None, save: bool = True, **kwargs) -> RankAllocation:
+def calibrate_trainer(trainer, config: FimConfig | None = None, save: bool = True, allow_trained: bool = False,
+                      **kwargs) -> RankAllocation:
     """Calibrate and resize ``trainer.model`` on the trainer's own first training batches.
 
     Call after building the Trainer and before ``trainer.train()``. Settings go
     in ``config`` or as :class:`FimConfig` keyword arguments. On the main process
     the rank map is written to ``args.output_dir`` (``rank_map.json``/``.png``)
-    and logged to the configured trackers when training starts.
+    and logged to the configured trackers when training starts. A trained adapter
+    (non-zero LoRA-B) is refused unless ``allow_trained=True`` (see :func:`fimlora.apply_fim_ranks`).
     """
     if trainer.optimizer is not None:
         raise ValueError(
             "trainer: an optimizer already exists and would keep the old LoRA parameters; call "
             "calibrate_trainer before trainer.train() and without passing optimizers=(...) to the Trainer"
         )
-    if kwargs and config is not None:
-        raise ValueError(f"config: pass either config or keyword settings, not both (got {sorted(kwargs)})")
     if config is None:
         kwargs.setdefault("progress", not trainer.args.disable_tqdm)
-        config = FimConfig(**kwargs)
+    config = resolve_config(config, kwargs)
     model = _unwrapped(trainer.model)
     with preserved_rng():
         loader = trainer.get_train_dataloader()
-        allocation = apply_fim_ranks(model, loader, config=config)
+        allocation = apply_fim_ranks(model, loader, config=config, allow_trained=allow_trained)
     warn_if_single_cpu_process(trainer.args.world_size)
     allocation.settings["trainer"] = {"per_device_train_batch_size": trainer.args.per_device_train_batch_size,
                                       "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,

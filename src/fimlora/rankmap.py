@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from .allocation import RankAllocation
+from .extras import require
 
 __all__ = ["split_name", "rank_grid", "group_stats", "format_rank_table", "plot_rank_map"]
 
@@ -92,12 +93,10 @@ def format_rank_table(alloc: RankAllocation) -> str:
 
 def _plotting():
     """matplotlib's ``Figure`` and ``rc_context``, or an ImportError naming the extra to install."""
-    try:
-        from matplotlib import rc_context
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise ImportError("plot_rank_map: drawing needs matplotlib; pip install 'fimlora[plot]'") from e
-    return Figure, rc_context
+    matplotlib = require("matplotlib", "plot", "plot_rank_map: drawing the rank map")
+    from matplotlib.figure import Figure
+
+    return Figure, matplotlib.rc_context
 
 
 def plot_rank_map(alloc: RankAllocation, path: str | Path, scores: bool = True, title: str | None = None) -> Path:
