@@ -171,7 +171,7 @@ def _nonfinite_gradient_error(module: str, batch_index: int, loss: torch.Tensor)
 
 @dataclass
 class _Run:
-    """What the loop needs besides the estimator."""
+    """What one calibration backward needs besides the estimator."""
 
     model: nn.Module
     loss_fn: LossFn
@@ -218,7 +218,8 @@ def _calibrate(run: _Run, estimator: Estimator, dataloader: Iterable, n_batches:
     return n_done
 
 
-def _warn_about_run(n_done: int, n_batches: int, no_grad_modules: set[str]) -> None:
+def _check_run(n_done: int, n_batches: int, no_grad_modules: set[str]) -> None:
+    """Refuse an empty dataloader; warn about a short one and about modules no gradient reached."""
     if n_done == 0:
         raise ValueError("dataloader: yielded no batches; calibration needs at least one batch")
     if n_done < n_batches:
@@ -276,7 +277,7 @@ def compute_fisher(
     estimator = make_estimator(config.estimator, infos, adapter, loss_scale, config.loss_reduction)
     with calibration_state(model, infos, adapter, config.train_mode), estimator.hooks():
         n_done = _calibrate(run, estimator, dataloader, config.n_batches, config.progress)
-    _warn_about_run(n_done, config.n_batches, estimator.no_grad_modules)
+    _check_run(n_done, config.n_batches, estimator.no_grad_modules)
     return _reduce_to_result(estimator, config.estimator, n_done, device)
 
 
