@@ -1,4 +1,4 @@
-"""Calibration: the empirical-Fisher diagonal of every LoRA-B matrix.
+"""Calibration: the empirical-Fisher diagonal of every LoRA-B matrix (the paper's section 3.2).
 
 For module m with LoRA-B weight B_m of shape (d_out, r), after N calibration
 batches:
@@ -18,25 +18,24 @@ batches:
 
       F_m = (1/N_ex) * sum_n g_{m,n} (*) g_{m,n}               shape (d_out, r)
 
-  computed in the same backward pass as the batch gradient: a forward hook on
-  the LoRA-B linear stores its input h (n, t, r) and a tensor hook on its output
-  receives dL/dy (n, t, d_out); the per-example gradient is
-  einsum("ntd,ntr->ndr"). For ``loss_reduction="mean"`` (HF's default,
-  L = (1/n) sum_n l_n) that contribution is multiplied by n to recover dl_n/dB.
-  With a *token*-mean loss (causal LMs), example n is then weighted by
-  n * T_n / T_total, which equals 1 only when all examples have the same number
-  of loss tokens; with padding the per-example estimator is a token-weighted
-  version of eq. 1.
+  computed in the same backward pass as the batch gradient from LoRA-B's input
+  h (n, t, r) and the gradient dL/dy (n, t, d_out) of its output. For
+  ``loss_reduction="mean"`` (HF's default, L = (1/n) sum_n l_n) each example's
+  term is multiplied by n to recover dl_n/dB. With a *token*-mean loss (causal
+  LMs), example n is then weighted by n * T_n / T_total, which equals 1 only when
+  all examples have the same number of loss tokens; with padding the
+  per-example estimator is a token-weighted version of eq. 1.
 
-At B = 0 the gradient of A is exactly zero, so only B requires grad during
-calibration: no memory or compute goes to gradients of A or the base weights.
-Fisher buffers are fp32 whatever the model dtype.
+The math and the hooks of each estimator live in :mod:`fimlora.estimators`;
+this module runs the loop. At B = 0 the gradient of A is exactly zero, so only B
+requires grad during calibration: no memory or compute goes to gradients of A or
+the base weights. Fisher buffers are fp32 whatever the model dtype.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import itertools
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -47,6 +46,7 @@ from torch import nn
 
 from .config import FimConfig
 from .distributed import all_reduce_count, all_reduce_sums, check_not_sharded, is_main_process
+from .estimators import Estimator, make_estimator
 from .modules import LoraModuleInfo, lora_modules
 
 __all__ = [
@@ -55,7 +55,6 @@ __all__ = [
     "compute_scores",
     "aggregate_fisher",
     "calibration_state",
-    "per_example_hooks",
 ]
 
 logger = logging.getLogger(__name__)
@@ -117,78 +116,7 @@ def calibration_state(
 
 
 # ---------------------------------------------------------------------------
-# Per-example gradients through hooks
-
-
-class PerExampleAccumulator:
-    """Running sum over examples of squared per-example LoRA-B gradients (fp32).
-
-    Sums are kept transposed, (r, d_out), because bmm(h^T, dL/dy) is several times
-    faster than the einsum that produces (d_out, r) directly; :meth:`fisher_sums`
-    returns them shaped like B.
-    """
-
-    def __init__(self, infos: list[LoraModuleInfo], adapter_name: str, multiply_by_batch: bool):
-        self.sums_t: dict[str, torch.Tensor] = {}
-        self.examples: dict[str, int] = {i.name: 0 for i in infos}
-        self.calls: dict[str, int] = {i.name: 0 for i in infos}
-        self.multiply_by_batch = multiply_by_batch
-        self.grad_divisor = 1.0
-        for info in infos:
-            w = info.layer.lora_B[adapter_name].weight
-            self.sums_t[info.name] = torch.zeros((w.shape[1], w.shape[0]), dtype=torch.float32, device=w.device)
-
-    def add(self, name: str, h: torch.Tensor, grad_out: torch.Tensor) -> None:
-        """Add sum_n (c * G_n)^2 with G_n = dL/dy_n^T h_n, the gradient of B from example n.
-
-        h: (n, ..., r) input of LoRA-B; grad_out: (n, ..., d_out) gradient of the
-        (scaled) loss w.r.t. LoRA-B's output; c undoes the 1/n of a mean loss and the loss scale.
-        """
-        n = h.shape[0]
-        h3 = h.reshape(n, -1, h.shape[-1]).float()
-        g3 = grad_out.reshape(n, -1, grad_out.shape[-1]).float()
-        per_example_t = torch.bmm(h3.transpose(1, 2), g3)  # (n, r, d_out) = G_n^T
-        c = (float(n) if self.multiply_by_batch else 1.0) / self.grad_divisor
-        self.sums_t[name].add_(per_example_t.square().sum(0), alpha=c * c)
-        self.examples[name] += n
-
-    def fisher_sums(self) -> dict[str, torch.Tensor]:
-        return {name: t.t().contiguous() for name, t in self.sums_t.items()}
-
-
-def _per_example_grad_hook(acc: PerExampleAccumulator, name: str, h: torch.Tensor, grad: torch.Tensor):
-    # Counted here, not in the forward hook: a non-reentrant checkpoint recompute
-    # runs the forward again, but gradients only flow through the original output.
-    acc.calls[name] += 1
-    acc.add(name, h, grad)
-    return None
-
-
-def _per_example_forward_hook(acc: PerExampleAccumulator, name: str, module, inputs, output):
-    # Under a no-grad forward (e.g. the first pass of reentrant checkpointing)
-    # there is no backward for this output; the recomputed forward registers.
-    if not isinstance(output, torch.Tensor) or not output.requires_grad:
-        return None
-    output.register_hook(functools.partial(_per_example_grad_hook, acc, name, inputs[0].detach()))
-    return None
-
-
-@contextlib.contextmanager
-def per_example_hooks(infos: list[LoraModuleInfo], adapter_name: str, acc: PerExampleAccumulator):
-    """Attach the per-example hooks to every LoRA-B linear; always removed on exit."""
-    handles = []
-    try:
-        for info in infos:
-            module = info.layer.lora_B[adapter_name]
-            handles.append(module.register_forward_hook(functools.partial(_per_example_forward_hook, acc, info.name)))
-        yield acc
-    finally:
-        for h in handles:
-            h.remove()
-
-
-# ---------------------------------------------------------------------------
-# The calibration loop
+# One batch: its loss
 
 
 def _to_device(batch, device: torch.device):
@@ -220,9 +148,105 @@ def default_loss(model: nn.Module, batch) -> torch.Tensor:
     return loss
 
 
+def _check_loss(loss, batch_index: int, adapter_name: str) -> None:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ValueError(f"loss_fn: must return a scalar tensor, got {type(loss).__name__} at batch {batch_index}")
+    if not loss.requires_grad:
+        raise ValueError(
+            f"batch {batch_index}: the loss does not depend on any LoRA-B weight of adapter {adapter_name!r}; "
+            "is the adapter active and does loss_fn call the model?"
+        )
+
+
+def _nonfinite_gradient_error(module: str, batch_index: int, loss: torch.Tensor) -> ValueError:
+    return ValueError(
+        f"non-finite gradient in module {module!r} at batch {batch_index} "
+        f"(loss={float(loss.detach()):.6g}); check the data and the dtype/loss scale"
+    )
+
+
+# ---------------------------------------------------------------------------
+# The calibration loop
+
+
+@dataclass
+class _Run:
+    """What one calibration backward needs besides the estimator."""
+
+    model: nn.Module
+    loss_fn: LossFn
+    loss_scale: float
+    adapter_name: str
+    device: torch.device
+
+
 def _default_loss_scale(infos: list[LoraModuleInfo], adapter_name: str) -> float:
     dtypes = {i.layer.lora_B[adapter_name].weight.dtype for i in infos}
     return 1024.0 if torch.float16 in dtypes else 1.0
+
+
+def _loss_scale(config: FimConfig, infos: list[LoraModuleInfo]) -> float:
+    if config.loss_scale is not None:
+        return float(config.loss_scale)
+    return _default_loss_scale(infos, config.adapter_name)
+
+
+def _calibrate_batch(run: _Run, estimator: Estimator, batch, batch_index: int) -> None:
+    """Loss, (loss * s).backward(), and the estimator folds the gradients in."""
+    loss = run.loss_fn(run.model, _to_device(batch, run.device))
+    _check_loss(loss, batch_index, run.adapter_name)
+    (loss * run.loss_scale).backward()
+    bad = estimator.after_backward(batch_index)
+    if bad is not None:
+        raise _nonfinite_gradient_error(bad, batch_index, loss)
+
+
+def _calibrate(run: _Run, estimator: Estimator, dataloader: Iterable, n_batches: int, progress: bool) -> int:
+    """Up to ``n_batches`` batches through :func:`_calibrate_batch`; returns how many the dataloader gave."""
+    from tqdm.auto import tqdm
+
+    n_done = 0
+    bar = tqdm(total=n_batches, desc="fimlora calibration", unit="batch", disable=not (progress and is_main_process()))
+    try:
+        # islice never asks the dataloader for a batch it will not use.
+        for b, batch in enumerate(itertools.islice(dataloader, n_batches)):
+            _calibrate_batch(run, estimator, batch, b)
+            n_done += 1
+            bar.update(1)
+    finally:
+        bar.close()
+    return n_done
+
+
+def _check_run(n_done: int, n_batches: int, no_grad_modules: set[str]) -> None:
+    """Refuse an empty dataloader; warn about a short one and about modules no gradient reached."""
+    if n_done == 0:
+        raise ValueError("dataloader: yielded no batches; calibration needs at least one batch")
+    if n_done < n_batches:
+        warnings.warn(
+            f"dataloader: yielded only {n_done} batches, fewer than n_batches={n_batches}; calibrating on {n_done}",
+            stacklevel=3,
+        )
+    if no_grad_modules:
+        warnings.warn(
+            f"{len(no_grad_modules)} LoRA module(s) received no gradient (not on the loss path), "
+            f"score 0: {sorted(no_grad_modules)[:5]}",
+            stacklevel=3,
+        )
+
+
+def _reduce_to_result(estimator: Estimator, name: str, n_done: int, device: torch.device) -> FisherResult:
+    """All-reduce sums and counts over processes, F_m = sum_m / count_m."""
+    sums = estimator.sums()
+    counts = all_reduce_sums(sums, estimator.counts())
+    fisher = {}
+    for module, s in sums.items():
+        fisher[module] = s / counts[module] if counts[module] > 0 else s
+        if not torch.isfinite(fisher[module]).all():
+            raise ValueError(f"non-finite Fisher value in module {module!r} (overflow); lower loss_scale")
+    n_examples = counts if estimator.unit == "example" else {}
+    total_batches = all_reduce_count(n_done, device)
+    return FisherResult(fisher=fisher, estimator=name, n_batches=total_batches, n_examples=n_examples)
 
 
 def compute_fisher(
@@ -242,106 +266,23 @@ def compute_fisher(
     Raises ValueError for an empty dataloader, a batch without labels, or a
     non-finite gradient (naming the module and the batch index).
     """
-    from tqdm.auto import tqdm
-
     config = config or FimConfig()
     adapter = config.adapter_name
     infos = lora_modules(model, adapter)
     check_not_sharded(model)
-    loss_fn = loss_fn or default_loss
-    loss_scale = float(config.loss_scale) if config.loss_scale is not None else _default_loss_scale(infos, adapter)
+    loss_scale = _loss_scale(config, infos)
     device = infos[0].layer.lora_B[adapter].weight.device
-    b_weights = {i.name: i.layer.lora_B[adapter].weight for i in infos}
-    per_example = config.estimator == "per_example"
+    run = _Run(model, loss_fn or default_loss, loss_scale, adapter, device)
     # Only the chosen estimator's fp32 buffers are allocated: one B-sized buffer per module.
-    if per_example:
-        acc = PerExampleAccumulator(infos, adapter, multiply_by_batch=config.loss_reduction == "mean")
-        acc.grad_divisor = loss_scale
-        hooks = per_example_hooks(infos, adapter, acc)
-    else:
-        batch_sums = {n: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for n, w in b_weights.items()}
-        hooks = contextlib.nullcontext()
-    no_grad_modules: set[str] = set()
-    n_done = 0
+    estimator = make_estimator(config.estimator, infos, adapter, loss_scale, config.loss_reduction)
+    with calibration_state(model, infos, adapter, config.train_mode), estimator.hooks():
+        n_done = _calibrate(run, estimator, dataloader, config.n_batches, config.progress)
+    _check_run(n_done, config.n_batches, estimator.no_grad_modules)
+    return _reduce_to_result(estimator, config.estimator, n_done, device)
 
-    bar = tqdm(total=config.n_batches, desc="fimlora calibration", unit="batch",
-               disable=not (config.progress and is_main_process()))
-    try:
-        with calibration_state(model, infos, adapter, config.train_mode), hooks:
-            iterator = iter(dataloader)
-            for b in range(config.n_batches):
-                try:
-                    batch = next(iterator)
-                except StopIteration:
-                    break
-                calls_before = dict(acc.calls) if per_example else None
-                loss = loss_fn(model, _to_device(batch, device))
-                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                    raise ValueError(f"loss_fn: must return a scalar tensor, got {type(loss).__name__} at batch {b}")
-                if not loss.requires_grad:
-                    raise ValueError(
-                        f"batch {b}: the loss does not depend on any LoRA-B weight of adapter {adapter!r}; "
-                        "is the adapter active and does loss_fn call the model?"
-                    )
-                (loss * loss_scale).backward()
-                for name, w in b_weights.items():
-                    g = w.grad
-                    if g is None:
-                        no_grad_modules.add(name)
-                        continue
-                    g = g.float()
-                    if not torch.isfinite(g).all():
-                        raise ValueError(
-                            f"non-finite gradient in module {name!r} at batch {b} "
-                            f"(loss={float(loss.detach()):.6g}); check the data and the dtype/loss scale"
-                        )
-                    if not per_example:
-                        g = g / loss_scale
-                        batch_sums[name].add_(g * g)
-                    w.grad = None
-                if per_example:
-                    repeated = [n for n in acc.calls if acc.calls[n] - calls_before[n] > 1]
-                    if repeated and b == 0:
-                        warnings.warn(
-                            f"{len(repeated)} LoRA module(s) ran more than once in one forward pass "
-                            f"(e.g. {repeated[0]!r}); the per_example estimator counts each call as its own term",
-                            stacklevel=2,
-                        )
-                n_done += 1
-                bar.update(1)
-    finally:
-        bar.close()
 
-    if n_done == 0:
-        raise ValueError("dataloader: yielded no batches; calibration needs at least one batch")
-    if n_done < config.n_batches:
-        warnings.warn(
-            f"dataloader: yielded only {n_done} batches, fewer than n_batches={config.n_batches}; "
-            f"calibrating on {n_done}",
-            stacklevel=2,
-        )
-    if no_grad_modules:
-        warnings.warn(
-            f"{len(no_grad_modules)} LoRA module(s) received no gradient (not on the loss path), "
-            f"score 0: {sorted(no_grad_modules)[:5]}",
-            stacklevel=2,
-        )
-
-    if per_example:
-        sums = acc.fisher_sums()
-        counts = dict(acc.examples)
-    else:
-        sums = batch_sums
-        counts = {n: n_done for n in sums}
-    counts = all_reduce_sums(sums, counts)
-    fisher = {}
-    for name, s in sums.items():
-        fisher[name] = s / counts[name] if counts[name] > 0 else s
-        if not torch.isfinite(fisher[name]).all():
-            raise ValueError(f"non-finite Fisher value in module {name!r} (overflow); lower loss_scale")
-    total_batches = all_reduce_count(n_done, device)
-    n_examples = counts if per_example else {}
-    return FisherResult(fisher=fisher, estimator=config.estimator, n_batches=total_batches, n_examples=n_examples)
+# ---------------------------------------------------------------------------
+# Scores
 
 
 def aggregate_fisher(fisher: torch.Tensor, aggregation: str = "mean") -> float:

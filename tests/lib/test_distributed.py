@@ -39,7 +39,12 @@ def test_two_process_calibration_equals_single_process_over_union(tmp_path, esti
     proc = torchrun(str(HERE / "dist_worker.py"), str(tmp_path), estimator)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
-    # every process ends with identical scores, ranks and A rows
+    # rank 0's object reaches every process
+    assert r0["broadcast"] == r1["broadcast"] == {"rank": 0, "payload": [0]}
+    # rank 1 computed other scores locally (see dist_worker), yet every process ends with rank 0's
+    # scores, ranks and A rows
+    assert r0["local_scores"] == [] and len(r1["local_scores"]) == 1
+    assert fimlora.allocate_ranks(r1["local_scores"][0], 4 * len(r0["ranks"]), 1, 8) != r0["ranks"]
     assert r0["scores"] == r1["scores"] and r0["ranks"] == r1["ranks"]
     for n in r0["A"]:
         assert torch.equal(r0["A"][n], r1["A"][n])

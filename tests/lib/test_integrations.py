@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import torch
 from transformers import Trainer, TrainingArguments
@@ -23,6 +26,23 @@ class Recorder:
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
         self.batches.append(ids.clone())
         return batch
+
+
+DRAWS = {"torch": lambda: torch.rand(3).tolist(), "random": lambda: random.random(),
+         "numpy": lambda: np.random.rand(3).tolist()}
+
+
+class DrawingCollator(Recorder):
+    """A collator that draws from one global generator per batch, as random masking or augmentation does."""
+
+    def __init__(self, which):
+        super().__init__()
+        self.which, self.draws = which, 0
+
+    def __call__(self, examples):
+        DRAWS[self.which]()
+        self.draws += 1
+        return super().__call__(examples)
 
 
 def dataset(n=64, seq=8, seed=0):
@@ -50,6 +70,19 @@ def test_calibration_batches_are_the_first_training_batches_and_not_consumed(tmp
         assert torch.equal(a, b)
     assert (tmp_path / "rank_map.json").exists() and (tmp_path / "rank_map.png").exists()
     assert fimlora.RankAllocation.from_json(tmp_path / "rank_map.json").ranks == alloc.ranks
+
+
+@pytest.mark.parametrize("which", sorted(DRAWS))
+def test_calibration_restores_each_global_random_state(tmp_path, which):
+    trainer = make_trainer(tmp_path, lora_llama(), DrawingCollator(which))
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    calibrate_trainer(trainer, n_batches=2, progress=False, save=False)
+    assert trainer.data_collator.draws >= 2, "calibration must consume the generator for this test to mean anything"
+    after_calibration = DRAWS[which]()
+    random.setstate(saved[0])
+    np.random.set_state(saved[1])
+    torch.set_rng_state(saved[2])
+    assert after_calibration == DRAWS[which]()
 
 
 def test_optimizer_sees_resized_parameters_and_updates_them(tmp_path):

@@ -11,6 +11,7 @@ from peft import PeftModel
 import fimlora
 from fimlora import FimConfig, RankAllocation, apply_allocation, check_pattern_keys, lora_modules
 from fimlora.modules import base_model_of, pattern_matches
+from fimlora.resize import resized_lora_weights
 from tests.references import cls_batches, lm_batches, lora_bert, lora_llama, make_b_nonzero, tiny_bert, tiny_llama
 
 
@@ -34,9 +35,11 @@ def test_save_reload_and_merge_reproduce_logits(case, tmp_path):
     _, make, make_base, batches, logits_of = case
     model = make()
     data = batches()
+    uniform_total = sum(i.r for i in lora_modules(model))  # L * r before resizing
     alloc = fimlora.apply_fim_ranks(model, data, n_batches=3, progress=False)
     assert len(set(alloc.ranks.values())) > 1, "test needs a non-uniform pattern"
-    assert sum(alloc.ranks.values()) == alloc.budget
+    assert uniform_total == 4 * len(alloc.ranks)
+    assert sum(i.layer.r["default"] for i in lora_modules(model)) == uniform_total
     make_b_nonzero(model, data)
     assert all(i.layer.lora_B["default"].weight.abs().sum() > 0 for i in lora_modules(model))
     with torch.no_grad():
@@ -102,7 +105,7 @@ def test_kept_rows_and_columns_new_rows_like_peft():
 
 
 def test_growing_module_keeps_its_output():
-    """With B zero-extended and the scale preserved, a module that only grows computes the same output."""
+    """B is zero-extended (not A): new A rows are PEFT-random, new B columns zero, so the output is unchanged."""
     model = lora_llama(r=4)
     make_b_nonzero(model, lm_batches())
     infos = lora_modules(model)
@@ -113,10 +116,83 @@ def test_growing_module_keeps_its_output():
     scores = {n: (10.0 if k % 2 == 0 else 0.0) for k, n in enumerate(names)}
     alloc = fimlora.allocation_from_scores(model, scores, FimConfig(r_min=1, r_max=7))
     apply_allocation(model, alloc)
+    grown = [i for i in infos if alloc.ranks[i.name] > 4]
+    assert len(grown) == 7
     with torch.no_grad():
+        for i in grown:
+            a, b = i.layer.lora_A["default"].weight, i.layer.lora_B["default"].weight
+            assert bool((a[4:] != 0).any(dim=1).all()), i.name  # every new A row is random, none zero
+            assert torch.count_nonzero(b[:, 4:]) == 0, i.name
+            torch.testing.assert_close(i.layer(x[i.name]), before[i.name])
         for i in infos:
-            if alloc.ranks[i.name] >= 4:
+            if alloc.ranks[i.name] == 4:
                 torch.testing.assert_close(i.layer(x[i.name]), before[i.name])
+
+
+def test_default_r_max_is_twice_the_base_rank():
+    model = lora_llama(r=4)
+    names = [i.name for i in lora_modules(model)]
+    base_r = model.peft_config["default"].r
+    scores = {n: 10.0 ** -k for k, n in enumerate(names)}  # so skewed that the top modules hit the cap
+    alloc = fimlora.allocation_from_scores(model, scores, FimConfig())
+    assert alloc.r_max == 2 * base_r == 8
+    assert max(alloc.ranks.values()) == 2 * base_r
+    assert alloc.ranks[names[0]] == alloc.ranks[names[1]] == 2 * base_r
+
+
+def grown_rows(model, old_r=4):
+    """New A rows of every module that grew past ``old_r``."""
+    return {i.name: i.layer.lora_A["default"].weight[old_r:].detach().clone()
+            for i in lora_modules(model) if i.layer.r["default"] > old_r}
+
+
+def q_proj_allocation(model, seed=0):
+    """Both q_proj modules (same shape) grow from 4 to 8; every other module shrinks."""
+    scores = {i.name: (10.0 if i.name.endswith("q_proj") else 1.0) for i in lora_modules(model)}
+    return fimlora.allocation_from_scores(model, scores, FimConfig(seed=seed))
+
+
+def test_new_a_rows_differ_between_modules():
+    model = lora_llama(r=4)
+    apply_allocation(model, q_proj_allocation(model))
+    rows = grown_rows(model)
+    q0, q1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
+    assert set(rows) == {q0, q1} and rows[q0].shape == rows[q1].shape == (4, 16)
+    assert not torch.equal(rows[q0], rows[q1])
+
+
+def test_new_a_rows_follow_the_seed():
+    alloc = q_proj_allocation(lora_llama(r=4), seed=7)
+    rows = {}
+    for key, seed in [("1", 1), ("2", 2), ("1 again", 1), ("settings", None), ("7", 7)]:
+        model = lora_llama(r=4)
+        apply_allocation(model, alloc, seed=seed)
+        rows[key] = grown_rows(model)
+    assert set(rows["1"]) == {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"}
+    for name in rows["1"]:
+        assert not torch.equal(rows["1"][name], rows["2"][name]), name
+        assert torch.equal(rows["1"][name], rows["1 again"][name]), name
+        # no explicit seed: the allocation's recorded setting, 7
+        assert torch.equal(rows["settings"][name], rows["7"][name]), name
+        assert not torch.equal(rows["settings"][name], rows["1"][name]), name
+
+
+def test_gaussian_init_new_rows_have_std_one_over_new_rank():
+    d_in, new_r = 1024, 8
+    a, b = torch.randn(2, d_in), torch.randn(32, 2)
+    new_a, new_b = resized_lora_weights(a, b, new_r, "gaussian", torch.Generator().manual_seed(0))
+    rows = new_a[2:]  # 6 * 1024 values; the std estimate is good to about 1%
+    assert torch.equal(new_a[:2], a) and torch.equal(new_b[:, :2], b) and torch.count_nonzero(new_b[:, 2:]) == 0
+    assert rows.std().item() == pytest.approx(1 / new_r, rel=0.04, abs=0)  # PEFT: normal(0, 1/r')
+    assert abs(rows.mean().item()) < 0.01
+    # PEFT's own gaussian init of a rank-8 A on the same d_in agrees
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(d_in, 32)),
+                                LoraConfig(r=new_r, target_modules=["0"], init_lora_weights="gaussian"))
+    peft_a = peft_model.base_model.model[0].lora_A["default"].weight
+    assert rows.std().item() == pytest.approx(peft_a.std().item(), rel=0.06, abs=0)
 
 
 def test_rank_pattern_keys_are_exact_and_unprefixed():
@@ -200,7 +276,8 @@ def test_bad_allocation_leaves_model_untouched():
         apply_allocation(model, bad)
     assert_untouched(model, snap)
     other = lora_llama()
-    with pytest.raises(ValueError, match="allocation: keys must be exactly the model's LoRA modules; missing \\['model.layers.0"):
+    with pytest.raises(ValueError,
+                       match="allocation: keys must be exactly the model's LoRA modules; missing \\['model.layers.0"):
         apply_allocation(other, alloc)
 
 

@@ -54,6 +54,26 @@ def test_unequal_budget_split_of_equal_scores_goes_to_first_modules():
     assert allocate_ranks([1.0] * 4, 10, 1, 5) == [3, 3, 2, 2]
 
 
+@pytest.mark.parametrize(
+    "scores, budget, r_max, expected",
+    [
+        # x = [1.5, 4.5]: equal fractional parts, the one leftover unit goes to the higher score
+        ([1.0, 3.0], 6, 8, [1, 5]),
+        # same with the higher score first in module order: score, not position, decides
+        ([3.0, 1.0], 6, 8, [5, 1]),
+        # x = [1.5, 4.5, 7.5, 10.5]: 2 leftover units to the two highest scores
+        ([1.0, 3.0, 5.0, 7.0], 24, 16, [1, 4, 8, 11]),
+        # x = [1.4, 1.4, 4.2]: fractional part first (0.4 beats 0.2 despite the lower score), then module order
+        ([1.0, 1.0, 3.0], 7, 8, [2, 1, 4]),
+        # x = [1.5, 1.5, 1.5, 4.5]: four-way tie, 2 units: the higher score, then the first in module order
+        ([1.0, 1.0, 1.0, 3.0], 9, 8, [2, 1, 1, 5]),
+    ],
+)
+def test_leftover_units_tie_break_higher_score_then_module_order(scores, budget, r_max, expected):
+    assert allocate_ranks(scores, budget, 1, r_max) == expected
+    assert reference_allocate(scores, budget, 1, r_max) == expected
+
+
 def test_proportional_when_unconstrained():
     assert allocate_ranks([1.0, 2.0, 3.0, 2.0], 16, 1, 16) == [2, 4, 6, 4]
 

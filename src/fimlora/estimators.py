@@ -1,0 +1,255 @@
+"""Empirical-Fisher estimators of LoRA-B: the math as pure functions, then one accumulator per estimator.
+
+LoRA-B of module m is a linear map y = h B^T with B (d_out, r), input h (..., r)
+and output y (..., d_out). Calibration backpropagates ``s * L`` (``s`` the loss
+scale) and each estimator turns what that backward leaves behind into a running
+fp32 sum of squared gradients plus a count; the Fisher diagonal is sum / count.
+
+* :class:`BatchGradientEstimator` (the paper's): reads the batch gradient
+  ``B.grad = s * dL_b/dB`` after each backward and adds ``(B.grad / s)^2``;
+  counts batches.
+* :class:`PerExampleEstimator` (eq. 1): hooks on every LoRA-B linear see h and
+  dL/dy during the same backward and add the squared per-example gradients;
+  counts examples. It never reads ``.grad``.
+
+Both share one interface, so the calibration loop has no estimator branches::
+
+    with estimator.hooks():
+        for b, batch in enumerate(batches):
+            (loss * s).backward()
+            bad = estimator.after_backward(b)   # name of a module with a non-finite gradient, or None
+    fisher = {m: estimator.sums()[m] / estimator.counts()[m]}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from collections.abc import Iterator
+
+import torch
+
+from .config import ESTIMATORS, LOSS_REDUCTIONS, check_choice
+from .modules import LoraModuleInfo
+
+__all__ = [
+    "batch_squared_grad",
+    "per_example_multiplier",
+    "per_example_squared_grad_sum",
+    "BatchGradientEstimator",
+    "PerExampleEstimator",
+    "make_estimator",
+    "per_example_hooks",
+]
+
+
+# ---------------------------------------------------------------------------
+# The math: pure functions on tensors, no hooks, no state
+
+
+def batch_squared_grad(grad: torch.Tensor, loss_scale: float) -> torch.Tensor:
+    """One batch's term of the batch estimator, g (*) g with g = grad / s, in fp32.
+
+    ``grad`` (d_out, r) is B's gradient of the scaled loss s * L_b, so g = dL_b/dB.
+    HF losses are means over examples (or tokens), so g is the *mean* per-example
+    gradient; the estimator F = (1/N) sum_b g_b (*) g_b therefore scales like
+    1/batch_size relative to the per-example one (module ranking unaffected).
+    """
+    g = grad.float() / loss_scale
+    return g * g
+
+
+def per_example_multiplier(batch_size: int, loss_reduction: str, loss_scale: float) -> float:
+    """c with dl_n/dB = c * dL'/dB-from-example-n, where L' = s * L is the loss backpropagated.
+
+    ``"mean"``: L = (1/n) sum_n l_n, so c = n / s; ``"sum"``: L = sum_n l_n, so c = 1 / s.
+    With a token-mean loss (causal LMs) "mean" weights example n by n * T_n / T_total,
+    which is 1 only when every example has the same number of loss tokens.
+    """
+    check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
+    return (float(batch_size) if loss_reduction == "mean" else 1.0) / loss_scale
+
+
+def per_example_squared_grad_sum(h: torch.Tensor, grad_out: torch.Tensor, multiplier: float = 1.0) -> torch.Tensor:
+    """sum_n (c * G_n)^2, transposed to (r, d_out), in fp32.
+
+    h: (n, ..., r), the input of LoRA-B; grad_out: (n, ..., d_out), dL/dy of the loss
+    that was backpropagated w.r.t. LoRA-B's output y = h B^T; c = ``multiplier``.
+    G_n = sum_t dL/dy_{n,t} h_{n,t}^T (d_out, r) is the part of dL/dB that flows
+    through example n (all of it when the loss is a sum or mean over examples).
+    Computed as bmm(h_n^T, dL/dy_n), which is several times faster than the einsum
+    that gives (d_out, r) directly; hence the transposed result.
+    """
+    n = h.shape[0]
+    h3 = h.reshape(n, -1, h.shape[-1]).float()
+    g3 = grad_out.reshape(n, -1, grad_out.shape[-1]).float()
+    per_example_t = torch.bmm(h3.transpose(1, 2), g3)  # (n, r, d_out) = G_n^T
+    return per_example_t.square().sum(0).mul_(multiplier * multiplier)
+
+
+# ---------------------------------------------------------------------------
+# Accumulators: fp32 buffers, hooks, what happens after each backward
+
+
+def _b_weights(infos: list[LoraModuleInfo], adapter_name: str) -> dict[str, torch.Tensor]:
+    return {i.name: i.layer.lora_B[adapter_name].weight for i in infos}
+
+
+def _first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
+    return next((name for name, t in tensors.items() if not torch.isfinite(t).all()), None)
+
+
+class BatchGradientEstimator:
+    """F_m = (1/N) sum_b g_{m,b} (*) g_{m,b}, g_{m,b} = dL_b/dB_m the gradient of batch b's loss.
+
+    Buffers: one fp32 (d_out, r) sum per module; count: batches.
+    """
+
+    unit = "batch"
+
+    def __init__(self, infos: list[LoraModuleInfo], adapter_name: str, loss_scale: float):
+        self.weights = _b_weights(infos, adapter_name)
+        self.loss_scale = loss_scale
+        self._sums = {n: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for n, w in self.weights.items()}
+        self.n_batches = 0
+        self.no_grad_modules: set[str] = set()
+
+    def hooks(self) -> contextlib.AbstractContextManager:
+        """No hooks: the batch gradient is what backward leaves in ``B.grad``."""
+        return contextlib.nullcontext(self)
+
+    def after_backward(self, batch_index: int) -> str | None:
+        """Fold ``B.grad`` of every module into the sums and clear it.
+
+        Returns the first module whose gradient is non-finite (nothing of this
+        batch is counted then), else None.
+        """
+        grads = {n: w.grad for n, w in self.weights.items() if w.grad is not None}
+        self.no_grad_modules.update(n for n in self.weights if n not in grads)
+        bad = _first_nonfinite(grads)
+        if bad is not None:
+            return bad
+        for name, g in grads.items():
+            self._sums[name].add_(batch_squared_grad(g, self.loss_scale))
+            self.weights[name].grad = None
+        self.n_batches += 1
+        return None
+
+    def sums(self) -> dict[str, torch.Tensor]:
+        """Per-module sum_b g_b (*) g_b, (d_out, r) fp32: the buffers themselves (all-reduced in place)."""
+        return dict(self._sums)
+
+    def counts(self) -> dict[str, int]:
+        return {n: self.n_batches for n in self._sums}
+
+
+class PerExampleEstimator:
+    """F_m = (1/N_ex) sum_n g_{m,n} (*) g_{m,n}, g_{m,n} = dl_n/dB_m the gradient of example n's loss.
+
+    In the same backward as the batch gradient: a forward hook on each LoRA-B
+    linear keeps its input h and puts a tensor hook on its output, which
+    receives dL/dy (see :func:`per_example_squared_grad_sum`). Buffers: one fp32
+    (r, d_out) sum per module; count: examples, per call of the module.
+    """
+
+    unit = "example"
+
+    def __init__(self, infos: list[LoraModuleInfo], adapter_name: str, loss_scale: float, loss_reduction: str):
+        check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
+        self.adapter_name = adapter_name
+        self.infos = infos
+        self.weights = _b_weights(infos, adapter_name)
+        self.loss_scale = loss_scale
+        self.loss_reduction = loss_reduction
+        self.sums_t = {n: torch.zeros((w.shape[1], w.shape[0]), dtype=torch.float32, device=w.device)
+                       for n, w in self.weights.items()}
+        self.examples = {n: 0 for n in self.weights}
+        self.batch_calls = {n: 0 for n in self.weights}
+        self.no_grad_modules: set[str] = set()
+
+    def add(self, name: str, h: torch.Tensor, grad_out: torch.Tensor) -> None:
+        """One call of module ``name``: add its examples' squared gradients (called from the hooks)."""
+        c = per_example_multiplier(h.shape[0], self.loss_reduction, self.loss_scale)
+        self.sums_t[name].add_(per_example_squared_grad_sum(h, grad_out, c))
+        self.examples[name] += h.shape[0]
+        self.batch_calls[name] += 1
+
+    def hooks(self) -> contextlib.AbstractContextManager:
+        return per_example_hooks(self.infos, self.adapter_name, self)
+
+    def after_backward(self, batch_index: int) -> str | None:
+        """Check this batch's calls, drop ``B.grad`` (unused, freed between batches), reset the per-batch counts.
+
+        Returns the first module whose running sum turned non-finite (a non-finite
+        per-example gradient in this batch), else None. Warns once, at batch 0, if
+        a module ran more than once in one forward pass.
+        """
+        self.no_grad_modules.update(n for n, k in self.batch_calls.items() if k == 0)
+        repeated = [n for n, k in self.batch_calls.items() if k > 1]
+        if repeated and batch_index == 0:
+            warnings.warn(
+                f"{len(repeated)} LoRA module(s) ran more than once in one forward pass "
+                f"(e.g. {repeated[0]!r}); the per_example estimator counts each call as its own term",
+                stacklevel=5,  # after_backward <- _calibrate_batch <- _calibrate <- compute_fisher <- caller
+            )
+        for name, w in self.weights.items():
+            w.grad = None
+            self.batch_calls[name] = 0
+        return _first_nonfinite(self.sums_t)
+
+    def sums(self) -> dict[str, torch.Tensor]:
+        """Per-module sum_n g_n (*) g_n, (d_out, r) fp32: fresh tensors shaped like B."""
+        return {name: t.t().contiguous() for name, t in self.sums_t.items()}
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.examples)
+
+
+Estimator = BatchGradientEstimator | PerExampleEstimator
+
+
+def make_estimator(
+    name: str, infos: list[LoraModuleInfo], adapter_name: str, loss_scale: float, loss_reduction: str
+) -> Estimator:
+    """The accumulator for estimator ``name`` (``"batch"`` or ``"per_example"``); only its buffers are allocated."""
+    check_choice("estimator", name, ESTIMATORS)
+    if name == "per_example":
+        return PerExampleEstimator(infos, adapter_name, loss_scale, loss_reduction)
+    return BatchGradientEstimator(infos, adapter_name, loss_scale)
+
+
+# ---------------------------------------------------------------------------
+# Hook plumbing of the per-example estimator
+
+
+def _per_example_grad_hook(est: PerExampleEstimator, name: str, h: torch.Tensor, grad: torch.Tensor):
+    # Counted here, not in the forward hook: a non-reentrant checkpoint recompute
+    # runs the forward again, but gradients only flow through the original output.
+    est.add(name, h, grad)
+    return None
+
+
+def _per_example_forward_hook(est: PerExampleEstimator, name: str, module, inputs, output):
+    # Under a no-grad forward (e.g. the first pass of reentrant checkpointing)
+    # there is no backward for this output; the recomputed forward registers.
+    if not isinstance(output, torch.Tensor) or not output.requires_grad:
+        return None
+    output.register_hook(functools.partial(_per_example_grad_hook, est, name, inputs[0].detach()))
+    return None
+
+
+@contextlib.contextmanager
+def per_example_hooks(
+    infos: list[LoraModuleInfo], adapter_name: str, est: PerExampleEstimator
+) -> Iterator[PerExampleEstimator]:
+    """Attach the per-example hooks to every LoRA-B linear; always removed on exit."""
+    handles = []
+    try:
+        for info in infos:
+            module = info.layer.lora_B[adapter_name]
+            handles.append(module.register_forward_hook(functools.partial(_per_example_forward_hook, est, info.name)))
+        yield est
+    finally:
+        for h in handles:
+            h.remove()
