@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-from fimlora.experiments.models import load_causal_lm, load_tokenizer
 from fimlora.experiments.config import load_config
+from fimlora.experiments.models import load_causal_lm, load_tokenizer
 from fimlora.experiments.sweep import causal_lm_dtype, load_mixture_eval_tasks
 from fimlora.experiments.train import TrainSettings, evaluate
 

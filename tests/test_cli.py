@@ -193,7 +193,8 @@ def test_demo_on_users_own_train_and_validation_files(tmp_path, capsys):
     rows = lambda n, off: "".join(json.dumps({"text": f"{words[i % 2]} film {i + off}", "label": i % 2}) + "\n"  # noqa: E731
                                   for i in range(n))
     (tmp_path / "train.jsonl").write_text(rows(40, 0))
-    (tmp_path / "val.csv").write_text("text,label\n" + "".join(f"{words[i % 2]} show {i},{i % 2}\n" for i in range(10)))
+    val = "".join(f"{words[i % 2]} show {i},{i % 2}\n" for i in range(10))
+    (tmp_path / "val.csv").write_text("text,label\n" + val)
     assert main(["demo", "--data", str(tmp_path / "train.jsonl"), "--eval-data", str(tmp_path / "val.csv"),
                  "--n-layers", "1", "--steps", "2", "--n-batches", "2", "--batch-size", "8", "--no-progress",
                  "--out", str(tmp_path / "demo")]) == 0

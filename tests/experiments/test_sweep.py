@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from fimlora.experiments.config import ExperimentConfig, expand_runs, load_config, parse_shard
 from fimlora.experiments.methods import adalora_schedule
 from fimlora.experiments.report import build_report, load_results, mean_std
-from fimlora.experiments.config import ExperimentConfig, expand_runs, load_config, parse_shard
 from fimlora.experiments.sweep import run_sweep
 from fimlora.experiments.train import DivergenceCallback
 
@@ -18,7 +18,8 @@ CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml
 
 
 def base_cfg(**kw):
-    d = dict(name="t", model="minilm", n_layers=1, tasks=["trec6"], methods=["lora", "fim", "random", "eva", "adalora"],
+    d = dict(name="t", model="minilm", n_layers=1, tasks=["trec6"],
+             methods=["lora", "fim", "random", "eva", "adalora"],
              seeds=[1, 2], ranks=[2], target_modules=["query", "value"], adalora={"deltaT": 1},
              train={"learning_rate": 0.002, "max_steps": 6, "batch_size": 8, "max_length": 32, "logging_steps": 2},
              data={"max_train": 64, "max_test": 32})
@@ -74,7 +75,8 @@ def test_unknown_yaml_key(tmp_path):
 def test_adalora_schedule_validated_up_front():
     s = adalora_schedule(100, 8)
     assert s == {"init_r": 12, "target_r": 8, "tinit": 10, "tfinal": 20, "deltaT": 10, "total_step": 100}
-    with pytest.raises(ValueError, match=r"tinit < total_step - tfinal is violated: tinit=60, total_step=100, tfinal=50"):
+    needle = r"tinit < total_step - tfinal is violated: tinit=60, total_step=100, tfinal=50"
+    with pytest.raises(ValueError, match=needle):
         adalora_schedule(100, 8, tinit_ratio=0.6, tfinal_ratio=0.5)
 
 
@@ -228,7 +230,8 @@ def test_adalora_prunes_through_trainer_callback_and_reloads_with_stock_peft(tmp
 def test_decoder_mixture_run_scores_each_eval_task(tmp_path):
     """The decoder suite's path: SmolLM2 (1 real layer) trained on a task mixture, multiple choice per task."""
     cfg = ExperimentConfig(
-        name="dec", model="smollm2", n_layers=1, mixture={"train": ["piqa", "arc_easy"], "eval": ["piqa", "winogrande"]},
+        name="dec", model="smollm2", n_layers=1,
+        mixture={"train": ["piqa", "arc_easy"], "eval": ["piqa", "winogrande"]},
         methods=["fim", "eva"], seeds=[0], ranks=[2], target_modules=["q_proj", "v_proj"],
         train={"learning_rate": 0.001, "max_steps": 2, "batch_size": 4, "max_length": 48, "eval_batch_size": 8},
         data={"max_train_per_task": 8, "max_test": 6})

@@ -84,7 +84,7 @@ def test_kept_rows_and_columns_new_rows_like_peft():
     make_b_nonzero(model, lm_batches())
     before = {i.name: (i.layer.lora_A["default"].weight.detach().clone(),
                        i.layer.lora_B["default"].weight.detach().clone()) for i in lora_modules(model)}
-    alloc = fimlora.apply_fim_ranks(model, lm_batches(), n_batches=2, progress=False)
+    alloc = fimlora.apply_fim_ranks(model, lm_batches(), n_batches=2, progress=False, allow_trained=True)
     grew = shrank = 0
     for i in lora_modules(model):
         a0, b0 = before[i.name]
@@ -115,7 +115,7 @@ def test_growing_module_keeps_its_output():
     names = [i.name for i in infos]
     scores = {n: (10.0 if k % 2 == 0 else 0.0) for k, n in enumerate(names)}
     alloc = fimlora.allocation_from_scores(model, scores, FimConfig(r_min=1, r_max=7))
-    apply_allocation(model, alloc)
+    apply_allocation(model, alloc, allow_trained=True)
     grown = [i for i in infos if alloc.ranks[i.name] > 4]
     assert len(grown) == 7
     with torch.no_grad():
