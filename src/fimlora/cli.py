@@ -11,7 +11,7 @@ from pathlib import Path
 from .config import AGGREGATIONS, ESTIMATORS, SCALE_MODES, FimConfig
 from .experiments.data import TASKS
 from .experiments.demo import DemoJob
-from .experiments.jobs import MIN_MAX_LENGTH
+from .experiments.jobs import MIN_MAX_LENGTH, CalibrateJob
 
 __all__ = ["main", "build_parser"]
 
@@ -19,13 +19,14 @@ logger = logging.getLogger("fimlora")
 
 # Defaults and choices come from the library's and the harness's own constants, never a second list.
 FIM_DEFAULTS = {f.name: f.default for f in dataclasses.fields(FimConfig)}
+JOB_DEFAULTS = {f.name: f.default for f in dataclasses.fields(CalibrateJob)}
 DEMO_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DemoJob)}
 
 
 def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("FIM-LoRA")
-    g.add_argument("--r", type=int, default=8,
-                   help="base LoRA rank r; the budget is (number of modules) x r (default 8)")
+    g.add_argument("--r", type=int, default=JOB_DEFAULTS["r"],
+                   help=f"base LoRA rank r; the budget is (number of modules) x r (default {JOB_DEFAULTS['r']})")
     g.add_argument("--alpha", type=float, default=None, help="lora_alpha, > 0 (default 2r)")
     g.add_argument("--r-min", type=int, default=FIM_DEFAULTS["r_min"],
                    help=f"smallest rank per module (default {FIM_DEFAULTS['r_min']})")
@@ -53,9 +54,10 @@ def _add_model_data_args(p: argparse.ArgumentParser, required: bool = True) -> N
                    help="LoRA target modules (default: PEFT's default for the architecture, e.g. query and value "
                         "only on BERT; 'all-linear' adapts every linear layer)")
     g.add_argument("--n-layers", type=int, default=None, help="keep only the first N layers (fast experiments)")
-    g.add_argument("--batch-size", type=int, default=16, help="calibration/training batch size (default 16)")
-    g.add_argument("--max-length", type=int, default=128,
-                   help=f"max tokens per example, >= {MIN_MAX_LENGTH} (default 128)")
+    g.add_argument("--batch-size", type=int, default=JOB_DEFAULTS["batch_size"],
+                   help=f"calibration/training batch size (default {JOB_DEFAULTS['batch_size']})")
+    g.add_argument("--max-length", type=int, default=JOB_DEFAULTS["max_length"],
+                   help=f"max tokens per example, >= {MIN_MAX_LENGTH} (default {JOB_DEFAULTS['max_length']})")
     g.add_argument("--max-train", type=int, default=None, help="subsample the training split to this many examples")
 
 

@@ -305,3 +305,17 @@ def test_rank_sweep_of_a_mixture_is_the_average_over_tasks():
     assert "| FIM-LoRA | 71.50 ± 0.71 | 71.50 ± 0.71 |" in table
     separate = [{**x, "task": t, "metrics": {t: x["metrics"][t]}} for x in runs for t in ("a", "b")]
     assert [t.split("\n")[0] for t in rank_sweep(separate)] == ["#### a", "#### b"]  # one task per run
+
+
+def test_report_names_result_files_it_cannot_read(tmp_path):
+    from fimlora.experiments.report import load_results
+
+    (tmp_path / "good.json").write_text(json.dumps({"run_id": "a", "status": "ok", "metrics": {}}))
+    (tmp_path / "torn.json").write_text('{"run_id": "b", "sta')
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.warns(UserWarning) as caught:
+        runs = load_results(tmp_path)
+    assert [r["run_id"] for r in runs] == ["a"]
+    messages = " ".join(str(w.message) for w in caught)
+    assert "torn.json" in messages and "list.json is not a run result" in messages
+

@@ -159,3 +159,14 @@ def test_rank_map_logged_to_tensorboard(tmp_path):
     tags = acc.Tags()
     assert "fimlora/rank_map" in tags["images"]
     assert any(t.startswith("fimlora/rank_map") for t in tags["tensors"])  # the text table
+
+
+def test_single_process_under_accelerate_cpu_is_announced(monkeypatch):
+    from fimlora.integrations import warn_if_single_cpu_process
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    with pytest.warns(UserWarning, match=r"single process under `accelerate launch --cpu`.*--multi_gpu"):
+        assert warn_if_single_cpu_process(1)
+    assert not warn_if_single_cpu_process(2)
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    assert not warn_if_single_cpu_process(1)

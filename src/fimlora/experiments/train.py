@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import ProgressCallback, TrainerCallback
+from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
 from ..config import check_bool, check_choice, check_int, check_number
 from .data import CausalLMCollator, ClassificationCollator, TaskData, collator_for, score_choices
@@ -120,8 +120,10 @@ def finetune(model, task: TaskData, tokenizer, settings: TrainSettings, output_d
     trainer = Trainer(model=model, args=args, train_dataset=task.train,
                       data_collator=collator_for(task, tokenizer, settings.max_length),
                       callbacks=[guard, *(callbacks or [])])
-    if settings.progress:  # the bar, without the raw log dicts the stock progress callback prints under it
-        trainer.remove_callback(ProgressCallback)
+    # The bar (or nothing), without the raw log dicts the stock callbacks print; losses go to the result.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if settings.progress:
         trainer.add_callback(QuietProgressCallback)
     start = time.perf_counter()
     out = trainer.train()
