@@ -216,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    # bitsandbytes (imported by PEFT when installed) warns on every import that it cannot fetch an optional
+    # CPU kernel from the hub; nothing a user of this command can act on.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, ImportError) as e:
