@@ -5,73 +5,118 @@
 
 Sections: (1) calibration vs its floor (N plain LoRA forward+backward steps, no optimizer) for the
 batch and per-example estimators and a naive per-example loop; (2) against PEFT's EVA initialisation;
-(3) peak memory (RSS of a fresh subprocess per case); (4) allocator and resize scale; (5) calibration as
-a share of whole fine-tuning runs, read from the experiment results.
+(3) peak memory (RSS of a fresh subprocess per case, benchmarks/memory_child.py); (4) allocator and
+resize scale; (5) calibration as a share of whole fine-tuning runs, read from the experiment results.
+Writes the Markdown to --out and every measurement to the same path with a .json suffix.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# This checkout's package (ahead of any installed fimlora) and its tests' brute-force references.
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+
+from tests.references import llama_base, lm_batches, reference_per_example_fisher  # noqa: E402
+
+# ----------------------------------------------------------------------------- cases (data)
+
+
+class Case(NamedTuple):
+    """One model and its data: ``base`` names a BASE_MODELS builder called with ``base_args``, ``batches`` a
+    BATCHES builder called with ``batch_args`` = (number of batches, batch size, sequence length)."""
+
+    label: str
+    base: str
+    base_args: dict
+    batches: str
+    batch_args: tuple
+    targets: tuple
+    task_type: str
+
+
+# Rank and alpha of every LoRA the benchmark builds.
+LORA_R = 8
+# EVA's default input handling indexes token positions, so it cannot take bert.pooler.dense (no
+# sequence axis): the attention projections are the shared target set for both methods.
+MINILM_TARGETS = ("query", "key", "value", "attention.output.dense")
+ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Examples above which the naive per-example loop is not timed (it is one backward pass per example).
+NAIVE_MAX_EXAMPLES = 64
+MEMORY_MODES = ("load", "train", "batch", "per_example")
+ESTIMATORS = ("batch", "per_example")
+
+
+LLAMA_2x64 = Case("tiny llama 2x64", "llama", {"layers": 2, "hidden": 64}, "lm", (2, 4, 16), ALL_PROJ, "CAUSAL_LM")
+MINILM = Case("MiniLM-L6 (real)", "minilm", {}, "sst2", (8, 16, 64), MINILM_TARGETS, "SEQ_CLS")
+
+# Per size, the cases of each section: floor and eva (Case lists), memory (Cases of one batch), allocator
+# (numbers of modules) and resize (the shape of a Llama-3-8B-like adapter set, smaller for the smoke run).
+CASES = {
+    "full": {
+        "floor": [
+            Case("tiny llama 2x128", "llama", {"layers": 2, "hidden": 128}, "lm", (8, 8, 64), ALL_PROJ, "CAUSAL_LM"),
+            Case("tiny llama 4x256", "llama", {"layers": 4, "hidden": 256}, "lm", (8, 8, 64), ALL_PROJ, "CAUSAL_LM"),
+            Case("tiny llama 8x512", "llama", {"layers": 8, "hidden": 512}, "lm", (8, 8, 64), ALL_PROJ, "CAUSAL_LM"),
+            MINILM,
+            Case("SmolLM2-135M (real, 30 layers)", "smollm2", {"layers": None}, "lm", (4, 4, 64), ALL_PROJ,
+                 "CAUSAL_LM"),
+        ],
+        "eva": [
+            Case("tiny llama 4x256", "llama", {"layers": 4, "hidden": 256}, "lm", (8, 16, 128), ALL_PROJ,
+                 "CAUSAL_LM"),
+            MINILM,
+        ],
+        "memory": [
+            Case("tiny llama 4x256", "llama", {"layers": 4, "hidden": 256}, "lm", (1, 8, 128), ALL_PROJ, "CAUSAL_LM"),
+            Case("tiny llama 8x512", "llama", {"layers": 8, "hidden": 512}, "lm", (1, 8, 128), ALL_PROJ, "CAUSAL_LM"),
+        ],
+        "allocator": [100, 1000, 10_000, 100_000],
+        "resize": {"r": 16, "layers": 32, "hidden": 4096, "inter": 14336, "kv": 1024},
+    },
+    "smoke": {
+        "floor": [LLAMA_2x64],
+        "eva": [LLAMA_2x64._replace(targets=("q_proj", "v_proj"))],
+        "memory": [LLAMA_2x64._replace(batch_args=(1, 4, 16))],
+        "allocator": [100, 1000],
+        "resize": {"r": 4, "layers": 2, "hidden": 256, "inter": 512, "kv": 64},
+    },
+}
 
 
 # ----------------------------------------------------------------------------- models and data
 
-# EVA's default input handling indexes token positions, so it cannot take bert.pooler.dense (no
-# sequence axis): the attention projections are the shared target set for both methods.
-MINILM_TARGETS = ["query", "key", "value", "attention.output.dense"]
-ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-
-def llama_base(layers: int, hidden: int, seed: int = 0):
-    """A LLaMA-shaped model from a config (intermediate = 8/3 hidden, 64-dim heads), seeded."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    heads = max(1, hidden // 64)
-    cfg = LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=max(8, hidden * 8 // 3 // 8 * 8),
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                      max_position_embeddings=256)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def tiny_llama_peft(layers: int, hidden: int, r: int = 8, seed: int = 0):
-    from peft import LoraConfig, get_peft_model
-
-    return get_peft_model(llama_base(layers, hidden, seed), LoraConfig(r=r, lora_alpha=2 * r, target_modules=ALL_PROJ))
-
-
-def lm_batches(n: int, bs: int, seq: int, vocab: int, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(1, vocab, (bs, seq), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-    return out
-
-
-def minilm_peft(r: int = 8):
-    from peft import LoraConfig, get_peft_model
-
+def minilm_base():
     from fimlora.experiments.models import load_classifier
 
-    return get_peft_model(load_classifier("minilm", 2, seed=0), LoraConfig(
-        r=r, lora_alpha=2 * r, task_type="SEQ_CLS", target_modules=MINILM_TARGETS))
+    return load_classifier("minilm", 2, seed=0)
 
 
-def minilm_batches(n: int, bs: int, seq: int):
+def smollm2_base(layers: int | None):
+    from fimlora.experiments.models import load_causal_lm
+
+    return load_causal_lm("smollm2", layers)
+
+
+def sst2_batches(n: int, bs: int, seq: int) -> list[dict]:
+    """``n`` collated SST-2 training batches of ``bs`` examples, truncated to ``seq`` tokens, for MiniLM."""
     from fimlora.experiments.data import ClassificationCollator, load_task
     from fimlora.experiments.models import load_tokenizer
 
@@ -80,16 +125,49 @@ def minilm_batches(n: int, bs: int, seq: int):
     return [collate(task.train[i * bs:(i + 1) * bs]) for i in range(n)]
 
 
-def smollm2_peft(layers: int | None, r: int = 8):
-    from peft import LoraConfig, get_peft_model
+# The token ids of lm_batches are random; timings and memory depend on the shapes only.
+BASE_MODELS = {"llama": llama_base, "minilm": minilm_base, "smollm2": smollm2_base}
+BATCHES = {"lm": lm_batches, "sst2": sst2_batches}
 
-    from fimlora.experiments.models import load_causal_lm
 
-    return get_peft_model(load_causal_lm("smollm2", layers), LoraConfig(r=r, lora_alpha=2 * r,
-                                                                        target_modules=ALL_PROJ))
+def base_model(case: Case) -> nn.Module:
+    return BASE_MODELS[case.base](**case.base_args)
+
+
+def make_batches(case: Case) -> list[dict]:
+    return BATCHES[case.batches](*case.batch_args)
+
+
+def lora_model(case: Case) -> nn.Module:
+    """The case's base model with rank-LORA_R LoRA on its targets (A drawn from seed 0)."""
+    from peft import LoraConfig
+
+    from fimlora.experiments.builders import build_peft_model
+
+    config = LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, target_modules=list(case.targets), task_type=case.task_type)
+    return build_peft_model(base_model(case), config, seed=0)
+
+
+def method_spec(case: Case, method: str, **fields):
+    """The experiment harness's MethodSpec for ``method`` on this case (rank LORA_R, alpha 2r)."""
+    from fimlora.experiments.methods import MethodSpec
+
+    return MethodSpec(method=method, r=LORA_R, lora_alpha=2 * LORA_R, target_modules=list(case.targets),
+                      task_type=case.task_type, **fields)
+
+
+def timed(fn, repeats: int) -> list[float]:
+    """Wall seconds of each of ``repeats`` calls of ``fn()``."""
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
 
 
 # ----------------------------------------------------------------------------- (1) calibration vs floor
+
 
 def floor_steps(model, batches):
     """N plain LoRA training steps: forward + backward with LoRA A and B trainable, no optimizer step."""
@@ -99,223 +177,160 @@ def floor_steps(model, batches):
     model.zero_grad(set_to_none=True)
 
 
-def naive_per_example(model, batches):
-    """The reference: one backward pass per example (what per_example avoids)."""
-    from fimlora.modules import lora_modules
-
-    ws = [i.layer.lora_B["default"].weight for i in lora_modules(model)]
-    acc = [torch.zeros_like(w) for w in ws]
-    model.eval()
-    for b in batches:
-        for i in range(b["input_ids"].shape[0]):
-            loss = model(**{k: v[i:i + 1] for k, v in b.items()}).loss
-            for a, g in zip(acc, torch.autograd.grad(loss, ws)):
-                a += g.square()
+def bench_floor(cases: list[Case], repeats: int) -> list[dict]:
+    """Per case: seconds of the floor, the batch and per_example estimators and (small cases) the naive loop."""
+    return [_floor_row(case, repeats) for case in cases]
 
 
-def timed(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
-
-
-def bench_floor(cases, repeats, naive_max_examples):
-    """Floor, batch and per_example timed in turn within each repeat (after one warm-up of each),
-    so drift in machine speed hits all three alike."""
+def _floor_row(case: Case, repeats: int) -> dict:
+    """Floor, batch and per_example timed in turn within each repeat (after one warm-up of each), so drift in
+    machine speed hits all three alike."""
     from fimlora import FimConfig, compute_fisher
 
-    rows = []
-    for label, make_model, batches in cases:
-        model = make_model()
-        n = len(batches)
-        jobs = {"floor": lambda: floor_steps(model, batches)}
-        for est in ("batch", "per_example"):
-            cfg = FimConfig(n_batches=n, estimator=est, progress=False)
-            jobs[est] = (lambda cfg=cfg: compute_fisher(model, batches, cfg))
-        for fn in jobs.values():
-            fn()
-        res = {"case": label, "N": n, "batch_shape": list(batches[0]["input_ids"].shape),
-               **{k: [] for k in jobs}}
-        for _ in range(repeats):
-            for k, fn in jobs.items():
-                res[k] += timed(fn, 1)
-        if n * batches[0]["input_ids"].shape[0] <= naive_max_examples:
-            res["naive_per_example"] = timed(lambda: naive_per_example(model, batches), max(1, repeats - 1))
-        rows.append(res)
-    return rows
+    model, batches = lora_model(case), make_batches(case)
+    n = len(batches)
+    jobs = {"floor": functools.partial(floor_steps, model, batches)}
+    for estimator in ESTIMATORS:
+        config = FimConfig(n_batches=n, estimator=estimator, progress=False)
+        jobs[estimator] = functools.partial(compute_fisher, model, batches, config)
+    for fn in jobs.values():
+        fn()
+    row = {"case": case.label, "N": n, "batch_shape": list(batches[0]["input_ids"].shape), **{k: [] for k in jobs}}
+    for _ in range(repeats):
+        for k, fn in jobs.items():
+            row[k] += timed(fn, 1)
+    if n * batches[0]["input_ids"].shape[0] <= NAIVE_MAX_EXAMPLES:
+        naive = functools.partial(reference_per_example_fisher, model, batches)
+        row["naive_per_example"] = timed(naive, max(1, repeats - 1))
+    return row
 
 
 # ----------------------------------------------------------------------------- (2) EVA
 
-class Counting:
-    def __init__(self, batches):
-        self.batches, self.count = batches, 0
 
-    def __iter__(self):
-        for b in self.batches:
-            self.count += 1
-            yield b
-
-    def __len__(self):
-        return len(self.batches)
-
-
-def bench_eva(cases):
-    from peft import EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
-
-    from fimlora import FimConfig, apply_fim_ranks
+def bench_eva(cases: list[Case]) -> list[dict]:
+    """Per case: FIM-LoRA calibration against EVA's initialisation, both prepared as the experiments do."""
+    from fimlora.experiments.methods import prepare_method
 
     rows = []
-    for label, make_base, batches, targets, task_type in cases:
-        fim_model = get_peft_model(make_base(), LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type=task_type))
-        t = time.perf_counter()
-        apply_fim_ranks(fim_model, batches, config=FimConfig(n_batches=len(batches), progress=False))
-        fim_s = time.perf_counter() - t
-        eva_model = get_peft_model(make_base(), LoraConfig(
-            r=8, lora_alpha=16, target_modules=targets, task_type=task_type, init_lora_weights="eva",
-            eva_config=EvaConfig(rho=2.0, use_label_mask=task_type == "CAUSAL_LM")), low_cpu_mem_usage=True)
-        counter = Counting(batches)
-        t = time.perf_counter()
-        initialize_lora_eva_weights(eva_model, counter, show_progress_bar=False)
-        eva_s = time.perf_counter() - t
-        ranks = [m.r["default"] for m in eva_model.modules() if hasattr(m, "r") and isinstance(m.r, dict) and "default" in m.r]
-        rows.append({"case": label, "fim_seconds": fim_s, "fim_passes": f"{len(batches)} fwd+bwd",
-                     "eva_seconds": eva_s, "eva_forward_batches": counter.count, "ratio": eva_s / fim_s,
-                     "eva_modules_kept": len(ranks)})
+    for case in cases:
+        batches = make_batches(case)
+        fresh_batches = functools.partial(list, batches)  # the harness asks for a fresh iterable per pass
+        _, fim, _ = prepare_method(method_spec(case, "fim", fim={"n_batches": len(batches)}), base_model(case),
+                                   fresh_batches)
+        _, eva, _ = prepare_method(method_spec(case, "eva", eva_rho=2.0), base_model(case), fresh_batches)
+        rows.append({"case": case.label, "fim_seconds": fim["calibration_seconds"],
+                     "fim_passes": f"{len(batches)} fwd+bwd", "eva_seconds": eva["calibration_seconds"],
+                     "eva_forward_batches": eva["eva_forward_batches"],
+                     "ratio": eva["calibration_seconds"] / fim["calibration_seconds"],
+                     "eva_modules_kept": len(eva["eva_ranks"])})
     return rows
 
 
 # ----------------------------------------------------------------------------- (3) memory
 
-MEMORY_CHILD = r"""
-import json, sys, torch, resource
-sys.path.insert(0, {tests!r}); sys.path.insert(0, {bench!r})
-torch.set_num_threads(1)
-from bench_calibration import tiny_llama_peft, lm_batches
-from fimlora import FimConfig, compute_fisher
-case, layers, hidden, bs, seq, mode = {args!r}
-model = tiny_llama_peft(layers, hidden)
-batches = lm_batches(1, bs, seq, 1024)
-def hwm():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) * 1024
-base = hwm()
-if mode == "train":
-    model.train(False)
-    model(**batches[0]).loss.backward()
-elif mode == "batch" or mode == "per_example":
-    compute_fisher(model, batches, FimConfig(n_batches=1, estimator=mode, progress=False))
-b_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if "lora_B" in n)
-print(json.dumps({{"peak": hwm(), "loaded": base, "fisher_bytes": b_bytes}}))
-"""
+
+def bench_memory(cases: list[Case]) -> list[dict]:
+    """Per case and mode, the peak RSS of a fresh process (see memory_child.py)."""
+    return [{"case": case.label, **{mode: _child_memory(case, mode) for mode in MEMORY_MODES}} for case in cases]
 
 
-def bench_memory(cases):
-    rows = []
-    for label, layers, hidden, bs, seq in cases:
-        res = {"case": label}
-        for mode in ("load", "train", "batch", "per_example"):
-            code = MEMORY_CHILD.format(tests=str(ROOT / "tests"), bench=str(ROOT / "benchmarks"),
-                                       args=(label, layers, hidden, bs, seq, mode))
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
-                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
-            if out.returncode != 0:
-                raise RuntimeError(out.stderr[-2000:])
-            res[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append(res)
-    return rows
+def _child_memory(case: Case, mode: str) -> dict:
+    """memory_child.py's JSON line for one case and mode, run single-threaded in a fresh interpreter."""
+    out = subprocess.run([sys.executable, str(HERE / "memory_child.py"), json.dumps(case._asdict()), mode],
+                         capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if out.returncode != 0:
+        raise RuntimeError(f"memory_child.py {case.label!r} {mode}: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # ----------------------------------------------------------------------------- (4) allocator and resize
 
-def bench_allocator(sizes, repeats):
-    import random
 
+def bench_allocator(sizes: list[int], repeats: int) -> list[dict]:
+    """Seconds of the water-filling allocator on ``n`` exponential scores with a budget of 16 per module."""
     from fimlora.waterfill import allocate_ranks
 
     rows = []
     for n in sizes:
         rng = random.Random(n)
         scores = [rng.expovariate(1.0) for _ in range(n)]
-        times = timed(lambda: allocate_ranks(scores, n * 16, 1, 32), repeats)
+        times = timed(functools.partial(allocate_ranks, scores, n * 16, 1, 32), repeats)
         rows.append({"modules": n, "seconds": times})
     return rows
 
 
+class _Attention(nn.Module):
+    def __init__(self, hidden: int, kv: int):
+        super().__init__()
+        self.q_proj, self.k_proj = nn.Linear(hidden, hidden, bias=False), nn.Linear(hidden, kv, bias=False)
+        self.v_proj, self.o_proj = nn.Linear(hidden, kv, bias=False), nn.Linear(hidden, hidden, bias=False)
+
+
+class _MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(hidden, inter, bias=False), nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+
+class _Block(nn.Module):
+    def __init__(self, hidden: int, inter: int, kv: int):
+        super().__init__()
+        self.self_attn, self.mlp = _Attention(hidden, kv), _MLP(hidden, inter)
+
+
+class _Skeleton(nn.Module):
+    """LLaMA's module tree (``model.layers.N.self_attn.q_proj`` ...) without embeddings or a forward."""
+
+    def __init__(self, layers: int, hidden: int, inter: int, kv: int):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList(_Block(hidden, inter, kv) for _ in range(layers))
+
+
 def llama8b_lora_skeleton(r: int, layers: int, hidden: int, inter: int, kv: int):
-    """A Llama-3-8B-shaped set of LoRA adapters: base weights on the meta device, real LoRA tensors."""
+    """A Llama-3-8B-shaped set of freshly initialised LoRA adapters (random A, B = 0, as PEFT starts them):
+    base weights on the meta device, real LoRA tensors."""
     from peft import LoraConfig, get_peft_model
-    from torch import nn
-
-    class Attn(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q_proj, self.k_proj = nn.Linear(hidden, hidden, bias=False), nn.Linear(hidden, kv, bias=False)
-            self.v_proj, self.o_proj = nn.Linear(hidden, kv, bias=False), nn.Linear(hidden, hidden, bias=False)
-
-    class MLP(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.gate_proj, self.up_proj = nn.Linear(hidden, inter, bias=False), nn.Linear(hidden, inter, bias=False)
-            self.down_proj = nn.Linear(inter, hidden, bias=False)
-
-    class Layer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.self_attn, self.mlp = Attn(), MLP()
-
-    class Body(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layers = nn.ModuleList(Layer() for _ in range(layers))
-
-    class Skeleton(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = Body()
 
     with torch.device("meta"):
-        base = Skeleton()
-    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        base = _Skeleton(layers, hidden, inter, kv)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(ALL_PROJ)))
     for name, module in model.named_modules():
-        if name.endswith(("lora_A.default", "lora_B.default")):
+        if name.endswith("lora_A.default"):
             module.to_empty(device="cpu")
             torch.nn.init.normal_(module.weight, std=0.01)
+        elif name.endswith("lora_B.default"):
+            module.to_empty(device="cpu")
+            torch.nn.init.zeros_(module.weight)
     return model
 
 
-def bench_resize(shape, repeats):
-    import random
-
+def bench_resize(shape: dict, repeats: int) -> list[dict]:
+    """Seconds of resizing the skeleton's uniform adapters to a random-score FIM pattern (one row)."""
     from fimlora import allocation_from_scores, apply_allocation
+    from fimlora.modules import lora_modules
 
-    rows = []
     times = []
     for k in range(repeats):
         model = llama8b_lora_skeleton(**shape)
         rng = random.Random(k)
-        from fimlora.modules import lora_modules
-
         names = [i.name for i in lora_modules(model)]
         alloc = allocation_from_scores(model, {n: rng.random() for n in names})
         t = time.perf_counter()
         apply_allocation(model, alloc)
         times.append(time.perf_counter() - t)
-        n_modules = len(names)
-        lora_params = alloc.trainable_lora_params()
         del model
-    rows.append({"shape": shape, "modules": n_modules, "lora_params_after": lora_params, "seconds": times})
-    return rows
+    return [{"shape": shape, "modules": len(names), "lora_params_after": alloc.trainable_lora_params(),
+             "seconds": times}]
 
 
 # ----------------------------------------------------------------------------- (5) share of a whole run
 
-def overhead_from_results(results_dirs: list[Path]):
+
+def overhead_from_results(results_dirs: list[Path]) -> list[dict]:
+    """Calibration and training seconds of every plain FIM-LoRA run that finished ok in the folders."""
     rows = []
     for results_dir in results_dirs:
         for p in sorted(Path(results_dir).glob("*.json")):
@@ -328,7 +343,8 @@ def overhead_from_results(results_dirs: list[Path]):
     return rows
 
 
-# ----------------------------------------------------------------------------- report
+# ----------------------------------------------------------------------------- the Markdown, one renderer per section
+
 
 def med(xs):
     return statistics.median(xs)
@@ -339,83 +355,144 @@ def spread(xs):
 
 
 def ratio_cell(num, den):
+    """Median ratio and the min–max of the per-repeat ratios."""
     return f"{med(num) / med(den):.2f} ({spread([a / b for a, b in zip(num, den)])})"
 
 
-def write_markdown(out: Path, data: dict) -> None:
-    from fimlora.io import package_versions
+def mb(n_bytes: float) -> float:
+    return n_bytes / 2**20
 
-    v, m = package_versions(), data["machine"]
-    lines = ["# fimlora benchmarks", "",
-             f"Generated by `{data['command']}` on {data['date']}. Machine: {m['processor']}, "
-             f"{m['cpu_count']} cores, torch threads {m['threads']}; " +
-             ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
-             "Every figure is a ratio measured in the same run (or a time with its median and min–max over "
-             f"{data['repeats']} repeats). Other processes shared the machine: {data['note']}", ""]
-    lines += ["## 1. Calibration vs its floor", "",
-              "Floor: N plain LoRA steps (forward + backward, LoRA A and B trainable, no optimizer) on the same N "
-              "batches. Ratios are time / floor: median (min–max over repeats; floor, batch and per_example are "
-              "timed in turn within each repeat after a warm-up). Targets: batch <= 1.05, per_example <= 1.3.", "",
-              "| case | N x batch | floor s (median) | batch / floor | per_example / floor | naive loop / floor |",
-              "|---|---|---|---|---|---|"]
-    for r in data["floor"]:
-        naive = ratio_cell(r["naive_per_example"], r["floor"][:len(r["naive_per_example"])]) \
-            if "naive_per_example" in r else "not run (too slow)"
+
+def render_header(data: dict) -> list[str]:
+    """Title, command, date, machine, versions, how to read the figures and the --note."""
+    m = data["machine"]
+    note = f" Machine note: {data['note']}" if data["note"] else ""
+    return ["# fimlora benchmarks", "",
+            f"Generated by `{data['command']}` on {data['date']}. Machine: {m['processor']}, "
+            f"{m['cpu_count']} cores, torch threads {m['threads']}; "
+            + ", ".join(f"{k} {version}" for k, version in data["versions"].items()) + ".",
+            "Every figure is a ratio measured in the same run (or a time with its median and min–max over "
+            f"{data['repeats']} repeats).{note}", ""]
+
+
+def render_floor(rows: list[dict]) -> list[str]:
+    lines = ["## 1. Calibration vs its floor", "",
+             "Floor: N plain LoRA steps (forward + backward, LoRA A and B trainable, no optimizer) on the same N "
+             "batches. Ratios are time / floor: median (min–max over repeats; floor, batch and per_example are "
+             "timed in turn within each repeat after a warm-up). Targets: batch <= 1.05, per_example <= 1.3.", "",
+             "| case | N x batch | floor s (median) | batch / floor | per_example / floor | naive loop / floor |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        naive = "not run (too slow)"
+        if "naive_per_example" in r:
+            naive = ratio_cell(r["naive_per_example"], r["floor"][:len(r["naive_per_example"])])
         lines.append(f"| {r['case']} | {r['N']} x {r['batch_shape']} | {med(r['floor']):.3f} | "
                      f"{ratio_cell(r['batch'], r['floor'])} | {ratio_cell(r['per_example'], r['floor'])} | {naive} |")
-    lines += ["", "## 2. Against PEFT's EVA initialisation", "",
-              "Same model, data and batch size; EVA runs until its own convergence criterion (it cycles the "
-              "calibration batches).", "",
-              "| case | FIM-LoRA s | EVA s | EVA / FIM | EVA forward batches | FIM passes | EVA modules kept |",
-              "|---|---|---|---|---|---|---|"]
-    for r in data["eva"]:
+    return lines + [""]
+
+
+def render_eva(rows: list[dict]) -> list[str]:
+    lines = ["## 2. Against PEFT's EVA initialisation", "",
+             "Same model, data and batch size, each prepared as the experiment harness prepares it; EVA runs until "
+             "its own convergence criterion (it cycles the calibration batches).", "",
+             "| case | FIM-LoRA s | EVA s | EVA / FIM | EVA forward batches | FIM passes | EVA modules kept |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
         lines.append(f"| {r['case']} | {r['fim_seconds']:.2f} | {r['eva_seconds']:.2f} | {r['ratio']:.1f} | "
                      f"{r['eva_forward_batches']} | {r['fim_passes']} | {r['eva_modules_kept']} |")
-    lines += ["", "## 3. Peak memory (process RSS high-water mark, fresh subprocess per case, CPU)", "",
-              "Target: calibration peak <= training-step peak + fp32 Fisher buffers (the size of all B matrices).", "",
-              "| case | after load MB | one LoRA training step MB | calibration batch MB | calibration per_example MB "
-              "| Fisher buffers MB | batch within target | per_example within target |", "|---|---|---|---|---|---|---|---|"]
-    for r in data["memory"]:
-        mb = lambda x: x / 2**20  # noqa: E731
-        train, fb = r["train"]["peak"], r["batch"]["fisher_bytes"]
-        ok_b = "yes" if r["batch"]["peak"] <= train + fb else "NO"
-        ok_p = "yes" if r["per_example"]["peak"] <= train + fb else "NO"
+    return lines + [""]
+
+
+def render_memory(rows: list[dict]) -> list[str]:
+    lines = ["## 3. Peak memory (process RSS high-water mark, fresh subprocess per case, CPU)", "",
+             "Target: calibration peak <= training-step peak + fp32 Fisher buffers (the size of all B matrices).", "",
+             "| case | after load MB | one LoRA training step MB | calibration batch MB | calibration per_example MB "
+             "| Fisher buffers MB | batch within target | per_example within target |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        train, fisher = r["train"]["peak"], r["batch"]["fisher_bytes"]
+        within = ["yes" if r[est]["peak"] <= train + fisher else "NO" for est in ESTIMATORS]
         lines.append(f"| {r['case']} | {mb(r['load']['peak']):.0f} | {mb(train):.0f} | {mb(r['batch']['peak']):.0f} | "
-                     f"{mb(r['per_example']['peak']):.0f} | {mb(fb):.1f} | {ok_b} | {ok_p} |")
-    lines += ["", "GPU (`torch.cuda.max_memory_allocated`): not measured — no GPU was lent to this session.", ""]
-    lines += ["## 4. Allocator and resize scale", "", "| modules | allocation s (median, min–max) |", "|---|---|"]
-    for r in data["allocator"]:
+                     f"{mb(r['per_example']['peak']):.0f} | {mb(fisher):.1f} | {' | '.join(within)} |")
+    return lines + ["", "GPU (`torch.cuda.max_memory_allocated`): not measured; this script measures on the CPU only.",
+                    ""]
+
+
+def render_scale(allocator: list[dict], resize: list[dict]) -> list[str]:
+    lines = ["## 4. Allocator and resize scale", "", "| modules | allocation s (median, min–max) |", "|---|---|"]
+    for r in allocator:
         lines.append(f"| {r['modules']:,} | {med(r['seconds']):.4f} ({spread(r['seconds'])}) |")
-    for r in data["resize"]:
+    for r in resize:
         lines += ["", f"Resize of a Llama-3-8B-shaped adapter set ({r['modules']} modules, "
                   f"{r['shape']}, r = {r['shape']['r']} -> FIM pattern, {r['lora_params_after']:,} LoRA parameters "
                   f"after): {med(r['seconds']):.3f} s median ({spread(r['seconds'])}); target < 2 s."]
-    lines += ["", "## 5. Calibration as a share of a whole fine-tuning run", ""]
-    ov = data["overhead"]
-    if ov:
-        lines += ["Calibration / training wall time of the FIM-LoRA runs (default N, both ranks, every seed) of "
-                  "each experiment. Target: < 1%.", "",
-                  "| experiment | model | runs | N calibration batches | T training steps | N / T | "
-                  "calibration / training (median, min–max) |", "|---|---|---|---|---|---|---|"]
-        for exp in sorted({r["experiment"] for r in ov}):
-            sel = [r for r in ov if r["experiment"] == exp]
-            shares = [r["share"] for r in sel]
-            n, t = sel[0]["n_batches"], sel[0]["steps"]
-            lines.append(f"| {exp} | {sel[0]['model']} | {len(sel)} | {n} | {t} | {100 * n / t:.0f}% | "
-                         f"{100 * med(shares):.2f}% ({100 * min(shares):.2f}–{100 * max(shares):.2f}%) |")
-        lines.append("")
-        lines.append("The floor of this share is N / T times the cost of one calibration pass relative to one "
-                     "training step (about 1, section 1): calibration is N forward+backward passes, training T "
-                     "steps. With N = 8 the 1% target holds from T of about 650 steps on; these CPU runs have "
-                     "T = 40-100. The demo (T = 300) sits near 2%; the paper's GLUE runs (10-30 epochs, thousands "
-                     "of steps) and commonsense runs (3 epochs of 170k examples) are far below 1%. The code "
-                     "cannot close this gap: it is the N passes the method is defined by.")
-    else:
-        lines.append("No experiment results found; run `fimlora run configs/small_encoder.yaml` first.")
-    lines += ["", "## GPU", "", "Not measured: no GPU was lent to this session, and this script measures on the "
-              "CPU only.", ""]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    return lines + [""]
+
+
+# Why the share cannot reach 1% on these short CPU runs.
+OVERHEAD_FLOOR = (
+    "The floor of this share is N / T times the cost of one calibration pass relative to one training step "
+    "(about 1, section 1): calibration is N forward+backward passes, training T steps. With N = 8 the 1% target "
+    "holds from T of about 650 steps on; these CPU runs have T = 40-100. The demo (T = 300) sits near 2%; the "
+    "paper's GLUE runs (10-30 epochs, thousands of steps) and commonsense runs (3 epochs of 170k examples) are far "
+    "below 1%. The code cannot close this gap: it is the N passes the method is defined by.")
+
+
+def render_overhead(rows: list[dict]) -> list[str]:
+    lines = ["## 5. Calibration as a share of a whole fine-tuning run", ""]
+    if not rows:
+        return lines + ["No experiment results found; run `fimlora run configs/small_encoder.yaml` first.", ""]
+    lines += ["Calibration / training wall time of the FIM-LoRA runs (default N, both ranks, every seed) of "
+              "each experiment. Target: < 1%.", "",
+              "| experiment | model | runs | N calibration batches | T training steps | N / T | "
+              "calibration / training (median, min–max) |", "|---|---|---|---|---|---|---|"]
+    for experiment in sorted({r["experiment"] for r in rows}):
+        sel = [r for r in rows if r["experiment"] == experiment]
+        shares = [r["share"] for r in sel]
+        n, t = sel[0]["n_batches"], sel[0]["steps"]
+        lines.append(f"| {experiment} | {sel[0]['model']} | {len(sel)} | {n} | {t} | {100 * n / t:.0f}% | "
+                     f"{100 * med(shares):.2f}% ({100 * min(shares):.2f}–{100 * max(shares):.2f}%) |")
+    return lines + ["", OVERHEAD_FLOOR, ""]
+
+
+def render_gpu() -> list[str]:
+    return ["## GPU", "", "Not measured: this script measures on the CPU only.", ""]
+
+
+def render_markdown(data: dict) -> str:
+    """docs/benchmarks.md from the measurements ``data`` (the keys main() writes to the JSON)."""
+    lines = (render_header(data) + render_floor(data["floor"]) + render_eva(data["eva"])
+             + render_memory(data["memory"]) + render_scale(data["allocator"], data["resize"])
+             + render_overhead(data["overhead"]) + render_gpu())
+    return "\n".join(lines[:-1]) + "\n"
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def measure(size: str, repeats: int, results: list[str], note: str) -> dict:
+    """Every section's measurements for the ``size`` ("full" or "smoke") cases, with machine and versions."""
+    from fimlora.io import package_versions
+
+    cases = CASES[size]
+    data = {"command": "python benchmarks/bench_calibration.py" + (" --smoke" if size == "smoke" else ""),
+            "date": time.strftime("%Y-%m-%d"), "repeats": repeats, "note": note,
+            "machine": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                        "threads": torch.get_num_threads()},
+            "versions": package_versions()}
+    print("[1/5] calibration vs floor", flush=True)
+    data["floor"] = bench_floor(cases["floor"], repeats)
+    print("[2/5] EVA", flush=True)
+    data["eva"] = bench_eva(cases["eva"])
+    print("[3/5] memory", flush=True)
+    data["memory"] = bench_memory(cases["memory"])
+    print("[4/5] allocator and resize", flush=True)
+    data["allocator"] = bench_allocator(cases["allocator"], repeats)
+    data["resize"] = bench_resize(cases["resize"], repeats)
+    print("[5/5] overhead", flush=True)
+    data["overhead_source"] = results
+    data["overhead"] = overhead_from_results([Path(r) for r in results if Path(r).exists()])
+    return data
 
 
 def main(argv=None) -> int:
@@ -423,57 +500,17 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks the script runs")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--results", nargs="+", default=[str(ROOT / "results" / n) for n in ("small_encoder", "small_decoder")],
+    p.add_argument("--results", nargs="+", default=[str(ROOT / "results" / n) for n in ("small_encoder",
+                                                                                       "small_decoder")],
                    help="experiment result folders whose FIM-LoRA runs give section 5")
-    p.add_argument("--note", default="the experiment sweep may have been running on the other core.")
+    p.add_argument("--note", default="", help="a sentence about the machine during the run, printed in the header")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    smoke = args.smoke
-    repeats = 1 if smoke else args.repeats
-    if smoke:
-        floor_cases = [("tiny llama 2x64", lambda: tiny_llama_peft(2, 64), lm_batches(2, 4, 16, 1024))]
-        eva_cases = [("tiny llama 2x64", lambda: llama_base(2, 64), lm_batches(2, 4, 16, 1024),
-                      ["q_proj", "v_proj"], "CAUSAL_LM")]
-        memory_cases = [("tiny llama 2x64", 2, 64, 4, 16)]
-        alloc_sizes = [100, 1000]
-        resize_shape = dict(r=4, layers=2, hidden=256, inter=512, kv=64)
-    else:
-        from fimlora.experiments.models import load_classifier
-
-        floor_cases = [
-            ("tiny llama 2x128", lambda: tiny_llama_peft(2, 128), lm_batches(8, 8, 64, 1024)),
-            ("tiny llama 4x256", lambda: tiny_llama_peft(4, 256), lm_batches(8, 8, 64, 1024)),
-            ("tiny llama 8x512", lambda: tiny_llama_peft(8, 512), lm_batches(8, 8, 64, 1024)),
-            ("MiniLM-L6 (real)", minilm_peft, minilm_batches(8, 16, 64)),
-            ("SmolLM2-135M (real, 30 layers)", lambda: smollm2_peft(None), lm_batches(4, 4, 64, 49152)),
-        ]
-        eva_cases = [
-            ("tiny llama 4x256", lambda: llama_base(4, 256), lm_batches(8, 16, 128, 1024), ALL_PROJ, "CAUSAL_LM"),
-            ("MiniLM-L6 (real)", lambda: load_classifier("minilm", 2, seed=0), minilm_batches(8, 16, 64),
-             MINILM_TARGETS, "SEQ_CLS"),
-        ]
-        memory_cases = [("tiny llama 4x256", 4, 256, 8, 128), ("tiny llama 8x512", 8, 512, 8, 128)]
-        alloc_sizes = [100, 1000, 10_000, 100_000]
-        resize_shape = dict(r=16, layers=32, hidden=4096, inter=14336, kv=1024)
-    data = {"command": "python benchmarks/bench_calibration.py" + (" --smoke" if smoke else ""),
-            "date": time.strftime("%Y-%m-%d"), "repeats": repeats, "note": args.note,
-            "machine": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                        "threads": torch.get_num_threads()}}
-    print("[1/5] calibration vs floor", flush=True)
-    data["floor"] = bench_floor(floor_cases, repeats, naive_max_examples=64)
-    print("[2/5] EVA", flush=True)
-    data["eva"] = bench_eva(eva_cases)
-    print("[3/5] memory", flush=True)
-    data["memory"] = bench_memory(memory_cases)
-    print("[4/5] allocator and resize", flush=True)
-    data["allocator"] = bench_allocator(alloc_sizes, repeats)
-    data["resize"] = bench_resize(resize_shape, repeats)
-    print("[5/5] overhead", flush=True)
-    data["overhead_source"] = args.results
-    data["overhead"] = overhead_from_results([Path(r) for r in args.results if Path(r).exists()])
+    data = measure("smoke" if args.smoke else "full", 1 if args.smoke else args.repeats, args.results, args.note)
     out = Path(args.out)
-    write_markdown(out, data)
-    (out.with_suffix(".json")).write_text(json.dumps(data, indent=2, default=str))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_markdown(data))
+    out.with_suffix(".json").write_text(json.dumps(data, indent=2, default=str))
     print(f"-> {out}")
     return 0
 

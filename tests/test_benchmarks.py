@@ -1,6 +1,8 @@
 """Benchmarks are not tests: this only keeps the benchmark script from rotting (tiny sizes, one repeat)."""
 
 import importlib.util
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -8,19 +10,52 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+NUM = r"\d+(?:\.\d+)?"
+SPREAD = r"[\d.e+-]+–[\d.e+-]+"  # min–max, in %.3g
+RATIO = rf"{NUM} \({SPREAD}\)"
 
-@pytest.mark.slow
-def test_benchmark_script_smoke(tmp_path):
+
+def _load_bench():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("bench_calibration", ROOT / "benchmarks" / "bench_calibration.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.slow
+def test_benchmark_script_smoke(tmp_path):
+    bench = _load_bench()
     out = tmp_path / "b.md"
     committed = ROOT / "results" / "small_encoder"  # the replication's result JSONs are in the repo
-    assert bench.main(["--smoke", "--out", str(out), "--results", str(committed), str(tmp_path / "none")]) == 0
+    argv = ["--smoke", "--out", str(out), "--results", str(committed), str(tmp_path / "none"), "--note", "idle."]
+    assert bench.main(argv) == 0
     text = out.read_text()
-    for heading in ("## 1. Calibration vs its floor", "## 2. Against PEFT's EVA", "## 3. Peak memory",
-                    "## 4. Allocator and resize scale", "## 5. Calibration as a share"):
-        assert heading in text
-    assert "| tiny llama 2x64 |" in text
-    assert "| small_encoder | minilm | 18 | 8 | 100 | 8% |" in text  # 3 tasks x 2 ranks x 3 seeds
+    headings = [line for line in text.splitlines() if line.startswith("#")]
+    assert headings == ["# fimlora benchmarks", "## 1. Calibration vs its floor",
+                        "## 2. Against PEFT's EVA initialisation",
+                        "## 3. Peak memory (process RSS high-water mark, fresh subprocess per case, CPU)",
+                        "## 4. Allocator and resize scale", "## 5. Calibration as a share of a whole fine-tuning run",
+                        "## GPU"]
+    assert "repeats). Machine note: idle.\n" in text and "session" not in text
+    rows = [
+        rf"\| tiny llama 2x64 \| 2 x \[4, 16\] \| {NUM} \| {RATIO} \| {RATIO} \| {RATIO} \|",  # with the naive loop
+        rf"\| tiny llama 2x64 \| {NUM} \| {NUM} \| {NUM} \| [1-9]\d* \| 2 fwd\+bwd \| [1-9]\d* \|",
+        rf"\| tiny llama 2x64 \| \d+ \| \d+ \| \d+ \| \d+ \| {NUM} \| (yes|NO) \| (yes|NO) \|",
+        rf"\| 100 \| {NUM} \({SPREAD}\) \|", rf"\| 1,000 \| {NUM} \({SPREAD}\) \|",
+        rf"Resize of a Llama-3-8B-shaped adapter set \(14 modules, .*, [\d,]+ LoRA parameters after\): {NUM} s median",
+        # 3 tasks x 2 ranks x 3 seeds, from the committed result JSONs
+        r"\| small_encoder \| minilm \| 18 \| 8 \| 100 \| 8% \| 7\.04% \(5\.56–14\.14%\) \|",
+    ]
+    for row in rows:
+        assert re.search(rf"^{row}", text, re.MULTILINE), row
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert set(data) == {"command", "date", "repeats", "note", "machine", "versions", "floor", "eva", "memory",
+                         "allocator", "resize", "overhead_source", "overhead"}
+    (floor,) = data["floor"]
+    assert all(len(floor[k]) == 1 and floor[k][0] > 0 for k in ("floor", "batch", "per_example", "naive_per_example"))
+    (memory,) = data["memory"]
+    for mode in ("load", "train", "batch", "per_example"):
+        assert memory[mode]["peak"] >= memory[mode]["loaded"] > 0 and memory[mode]["fisher_bytes"] > 0
+    assert data["eva"][0]["eva_forward_batches"] > 0 and data["eva"][0]["fim_seconds"] > 0
+    assert [r["modules"] for r in data["allocator"]] == [100, 1000] and len(data["overhead"]) == 18

@@ -172,7 +172,8 @@ def test_demo_small(tmp_path):
     assert "accuracy" in proc.stdout and "FIM-LoRA" in proc.stdout
     # only fimlora's own lines: no load report for the expected new head, no raw Trainer log dicts, no
     # deprecation warnings a user cannot act on
-    for noise in ("LOAD REPORT", "{'loss'", "'train_runtime'", "FutureWarning", "newly initialized", "kernels-community"):
+    noises = ("LOAD REPORT", "{'loss'", "'train_runtime'", "FutureWarning", "newly initialized", "kernels-community")
+    for noise in noises:
         assert noise not in proc.stdout + proc.stderr, noise
     res = json.loads((tmp_path / "demo_results.json").read_text())["results"]
     assert res["uniform LoRA"]["lora_params"] == res["FIM-LoRA"]["lora_params"]

@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("lora", "fim", "random", "eva", "adalora")
 
+# Returns a fresh iterable of model-input batches (with labels) each time it is called.
+BatchFactory = Callable[[], Iterable]
+
 
 @dataclass
 class MethodSpec:
@@ -88,65 +91,106 @@ class AdaLoraCallback(TrainerCallback):
 
 
 def prepare_method(
-    spec: MethodSpec, base_model: nn.Module, calibration_batches: Callable[[], Iterable] | None = None
+    spec: MethodSpec, base_model: nn.Module, calibration_batches: BatchFactory | None = None
 ) -> tuple[nn.Module, dict, list]:
     """Wrap ``base_model`` for ``spec.method``; returns (peft model, info, trainer callbacks).
 
     ``calibration_batches()`` returns a fresh iterable of model-input batches
-    (with labels) for fim and eva. ``info`` has calibration seconds, forward
-    passes (eva) and settings.
+    (with labels) for fim and eva. ``info`` has the method, calibration seconds
+    and what the method decided: scores (fim, random), forward passes and ranks
+    (eva), the schedule (adalora).
     """
-    from peft import AdaLoraConfig, EvaConfig, LoraConfig, get_peft_model
+    torch.manual_seed(spec.seed)  # LoRA's A initialisation follows the run's seed
+    model, method_info, callbacks = PREPARE[spec.method](spec, base_model, calibration_batches)
+    return model, {"method": spec.method, "calibration_seconds": 0.0, **method_info}, callbacks
 
-    common = dict(target_modules=spec.target_modules, lora_dropout=spec.lora_dropout, task_type=spec.task_type)
-    info: dict = {"method": spec.method, "calibration_seconds": 0.0}
-    torch.manual_seed(spec.seed)
-    if spec.method == "adalora":
-        schedule_args = {k: v for k, v in spec.adalora.items() if k != "orth_reg_weight"}
-        sched = adalora_schedule(spec.total_steps, spec.r, **schedule_args)
-        cfg = AdaLoraConfig(lora_alpha=spec.lora_alpha, orth_reg_weight=spec.adalora.get("orth_reg_weight", 0.5),
-                            **sched, **common)
-        model = get_peft_model(base_model, cfg)
-        info["adalora"] = sched
-        return model, info, [AdaLoraCallback(model)]
 
-    if spec.method == "eva":
-        # Classification labels are (batch,), not per token: EVA's label mask would not broadcast.
-        eva = EvaConfig(rho=spec.eva_rho, use_label_mask=spec.task_type == "CAUSAL_LM")
-        cfg = LoraConfig(r=spec.r, lora_alpha=spec.lora_alpha, init_lora_weights="eva", eva_config=eva, **common)
-        model = get_peft_model(base_model, cfg, low_cpu_mem_usage=True)
-        counter = _CountingIterable(calibration_batches)
-        start = time.perf_counter()
-        from peft import initialize_lora_eva_weights
+def _lora_config(spec: MethodSpec, **extra):
+    """The LoraConfig of ``spec`` (rank r everywhere), with ``extra`` LoraConfig fields."""
+    from peft import LoraConfig
 
-        initialize_lora_eva_weights(model, counter, show_progress_bar=False)
-        info["calibration_seconds"] = time.perf_counter() - start
-        info["eva_forward_batches"] = counter.count
-        # EVA writes rank_pattern only where a rank differs from r; record every module's rank.
-        info["eva_rank_pattern"] = dict(model.peft_config["default"].rank_pattern or {})
-        info["eva_ranks"] = final_rank_map(model, "eva")
-        return model, info, []
+    return LoraConfig(r=spec.r, lora_alpha=spec.lora_alpha, target_modules=spec.target_modules,
+                      lora_dropout=spec.lora_dropout, task_type=spec.task_type, **extra)
 
-    model = get_peft_model(base_model, LoraConfig(r=spec.r, lora_alpha=spec.lora_alpha, **common))
-    if spec.method == "fim":
-        cfg = FimConfig(seed=spec.seed, progress=False, **spec.fim)
-        start = time.perf_counter()
-        alloc = apply_fim_ranks(model, calibration_batches(), config=cfg)
-        info["calibration_seconds"] = time.perf_counter() - start
-        info["scores"] = alloc.scores
-    elif spec.method == "random":
-        cfg = FimConfig(seed=spec.seed, progress=False,
-                        **{k: v for k, v in spec.fim.items() if k in ("r_min", "r_max", "budget")})
-        alloc = random_allocation(model, seed=spec.seed, config=cfg)
-        apply_allocation(model, alloc, seed=spec.seed)
-        info["scores"] = alloc.scores
-    return model, info, []
+
+def _uniform_lora(spec: MethodSpec, base_model: nn.Module) -> nn.Module:
+    from peft import get_peft_model
+
+    return get_peft_model(base_model, _lora_config(spec))
+
+
+def _prepare_lora(spec: MethodSpec, base_model: nn.Module,
+                  calibration_batches: BatchFactory | None) -> tuple[nn.Module, dict, list]:
+    """Plain LoRA: rank r on every target module."""
+    return _uniform_lora(spec, base_model), {}, []
+
+
+def _prepare_fim(spec: MethodSpec, base_model: nn.Module,
+                 calibration_batches: BatchFactory | None) -> tuple[nn.Module, dict, list]:
+    """FIM-LoRA: uniform LoRA, then ranks from the Fisher of LoRA-B on the calibration batches."""
+    model = _uniform_lora(spec, base_model)
+    cfg = FimConfig(seed=spec.seed, progress=False, **spec.fim)
+    start = time.perf_counter()
+    alloc = apply_fim_ranks(model, calibration_batches(), config=cfg)
+    return model, {"calibration_seconds": time.perf_counter() - start, "scores": alloc.scores}, []
+
+
+# Random-rank shares FIM-LoRA's budget and rank bounds; the Fisher settings have nothing to act on.
+RANDOM_SETTINGS = ("r_min", "r_max", "budget")
+
+
+def _prepare_random(spec: MethodSpec, base_model: nn.Module,
+                    calibration_batches: BatchFactory | None) -> tuple[nn.Module, dict, list]:
+    """Random-rank: seeded random scores through FIM-LoRA's allocator and budget."""
+    model = _uniform_lora(spec, base_model)
+    cfg = FimConfig(seed=spec.seed, progress=False, **{k: v for k, v in spec.fim.items() if k in RANDOM_SETTINGS})
+    alloc = random_allocation(model, seed=spec.seed, config=cfg)
+    apply_allocation(model, alloc, seed=spec.seed)
+    return model, {"scores": alloc.scores}, []
+
+
+def _prepare_eva(spec: MethodSpec, base_model: nn.Module,
+                 calibration_batches: BatchFactory | None) -> tuple[nn.Module, dict, list]:
+    """PEFT's EVA: its own initialisation on the calibration batches, which also sets the ranks."""
+    from peft import EvaConfig, get_peft_model, initialize_lora_eva_weights
+
+    # Classification labels are (batch,), not per token: EVA's label mask would not broadcast.
+    eva = EvaConfig(rho=spec.eva_rho, use_label_mask=spec.task_type == "CAUSAL_LM")
+    model = get_peft_model(base_model, _lora_config(spec, init_lora_weights="eva", eva_config=eva),
+                           low_cpu_mem_usage=True)
+    counter = _CountingIterable(calibration_batches)
+    start = time.perf_counter()
+    initialize_lora_eva_weights(model, counter, show_progress_bar=False)
+    seconds = time.perf_counter() - start
+    # EVA writes rank_pattern only where a rank differs from r; record every module's rank.
+    return model, {"calibration_seconds": seconds, "eva_forward_batches": counter.count,
+                   "eva_rank_pattern": dict(model.peft_config["default"].rank_pattern or {}),
+                   "eva_ranks": final_rank_map(model, "eva")}, []
+
+
+def _prepare_adalora(spec: MethodSpec, base_model: nn.Module,
+                     calibration_batches: BatchFactory | None) -> tuple[nn.Module, dict, list]:
+    """PEFT's AdaLoRA with its schedule in steps and the callback that prunes after each optimizer step."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    schedule_args = {k: v for k, v in spec.adalora.items() if k != "orth_reg_weight"}
+    sched = adalora_schedule(spec.total_steps, spec.r, **schedule_args)
+    cfg = AdaLoraConfig(lora_alpha=spec.lora_alpha, orth_reg_weight=spec.adalora.get("orth_reg_weight", 0.5),
+                        target_modules=spec.target_modules, lora_dropout=spec.lora_dropout,
+                        task_type=spec.task_type, **sched)
+    model = get_peft_model(base_model, cfg)
+    return model, {"adalora": sched}, [AdaLoraCallback(model)]
+
+
+# One preparation per method: (spec, base model, calibration batches factory) -> (model, info, callbacks).
+PREPARE = {"lora": _prepare_lora, "fim": _prepare_fim, "random": _prepare_random, "eva": _prepare_eva,
+           "adalora": _prepare_adalora}
 
 
 class _CountingIterable:
     """Re-iterable view of fresh calibration batches that counts the batches EVA consumed."""
 
-    def __init__(self, make: Callable[[], Iterable]):
+    def __init__(self, make: BatchFactory):
         self.make = make
         self.count = 0
 

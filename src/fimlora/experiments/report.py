@@ -1,4 +1,9 @@
-"""``fimlora report``: the paper's tables (mean ± std over seeds) from a folder of run results."""
+"""``fimlora report``: the paper's tables (mean ± std over seeds) from a folder of run results.
+
+A *run* is one result JSON as written by the sweep (``run_id``, ``experiment``, ``task``, ``method``, ``r``,
+``seed``, ``status``, ``fim_variant``, ``metrics`` = {task: {"accuracy": 0-1, "n": test size}}, costs and
+rank maps). Accuracies are stored as fractions and shown as percentages.
+"""
 
 from __future__ import annotations
 
@@ -11,60 +16,87 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
+from ..extras import MissingExtraError
 from ..io import atomic_write_text
 
-__all__ = ["load_results", "mean_std", "build_report", "write_report"]
+__all__ = ["load_results", "mean_std", "accuracies", "select_runs", "build_report", "write_report"]
 
 METHOD_ORDER = ["lora", "adalora", "eva", "random", "fim"]
 METHOD_LABEL = {"lora": "LoRA", "adalora": "AdaLoRA", "eva": "EVA", "random": "Random-rank", "fim": "FIM-LoRA"}
-
+# The baselines FIM-LoRA is judged against, in the order the verdict lines name them.
+BASELINES = ("lora", "random", "eva", "adalora")
+# The column and verdict name of the per-seed mean over the evaluation tasks (the paper's Avg).
+AVG = "Avg"
 
 # JSON files a results folder may hold besides run results.
 NOT_RUN_RESULTS = ("demo_results.json", "rank_map.json", "benchmarks.json")
+# Folders the sweep keeps beside the results: work in progress, superseded runs, locks and saved adapters.
+NOT_RESULT_FOLDERS = {".work", ".stale", ".locks", "adapters"}
+CSV_FIELDS = ["table", "r", "method", "variant", "task", "mean", "std", "n"]
+
+
+# ----------------------------------------------------------------------------- loading
 
 
 def load_results(results_dirs) -> list[dict]:
     """Every finished run JSON below the folder(s) (failed runs have ``.error.json`` and are skipped)."""
     if isinstance(results_dirs, (str, Path)):
         results_dirs = [results_dirs]
-    out = []
+    runs = []
     paths = sorted(p for d in results_dirs for p in Path(d).rglob("*.json"))
-    for p in paths:
-        if p.name.endswith(".error.json") or {".work", ".stale", ".locks", "adapters"} & set(p.parts):
+    for path in paths:
+        if path.name.endswith(".error.json") or NOT_RESULT_FOLDERS & set(path.parts):
             continue
-        try:
-            d = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            warnings.warn(f"results: could not read {p} ({e}); left out of the report", stacklevel=2)
-            continue
-        if not isinstance(d, dict) or not d.get("run_id"):
-            if p.name not in NOT_RUN_RESULTS:
-                warnings.warn(f"results: {p} is not a run result (no run_id); left out of the report", stacklevel=2)
-            continue
-        if d.get("status") in ("ok", "diverged"):
-            out.append(d)
-    return out
+        run = _read_run(path)
+        if run is not None and run.get("status") in ("ok", "diverged"):
+            runs.append(run)
+    return runs
+
+
+def _read_run(path: Path) -> dict | None:
+    """The run in ``path``, or None (with a warning unless it is a known non-run file) when it is not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        warnings.warn(f"results: could not read {path} ({e}); left out of the report", stacklevel=3)
+        return None
+    if not isinstance(data, dict) or not data.get("run_id"):
+        if path.name not in NOT_RUN_RESULTS:
+            warnings.warn(f"results: {path} is not a run result (no run_id); left out of the report", stacklevel=3)
+        return None
+    return data
+
+
+# ----------------------------------------------------------------------------- selecting runs and numbers
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
+    """(mean, sample std) of ``values``; std is 0 for one value, both are NaN for none."""
     if not values:
         return float("nan"), float("nan")
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _fmt(values: list[float], n_expected: int | None = None) -> str:
-    if not values:
-        return "–"
-    m, s = mean_std([100 * v for v in values])
-    mark = "" if n_expected is None or len(values) == n_expected else f" (n={len(values)})"
-    return f"{m:.2f} ± {s:.2f}{mark}"
+def select_runs(runs: list[dict], method: str | None = None, r: int | None = None, variant: str | None = None,
+                experiment: str | None = None) -> list[dict]:
+    """The runs (in order) whose method, rank, variant key (see ``_variant_key``; "" for a plain run) and
+    experiment equal each one given; None leaves that field free."""
+    return [run for run in runs
+            if (method is None or run["method"] == method) and (r is None or run["r"] == r)
+            and (variant is None or _variant_key(run) == variant)
+            and (experiment is None or run["experiment"] == experiment)]
 
 
-def _acc(run: dict, task: str) -> float | None:
-    m = run["metrics"].get(task)
-    if run["status"] != "ok" or not m or "accuracy" not in m:
+def accuracies(runs: list[dict], task: str) -> list[float]:
+    """Accuracy (0-1) on ``task`` of each run that finished ``ok`` and was scored on it, in run order."""
+    return [a for a in (_accuracy(run, task) for run in runs) if a is not None]
+
+
+def _accuracy(run: dict, task: str) -> float | None:
+    metrics = run["metrics"].get(task)
+    if run["status"] != "ok" or not metrics or "accuracy" not in metrics:
         return None
-    return float(m["accuracy"])
+    return float(metrics["accuracy"])
 
 
 def _seed_avgs(runs: list[dict], tasks: list[str]) -> list[float]:
@@ -73,34 +105,63 @@ def _seed_avgs(runs: list[dict], tasks: list[str]) -> list[float]:
     Works alike for a mixture (one run per seed scored on every task) and for one run per task.
     """
     per_seed: dict[int, dict[str, float]] = defaultdict(dict)
-    for x in runs:
-        for t in tasks:
-            a = _acc(x, t)
+    for run in runs:
+        for task in tasks:
+            a = _accuracy(run, task)
             if a is not None:
-                per_seed[x["seed"]][t] = a
-    return [statistics.fmean(v.values()) for v in per_seed.values() if len(v) == len(tasks)]
+                per_seed[run["seed"]][task] = a
+    return [statistics.fmean(by_task.values()) for by_task in per_seed.values() if len(by_task) == len(tasks)]
 
 
-def _value_order(v):
+def _scores(runs: list[dict], task: str, tasks: list[str]) -> list[float]:
+    """Accuracies on ``task``; for ``AVG``, the per-seed means over ``tasks``."""
+    return _seed_avgs(runs, tasks) if task == AVG else accuracies(runs, task)
+
+
+def _points(values: list[float]) -> list[float]:
+    """Fractions as percentage points."""
+    return [100 * value for value in values]
+
+
+def _fmt(values: list[float], n_expected: int | None = None) -> str:
+    """"mean ± std" in points, "(n=k)" when not every expected seed is there, "–" for none."""
+    if not values:
+        return "–"
+    m, s = mean_std(_points(values))
+    mark = "" if n_expected is None or len(values) == n_expected else f" (n={len(values)})"
+    return f"{m:.2f} ± {s:.2f}{mark}"
+
+
+def _value_order(value):
     """Numbers in numeric order (1, 2, 4, 16), then strings."""
-    return (0, float(v), "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0.0, str(v))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, float(value), "")
+    return (1, 0.0, str(value))
 
 
 def _variant_key(run: dict) -> str:
-    v = run.get("fim_variant") or {}
-    return ",".join(f"{k}={v[k]}" for k in sorted(v))
+    """The run's fim_grid settings as "k1=v1,k2=v2" (sorted keys); "" for a plain run."""
+    variant = run.get("fim_variant") or {}
+    return ",".join(f"{k}={variant[k]}" for k in sorted(variant))
+
+
+def _row_order(runs: list[dict], row: tuple[str, str]):
+    """Sort key of a (method, variant) row: the paper's method order, then the variant's values."""
+    method, variant_key = row
+    sample = next(run for run in runs if (run["method"], _variant_key(run)) == row)
+    variant = sample.get("fim_variant") or {}
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else 99,
+            tuple(_value_order(variant[k]) for k in sorted(variant)))
 
 
 def _method_rows(runs: list[dict]) -> list[tuple[str, str]]:
-    """(method, variant) rows in the paper's method order."""
-    def order(k):
-        method, _ = k
-        sample = next(r for r in runs if (r["method"], _variant_key(r)) == k)
-        v = sample.get("fim_variant") or {}
-        return (METHOD_ORDER.index(method) if method in METHOD_ORDER else 99,
-                tuple(_value_order(v[key]) for key in sorted(v)))
+    """(method, variant key) rows in the paper's method order."""
+    rows = {(run["method"], _variant_key(run)) for run in runs}
+    return sorted(rows, key=lambda row: _row_order(runs, row))
 
-    return sorted({(r["method"], _variant_key(r)) for r in runs}, key=order)
+
+def _ranks(runs: list[dict]) -> list[int]:
+    return sorted({run["r"] for run in runs})
 
 
 def _label(method: str, variant: str) -> str:
@@ -109,87 +170,96 @@ def _label(method: str, variant: str) -> str:
 
 
 def _eval_tasks(runs: list[dict]) -> list[str]:
+    """Every task the runs were scored on, in first-seen order."""
     tasks = []
-    for r in runs:
-        for t in r["metrics"]:
-            if t not in tasks:
-                tasks.append(t)
+    for run in runs:
+        for task in run["metrics"]:
+            if task not in tasks:
+                tasks.append(task)
     return tasks
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- methods x tasks
+
+
 def main_tables(runs: list[dict], csv_rows: list[dict]) -> list[str]:
-    """Methods x tasks, mean ± std over seeds, with Avg; one table per rank."""
+    """Methods x tasks, mean ± std over seeds, with Avg; one table per rank. Appends each cell to ``csv_rows``."""
     out = []
-    for r in sorted({x["r"] for x in runs}):
-        at_r = [x for x in runs if x["r"] == r]
+    for r in _ranks(runs):
+        at_r = select_runs(runs, r=r)
         tasks = _eval_tasks(at_r)
-        n_seeds = len({x["seed"] for x in at_r})
-        rows = []
-        for method, variant in _method_rows(at_r):
-            sel = [x for x in at_r if x["method"] == method and _variant_key(x) == variant]
-            cells = []
-            for t in tasks:
-                vals = [a for a in (_acc(x, t) for x in sel) if a is not None]
-                cells.append(_fmt(vals, n_seeds))
-                m, s = mean_std([100 * v for v in vals])
-                csv_rows.append({"table": "main", "r": r, "method": method, "variant": variant, "task": t,
-                                 "mean": m, "std": s, "n": len(vals)})
-            avgs = _seed_avgs(sel, tasks)
-            diverged = sum(1 for x in sel if x["status"] == "diverged")
-            label = _label(method, variant) + (f" ⚠ {diverged} diverged" if diverged else "")
-            rows.append([label, *cells, _fmt(avgs, n_seeds)])
+        n_seeds = len({run["seed"] for run in at_r})
+        rows = [_main_row(at_r, method, variant, tasks, n_seeds, csv_rows) for method, variant in _method_rows(at_r)]
         out.append(f"#### r = {r} (accuracy %, mean ± std over {n_seeds} seeds)\n\n"
-                   + _table(["Method", *tasks, "Avg"], rows))
+                   + _table(["Method", *tasks, AVG], rows))
     return out
 
 
+def _main_row(at_r: list[dict], method: str, variant: str, tasks: list[str], n_seeds: int,
+              csv_rows: list[dict]) -> list[str]:
+    """One method's row of a main table (label, a cell per task, Avg), its cells also appended to ``csv_rows``."""
+    sel = select_runs(at_r, method=method, variant=variant)
+    r = at_r[0]["r"]
+    cells = []
+    for task in tasks:
+        values = accuracies(sel, task)
+        cells.append(_fmt(values, n_seeds))
+        m, s = mean_std(_points(values))
+        csv_rows.append({"table": "main", "r": r, "method": method, "variant": variant, "task": task,
+                         "mean": m, "std": s, "n": len(values)})
+    diverged = sum(1 for run in sel if run["status"] == "diverged")
+    label = _label(method, variant) + (f" ⚠ {diverged} diverged" if diverged else "")
+    return [label, *cells, _fmt(_seed_avgs(sel, tasks), n_seeds)]
+
+
 def rank_sweep(runs: list[dict]) -> list[str]:
-    ranks = sorted({x["r"] for x in runs})
+    """Methods x ranks, one table per task (a mixture: one table of the Avg); none for a single rank."""
+    ranks = _ranks(runs)
     if len(ranks) < 2:
         return []
-    out = []
     tasks = _eval_tasks(runs)
     # A mixture run is scored on every eval task: its sweep is the Avg column (per task is in the main tables).
-    mixture = len(tasks) > 1 and all(len(x["metrics"]) > 1 for x in runs if x["status"] == "ok")
-    for t in ["Avg"] if mixture else tasks:
-        rows = []
-        for method, variant in _method_rows(runs):
-            cells = []
-            for r in ranks:
-                sel = [x for x in runs if x["method"] == method and x["r"] == r and _variant_key(x) == variant]
-                vals = _seed_avgs(sel, tasks) if mixture else [a for a in (_acc(x, t) for x in sel) if a is not None]
-                cells.append(_fmt(vals))
-            rows.append([_label(method, variant), *cells])
-        title = f"Avg over {len(tasks)} tasks" if mixture else t
+    mixture = len(tasks) > 1 and all(len(run["metrics"]) > 1 for run in runs if run["status"] == "ok")
+    out = []
+    for task in [AVG] if mixture else tasks:
+        rows = [[_label(method, variant),
+                 *(_fmt(_scores(select_runs(runs, method=method, r=r, variant=variant), task, tasks))
+                   for r in ranks)]
+                for method, variant in _method_rows(runs)]
+        title = f"Avg over {len(tasks)} tasks" if mixture else task
         out.append(f"#### {title}\n\n" + _table(["Method", *[f"r = {r}" for r in ranks]], rows))
     return out
 
 
+# ----------------------------------------------------------------------------- FIM-LoRA against the baselines
+
+
 def fim_vs_random(runs: list[dict]) -> str:
+    """Per rank, on how many tasks plain FIM-LoRA's mean beats random-rank's, and the differences in points."""
     lines = []
-    for r in sorted({x["r"] for x in runs}):
+    for r in _ranks(runs):
         wins = ties = losses = 0
         detail = []
-        for t in _eval_tasks([x for x in runs if x["r"] == r]):
-            f = [a for a in (_acc(x, t) for x in runs if x["method"] == "fim" and x["r"] == r and not _variant_key(x))
-                 if a is not None]
-            rnd = [a for a in (_acc(x, t) for x in runs if x["method"] == "random" and x["r"] == r) if a is not None]
-            if not f or not rnd:
+        for task in _eval_tasks(select_runs(runs, r=r)):
+            fim = accuracies(select_runs(runs, method="fim", r=r, variant=""), task)
+            rnd = accuracies(select_runs(runs, method="random", r=r), task)
+            if not fim or not rnd:
                 continue
-            mf, mr = statistics.fmean(f), statistics.fmean(rnd)
+            mf, mr = statistics.fmean(fim), statistics.fmean(rnd)
             if math.isclose(mf, mr, abs_tol=1e-9):
                 ties += 1
             elif mf > mr:
                 wins += 1
             else:
                 losses += 1
-            detail.append(f"{t} {100 * (mf - mr):+.2f}")
+            detail.append(f"{task} {100 * (mf - mr):+.2f}")
         if wins + ties + losses:
             lines.append(f"- r = {r}: FIM-LoRA beats random-rank on {wins} of {wins + ties + losses} tasks "
                          f"(ties {ties}); mean difference per task: {', '.join(detail)}")
@@ -198,34 +268,17 @@ def fim_vs_random(runs: list[dict]) -> str:
 
 def verdicts(runs: list[dict]) -> str:
     """FIM-LoRA against each baseline per task and rank: a difference of means within the larger seed
-    std of the two is called a tie; plus the typical seed noise."""
+    std of the two is called a tie; plus the typical seed noise and the test-set resolution."""
     lines = []
-    noise = []
-    for r in sorted({x["r"] for x in runs}):
-        tasks = _eval_tasks([x for x in runs if x["r"] == r])
+    noise: list[float] = []
+    for r in _ranks(runs):
+        tasks = _eval_tasks(select_runs(runs, r=r))
         # With several tasks the Avg column is judged too: it is the paper's headline, and per-task test sets
         # can be small.
-        for t in tasks + (["Avg"] if len(tasks) > 1 else []):
-            per_method = {}
-            for method in METHOD_ORDER:
-                sel = [x for x in runs if x["method"] == method and x["r"] == r and not _variant_key(x)]
-                vals = _seed_avgs(sel, tasks) if t == "Avg" else [a for a in (_acc(x, t) for x in sel) if a is not None]
-                if vals:
-                    per_method[method] = mean_std([100 * v for v in vals])
-                    if len(vals) > 1 and t != "Avg":
-                        noise.append(per_method[method][1])
-            if "fim" not in per_method:
-                continue
-            fm, fs = per_method["fim"]
-            parts = []
-            for base in ("lora", "random", "eva", "adalora"):
-                if base not in per_method:
-                    continue
-                bm, bs = per_method[base]
-                d = fm - bm
-                word = "tie" if abs(d) <= max(fs, bs) else ("win" if d > 0 else "loss")
-                parts.append(f"{word} vs {METHOD_LABEL[base]} ({d:+.2f})")
-            lines.append(f"- {t}, r = {r}: FIM-LoRA {fm:.2f} ± {fs:.2f}: " + "; ".join(parts))
+        for task in tasks + ([AVG] if len(tasks) > 1 else []):
+            per_method = _method_means(runs, r, task, tasks, noise)
+            if "fim" in per_method:
+                lines.append(_verdict_line(per_method, r, task))
     if noise:
         lines.append(f"- Seed noise: the std over seeds of one method on one task is {statistics.median(noise):.2f} "
                      f"points (median; range {min(noise):.2f}–{max(noise):.2f}).")
@@ -233,166 +286,258 @@ def verdicts(runs: list[dict]) -> str:
     if sizes:
         # Seeds share one test set, so seed std misses test-sampling noise; say how coarse a test set is.
         lines.append("- Test-set resolution: one test example is worth " + ", ".join(
-            f"{100 / n:.2f} points on {t} (n = {n})" for t, n in sizes.items()) + ".")
+            f"{100 / n:.2f} points on {task} (n = {n})" for task, n in sizes.items()) + ".")
     return "\n".join(lines)
+
+
+def _method_means(runs: list[dict], r: int, task: str, tasks: list[str], noise: list[float]) -> dict:
+    """{method: (mean, std) in points} of the plain runs at rank ``r`` on ``task``; appends each per-task seed
+    std (several seeds, not Avg) to ``noise``."""
+    per_method = {}
+    for method in METHOD_ORDER:
+        values = _scores(select_runs(runs, method=method, r=r, variant=""), task, tasks)
+        if values:
+            per_method[method] = mean_std(_points(values))
+            if len(values) > 1 and task != AVG:
+                noise.append(per_method[method][1])
+    return per_method
+
+
+def _verdict_line(per_method: dict, r: int, task: str) -> str:
+    """"- task, r = r: FIM-LoRA m ± s: win/tie/loss vs each baseline (difference)"."""
+    fm, fs = per_method["fim"]
+    parts = []
+    for base in BASELINES:
+        if base not in per_method:
+            continue
+        bm, bs = per_method[base]
+        diff = fm - bm
+        word = "tie" if abs(diff) <= max(fs, bs) else ("win" if diff > 0 else "loss")
+        parts.append(f"{word} vs {METHOD_LABEL[base]} ({diff:+.2f})")
+    return f"- {task}, r = {r}: FIM-LoRA {fm:.2f} ± {fs:.2f}: " + "; ".join(parts)
 
 
 def _test_sizes(runs: list[dict]) -> dict[str, int]:
     """{task: number of test examples} from the metrics' ``n`` (the largest seen per task)."""
     sizes: dict[str, int] = {}
-    for x in runs:
-        for t, m in x["metrics"].items():
-            if isinstance(m, dict) and m.get("n"):
-                sizes[t] = max(sizes.get(t, 0), int(m["n"]))
+    for run in runs:
+        for task, metrics in run["metrics"].items():
+            if isinstance(metrics, dict) and metrics.get("n"):
+                sizes[task] = max(sizes.get(task, 0), int(metrics["n"]))
     return sizes
 
 
+# ----------------------------------------------------------------------------- ablations
+
+
 def ablation_tables(runs: list[dict]) -> list[str]:
-    """Tables over fim_grid variants: a 2-D grid when two settings vary, else a 1-D sweep."""
-    fim = [x for x in runs if x["method"] == "fim" and x.get("fim_variant")]
+    """Tables over fim_grid variants: a 2-D grid when two settings vary, else a 1-D sweep per setting."""
+    fim = [run for run in runs if run["method"] == "fim" and run.get("fim_variant")]
     if not fim:
         return []
     out = []
-    keys = sorted({k for x in fim for k in x["fim_variant"]})
-    for t in _eval_tasks(fim):
-        for r in sorted({x["r"] for x in fim}):
-            sel = [x for x in fim if x["r"] == r]
+    keys = sorted({k for run in fim for k in run["fim_variant"]})
+    for task in _eval_tasks(fim):
+        for r in _ranks(fim):
+            at_r = select_runs(fim, r=r)
             if len(keys) == 2:
-                a, b = keys
-                va = sorted({x["fim_variant"][a] for x in sel}, key=_value_order)
-                vb = sorted({x["fim_variant"][b] for x in sel}, key=_value_order)
-                rows = []
-                for u in va:
-                    cells = []
-                    for v in vb:
-                        vals = [y for y in (_acc(x, t) for x in sel if x["fim_variant"][a] == u
-                                            and x["fim_variant"][b] == v) if y is not None]
-                        cells.append(_fmt(vals))
-                    rows.append([f"{a} = {u}", *cells])
-                out.append(f"#### {t}, r = {r}: {a} x {b}\n\n" + _table([f"{a} \\ {b}", *[f"{b} = {v}" for v in vb]],
-                                                                         rows))
+                out.append(_grid_table(at_r, task, r, *keys))
             else:
-                for k in keys:
-                    vals_k = sorted({x["fim_variant"][k] for x in sel}, key=_value_order)
-                    rows = []
-                    for u in vals_k:
-                        vals = [y for y in (_acc(x, t) for x in sel if x["fim_variant"][k] == u) if y is not None]
-                        rows.append([f"{k} = {u}", _fmt(vals)])
-                    out.append(f"#### {t}, r = {r}: {k}\n\n" + _table([k, "Acc. (%)"], rows))
+                out += [_setting_table(at_r, task, r, key) for key in keys]
     return out
+
+
+def _with_settings(runs: list[dict], settings: dict) -> list[dict]:
+    """The runs whose fim_variant has each of ``settings`` ({setting: value})."""
+    return [run for run in runs if all(run["fim_variant"][k] == value for k, value in settings.items())]
+
+
+def _setting_values(runs: list[dict], key: str) -> list:
+    return sorted({run["fim_variant"][key] for run in runs}, key=_value_order)
+
+
+def _grid_table(runs: list[dict], task: str, r: int, a: str, b: str) -> str:
+    """Accuracy on ``task`` with setting ``a`` down and setting ``b`` across."""
+    b_values = _setting_values(runs, b)
+    rows = [[f"{a} = {a_value}",
+             *(_fmt(accuracies(_with_settings(runs, {a: a_value, b: b_value}), task)) for b_value in b_values)]
+            for a_value in _setting_values(runs, a)]
+    return (f"#### {task}, r = {r}: {a} x {b}\n\n"
+            + _table([f"{a} \\ {b}", *[f"{b} = {b_value}" for b_value in b_values]], rows))
+
+
+def _setting_table(runs: list[dict], task: str, r: int, key: str) -> str:
+    """Accuracy on ``task`` for each value of one setting."""
+    rows = [[f"{key} = {value}", _fmt(accuracies(_with_settings(runs, {key: value}), task))]
+            for value in _setting_values(runs, key)]
+    return f"#### {task}, r = {r}: {key}\n\n" + _table([key, "Acc. (%)"], rows)
+
+
+# ----------------------------------------------------------------------------- rank maps and cost
 
 
 def rank_map_stats(runs: list[dict], figures_dir: Path | None) -> list[str]:
-    from ..allocation import RankAllocation
-    from ..rankmap import group_stats, plot_rank_map
-
+    """For the first plain FIM-LoRA run (lowest seed) of each task and rank: mean rank by module type and by
+    layer group, and its rank-map figure in ``figures_dir`` when given and drawable."""
     out = []
     seen = set()
-    for x in sorted(runs, key=lambda x: (x["task"], x["r"], x["seed"])):
-        if x["method"] != "fim" or _variant_key(x) or (x["task"], x["r"]) in seen:
+    for run in sorted(runs, key=lambda run: (run["task"], run["r"], run["seed"])):
+        if run["method"] != "fim" or _variant_key(run) or (run["task"], run["r"]) in seen:
             continue
-        seen.add((x["task"], x["r"]))
-        ranks = x["rank_map_before_training"]
-        scores = x["method_info"].get("scores") or {n: 0.0 for n in ranks}
-        base = x["r"]
-        alloc = RankAllocation(scores=scores, ranks=ranks, alphas={n: 1.0 for n in ranks},
-                               old_ranks={n: base for n in ranks}, old_alphas={n: 1.0 for n in ranks},
-                               shapes={n: [0, 0] for n in ranks}, budget=sum(ranks.values()),
-                               r_min=min(ranks.values()), r_max=max(ranks.values()), base_r=base, base_alpha=1.0)
-        s = group_stats(alloc)
-        by_type = ", ".join(f"{k} {v:.2f}" for k, v in s["mean_rank_by_type"].items())
-        by_group = ", ".join(f"{g} (layers {v['layers'][0]}-{v['layers'][1]}) {v['mean_rank']:.2f}"
-                             for g, v in s["mean_rank_by_layer_group"].items())
-        text = (f"- **{x['task']}, r = {base}, seed {x['seed']}**: mean rank by type: {by_type}; "
-                f"by layer group: {by_group}")
-        if figures_dir is not None:
-            fig = figures_dir / f"rank_map_{x['task'].replace('+', '_')}_r{base}.png"
-            try:
-                plot_rank_map(alloc, fig, scores="scores" in x["method_info"])
-                text += f"\n\n  ![rank map {x['task']} r={base}]({fig.parent.name}/{fig.name})"
-            except ValueError:
-                pass
-        out.append(text)
+        seen.add((run["task"], run["r"]))
+        out.append(_rank_map_entry(run, figures_dir))
     return out
 
 
+def _allocation_of(run: dict):
+    """The run's rank map before training as a RankAllocation (scores 0 when the run recorded none)."""
+    from ..allocation import RankAllocation
+
+    ranks = run["rank_map_before_training"]
+    scores = run["method_info"].get("scores") or {n: 0.0 for n in ranks}
+    return RankAllocation(scores=scores, ranks=ranks, alphas={n: 1.0 for n in ranks},
+                          old_ranks={n: run["r"] for n in ranks}, old_alphas={n: 1.0 for n in ranks},
+                          shapes={n: [0, 0] for n in ranks}, budget=sum(ranks.values()),
+                          r_min=min(ranks.values()), r_max=max(ranks.values()), base_r=run["r"], base_alpha=1.0)
+
+
+def _rank_map_entry(run: dict, figures_dir: Path | None) -> str:
+    """One bullet of the rank-map section, with the figure's Markdown image link when it was drawn."""
+    from ..rankmap import group_stats
+
+    alloc = _allocation_of(run)
+    stats = group_stats(alloc)
+    by_type = ", ".join(f"{k} {mean:.2f}" for k, mean in stats["mean_rank_by_type"].items())
+    by_group = ", ".join(f"{g} (layers {grp['layers'][0]}-{grp['layers'][1]}) {grp['mean_rank']:.2f}"
+                         for g, grp in stats["mean_rank_by_layer_group"].items())
+    text = (f"- **{run['task']}, r = {run['r']}, seed {run['seed']}**: mean rank by type: {by_type}; "
+            f"by layer group: {by_group}")
+    if figures_dir is not None:
+        fig = figures_dir / f"rank_map_{run['task'].replace('+', '_')}_r{run['r']}.png"
+        if _draw_rank_map(alloc, fig, scores="scores" in run["method_info"]):
+            text += f"\n\n  ![rank map {run['task']} r={run['r']}]({fig.parent.name}/{fig.name})"
+    return text
+
+
+def _draw_rank_map(alloc, fig: Path, scores: bool) -> bool:
+    """Draw the rank map to ``fig``; False (the report goes on without it) when it cannot be drawn."""
+    from ..rankmap import plot_rank_map
+
+    try:
+        plot_rank_map(alloc, fig, scores=scores)
+    except MissingExtraError as e:
+        # The tables are the report; a missing plotting extra only costs the figures.
+        warnings.warn(f"report: rank-map figures left out: {e}", stacklevel=4)
+        return False
+    except ValueError:
+        return False  # module names without a layer index: nothing to draw
+    return True
+
+
 def cost_table(runs: list[dict]) -> str:
+    """Mean calibration and training seconds and trainable parameters per (method, variant) row."""
     rows = []
     for method, variant in _method_rows(runs):
-        sel = [x for x in runs if x["method"] == method and _variant_key(x) == variant]
-        calib = statistics.fmean(x["calibration_seconds"] for x in sel)
-        train = statistics.fmean(x["train_seconds"] for x in sel)
-        params = sorted({x["trainable_params"] for x in sel})
-        extra = ""
-        fwd = [x["method_info"].get("eva_forward_batches") for x in sel if x["method_info"].get("eva_forward_batches")]
-        if fwd:
-            extra = f"EVA forward batches: {min(fwd)}–{max(fwd)}"
+        sel = select_runs(runs, method=method, variant=variant)
+        calib = statistics.fmean(run["calibration_seconds"] for run in sel)
+        train = statistics.fmean(run["train_seconds"] for run in sel)
+        params = sorted({run["trainable_params"] for run in sel})
+        fwd = [run["method_info"]["eva_forward_batches"] for run in sel
+               if run["method_info"].get("eva_forward_batches")]
+        notes = f"EVA forward batches: {min(fwd)}–{max(fwd)}" if fwd else ""
         rows.append([_label(method, variant), f"{calib:.2f}", f"{train:.1f}",
-                     f"{params[0]:,}" + (f"–{params[-1]:,}" if len(params) > 1 else ""), extra])
+                     f"{params[0]:,}" + (f"–{params[-1]:,}" if len(params) > 1 else ""), notes])
     return _table(["Method", "calibration s (mean)", "training s (mean)", "trainable params", "notes"], rows)
+
+
+# ----------------------------------------------------------------------------- the report
 
 
 def build_report(results_dir, figures_dir: Path | None = None, title: str | None = None,
                  commands: list[str] | None = None, preface: str | None = None) -> tuple[str, str]:
-    """(markdown, csv) for every run below ``results_dir``."""
+    """(markdown, csv) for every run below ``results_dir``; the CSV has one row per main-table cell."""
     runs = load_results(results_dir)
     if not runs:
         raise ValueError(f"results: no finished run JSON under {results_dir}")
     csv_rows: list[dict] = []
+    experiments = sorted({run["experiment"] for run in runs})
+    parts = _header(runs, experiments, title, commands, preface)
+    for experiment in experiments:
+        parts += _experiment_section(select_runs(runs, experiment=experiment), experiment, figures_dir, csv_rows)
+    return "\n".join(parts) + "\n", _csv_text(csv_rows)
+
+
+def _header(runs: list[dict], experiments: list[str], title: str | None, commands: list[str] | None,
+            preface: str | None) -> list[str]:
+    """Title, the producing commands, the preface and one line on versions and machine (from the first run)."""
     parts = [f"# {title or 'FIM-LoRA results'}", ""]
     if commands:
         parts += ["Produced by:", "", "```bash", *commands, "```", ""]
     if preface:
         parts += [preface.strip(), ""]
-    experiments = sorted({x["experiment"] for x in runs})
-    v = runs[0]["versions"]
-    m = runs[0]["machine"]
+    versions = runs[0]["versions"]
+    machine = runs[0]["machine"]
     parts.append(f"{len(runs)} runs from experiment(s) {', '.join(experiments)}; "
-                 f"torch {v.get('torch')}, transformers {v.get('transformers')}, peft {v.get('peft')}; "
-                 f"{m.get('processor')} x{m.get('cpu_count')}, CUDA: {m.get('cuda')}.")
-    for exp in experiments:
-        sel = [x for x in runs if x["experiment"] == exp]
-        parts += ["", f"## {exp}", ""]
-        plain = [x for x in sel if not _variant_key(x)]
-        if plain:
-            parts += ["### Methods x tasks", ""]
-            parts += [t + "\n" for t in main_tables(plain, csv_rows)]
-            sweep = rank_sweep(plain)
-            if sweep:
-                parts += ["### Rank sweep (accuracy %, mean ± std over seeds)", ""] + [t + "\n" for t in sweep]
-            v = verdicts(plain)
-            if v:
-                parts += ["### Where FIM-LoRA wins, ties or loses (difference in points; a tie is a difference "
-                          "within the larger seed std)", "", v, ""]
-            fr = fim_vs_random(plain)
-            if fr:
-                parts += ["### FIM-LoRA vs random-rank (same allocator, same budget)", "", fr, ""]
-        abl = ablation_tables(sel)
-        if abl:
-            parts += ["### FIM-LoRA ablations (accuracy %, mean ± std over seeds)", ""] + [t + "\n" for t in abl]
-        stats = rank_map_stats(sel, figures_dir)
-        if stats:
-            parts += ["### Rank maps (§4.4 statistics: mean rank by module type and by layer third)", ""] + stats + [""]
-        parts += ["### Cost", "", cost_table(sel), ""]
+                 f"torch {versions.get('torch')}, transformers {versions.get('transformers')}, "
+                 f"peft {versions.get('peft')}; "
+                 f"{machine.get('processor')} x{machine.get('cpu_count')}, CUDA: {machine.get('cuda')}.")
+    return parts
+
+
+def _experiment_section(runs: list[dict], experiment: str, figures_dir: Path | None,
+                        csv_rows: list[dict]) -> list[str]:
+    """The lines of one experiment's section: plain-method tables, ablations, rank maps and cost."""
+    parts = ["", f"## {experiment}", ""]
+    plain = select_runs(runs, variant="")
+    if plain:
+        parts += _plain_sections(plain, csv_rows)
+    ablations = ablation_tables(runs)
+    if ablations:
+        parts += ["### FIM-LoRA ablations (accuracy %, mean ± std over seeds)", ""] + [t + "\n" for t in ablations]
+    stats = rank_map_stats(runs, figures_dir)
+    if stats:
+        parts += ["### Rank maps (§4.4 statistics: mean rank by module type and by layer third)", ""] + stats + [""]
+    parts += ["### Cost", "", cost_table(runs), ""]
+    return parts
+
+
+def _plain_sections(plain: list[dict], csv_rows: list[dict]) -> list[str]:
+    """Methods x tasks, the rank sweep, the verdicts and FIM-LoRA vs random-rank, each when it has content."""
+    parts = ["### Methods x tasks", ""]
+    parts += [t + "\n" for t in main_tables(plain, csv_rows)]
+    sweep = rank_sweep(plain)
+    if sweep:
+        parts += ["### Rank sweep (accuracy %, mean ± std over seeds)", ""] + [t + "\n" for t in sweep]
+    verdict_text = verdicts(plain)
+    if verdict_text:
+        parts += ["### Where FIM-LoRA wins, ties or loses (difference in points; a tie is a difference "
+                  "within the larger seed std)", "", verdict_text, ""]
+    versus_random = fim_vs_random(plain)
+    if versus_random:
+        parts += ["### FIM-LoRA vs random-rank (same allocator, same budget)", "", versus_random, ""]
+    return parts
+
+
+def _csv_text(csv_rows: list[dict]) -> str:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["table", "r", "method", "variant", "task", "mean", "std", "n"])
-    w.writeheader()
-    w.writerows(csv_rows)
-    return "\n".join(parts) + "\n", buf.getvalue()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(csv_rows)
+    return buf.getvalue()
 
 
 def write_report(results_dirs: list[Path], out: str | Path | None = None, title: str | None = None,
                  commands: list[str] | None = None, preface_path: str | Path | None = None) -> Path:
-    """Write the report (Markdown, default ``<first results folder>/report.md``) and its CSV next to it."""
+    """Write the report (Markdown, default ``<first results folder>/report.md``) and its CSV next to it;
+    rank-map figures go to ``<report stem>_figures/``."""
     results_dirs = [Path(d) for d in ([results_dirs] if isinstance(results_dirs, (str, Path)) else results_dirs)]
     for d in results_dirs:
         if not d.is_dir():
             raise FileNotFoundError(f"results_dir: {d} is not a folder")
     out = Path(out) if out else results_dirs[0] / "report.md"
     preface = Path(preface_path).read_text(encoding="utf-8") if preface_path else None
-    results_dir = results_dirs
     figures = out.parent / (out.stem + "_figures")
-    md, table_csv = build_report(results_dir, figures, title, commands, preface)
+    md, table_csv = build_report(results_dirs, figures, title, commands, preface)
     atomic_write_text(out, md)
     atomic_write_text(out.with_suffix(".csv"), table_csv)
     return out
