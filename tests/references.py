@@ -58,6 +58,26 @@ def lora_llama(seed: int = 0, r: int = 4, layers: int = 2, **kw):
     return get_peft_model(tiny_llama(seed, layers), LoraConfig(**cfg))
 
 
+def tiny_gpt2(seed: int = 0, layers: int = 2):
+    """GPT-2: its projections are transformers Conv1D (weight (d_in, d_out)), so LoRA uses fan_in_fan_out."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=64, n_embd=16, n_layer=layers, n_head=2, n_positions=32, bos_token_id=0,
+                     eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def lora_gpt2(seed: int = 0, r: int = 4, layers: int = 2, **kw):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = dict(r=r, lora_alpha=2 * r, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, lora_dropout=0.0,
+               task_type="CAUSAL_LM")
+    cfg.update(kw)
+    torch.manual_seed(seed + 100)
+    return get_peft_model(tiny_gpt2(seed, layers), LoraConfig(**cfg))
+
+
 def cls_batches(n_batches: int = 3, batch_size: int = 4, seq: int = 8, seed: int = 1, num_labels: int = 3):
     g = torch.Generator().manual_seed(seed)
     out = []

@@ -47,7 +47,7 @@ from torch import nn
 from .config import FimConfig
 from .distributed import all_reduce_count, all_reduce_sums, check_not_sharded, is_main_process
 from .estimators import Estimator, make_estimator
-from .modules import LoraModuleInfo, lora_modules
+from .modules import LoraModuleInfo, check_dora_fresh, lora_modules
 
 __all__ = [
     "FisherResult",
@@ -263,12 +263,14 @@ def compute_fisher(
 
     Does not change the model: on return (or on error) modes, ``requires_grad``
     and ``.grad`` of every parameter are as before and no hook is left.
-    Raises ValueError for an empty dataloader, a batch without labels, or a
-    non-finite gradient (naming the module and the batch index).
+    Raises ValueError for an empty dataloader, a batch without labels, a
+    non-finite gradient (naming the module and the batch index), or, before any
+    compute, a DoRA adapter whose LoRA-B is non-zero (see ``check_dora_fresh``).
     """
     config = config or FimConfig()
     adapter = config.adapter_name
     infos = lora_modules(model, adapter)
+    check_dora_fresh(infos, adapter)
     check_not_sharded(model)
     loss_scale = _loss_scale(config, infos)
     device = infos[0].layer.lora_B[adapter].weight.device
