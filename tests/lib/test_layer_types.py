@@ -6,6 +6,8 @@ bitsandbytes 4/8-bit is in test_qlora.py.
 
 from __future__ import annotations
 
+import json
+import re
 import warnings
 
 import pytest
@@ -16,6 +18,7 @@ from torch import nn
 import fimlora
 import fimlora.fisher
 from fimlora import FimConfig, apply_allocation, compute_fisher, lora_modules
+from fimlora.check import check_adapter
 from tests.lib.test_api_errors import assert_untouched, no_calibration, snapshot
 from tests.lib.test_resize import layer_state
 from tests.references import (
@@ -302,3 +305,50 @@ def test_other_lora_variants_still_refused():
     with pytest.raises(ValueError, match=rf"{FIRST}: LoRA variant QALoraLinearVariant is not supported \(plain LoRA "
                                          r"and DoRA are\)"):
         lora_modules(model)
+
+
+# ----------------------------------------------------------------------------- fimlora check on DoRA adapters
+
+
+@pytest.fixture
+def saved_dora(tmp_path):
+    model = lora_dora()
+    fimlora.apply_fim_ranks(model, lm_batches(), n_batches=2, progress=False)
+    make_b_nonzero(model, lm_batches())
+    model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def rewrite_tensors(path, edit):
+    from safetensors.torch import load_file, save_file
+
+    file = path / "adapter_model.safetensors"
+    save_file(edit(load_file(file)), file)
+
+
+def test_check_passes_on_resized_dora_adapter(saved_dora):
+    report = check_adapter(saved_dora)
+    assert report.ok, report.format()
+    assert "use_dora=True: vLLM refuses DoRA adapters" in report.notes
+
+
+MAGNITUDE = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
+
+
+@pytest.mark.parametrize("case", ["missing", "length", "not dora"])
+def test_check_reports_dora_magnitude_problems(saved_dora, case):
+    if case == "missing":
+        rewrite_tensors(saved_dora, lambda sd: {k: v for k, v in sd.items() if k != MAGNITUDE})
+        expected = r"model\.layers\.0\.self_attn\.q_proj: use_dora=True but no lora_magnitude_vector saved"
+    elif case == "length":
+        rewrite_tensors(saved_dora, lambda sd: {**sd, MAGNITUDE: sd[MAGNITUDE][:5].contiguous()})
+        expected = (r"model\.layers\.0\.self_attn\.q_proj: lora_magnitude_vector has shape \[5\] but lora_B has d_out "
+                    r"16; loading fails")
+    else:
+        cfg_path = saved_dora / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg_path.write_text(json.dumps({**cfg, "use_dora": False}))
+        expected = r"model\.layers\.0\.self_attn\.q_proj: has a DoRA lora_magnitude_vector but use_dora is false"
+    report = check_adapter(saved_dora)
+    assert not report.ok
+    assert any(re.match(expected, p) for p in report.problems), report.problems

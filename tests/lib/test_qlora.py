@@ -11,6 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 import fimlora
 import fimlora.fisher
 from fimlora import FimConfig, compute_fisher, lora_modules
+from fimlora.check import check_adapter
 from tests.lib.test_api_errors import no_calibration
 from tests.lib.test_fisher import assert_same_state, model_state
 from tests.lib.test_resize import layer_state
@@ -106,6 +107,7 @@ def test_qlora_end_to_end_stock_reload_on_fresh_quantised_base(base_dir, bits, d
     with torch.no_grad():
         ref = model(**data[0]).logits
     model.save_pretrained(tmp_path)
+    assert check_adapter(tmp_path).ok, check_adapter(tmp_path).format()
     reloaded = PeftModel.from_pretrained(quantised_llama(base_dir, bits), tmp_path).eval()
     assert layer_state(reloaded) == layer_state(model)
     assert reloaded.peft_config["default"].use_dora is dora
