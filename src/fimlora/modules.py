@@ -229,7 +229,9 @@ def check_fresh_adapter(infos: list[LoraModuleInfo], adapter_name: str = "defaul
 
     FIM-LoRA scores dL/dB at B = 0, the state PEFT leaves straight after ``get_peft_model``;
     on a trained adapter the scores mean something else and shrinking drops trained components.
+    A DoRA module gets :func:`check_dora_fresh`'s error, since ``allow_trained`` would not help there.
     """
+    check_dora_fresh(infos, adapter_name)
     found = _first_nonzero_b(infos, adapter_name)
     if found is not None:
         info, largest = found

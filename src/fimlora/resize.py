@@ -174,8 +174,9 @@ def apply_allocation(
         layer.lora_alpha[adapter_name] = alpha
         layer.scaling[adapter_name] = lora_scaling(alpha, new_r, bool(config.use_rslora))
         if info.dora:
-            # The magnitude vector stays (it does not depend on the rank at B = 0); a cached
-            # weight norm or B A (PEFT's optional DoRA caching) would refer to the old factors.
+            # The magnitude vector stays (it does not depend on the rank at B = 0). PEFT's optional
+            # DoRA cache (weight norm, B A) has the same values (B' A' = B A) but was computed from
+            # the replaced parameters; drop it so nothing refers to them.
             layer.lora_magnitude_vector[adapter_name]._cache_clear()
     # One full, non-overlapping key per module: overlapping keys resolve in sorted
     # order after a reload and can silently change ranks or scales.

@@ -227,10 +227,12 @@ def test_trained_dora_refused_even_with_allow_trained(call, monkeypatch):
     assert_untouched(model, snap)
 
 
-def test_dora_with_random_b_init_refused():
+@pytest.mark.parametrize("allow_trained", [False, True])
+def test_dora_with_random_b_init_refused(allow_trained):
+    """Without allow_trained too, the error is DoRA's (the generic one would suggest allow_trained, which fails)."""
     model = lora_dora(init_lora_weights=False)  # PEFT leaves both factors random: B != 0 from the start
-    with pytest.raises(ValueError, match=r"LoRA-B of DoRA module .* is non-zero"):
-        fimlora.apply_fim_ranks(model, lm_batches(), progress=False, allow_trained=True)
+    with pytest.raises(ValueError, match=rf"LoRA-B of DoRA module {FIRST!r} is non-zero .*also with allow_trained"):
+        fimlora.apply_fim_ranks(model, lm_batches(), progress=False, allow_trained=allow_trained)
 
 
 # ----------------------------------------------------------------------------- refused layer types
