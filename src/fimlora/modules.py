@@ -110,7 +110,7 @@ def _kind_reason(layer: nn.Module, adapter_name: str) -> str | None:
         # PEFT's embedding LoRA starts at A = 0, B random: there dL/dB = 0, so the Fisher of B scores nothing.
         return (f"{kind}: LoRA on an embedding (lora_embedding_A/B) is initialised with A = 0 and B random, "
                 "so dL/dB is zero at initialisation and the Fisher of LoRA-B carries no signal")
-    param_wrapper = getattr(lora_layer, "ParamWrapper", None)  # PEFT >= 0.17
+    param_wrapper = getattr(lora_layer, "ParamWrapper", None)  # absent from older PEFT
     if param_wrapper is not None and isinstance(layer, param_wrapper):
         return (f"{kind}: LoRA on a parameter (target_parameters, e.g. MoE experts) applies B A through a "
                 "parametrization of the weight, never by calling lora_B on an input, and lora_B holds "
