@@ -58,6 +58,75 @@ def lora_llama(seed: int = 0, r: int = 4, layers: int = 2, **kw):
     return get_peft_model(tiny_llama(seed, layers), LoraConfig(**cfg))
 
 
+def tiny_gpt2(seed: int = 0, layers: int = 2):
+    """GPT-2: its projections are transformers Conv1D (weight (d_in, d_out)), so LoRA uses fan_in_fan_out."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=64, n_embd=16, n_layer=layers, n_head=2, n_positions=32, bos_token_id=0,
+                     eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def lora_gpt2(seed: int = 0, r: int = 4, layers: int = 2, **kw):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = dict(r=r, lora_alpha=2 * r, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, lora_dropout=0.0,
+               task_type="CAUSAL_LM")
+    cfg.update(kw)
+    torch.manual_seed(seed + 100)
+    return get_peft_model(tiny_gpt2(seed, layers), LoraConfig(**cfg))
+
+
+def save_tiny_llama(path, seed: int = 0, layers: int = 2):
+    """Save a seeded tiny LLaMA to ``path``, to be loaded quantised (bitsandbytes quantises while loading).
+
+    Every projection has d_in a multiple of 64 and d_out of 32: bitsandbytes' CPU 4-bit inference path (eval mode,
+    input without grad) repacks weights in blocks of 32 output rows and 64-wide quantisation blocks, and fails on
+    anything else.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    return path
+
+
+def quantised_llama(path, bits: int):
+    """The model saved at ``path`` loaded on the CPU with real bitsandbytes: 4 (nf4, fp32 compute) or 8 bits.
+
+    An eval forward whose input needs no grad makes bitsandbytes repack a 4-bit weight for CPU inference (another
+    kernel, with no backward). The autograd references above are exact on a prepare_model_for_kbit_training model,
+    whose input grads keep every layer on the training kernel; on an unprepared one, layer 0 would be repacked.
+    """
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    if bits == 4:
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    elif bits == 8:
+        q = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        raise ValueError(f"bits: must be 4 or 8, got {bits!r}")
+    return LlamaForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu").eval()
+
+
+def qlora_llama(path, bits: int, seed: int = 0, r: int = 4, reentrant: bool = True, **kw):
+    """QLoRA as usually set up: prepare_model_for_kbit_training (gradient checkpointing, reentrant by default as
+    there, and input grads), then LoRA on all linear layers (every projection of every block, not lm_head)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(quantised_llama(path, bits),
+                                            gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    cfg = dict(r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
+    cfg.update(kw)
+    torch.manual_seed(seed + 100)
+    return get_peft_model(model, LoraConfig(**cfg))
+
+
 def cls_batches(n_batches: int = 3, batch_size: int = 4, seq: int = 8, seed: int = 1, num_labels: int = 3):
     g = torch.Generator().manual_seed(seed)
     out = []

@@ -6,8 +6,8 @@ not valid regexes, match no module, more than one module, or carry the
 ``base_model.model.`` prefix; modules matched by several keys (resolved in sorted
 order after a reload); ranks that disagree with the tensor shapes; LoRA shapes that
 disagree with the base model's modules (an adapter made for another model size);
-NaN/inf values; inconsistent scaling; and the smallest vLLM ``max_lora_rank`` that
-serves it.
+DoRA magnitude vectors missing, of the wrong length or without use_dora; NaN/inf
+values; inconsistent scaling; and the smallest vLLM ``max_lora_rank`` that serves it.
 
 ``check_adapter`` runs one step per group of rules; each step returns a list of
 problems (or notes), so a broken file is reported rather than raised.
@@ -31,10 +31,12 @@ VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _TENSOR = re.compile(r"^(?:base_model\.model\.)?(?P<name>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+# DoRA's magnitude vector m (d_out,): PEFT saves it as "<module>.lora_magnitude_vector" (no adapter name, no ".weight")
+_MAGNITUDE = re.compile(r"^(?:base_model\.model\.)?(?P<name>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
 _PEFT_DEFAULT_R, _PEFT_DEFAULT_ALPHA = 8, 8
 _PATTERNS = ("rank_pattern", "alpha_pattern")
 
-# name -> {"A": shape of lora_A (r, d_in), "B": shape of lora_B (d_out, r)}
+# name -> {"A": shape of lora_A (r, d_in), "B": shape of lora_B (d_out, r), "M": DoRA magnitude (d_out,) if saved}
 LoraShapes = dict[str, dict[str, tuple[int, ...]]]
 # name -> (d_in, d_out) of a linear-like base module, None for other modules
 BaseShapes = Mapping[str, "tuple[int, int] | None"]
@@ -124,6 +126,9 @@ def read_lora_tensors(weights: Path) -> tuple[LoraShapes, list[str]]:
                 m = _TENSOR.match(key)
                 if m:
                     shapes.setdefault(m.group("name"), {})[m.group("ab")] = tuple(tensor.shape)
+                m = _MAGNITUDE.match(key)
+                if m:
+                    shapes.setdefault(m.group("name"), {})["M"] = tuple(tensor.shape)
                 if tensor.is_floating_point():
                     bad = int((~tensor.isfinite()).sum())
                     if bad:
@@ -132,7 +137,7 @@ def read_lora_tensors(weights: Path) -> tuple[LoraShapes, list[str]]:
         raise _Unreadable(
             f"{weights}: cannot be read as safetensors ({e}); truncated or not a safetensors file?"
         ) from e
-    if not shapes:
+    if not any("A" in ab or "B" in ab for ab in shapes.values()):
         raise _Unreadable(f"{weights}: holds no LoRA A/B tensors")
     return shapes, problems
 
@@ -177,6 +182,8 @@ def tensor_problems(shapes: LoraShapes, base: BaseShapes | None) -> list[str]:
     problems = []
     for name, ab in shapes.items():
         a_shape, b_shape = ab.get("A"), ab.get("B")
+        if a_shape is None and b_shape is None:
+            continue  # a DoRA magnitude alone: reported by dora_problems
         if a_shape is None or b_shape is None:
             problems.append(f"{name}: has only lora_{'A' if a_shape else 'B'}")
             continue
@@ -196,6 +203,30 @@ def tensor_problems(shapes: LoraShapes, base: BaseShapes | None) -> list[str]:
                 f"(d_in, d_out) = ({expected[0]}, {expected[1]}); the adapter was made for a model of another size "
                 "and fails to load"
             )
+    return problems
+
+
+def dora_problems(cfg: dict, shapes: LoraShapes) -> list[str]:
+    """DoRA magnitude vectors against use_dora and the tensors: one m of shape (d_out,) per module, or none at all.
+
+    A module saved without m reloads with m = ||W||_row of the base weight, not the trained m (PEFT only warns about
+    the missing key); an m of another length fails to load; m without use_dora is ignored.
+    """
+    use_dora = bool(cfg.get("use_dora", False))
+    problems = []
+    for name, ab in shapes.items():
+        m_shape, b_shape = ab.get("M"), ab.get("B")
+        if m_shape is not None and "A" not in ab and b_shape is None:
+            problems.append(f"{name}: has a DoRA lora_magnitude_vector but no lora_A/lora_B")
+        elif not use_dora and m_shape is not None:
+            problems.append(f"{name}: has a DoRA lora_magnitude_vector but use_dora is false; PEFT ignores it and "
+                            "loads a plain LoRA adapter")
+        elif use_dora and m_shape is None and b_shape is not None:
+            problems.append(f"{name}: use_dora=True but no lora_magnitude_vector saved; PEFT warns and keeps "
+                            "m = ||W||_row of the base weight instead of the trained magnitude")
+        elif use_dora and m_shape is not None and b_shape is not None and tuple(m_shape) != (b_shape[0],):
+            problems.append(f"{name}: lora_magnitude_vector has shape {list(m_shape)} but lora_B has d_out "
+                            f"{b_shape[0]}; loading fails with a size mismatch")
     return problems
 
 
@@ -292,6 +323,7 @@ def check_adapter(path: str | Path, base_modules: BaseShapes | Iterable[str] | N
     report.problems += non_finite
     base = _as_base_shapes(base_modules)
     report.problems += tensor_problems(shapes, base)
+    report.problems += dora_problems(cfg, shapes)
     bad_config = config_problems(cfg)
     if bad_config:
         # The key and rank checks below would trip over the same values.

@@ -150,7 +150,11 @@ class PerExampleEstimator:
     In the same backward as the batch gradient: a forward hook on each LoRA-B
     linear keeps its input h and puts a tensor hook on its output, which
     receives dL/dy (see :func:`per_example_squared_grad_sum`). Buffers: one fp32
-    (r, d_out) sum per module; count: examples, per call of the module.
+    (r, d_out) sum per module; count: examples, per call of the module whose
+    output the loss depends on. The hooks sit on the nn.Linear lora_B itself, so
+    they are the same for every supported layer type (bitsandbytes, Conv1D, DoRA);
+    DoRA also calls lora_B on an identity matrix to get B A for its weight norm,
+    which it detaches, so that call gets no gradient and is not counted.
     """
 
     unit = "example"

@@ -47,7 +47,7 @@ from torch import nn
 from .config import FimConfig
 from .distributed import all_reduce_count, all_reduce_sums, check_not_sharded, is_main_process
 from .estimators import Estimator, make_estimator
-from .modules import LoraModuleInfo, lora_modules
+from .modules import LoraModuleInfo, check_dora_fresh, lora_modules
 
 __all__ = [
     "FisherResult",
@@ -55,6 +55,7 @@ __all__ = [
     "compute_scores",
     "aggregate_fisher",
     "calibration_state",
+    "check_4bit_differentiable",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,34 @@ class FisherResult:
 # Model state during calibration
 
 
+def _bnb_4bit_state(base: nn.Module):
+    """The bitsandbytes 4-bit ``quant_state`` on a base layer's weight, None for any other layer."""
+    return getattr(getattr(base, "weight", None), "quant_state", None)
+
+
+def _bnb_4bit_bases(infos: list[LoraModuleInfo]) -> list[nn.Module]:
+    """Base layers holding a bitsandbytes 4-bit weight."""
+    bases = (info.layer.get_base_layer() for info in infos)
+    return [b for b in bases if _bnb_4bit_state(b) is not None]
+
+
+def check_4bit_differentiable(infos: list[LoraModuleInfo]) -> None:
+    """Raise ValueError naming the first 4-bit base layer that bitsandbytes repacked for CPU inference.
+
+    An eval-mode forward whose input needs no grad makes bitsandbytes (on CPUs with AVX512-BF16) repack a 4-bit
+    weight into a format whose kernel has no backward: from then on no gradient reaches that layer's input,
+    so every LoRA-B upstream of it would score 0 (and would not train either).
+    """
+    for info in infos:
+        if getattr(_bnb_4bit_state(info.layer.get_base_layer()), "packing_format_for_cpu", False):
+            raise ValueError(
+                f"model: the 4-bit weight of {info.name!r} was repacked by bitsandbytes for CPU inference (an "
+                "eval-mode forward without gradients ran on it); no gradient flows through that format, so the "
+                "scores of every module before it would be 0; reload the model, and run evaluation forwards in "
+                "train mode or with inputs that require grad"
+            )
+
+
 @contextlib.contextmanager
 def calibration_state(
     model: nn.Module,
@@ -84,6 +113,9 @@ def calibration_state(
     train_mode: bool = False,
 ):
     """Only LoRA-B of ``adapter_name`` requires grad; eval mode unless ``train_mode``.
+
+    In eval mode, gradient-checkpointed layers and bitsandbytes 4-bit base layers keep their training
+    flag on, so that checkpointing runs and gradients pass; neither has dropout (see the comments).
 
     On exit, whatever happened, every module's train/eval flag, every parameter's
     ``requires_grad`` and ``.grad`` are exactly as they were.
@@ -100,6 +132,13 @@ def calibration_state(
             info.layer.lora_B[adapter_name].weight.requires_grad_(True)
         model.train(train_mode)
         if not train_mode:
+            # bitsandbytes' CPU kernels repack a 4-bit weight for inference on an eval forward whose input
+            # needs no grad (e.g. the no-grad first pass of reentrant checkpointing), and no gradient reaches
+            # the layer's input after that, now or in training. In training mode Linear4bit keeps the
+            # dequantise-and-matmul kernel that training uses; it has no dropout or other train-only
+            # behaviour. (8-bit layers are left alone: their training flag switches kernels.)
+            for base in _bnb_4bit_bases(infos):
+                base.training = True
             # HF only checkpoints layers in training mode; keep the checkpointed
             # layer itself "training" (its dropout submodules stay in eval) so a
             # user who enabled gradient checkpointing keeps its memory savings.
@@ -263,12 +302,16 @@ def compute_fisher(
 
     Does not change the model: on return (or on error) modes, ``requires_grad``
     and ``.grad`` of every parameter are as before and no hook is left.
-    Raises ValueError for an empty dataloader, a batch without labels, or a
-    non-finite gradient (naming the module and the batch index).
+    Raises ValueError for an empty dataloader, a batch without labels, a
+    non-finite gradient (naming the module and the batch index), or, before any
+    compute, a DoRA adapter whose LoRA-B is non-zero (see ``check_dora_fresh``) or a
+    4-bit layer that bitsandbytes repacked for inference (``check_4bit_differentiable``).
     """
     config = config or FimConfig()
     adapter = config.adapter_name
     infos = lora_modules(model, adapter)
+    check_dora_fresh(infos, adapter)
+    check_4bit_differentiable(infos)
     check_not_sharded(model)
     loss_scale = _loss_scale(config, infos)
     device = infos[0].layer.lora_B[adapter].weight.device

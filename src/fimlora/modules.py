@@ -26,6 +26,7 @@ __all__ = [
     "check_pattern_keys",
     "check_same_modules",
     "check_fresh_adapter",
+    "check_dora_fresh",
 ]
 
 _SUPPORTED_INITS = (True, False, "gaussian")
@@ -33,7 +34,11 @@ _SUPPORTED_INITS = (True, False, "gaussian")
 
 @dataclass(frozen=True)
 class LoraModuleInfo:
-    """A LoRA linear layer: its rank_pattern key and the adapter's current shape."""
+    """A LoRA linear layer: its rank_pattern key, the adapter's current shape and whether it is DoRA.
+
+    ``layer`` is any PEFT LoRA layer whose adapter is A = lora_A (r, d_in), B = lora_B (d_out, r), both nn.Linear
+    (plain, GPT-2 Conv1D, bitsandbytes 4/8-bit, ...); ``in_features``/``out_features`` are d_in/d_out.
+    """
 
     name: str
     layer: nn.Module
@@ -41,6 +46,7 @@ class LoraModuleInfo:
     out_features: int
     r: int
     alpha: float
+    dora: bool = False
 
 
 def base_model_of(model: nn.Module) -> nn.Module:
@@ -84,20 +90,78 @@ def lora_config_of(model: nn.Module, adapter_name: str = "default"):
     return config
 
 
-def _unsupported_reason(layer: nn.Module, adapter_name: str, config) -> str | None:
-    from peft.tuners.lora.layer import Linear as LoraLinear
+def _layer_type(layer: nn.Module) -> str:
+    return f"{type(layer).__module__}.{type(layer).__name__}"
 
-    if not isinstance(layer, LoraLinear):
-        return (
-            f"layer type {type(layer).__module__}.{type(layer).__name__} is not supported "
-            "(only peft.tuners.lora.layer.Linear; quantised, embedding and conv LoRA layers are not)"
-        )
-    if layer.use_dora.get(adapter_name, False) or adapter_name in getattr(layer, "lora_magnitude_vector", {}):
-        return "DoRA adapters are not supported (their magnitude vector depends on the rank)"
-    if adapter_name in getattr(layer, "lora_variant", {}):
-        return f"LoRA variant {type(layer.lora_variant[adapter_name]).__name__} is not supported"
-    if not isinstance(layer.lora_B[adapter_name], nn.Linear):
-        return "lora_B is not an nn.Linear"
+
+def _is_dora_variant(variant) -> bool:
+    """True for PEFT's DoRA on a linear-like layer (its embedding/conv DoRA subclasses are not that)."""
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    return type(variant) is DoraLinearVariant
+
+
+def _kind_reason(layer: nn.Module, adapter_name: str) -> str | None:
+    """Why this kind of LoRA layer is not a pair of linear maps with lora_B called on an input, or None."""
+    from peft.tuners.lora import layer as lora_layer
+
+    kind = f"layer type {_layer_type(layer)} is not supported"
+    if adapter_name in getattr(layer, "lora_embedding_A", {}):
+        # PEFT's embedding LoRA starts at A = 0, B random: there dL/dB = 0, so the Fisher of B scores nothing.
+        return (f"{kind}: LoRA on an embedding (lora_embedding_A/B) is initialised with A = 0 and B random, "
+                "so dL/dB is zero at initialisation and the Fisher of LoRA-B carries no signal")
+    param_wrapper = getattr(lora_layer, "ParamWrapper", None)  # absent from older PEFT
+    if param_wrapper is not None and isinstance(layer, param_wrapper):
+        return (f"{kind}: LoRA on a parameter (target_parameters, e.g. MoE experts) applies B A through a "
+                "parametrization of the weight, never by calling lora_B on an input, and lora_B holds "
+                "r * num_experts columns")
+    if isinstance(layer.get_base_layer(), nn.MultiheadAttention):
+        return (f"{kind}: LoRA on nn.MultiheadAttention merges B A into in_proj_weight around each forward, "
+                "so lora_B never runs on an input")
+    a = layer.lora_A[adapter_name] if adapter_name in layer.lora_A else None
+    b = layer.lora_B[adapter_name] if adapter_name in layer.lora_B else None
+    if not isinstance(a, nn.Linear) or not isinstance(b, nn.Linear):
+        return (f"{kind}: lora_A is a {type(a).__name__} and lora_B a {type(b).__name__}, not a pair of "
+                "nn.Linear maps (conv LoRA?); fimlora scores and resizes linear LoRA factors only")
+    return None
+
+
+def _variant_reason(layer: nn.Module, adapter_name: str) -> str | None:
+    """Why the adapter's LoRA variant is not supported (anything but DoRA on a linear layer), or None."""
+    variant = getattr(layer, "lora_variant", {}).get(adapter_name)  # PEFT before variants: DoRA lives on the layer
+    if variant is not None and not (_is_dora(layer, adapter_name) and _is_dora_variant(variant)):
+        return f"LoRA variant {type(variant).__name__} is not supported (plain LoRA and DoRA are)"
+    return None
+
+
+def _shape_reason(layer: nn.Module, adapter_name: str) -> str | None:
+    """Why lora_A/lora_B are not A (r, d_in) and B (d_out, r) of the layer's (in_features, out_features), or None."""
+    a, b = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+    r, d_in, d_out = layer.r[adapter_name], getattr(layer, "in_features", None), getattr(layer, "out_features", None)
+    if (isinstance(d_in, int) and isinstance(d_out, int) and (a.in_features, a.out_features) == (d_in, r)
+            and (b.in_features, b.out_features) == (r, d_out)):
+        return None
+    return (f"layer type {_layer_type(layer)} is not supported: its LoRA factors are not A (r, d_in) and "
+            f"B (d_out, r) of the layer: r={r}, (d_in, d_out)=({d_in}, {d_out}), lora_A maps {a.in_features} -> "
+            f"{a.out_features}, lora_B {b.in_features} -> {b.out_features}")
+
+
+def _is_dora(layer: nn.Module, adapter_name: str) -> bool:
+    return bool(layer.use_dora.get(adapter_name, False)) or adapter_name in getattr(
+        layer, "lora_magnitude_vector", {})
+
+
+def _unsupported_reason(layer: nn.Module, adapter_name: str, config) -> str | None:
+    """Why module ``layer`` cannot be calibrated and resized, or None.
+
+    Supported: any PEFT LoRA layer whose adapter is a pair of nn.Linear maps A (r, d_in), B (d_out, r)
+    with lora_B called on an input (plain, GPT-2 Conv1D via fan_in_fan_out, bitsandbytes 4/8-bit and
+    the other quantised wrappers), plain or DoRA.
+    """
+    for rule in (_kind_reason, _variant_reason, _shape_reason):
+        reason = rule(layer, adapter_name)
+        if reason is not None:
+            return reason
     if layer.merged_adapters and adapter_name in layer.merged_adapters:
         return "the adapter is merged into the base weight; unmerge it first"
     init = config.init_lora_weights
@@ -138,6 +202,7 @@ def lora_modules(model: nn.Module, adapter_name: str = "default") -> list[LoraMo
                 out_features=int(module.out_features),
                 r=int(module.r[adapter_name]),
                 alpha=float(module.lora_alpha[adapter_name]),
+                dora=_is_dora(module, adapter_name),
             )
         )
     if problems:
@@ -150,20 +215,51 @@ def lora_modules(model: nn.Module, adapter_name: str = "default") -> list[LoraMo
     return found
 
 
+def _first_nonzero_b(infos: list[LoraModuleInfo], adapter_name: str) -> tuple[LoraModuleInfo, float] | None:
+    """The first module whose LoRA-B has a non-zero entry, with max |B|; None if every B is all zero."""
+    for info in infos:
+        b = info.layer.lora_B[adapter_name].weight.detach()
+        if (b != 0).any():
+            return info, b.abs().max().item()
+    return None
+
+
 def check_fresh_adapter(infos: list[LoraModuleInfo], adapter_name: str = "default") -> None:
     """Raise ValueError naming the first module whose LoRA-B is not all zero.
 
     FIM-LoRA scores dL/dB at B = 0, the state PEFT leaves straight after ``get_peft_model``;
     on a trained adapter the scores mean something else and shrinking drops trained components.
+    A DoRA module gets :func:`check_dora_fresh`'s error, since ``allow_trained`` would not help there.
     """
-    for info in infos:
-        b = info.layer.lora_B[adapter_name].weight.detach()
-        if (b != 0).any():
-            raise ValueError(
-                f"model: LoRA-B of {info.name!r} is non-zero (max |B| = {b.abs().max().item():.3g}); calibration "
-                "assumes a freshly initialised adapter (B = 0, straight after get_peft_model), and resizing a "
-                "trained one drops trained rank components; pass allow_trained=True to calibrate it anyway"
-            )
+    check_dora_fresh(infos, adapter_name)
+    found = _first_nonzero_b(infos, adapter_name)
+    if found is not None:
+        info, largest = found
+        raise ValueError(
+            f"model: LoRA-B of {info.name!r} is non-zero (max |B| = {largest:.3g}); calibration "
+            "assumes a freshly initialised adapter (B = 0, straight after get_peft_model), and resizing a "
+            "trained one drops trained rank components; pass allow_trained=True to calibrate it anyway"
+        )
+
+
+def check_dora_fresh(infos: list[LoraModuleInfo], adapter_name: str = "default") -> None:
+    """Raise ValueError naming the first DoRA module whose LoRA-B is not all zero; ``allow_trained`` does not lift it.
+
+    A DoRA layer outputs m (*) (W + s B A) x / ||W + s B A||_row with the magnitude m (d_out,). At B = 0 PEFT
+    sets m = ||W||_row, which does not depend on the rank, so resizing A and B keeps the layer exact. With
+    B != 0, m was fitted (or initialised) to the row norms of W + s B A at this rank: dropping rank components
+    renormalises every output row, W's part included, not only the dropped terms (plain LoRA's allow_trained
+    risk), and dL/dB carries the factor m / ||W + s B A||_row that the B = 0 scores do not.
+    """
+    found = _first_nonzero_b([i for i in infos if i.dora], adapter_name)
+    if found is not None:
+        info, largest = found
+        raise ValueError(
+            f"model: LoRA-B of DoRA module {info.name!r} is non-zero (max |B| = {largest:.3g}); fimlora resizes "
+            "DoRA adapters only at initialisation (B = 0, where the magnitude vector is the row norms of W at any "
+            "rank), also with allow_trained=True; create the adapter with init_lora_weights=True or 'gaussian' "
+            "and calibrate before training"
+        )
 
 
 def check_same_modules(field: str, keys: Iterable[str], expected: Iterable[str], what: str) -> None:

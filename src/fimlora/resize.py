@@ -13,6 +13,12 @@ All new tensors are built and checked before any is swapped in.
 The module's update is scaling * B A = scaling * sum_j B[:, j] A[j]; shrinking drops the terms
 j >= r', which are zero for a fresh adapter (B = 0). With trained B they are not, so shrinking a
 trained module is refused unless ``allow_trained=True``; growing keeps every term.
+
+The base layer is never touched, so every layer :func:`fimlora.modules.lora_modules` accepts is
+resized the same way: plain, GPT-2 Conv1D (fan_in_fan_out), bitsandbytes 4/8-bit and other quantised
+bases. DoRA keeps its magnitude vector m (d_out,): at B = 0, m = ||W||_row whatever the rank, and
+B' A' = B A, so the layer's output is unchanged; a DoRA adapter with B != 0 is refused
+(:func:`fimlora.modules.check_dora_fresh`).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from torch import nn
 
 from .allocation import RankAllocation, lora_scaling
 from .config import check_bool, check_int, check_number
-from .modules import LoraModuleInfo, check_same_modules, lora_config_of, lora_modules
+from .modules import LoraModuleInfo, check_dora_fresh, check_same_modules, lora_config_of, lora_modules
 
 __all__ = ["apply_allocation", "resized_lora_weights"]
 
@@ -125,13 +131,16 @@ def apply_allocation(
     On any error the model is left untouched. New A rows are drawn from
     ``seed`` (default: the seed recorded in the allocation's settings).
     Shrinking a module whose dropped LoRA-B columns are non-zero (a trained adapter)
-    is refused unless ``allow_trained=True``; growing one is always exact.
+    is refused unless ``allow_trained=True``; growing one is always exact. A DoRA
+    adapter must have B = 0 whatever ``allow_trained`` says (its magnitude vector
+    is rank-independent only there).
     """
     check_bool("allow_trained", allow_trained)
     if seed is None:
         seed = int(allocation.settings.get("seed", 0))
     config = lora_config_of(model, adapter_name)
     infos = lora_modules(model, adapter_name)
+    check_dora_fresh(infos, adapter_name)
     _validate(allocation, infos)
     if not allow_trained:
         _check_keeps_trained(allocation, infos, adapter_name)
@@ -164,6 +173,11 @@ def apply_allocation(
         layer.r[adapter_name] = new_r
         layer.lora_alpha[adapter_name] = alpha
         layer.scaling[adapter_name] = lora_scaling(alpha, new_r, bool(config.use_rslora))
+        if info.dora:
+            # The magnitude vector stays (it does not depend on the rank at B = 0). PEFT's optional
+            # DoRA cache (weight norm, B A) has the same values (B' A' = B A) but was computed from
+            # the replaced parameters; drop it so nothing refers to them.
+            layer.lora_magnitude_vector[adapter_name]._cache_clear()
     # One full, non-overlapping key per module: overlapping keys resolve in sorted
     # order after a reload and can silently change ranks or scales.
     config.rank_pattern = {info.name: allocation.ranks[info.name] for info in infos}
