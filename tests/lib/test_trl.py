@@ -295,7 +295,10 @@ def test_sft_trainer_qlora_4bit_base_all_linear(tmp_path):
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = sft_trainer(tmp_path / "out", "completion_only", model=base, peft_config=config)
     assert {type(i.layer).__name__ for i in lora_modules(trainer.model)} == {"Linear4bit"}
+    lora_dtypes = {p.dtype for n, p in trainer.model.named_parameters() if "lora_" in n}
+    assert lora_dtypes == {torch.bfloat16}  # SFTTrainer casts LoRA weights on a quantised base to bf16 (QLoRA)
     allocation = calibrate_trainer(trainer, n_batches=2, progress=False)
+    assert {p.dtype for n, p in trainer.model.named_parameters() if "lora_" in n} == lora_dtypes  # kept by resize
     assert len(allocation.ranks) == 14 and sum(allocation.ranks.values()) == 14 * 4
     assert {i.name: i.r for i in lora_modules(trainer.model)} == allocation.ranks
     trainer.train()
