@@ -293,11 +293,15 @@ def test_lora_config_takes_all_linear_from_a_list_and_use_dora():
 @pytest.mark.parametrize("quantization, layer", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
 def test_quantised_base_model_is_prepared_for_lora(quantization, layer):
     """bitsandbytes layers everywhere but the new head, frozen, ready for get_peft_model (no calibration here)."""
-    from fimlora.experiments.builders import build_base_model
+    import torch
+
+    from fimlora.experiments.builders import build_base_model, quantized_device_map
     from fimlora.experiments.data import load_task
 
+    assert quantized_device_map() == ({"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu")
     task = load_task("trec6", max_train=16)
     base = build_base_model("minilm", task, n_layers=1, quantization=quantization)
+    assert {p.device.type for p in base.parameters()} == {"cuda" if torch.cuda.is_available() else "cpu"}
     assert type(base.bert.encoder.layer[0].attention.self.query).__name__ == layer
     assert type(base.bert.pooler.dense).__name__ == layer
     assert type(base.classifier).__name__ == "Linear"  # the seeded new head is trained whole, never quantised
@@ -360,3 +364,13 @@ def test_calibrate_use_dora_writes_a_resized_dora_adapter(monkeypatch, tmp_path)
     assert all(i.layer.use_dora["default"] for i in lora_modules(model))
     assert cfg["rank_pattern"] == rank_map["ranks"] == {i.name: i.r for i in lora_modules(model)}
     assert check_adapter(tmp_path / "o" / "adapter").ok
+
+
+def test_calibrate_help_names_the_base_model_flags(capsys):
+    from fimlora.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--load-in-4bit", "--load-in-8bit", "--use-dora", "'all-linear'", "fimlora[qlora]"):
+        assert flag in out, flag
