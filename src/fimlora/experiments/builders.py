@@ -12,13 +12,21 @@ from dataclasses import fields
 import torch
 
 from ..config import FimConfig
+from ..extras import require
 from .data import TaskData, collator_for
 from .models import load_causal_lm, load_classifier, load_tokenizer
 
 __all__ = [
     "FIM_DEFAULTS",
+    "QUANTIZATIONS",
+    "ALL_LINEAR",
     "task_type_for",
+    "normalize_target_modules",
+    "build_quantization_config",
     "build_tokenizer",
+    "check_quantization",
+    "require_bitsandbytes",
+    "quantized_device_map",
     "build_base_model",
     "build_lora_config",
     "build_peft_model",
@@ -31,6 +39,13 @@ logger = logging.getLogger(__name__)
 
 # The CLI and the configs take their defaults from here, so there is one list of them.
 FIM_DEFAULTS = {f.name: f.default for f in fields(FimConfig)}
+
+# Base-model quantisations (bitsandbytes): 4-bit NF4 as in QLoRA, or LLM.int8().
+QUANTIZATIONS = ("4bit", "8bit")
+# Names of the new classification heads (BERT-style, LLaMA-style): trained whole, so never quantised.
+CLASSIFICATION_HEADS = ("classifier", "score")
+# PEFT's shortcut for "every linear layer except the output layer"; PEFT only reads it as a plain string.
+ALL_LINEAR = "all-linear"
 
 # Fraction of unknown tokens above which calibration data is almost certainly mis-tokenised.
 UNKNOWN_TOKEN_WARNING = 0.5
@@ -46,22 +61,89 @@ def build_tokenizer(model: str):
     return load_tokenizer(model)
 
 
+def check_quantization(quantization: str | None) -> None:
+    """None or one of :data:`QUANTIZATIONS`."""
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization: must be one of {list(QUANTIZATIONS)} or None, got {quantization!r}")
+
+
+def require_bitsandbytes(field: str, quantization: str) -> None:
+    """bitsandbytes is an extra: without it, say which ``pip install`` adds it (before any model is loaded)."""
+    require("bitsandbytes", "qlora", f"{field}: loading the base model in {quantization[0]} bits")
+
+
+def build_quantization_config(quantization: str, compute_dtype: torch.dtype = torch.float32,
+                              skip_modules: list[str] | None = None):
+    """BitsAndBytesConfig: NF4 with double quantisation (QLoRA's recipe) for "4bit", LLM.int8() for "8bit".
+
+    ``skip_modules`` stay in full precision (a new classification head is trained whole, not quantised).
+    """
+    from transformers import BitsAndBytesConfig
+
+    check_quantization(quantization)
+    require_bitsandbytes("quantization", quantization)
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip_modules)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
+
+
+def quantized_device_map():
+    """bitsandbytes places the quantised weights when the model loads: the first GPU if there is one, else CPU."""
+    return {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+
+
 def build_base_model(model: str, task: TaskData, n_layers: int | None = None, seed: int = 0,
-                     dtype: torch.dtype = torch.float32):
-    """A classifier with a seeded head for classification tasks, else a causal LM."""
+                     dtype: torch.dtype = torch.float32, quantization: str | None = None):
+    """A classifier with a seeded head for classification tasks, else a causal LM.
+
+    ``quantization`` ("4bit" or "8bit") loads the weights through bitsandbytes and then runs PEFT's
+    ``prepare_model_for_kbit_training`` (frozen base, norms and head in fp32), ready for ``get_peft_model``.
+    """
+    check_quantization(quantization)
+    load = {}
+    if quantization is not None:
+        skip = list(CLASSIFICATION_HEADS) if task.kind == "classification" else None
+        load = {"quantization_config": build_quantization_config(quantization, dtype, skip),
+                "device_map": quantized_device_map()}
     if task.kind == "classification":
-        return load_classifier(model, task.num_labels, n_layers, seed=seed)
-    return load_causal_lm(model, n_layers, dtype=dtype)
+        base = load_classifier(model, task.num_labels, n_layers, seed=seed, **load)
+    else:
+        base = load_causal_lm(model, n_layers, dtype=dtype, **load)
+    if quantization is None:
+        return base
+    from peft import prepare_model_for_kbit_training
+
+    # No gradient checkpointing here: calibration is a few backward passes, and a trainer turns it on itself.
+    return prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+
+
+def normalize_target_modules(target_modules):
+    """PEFT's target_modules from what a user typed: ``["all-linear"]`` becomes the string PEFT expects.
+
+    PEFT reads the shortcut only as a plain string; in a list it looks for a module called "all-linear" and finds
+    none. The shortcut names every linear layer, so it cannot be combined with other names.
+    """
+    if target_modules is None or isinstance(target_modules, str):
+        return target_modules
+    names = list(target_modules)
+    shortcut = [n for n in names if isinstance(n, str) and n.lower() == ALL_LINEAR]
+    if not shortcut:
+        return names
+    if len(names) > 1:
+        raise ValueError(f"target_modules: {ALL_LINEAR!r} already names every linear layer and cannot be combined "
+                         f"with other module names, got {names}")
+    return ALL_LINEAR
 
 
 def build_lora_config(kind: str, r: int, lora_alpha: float | None = None, target_modules=None,
-                      lora_dropout: float = 0.0, **extra):
-    """LoraConfig for a task kind; ``lora_alpha`` defaults to 2r."""
+                      lora_dropout: float = 0.0, use_dora: bool = False, **extra):
+    """LoraConfig for a task kind; ``lora_alpha`` defaults to 2r; ``target_modules`` may be ``["all-linear"]``."""
     from peft import LoraConfig
 
     alpha = 2 * r if lora_alpha is None else lora_alpha
-    return LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules, lora_dropout=lora_dropout,
-                      task_type=task_type_for(kind), **extra)
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules=normalize_target_modules(target_modules),
+                      lora_dropout=lora_dropout, use_dora=use_dora, task_type=task_type_for(kind), **extra)
 
 
 def build_peft_model(base, lora_config, seed: int = 0):

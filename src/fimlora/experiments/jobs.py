@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..allocation import RankAllocation
-from ..config import FimConfig, check_int, check_number
+from ..config import FimConfig, check_bool, check_int, check_number
 from ..io import atomic_directory, check_output_dir
 from .builders import (
     FIM_DEFAULTS,
@@ -23,10 +23,13 @@ from .builders import (
     build_lora_config,
     build_peft_model,
     build_tokenizer,
+    normalize_target_modules,
+    require_bitsandbytes,
 )
 from .data import TaskData, is_user_file, load_task
 
-__all__ = ["CalibrateJob", "CalibrateResult", "MIN_MAX_LENGTH", "run_calibrate", "save_rank_map"]
+__all__ = ["CalibrateJob", "CalibrateResult", "MIN_MAX_LENGTH", "check_one_quantization", "run_calibrate",
+           "save_rank_map"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ class CalibrateJob:
     model: str
     data: str
     out: str
-    target_modules: list[str] | None = None
+    target_modules: list[str] | str | None = None
     n_layers: int | None = None
     batch_size: int = 16
     max_length: int = 128
@@ -55,6 +58,9 @@ class CalibrateJob:
     aggregation: str = FIM_DEFAULTS["aggregation"]
     scale: str = FIM_DEFAULTS["scale"]
     seed: int = FIM_DEFAULTS["seed"]
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    use_dora: bool = False
     overwrite: bool = False
     progress: bool = True
     extra: dict = field(default_factory=dict)
@@ -69,12 +75,30 @@ class CalibrateJob:
         data = Path(self.data).expanduser()
         if data.is_dir():
             raise ValueError(f"data: {data} is a folder; give a .jsonl/.csv file, a bundled task or hf:NAME")
+        self.target_modules = normalize_target_modules(self.target_modules)
+        for name in ("load_in_4bit", "load_in_8bit", "use_dora"):
+            check_bool(name, getattr(self, name))
+        check_one_quantization(self.load_in_4bit, self.load_in_8bit)
+        if self.quantization is not None:
+            require_bitsandbytes(f"load_in_{self.quantization}", self.quantization)
         self.fim_config()  # every FimConfig rule, before any model is loaded
+
+    @property
+    def quantization(self) -> str | None:
+        """The base model's bitsandbytes quantisation for :func:`build_base_model`: "4bit", "8bit" or None."""
+        return "4bit" if self.load_in_4bit else "8bit" if self.load_in_8bit else None
 
     def fim_config(self) -> FimConfig:
         return build_fim_config(n_batches=self.n_batches, r_min=self.r_min, r_max=self.r_max,
                                 estimator=self.estimator, aggregation=self.aggregation, scale=self.scale,
                                 seed=self.seed, progress=self.progress)
+
+
+def check_one_quantization(load_in_4bit: bool, load_in_8bit: bool) -> None:
+    """A base model is loaded in 4 bits or in 8 bits, never both."""
+    if load_in_4bit and load_in_8bit:
+        raise ValueError("load_in_4bit, load_in_8bit: choose at most one quantisation of the base model "
+                         "(4-bit NF4 or 8-bit), got both true")
 
 
 @dataclass
@@ -121,14 +145,15 @@ def run_calibrate(job: CalibrateJob) -> CalibrateResult:
     for note in task.meta.get("dropped", []):
         log("data: %s", note)
     tok = build_tokenizer(job.model)
-    base = build_base_model(job.model, task, job.n_layers, seed=job.seed)
-    model = build_peft_model(base, build_lora_config(task.kind, job.r, job.alpha, job.target_modules), job.seed)
+    base = build_base_model(job.model, task, job.n_layers, seed=job.seed, quantization=job.quantization)
+    lora_config = build_lora_config(task.kind, job.r, job.alpha, job.target_modules, use_dora=job.use_dora)
+    model = build_peft_model(base, lora_config, job.seed)
     loader = build_calibration_loader(task, tok, job.batch_size, job.max_length, job.seed)
     start = time.perf_counter()
     allocation = apply_fim_ranks(model, loader, config=job.fim_config())
     seconds = time.perf_counter() - start
     allocation.settings.update({"model": job.model, "data": job.data, "calibration_seconds": seconds,
-                                "data_meta": task.meta})
+                                "data_meta": task.meta, "quantization": job.quantization, "use_dora": job.use_dora})
     with atomic_directory(out, overwrite=job.overwrite) as tmp:
         model.save_pretrained(tmp / "adapter")
         files, notes = save_rank_map(allocation, tmp)

@@ -185,24 +185,29 @@ def quiet_loading():
             hf_logging.enable_progress_bar()
 
 
-def load_classifier(name: str, num_labels: int, n_layers: int | None = None, seed: int = 0):
-    """Sequence classifier with a freshly initialised (seeded) head."""
+def load_classifier(name: str, num_labels: int, n_layers: int | None = None, seed: int = 0, **load):
+    """Sequence classifier with a freshly initialised (seeded) head.
+
+    ``load`` goes to ``from_pretrained`` (``quantization_config``, ``device_map``).
+    """
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
     with quiet_loading():
-        model = AutoModelForSequenceClassification.from_pretrained(resolve_model(name), num_labels=num_labels)
+        model = AutoModelForSequenceClassification.from_pretrained(resolve_model(name), num_labels=num_labels,
+                                                                   **load)
     logger.info("fimlora: %s loaded with a new %d-way classification head (seed %d)", name, num_labels, seed)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return cut_layers(model, n_layers)
 
 
-def load_causal_lm(name: str, n_layers: int | None = None, dtype: torch.dtype = torch.float32):
+def load_causal_lm(name: str, n_layers: int | None = None, dtype: torch.dtype = torch.float32, **load):
+    """Causal LM; ``load`` goes to ``from_pretrained`` (``quantization_config``, ``device_map``)."""
     from transformers import AutoModelForCausalLM
 
     with quiet_loading():
-        model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype, **load)
     return cut_layers(model, n_layers)
 
 
