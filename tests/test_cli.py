@@ -334,7 +334,6 @@ def _calibrate_capturing_model(monkeypatch, tmp_path, *extra):
     return code, recorder.built[0]
 
 
-@NEEDS_KBIT_DORA
 @needs_bnb
 @pytest.mark.parametrize("flag, layer", [("--load-in-4bit", "Linear4bit"), ("--load-in-8bit", "Linear8bitLt")])
 def test_calibrate_quantised_all_linear_writes_a_resized_adapter(monkeypatch, tmp_path, flag, layer):
@@ -351,7 +350,6 @@ def test_calibrate_quantised_all_linear_writes_a_resized_adapter(monkeypatch, tm
     assert check_adapter(tmp_path / "o" / "adapter").ok
 
 
-@NEEDS_KBIT_DORA
 def test_calibrate_use_dora_writes_a_resized_dora_adapter(monkeypatch, tmp_path):
     from fimlora.check import check_adapter
     from fimlora.modules import lora_modules

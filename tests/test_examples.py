@@ -38,7 +38,6 @@ def test_docstring_opens_with_the_command_that_runs_it(path):
 
 
 @pytest.mark.slow
-@NEEDS_KBIT_DORA
 @pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in QLORA_PACKAGES),
                     reason=f"needs {', '.join(QLORA_PACKAGES)} (scripts/setup.sh installs them)")
 def test_qlora_sft_example_runs_small(tmp_path):

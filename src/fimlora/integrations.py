@@ -15,6 +15,7 @@ parameters, and before the Trainer wraps the model for DDP/FSDP.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import random
@@ -104,6 +105,27 @@ def warn_if_single_cpu_process(world_size: int) -> bool:
     return False
 
 
+class TrainerLoss:
+    """``loss_fn(model, batch) = trainer.compute_loss(model, batch)``: calibration scores the loss training uses.
+
+    That follows a trainer's own loss (TRL's ``loss_type="dft"``, label smoothing, a ``compute_loss_func``),
+    not just ``model(**batch).loss``. Metrics a trainer records inside ``compute_loss`` (TRL's entropy and
+    token accuracy) are put back as they were, so calibration leaves no trace in the training logs.
+    """
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def __call__(self, model, batch):
+        metrics = getattr(self.trainer, "_metrics", None)
+        saved = copy.deepcopy(metrics) if metrics is not None else None
+        try:
+            return self.trainer.compute_loss(model, dict(batch))  # compute_loss may add keys to its batch
+        finally:
+            if saved is not None:
+                self.trainer._metrics = saved
+
+
 def _unwrapped(model):
     return getattr(model, "module", model)
 
@@ -129,7 +151,8 @@ def calibrate_trainer(trainer, config: FimConfig | None = None, save: bool = Tru
     model = _unwrapped(trainer.model)
     with preserved_rng():
         loader = trainer.get_train_dataloader()
-        allocation = apply_fim_ranks(model, loader, config=config, allow_trained=allow_trained)
+        allocation = apply_fim_ranks(model, loader, config=config, allow_trained=allow_trained,
+                                     loss_fn=TrainerLoss(trainer))
     warn_if_single_cpu_process(trainer.args.world_size)
     allocation.settings["trainer"] = {"per_device_train_batch_size": trainer.args.per_device_train_batch_size,
                                       "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,

@@ -259,9 +259,6 @@ def test_changing_the_mask_changes_the_scores(tmp_path, case, unmasked):
     assert len(differ) > len(scores[0]) // 2, differ
 
 
-@pytest.mark.xfail(reason="calibrate_trainer scores model(**batch).loss (token-mean NLL); it needs to score "
-                          "trainer.compute_loss to follow loss_type='dft' or label smoothing (integrations.py)",
-                   strict=True)
 @pytest.mark.parametrize("settings", [{"loss_type": "dft"}, {"label_smoothing_factor": 0.2}],
                          ids=["dft", "label_smoothing"])
 def test_scores_follow_a_training_loss_other_than_nll(tmp_path, settings):
@@ -279,7 +276,6 @@ def _save_tiny_llama(folder) -> str:
     return str(folder)
 
 
-@NEEDS_KBIT_DORA
 def test_sft_trainer_qlora_4bit_base_all_linear(tmp_path):
     """The QLoRA recipe: NF4 base, prepare_model_for_kbit_training, peft_config with all-linear, then calibrate."""
     pytest.importorskip("bitsandbytes")
@@ -305,7 +301,6 @@ def test_sft_trainer_qlora_4bit_base_all_linear(tmp_path):
     assert (tmp_path / "out" / "rank_map.json").exists()
 
 
-@NEEDS_KBIT_DORA
 def test_sft_trainer_dora(tmp_path):
     trainer = sft_trainer(tmp_path, "assistant_only", model=lora_llama(use_dora=True))
     allocation = calibrate_trainer(trainer, n_batches=2, progress=False, save=False)
