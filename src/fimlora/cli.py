@@ -77,7 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_calibrate_command, _add_plot_command, _add_check_command, _add_demo_command,
+                _add_run_command, _add_report_command):
+        add(sub)
+    return parser
 
+
+def _add_calibrate_command(sub) -> None:
     p = sub.add_parser("calibrate", help="calibrate, allocate and save a resized, untrained adapter",
                        description="Calibrate FIM-LoRA on a model and data set and write the resized, untrained "
                                    "PEFT adapter, rank_map.json and rank_map.png to --out.")
@@ -88,12 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
+
+def _add_plot_command(sub) -> None:
     p = sub.add_parser("plot", help="draw a rank map heatmap from rank_map.json",
                        description="Draw the layer x module-type heatmap of a rank map (PNG or SVG).")
     p.add_argument("rank_map", help="path to rank_map.json")
     p.add_argument("--out", default=None, help="output image (.png or .svg; default next to the JSON)")
     p.add_argument("--no-scores", action="store_true", help="draw only the rank panel")
 
+
+def _add_check_command(sub) -> None:
     p = sub.add_parser("check", help="check a saved adapter for the problems that break rank_pattern adapters",
                        description="Check pattern keys, ranks vs tensor shapes, scaling and vLLM max_lora_rank. "
                                    "Exits 1 on any problem.")
@@ -101,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", default=None,
                    help="also match keys against every module of this base model (folder, alias or hub name)")
 
+
+def _add_demo_command(sub) -> None:
     p = sub.add_parser("demo", help="the offline demo: FIM-LoRA vs uniform LoRA on real MiniLM + SST-2",
                        description="Calibrate FIM-LoRA on MiniLM with the sentiment task, show the rank map, "
                                    "fine-tune uniform LoRA and FIM-LoRA at the same budget, data and seed, and "
@@ -117,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="your own validation file (.jsonl/.csv) for --data FILE; without it FILE is split 80/20")
     p.add_argument("--out", default=DEMO_DEFAULTS["out"], help=f"output folder (default {DEMO_DEFAULTS['out']})")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_run_command(sub) -> None:
     p = sub.add_parser("run", help="run an experiment grid from a YAML config (resumable, shardable)",
                        description="Run every run of an experiment config; each writes one JSON result. "
                                    "Finished runs are skipped, so a killed sweep resumes where it stopped.")
@@ -127,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the runs and whether they are finished, run nothing")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
+
+def _add_report_command(sub) -> None:
     p = sub.add_parser("report", help="write the paper's tables (Markdown + CSV) from run results",
                        description="Read every run JSON under RESULTS_DIR and write mean ± std tables, the rank "
                                    "sweep, ablations, FIM vs random counts and rank-map statistics.")
@@ -136,7 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preface", default=None, help="a Markdown file placed after the commands (the authors' reading)")
     p.add_argument("--command", action="append", default=None, dest="commands",
                    help="a command that produced the results, quoted in the report (repeatable)")
-    return parser
 
 
 def _job(cls, args):
