@@ -140,6 +140,23 @@ def apply_allocation(
         seed = int(allocation.settings.get("seed", 0))
     config = lora_config_of(model, adapter_name)
     infos = lora_modules(model, adapter_name)
+    _check_applicable(allocation, infos, config, adapter_name, allow_trained)
+    staged = [_stage_module(info, allocation, adapter_name, config.init_lora_weights, seed) for info in infos]
+    # Swap: only assignments from here on, nothing that can fail half-way.
+    for module in staged:
+        _swap_module(module, adapter_name, bool(config.use_rslora))
+    # One full, non-overlapping key per module: overlapping keys resolve in sorted
+    # order after a reload and can silently change ranks or scales.
+    config.rank_pattern = {info.name: allocation.ranks[info.name] for info in infos}
+    config.alpha_pattern = {info.name: _as_number(allocation.alphas[info.name]) for info in infos}
+    changed = sum(1 for i in infos if allocation.ranks[i.name] != i.r)
+    logger.info("fimlora: resized %d of %d LoRA modules (budget %d)", changed, len(infos), allocation.budget)
+    return model
+
+
+def _check_applicable(allocation: RankAllocation, infos: list[LoraModuleInfo], config, adapter_name: str,
+                      allow_trained: bool) -> None:
+    """Every rule an allocation must meet before anything changes (modules, shapes, trained B, rsLoRA)."""
     check_dora_fresh(infos, adapter_name)
     _validate(allocation, infos)
     if not allow_trained:
@@ -150,41 +167,38 @@ def apply_allocation(
             f"use_rslora={config.use_rslora}; the alphas would give a different scale"
         )
 
-    staged = []
-    for info in infos:
-        new_r = allocation.ranks[info.name]
-        old_a = info.layer.lora_A[adapter_name]
-        old_b = info.layer.lora_B[adapter_name]
-        gen = torch.Generator().manual_seed(_module_seed(seed, info.name))
-        new_a, new_b = resized_lora_weights(old_a.weight, old_b.weight, new_r, config.init_lora_weights, gen)
-        if not (torch.isfinite(new_a).all() and torch.isfinite(new_b).all()):
-            raise ValueError(f"model: non-finite LoRA weights in module {info.name!r}; refusing to resize")
-        lin_a = _build_linear(new_a, None, old_a.weight.requires_grad)
-        lin_b = _build_linear(new_b, old_b.bias, old_b.weight.requires_grad)
-        lin_a.train(old_a.training)
-        lin_b.train(old_b.training)
-        staged.append((info, lin_a, lin_b, new_r, float(allocation.alphas[info.name])))
 
-    # Swap: only assignments from here on, nothing that can fail half-way.
-    for info, lin_a, lin_b, new_r, alpha in staged:
-        layer = info.layer
-        layer.lora_A[adapter_name] = lin_a
-        layer.lora_B[adapter_name] = lin_b
-        layer.r[adapter_name] = new_r
-        layer.lora_alpha[adapter_name] = alpha
-        layer.scaling[adapter_name] = lora_scaling(alpha, new_r, bool(config.use_rslora))
-        if info.dora:
-            # The magnitude vector stays (it does not depend on the rank at B = 0). PEFT's optional
-            # DoRA cache (weight norm, B A) has the same values (B' A' = B A) but was computed from
-            # the replaced parameters; drop it so nothing refers to them.
-            layer.lora_magnitude_vector[adapter_name]._cache_clear()
-    # One full, non-overlapping key per module: overlapping keys resolve in sorted
-    # order after a reload and can silently change ranks or scales.
-    config.rank_pattern = {info.name: allocation.ranks[info.name] for info in infos}
-    config.alpha_pattern = {info.name: _as_number(allocation.alphas[info.name]) for info in infos}
-    changed = sum(1 for i in infos if allocation.ranks[i.name] != i.r)
-    logger.info("fimlora: resized %d of %d LoRA modules (budget %d)", changed, len(infos), allocation.budget)
-    return model
+def _stage_module(info: LoraModuleInfo, allocation: RankAllocation, adapter_name: str, init_lora_weights,
+                  seed: int) -> tuple:
+    """The new A and B linears of one module, built and checked; the model is not touched."""
+    new_r = allocation.ranks[info.name]
+    old_a = info.layer.lora_A[adapter_name]
+    old_b = info.layer.lora_B[adapter_name]
+    gen = torch.Generator().manual_seed(_module_seed(seed, info.name))
+    new_a, new_b = resized_lora_weights(old_a.weight, old_b.weight, new_r, init_lora_weights, gen)
+    if not (torch.isfinite(new_a).all() and torch.isfinite(new_b).all()):
+        raise ValueError(f"model: non-finite LoRA weights in module {info.name!r}; refusing to resize")
+    lin_a = _build_linear(new_a, None, old_a.weight.requires_grad)
+    lin_b = _build_linear(new_b, old_b.bias, old_b.weight.requires_grad)
+    lin_a.train(old_a.training)
+    lin_b.train(old_b.training)
+    return info, lin_a, lin_b, new_r, float(allocation.alphas[info.name])
+
+
+def _swap_module(staged: tuple, adapter_name: str, use_rslora: bool) -> None:
+    """Put one staged module in place: plain assignments, so nothing can fail half-way."""
+    info, lin_a, lin_b, new_r, alpha = staged
+    layer = info.layer
+    layer.lora_A[adapter_name] = lin_a
+    layer.lora_B[adapter_name] = lin_b
+    layer.r[adapter_name] = new_r
+    layer.lora_alpha[adapter_name] = alpha
+    layer.scaling[adapter_name] = lora_scaling(alpha, new_r, use_rslora)
+    if info.dora:
+        # The magnitude vector stays (it does not depend on the rank at B = 0). PEFT's optional
+        # DoRA cache (weight norm, B A) has the same values (B' A' = B A) but was computed from
+        # the replaced parameters; drop it so nothing refers to them.
+        layer.lora_magnitude_vector[adapter_name]._cache_clear()
 
 
 def _as_number(x: float) -> int | float:
