@@ -53,3 +53,12 @@ def test_lora_config_for_each_kind():
     assert task_type_for("classification") == "SEQ_CLS" and task_type_for("multiple_choice") == "CAUSAL_LM"
     cfg = build_lora_config("classification", r=4)
     assert (cfg.r, cfg.lora_alpha, cfg.task_type) == (4, 8, "SEQ_CLS")
+
+
+def test_all_linear_in_a_config_list_reaches_peft_as_the_shortcut():
+    from fimlora.experiments.methods import MethodSpec
+
+    spec = MethodSpec(method="lora", r=2, lora_alpha=4, target_modules=["all-linear"], task_type="CAUSAL_LM")
+    assert spec.target_modules == "all-linear"
+    with pytest.raises(ValueError, match="cannot be combined"):
+        MethodSpec(method="lora", r=2, lora_alpha=4, target_modules=["all-linear", "q_proj"], task_type="CAUSAL_LM")

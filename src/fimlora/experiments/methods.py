@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 from ..api import apply_fim_ranks, random_allocation
 from ..config import FimConfig, check_int
 from ..resize import apply_allocation
+from .builders import normalize_target_modules
 
 __all__ = ["METHODS", "MethodSpec", "AdaLoraCallback", "prepare_method", "final_rank_map", "adalora_schedule"]
 
@@ -54,6 +55,7 @@ class MethodSpec:
         if self.method not in METHODS:
             raise ValueError(f"method: must be one of {list(METHODS)}, got {self.method!r}")
         check_int("r", self.r, minimum=1)
+        self.target_modules = normalize_target_modules(self.target_modules)
 
 
 def adalora_schedule(total_steps: int, r: int, init_r_ratio: float = 1.5, tinit_ratio: float = 0.1,
