@@ -1,6 +1,6 @@
 """What FIM-LoRA calibration costs, as ratios measured in one run; regenerates docs/benchmarks.md.
 
-    .venv/bin/python benchmarks/bench_calibration.py                 # full run (~10-15 min on 2 CPU cores)
+    .venv/bin/python benchmarks/bench_calibration.py                 # full run (~12-15 min on 2 CPU cores)
     .venv/bin/python benchmarks/bench_calibration.py --smoke --out /tmp/b.md   # seconds; used by the tests
 
 Sections: (1) calibration vs its floor (N plain LoRA forward+backward steps, no optimizer) for the
@@ -574,7 +574,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks the script runs")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed repeats of each case (one QLoRA repeat varies by up to ~8%% on a 2-core VM)")
     p.add_argument("--results", nargs="+", default=[str(ROOT / "results" / n) for n in ("small_encoder",
                                                                                        "small_decoder")],
                    help="experiment result folders whose FIM-LoRA runs give section 5")
