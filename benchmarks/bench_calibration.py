@@ -1,12 +1,13 @@
 """What FIM-LoRA calibration costs, as ratios measured in one run; regenerates docs/benchmarks.md.
 
-    .venv/bin/python benchmarks/bench_calibration.py                 # full run (~10-15 min on 2 CPU cores)
+    .venv/bin/python benchmarks/bench_calibration.py                 # full run (~12-15 min on 2 CPU cores)
     .venv/bin/python benchmarks/bench_calibration.py --smoke --out /tmp/b.md   # seconds; used by the tests
 
 Sections: (1) calibration vs its floor (N plain LoRA forward+backward steps, no optimizer) for the
-batch and per-example estimators and a naive per-example loop; (2) against PEFT's EVA initialisation;
-(3) peak memory (RSS of a fresh subprocess per case, benchmarks/memory_child.py); (4) allocator and
-resize scale; (5) calibration as a share of whole fine-tuning runs, read from the experiment results.
+batch and per-example estimators and a naive per-example loop, on fp32 models and on a 4-bit nf4 QLoRA
+model (bitsandbytes, CPU); (2) against PEFT's EVA initialisation; (3) peak memory (RSS of a fresh
+subprocess per case, benchmarks/memory_child.py), fp32 and QLoRA; (4) allocator and resize scale;
+(5) calibration as a share of whole fine-tuning runs, read from the experiment results.
 Writes the Markdown to --out and every measurement to the same path with a .json suffix.
 """
 
@@ -21,6 +22,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -33,22 +35,30 @@ ROOT = HERE.parent
 # This checkout's package (ahead of any installed fimlora) and its tests' brute-force references.
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
-from tests.references import llama_base, lm_batches, reference_per_example_fisher  # noqa: E402
+from tests.references import (  # noqa: E402
+    llama_base,
+    lm_batches,
+    quantised_llama,
+    reference_per_example_fisher,
+)
 
 # ----------------------------------------------------------------------------- cases (data)
 
 
 class Case(NamedTuple):
     """One model and its data: ``base`` names a BASE_MODELS builder called with ``base_args``, ``batches`` a
-    BATCHES builder called with ``batch_args`` = (number of batches, batch size, sequence length)."""
+    BATCHES builder called with ``batch_args`` = (number of batches, batch size, sequence length). ``targets``
+    is LoRA's target_modules (a tuple of names, or PEFT's "all-linear"); ``step_mode`` the train/eval mode of
+    one LoRA training step, the floor of section 1 and the ``train`` row of section 3 (see lora_step)."""
 
     label: str
     base: str
     base_args: dict
     batches: str
     batch_args: tuple
-    targets: tuple
+    targets: tuple | str
     task_type: str
+    step_mode: str = "eval"
 
 
 # Rank and alpha of every LoRA the benchmark builds.
@@ -60,11 +70,24 @@ ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "dow
 # Examples above which the naive per-example loop is not timed (it is one backward pass per example).
 NAIVE_MAX_EXAMPLES = 64
 MEMORY_MODES = ("load", "train", "batch", "per_example")
+# The memory child's environment: single-threaded, and glibc's mmap threshold fixed at its default 128 kB (which
+# turns off its dynamic raise), so every tensor above it is mmapped and given back to the OS when freed: the RSS
+# then follows the live tensors, not heap fragmentation (which otherwise moves a 4x512 QLoRA step's peak by
+# 10-20 MB from one process to the next).
+CHILD_ENV = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
 ESTIMATORS = ("batch", "per_example")
 
 
 LLAMA_2x64 = Case("tiny llama 2x64", "llama", {"layers": 2, "hidden": 64}, "lm", (2, 4, 16), ALL_PROJ, "CAUSAL_LM")
 MINILM = Case("MiniLM-L6 (real)", "minilm", {}, "sst2", (8, 16, 64), MINILM_TARGETS, "SEQ_CLS")
+# QLoRA as usually set up (qllama_base): a seeded LLaMA of this size loaded in 4-bit nf4 (fp32 compute) by real
+# bitsandbytes on the CPU, prepare_model_for_kbit_training, LoRA on "all-linear". Its training step runs in train
+# mode: HF checkpoints layers only in training mode, and that recomputation is part of what a QLoRA step costs.
+# The LLaMA has no dropout (attention_dropout 0, lora_dropout 0), so train mode is calibration's dropout state.
+QLORA_4x512 = Case("QLoRA nf4 llama 4x512", "qllama", {"layers": 4, "hidden": 512, "bits": 4}, "lm", (8, 8, 128),
+                   "all-linear", "CAUSAL_LM", "train")
+QLORA_2x64 = QLORA_4x512._replace(label="QLoRA nf4 llama 2x64", base_args={"layers": 2, "hidden": 64, "bits": 4},
+                                  batch_args=(2, 4, 16))
 
 # Per size, the cases of each section: floor and eva (Case lists), memory (Cases of one batch), allocator
 # (numbers of modules) and resize (the shape of a Llama-3-8B-like adapter set, smaller for the smoke run).
@@ -77,6 +100,7 @@ CASES = {
             MINILM,
             Case("SmolLM2-135M (real, 30 layers)", "smollm2", {"layers": None}, "lm", (4, 4, 64), ALL_PROJ,
                  "CAUSAL_LM"),
+            QLORA_4x512,
         ],
         "eva": [
             Case("tiny llama 4x256", "llama", {"layers": 4, "hidden": 256}, "lm", (8, 16, 128), ALL_PROJ,
@@ -86,14 +110,15 @@ CASES = {
         "memory": [
             Case("tiny llama 4x256", "llama", {"layers": 4, "hidden": 256}, "lm", (1, 8, 128), ALL_PROJ, "CAUSAL_LM"),
             Case("tiny llama 8x512", "llama", {"layers": 8, "hidden": 512}, "lm", (1, 8, 128), ALL_PROJ, "CAUSAL_LM"),
+            QLORA_4x512._replace(batch_args=(1, 8, 128)),
         ],
         "allocator": [100, 1000, 10_000, 100_000],
         "resize": {"r": 16, "layers": 32, "hidden": 4096, "inter": 14336, "kv": 1024},
     },
     "smoke": {
-        "floor": [LLAMA_2x64],
+        "floor": [LLAMA_2x64, QLORA_2x64],
         "eva": [LLAMA_2x64._replace(targets=("q_proj", "v_proj"))],
-        "memory": [LLAMA_2x64._replace(batch_args=(1, 4, 16))],
+        "memory": [LLAMA_2x64._replace(batch_args=(1, 4, 16)), QLORA_2x64._replace(batch_args=(1, 4, 16))],
         "allocator": [100, 1000],
         "resize": {"r": 4, "layers": 2, "hidden": 256, "inter": 512, "kv": 64},
     },
@@ -115,6 +140,17 @@ def smollm2_base(layers: int | None):
     return load_causal_lm("smollm2", layers)
 
 
+def qllama_base(layers: int, hidden: int, bits: int):
+    """llama_base(layers, hidden) saved and loaded back quantised by bitsandbytes (4: nf4 with fp32 compute, or
+    8), then prepare_model_for_kbit_training (gradient checkpointing, reentrant as PEFT's default, and input grads)."""
+    from peft import prepare_model_for_kbit_training
+
+    with tempfile.TemporaryDirectory() as path:
+        llama_base(layers, hidden).save_pretrained(path)
+        return prepare_model_for_kbit_training(quantised_llama(path, bits),
+                                               gradient_checkpointing_kwargs={"use_reentrant": True})
+
+
 def sst2_batches(n: int, bs: int, seq: int) -> list[dict]:
     """``n`` collated SST-2 training batches of ``bs`` examples, truncated to ``seq`` tokens, for MiniLM."""
     from fimlora.experiments.data import ClassificationCollator, load_task
@@ -126,7 +162,7 @@ def sst2_batches(n: int, bs: int, seq: int) -> list[dict]:
 
 
 # The token ids of lm_batches are random; timings and memory depend on the shapes only.
-BASE_MODELS = {"llama": llama_base, "minilm": minilm_base, "smollm2": smollm2_base}
+BASE_MODELS = {"llama": llama_base, "minilm": minilm_base, "smollm2": smollm2_base, "qllama": qllama_base}
 BATCHES = {"lm": lm_batches, "sst2": sst2_batches}
 
 
@@ -144,15 +180,28 @@ def lora_model(case: Case) -> nn.Module:
 
     from fimlora.experiments.builders import build_peft_model
 
-    config = LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, target_modules=list(case.targets), task_type=case.task_type)
+    config = LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, target_modules=target_modules(case),
+                        task_type=case.task_type)
     return build_peft_model(base_model(case), config, seed=0)
+
+
+def target_modules(case: Case) -> list[str] | str:
+    return case.targets if isinstance(case.targets, str) else list(case.targets)
+
+
+def lora_layer_types(model) -> dict[str, int]:
+    """How many LoRA layers of each class the model has (``Linear4bit`` for the QLoRA cases)."""
+    from fimlora.modules import lora_modules
+
+    types = [type(i.layer).__name__ for i in lora_modules(model)]
+    return {t: types.count(t) for t in sorted(set(types))}
 
 
 def method_spec(case: Case, method: str, **fields):
     """The experiment harness's MethodSpec for ``method`` on this case (rank LORA_R, alpha 2r)."""
     from fimlora.experiments.methods import MethodSpec
 
-    return MethodSpec(method=method, r=LORA_R, lora_alpha=2 * LORA_R, target_modules=list(case.targets),
+    return MethodSpec(method=method, r=LORA_R, lora_alpha=2 * LORA_R, target_modules=target_modules(case),
                       task_type=case.task_type, **fields)
 
 
@@ -169,11 +218,18 @@ def timed(fn, repeats: int) -> list[float]:
 # ----------------------------------------------------------------------------- (1) calibration vs floor
 
 
-def floor_steps(model, batches):
-    """N plain LoRA training steps: forward + backward with LoRA A and B trainable, no optimizer step."""
-    model.eval()  # same dropout state as calibration
+def lora_step(model, batch, mode: str) -> None:
+    """One LoRA training step without the optimizer: forward + backward with LoRA A and B trainable, the model in
+    ``mode`` (a Case's step_mode). "eval" for the fp32 cases: the dropout state of calibration (MiniLM has dropout,
+    which calibration turns off). "train" for QLoRA: gradient checkpointing runs, as in QLoRA training."""
+    model.train(mode == "train")
+    model(**batch).loss.backward()
+
+
+def floor_steps(model, batches, mode: str):
+    """N plain LoRA training steps (lora_step) on the N batches."""
     for b in batches:
-        model(**b).loss.backward()
+        lora_step(model, b, mode)
     model.zero_grad(set_to_none=True)
 
 
@@ -189,13 +245,14 @@ def _floor_row(case: Case, repeats: int) -> dict:
 
     model, batches = lora_model(case), make_batches(case)
     n = len(batches)
-    jobs = {"floor": functools.partial(floor_steps, model, batches)}
+    jobs = {"floor": functools.partial(floor_steps, model, batches, case.step_mode)}
     for estimator in ESTIMATORS:
         config = FimConfig(n_batches=n, estimator=estimator, progress=False)
         jobs[estimator] = functools.partial(compute_fisher, model, batches, config)
     for fn in jobs.values():
         fn()
-    row = {"case": case.label, "N": n, "batch_shape": list(batches[0]["input_ids"].shape), **{k: [] for k in jobs}}
+    row = {"case": case.label, "N": n, "batch_shape": list(batches[0]["input_ids"].shape),
+           "step_mode": case.step_mode, "lora_layers": lora_layer_types(model), **{k: [] for k in jobs}}
     for _ in range(repeats):
         for k, fn in jobs.items():
             row[k] += timed(fn, 1)
@@ -238,7 +295,7 @@ def bench_memory(cases: list[Case]) -> list[dict]:
 def _child_memory(case: Case, mode: str) -> dict:
     """memory_child.py's JSON line for one case and mode, run single-threaded in a fresh interpreter."""
     out = subprocess.run([sys.executable, str(HERE / "memory_child.py"), json.dumps(case._asdict()), mode],
-                         capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         capture_output=True, text=True, timeout=900, env={**os.environ, **CHILD_ENV})
     if out.returncode != 0:
         raise RuntimeError(f"memory_child.py {case.label!r} {mode}: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -375,11 +432,22 @@ def render_header(data: dict) -> list[str]:
             f"{data['repeats']} repeats).{note}", ""]
 
 
+# How the QLoRA rows of sections 1 and 3 are set up.
+QLORA_NOTE = (
+    "QLoRA rows: a seeded LLaMA of the size in the label (layers x hidden; intermediate 8/3 hidden) loaded in "
+    "4-bit nf4 with fp32 compute by bitsandbytes on the CPU, prepare_model_for_kbit_training (reentrant gradient "
+    "checkpointing, input grads), LoRA r = 8 on all-linear (every projection, 7 per layer; not lm_head). Their "
+    "floor and training step run in train mode, as QLoRA training does, so checkpointing recomputes each layer; "
+    "this LLaMA has no dropout, so that is calibration's dropout state (fimlora keeps checkpointing on in "
+    "calibration). The naive loop is the tests' autograd reference, in eval mode: for QLoRA without checkpointing.")
+
+
 def render_floor(rows: list[dict]) -> list[str]:
     lines = ["## 1. Calibration vs its floor", "",
              "Floor: N plain LoRA steps (forward + backward, LoRA A and B trainable, no optimizer) on the same N "
              "batches. Ratios are time / floor: median (min–max over repeats; floor, batch and per_example are "
              "timed in turn within each repeat after a warm-up). Targets: batch <= 1.05, per_example <= 1.3.", "",
+             QLORA_NOTE, "",
              "| case | N x batch | floor s (median) | batch / floor | per_example / floor | naive loop / floor |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -405,15 +473,22 @@ def render_eva(rows: list[dict]) -> list[str]:
 
 def render_memory(rows: list[dict]) -> list[str]:
     lines = ["## 3. Peak memory (process RSS high-water mark, fresh subprocess per case, CPU)", "",
-             "Target: calibration peak <= training-step peak + fp32 Fisher buffers (the size of all B matrices).", "",
+             "Target: calibration peak <= training-step peak + fp32 Fisher buffers (the size of all B matrices). "
+             "Each process resets its high-water mark once the model and batch are loaded (/proc/self/clear_refs, "
+             "after malloc_trim), so a peak is that of the step or calibration itself, not of building (for QLoRA: "
+             "building, saving and quantising) the model; 'after load' is the RSS at that point. The processes run "
+             "with glibc's mmap threshold fixed at 128 kB (MALLOC_MMAP_THRESHOLD_), so RSS follows live tensors "
+             "rather than heap fragmentation. The training step is one forward + "
+             "backward on the same batch (for QLoRA in train mode, with checkpointing; see section 1).", "",
              "| case | after load MB | one LoRA training step MB | calibration batch MB | calibration per_example MB "
              "| Fisher buffers MB | batch within target | per_example within target |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         train, fisher = r["train"]["peak"], r["batch"]["fisher_bytes"]
         within = ["yes" if r[est]["peak"] <= train + fisher else "NO" for est in ESTIMATORS]
-        lines.append(f"| {r['case']} | {mb(r['load']['peak']):.0f} | {mb(train):.0f} | {mb(r['batch']['peak']):.0f} | "
-                     f"{mb(r['per_example']['peak']):.0f} | {mb(fisher):.1f} | {' | '.join(within)} |")
+        lines.append(f"| {r['case']} | {mb(r['load']['loaded']):.0f} | {mb(train):.0f} | "
+                     f"{mb(r['batch']['peak']):.0f} | {mb(r['per_example']['peak']):.0f} | {mb(fisher):.1f} | "
+                     f"{' | '.join(within)} |")
     return lines + ["", "GPU (`torch.cuda.max_memory_allocated`): not measured; this script measures on the CPU only.",
                     ""]
 
@@ -499,7 +574,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks the script runs")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed repeats of each case (one QLoRA repeat varies by up to ~8%% on a 2-core VM)")
     p.add_argument("--results", nargs="+", default=[str(ROOT / "results" / n) for n in ("small_encoder",
                                                                                        "small_decoder")],
                    help="experiment result folders whose FIM-LoRA runs give section 5")

@@ -25,6 +25,7 @@ def _load_bench():
 
 @pytest.mark.slow
 def test_benchmark_script_smoke(tmp_path):
+    pytest.importorskip("bitsandbytes")  # the QLoRA cases (requirements.txt installs it)
     bench = _load_bench()
     out = tmp_path / "b.md"
     committed = ROOT / "results" / "small_encoder"  # the replication's result JSONs are in the repo
@@ -40,8 +41,11 @@ def test_benchmark_script_smoke(tmp_path):
     assert "repeats). Machine note: idle.\n" in text and "session" not in text
     rows = [
         rf"\| tiny llama 2x64 \| 2 x \[4, 16\] \| {NUM} \| {RATIO} \| {RATIO} \| {RATIO} \|",  # with the naive loop
+        rf"\| QLoRA nf4 llama 2x64 \| 2 x \[4, 16\] \| {NUM} \| {RATIO} \| {RATIO} \| {RATIO} \|",
+        r"QLoRA rows: a seeded LLaMA .* loaded in 4-bit nf4 .* Their floor and training step run in train mode",
         rf"\| tiny llama 2x64 \| {NUM} \| {NUM} \| {NUM} \| [1-9]\d* \| 2 fwd\+bwd \| [1-9]\d* \|",
         rf"\| tiny llama 2x64 \| \d+ \| \d+ \| \d+ \| \d+ \| {NUM} \| (yes|NO) \| (yes|NO) \|",
+        rf"\| QLoRA nf4 llama 2x64 \| \d+ \| \d+ \| \d+ \| \d+ \| {NUM} \| (yes|NO) \| (yes|NO) \|",
         rf"\| 100 \| {NUM} \({SPREAD}\) \|", rf"\| 1,000 \| {NUM} \({SPREAD}\) \|",
         rf"Resize of a Llama-3-8B-shaped adapter set \(14 modules, .*, [\d,]+ LoRA parameters after\): {NUM} s median",
         # 3 tasks x 2 ranks x 3 seeds, from the committed result JSONs
@@ -52,10 +56,31 @@ def test_benchmark_script_smoke(tmp_path):
     data = json.loads(out.with_suffix(".json").read_text())
     assert set(data) == {"command", "date", "repeats", "note", "machine", "versions", "floor", "eva", "memory",
                          "allocator", "resize", "overhead_source", "overhead"}
-    (floor,) = data["floor"]
-    assert all(len(floor[k]) == 1 and floor[k][0] > 0 for k in ("floor", "batch", "per_example", "naive_per_example"))
-    (memory,) = data["memory"]
-    for mode in ("load", "train", "batch", "per_example"):
-        assert memory[mode]["peak"] >= memory[mode]["loaded"] > 0 and memory[mode]["fisher_bytes"] > 0
+    # the QLoRA rows are real 4-bit layers (bitsandbytes' Linear4bit under every LoRA), stepped in train mode
+    layers = {"tiny llama 2x64": ("eval", {"Linear": 14}), "QLoRA nf4 llama 2x64": ("train", {"Linear4bit": 14})}
+    assert [r["case"] for r in data["floor"]] == list(layers)
+    for floor in data["floor"]:
+        assert (floor["step_mode"], floor["lora_layers"]) == layers[floor["case"]]
+        assert all(len(floor[k]) == 1 and floor[k][0] > 0 for k in ("floor", "batch", "per_example",
+                                                                     "naive_per_example"))
+    assert [r["case"] for r in data["memory"]] == list(layers)
+    for memory in data["memory"]:
+        for mode in ("load", "train", "batch", "per_example"):
+            m = memory[mode]
+            assert m["peak"] >= m["loaded"] > 0 and m["load_peak"] >= m["loaded"] and m["fisher_bytes"] > 0
+            assert m["lora_layers"] == layers[memory["case"]][1]
     assert data["eva"][0]["eva_forward_batches"] > 0 and data["eva"][0]["fim_seconds"] > 0
     assert [r["modules"] for r in data["allocator"]] == [100, 1000] and len(data["overhead"]) == 18
+
+
+def test_smoke_qlora_case_is_the_full_one_shrunk():
+    """The smoke run checks the QLoRA set-up the full run measures, at a tiny size."""
+    bench = _load_bench()
+    full, smoke = bench.CASES["full"], bench.CASES["smoke"]
+    (qfull,) = [c for c in full["floor"] if c.base == "qllama"]
+    (qsmoke,) = [c for c in smoke["floor"] if c.base == "qllama"]
+    size = {"base_args": {**qfull.base_args, "layers": 2, "hidden": 64}, "label": qfull.label.replace("4x512", "2x64")}
+    assert qsmoke == qfull._replace(batch_args=qsmoke.batch_args, **size)
+    assert (qfull.targets, qfull.step_mode, qfull.base_args["bits"]) == ("all-linear", "train", 4)
+    assert [c for c in full["memory"] if c.base == "qllama"] == [qfull._replace(batch_args=(1, 8, 128))]
+    assert [c for c in smoke["memory"] if c.base == "qllama"] == [qsmoke._replace(batch_args=(1, 4, 16))]
