@@ -7,6 +7,7 @@ autograd (one backward per batch, or one per example), the allocator against bis
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -256,4 +257,57 @@ def reference_allocate(scores, budget, r_min, r_max):
     order = sorted(range(n), key=lambda i: (-fracs[i], -scores[i], i))
     for i in order[:left]:
         ranks[i] += 1
+    return ranks
+
+
+def reference_allocate_costs(scores, costs, budget, r_min, r_max):
+    """With costs (a parameter budget): bisection on tau for sum_m c_m clip(tau*s_m) = budget, then the greedy.
+
+    Slow and obvious: reduce by the gcd of the costs; bisect for tau, then solve the linear piece it lands on
+    in exact rational arithmetic (so fractional parts that tie, e.g. 16.5 and 5.5, tie exactly); floor; then
+    rounds over the modules in phase-2 order (largest fractional part, higher score, module order), one unit
+    to each module below r_max whose cost fits what is left, until a round gives nothing.
+    """
+    n = len(scores)
+    g = math.gcd(*costs)
+    c = [ci // g for ci in costs]
+    budget = budget // g
+    if r_max * sum(c) <= budget:
+        return [r_max] * n
+    pos = [s for s in scores if s > 0]
+    f = lambda t: sum(ci * min(r_max, max(r_min, t * s)) for ci, s in zip(c, scores))  # noqa: E731
+    if r_min * sum(c) == budget:
+        x = [Fraction(r_min)] * n
+    elif not pos:
+        x = [Fraction(budget, sum(c))] * n
+    elif f(r_max / min(pos)) >= budget:
+        lo, hi = 0.0, r_max / min(pos)
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if f(mid) < budget else (lo, mid)
+        linear = [s > 0 and r_min < hi * s < r_max for s in scores]
+        capped = [hi * s >= r_max for s in scores]
+        slope = sum(ci * Fraction(s) for ci, s, lin in zip(c, scores, linear) if lin)
+        offset = sum(ci * (r_max if cap else r_min) for ci, lin, cap in zip(c, linear, capped) if not lin)
+        # no module strictly inside its bounds at hi: f is flat there and already equals the budget
+        tau = (budget - offset) / slope if slope else Fraction(hi)
+        x = [min(Fraction(r_max), max(Fraction(r_min), tau * Fraction(s))) for s in scores]
+    else:  # positive modules saturated: zero-score modules share the rest at one rank
+        rest = budget - r_max * sum(ci for ci, s in zip(c, scores) if s > 0)
+        share = Fraction(rest, sum(ci for ci, s in zip(c, scores) if s == 0))
+        x = [Fraction(r_max) if s > 0 else min(Fraction(r_max), max(Fraction(r_min), share)) for s in scores]
+    eps = Fraction(1, 10**9)
+    ranks = [math.floor(v + eps) for v in x]
+    fracs = [round(v - r, 9) if v - r > eps else 0 for v, r in zip(x, ranks)]  # compared to 9 decimals
+    left = budget - sum(ci * r for ci, r in zip(c, ranks))
+    assert left >= 0
+    order = sorted(range(n), key=lambda i: (-fracs[i], -scores[i], i))
+    given = True
+    while given:
+        given = False
+        for i in order:
+            if ranks[i] < r_max and c[i] <= left:
+                ranks[i] += 1
+                left -= c[i]
+                given = True
     return ranks
