@@ -252,7 +252,7 @@ def reference_allocate(scores, budget, r_min, r_max):
         share = (budget - r_max * len(pos)) / n_zero
         x = [r_max if s > 0 else share for s in scores]
     ranks = [math.floor(v + 1e-9) for v in x]
-    fracs = [v - r if v - r > 1e-9 else 0.0 for v, r in zip(x, ranks)]
+    fracs = [round(v - r, 9) if v - r > 1e-9 else 0.0 for v, r in zip(x, ranks)]
     left = budget - sum(ranks)
     order = sorted(range(n), key=lambda i: (-fracs[i], -scores[i], i))
     for i in order[:left]:

@@ -257,6 +257,9 @@ def _round_to_budget(
     floors[up] += 1
     fracs[up] = 0.0
     fracs[fracs < _FRAC_EPS] = 0.0
+    # Parts equal in exact arithmetic (1/3 of 4/3 and of 16/3) differ in the last bits; rounded, they tie
+    # and the documented rule (higher score first) decides, not float noise.
+    fracs = np.round(fracs, 9)
     ranks = np.clip(floors, r_min, r_max).astype(np.int64)
     left = int(budget - ranks.sum())
     # largest fractional part first, then higher score, then module order

@@ -389,3 +389,8 @@ def test_costs_many_modules_fast(n):
     below = [c for c, r in zip(costs, ranks) if r < 32]
     assert spent <= budget and budget - spent < min(below)
     assert math.isclose(spent, budget, rel_tol=1e-3)
+
+
+def test_exact_ties_in_fractional_parts_go_to_the_higher_score_despite_float_noise():
+    # x = (4, 4/3, 4, 16/3, 4/3): three parts of 1/3 that differ only in float noise; the score-4 module wins.
+    assert allocate_ranks([3.0, 1.0, 3.0, 4.0, 1.0], 16, 1, 6) == [4, 1, 4, 6, 1]
