@@ -46,3 +46,57 @@ def test_check_of_a_config_that_is_a_list(tmp_path, capsys):
     (tmp_path / "adapter" / "adapter_config.json").write_text("[1, 2]")
     code, text = run(capsys, "check", str(tmp_path / "adapter"))
     assert code == 1 and "PROBLEM" in text and "adapter_config.json" in text
+
+
+def test_a_config_whose_task_file_is_missing_stops_before_any_run(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: c\nmodel: minilm\nmethods: [lora]\nseeds: [1]\nranks: [2]\n"
+                   f"tasks: ['{tmp_path}/nope.jsonl']\n")
+    code, text = run(capsys, "run", str(cfg), "--results", str(tmp_path / "r"))
+    assert code == 2 and f"tasks[0]: {tmp_path}/nope.jsonl does not exist" in text
+    assert not (tmp_path / "r").exists()
+
+
+def test_list_shows_failed_runs(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: c\nmodel: minilm\nmethods: [lora]\nseeds: [1, 2]\nranks: [2]\ntasks: [sst2]\n")
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "sst2__lora__r2__s1.error.json").write_text('{"status": "failed"}')
+    code, text = run(capsys, "run", str(cfg), "--results", str(tmp_path / "r"), "--list")
+    assert code == 0 and "failed sst2__lora__r2__s1" in text and "todo   sst2__lora__r2__s2" in text
+
+
+def test_plot_of_a_missing_file_names_the_argument(tmp_path, capsys):
+    code, text = run(capsys, "plot", str(tmp_path / "nope.json"))
+    assert code == 2 and f"rank_map: {tmp_path / 'nope.json'} does not exist" in text
+
+
+def test_r_min_above_the_default_r_max_blames_r_min():
+    import pytest
+
+    import fimlora
+
+    needle = r"r_min: must be <= r_max, and r_max defaults to 2r = 8 \(r = 4\); got r_min=9"
+    with pytest.raises(ValueError, match=needle):
+        fimlora.compute_allocation(lora_llama(), lm_batches(), fimlora.FimConfig(r_min=9, progress=False))
+
+
+def test_target_modules_that_match_nothing_are_named_with_the_real_names():
+    import pytest
+
+    from fimlora.experiments.builders import build_lora_config, build_peft_model
+    from tests.references import tiny_bert
+
+    with pytest.raises(ValueError, match=r"target_modules: \{'q_proj'\} match no module of "
+                                         r"BertForSequenceClassification; its linear layers are named \['query'"):
+        build_peft_model(tiny_bert(), build_lora_config("classification", 2, target_modules=["q_proj"]))
+
+
+def test_version(capsys):
+    import pytest
+
+    import fimlora
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"fimlora {fimlora.__version__}"

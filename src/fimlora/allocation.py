@@ -133,6 +133,8 @@ class RankAllocation:
         where = "rank map JSON"
         if not s.lstrip().startswith("{"):
             where = s
+            if not Path(s).is_file():
+                raise FileNotFoundError(f"rank_map: {s} does not exist or is not a file")
             s = Path(s).read_text(encoding="utf-8")
         try:
             d = json.loads(s)

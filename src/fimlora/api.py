@@ -23,6 +23,9 @@ def _bounds(model: nn.Module, config: FimConfig) -> tuple[int, int, int, list]:
     infos = lora_modules(model, config.adapter_name)
     budget = config.budget if config.budget is not None else sum(i.r for i in infos)
     r_max = config.r_max if config.r_max is not None else 2 * int(lora_cfg.r)
+    if config.r_max is None and config.r_min > r_max:
+        raise ValueError(f"r_min: must be <= r_max, and r_max defaults to 2r = {r_max} (r = {lora_cfg.r}); got "
+                         f"r_min={config.r_min}: lower r_min or set r_max")
     # Checked before any calibration compute is spent.
     validate_allocation_inputs([0.0] * len(infos), budget, config.r_min, r_max)
     return budget, config.r_min, r_max, infos

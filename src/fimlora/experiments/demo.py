@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from ..io import atomic_write_text, package_versions
 from .builders import build_base_model, build_calibration_loader, build_lora_config, build_peft_model, build_tokenizer
-from .data import load_task
+from .data import is_user_file, load_task
 from .jobs import CalibrateJob, save_rank_map
 
 __all__ = ["DemoJob", "DEMO_TARGET_MODULES", "run_demo"]
@@ -52,7 +53,8 @@ def _train_and_score(name, model, task, tok, settings, out: Path) -> dict:
     from .train import evaluate, finetune, trainable_parameters
 
     torch.manual_seed(settings.seed)
-    train = finetune(model, task, tok, settings, str(out / "trainer"))
+    with tempfile.TemporaryDirectory() as trainer_dir:  # the Trainer wants a folder; nothing of it is kept
+        train = finetune(model, task, tok, settings, trainer_dir)
     metrics = evaluate(model, task, tok, settings)
     model.save_pretrained(out / ("adapter_uniform" if name == "uniform LoRA" else "adapter_fim"))
     return {"accuracy": metrics["accuracy"], "trainable_params": trainable_parameters(model),
@@ -84,12 +86,17 @@ def run_demo(job: DemoJob, say: Callable[[str], None] = print) -> dict:
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     out = Path(job.out)
+    if out.is_dir() and any(out.iterdir()):
+        say(f"[0/5] {out} holds an earlier demo's results; they are replaced")
     out.mkdir(parents=True, exist_ok=True)
     target_modules = job.target_modules or DEMO_TARGET_MODULES
     say(f"[1/5] data: {job.data}; model: {job.model}")
     task = load_task(job.data, seed=job.seed, max_train=job.max_train, max_test=job.max_test,
                      test_data=job.eval_data)
     say(f"      train {len(task.train)} / test {len(task.test)} examples, labels {task.label_names}")
+    if is_user_file(job.data):  # a bundled task's drops are part of its recipe; a user's are news
+        for note in task.meta.get("dropped", []):
+            say(f"      note: {note}")
     tok = build_tokenizer(job.model)
     base = build_base_model(job.model, task, job.n_layers, seed=job.seed)
     uniform = build_peft_model(base, build_lora_config(task.kind, job.r, job.alpha, target_modules), job.seed)
@@ -115,7 +122,8 @@ def run_demo(job: DemoJob, say: Callable[[str], None] = print) -> dict:
     for line in _results_table(task, results, calib_s):
         say(line)
     say("\nOne seed on a short schedule: a difference here is within seed noise unless it is large; "
-        "`fimlora run` experiments give mean ± std over seeds.")
+        "`fimlora run` experiments give mean ± std over seeds. Times are wall clock on this machine: "
+        "anything else running moves them.")
     say(f"adapters -> {out / 'adapter_uniform'}, {out / 'adapter_fim'} (load with PeftModel.from_pretrained)")
     record = {"results": results, "data_meta": task.meta, "job": asdict(job), "versions": package_versions()}
     atomic_write_text(out / "demo_results.json", json.dumps(record, indent=2, default=str) + "\n")

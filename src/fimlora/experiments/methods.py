@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 from ..api import apply_fim_ranks, random_allocation
 from ..config import FimConfig, check_int
 from ..resize import apply_allocation
-from .builders import normalize_target_modules
+from .builders import build_peft_model, normalize_target_modules
 
 __all__ = ["METHODS", "MethodSpec", "AdaLoraCallback", "prepare_method", "final_rank_map", "adalora_schedule"]
 
@@ -116,9 +116,7 @@ def _lora_config(spec: MethodSpec, **extra):
 
 
 def _uniform_lora(spec: MethodSpec, base_model: nn.Module) -> nn.Module:
-    from peft import get_peft_model
-
-    return get_peft_model(base_model, _lora_config(spec))
+    return build_peft_model(base_model, _lora_config(spec), seed=None)
 
 
 def _prepare_lora(spec: MethodSpec, base_model: nn.Module,
@@ -154,12 +152,12 @@ def _prepare_random(spec: MethodSpec, base_model: nn.Module,
 def _prepare_eva(spec: MethodSpec, base_model: nn.Module,
                  calibration_batches: BatchFactory | None) -> tuple[nn.Module, dict, list]:
     """PEFT's EVA: its own initialisation on the calibration batches, which also sets the ranks."""
-    from peft import EvaConfig, get_peft_model, initialize_lora_eva_weights
+    from peft import EvaConfig, initialize_lora_eva_weights
 
     # Classification labels are (batch,), not per token: EVA's label mask would not broadcast.
     eva = EvaConfig(rho=spec.eva_rho, use_label_mask=spec.task_type == "CAUSAL_LM")
-    model = get_peft_model(base_model, _lora_config(spec, init_lora_weights="eva", eva_config=eva),
-                           low_cpu_mem_usage=True)
+    model = build_peft_model(base_model, _lora_config(spec, init_lora_weights="eva", eva_config=eva), seed=None,
+                             low_cpu_mem_usage=True)
     counter = _CountingIterable(calibration_batches)
     start = time.perf_counter()
     initialize_lora_eva_weights(model, counter, show_progress_bar=False)
@@ -173,14 +171,14 @@ def _prepare_eva(spec: MethodSpec, base_model: nn.Module,
 def _prepare_adalora(spec: MethodSpec, base_model: nn.Module,
                      calibration_batches: BatchFactory | None) -> tuple[nn.Module, dict, list]:
     """PEFT's AdaLoRA with its schedule in steps and the callback that prunes after each optimizer step."""
-    from peft import AdaLoraConfig, get_peft_model
+    from peft import AdaLoraConfig
 
     schedule_args = {k: v for k, v in spec.adalora.items() if k != "orth_reg_weight"}
     sched = adalora_schedule(spec.total_steps, spec.r, **schedule_args)
     cfg = AdaLoraConfig(lora_alpha=spec.lora_alpha, orth_reg_weight=spec.adalora.get("orth_reg_weight", 0.5),
                         target_modules=spec.target_modules, lora_dropout=spec.lora_dropout,
                         task_type=spec.task_type, **sched)
-    model = get_peft_model(base_model, cfg)
+    model = build_peft_model(base_model, cfg, seed=None)
     return model, {"adalora": sched}, [AdaLoraCallback(model)]
 
 

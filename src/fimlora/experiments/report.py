@@ -458,7 +458,8 @@ def build_report(results_dir, figures_dir: Path | None = None, title: str | None
     """(markdown, csv) for every run below ``results_dir``; the CSV has one row per main-table cell."""
     runs = load_results(results_dir)
     if not runs:
-        raise ValueError(f"results: no finished run JSON under {results_dir}")
+        folders = ", ".join(str(d) for d in ([results_dir] if isinstance(results_dir, (str, Path)) else results_dir))
+        raise ValueError(f"results: no finished run JSON under {folders}")
     csv_rows: list[dict] = []
     experiments = sorted({run["experiment"] for run in runs})
     parts = _header(runs, experiments, title, commands, preface)

@@ -25,7 +25,7 @@ import platform
 import shutil
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..io import atomic_write_text
@@ -53,20 +53,23 @@ FINISHED = ("ok", "diverged")
 
 @dataclass(frozen=True)
 class RunStatus:
-    """``done``: a result for these settings exists; ``stale``: a result exists for other settings."""
+    """``done``: a result for these settings exists; ``stale``: a result exists for other settings;
+    ``failed``: the last attempt failed (``RUN_ID.error.json``; the next sweep tries again)."""
 
     done: bool
     stale: bool = False
+    failed: bool = False
 
 
 def run_status(cfg: ExperimentConfig, run: RunSpec, results: Path) -> RunStatus:
     """Whether ``run`` has a finished result made with the settings ``cfg`` gives it now."""
+    failed = (results / f"{run.run_id}.error.json").exists()
     try:
         record = json.loads((results / f"{run.run_id}.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return RunStatus(False)
+        return RunStatus(False, failed=failed)
     if not isinstance(record, dict) or record.get("status") not in FINISHED:
-        return RunStatus(False)
+        return RunStatus(False, failed=failed)
     recorded = record.get("settings_hash")
     if recorded is None and isinstance(record.get("config"), dict):
         recorded = run_settings_hash(record["config"], run)  # results written before hashes were recorded
@@ -82,6 +85,7 @@ class SweepPlan:
     runs: list[RunSpec]
     finished: set[str]
     stale: set[str]
+    failed: set[str] = field(default_factory=set)
 
     @property
     def todo(self) -> list[RunSpec]:
@@ -100,7 +104,8 @@ def plan_sweep(cfg: ExperimentConfig, results_dir: str | os.PathLike, shard: tup
     if only:
         runs = [r for r in runs if only in r.run_id]
     status = {r.run_id: run_status(cfg, r, results) for r in runs}
-    return SweepPlan(runs, {k for k, s in status.items() if s.done}, {k for k, s in status.items() if s.stale})
+    return SweepPlan(runs, {k for k, s in status.items() if s.done}, {k for k, s in status.items() if s.stale},
+                     {k for k, s in status.items() if s.failed})
 
 
 # ----------------------------------------------------------------------------- one run
