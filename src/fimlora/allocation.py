@@ -8,6 +8,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .config import BUDGET_UNITS, check_choice, check_int
 from .io import atomic_write_text
 from .modules import check_same_modules
 
@@ -43,6 +44,11 @@ class RankAllocation:
 
     ``old_ranks``/``old_alphas`` describe the adapter before resizing,
     ``ranks``/``alphas`` after; ``shapes`` maps name -> [d_in, d_out].
+
+    ``budget`` counts ``budget_unit``: ``"rank"`` (the ranks sum to it exactly) or ``"params"``
+    (sum_m r_m * costs[m] <= budget). ``costs`` maps name -> parameters per unit of rank
+    (d_in + d_out; from ``shapes`` when not given) and ``params_spent`` is sum_m r_m * costs[m],
+    recorded in both units; a rank map written before these fields loads with these defaults.
     """
 
     scores: dict[str, float]
@@ -60,13 +66,31 @@ class RankAllocation:
     method: str = "fim"
     settings: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
+    budget_unit: str = "rank"
+    costs: dict[str, int] | None = None
+    params_spent: int | None = None
 
     def __post_init__(self) -> None:
         names = list(self.ranks)
         for fname in _PER_MODULE:
             check_same_modules(fname, getattr(self, fname), names, "the keys of ranks")
-        if sum(self.ranks.values()) != self.budget:
+        check_choice("budget_unit", self.budget_unit, BUDGET_UNITS)
+        if self.costs is None:
+            self.costs = {n: sum(self.shapes[n]) for n in names}
+        check_same_modules("costs", self.costs, names, "the keys of ranks")
+        self.costs = {n: self.costs[n] for n in names}
+        for n, c in self.costs.items():
+            check_int(f"costs[{n!r}]", c, minimum=1)
+        spent = self.trainable_lora_params()
+        if self.params_spent is None:
+            self.params_spent = spent
+        elif self.params_spent != spent:
+            raise ValueError(f"params_spent: must equal sum_m ranks[m] * costs[m] = {spent}, got {self.params_spent}")
+        if self.budget_unit == "rank" and sum(self.ranks.values()) != self.budget:
             raise ValueError(f"ranks: must sum to budget={self.budget}, got {sum(self.ranks.values())}")
+        if self.budget_unit == "params" and spent > self.budget:
+            raise ValueError(f"ranks: sum_m ranks[m] * costs[m] must be <= budget={self.budget} parameters, "
+                             f"got {spent}")
         bad = [(n, r) for n, r in self.ranks.items() if not (self.r_min <= r <= self.r_max)]
         if bad:
             raise ValueError(f"ranks: must lie in [r_min={self.r_min}, r_max={self.r_max}], got {bad[:3]}")
@@ -84,8 +108,8 @@ class RankAllocation:
         return dict(self.alphas)
 
     def trainable_lora_params(self) -> int:
-        """Number of LoRA parameters after resizing: sum_m r_m * (d_in + d_out)."""
-        return sum(r * sum(self.shapes[n]) for n, r in self.ranks.items())
+        """Number of LoRA parameters after resizing: sum_m r_m * costs[m], costs[m] = d_in + d_out."""
+        return sum(r * self.costs[n] for n, r in self.ranks.items())
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -124,6 +148,9 @@ class RankAllocation:
             d[key] = {n: d[key][n] for n in order}
         d["ranks"] = {n: int(v) for n, v in d["ranks"].items()}
         d["old_ranks"] = {n: int(v) for n, v in d["old_ranks"].items()}
+        if isinstance(d.get("costs"), dict):
+            check_same_modules("costs", d["costs"], order, "the keys of ranks")
+            d["costs"] = {n: d["costs"][n] for n in order}
         return cls(**d)
 
     @classmethod

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 from torch import nn
 
@@ -18,17 +20,43 @@ from .waterfill import allocate_ranks, random_scores, validate_allocation_inputs
 __all__ = ["resolve_config", "apply_fim_ranks", "compute_allocation", "allocation_from_scores", "random_allocation"]
 
 
-def _bounds(model: nn.Module, config: FimConfig) -> tuple[int, int, int, list]:
+class _Bounds(NamedTuple):
+    budget: int
+    r_min: int
+    r_max: int
+    infos: list
+    costs: list[int] | None  # parameters per unit of rank (d_in + d_out) with budget_unit="params", else None
+
+
+def _bounds(model: nn.Module, config: FimConfig) -> _Bounds:
     lora_cfg = lora_config_of(model, config.adapter_name)
     infos = lora_modules(model, config.adapter_name)
-    budget = config.budget if config.budget is not None else sum(i.r for i in infos)
-    r_max = config.r_max if config.r_max is not None else 2 * int(lora_cfg.r)
+    costs = [i.in_features + i.out_features for i in infos] if config.budget_unit == "params" else None
+    # The default budget is the current adapter's size in the chosen unit.
+    default = sum(i.r * c for i, c in zip(infos, costs)) if costs else sum(i.r for i in infos)
+    budget = config.budget if config.budget is not None else default
+    if config.budget_fraction is not None:
+        budget = math.floor(config.budget_fraction * default)
+        if budget < 1:
+            raise ValueError(f"budget_fraction: {config.budget_fraction} of the current adapter's size {default} "
+                             f"({config.budget_unit}) leaves no budget; raise it")
+    r_max = config.r_max
+    if r_max is None:
+        # With a vLLM max_lora_rank the cap is the serving setting itself, else 2r.
+        r_max = config.max_lora_rank if config.max_lora_rank is not None else 2 * int(lora_cfg.r)
     if config.r_max is None and config.r_min > r_max:
         raise ValueError(f"r_min: must be <= r_max, and r_max defaults to 2r = {r_max} (r = {lora_cfg.r}); got "
                          f"r_min={config.r_min}: lower r_min or set r_max")
     # Checked before any calibration compute is spent.
-    validate_allocation_inputs([0.0] * len(infos), budget, config.r_min, r_max)
-    return budget, config.r_min, r_max, infos
+    try:
+        validate_allocation_inputs([0.0] * len(infos), budget, config.r_min, r_max, costs)
+    except ValueError as e:
+        if config.max_lora_rank is None or "L*r_max < budget" not in str(e):
+            raise
+        raise ValueError(f"{e}; r_max is capped by max_lora_rank={config.max_lora_rank}, so this budget cannot "
+                         "be spent on an adapter vLLM serves at that setting: raise max_lora_rank or lower the "
+                         "budget") from None
+    return _Bounds(budget, config.r_min, r_max, infos, costs)
 
 
 def allocation_from_scores(
@@ -37,11 +65,11 @@ def allocation_from_scores(
 ) -> RankAllocation:
     """Allocate ranks from given per-module scores (no calibration); the model is not changed."""
     config = config or FimConfig()
-    budget, r_min, r_max, infos = _bounds(model, config)
+    budget, r_min, r_max, infos, costs = _bounds(model, config)
     names = [i.name for i in infos]
     check_same_modules("scores", scores, names, "the model's LoRA modules")
     ordered = {n: float(scores[n]) for n in names}
-    ranks = allocate_ranks(ordered, budget, r_min, r_max)
+    ranks = allocate_ranks(ordered, budget, r_min, r_max, costs)
     lora_cfg = lora_config_of(model, config.adapter_name)
     alphas = {
         i.name: scaled_alpha(i.alpha, i.r, ranks[i.name], config.scale, bool(lora_cfg.use_rslora)) for i in infos
@@ -65,6 +93,8 @@ def allocation_from_scores(
         method=method,
         settings=settings,
         versions=package_versions(),
+        budget_unit=config.budget_unit,
+        costs={i.name: i.in_features + i.out_features for i in infos},
     )
 
 
@@ -84,7 +114,7 @@ def compute_allocation(
     """
     config = config or FimConfig()
     check_bool("allow_trained", allow_trained)
-    _, _, _, infos = _bounds(model, config)
+    infos = _bounds(model, config).infos
     if not allow_trained:
         check_fresh_adapter(infos, config.adapter_name)
     fisher = compute_fisher(model, dataloader, config, loss_fn)

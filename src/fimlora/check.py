@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .allocation import lora_scaling
-from .config import check_int, check_number
+from .config import VLLM_MAX_LORA_RANKS, check_int, check_number
 from .modules import check_pattern_keys, pattern_key_error, pattern_matches
 
 __all__ = ["CheckReport", "check_adapter", "VLLM_MAX_LORA_RANKS", "vllm_max_lora_rank"]
 
-VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _TENSOR = re.compile(r"^(?:base_model\.model\.)?(?P<name>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")

@@ -11,9 +11,12 @@ __all__ = [
     "AGGREGATIONS",
     "SCALE_MODES",
     "LOSS_REDUCTIONS",
+    "BUDGET_UNITS",
+    "VLLM_MAX_LORA_RANKS",
     "check_int",
     "check_number",
     "check_choice",
+    "check_fraction",
     "check_bool",
 ]
 
@@ -21,6 +24,9 @@ ESTIMATORS = ("batch", "per_example")
 AGGREGATIONS = ("mean", "max", "l2")
 SCALE_MODES = ("preserve", "fixed_alpha")
 LOSS_REDUCTIONS = ("mean", "sum")
+BUDGET_UNITS = ("rank", "params")
+# The values vLLM accepts for --max-lora-rank (here, not in check.py, so FimConfig can validate against them).
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def check_int(name: str, value, minimum: int | None = None, allow_none: bool = False) -> None:
@@ -49,6 +55,13 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name}: must be one of {list(choices)}, got {value!r}")
 
 
+def check_fraction(name: str, value) -> None:
+    """None, or a number in (0, 1]: a share of something that exists."""
+    check_number(name, value, minimum=0, allow_none=True)
+    if value is not None and value > 1:
+        raise ValueError(f"{name}: must be in (0, 1], got {value!r}")
+
+
 def check_bool(name: str, value) -> None:
     """A real bool: YAML's ``"no"`` in quotes is a string, and a string is always truthy."""
     if not isinstance(value, bool):
@@ -63,8 +76,15 @@ class FimConfig:
         n_batches: calibration batches N (the paper's default 8).
         r_min: smallest rank any module may get (>= 1).
         r_max: largest rank; ``None`` means 2 * the config's base rank r.
-        budget: total rank over all modules; ``None`` means the sum of current ranks
-            (L * r for uniform LoRA).
+        budget: total rank over all modules (``budget_unit="rank"``) or total LoRA parameters
+            (``"params"``); ``None`` means the current adapter's size in that unit: the sum of
+            current ranks (L * r for uniform LoRA) or sum_m r_m * (d_in + d_out).
+        budget_unit: ``"rank"`` (every unit of rank costs the same) or ``"params"`` (a unit of
+            rank in module m costs d_in + d_out parameters; the ranks spend at most ``budget``).
+        budget_fraction: the budget as a fraction in (0, 1] of the default budget (the current
+            adapter's size in ``budget_unit``), rounded down; exclusive with ``budget``.
+        max_lora_rank: serve with vLLM at this ``--max-lora-rank`` (one of
+            ``VLLM_MAX_LORA_RANKS``): r_max defaults to it, and an explicit r_max may not exceed it.
         estimator: ``"batch"`` squares each mini-batch gradient (the paper's);
             ``"per_example"`` averages squared per-example gradients (eq. 1).
         aggregation: module score from its Fisher matrix: ``"mean"``, ``"max"`` or ``"l2"``.
@@ -84,6 +104,9 @@ class FimConfig:
     r_min: int = 1
     r_max: int | None = None
     budget: int | None = None
+    budget_unit: str = "rank"
+    budget_fraction: float | None = None
+    max_lora_rank: int | None = None
     estimator: str = "batch"
     aggregation: str = "mean"
     scale: str = "preserve"
@@ -101,6 +124,20 @@ class FimConfig:
         if self.r_max is not None and self.r_max < self.r_min:
             raise ValueError(f"r_max: must be >= r_min, got r_max={self.r_max} < r_min={self.r_min}")
         check_int("budget", self.budget, minimum=1, allow_none=True)
+        check_choice("budget_unit", self.budget_unit, BUDGET_UNITS)
+        check_fraction("budget_fraction", self.budget_fraction)
+        if self.budget is not None and self.budget_fraction is not None:
+            raise ValueError(f"budget, budget_fraction: give at most one, got budget={self.budget} and "
+                             f"budget_fraction={self.budget_fraction}")
+        check_int("max_lora_rank", self.max_lora_rank, minimum=1, allow_none=True)
+        if self.max_lora_rank is not None:
+            check_choice("max_lora_rank", self.max_lora_rank, VLLM_MAX_LORA_RANKS)
+        if self.max_lora_rank is not None and self.r_max is not None and self.r_max > self.max_lora_rank:
+            raise ValueError(f"r_max: must be <= max_lora_rank, or vLLM cannot serve the adapter; got "
+                             f"r_max={self.r_max} > max_lora_rank={self.max_lora_rank}")
+        if self.max_lora_rank is not None and self.r_min > self.max_lora_rank:
+            raise ValueError(f"r_min: must be <= max_lora_rank, got r_min={self.r_min} > "
+                             f"max_lora_rank={self.max_lora_rank}")
         check_choice("estimator", self.estimator, ESTIMATORS)
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
         check_choice("scale", self.scale, SCALE_MODES)
