@@ -9,7 +9,7 @@ from pathlib import Path
 from .allocation import RankAllocation
 from .extras import require
 
-__all__ = ["split_name", "rank_grid", "group_stats", "format_rank_table", "plot_rank_map"]
+__all__ = ["split_name", "rank_grid", "group_stats", "format_rank_table", "budget_text", "plot_rank_map"]
 
 _LAYER = re.compile(r"^(?P<prefix>.*?)\.(?P<idx>\d+)\.(?P<rest>.+)$")
 
@@ -86,9 +86,16 @@ def format_rank_table(alloc: RankAllocation) -> str:
     lines.append("mean rank by type:  " + ", ".join(f"{_short(t)} {v:.2f}" for t, v in by_type))
     lines.append("mean rank by layers: " + ", ".join(
         f"{g} ({v['layers'][0]}-{v['layers'][1]}) {v['mean_rank']:.2f}" for g, v in by_group))
-    lines.append(f"budget {alloc.budget} over {len(alloc.ranks)} modules (base r={alloc.base_r}, "
-                 f"r_min={alloc.r_min}, r_max={alloc.r_max}); LoRA params {alloc.trainable_lora_params():,}")
+    lines.append(f"{budget_text(alloc)} over {len(alloc.ranks)} modules (base r={alloc.base_r}, "
+                 f"r_min={alloc.r_min}, r_max={alloc.r_max}); LoRA params spent {alloc.params_spent:,}")
     return "\n".join(lines)
+
+
+def budget_text(alloc: RankAllocation) -> str:
+    """The budget with its unit: ``budget 56 ranks`` or ``budget 1,024 params``."""
+    if alloc.budget_unit == "params":
+        return f"budget {alloc.budget:,} params"
+    return f"budget {alloc.budget} ranks"
 
 
 def _plotting():
@@ -134,8 +141,8 @@ def plot_rank_map(alloc: RankAllocation, path: str | Path, scores: bool = True, 
                         ax.text(j, i, str(int(v)), ha="center", va="center", fontsize=7,
                                 color="white" if v < (alloc.r_min + alloc.r_max) / 2 else "black")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.suptitle(title or f"FIM-LoRA rank map (budget {alloc.budget}, r={alloc.base_r}, "
-                          f"r_min={alloc.r_min}, r_max={alloc.r_max})", fontsize=9)
+    fig.suptitle(title or f"FIM-LoRA rank map ({budget_text(alloc)}, {alloc.params_spent:,} params spent, "
+                          f"r={alloc.base_r}, r_min={alloc.r_min}, r_max={alloc.r_max})", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

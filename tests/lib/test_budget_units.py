@@ -152,3 +152,25 @@ def test_max_lora_rank_infeasible_budget_says_why():
     model = lora_llama(r=8)
     with pytest.raises(ValueError, match="L\\*r_max < budget.*capped by max_lora_rank=1"):
         random_allocation(model, 0, FimConfig(max_lora_rank=1))
+
+
+def test_rank_table_shows_budget_unit_and_params_spent():
+    from fimlora.rankmap import format_rank_table
+
+    model = lora_llama(r=4)
+    by_params = random_allocation(model, 0, FimConfig(budget_unit="params", budget_fraction=0.5))
+    last = format_rank_table(by_params).splitlines()[-1]
+    assert last.startswith(f"budget {by_params.budget:,} params over 14 modules")
+    assert last.endswith(f"LoRA params spent {by_params.params_spent:,}")
+    by_rank = random_allocation(model, 0)
+    assert format_rank_table(by_rank).splitlines()[-1].startswith("budget 56 ranks over 14 modules")
+
+
+def test_plot_title_shows_budget_unit(tmp_path):
+    from fimlora.rankmap import plot_rank_map
+
+    pytest.importorskip("matplotlib")
+    model = lora_llama(r=4)
+    alloc = random_allocation(model, 0, FimConfig(budget_unit="params", budget_fraction=0.5))
+    svg = plot_rank_map(alloc, tmp_path / "m.svg").read_text()
+    assert f"budget {alloc.budget:,} params, {alloc.params_spent:,} params spent" in svg
