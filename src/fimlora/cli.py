@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .config import AGGREGATIONS, ESTIMATORS, SCALE_MODES, FimConfig
+from .config import AGGREGATIONS, ESTIMATORS, SCALE_MODES, VLLM_MAX_LORA_RANKS, FimConfig
 from .experiments.data import TASKS
 from .experiments.demo import DEMO_TARGET_MODULES, DemoJob
 from .experiments.jobs import MIN_MAX_LENGTH, CalibrateJob
@@ -49,6 +49,18 @@ def _add_calibration_args(p: argparse.ArgumentParser, job: dict) -> None:
                    help=f"preserve alpha/r per module or keep alpha fixed (default {FIM_DEFAULTS['scale']})")
     g.add_argument("--seed", type=int, default=FIM_DEFAULTS["seed"],
                    help=f"seed for data order, head init and new A rows (default {FIM_DEFAULTS['seed']})")
+
+
+def _add_budget_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("budget and serving")
+    g.add_argument("--budget", default=None,
+                   help="total rank over all modules, N (default: the current total, modules x r); or 0.5x: "
+                        "that fraction of the uniform adapter's size in parameters")
+    g.add_argument("--budget-params", type=int, default=None,
+                   help="total LoRA parameters, sum_m r_m * (d_in + d_out); a rank there costs d_in + d_out")
+    g.add_argument("--max-lora-rank", type=int, default=None, choices=VLLM_MAX_LORA_RANKS, metavar="K",
+                   help="vLLM's --max-lora-rank to serve with (one of "
+                        f"{', '.join(map(str, VLLM_MAX_LORA_RANKS))}); r_max defaults to it and may not exceed it")
 
 
 def _add_model_data_args(p: argparse.ArgumentParser, job: dict, required: bool = True,
@@ -103,6 +115,7 @@ def _add_calibrate_command(sub) -> None:
     _add_model_data_args(p, JOB_DEFAULTS)
     _add_base_model_args(p)
     _add_calibration_args(p, JOB_DEFAULTS)
+    _add_budget_args(p)
     p.add_argument("--out", required=True, help="output folder (must be new or empty unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")

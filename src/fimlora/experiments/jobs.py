@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..allocation import RankAllocation
-from ..config import FimConfig, check_bool, check_int, check_number
+from ..config import FimConfig, check_bool, check_fraction, check_int, check_number
 from ..io import atomic_directory, check_output_dir
 from .builders import (
     FIM_DEFAULTS,
@@ -28,8 +28,8 @@ from .builders import (
 )
 from .data import TaskData, is_user_file, load_task
 
-__all__ = ["CalibrateJob", "CalibrateResult", "MIN_MAX_LENGTH", "check_one_quantization", "run_calibrate",
-           "save_rank_map"]
+__all__ = ["CalibrateJob", "CalibrateResult", "MIN_MAX_LENGTH", "check_one_quantization", "parse_budget",
+           "run_calibrate", "save_rank_map"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ class CalibrateJob:
     aggregation: str = FIM_DEFAULTS["aggregation"]
     scale: str = FIM_DEFAULTS["scale"]
     seed: int = FIM_DEFAULTS["seed"]
+    budget: int | str | None = None
+    budget_params: int | None = None
+    max_lora_rank: int | None = None
     load_in_4bit: bool = False
     load_in_8bit: bool = False
     use_dora: bool = False
@@ -89,9 +92,34 @@ class CalibrateJob:
         return "4bit" if self.load_in_4bit else "8bit" if self.load_in_8bit else None
 
     def fim_config(self) -> FimConfig:
+        budget, fraction = parse_budget(self.budget)
+        if self.budget is not None and self.budget_params is not None:
+            raise ValueError(f"budget, budget_params: give at most one, got budget={self.budget!r} and "
+                             f"budget_params={self.budget_params!r}")
+        # A fraction ("0.5x") is of the uniform adapter's size in parameters, the size that is served and stored.
+        unit = "params" if self.budget_params is not None or fraction is not None else "rank"
         return build_fim_config(n_batches=self.n_batches, r_min=self.r_min, r_max=self.r_max,
                                 estimator=self.estimator, aggregation=self.aggregation, scale=self.scale,
-                                seed=self.seed, progress=self.progress)
+                                seed=self.seed, progress=self.progress,
+                                budget=self.budget_params if self.budget_params is not None else budget,
+                                budget_unit=unit, budget_fraction=fraction, max_lora_rank=self.max_lora_rank)
+
+
+def parse_budget(value: int | str | None) -> tuple[int | None, float | None]:
+    """(budget in ranks, fraction) from ``--budget``: ``N`` ranks, or ``0.5x`` of the uniform adapter's size."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value, None
+    text = str(value).strip()
+    try:
+        if text.lower().endswith("x"):
+            fraction = float(text[:-1])
+        else:
+            return int(text), None
+    except ValueError:
+        raise ValueError(f"budget: must be a whole number of ranks (56) or a fraction of the uniform adapter's "
+                         f"size in parameters (0.5x), got {value!r}") from None
+    check_fraction("budget", fraction)
+    return None, fraction
 
 
 def check_one_quantization(load_in_4bit: bool, load_in_8bit: bool) -> None:

@@ -1,0 +1,70 @@
+"""``fimlora calibrate --budget N | 0.5x``, ``--budget-params N`` and ``--max-lora-rank K``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fimlora.cli import _job, build_parser, main
+from fimlora.experiments.jobs import CalibrateJob, parse_budget
+
+CALIBRATE = ("calibrate", "--model", "minilm", "--n-layers", "1", "--data", "trec6", "--max-train", "16")
+
+
+def fim_config(tmp_path, *extra):
+    args = build_parser().parse_args([*CALIBRATE, "--out", str(tmp_path / "o"), *extra])
+    return _job(CalibrateJob, args).fim_config()
+
+
+def test_defaults_unchanged(tmp_path):
+    cfg = fim_config(tmp_path)
+    assert (cfg.budget, cfg.budget_unit, cfg.budget_fraction, cfg.max_lora_rank) == (None, "rank", None, None)
+
+
+def test_budget_forms(tmp_path):
+    cfg = fim_config(tmp_path, "--budget", "12")
+    assert (cfg.budget, cfg.budget_unit, cfg.budget_fraction) == (12, "rank", None)
+    cfg = fim_config(tmp_path, "--budget", "0.5x")
+    assert (cfg.budget, cfg.budget_unit, cfg.budget_fraction) == (None, "params", 0.5)
+    cfg = fim_config(tmp_path, "--budget-params", "5000", "--max-lora-rank", "16")
+    assert (cfg.budget, cfg.budget_unit, cfg.max_lora_rank) == (5000, "params", 16)
+
+
+@pytest.mark.parametrize("value, needle", [
+    ("half", "budget: must be a whole number of ranks (56) or a fraction"),
+    ("1.5x", "budget: must be in (0, 1], got 1.5"),
+    ("0x", "budget: must be > 0, got 0.0"),
+])
+def test_bad_budgets(value, needle):
+    with pytest.raises(ValueError) as e:
+        parse_budget(value)
+    assert needle in str(e.value)
+
+
+def test_budget_and_budget_params_exclusive(capsys, tmp_path):
+    code = main([*CALIBRATE, "--out", str(tmp_path / "o"), "--budget", "8", "--budget-params", "100"])
+    err = capsys.readouterr().err
+    assert code == 2 and "budget, budget_params: give at most one" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_max_lora_rank_must_be_a_vllm_value(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main([*CALIBRATE, "--out", str(tmp_path / "o"), "--max-lora-rank", "12"])
+    assert "invalid choice: 12" in capsys.readouterr().err
+    code = main([*CALIBRATE, "--out", str(tmp_path / "o"), "--max-lora-rank", "8", "--r-max", "9"])
+    assert code == 2 and "r_max: must be <= max_lora_rank" in capsys.readouterr().err
+
+
+def test_calibrate_half_the_parameters_capped_at_max_lora_rank(capsys, tmp_path):
+    out = tmp_path / "o"
+    code = main([*CALIBRATE, "--r", "4", "--n-batches", "1", "--batch-size", "4", "--max-length", "16",
+                 "--no-progress", "--budget", "0.5x", "--max-lora-rank", "8", "--out", str(out)])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    rank_map = json.loads((out / "rank_map.json").read_text())
+    uniform = sum(4 * c for c in rank_map["costs"].values())
+    assert rank_map["budget_unit"] == "params" and rank_map["budget"] == uniform // 2
+    assert rank_map["params_spent"] <= uniform // 2 and rank_map["r_max"] == 8
+    assert f"budget {rank_map['budget']:,} params" in stdout and f"spent {rank_map['params_spent']:,}" in stdout
