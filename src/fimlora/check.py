@@ -7,7 +7,9 @@ not valid regexes, match no module, more than one module, or carry the
 order after a reload); ranks that disagree with the tensor shapes; LoRA shapes that
 disagree with the base model's modules (an adapter made for another model size);
 DoRA magnitude vectors missing, of the wrong length or without use_dora; NaN/inf
-values; inconsistent scaling; and the smallest vLLM ``max_lora_rank`` that serves it.
+values; inconsistent scaling; and for vLLM: the smallest ``max_lora_rank`` that serves it,
+the padded serving size (every module at that rank) against the real size, and a warning when
+the scaling differs between modules (vLLM applies one lora_alpha / r to all of them).
 
 ``check_adapter`` runs one step per group of rules; each step returns a list of
 problems (or notes), so a broken file is reported rather than raised.
@@ -49,6 +51,10 @@ class CheckReport:
     ranks: dict[str, int] = field(default_factory=dict)
     scalings: dict[str, float] = field(default_factory=dict)
     vllm_max_lora_rank: int | None = None
+    # Parameters of the LoRA pairs: real, sum_m r_m * (d_in + d_out), and as vLLM pads them,
+    # sum_m max_lora_rank * (d_in + d_out) (linear-like modules; None before the serving step ran).
+    real_params: int | None = None
+    serving_params: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -61,6 +67,10 @@ class CheckReport:
                          f"sum {sum(self.ranks.values())}")
         if self.vllm_max_lora_rank is not None:
             lines.append(f"vLLM: serve with --max-lora-rank {self.vllm_max_lora_rank}")
+        if self.serving_params is not None and self.real_params:
+            lines.append(f"vLLM: serving size {self.serving_params:,} params (every module padded to rank "
+                         f"{self.vllm_max_lora_rank}) vs real size {self.real_params:,} "
+                         f"({self.serving_params / self.real_params:.2f}x)")
         lines += [f"note: {n}" for n in self.notes]
         lines += [f"PROBLEM: {p}" for p in self.problems]
         lines.append("OK" if self.ok else f"FAILED: {len(self.problems)} problem(s)")
@@ -282,14 +292,48 @@ def scaling_notes(cfg: dict, report: CheckReport) -> list[str]:
 # ----------------------------------------------------------------------------- step 5: vLLM
 
 
-def vllm_findings(cfg: dict, report: CheckReport) -> tuple[list[str], list[str]]:
-    """(problems, notes) for serving with vLLM; sets ``report.vllm_max_lora_rank``."""
+def serving_sizes(shapes: LoraShapes, ranks: Mapping[str, int], max_lora_rank: int) -> tuple[int, int]:
+    """(real, padded) parameters: sum_m r_m * (d_in + d_out) and sum_m max_lora_rank * (d_in + d_out).
+
+    vLLM copies each module into a slot of rank max_lora_rank, so the padded size is what serving costs.
+    Only linear-like modules (2-d A and B) count; d_in from A (r, d_in), d_out from B (d_out, r).
+    """
+    real = padded = 0
+    for name, r in ranks.items():
+        a_shape, b_shape = shapes[name]["A"], shapes[name]["B"]
+        if len(a_shape) != 2 or len(b_shape) != 2:
+            continue
+        cost = a_shape[1] + b_shape[0]
+        real += r * cost
+        padded += max_lora_rank * cost
+    return real, padded
+
+
+def vllm_scaling_note(cfg: dict, report: CheckReport) -> list[str]:
+    """A warning when any module's scaling differs from the config's lora_alpha / r, the one vLLM applies."""
+    r0, alpha0 = cfg.get("r", _PEFT_DEFAULT_R), cfg.get("lora_alpha", _PEFT_DEFAULT_ALPHA)
+    base = lora_scaling(alpha0, r0, bool(cfg.get("use_rslora", False)))
+    off = [n for n, s in report.scalings.items() if round(s, 9) != round(base, 9)]
+    if not off:
+        return []
+    return [f"WARNING: vLLM will mis-scale this adapter: it ignores alpha_pattern and applies one scaling "
+            f"lora_alpha/r = {base:g} to every module, but {len(off)} of {len(report.scalings)} module(s) use "
+            f"another (e.g. {off[0]}: {report.scalings[off[0]]:g}; scale='fixed_alpha' does this); recalibrate "
+            "with scale='preserve' to serve it with vLLM"]
+
+
+def vllm_findings(cfg: dict, shapes: LoraShapes, report: CheckReport) -> tuple[list[str], list[str]]:
+    """(problems, notes) for serving with vLLM; sets ``report.vllm_max_lora_rank`` and the serving sizes."""
     problems, notes = [], []
     if report.ranks:
         largest = max(max(report.ranks.values()), cfg.get("r", _PEFT_DEFAULT_R))
         report.vllm_max_lora_rank = vllm_max_lora_rank(largest)
         if report.vllm_max_lora_rank is None:
             problems.append(f"rank {largest} exceeds vLLM's largest max_lora_rank {VLLM_MAX_LORA_RANKS[-1]}")
+        else:
+            report.real_params, report.serving_params = serving_sizes(shapes, report.ranks,
+                                                                      report.vllm_max_lora_rank)
+    notes += vllm_scaling_note(cfg, report)
     if cfg.get("use_dora"):
         notes.append("use_dora=True: vLLM refuses DoRA adapters")
     if cfg.get("lora_bias"):
@@ -334,7 +378,7 @@ def check_adapter(path: str | Path, base_modules: BaseShapes | Iterable[str] | N
         report.problems += [f"{label}: {p}" for p in check_pattern_keys(cfg.get(label) or {}, targets, all_names)]
     report.problems += rank_and_scale_problems(cfg, shapes, report)
     report.notes += scaling_notes(cfg, report)
-    vllm_problems, vllm_notes = vllm_findings(cfg, report)
+    vllm_problems, vllm_notes = vllm_findings(cfg, shapes, report)
     report.problems += vllm_problems
     report.notes += vllm_notes
     return report

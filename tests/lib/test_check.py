@@ -190,3 +190,39 @@ def test_check_pattern_keys_reports_invalid_regex_instead_of_raising():
     problems = check_pattern_keys({"(q_proj": 2, "q_proj": 3}, ["a.q_proj"], ["a", "a.q_proj"])
     assert problems == ["key '(q_proj' is not a valid regular expression (missing ), unterminated subpattern at "
                         "position 0)"]
+
+
+def saved_fim_adapter(tmp_path, **settings):
+    model = lora_llama(r=4)
+    alloc = fimlora.apply_fim_ranks(model, lm_batches(), n_batches=2, progress=False, **settings)
+    model.save_pretrained(tmp_path / "a")
+    return tmp_path / "a", model, alloc
+
+
+def test_check_serving_sizes_match_hand_computed(tmp_path):
+    path, model, alloc = saved_fim_adapter(tmp_path)
+    report = check_adapter(path)
+    infos = fimlora.lora_modules(model)
+    largest = max(i.r for i in infos)
+    k = next(v for v in (1, 8, 16, 32, 64, 128, 256, 320, 512) if v >= largest)
+    assert report.vllm_max_lora_rank == k
+    assert report.real_params == sum(i.r * (i.in_features + i.out_features) for i in infos) == alloc.params_spent
+    assert report.serving_params == sum(k * (i.in_features + i.out_features) for i in infos)
+    text = report.format()
+    assert f"serving size {report.serving_params:,} params" in text and f"real size {report.real_params:,}" in text
+    assert not any("mis-scale" in n for n in report.notes)
+
+
+def test_check_warns_that_vllm_mis_scales_fixed_alpha(tmp_path):
+    path, _, _ = saved_fim_adapter(tmp_path, scale="fixed_alpha")
+    report = check_adapter(path)
+    warnings = [n for n in report.notes if "vLLM will mis-scale this adapter" in n]
+    assert len(warnings) == 1 and "lora_alpha/r = 2 to every module" in warnings[0]
+    assert "WARNING: vLLM will mis-scale" in report.format()
+
+
+def test_check_serving_size_of_a_max_lora_rank_8_adapter(tmp_path):
+    path, model, alloc = saved_fim_adapter(tmp_path, max_lora_rank=8)
+    report = check_adapter(path)
+    assert report.vllm_max_lora_rank == 8 and max(alloc.ranks.values()) <= 8
+    assert report.serving_params == 8 * sum(alloc.costs.values())
