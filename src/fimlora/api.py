@@ -61,10 +61,14 @@ def _bounds(model: nn.Module, config: FimConfig) -> _Bounds:
 
 def allocation_from_scores(
     model: nn.Module, scores: Mapping[str, float], config: FimConfig | None = None, method: str = "fim",
-    extra_settings: Mapping | None = None,
+    extra_settings: Mapping | None = None, **settings,
 ) -> RankAllocation:
-    """Allocate ranks from given per-module scores (no calibration); the model is not changed."""
-    config = config or FimConfig()
+    """Allocate ranks from given per-module scores (no calibration); the model is not changed.
+
+    FimConfig settings (``budget``, ``budget_unit``, ``budget_fraction``, ``max_lora_rank``, ...)
+    come as ``config`` or by name, not both.
+    """
+    config = resolve_config(config, settings)
     budget, r_min, r_max, infos, costs = _bounds(model, config)
     names = [i.name for i in infos]
     check_same_modules("scores", scores, names, "the model's LoRA modules")
@@ -105,14 +109,17 @@ def compute_allocation(
     loss_fn: LossFn | None = None,
     *,
     allow_trained: bool = False,
+    **settings,
 ) -> RankAllocation:
     """Calibrate and allocate; returns a RankAllocation and leaves the model unchanged.
+
+    FimConfig settings come as ``config`` or by name (``budget_unit="params"``), not both.
 
     The adapter must be freshly initialised (LoRA-B = 0, straight after ``get_peft_model``):
     the scores are the Fisher of dL/dB at B = 0. ``allow_trained=True`` calibrates a trained
     adapter anyway (recorded in ``settings["allow_trained"]``).
     """
-    config = config or FimConfig()
+    config = resolve_config(config, settings)
     check_bool("allow_trained", allow_trained)
     infos = _bounds(model, config).infos
     if not allow_trained:
@@ -127,9 +134,12 @@ def compute_allocation(
     )
 
 
-def random_allocation(model: nn.Module, seed: int, config: FimConfig | None = None) -> RankAllocation:
-    """The random-rank baseline: seeded uniform scores through the same allocator and budget."""
-    config = config or FimConfig()
+def random_allocation(model: nn.Module, seed: int, config: FimConfig | None = None, **settings) -> RankAllocation:
+    """The random-rank baseline: seeded uniform scores through the same allocator and budget.
+
+    ``seed`` draws the scores; other FimConfig settings come as ``config`` or by name, not both.
+    """
+    config = resolve_config(config, settings)
     names = [i.name for i in lora_modules(model, config.adapter_name)]
     return allocation_from_scores(
         model, random_scores(names, seed), config, method="random", extra_settings={"random_seed": seed}
@@ -174,7 +184,10 @@ def apply_fim_ranks(
     (default: the current total rank, sum_m r_m) over the modules within
     [r_min, r_max] (defaults 1 and 2 * r) and resizes every adapter. Further
     settings of :class:`FimConfig` (``scale``, ``adapter_name``, ``seed``, ...)
-    go in ``kwargs``.
+    go in ``kwargs``: ``budget_unit="params"`` counts the budget in LoRA
+    parameters (a rank in module m costs d_in + d_out; default budget the
+    current adapter's size), ``budget_fraction=0.5`` takes half the default
+    budget, and ``max_lora_rank=K`` caps every rank at vLLM's serving setting K.
 
     Alternatively pass the settings as one ``config``; then no setting may also be
     given by name (``None`` counts as not given), and a conflict is a ValueError

@@ -174,3 +174,15 @@ def test_plot_title_shows_budget_unit(tmp_path):
     alloc = random_allocation(model, 0, FimConfig(budget_unit="params", budget_fraction=0.5))
     svg = plot_rank_map(alloc, tmp_path / "m.svg").read_text()
     assert f"budget {alloc.budget:,} params, {alloc.params_spent:,} params spent" in svg
+
+
+def test_settings_by_name_through_every_entry_point():
+    model = lora_llama(r=8)
+    scores = skewed_scores(model)
+    by_name = allocation_from_scores(model, scores, budget_unit="params", budget_fraction=0.5)
+    assert by_name == allocation_from_scores(model, scores, FimConfig(budget_unit="params", budget_fraction=0.5))
+    assert random_allocation(model, 0, budget_unit="params").budget_unit == "params"
+    alloc = compute_allocation(model, lm_batches(), n_batches=1, progress=False, max_lora_rank=8)
+    assert alloc.r_max == 8 and max(alloc.ranks.values()) <= 8
+    with pytest.raises(ValueError, match="config: pass either config or the settings"):
+        random_allocation(model, 0, FimConfig(), budget_unit="params")
