@@ -186,3 +186,14 @@ def test_settings_by_name_through_every_entry_point():
     assert alloc.r_max == 8 and max(alloc.ranks.values()) <= 8
     with pytest.raises(ValueError, match="config: pass either config or the settings"):
         random_allocation(model, 0, FimConfig(), budget_unit="params")
+
+
+def test_params_unit_needs_positive_costs():
+    model = lora_llama(r=4)
+    d = random_allocation(model, 0, budget_unit="params").to_dict()
+    d.pop("format_version"), d.pop("module_order")
+    first = next(iter(d["costs"]))
+    d["costs"][first] = 0
+    d["params_spent"] = None
+    with pytest.raises(ValueError, match=f"costs\\['{first}'\\]: must be >= 1, got 0"):
+        RankAllocation(**d)
