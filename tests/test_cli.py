@@ -52,6 +52,7 @@ def test_check_ok_then_fails_on_broken_adapter(calibrated, tmp_path):
     out, _ = calibrated
     proc = fimlora("check", str(out / "adapter"), "--base-model", "minilm")
     assert "OK" in proc.stdout and "--max-lora-rank" in proc.stdout
+    assert "vLLM: serving size" in proc.stdout and "real size" in proc.stdout
     broken = tmp_path / "broken"
     broken.mkdir()
     for f in ("adapter_config.json", "adapter_model.safetensors"):
