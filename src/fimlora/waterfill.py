@@ -196,59 +196,18 @@ def water_fill(
     Inputs must already be valid (see :func:`validate_allocation_inputs`).
     O(L log L), vectorised with numpy (100k modules well under a second).
     """
-    if costs is not None:
-        return _water_fill_costs(scores, costs, budget, r_min, r_max).tolist()
-    s = np.asarray(scores, dtype=np.float64)
-    n = s.size
-    lo, hi = float(r_min), float(r_max)
-    target = float(budget)
-    positive = s > 0
-
-    if n * lo >= target:  # feasibility makes this equality: everyone at the floor
-        return [lo] * n
-    if n * hi <= target:  # ... and this one: everyone at the cap
-        return [hi] * n
-    if not positive.any():  # all-zero scores: uniform
-        return [target / n] * n
-
-    # f(tau) = sum_m clip(tau*s_m, r_min, r_max) is linear between consecutive breakpoints
-    # r_min/s_m and r_max/s_m. Bisect over the sorted breakpoints evaluating f directly (a sum
-    # of non-negative terms, so no cancellation), then solve the linear piece exactly with
-    # slope and offset summed from the modules' regimes inside that piece.
-    sp = s[positive]
-    k = sp.size
-    bps = np.unique(np.concatenate([lo / sp, hi / sp]))
-
-    def f(t: float) -> float:
-        return float(np.clip(t * s, lo, hi).sum())
-
-    if f(bps[-1]) >= target:
-        a, b = 0, bps.size - 1  # f(bps[0]) = L*r_min < target <= f(bps[b])
-        while a + 1 < b:
-            mid = (a + b) // 2
-            a, b = (mid, b) if f(bps[mid]) < target else (a, mid)
-        t_mid = 0.5 * (bps[a] + bps[b])
-        level = t_mid * s
-        linear = positive & (level > lo) & (level < hi)
-        capped = level >= hi
-        slope = float(s[linear].sum())
-        offset = lo * float(np.count_nonzero(~linear & ~capped)) + hi * float(np.count_nonzero(capped))
-        tau = (target - offset) / slope
-        return np.clip(tau * s, lo, hi).tolist()
-
-    # Every positive-score module sits at r_max and budget is left: no tau exists.
-    # Feasibility (L*r_max >= R) guarantees zero-score modules exist here and that
-    # their equal share lies in (r_min, r_max].
-    x = np.where(positive, hi, 0.0)
-    share = (target - hi * k) / (n - k)
-    x[~positive] = min(hi, max(lo, share))
-    return x.tolist()
+    # A rank budget is a parameter budget in which every unit costs 1: one sweep serves both, and with
+    # unit costs every sum it forms is the same float sum as the rank-only formula's.
+    unit = costs if costs is not None else np.ones(len(scores), dtype=np.int64)
+    return _water_fill_costs(scores, unit, budget, r_min, r_max).tolist()
 
 
-def _round_to_budget(
-    x: Sequence[float], scores: Sequence[float], budget: int, r_min: int, r_max: int
-) -> list[int]:
-    """Phase 2: floor, then hand leftover units to the largest fractional parts."""
+def _floors_and_order(x: Sequence[float], scores: Sequence[float], r_min: int, r_max: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Phase 2's start: integer floors of the levels (within bounds) and the order leftover units go in.
+
+    The order is largest fractional part first, then higher score, then module order.
+    """
     xv = np.asarray(x, dtype=np.float64)
     sv = np.asarray(scores, dtype=np.float64)
     floors = np.floor(xv)
@@ -261,9 +220,15 @@ def _round_to_budget(
     # and the documented rule (higher score first) decides, not float noise.
     fracs = np.round(fracs, 9)
     ranks = np.clip(floors, r_min, r_max).astype(np.int64)
+    return ranks, np.lexsort((np.arange(xv.size), -sv, -fracs))
+
+
+def _round_to_budget(
+    x: Sequence[float], scores: Sequence[float], budget: int, r_min: int, r_max: int
+) -> list[int]:
+    """Phase 2: floor, then hand leftover units to the largest fractional parts."""
+    ranks, order = _floors_and_order(x, scores, r_min, r_max)
     left = int(budget - ranks.sum())
-    # largest fractional part first, then higher score, then module order
-    order = np.lexsort((np.arange(xv.size), -sv, -fracs))
     # Floating-point noise can leave a unit or two more than the fractional parts
     # account for; cycling keeps the budget exact while still respecting r_max.
     while left > 0:
@@ -358,19 +323,8 @@ def _round_with_costs(
 ) -> list[int]:
     """Phase 2 with costs: floors, then rounds of single units in phase-2 order while they fit."""
     xv = np.asarray(x, dtype=np.float64)
-    sv = np.asarray(scores, dtype=np.float64)
     c = np.asarray(costs, dtype=np.int64)
-    floors = np.floor(xv)
-    fracs = xv - floors
-    up = fracs > 1 - _FRAC_EPS  # 2.9999999999 is 3
-    floors[up] += 1
-    fracs[up] = 0.0
-    fracs[fracs < _FRAC_EPS] = 0.0
-    # Compared to 9 decimals, so that parts equal in exact arithmetic (2/3 of 2/3 and of 8/3) tie despite noise.
-    fracs = np.round(fracs, 9)
-    ranks = np.clip(floors, r_min, r_max).astype(np.int64)
-    # largest fractional part first, then higher score, then module order
-    order = np.lexsort((np.arange(xv.size), -sv, -fracs))
+    ranks, order = _floors_and_order(xv, scores, r_min, r_max)
     left = budget - int((c * ranks).sum())
     if left < 0:  # rounding 2.9999999999 up spent more than the budget: plain floors instead
         ranks = np.clip(np.floor(xv), r_min, r_max).astype(np.int64)
