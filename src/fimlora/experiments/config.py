@@ -15,7 +15,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from ..config import FimConfig, check_bool, check_int, check_number
@@ -370,10 +370,16 @@ _COMMON_SETTINGS = ("model", "tasks", "mixture", "n_layers", "target_modules", "
 _METHOD_SETTINGS = {"fim": ("fim",), "random": ("fim",), "eva": ("eva",), "adalora": ("adalora",)}
 
 
+def _field_defaults() -> dict:
+    """ExperimentConfig's defaults, read off its fields (no config is built or validated for them)."""
+    return {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
+            for f in fields(ExperimentConfig) if f.default is not MISSING or f.default_factory is not MISSING}
+
+
 def run_settings(config: Mapping, run: RunSpec) -> dict:
     """The resolved settings one run's result depends on, from a config (an ExperimentConfig's ``asdict``,
     as every result records it). Missing keys take the current defaults, so older results compare."""
-    defaults = asdict(ExperimentConfig(name="_", model="_", methods=["lora"], seeds=[0], ranks=[1], tasks=["_"]))
+    defaults = _field_defaults()
     keys = _COMMON_SETTINGS + _METHOD_SETTINGS.get(run.method, ())
     settings = {k: config.get(k, defaults[k]) for k in keys}
     if settings["tasks"]:  # only this run's task entry matters, not the others in the list
