@@ -381,7 +381,7 @@ def run_settings(config: Mapping, run: RunSpec) -> dict:
     as every result records it). Missing keys take the current defaults, so older results compare."""
     defaults = _field_defaults()
     keys = _COMMON_SETTINGS + _METHOD_SETTINGS.get(run.method, ())
-    settings = {k: config.get(k, defaults[k]) for k in keys}
+    settings = {k: config[k] if k in config else defaults[k] for k in keys}
     if settings["tasks"]:  # only this run's task entry matters, not the others in the list
         entries = [t for t in settings["tasks"] if task_id(t) == run.task]
         settings["tasks"] = entries or [run.task]
