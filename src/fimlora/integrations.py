@@ -159,16 +159,14 @@ def calibrate_trainer(trainer, config: FimConfig | None = None, save: bool = Tru
                                       "world_size": trainer.args.world_size}
     png = None
     if save and is_main_process():
+        from .rankmap import format_rank_table, save_rank_map
+
         out = Path(trainer.args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        allocation.to_json(out / "rank_map.json")
-        try:
-            from .rankmap import plot_rank_map
-
-            png = str(plot_rank_map(allocation, out / "rank_map.png"))
-        except (ImportError, ValueError) as e:
-            logger.warning("fimlora: rank map plot skipped: %s", e)
-        from .rankmap import format_rank_table
+        files, notes = save_rank_map(allocation, out)
+        png = str(files[1]) if len(files) > 1 else None
+        for note in notes:
+            logger.warning("fimlora: %s", note)
 
         logger.info("fimlora rank map:\n%s", format_rank_table(allocation))
     trainer.add_callback(RankMapLoggerCallback(allocation, png, trainer.callback_handler.callbacks))

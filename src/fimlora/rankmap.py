@@ -9,7 +9,8 @@ from pathlib import Path
 from .allocation import RankAllocation
 from .extras import require
 
-__all__ = ["split_name", "rank_grid", "group_stats", "format_rank_table", "budget_text", "plot_rank_map"]
+__all__ = ["split_name", "rank_grid", "group_stats", "format_rank_table", "budget_text", "plot_rank_map",
+           "save_rank_map"]
 
 _LAYER = re.compile(r"^(?P<prefix>.*?)\.(?P<idx>\d+)\.(?P<rest>.+)$")
 
@@ -104,6 +105,21 @@ def _plotting():
     from matplotlib.figure import Figure
 
     return Figure, matplotlib.rc_context
+
+
+def save_rank_map(allocation: RankAllocation, folder: str | Path) -> tuple[list[Path], list[str]]:
+    """Write ``rank_map.json``, then ``rank_map.png`` when it can be drawn; returns (files written, notes).
+
+    The JSON comes first, so a missing matplotlib or a model without numbered layers costs only the picture.
+    """
+    folder = Path(folder)
+    files = [folder / "rank_map.json"]
+    allocation.to_json(files[0])
+    try:
+        files.append(plot_rank_map(allocation, folder / "rank_map.png"))
+    except (ImportError, ValueError) as e:  # no matplotlib; or no numbered layers, so no grid to draw
+        return files, [f"rank_map.png skipped: {e}"]
+    return files, []
 
 
 def plot_rank_map(alloc: RankAllocation, path: str | Path, scores: bool = True, title: str | None = None) -> Path:

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..allocation import RankAllocation
 from ..config import FimConfig, check_bool, check_fraction, check_int, check_number
 from ..io import atomic_directory, check_output_dir
+from ..rankmap import save_rank_map
 from .builders import (
     FIM_DEFAULTS,
     build_base_model,
@@ -29,7 +30,7 @@ from .builders import (
 from .data import TaskData, is_user_file, load_task
 
 __all__ = ["CalibrateJob", "CalibrateResult", "MIN_MAX_LENGTH", "check_one_quantization", "parse_budget",
-           "run_calibrate", "save_rank_map"]
+           "run_calibrate"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,21 +138,6 @@ class CalibrateResult:
     out: Path
     files: list[Path]
     notes: list[str]
-
-
-def save_rank_map(allocation: RankAllocation, folder: Path) -> tuple[list[Path], list[str]]:
-    """rank_map.json, then the PNG if matplotlib is there; returns (files written, notes)."""
-    from ..rankmap import plot_rank_map
-
-    files = [folder / "rank_map.json"]
-    allocation.to_json(files[0])
-    try:
-        files.append(plot_rank_map(allocation, folder / "rank_map.png"))
-    except ImportError:
-        return files, ["rank_map.png skipped: drawing needs matplotlib (pip install 'fimlora[plot]')"]
-    except ValueError as e:  # a model without numbered layers has no grid to draw
-        return files, [f"rank_map.png skipped: {e}"]
-    return files, []
 
 
 def run_calibrate(job: CalibrateJob) -> CalibrateResult:
