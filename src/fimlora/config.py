@@ -74,7 +74,8 @@ class FimConfig:
 
     Attributes:
         n_batches: calibration batches N (the paper's default 8).
-        r_min: smallest rank any module may get (>= 1).
+        r_min: smallest rank any module may get (>= 0). With 0, a module allocated rank 0 loses its
+            adapter (its LoRA layer becomes the base layer again; see :mod:`fimlora.resize`).
         r_max: largest rank; ``None`` means 2 * the config's base rank r.
         budget: total rank over all modules (``budget_unit="rank"``) or total LoRA parameters
             (``"params"``); ``None`` means the current adapter's size in that unit: the sum of
@@ -119,7 +120,7 @@ class FimConfig:
 
     def __post_init__(self) -> None:
         check_int("n_batches", self.n_batches, minimum=1)
-        check_int("r_min", self.r_min, minimum=1)
+        check_int("r_min", self.r_min, minimum=0)
         check_int("r_max", self.r_max, minimum=1, allow_none=True)
         if self.r_max is not None and self.r_max < self.r_min:
             raise ValueError(f"r_max: must be >= r_min, got r_max={self.r_max} < r_min={self.r_min}")

@@ -19,6 +19,12 @@ resized the same way: plain, GPT-2 Conv1D (fan_in_fan_out), bitsandbytes 4/8-bit
 bases. DoRA keeps its magnitude vector m (d_out,): at B = 0, m = ||W||_row whatever the rank, and
 B' A' = B A, so the layer's output is unchanged; a DoRA adapter with B != 0 is refused
 (:func:`fimlora.modules.check_dora_fresh`).
+
+Rank 0 (allocations with ``r_min=0``): PEFT cannot hold a rank-0 LoRA module, so the module loses its
+adapter. Its LoRA layer is replaced by the base layer it wraps, and the config's ``target_modules``
+becomes the list of kept modules' full names (rank_pattern/alpha_pattern name only those), so
+``save_pretrained`` writes no tensors for the dropped modules and a stock reload or ``merge_and_unload``
+rebuilds exactly the kept ones. At B = 0 the dropped update s B A was zero, so the output is unchanged.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from torch import nn
 
 from .allocation import RankAllocation, lora_scaling
 from .config import check_bool, check_int, check_number
-from .modules import LoraModuleInfo, check_dora_fresh, check_same_modules, lora_config_of, lora_modules
+from .modules import LoraModuleInfo, base_model_of, check_dora_fresh, check_same_modules, lora_config_of, lora_modules
 
 __all__ = ["apply_allocation", "resized_lora_weights"]
 
@@ -97,8 +103,26 @@ def _validate(allocation: RankAllocation, infos: list[LoraModuleInfo]) -> None:
                 f"allocation.shapes[{info.name!r}]: must match the model's layer (d_in, d_out)="
                 f"({info.in_features}, {info.out_features}), got ({d_in}, {d_out})"
             )
-        check_int(f"allocation.ranks[{info.name!r}]", allocation.ranks[info.name], minimum=1)
-        check_number(f"allocation.alphas[{info.name!r}]", allocation.alphas[info.name], minimum=0)
+        check_int(f"allocation.ranks[{info.name!r}]", allocation.ranks[info.name], minimum=0)
+        if allocation.ranks[info.name] > 0:  # a dropped module's alpha (0 under scale="preserve") is never used
+            check_number(f"allocation.alphas[{info.name!r}]", allocation.alphas[info.name], minimum=0)
+
+
+def _check_droppable(allocation: RankAllocation, infos: list[LoraModuleInfo], adapter_name: str) -> None:
+    """Rank 0 removes a module's LoRA layer: refuse if nothing would be kept or the layer holds other adapters."""
+    dropped = [i for i in infos if allocation.ranks[i.name] == 0]
+    if len(dropped) == len(infos):
+        raise ValueError(
+            f"allocation.ranks: every one of the {len(infos)} modules has rank 0, which would leave no adapter; "
+            "raise the budget or r_min"
+        )
+    for info in dropped:
+        others = sorted(set(info.layer.r) - {adapter_name})
+        if others:
+            raise ValueError(
+                f"allocation.ranks[{info.name!r}]: rank 0 removes the module's LoRA layer, but it also holds "
+                f"adapter(s) {others}; drop modules only in a model with one adapter, or set r_min >= 1"
+            )
 
 
 def _check_keeps_trained(allocation: RankAllocation, infos: list[LoraModuleInfo], adapter_name: str) -> None:
@@ -133,7 +157,9 @@ def apply_allocation(
     Shrinking a module whose dropped LoRA-B columns are non-zero (a trained adapter)
     is refused unless ``allow_trained=True``; growing one is always exact. A DoRA
     adapter must have B = 0 whatever ``allow_trained`` says (its magnitude vector
-    is rank-independent only there).
+    is rank-independent only there). A module allocated rank 0 loses its LoRA layer
+    (replaced by its base layer) and the config's ``target_modules`` lists the kept
+    modules; refused if no module would be kept or the layer holds another adapter.
     """
     check_bool("allow_trained", allow_trained)
     if seed is None:
@@ -141,17 +167,47 @@ def apply_allocation(
     config = lora_config_of(model, adapter_name)
     infos = lora_modules(model, adapter_name)
     _check_applicable(allocation, infos, config, adapter_name, allow_trained)
-    staged = [_stage_module(info, allocation, adapter_name, config.init_lora_weights, seed) for info in infos]
+    kept = [i for i in infos if allocation.ranks[i.name] > 0]
+    dropped = [i for i in infos if allocation.ranks[i.name] == 0]
+    staged = [_stage_module(info, allocation, adapter_name, config.init_lora_weights, seed) for info in kept]
+    parents = [_parent_of(model, info) for info in dropped]
     # Swap: only assignments from here on, nothing that can fail half-way.
     for module in staged:
         _swap_module(module, adapter_name, bool(config.use_rslora))
+    for info, (parent, child) in zip(dropped, parents):
+        setattr(parent, child, info.layer.get_base_layer())
     # One full, non-overlapping key per module: overlapping keys resolve in sorted
     # order after a reload and can silently change ranks or scales.
-    config.rank_pattern = {info.name: allocation.ranks[info.name] for info in infos}
-    config.alpha_pattern = {info.name: _as_number(allocation.alphas[info.name]) for info in infos}
+    config.rank_pattern = {info.name: allocation.ranks[info.name] for info in kept}
+    config.alpha_pattern = {info.name: _as_number(allocation.alphas[info.name]) for info in kept}
+    if dropped:
+        _forget_dropped(model, config, kept, dropped)
     changed = sum(1 for i in infos if allocation.ranks[i.name] != i.r)
-    logger.info("fimlora: resized %d of %d LoRA modules (budget %d)", changed, len(infos), allocation.budget)
+    logger.info("fimlora: resized %d of %d LoRA modules (%d dropped at rank 0; budget %d %s)", changed, len(infos),
+                len(dropped), allocation.budget, allocation.budget_unit)
     return model
+
+
+def _parent_of(model: nn.Module, info: LoraModuleInfo) -> tuple[nn.Module, str]:
+    """(parent module, attribute name) holding ``info.layer`` inside the base model."""
+    parent_name, _, child = info.name.rpartition(".")
+    parent = base_model_of(model).get_submodule(parent_name)
+    if getattr(parent, child, None) is not info.layer:
+        raise ValueError(f"model: module {info.name!r} is not where its name says; refusing to drop it")
+    return parent, child
+
+
+def _forget_dropped(model: nn.Module, config, kept: list[LoraModuleInfo], dropped: list[LoraModuleInfo]) -> None:
+    """Name exactly the kept modules in the config, so a save and a stock reload build only those.
+
+    Full names match exactly in PEFT's list form of ``target_modules`` (a name or a ``.name`` suffix), and
+    a kept module already passed ``exclude_modules``/``layers_to_transform``, so those stay as they are.
+    """
+    config.target_modules = [i.name for i in kept]
+    gone = {i.name for i in dropped}
+    lora_model = getattr(model, "base_model", model)
+    if isinstance(getattr(lora_model, "targeted_module_names", None), list):
+        lora_model.targeted_module_names = [n for n in lora_model.targeted_module_names if n not in gone]
 
 
 def _check_applicable(allocation: RankAllocation, infos: list[LoraModuleInfo], config, adapter_name: str,
@@ -159,6 +215,7 @@ def _check_applicable(allocation: RankAllocation, infos: list[LoraModuleInfo], c
     """Every rule an allocation must meet before anything changes (modules, shapes, trained B, rsLoRA)."""
     check_dora_fresh(infos, adapter_name)
     _validate(allocation, infos)
+    _check_droppable(allocation, infos, adapter_name)
     if not allow_trained:
         _check_keeps_trained(allocation, infos, adapter_name)
     if bool(config.use_rslora) != bool(allocation.use_rslora):

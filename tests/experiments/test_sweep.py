@@ -32,7 +32,7 @@ def test_shipped_configs_load_and_open_with_their_command(path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# ") and "fimlora" in first and path.name in first
     cfg = load_config(path)
-    variants = 1
+    variants = len(cfg.fim_variants) if cfg.fim_variants else 1
     for values in cfg.fim_grid.values():
         variants *= len(values)
     per_task = sum(variants if m == "fim" else 1 for m in cfg.methods) * len(cfg.ranks) * len(cfg.seeds)
@@ -180,7 +180,7 @@ def test_sweep_resumes_and_records_failures(sweep, tmp_path):
 def test_report_has_paper_tables(sweep, tmp_path):
     _, results, _ = sweep
     md, table = build_report(results, tmp_path / "figs", commands=["fimlora run x.yaml"])
-    assert "| Method | trec6 | Avg |" in md
+    assert "| Method | trec6 | Avg | params |" in md
     for label in ("LoRA", "AdaLoRA", "EVA", "Random-rank", "FIM-LoRA"):
         assert f"| {label} |" in md
     assert "±" in md and "FIM-LoRA beats random-rank on" in md
@@ -262,3 +262,40 @@ def test_mixture_eval_tasks_refuse_a_config_without_a_mixture():
 
     with pytest.raises(ValueError, match=r"mixture: config 't' has no mixture \(it lists tasks \['trec6'\]\)"):
         load_mixture_eval_tasks(base_cfg())
+
+
+@pytest.mark.slow
+@needs_assets
+def test_sweep_params_budget_and_half_size_variant_dropping_modules(tmp_path):
+    """budget_unit: params for FIM and random, and an explicit half-size r_min 0 variant (issue 13, 5)."""
+    cfg = base_cfg(methods=["lora", "fim", "random"], seeds=[1], target_modules=["query", "key", "value", "dense"],
+                   fim={"n_batches": 2, "budget_unit": "params"},
+                   fim_variants=[{}, {"budget_fraction": 0.5, "r_min": 0}])
+    assert [r.run_id for r in expand_runs(cfg)] == [
+        "trec6__fim__r2__s1", "trec6__fim__r2__s1__budget_fraction0.5__r_min0", "trec6__lora__r2__s1",
+        "trec6__random__r2__s1"]
+    counts = run_sweep(cfg, tmp_path, progress=False)
+    assert counts["ok"] == 4, counts
+    runs = {r["run_id"]: r for r in load_results(tmp_path)}
+    # MiniLM: q/k/v, attention output and pooler cost 384 + 384 per unit of rank, the MLP's two dense 384 + 1536.
+    mlp = ("bert.encoder.layer.0.intermediate.dense", "bert.encoder.layer.0.output.dense")
+    costs = {n: 1920 if n in mlp else 768 for n in runs["trec6__lora__r2__s1"]["rank_map"]}
+    assert len(costs) == 7
+    uniform = sum(2 * c for c in costs.values())
+
+    def lora_params(run):
+        return sum(r * costs[n] for n, r in run["rank_map"].items())
+
+    assert lora_params(runs["trec6__lora__r2__s1"]) == uniform
+    for run_id in ("trec6__fim__r2__s1", "trec6__random__r2__s1"):
+        run = runs[run_id]
+        assert lora_params(run) == run["method_info"]["params_spent"] <= uniform
+        assert uniform - lora_params(run) < min(costs.values()), "a params budget is spent up to one unit"
+        assert run["trainable_params"] - lora_params(run) == runs["trec6__lora__r2__s1"]["trainable_params"] - uniform
+    half = runs["trec6__fim__r2__s1__budget_fraction0.5__r_min0"]
+    assert half["status"] == "ok" and half["metrics"]["trec6"]["n"] == 32
+    assert set(half["rank_map"]) == set(costs) and 0 in half["rank_map"].values()
+    assert lora_params(half) <= uniform // 2
+    md, _ = build_report(tmp_path)
+    assert "| FIM-LoRA (budget_fraction=0.5,r_min=0) |" in md
+    assert "FIM-LoRA ablations" not in md

@@ -81,7 +81,14 @@ def check_block(block_name: str, block, schema: Mapping[str, Callable[[str, obje
 def _check_fim_block(cfg: ExperimentConfig) -> None:
     """Every FIM variant the grid will build must be a valid FimConfig (names and types)."""
     known = {f.name for f in fields(FimConfig)}
-    for name, block in (("fim", cfg.fim), ("fim_grid", cfg.fim_grid)):
+    if not isinstance(cfg.fim_variants, list):
+        raise ValueError(f"fim_variants: must be a list of mappings of FIM settings, got {cfg.fim_variants!r}")
+    if cfg.fim_variants and cfg.fim_grid:
+        raise ValueError("fim_grid, fim_variants: give at most one (a grid of every combination, or a list of "
+                         "variants)")
+    blocks = [("fim", cfg.fim), ("fim_grid", cfg.fim_grid)]
+    blocks += [(f"fim_variants[{i}]", v) for i, v in enumerate(cfg.fim_variants)]
+    for name, block in blocks:
         if not isinstance(block, Mapping):
             raise ValueError(f"{name}: must be a mapping of settings, got {block!r}")
         unknown = sorted(set(block) - known)
@@ -94,7 +101,7 @@ def _check_fim_block(cfg: ExperimentConfig) -> None:
         try:
             FimConfig(**{**cfg.fim, **dict(variant)})
         except (TypeError, ValueError) as e:
-            where = f"fim_grid {dict(variant)}" if variant else "fim"
+            where = f"fim variant {dict(variant)}" if variant else "fim"
             raise ValueError(f"{where}: {e}") from None
 
 
@@ -186,6 +193,7 @@ class ExperimentConfig:
     lora_dropout: float = 0.0
     fim: dict = field(default_factory=dict)
     fim_grid: dict = field(default_factory=dict)
+    fim_variants: list = field(default_factory=list)
     eva: dict = field(default_factory=lambda: {"rho": 2.0})
     adalora: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
@@ -330,6 +338,13 @@ class RunSpec:
 
 
 def _fim_variants(cfg: ExperimentConfig) -> list[tuple]:
+    """FIM settings over ``fim``, one tuple of sorted (key, value) pairs per variant; () is plain FIM-LoRA.
+
+    ``fim_grid`` is every combination of its lists (an ablation); ``fim_variants`` is an explicit list, each
+    variant a method of its own (e.g. ``[{}, {budget_fraction: 0.5, r_min: 0}]``).
+    """
+    if cfg.fim_variants:
+        return [tuple(sorted(v.items())) for v in cfg.fim_variants]
     if not cfg.fim_grid:
         return [()]
     keys = sorted(cfg.fim_grid)

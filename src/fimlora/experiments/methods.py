@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -132,11 +132,12 @@ def _prepare_fim(spec: MethodSpec, base_model: nn.Module,
     cfg = FimConfig(seed=spec.seed, progress=False, **spec.fim)
     start = time.perf_counter()
     alloc = apply_fim_ranks(model, calibration_batches(), config=cfg)
-    return model, {"calibration_seconds": time.perf_counter() - start, "scores": alloc.scores}, []
+    return model, {"calibration_seconds": time.perf_counter() - start, "scores": alloc.scores,
+                   "allocated_ranks": alloc.ranks, "params_spent": alloc.params_spent}, []
 
 
-# Random-rank shares FIM-LoRA's budget and rank bounds; the Fisher settings have nothing to act on.
-RANDOM_SETTINGS = ("r_min", "r_max", "budget")
+# Random-rank shares FIM-LoRA's budget (and its unit) and rank bounds; the Fisher settings have nothing to act on.
+RANDOM_SETTINGS = ("r_min", "r_max", "budget", "budget_unit", "budget_fraction", "max_lora_rank")
 
 
 def _prepare_random(spec: MethodSpec, base_model: nn.Module,
@@ -146,7 +147,7 @@ def _prepare_random(spec: MethodSpec, base_model: nn.Module,
     cfg = FimConfig(seed=spec.seed, progress=False, **{k: v for k, v in spec.fim.items() if k in RANDOM_SETTINGS})
     alloc = random_allocation(model, seed=spec.seed, config=cfg)
     apply_allocation(model, alloc, seed=spec.seed)
-    return model, {"scores": alloc.scores}, []
+    return model, {"scores": alloc.scores, "allocated_ranks": alloc.ranks, "params_spent": alloc.params_spent}, []
 
 
 def _prepare_eva(spec: MethodSpec, base_model: nn.Module,
@@ -203,8 +204,15 @@ class _CountingIterable:
         return len(self.make())
 
 
-def final_rank_map(model: nn.Module, method: str) -> dict[str, int]:
-    """Per-module rank after preparation or training, keyed by module name in the base model."""
+def final_rank_map(model: nn.Module, method: str, allocated: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Per-module rank after preparation or training, keyed by module name in the base model.
+
+    ``allocated`` (an allocation's ranks) puts back the modules allocated rank 0, which lost their LoRA layer
+    and so are not in the model, with rank 0 in allocation order.
+    """
+    if allocated:
+        live = final_rank_map(model, method)
+        return {name: live.get(name, 0) for name in allocated} | live
     if method == "adalora":
         from peft.tuners.adalora import AdaLoraLayer
 

@@ -197,8 +197,8 @@ def main_tables(runs: list[dict], csv_rows: list[dict]) -> list[str]:
         tasks = _eval_tasks(at_r)
         n_seeds = len({run["seed"] for run in at_r})
         rows = [_main_row(at_r, method, variant, tasks, n_seeds, csv_rows) for method, variant in _method_rows(at_r)]
-        out.append(f"#### r = {r} (accuracy %, mean ± std over {n_seeds} seeds)\n\n"
-                   + _table(["Method", *tasks, AVG], rows))
+        out.append(f"#### r = {r} (accuracy %, mean ± std over {n_seeds} seeds; trainable parameters)\n\n"
+                   + _table(["Method", *tasks, AVG, "params"], rows))
     return out
 
 
@@ -216,7 +216,15 @@ def _main_row(at_r: list[dict], method: str, variant: str, tasks: list[str], n_s
                          "mean": m, "std": s, "n": len(values)})
     diverged = sum(1 for run in sel if run["status"] == "diverged")
     label = _label(method, variant) + (f" ⚠ {diverged} diverged" if diverged else "")
-    return [label, *cells, _fmt(_seed_avgs(sel, tasks), n_seeds)]
+    return [label, *cells, _fmt(_seed_avgs(sel, tasks), n_seeds), _params_cell(sel)]
+
+
+def _params_cell(runs: list[dict]) -> str:
+    """The runs' trainable parameter count, or its range when the runs differ (random ranks, other seeds)."""
+    params = sorted({run["trainable_params"] for run in runs})
+    if not params:
+        return "–"
+    return f"{params[0]:,}" + (f"–{params[-1]:,}" if len(params) > 1 else "")
 
 
 def rank_sweep(runs: list[dict]) -> list[str]:
@@ -441,12 +449,10 @@ def cost_table(runs: list[dict]) -> str:
         sel = select_runs(runs, method=method, variant=variant)
         calib = statistics.fmean(run["calibration_seconds"] for run in sel)
         train = statistics.fmean(run["train_seconds"] for run in sel)
-        params = sorted({run["trainable_params"] for run in sel})
         fwd = [run["method_info"]["eva_forward_batches"] for run in sel
                if run["method_info"].get("eva_forward_batches")]
         notes = f"EVA forward batches: {min(fwd)}–{max(fwd)}" if fwd else ""
-        rows.append([_label(method, variant), f"{calib:.2f}", f"{train:.1f}",
-                     f"{params[0]:,}" + (f"–{params[-1]:,}" if len(params) > 1 else ""), notes])
+        rows.append([_label(method, variant), f"{calib:.2f}", f"{train:.1f}", _params_cell(sel), notes])
     return _table(["Method", "calibration s (mean)", "training s (mean)", "trainable params", "notes"], rows)
 
 
@@ -487,12 +493,13 @@ def _header(runs: list[dict], experiments: list[str], title: str | None, command
 
 def _experiment_section(runs: list[dict], experiment: str, figures_dir: Path | None,
                         csv_rows: list[dict]) -> list[str]:
-    """The lines of one experiment's section: plain-method tables, ablations, rank maps and cost."""
+    """The lines of one experiment's section: method tables (plain methods and explicit FIM variants),
+    fim_grid ablations, rank maps and cost."""
     parts = ["", f"## {experiment}", ""]
-    plain = select_runs(runs, variant="")
+    plain = [run for run in runs if not run.get("fim_variant") or _explicit_variant(run)]
     if plain:
         parts += _plain_sections(plain, csv_rows)
-    ablations = ablation_tables(runs)
+    ablations = ablation_tables([run for run in runs if not _explicit_variant(run)])
     if ablations:
         parts += ["### FIM-LoRA ablations (accuracy %, mean ± std over seeds)", ""] + [t + "\n" for t in ablations]
     stats = rank_map_stats(runs, figures_dir)
@@ -500,6 +507,12 @@ def _experiment_section(runs: list[dict], experiment: str, figures_dir: Path | N
         parts += ["### Rank maps (§4.4 statistics: mean rank by module type and by layer third)", ""] + stats + [""]
     parts += ["### Cost", "", cost_table(runs), ""]
     return parts
+
+
+def _explicit_variant(run: dict) -> bool:
+    """A variant from the config's ``fim_variants`` list is a method of its own (its own row in the method
+    tables); ``fim_grid`` variants are an ablation (the ablation tables)."""
+    return bool((run.get("config") or {}).get("fim_variants"))
 
 
 def _plain_sections(plain: list[dict], csv_rows: list[dict]) -> list[str]:

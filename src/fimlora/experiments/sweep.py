@@ -220,10 +220,10 @@ def run_one(cfg: ExperimentConfig, run: RunSpec, work_dir: str | os.PathLike) ->
     set_seed(run.seed)
     spec = _method_spec(cfg, run, train_task.kind, len(train_task.train), settings)
     model, info, callbacks = prepare_method(spec, make_base(), calibration_batches)
-    rank_map_before = final_rank_map(model, run.method)
+    rank_map_before = final_rank_map(model, run.method, info.get("allocated_ranks"))
     train_out = finetune(model, train_task, tok, settings, str(work / "trainer"), callbacks=callbacks)
     n_trainable = trainable_parameters(model)
-    ranks_after = final_rank_map(model, run.method)
+    ranks_after = final_rank_map(model, run.method, info.get("allocated_ranks"))
     model.save_pretrained(work / "adapter")
     del model
     diverged = train_out["diverged"]
@@ -236,7 +236,7 @@ def run_one(cfg: ExperimentConfig, run: RunSpec, work_dir: str | os.PathLike) ->
         "trainable_params": n_trainable, "calibration_seconds": info.get("calibration_seconds", 0.0),
         "train_seconds": train_out["train_seconds"], "train_loss": train_out["train_loss"],
         "train_steps": train_out["steps"], "divergence": train_out["divergence"],
-        "method_info": {k: v for k, v in info.items() if k not in ("method",)},
+        "method_info": {k: v for k, v in info.items() if k not in ("method", "allocated_ranks")},
         "data_meta": {t.name: t.meta for t in eval_tasks} | {"train": train_task.meta},
         "config": asdict(cfg), "settings_hash": run_settings_hash(asdict(cfg), run),
         "versions": package_versions(), "machine": machine_info(),
