@@ -165,6 +165,9 @@ def _add_run_command(sub) -> None:
     p.add_argument("--shard", default=None, help="i/n: run only every n-th run starting at i (0-based)")
     p.add_argument("--only", default=None, help="run only runs whose id contains this text")
     p.add_argument("--list", action="store_true", help="list the runs and whether they are finished, run nothing")
+    p.add_argument("--reuse", action="append", default=[], metavar="DIR",
+                   help="copy a run's finished result from this results folder instead of running it, when it "
+                        "was made with the same settings (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -244,10 +247,10 @@ def cmd_run(args) -> int:
         for run in plan.runs:
             print(f"{_run_state(plan, run.run_id):<6} {run.run_id}")
         return 0
-    counts = run_sweep(cfg, results, shard=shard, only=args.only, progress=not args.no_progress)
+    counts = run_sweep(cfg, results, shard=shard, only=args.only, progress=not args.no_progress, reuse=args.reuse)
     print(f"{cfg.name}: {counts['total']} runs in this plan: {counts['ok']} ok, {counts['diverged']} diverged, "
-          f"{counts['failed']} failed, {counts['skipped']} already done, {counts['busy']} held by another worker "
-          f"-> {results}")
+          f"{counts['failed']} failed, {counts['skipped']} already done, {counts['reused']} reused, "
+          f"{counts['busy']} held by another worker -> {results}")
     return 1 if counts["failed"] else 0
 
 

@@ -116,7 +116,7 @@ def sweep(tmp_path_factory):
 @needs_assets
 def test_sweep_runs_all_five_methods_for_real(sweep):
     cfg, results, counts = sweep
-    assert counts == {"total": 10, "skipped": 0, "ok": 10, "diverged": 0, "failed": 0, "busy": 0}
+    assert counts == {"total": 10, "skipped": 0, "ok": 10, "diverged": 0, "failed": 0, "busy": 0, "reused": 0}
     runs = {r["run_id"]: r for r in load_results(results)}
     assert len(runs) == 10
     for r in runs.values():
@@ -299,3 +299,22 @@ def test_sweep_params_budget_and_half_size_variant_dropping_modules(tmp_path):
     md, _ = build_report(tmp_path)
     assert "| FIM-LoRA (budget_fraction=0.5,r_min=0) |" in md
     assert "FIM-LoRA ablations" not in md
+
+
+@pytest.mark.slow
+@needs_assets
+def test_reuse_copies_only_results_with_the_same_settings(sweep, tmp_path):
+    cfg, results, _ = sweep
+    other = base_cfg(name="other", methods=["lora", "fim"], seeds=[1], fim={"n_batches": 2})
+    counts = run_sweep(other, tmp_path, progress=False, reuse=[results])
+    # lora's settings are equal (the name is not a setting); fim's n_batches differs, so it runs.
+    assert counts["reused"] == 1 and counts["ok"] == 1, counts
+    copied = json.loads((tmp_path / "trec6__lora__r2__s1.json").read_text())
+    original = json.loads((results / "trec6__lora__r2__s1.json").read_text())
+    assert copied["experiment"] == "other"
+    assert copied["reused_from"] == str((results / "trec6__lora__r2__s1.json").resolve())
+    assert copied["metrics"] == original["metrics"] and copied["settings_hash"] == original["settings_hash"]
+    assert json.loads((tmp_path / "trec6__fim__r2__s1.json").read_text()).get("reused_from") is None
+    assert run_sweep(other, tmp_path, progress=False, reuse=[results])["skipped"] == 2
+    with pytest.raises(ValueError, match="reuse: .* is the results folder itself"):
+        run_sweep(other, tmp_path, progress=False, reuse=[tmp_path])

@@ -13,6 +13,9 @@ Guarantees (stated in the README):
   ``fimlora run`` processes (a Slurm array with or without ``--shard``) can share one results folder:
   a run held by another worker is skipped, a finished one is never redone.
 * Everything a sweep writes stays under the results folder: run ids come from safe task ids.
+* **Reuse.** With ``reuse=[DIR, ...]`` (``fimlora run --reuse DIR``) a run whose finished result in DIR
+  was made with the same resolved settings (equal settings hash: the experiment's name is not part of
+  it) is copied instead of run again, recording ``reused_from``; shared baselines are trained once.
 """
 
 from __future__ import annotations
@@ -287,11 +290,26 @@ def _execute(cfg: ExperimentConfig, run: RunSpec, results: Path) -> str:
     return result["status"]
 
 
+def _reuse(cfg: ExperimentConfig, run: RunSpec, results: Path, reuse: list[Path]) -> bool:
+    """Copy the first finished result of ``run`` with the same settings from a ``reuse`` folder; True if copied."""
+    for folder in reuse:
+        if not run_status(cfg, run, folder).done:
+            continue
+        src = folder / f"{run.run_id}.json"
+        record = json.loads(src.read_text(encoding="utf-8"))
+        record.update(experiment=cfg.name, reused_from=str(src.resolve()))
+        atomic_write_text(results / f"{run.run_id}.json", json.dumps(record, indent=2, default=str) + "\n")
+        logger.info("run %s: reused the result in %s (same settings)", run.run_id, src)
+        return True
+    return False
+
+
 def run_sweep(cfg: ExperimentConfig, results_dir: str | os.PathLike, shard: tuple[int, int] | None = None,
-              only: str | None = None, progress: bool = True) -> dict:
+              only: str | None = None, progress: bool = True, reuse: list[str | os.PathLike] = ()) -> dict:
     """Run every unfinished run of the grid (or of this shard); returns counts.
 
-    ``busy`` counts runs another worker held when this one reached them.
+    ``busy`` counts runs another worker held when this one reached them; ``reused`` the runs copied from a
+    ``reuse`` folder (same settings hash) instead of run.
     """
     from filelock import FileLock, Timeout
     from tqdm.auto import tqdm
@@ -300,7 +318,13 @@ def run_sweep(cfg: ExperimentConfig, results_dir: str | os.PathLike, shard: tupl
     results.mkdir(parents=True, exist_ok=True)
     plan = plan_sweep(cfg, results, shard, only)
     counts = {"total": len(plan.runs), "skipped": len(plan.finished), "ok": 0, "diverged": 0, "failed": 0,
-              "busy": 0}
+              "busy": 0, "reused": 0}
+    reuse = [Path(folder) for folder in reuse]
+    for folder in reuse:
+        if not folder.is_dir():
+            raise ValueError(f"reuse: {folder} is not a results folder")
+        if folder.resolve() == results.resolve():
+            raise ValueError(f"reuse: {folder} is the results folder itself")
     (results / ".locks").mkdir(exist_ok=True)
     bar = tqdm(plan.todo, desc=f"{cfg.name}", unit="run", disable=not progress)
     for run in bar:
@@ -318,6 +342,9 @@ def run_sweep(cfg: ExperimentConfig, results_dir: str | os.PathLike, shard: tupl
                 continue
             if status.stale:
                 _set_aside_stale(results, run)
+            if _reuse(cfg, run, results, reuse):
+                counts["reused"] += 1
+                continue
             counts[_execute(cfg, run, results)] += 1
         finally:
             lock.release()
