@@ -68,3 +68,21 @@ def test_calibrate_half_the_parameters_capped_at_max_lora_rank(capsys, tmp_path)
     assert rank_map["budget_unit"] == "params" and rank_map["budget"] == uniform // 2
     assert rank_map["params_spent"] <= uniform // 2 and rank_map["r_max"] == 8
     assert f"budget {rank_map['budget']:,} params" in stdout and f"spent {rank_map['params_spent']:,}" in stdout
+
+
+def test_calibrate_r_min_zero_drops_modules_and_check_accepts(capsys, tmp_path):
+    out = tmp_path / "o"
+    code = main([*CALIBRATE, "--r", "4", "--n-batches", "1", "--batch-size", "4", "--max-length", "16",
+                 "--no-progress", "--target-modules", "all-linear", "--budget", "0.5x", "--r-min", "0",
+                 "--out", str(out)])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    rank_map = json.loads((out / "rank_map.json").read_text())
+    dropped = sorted(n for n, r in rank_map["ranks"].items() if r == 0)
+    assert dropped, "test needs a half-size allocation that drops a module"
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == sorted(n for n, r in rank_map["ranks"].items() if r > 0)
+    assert "dropped" in stdout
+    assert main(["check", str(out / "adapter"), "--base-model", "minilm"]) == 0
+    report = capsys.readouterr().out
+    assert "OK" in report and f"modules: {len(rank_map['ranks']) - len(dropped)}" in report

@@ -18,19 +18,31 @@ def snippets() -> list[str]:
 
 
 def test_readme_has_the_snippets_this_test_runs():
-    assert len(snippets()) == 4
+    assert len(snippets()) == 5
 
 
 def test_library_snippets_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = {"base_model": tiny_llama(), "train_dataloader": lm_batches(n_batches=8),
                  "loader": lm_batches(n_batches=8), "fresh_model": lora_llama(target_modules=["q_proj", "v_proj"])}
-    one, two, _, _ = snippets()
+    one, two, _, _, _ = snippets()
     exec(compile(one, "README snippet 1", "exec"), namespace)  # noqa: S102 - the README's own code
     assert sum(namespace["allocation"].ranks.values()) == 4 * 8  # 2 layers x (q, v) at r = 8
     exec(compile(two, "README snippet 2", "exec"), namespace)  # noqa: S102
     assert sum(namespace["ranks"].values()) == 32 and (tmp_path / "rank_map.json").exists()
     assert isinstance(namespace["fisher"], __import__("fimlora").FisherResult)
+
+
+def test_drop_snippet_runs():
+    from fimlora.modules import lora_modules
+
+    model = lora_llama(seed=3, r=8, target_modules="all-linear")
+    full = sum(i.r * (i.in_features + i.out_features) for i in lora_modules(model))
+    namespace = {"model": model, "train_dataloader": lm_batches(n_batches=8), "fimlora": __import__("fimlora")}
+    exec(compile(snippets()[2], "README snippet 3", "exec"), namespace)  # noqa: S102
+    dropped = namespace["dropped"]
+    assert dropped and namespace["allocation"].params_spent <= full // 2
+    assert {i.name for i in lora_modules(model)} == set(namespace["allocation"].ranks) - set(dropped)
 
 
 def test_trainer_snippet_runs(tmp_path):
@@ -50,7 +62,7 @@ def test_trainer_snippet_runs(tmp_path):
                              save_strategy="no", use_cpu=True, disable_tqdm=True)
     namespace = {"Trainer": Trainer, "peft_model": lora_llama(), "args": args, "ds": Rows(lm_batches(n_batches=8)),
                  "collator": lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]}}
-    exec(compile(snippets()[2], "README snippet 3", "exec"), namespace)  # noqa: S102
+    exec(compile(snippets()[3], "README snippet 4", "exec"), namespace)  # noqa: S102
     assert (tmp_path / "rank_map.json").exists()
 
 
@@ -63,10 +75,10 @@ def test_trl_qlora_snippet_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = {"path": save_tiny_llama(tmp_path / "base"), "ds": text_data(n=16), "tok": word_tokenizer()}
     # The snippet is written for a GPU; here the one call that differs on a CPU is swapped in.
-    code = snippets()[3].replace('SFTConfig(output_dir="out")',
+    code = snippets()[4].replace('SFTConfig(output_dir="out")',
                                  'SFTConfig(output_dir="out", use_cpu=True, bf16=False, max_steps=2, report_to=[])')
-    assert code != snippets()[3]
-    exec(compile(code, "README snippet 4", "exec"), namespace)  # noqa: S102
+    assert code != snippets()[4]
+    exec(compile(code, "README snippet 5", "exec"), namespace)  # noqa: S102
     allocation = namespace["trainer"].model.peft_config["default"].rank_pattern
     assert len(allocation) == 2 * 7 and sum(allocation.values()) == 2 * 7 * 8  # all-linear, budget L*r
     assert (tmp_path / "out" / "rank_map.json").exists()

@@ -89,6 +89,9 @@ def format_rank_table(alloc: RankAllocation) -> str:
         f"{g} ({v['layers'][0]}-{v['layers'][1]}) {v['mean_rank']:.2f}" for g, v in by_group))
     lines.append(f"{budget_text(alloc)} over {len(alloc.ranks)} modules (base r={alloc.base_r}, "
                  f"r_min={alloc.r_min}, r_max={alloc.r_max}); LoRA params spent {alloc.params_spent:,}")
+    dropped = [n for n, r in alloc.ranks.items() if r == 0]
+    if dropped:
+        lines.append(f"{len(dropped)} module(s) at rank 0 dropped (no adapter): " + ", ".join(dropped))
     return "\n".join(lines)
 
 

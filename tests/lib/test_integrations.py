@@ -170,3 +170,22 @@ def test_single_process_under_accelerate_cpu_is_announced(monkeypatch):
     assert not warn_if_single_cpu_process(2)
     monkeypatch.delenv("ACCELERATE_USE_CPU")
     assert not warn_if_single_cpu_process(1)
+
+
+def test_params_budget_with_dropped_modules_trains_and_saves(tmp_path):
+    """budget_unit/budget_fraction/r_min=0 through the Trainer integration (issue 13, 2-3)."""
+    import json
+
+    model = lora_llama(seed=3, r=8, target_modules="all-linear")
+    full = sum(i.r * (i.in_features + i.out_features) for i in lora_modules(model))
+    trainer = make_trainer(tmp_path, model, Recorder(), max_steps=2)
+    alloc = calibrate_trainer(trainer, n_batches=2, progress=False, budget_unit="params", budget_fraction=0.5,
+                              r_min=0)
+    dropped = {n for n, r in alloc.ranks.items() if r == 0}
+    assert dropped and alloc.budget == full // 2 and alloc.params_spent <= alloc.budget
+    trainer.train()
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(p.numel() for n, p in model.named_parameters() if p.requires_grad) == alloc.params_spent
+    assert not [n for n in trained if any(f"{d}." in n for d in dropped)]
+    saved = json.loads((tmp_path / "rank_map.json").read_text())
+    assert saved["budget_unit"] == "params" and saved["params_spent"] == alloc.params_spent
