@@ -46,7 +46,8 @@ def test_benchmark_script_smoke(tmp_path):
         rf"\| tiny llama 2x64 \| {NUM} \| {NUM} \| {NUM} \| [1-9]\d* \| 2 fwd\+bwd \| [1-9]\d* \|",
         rf"\| tiny llama 2x64 \| \d+ \| \d+ \| \d+ \| \d+ \| {NUM} \| (yes|NO) \| (yes|NO) \|",
         rf"\| QLoRA nf4 llama 2x64 \| \d+ \| \d+ \| \d+ \| \d+ \| {NUM} \| (yes|NO) \| (yes|NO) \|",
-        rf"\| 100 \| {NUM} \({SPREAD}\) \|", rf"\| 1,000 \| {NUM} \({SPREAD}\) \|",
+        rf"\| 100 \| {NUM} \({SPREAD}\) \| {NUM} \({SPREAD}\) \|",
+        rf"\| 1,000 \| {NUM} \({SPREAD}\) \| {NUM} \({SPREAD}\) \|",
         rf"Resize of a Llama-3-8B-shaped adapter set \(14 modules, .*, [\d,]+ LoRA parameters after\): {NUM} s median",
         # 3 tasks x 2 ranks x 3 seeds, from the committed result JSONs
         r"\| small_encoder \| minilm \| 18 \| 8 \| 100 \| 8% \| 7\.04% \(5\.56–14\.14%\) \|",
@@ -55,7 +56,8 @@ def test_benchmark_script_smoke(tmp_path):
         assert re.search(rf"^{row}", text, re.MULTILINE), row
     data = json.loads(out.with_suffix(".json").read_text())
     assert set(data) == {"command", "date", "repeats", "note", "machine", "versions", "floor", "eva", "memory",
-                         "allocator", "resize", "overhead_source", "overhead"}
+                         "allocator", "resize", "overhead_source", "overhead", "section_dates"}
+    assert set(data["section_dates"]) == set(bench.SECTIONS)
     # the QLoRA rows are real 4-bit layers (bitsandbytes' Linear4bit under every LoRA), stepped in train mode
     layers = {"tiny llama 2x64": ("eval", {"Linear": 14}), "QLoRA nf4 llama 2x64": ("train", {"Linear4bit": 14})}
     assert [r["case"] for r in data["floor"]] == list(layers)
@@ -71,6 +73,16 @@ def test_benchmark_script_smoke(tmp_path):
             assert m["lora_layers"] == layers[memory["case"]][1]
     assert data["eva"][0]["eva_forward_batches"] > 0 and data["eva"][0]["fim_seconds"] > 0
     assert [r["modules"] for r in data["allocator"]] == [100, 1000] and len(data["overhead"]) == 18
+
+    # --sections re-measures one section and keeps the others' measurements and dates from the JSON
+    data["section_dates"] = {sec: "2020-01-01" for sec in bench.SECTIONS}
+    data["floor"][0]["floor"] = [123.0]
+    out.with_suffix(".json").write_text(json.dumps(data))
+    assert bench.main(["--smoke", "--out", str(out), "--sections", "scale", "--results", str(committed)]) == 0
+    again = json.loads(out.with_suffix(".json").read_text())
+    assert again["floor"][0]["floor"] == [123.0] and again["allocator"] != data["allocator"]
+    assert again["section_dates"]["scale"] != "2020-01-01" and again["section_dates"]["eva"] == "2020-01-01"
+    assert "floor, eva, memory, overhead on 2020-01-01" in out.read_text()
 
 
 def test_smoke_qlora_case_is_the_full_one_shrunk():
