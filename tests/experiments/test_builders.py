@@ -62,3 +62,23 @@ def test_all_linear_in_a_config_list_reaches_peft_as_the_shortcut():
     assert spec.target_modules == "all-linear"
     with pytest.raises(ValueError, match="cannot be combined"):
         MethodSpec(method="lora", r=2, lora_alpha=4, target_modules=["all-linear", "q_proj"], task_type="CAUSAL_LM")
+
+
+def test_reload_adapter_is_stock_and_quiet(tmp_path):
+    import warnings
+
+    import torch
+
+    from fimlora.experiments.builders import reload_adapter
+    from tests.references import lm_batches, lora_llama, make_b_nonzero, tiny_llama
+
+    model = lora_llama()
+    make_b_nonzero(model, lm_batches())
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        reloaded = reload_adapter(tiny_llama(), tmp_path)
+    assert not reloaded.training
+    batch = lm_batches()[0]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-6)

@@ -4,6 +4,7 @@ loader and FimConfig. The CLI, the demo and every experiment run build through t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from collections.abc import Mapping
@@ -146,15 +147,30 @@ def build_lora_config(kind: str, r: int, lora_alpha: float | None = None, target
                       lora_dropout=lora_dropout, use_dora=use_dora, task_type=task_type_for(kind), **extra)
 
 
+@contextlib.contextmanager
+def quiet_peft():
+    """PeftModel's constructor (get_peft_model, from_pretrained) reads transformers' deprecated
+    is_gradient_checkpointing; the FutureWarning is nothing for a user to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def reload_adapter(base, adapter_dir):
+    """Stock ``PeftModel.from_pretrained`` of a saved adapter onto ``base``, in eval mode."""
+    from peft import PeftModel
+
+    with quiet_peft():
+        return PeftModel.from_pretrained(base, adapter_dir).eval()
+
+
 def build_peft_model(base, peft_config, seed: int | None = 0, **kwargs):
     """``get_peft_model`` (A drawn from ``seed`` unless None); target modules that match nothing are named."""
     from peft import get_peft_model
 
     if seed is not None:
         torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        # PEFT reads transformers' deprecated is_gradient_checkpointing; nothing for a user to change.
-        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+    with quiet_peft():
         try:
             return get_peft_model(base, peft_config, **kwargs)
         except ValueError as e:

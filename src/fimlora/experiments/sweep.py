@@ -195,11 +195,10 @@ def _method_spec(cfg: ExperimentConfig, run: RunSpec, kind: str, n_train: int, s
 
 def _evaluate_saved(adapter_dir: Path, make_base, eval_tasks, tok, settings) -> dict:
     """Reload the saved adapter with stock PEFT (no custom loader) onto a fresh base and score it."""
-    from peft import PeftModel
-
+    from .builders import reload_adapter
     from .train import evaluate
 
-    reloaded = PeftModel.from_pretrained(make_base(), adapter_dir).eval()
+    reloaded = reload_adapter(make_base(), adapter_dir)
     return {t.name: evaluate(reloaded, t, tok, settings) for t in eval_tasks}
 
 
