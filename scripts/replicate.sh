@@ -6,10 +6,11 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1
 SHARDS="${SHARDS:-2}"
-run() {  # run one config as $SHARDS parallel shards
+run() {  # run one config as $SHARDS parallel shards; further arguments go to fimlora run
   local cfg="$1" out="$2"
+  shift 2
   for ((i = 0; i < SHARDS; i++)); do
-    .venv/bin/fimlora run "$cfg" --results "$out" --shard "$i/$SHARDS" --no-progress > "$out.shard$i.log" 2>&1 &
+    .venv/bin/fimlora run "$cfg" --results "$out" --shard "$i/$SHARDS" --no-progress "$@" > "$out.shard$i.log" 2>&1 &
   done
   wait
 }
@@ -18,10 +19,12 @@ run configs/small_encoder.yaml results/small_encoder
 run configs/small_encoder_ablation.yaml results/small_encoder_ablation
 run configs/small_encoder_aggregation.yaml results/small_encoder_aggregation
 run configs/small_decoder.yaml results/small_decoder
+# Same model, data and training at equal adapter size; uniform LoRA's runs are the decoder suite's (same settings).
+run configs/small_decoder_params.yaml results/small_decoder_params --reuse results/small_decoder
 .venv/bin/fimlora report results/small_encoder results/small_encoder_ablation results/small_encoder_aggregation \
-  results/small_decoder \
+  results/small_decoder results/small_decoder_params \
   --out docs/results.md --title "FIM-LoRA small-scale replication (CPU, real MiniLM/SmolLM2 and offline data)" \
   --preface docs/results_preface.md \
   --command "bash scripts/replicate.sh" \
   --command "# which runs, per config: fimlora run configs/<name>.yaml --results results/<name> --shard i/2" \
-  --command "fimlora report results/small_encoder results/small_encoder_ablation results/small_encoder_aggregation results/small_decoder --out docs/results.md --preface docs/results_preface.md"
+  --command "fimlora report results/small_encoder results/small_encoder_ablation results/small_encoder_aggregation results/small_decoder results/small_decoder_params --out docs/results.md --preface docs/results_preface.md"
