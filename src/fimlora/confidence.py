@@ -1,0 +1,134 @@
+"""How sure is the rank map: a bootstrap over calibration units, plain numbers in, plain data out.
+
+No torch (numpy only). With ``aggregation="mean"`` a module's score is a mean over calibration units:
+
+    batch estimator:        s_m = (1/N) sum_n u_nm,   u_nm = mean_j (dL_n/dB_m)_j^2   (N batches)
+    per-example estimator:  s_m = (1/E) sum_i u_im,   u_im = mean_j (dl_i/dB_m)_j^2   (E examples, the
+                            per-example loss l_i as the estimator defines it, see fimlora.estimators)
+
+so the matrix U (units x modules) of per-unit scores is all a bootstrap needs. One resample draws
+N units with replacement (one seeded generator), takes the column means as scores, and allocates
+them with the same allocator, budget, bounds and costs as the point allocation. Over B resamples
+(default 200) each module gets:
+
+* a score interval and a rank interval: the (1 - level)/2 and (1 + level)/2 quantiles of its
+  resampled scores and ranks (level 0.9 by default);
+* ``agreement``: the share of resamples that give it its point rank.
+
+``stable_share`` is the share of modules whose agreement is at least ``threshold`` (0.9): the one
+number that says how stable the map is. ``max`` and ``l2`` aggregations are not means over units
+(the max or norm of a mean is not a mean of per-unit maxima or norms), so resampling them would need
+every unit's whole Fisher matrix, not U; they are refused with that reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .config import check_int, check_number
+
+__all__ = ["RankConfidence", "compute_rank_confidence", "SUPPORTED_AGGREGATIONS"]
+
+SUPPORTED_AGGREGATIONS = ("mean",)
+
+Allocator = Callable[[list[float]], list[int]]
+
+
+@dataclass
+class RankConfidence:
+    """Bootstrap summary of a rank map, keyed by module name (the allocation's order).
+
+    ``unit`` is what was resampled (``"batch"`` or ``"example"``) and ``n_units`` how many there were.
+    """
+
+    n_resamples: int
+    seed: int
+    level: float
+    threshold: float
+    unit: str
+    n_units: int
+    score_low: dict[str, float]
+    score_high: dict[str, float]
+    rank_low: dict[str, int]
+    rank_high: dict[str, int]
+    agreement: dict[str, float]
+    stable_share: float
+
+    def unstable(self) -> list[str]:
+        """Modules whose point rank comes back in fewer than ``threshold`` of the resamples."""
+        return [n for n, a in self.agreement.items() if a < self.threshold]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RankConfidence:
+        return cls(**d)
+
+
+def check_aggregation(aggregation: str) -> None:
+    if aggregation not in SUPPORTED_AGGREGATIONS:
+        raise ValueError(
+            f"aggregation: the bootstrap needs scores that are means over calibration units (aggregation='mean'), "
+            f"got {aggregation!r}; a max or norm of the mean Fisher is not a mean of per-unit values"
+        )
+
+
+def _check_inputs(unit_scores: np.ndarray, names: Sequence[str], point_ranks: Sequence[int], n_resamples: int,
+                  level: float, threshold: float) -> None:
+    if unit_scores.ndim != 2 or unit_scores.shape[1] != len(names):
+        raise ValueError(f"unit_scores: must have shape (units, {len(names)} modules), got {unit_scores.shape}")
+    if unit_scores.shape[0] < 1:
+        raise ValueError("unit_scores: need at least one calibration unit, got 0")
+    if not np.isfinite(unit_scores).all() or (unit_scores < 0).any():
+        raise ValueError("unit_scores: must be finite and >= 0 (they are mean squared gradients)")
+    if len(point_ranks) != len(names):
+        raise ValueError(f"point_ranks: need one rank per module ({len(names)}), got {len(point_ranks)}")
+    check_int("n_resamples", n_resamples, minimum=1)
+    for name, value in (("level", level), ("threshold", threshold)):
+        check_number(name, value, minimum=0)
+        if value > 1:
+            raise ValueError(f"{name}: must be in (0, 1], got {value!r}")
+
+
+def compute_rank_confidence(
+    unit_scores: np.ndarray,
+    names: Sequence[str],
+    point_ranks: Sequence[int],
+    allocate: Allocator,
+    n_resamples: int = 200,
+    seed: int = 0,
+    level: float = 0.9,
+    threshold: float = 0.9,
+    unit: str = "batch",
+) -> RankConfidence:
+    """Bootstrap the rank map from per-unit scores U (units, modules); ``allocate`` maps scores to ranks.
+
+    ``allocate`` must be the point allocation's own allocator with its budget, bounds and costs (for
+    example ``lambda s: allocate_ranks(s, budget, r_min, r_max, costs)``), so that a resample differs from
+    the point allocation only in the scores.
+    """
+    u = np.asarray(unit_scores, dtype=np.float64)
+    _check_inputs(u, names, point_ranks, n_resamples, level, threshold)
+    n = u.shape[0]
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, n, size=(n_resamples, n))
+    scores = u[picks].mean(axis=1)  # (B, M)
+    ranks = np.array([allocate(row.tolist()) for row in scores], dtype=np.int64)
+    lo, hi = (1 - level) / 2, (1 + level) / 2
+    score_q = np.quantile(scores, [lo, hi], axis=0)
+    # Ranks are integers: the "lower"/"higher" quantiles keep the interval's ends at ranks that occurred.
+    rank_lo = np.quantile(ranks, lo, axis=0, method="lower")
+    rank_hi = np.quantile(ranks, hi, axis=0, method="higher")
+    agreement = (ranks == np.asarray(point_ranks, dtype=np.int64)[None, :]).mean(axis=0)
+    names = list(names)
+    return RankConfidence(
+        n_resamples=n_resamples, seed=seed, level=float(level), threshold=float(threshold), unit=unit, n_units=n,
+        score_low=dict(zip(names, score_q[0].tolist())), score_high=dict(zip(names, score_q[1].tolist())),
+        rank_low=dict(zip(names, (int(r) for r in rank_lo))), rank_high=dict(zip(names, (int(r) for r in rank_hi))),
+        agreement=dict(zip(names, agreement.tolist())),
+        stable_share=float((agreement >= threshold).mean()),
+    )
