@@ -131,12 +131,13 @@ def _check_tasks(cfg: ExperimentConfig) -> None:
             raise ValueError(f"tasks: must be a list, got {cfg.tasks!r}")
         for i, entry in enumerate(cfg.tasks):
             if isinstance(entry, Mapping):
-                check_block(f"tasks[{i}]", entry, {"train": _check_path, "test": _check_path})
+                check_block(f"tasks[{i}]", entry, {"train": _check_path, "test": _check_path,
+                                                   "task_type": _check_task_type})
                 if "train" not in entry:
-                    raise ValueError(f"tasks[{i}]: a train/test pair needs 'train', got {dict(entry)}")
+                    raise ValueError(f"tasks[{i}]: a file entry needs 'train', got {dict(entry)}")
             elif not isinstance(entry, str) or not entry:
-                raise ValueError(f"tasks[{i}]: must be a task name, a file, or {{train: FILE, test: FILE}}, "
-                                 f"got {entry!r}")
+                raise ValueError(f"tasks[{i}]: must be a task name, a file, or {{train: FILE, test: FILE, "
+                                 f"task_type: regression}} (test and task_type optional), got {entry!r}")
             else:
                 _check_task_file(f"tasks[{i}]", entry)
     if cfg.mixture:
@@ -147,6 +148,12 @@ def _check_tasks(cfg: ExperimentConfig) -> None:
         for part in ("train", "eval"):
             for i, name in enumerate(cfg.mixture[part]):
                 _check_task_file(f"mixture.{part}[{i}]", name)
+
+
+def _check_task_type(name: str, value) -> None:
+    from .data import check_task_type
+
+    check_task_type(name, value)
 
 
 def _check_path(name: str, value) -> None:
@@ -170,7 +177,8 @@ def _check_task_file(name: str, entry: str) -> None:
 @dataclass
 class ExperimentConfig:
     """One experiment. ``tasks``: one run per task (train and test on it; an entry is a bundled task,
-    a file, or ``{train: FILE, test: FILE}``). ``mixture``: train once on the union of
+    a file, or ``{train: FILE, test: FILE, task_type: regression}`` with test and task_type optional).
+    ``mixture``: train once on the union of
     ``mixture["train"]`` tasks and evaluate on each of ``mixture["eval"]``."""
 
     name: str

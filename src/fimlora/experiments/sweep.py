@@ -144,7 +144,7 @@ def _load_single_task(cfg: ExperimentConfig, label: str):
     kwargs = {"seed": d.get("data_seed", 0), "max_train": d.get("max_train"), "max_test": d.get("max_test"),
               "test_fraction": d.get("test_fraction")}
     if isinstance(entry, dict):
-        return load_task(entry["train"], test_data=entry.get("test"), **kwargs)
+        return load_task(entry["train"], test_data=entry.get("test"), task_type=entry.get("task_type"), **kwargs)
     return load_task(entry, **kwargs)
 
 
