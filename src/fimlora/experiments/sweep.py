@@ -159,14 +159,17 @@ def _load_tasks(cfg: ExperimentConfig, run: RunSpec):
         return task, [task]
     d = cfg.data
     seed = d.get("data_seed", 0)
-    train_rows = []
+    train_rows, fallbacks = [], []
     for name in cfg.mixture["train"]:
         t = load_task(name, seed=seed, max_train=d.get("max_train_per_task"), max_test=d.get("max_test"))
         train_rows.extend(t.train)
+        if "fallback" in t.meta:  # trained on other data than the config names: the results must say so
+            fallbacks.append(t.meta["fallback"])
     evals = load_mixture_eval_tasks(cfg)
     random.Random(seed).shuffle(train_rows)
     mix = TaskData(run.task, evals[0].kind, train_rows, [], None,
-                   {"mixture": cfg.mixture, "n_train": len(train_rows), "seed": seed})
+                   {"mixture": cfg.mixture, "n_train": len(train_rows), "seed": seed,
+                    **({"fallback": fallbacks} if fallbacks else {})})
     return mix, evals
 
 
