@@ -61,3 +61,18 @@ def test_offline_commonsense_170k_falls_back_to_the_bundled_mixture_and_says_so(
     assert len(task.train) == len(expected)
     tested = {json.dumps(r, sort_keys=True) for name in ("piqa", "obqa") for r in load_task(name, seed=3).test}
     assert not tested & {json.dumps(r, sort_keys=True) for r in task.train}
+
+
+@needs_data
+def test_a_mixture_training_on_commonsense_170k_records_the_fallback(monkeypatch):
+    from fimlora.experiments.config import ExperimentConfig, expand_runs
+    from fimlora.experiments.sweep import _load_tasks
+
+    monkeypatch.setattr(data, "_hub_load_dataset", lambda spec: (_ for _ in ()).throw(ConnectionError("offline")))
+    cfg = ExperimentConfig(name="c", model="smollm2", methods=["lora"], seeds=[1], ranks=[2],
+                           mixture={"train": ["commonsense_170k"], "eval": ["piqa"]},
+                           data={"max_train_per_task": 10, "max_test": 5})
+    train, evals = _load_tasks(cfg, expand_runs(cfg)[0])
+    (note,) = train.meta["fallback"]
+    assert note.startswith("commonsense_170k (hf:zwhe99/commonsense_170k) could not be loaded (ConnectionError")
+    assert len(train.train) == 10 and [t.name for t in evals] == ["piqa"]
