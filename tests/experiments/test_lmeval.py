@@ -53,3 +53,40 @@ def test_local_tasks_give_our_log_likelihoods_and_accuracy(smol, tmp_path):
     assert set(scores) == {"piqa", "hellaswag", "winogrande"}
     assert scores["piqa"]["n"] == 12 and 0 <= scores["piqa"]["acc_norm"] <= 1
     assert scores["piqa"]["evaluator"].endswith(": fimlora_piqa")
+
+
+def test_a_sweep_with_evaluator_lm_eval_scores_the_saved_adapter_offline(tmp_path, monkeypatch):
+    from fimlora.experiments.config import ExperimentConfig
+    from fimlora.experiments.report import load_results
+    from fimlora.experiments.sweep import run_sweep
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    cfg = ExperimentConfig(name="d", model="smollm2", n_layers=2, methods=["fim"], seeds=[1], ranks=[2],
+                           mixture={"train": ["piqa"], "eval": ["piqa", "arc_easy"]}, evaluator="lm_eval",
+                           target_modules=["q_proj", "v_proj"], fim={"n_batches": 1},
+                           train={"max_steps": 2, "batch_size": 4, "max_length": 64, "eval_batch_size": 8},
+                           data={"max_train_per_task": 16, "max_test": 6})
+    assert run_sweep(cfg, tmp_path, progress=False)["ok"] == 1
+    (run,) = load_results(tmp_path)
+    for task in ("piqa", "arc_easy"):
+        m = run["metrics"][task]
+        assert m["n"] == 6 and m["primary"] == "accuracy" and 0 <= m["acc_norm"] <= 1
+        assert f": fimlora_{task} (local task over the bundled test questions: HF_HUB_OFFLINE" in m["evaluator"]
+
+
+def test_evaluator_is_checked_and_the_default_keeps_old_hashes():
+    from dataclasses import asdict
+
+    from fimlora.experiments.config import ExperimentConfig, expand_runs, run_settings_hash
+
+    base = dict(name="d", model="smollm2", methods=["lora"], seeds=[1], ranks=[2],
+                mixture={"train": ["piqa"], "eval": ["piqa"]})
+    with pytest.raises(ValueError, match=r"evaluator: 'lm_eval' scores a mixture's eval tasks among .*got \['siqa'\]"):
+        ExperimentConfig(**{**base, "mixture": {"train": ["piqa"], "eval": ["siqa"]}}, evaluator="lm_eval")
+    with pytest.raises(ValueError, match=r"evaluator: must be one of \['fimlora', 'lm_eval'\], got 'lm-eval'"):
+        ExperimentConfig(**base, evaluator="lm-eval")
+    cfg = ExperimentConfig(**base)
+    run = expand_runs(cfg)[0]
+    old = {k: v for k, v in asdict(cfg).items() if k != "evaluator"}  # a result recorded before the setting
+    assert run_settings_hash(old, run) == run_settings_hash(asdict(cfg), run)
+    assert run_settings_hash(asdict(ExperimentConfig(**base, evaluator="lm_eval")), run) != run_settings_hash(old, run)

@@ -156,6 +156,23 @@ def _check_task_type(name: str, value) -> None:
     check_task_type(name, value)
 
 
+EVALUATORS = ("fimlora", "lm_eval")
+
+
+def _check_evaluator(cfg: ExperimentConfig) -> None:
+    """``evaluator``: our scorer, or lm-evaluation-harness for a mixture of the multiple-choice tasks it has."""
+    if cfg.evaluator not in EVALUATORS:
+        raise ValueError(f"evaluator: must be one of {list(EVALUATORS)}, got {cfg.evaluator!r}")
+    if cfg.evaluator == "lm_eval":
+        from .lmeval import LM_EVAL_TASKS
+
+        names = cfg.mixture.get("eval", []) if isinstance(cfg.mixture, Mapping) else []
+        unknown = [n for n in names if n not in LM_EVAL_TASKS]
+        if not names or unknown:
+            raise ValueError(f"evaluator: 'lm_eval' scores a mixture's eval tasks among {sorted(LM_EVAL_TASKS)}; "
+                             f"got {unknown or 'no mixture'}")
+
+
 def _check_path(name: str, value) -> None:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{name}: must be a file path, got {value!r}")
@@ -199,6 +216,7 @@ class ExperimentConfig:
     train: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
     keep_adapters: bool = False
+    evaluator: str = "fimlora"
     notes: str = ""
 
     def __post_init__(self) -> None:
@@ -229,6 +247,7 @@ class ExperimentConfig:
         _check_train_block(self.train)
         check_block("data", self.data, DATA_SETTINGS)
         check_bool("keep_adapters", self.keep_adapters)
+        _check_evaluator(self)
         if not isinstance(self.notes, str):
             raise ValueError(f"notes: must be a string, got {self.notes!r}")
 
@@ -374,7 +393,10 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 # Settings every run depends on, and the blocks that matter only to some methods. The names, notes,
 # keep_adapters and the other runs of the grid (methods, seeds, ranks lists) do not change a run.
 _COMMON_SETTINGS = ("model", "tasks", "mixture", "n_layers", "target_modules", "lora_alpha_ratio", "lora_dropout",
-                    "train", "data")
+                    "train", "data", "evaluator")
+# Settings added after results were first recorded, with the value every earlier result was made with:
+# at that value they stay out of the hash, so those results keep theirs.
+_ADDED_SETTINGS = {"evaluator": "fimlora"}
 _METHOD_SETTINGS = {"fim": ("fim",), "random": ("fim",), "eva": ("eva",), "adalora": ("adalora",)}
 
 
@@ -390,6 +412,9 @@ def run_settings(config: Mapping, run: RunSpec) -> dict:
     defaults = _field_defaults()
     keys = _COMMON_SETTINGS + _METHOD_SETTINGS.get(run.method, ())
     settings = {k: config[k] if k in config else defaults[k] for k in keys}
+    for key, before in _ADDED_SETTINGS.items():
+        if settings.get(key) == before:
+            del settings[key]
     if settings["tasks"]:  # only this run's task entry matters, not the others in the list
         entries = [t for t in settings["tasks"] if task_id(t) == run.task]
         settings["tasks"] = entries or [run.task]
