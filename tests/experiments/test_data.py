@@ -223,8 +223,8 @@ def test_choice_logliks_match_one_unpadded_sequence_at_a_time():
 
 
 def test_task_kind_is_validated():
-    with pytest.raises(ValueError, match=r"TaskData 'x': kind 'regression' is not one of"):
-        TaskData("x", "regression", [], [])
+    with pytest.raises(ValueError, match=r"TaskData 'x': kind 'ranking' is not one of"):
+        TaskData("x", "ranking", [], [])
 
 
 def duplicated_file(tmp_path):

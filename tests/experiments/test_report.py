@@ -7,12 +7,12 @@ import json
 import pytest
 
 from fimlora.experiments.report import (
-    accuracies,
     build_report,
     load_results,
     mean_std,
     rank_sweep,
     select_runs,
+    task_scores,
     verdicts,
 )
 from fimlora.extras import MissingExtraError
@@ -28,15 +28,15 @@ def _fake_run(method, seed, accs, r=2):
             "metrics": {t: {"accuracy": a} for t, a in accs.items()}}
 
 
-def test_select_runs_and_accuracies_keep_run_order_and_skip_diverged_runs():
+def test_select_runs_and_task_scores_keep_run_order_and_skip_diverged_runs():
     runs = [_fake_run("lora", 1, {"a": 0.5}), _fake_run("fim", 1, {"a": 0.6}, r=4),
             {**_fake_run("fim", 2, {"a": 0.7}), "fim_variant": {"r_min": 2}}, _fake_run("fim", 3, {"a": 0.8}),
             {**_fake_run("fim", 4, {"a": 0.9}), "status": "diverged"}]
     assert [x["seed"] for x in select_runs(runs, method="fim")] == [1, 2, 3, 4]
     assert [x["seed"] for x in select_runs(runs, method="fim", r=2, variant="")] == [3, 4]
     assert [x["seed"] for x in select_runs(runs, variant="r_min=2")] == [2]
-    assert accuracies(select_runs(runs, method="fim", r=2), "a") == [0.7, 0.8]  # the diverged run has none
-    assert accuracies(runs, "b") == []
+    assert task_scores(select_runs(runs, method="fim", r=2), "a") == [0.7, 0.8]  # the diverged run has none
+    assert task_scores(runs, "b") == []
 
 
 def test_verdicts_judge_each_task_and_the_average_against_seed_noise():
@@ -99,8 +99,9 @@ def test_build_report_from_run_files(tmp_path):
     assert "#### t, r = 2: r_min\n\n| r_min | Acc. (%) |\n|---|---|\n| r_min = 1 | 55.00 ± 0.00 |" in md
     assert "mean rank by type: self_attn.q_proj 1.50, self_attn.v_proj 1.50" in md
     assert "| FIM-LoRA (r_min=2) | 1.00 | 10.0 | 1,000 |  |" in md
-    assert table.splitlines() == ["table,r,method,variant,task,mean,std,n",
-                                  "main,2,lora,,t,55.0,7.0710678118654755,2", "main,2,fim,,t,70.0,0.0,1"]
+    assert table.splitlines() == ["table,r,method,variant,task,mean,std,n,metric",
+                                  "main,2,lora,,t,55.0,7.0710678118654755,2,accuracy",
+                                  "main,2,fim,,t,70.0,0.0,1,accuracy"]
 
 
 def test_report_without_the_plotting_extra_warns_and_keeps_the_tables(tmp_path, monkeypatch):
@@ -125,3 +126,57 @@ def test_report_names_result_files_it_cannot_read(tmp_path):
     assert [r["run_id"] for r in runs] == ["a"]
     messages = " ".join(str(w.message) for w in caught)
     assert "torn.json" in messages and "list.json is not a run result" in messages
+
+
+# The paper's Table 1, LoRA row: MNLI, SST-2, CoLA, MRPC, QQP, QNLI, STS-B, RTE; its Avg is 88.67.
+PAPER_LORA = {"mnli": 90.31, "sst2": 96.14, "cola": 70.46, "mrpc": 92.22, "qqp": 88.99, "qnli": 94.09,
+              "stsb": 91.25, "rte": 85.92}
+# The metrics each GLUE task records; the first is the one the paper's column shows, the others are decoys
+# (a report that showed accuracy for CoLA or MRPC would print 11.11).
+GLUE_RECORDS = {"mnli": ("accuracy", "accuracy_mismatched"), "sst2": ("accuracy",), "cola": ("matthews", "accuracy"),
+                "mrpc": ("f1", "accuracy"), "qqp": ("f1", "accuracy"), "qnli": ("accuracy",),
+                "stsb": ("pearson", "spearman"), "rte": ("accuracy",)}
+
+
+def _glue_run(task, method, seed, value, experiment="glue_large", metrics=None):
+    names = metrics or GLUE_RECORDS[task]
+    recorded = {name: (value if i == 0 else 0.1111) for i, name in enumerate(names)}
+    return {**_full_run(method, seed, 0.0), "run_id": f"hf-glue-{task}__{method}__r2__s{seed}",
+            "experiment": experiment, "task": f"hf-glue-{task}",
+            "metrics": {f"glue:{task}": {**recorded, "n": 100, "primary": "accuracy"}}}
+
+
+def test_glue_table_shows_the_papers_metric_in_each_column_and_its_average(tmp_path):
+    runs = [_glue_run(t, "lora", seed, v / 100, "glue_small" if t in ("cola", "mrpc", "stsb", "rte") else "glue_large")
+            for t, v in PAPER_LORA.items() for seed in (1, 2)]
+    _write_runs(tmp_path, runs)
+    md, table = build_report(tmp_path)
+    glue = md[md.index("## GLUE (the paper's Table 1 layout)"):md.index("## glue_large")]
+    assert ("| Method | MNLI (Acc) | SST-2 (Acc) | CoLA (Mcc) | MRPC (F1) | QQP (F1) | QNLI (Acc) | STS-B (Pearson) "
+            "| RTE (Acc) | Avg |") in glue
+    assert ("| LoRA | 90.31 ± 0.00 | 96.14 ± 0.00 | 70.46 ± 0.00 | 92.22 ± 0.00 | 88.99 ± 0.00 | 94.09 ± 0.00 "
+            "| 91.25 ± 0.00 | 85.92 ± 0.00 | 88.67 ± 0.00 |") in glue
+    assert "CoLA Matthews correlation" in glue and "MRPC F1 of the positive class" in glue
+    assert "Mcc = Matthews correlation" in glue
+    # each experiment's own section names its columns' metrics too
+    assert "| Method | CoLA (Mcc) | MRPC (F1) | STS-B (Pearson) | RTE (Acc) | Avg |" in md
+    assert "glue,2,lora,,glue:cola,70.46,0.0,2,matthews" in table.splitlines()
+
+
+def test_glue_table_keeps_the_layout_when_tasks_are_missing_and_leaves_out_old_results(tmp_path):
+    old_cola = _glue_run("cola", "lora", 1, 0.80, metrics=("accuracy",))  # written before Matthews was recorded
+    _write_runs(tmp_path, [_glue_run("rte", "lora", 1, 0.70), old_cola])
+    md, _ = build_report(tmp_path)
+    assert "| LoRA | – | – | – | – | – | – | – | 70.00 ± 0.00 | – |" in md  # no Avg without all eight
+    assert "Left out: glue:cola: 1 run(s) have no matthews recorded (made before it was; rerun them)." in md
+
+
+def test_a_regression_task_reports_its_headline_correlation(tmp_path):
+    runs = [{**_full_run("lora", seed, 0.0), "run_id": f"scores__lora__r2__s{seed}", "task": "scores",
+             "metrics": {"scores": {"pearson": p, "spearman": 0.1, "n": 10, "primary": "pearson"}}}
+            for seed, p in ((1, 0.80), (2, 0.90))]
+    _write_runs(tmp_path, runs)
+    md, _ = build_report(tmp_path)
+    assert ("#### r = 2 (% of each column's metric (Pearson = Pearson correlation), mean ± std over 2 seeds; "
+            "trainable parameters)") in md
+    assert "| Method | scores (Pearson) | Avg |" in md and "| LoRA | 85.00 ± 7.07 | 85.00 ± 7.07 |" in md

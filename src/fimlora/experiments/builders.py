@@ -14,7 +14,7 @@ import torch
 
 from ..config import FimConfig
 from ..extras import require
-from .data import TaskData, collator_for
+from .data import HEAD_KINDS, TaskData, collator_for
 from .models import load_causal_lm, load_classifier, load_tokenizer
 
 __all__ = [
@@ -53,8 +53,8 @@ UNKNOWN_TOKEN_WARNING = 0.5
 
 
 def task_type_for(kind: str) -> str:
-    """PEFT task type for a task kind: a classification head or a causal LM."""
-    return "SEQ_CLS" if kind == "classification" else "CAUSAL_LM"
+    """PEFT task type for a task kind: a classification (or regression) head or a causal LM."""
+    return "SEQ_CLS" if kind in HEAD_KINDS else "CAUSAL_LM"
 
 
 def build_tokenizer(model: str):
@@ -96,7 +96,7 @@ def quantized_device_map():
 
 def build_base_model(model: str, task: TaskData, n_layers: int | None = None, seed: int = 0,
                      dtype: torch.dtype = torch.float32, quantization: str | None = None):
-    """A classifier with a seeded head for classification tasks, else a causal LM.
+    """A classifier with a seeded head for classification (one output for regression) tasks, else a causal LM.
 
     ``quantization`` ("4bit" or "8bit") loads the weights through bitsandbytes and then runs PEFT's
     ``prepare_model_for_kbit_training`` (frozen base, norms and head in fp32), ready for ``get_peft_model``.
@@ -104,11 +104,12 @@ def build_base_model(model: str, task: TaskData, n_layers: int | None = None, se
     check_quantization(quantization)
     load = {}
     if quantization is not None:
-        skip = list(CLASSIFICATION_HEADS) if task.kind == "classification" else None
+        skip = list(CLASSIFICATION_HEADS) if task.kind in HEAD_KINDS else None
         load = {"quantization_config": build_quantization_config(quantization, dtype, skip),
                 "device_map": quantized_device_map()}
-    if task.kind == "classification":
-        base = load_classifier(model, task.num_labels, n_layers, seed=seed, **load)
+    if task.kind in HEAD_KINDS:
+        base = load_classifier(model, task.num_labels, n_layers, seed=seed, regression=task.kind == "regression",
+                               **load)
     else:
         base = load_causal_lm(model, n_layers, dtype=dtype, **load)
     if quantization is None:

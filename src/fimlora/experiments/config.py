@@ -138,12 +138,13 @@ def _check_tasks(cfg: ExperimentConfig) -> None:
             raise ValueError(f"tasks: must be a list, got {cfg.tasks!r}")
         for i, entry in enumerate(cfg.tasks):
             if isinstance(entry, Mapping):
-                check_block(f"tasks[{i}]", entry, {"train": _check_path, "test": _check_path})
+                check_block(f"tasks[{i}]", entry, {"train": _check_path, "test": _check_path,
+                                                   "task_type": _check_task_type})
                 if "train" not in entry:
-                    raise ValueError(f"tasks[{i}]: a train/test pair needs 'train', got {dict(entry)}")
+                    raise ValueError(f"tasks[{i}]: a file entry needs 'train', got {dict(entry)}")
             elif not isinstance(entry, str) or not entry:
-                raise ValueError(f"tasks[{i}]: must be a task name, a file, or {{train: FILE, test: FILE}}, "
-                                 f"got {entry!r}")
+                raise ValueError(f"tasks[{i}]: must be a task name, a file, or {{train: FILE, test: FILE, "
+                                 f"task_type: regression}} (test and task_type optional), got {entry!r}")
             else:
                 _check_task_file(f"tasks[{i}]", entry)
     if cfg.mixture:
@@ -154,6 +155,29 @@ def _check_tasks(cfg: ExperimentConfig) -> None:
         for part in ("train", "eval"):
             for i, name in enumerate(cfg.mixture[part]):
                 _check_task_file(f"mixture.{part}[{i}]", name)
+
+
+def _check_task_type(name: str, value) -> None:
+    from .data import check_task_type
+
+    check_task_type(name, value)
+
+
+EVALUATORS = ("fimlora", "lm_eval")
+
+
+def _check_evaluator(cfg: ExperimentConfig) -> None:
+    """``evaluator``: our scorer, or lm-evaluation-harness for a mixture of the multiple-choice tasks it has."""
+    if cfg.evaluator not in EVALUATORS:
+        raise ValueError(f"evaluator: must be one of {list(EVALUATORS)}, got {cfg.evaluator!r}")
+    if cfg.evaluator == "lm_eval":
+        from .lmeval import LM_EVAL_TASKS
+
+        names = cfg.mixture.get("eval", []) if isinstance(cfg.mixture, Mapping) else []
+        unknown = [n for n in names if n not in LM_EVAL_TASKS]
+        if not names or unknown:
+            raise ValueError(f"evaluator: 'lm_eval' scores a mixture's eval tasks among {sorted(LM_EVAL_TASKS)}; "
+                             f"got {unknown or 'no mixture'}")
 
 
 def _check_path(name: str, value) -> None:
@@ -177,7 +201,8 @@ def _check_task_file(name: str, entry: str) -> None:
 @dataclass
 class ExperimentConfig:
     """One experiment. ``tasks``: one run per task (train and test on it; an entry is a bundled task,
-    a file, or ``{train: FILE, test: FILE}``). ``mixture``: train once on the union of
+    a file, or ``{train: FILE, test: FILE, task_type: regression}`` with test and task_type optional).
+    ``mixture``: train once on the union of
     ``mixture["train"]`` tasks and evaluate on each of ``mixture["eval"]``."""
 
     name: str
@@ -199,6 +224,7 @@ class ExperimentConfig:
     train: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
     keep_adapters: bool = False
+    evaluator: str = "fimlora"
     notes: str = ""
 
     def __post_init__(self) -> None:
@@ -229,6 +255,7 @@ class ExperimentConfig:
         _check_train_block(self.train)
         check_block("data", self.data, DATA_SETTINGS)
         check_bool("keep_adapters", self.keep_adapters)
+        _check_evaluator(self)
         if not isinstance(self.notes, str):
             raise ValueError(f"notes: must be a string, got {self.notes!r}")
 
@@ -381,7 +408,10 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 # Settings every run depends on, and the blocks that matter only to some methods. The names, notes,
 # keep_adapters and the other runs of the grid (methods, seeds, ranks lists) do not change a run.
 _COMMON_SETTINGS = ("model", "tasks", "mixture", "n_layers", "target_modules", "lora_alpha_ratio", "lora_dropout",
-                    "train", "data")
+                    "train", "data", "evaluator")
+# Settings added after results were first recorded, with the value every earlier result was made with:
+# at that value they stay out of the hash, so those results keep theirs.
+_ADDED_SETTINGS = {"evaluator": "fimlora"}
 _METHOD_SETTINGS = {"fim": ("fim",), "random": ("fim",), "eva": ("eva",), "adalora": ("adalora",)}
 
 
@@ -397,6 +427,9 @@ def run_settings(config: Mapping, run: RunSpec) -> dict:
     defaults = _field_defaults()
     keys = _COMMON_SETTINGS + _METHOD_SETTINGS.get(run.method, ())
     settings = {k: config[k] if k in config else defaults[k] for k in keys}
+    for key, before in _ADDED_SETTINGS.items():
+        if settings.get(key) == before:
+            del settings[key]
     if settings["tasks"]:  # only this run's task entry matters, not the others in the list
         entries = [t for t in settings["tasks"] if task_id(t) == run.task]
         settings["tasks"] = entries or [run.task]

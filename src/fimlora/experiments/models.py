@@ -185,18 +185,24 @@ def quiet_loading():
             hf_logging.enable_progress_bar()
 
 
-def load_classifier(name: str, num_labels: int, n_layers: int | None = None, seed: int = 0, **load):
+def load_classifier(name: str, num_labels: int, n_layers: int | None = None, seed: int = 0,
+                    regression: bool = False, **load):
     """Sequence classifier with a freshly initialised (seeded) head.
 
-    ``load`` goes to ``from_pretrained`` (``quantization_config``, ``device_map``).
+    ``regression``: one output trained with MSE (transformers' ``problem_type="regression"``), set
+    explicitly so that the loss never depends on the labels' dtype. ``load`` goes to ``from_pretrained``
+    (``quantization_config``, ``device_map``).
     """
     from transformers import AutoModelForSequenceClassification
 
+    if regression:
+        num_labels, load = 1, {**load, "problem_type": "regression"}
     torch.manual_seed(seed)
     with quiet_loading():
         model = AutoModelForSequenceClassification.from_pretrained(resolve_model(name), num_labels=num_labels,
                                                                    **load)
-    logger.info("fimlora: %s loaded with a new %d-way classification head (seed %d)", name, num_labels, seed)
+    logger.info("fimlora: %s loaded with a new %s head (seed %d)", name,
+                "one-output regression" if regression else f"{num_labels}-way classification", seed)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return cut_layers(model, n_layers)

@@ -1,8 +1,13 @@
 """``fimlora report``: the paper's tables (mean ± std over seeds) from a folder of run results.
 
 A *run* is one result JSON as written by the sweep (``run_id``, ``experiment``, ``task``, ``method``, ``r``,
-``seed``, ``status``, ``fim_variant``, ``metrics`` = {task: {"accuracy": 0-1, "n": test size}}, costs and
-rank maps). Accuracies are stored as fractions and shown as percentages.
+``seed``, ``status``, ``fim_variant``, ``metrics`` = {task: {metric: 0-1, ..., "n": test size, "primary":
+headline metric}}, costs and rank maps). Metrics are stored as fractions and shown times 100.
+
+Each task's column shows one metric (:func:`column_metric`): for GLUE through ``hf:glue:NAME`` the one
+the paper's Table 1 shows (Matthews for CoLA, Pearson for STS-B, F1 for MRPC and QQP, accuracy for the
+rest); for any other task the headline its results record, accuracy for results older than that.
+GLUE runs of every experiment are also gathered into one table in the paper's Table 1 layout.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ from pathlib import Path
 
 from ..extras import MissingExtraError
 from ..io import atomic_write_text
+from .metrics import GLUE_COLUMNS, GLUE_DISPLAY, METRIC_LABELS, METRICS, PAPER_METRIC, glue_task
 
-__all__ = ["load_results", "mean_std", "accuracies", "select_runs", "build_report", "write_report"]
+__all__ = ["load_results", "mean_std", "task_scores", "select_runs", "build_report", "write_report"]
 
 METHOD_ORDER = ["lora", "adalora", "eva", "random", "fim"]
 METHOD_LABEL = {"lora": "LoRA", "adalora": "AdaLoRA", "eva": "EVA", "random": "Random-rank", "fim": "FIM-LoRA"}
@@ -32,7 +38,10 @@ AVG = "Avg"
 NOT_RUN_RESULTS = ("demo_results.json", "rank_map.json", "benchmarks.json")
 # Folders the sweep keeps beside the results: work in progress, superseded runs, locks and saved adapters.
 NOT_RESULT_FOLDERS = {".work", ".stale", ".locks", "adapters"}
-CSV_FIELDS = ["table", "r", "method", "variant", "task", "mean", "std", "n"]
+CSV_FIELDS = ["table", "r", "method", "variant", "task", "mean", "std", "n", "metric"]
+# What each metric's short label in a header means.
+METRIC_NAMES = {"accuracy": "accuracy", "f1": "F1 of the positive class", "matthews": "Matthews correlation",
+                "pearson": "Pearson correlation", "spearman": "Spearman correlation"}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -87,35 +96,82 @@ def select_runs(runs: list[dict], method: str | None = None, r: int | None = Non
             and (experiment is None or run["experiment"] == experiment)]
 
 
-def accuracies(runs: list[dict], task: str) -> list[float]:
-    """Accuracy (0-1) on ``task`` of each run that finished ``ok`` and was scored on it, in run order."""
-    return [a for a in (_accuracy(run, task) for run in runs) if a is not None]
+def task_scores(runs: list[dict], task: str) -> list[float]:
+    """The column metric (0-1, see :func:`column_metric`) on ``task`` of each run that finished ``ok`` and was
+    scored on it, in run order."""
+    return [a for a in (_score(run, task) for run in runs) if a is not None]
 
 
-def _accuracy(run: dict, task: str) -> float | None:
+def column_metric(run: dict, task: str) -> str:
+    """The metric ``task``'s column shows for ``run``: the paper's for a GLUE task, else the run's headline."""
+    glue = glue_task(task)
+    if glue in PAPER_METRIC:
+        return PAPER_METRIC[glue]
     metrics = run["metrics"].get(task)
-    if run["status"] != "ok" or not metrics or "accuracy" not in metrics:
+    return metrics.get("primary", "accuracy") if isinstance(metrics, dict) else "accuracy"
+
+
+def _score(run: dict, task: str) -> float | None:
+    """``run``'s column metric on ``task`` (0-1), None when it did not finish ok or has no such metric."""
+    metrics = run["metrics"].get(task)
+    metric = column_metric(run, task)
+    if run["status"] != "ok" or not metrics or metric not in metrics:
         return None
-    return float(metrics["accuracy"])
+    return float(metrics[metric])
+
+
+def _task_metric(runs: list[dict], task: str) -> str:
+    """The metric of ``task``'s column over ``runs`` (the first run scored on it decides; accuracy for none)."""
+    return next((column_metric(run, task) for run in runs if task in run["metrics"]), "accuracy")
+
+
+def _column_header(runs: list[dict], task: str) -> str:
+    """A task's column name: GLUE's name and metric ("CoLA (Mcc)"); other tasks name a metric unless accuracy."""
+    metric = _task_metric(runs, task)
+    glue = glue_task(task)
+    if glue is not None:
+        return f"{GLUE_DISPLAY[glue]} ({METRIC_LABELS[metric]})"
+    return task if metric == "accuracy" else f"{task} ({METRIC_LABELS.get(metric, metric)})"
+
+
+def _unit(runs: list[dict], tasks: list[str]) -> str:
+    """What a table's numbers are: "accuracy %" when every column is accuracy, else each column's metric."""
+    metrics = {_task_metric(runs, task) for task in tasks}
+    if metrics <= {"accuracy"}:
+        return "accuracy %"
+    return "% of each column's metric (" + "; ".join(f"{METRIC_LABELS.get(m, m)} = {METRIC_NAMES.get(m, m)}"
+                                                     for m in METRICS if m in metrics) + ")"
+
+
+def _missing_metric_note(runs: list[dict], tasks: list[str]) -> str:
+    """A line naming the tasks some of whose ok runs lack the column's metric (results older than it)."""
+    missing = []
+    for task in tasks:
+        lacking = [run for run in runs
+                   if run["status"] == "ok" and task in run["metrics"] and _score(run, task) is None]
+        if lacking:
+            missing.append(f"{task}: {len(lacking)} run(s) have no {_task_metric(runs, task)} recorded "
+                           "(made before it was; rerun them)")
+    return ("Left out: " + "; ".join(missing) + ".") if missing else ""
 
 
 def _seed_avgs(runs: list[dict], tasks: list[str]) -> list[float]:
-    """Per seed, the mean accuracy over ``tasks`` (the paper's Avg column), for seeds that have all of them.
+    """Per seed, the mean column metric over ``tasks`` (the paper's Avg column), for seeds that have all of them.
 
     Works alike for a mixture (one run per seed scored on every task) and for one run per task.
     """
     per_seed: dict[int, dict[str, float]] = defaultdict(dict)
     for run in runs:
         for task in tasks:
-            a = _accuracy(run, task)
+            a = _score(run, task)
             if a is not None:
                 per_seed[run["seed"]][task] = a
     return [statistics.fmean(by_task.values()) for by_task in per_seed.values() if len(by_task) == len(tasks)]
 
 
 def _scores(runs: list[dict], task: str, tasks: list[str]) -> list[float]:
-    """Accuracies on ``task``; for ``AVG``, the per-seed means over ``tasks``."""
-    return _seed_avgs(runs, tasks) if task == AVG else accuracies(runs, task)
+    """Column metrics on ``task``; for ``AVG``, the per-seed means over ``tasks``."""
+    return _seed_avgs(runs, tasks) if task == AVG else task_scores(runs, task)
 
 
 def _points(values: list[float]) -> list[float]:
@@ -170,13 +226,14 @@ def _label(method: str, variant: str) -> str:
 
 
 def _eval_tasks(runs: list[dict]) -> list[str]:
-    """Every task the runs were scored on, in first-seen order."""
+    """Every task the runs were scored on: GLUE tasks in the paper's column order, then the others first-seen."""
     tasks = []
     for run in runs:
         for task in run["metrics"]:
             if task not in tasks:
                 tasks.append(task)
-    return tasks
+    order = {name: i for i, name in enumerate(GLUE_COLUMNS)}
+    return sorted(tasks, key=lambda task: order.get(glue_task(task), len(order)))
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -189,31 +246,36 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 # ----------------------------------------------------------------------------- methods x tasks
 
 
-def main_tables(runs: list[dict], csv_rows: list[dict]) -> list[str]:
-    """Methods x tasks, mean ± std over seeds, with Avg; one table per rank. Appends each cell to ``csv_rows``."""
+def main_tables(runs: list[dict], csv_rows: list[dict], table: str = "main",
+                tasks: list[str] | None = None) -> list[str]:
+    """Methods x tasks, mean ± std over seeds, with Avg; one table per rank. Appends each cell to ``csv_rows``
+    (under ``table``). ``tasks`` fixes the columns (a task no run has shows "–"); default: every task scored."""
     out = []
     for r in _ranks(runs):
         at_r = select_runs(runs, r=r)
-        tasks = _eval_tasks(at_r)
+        columns = tasks if tasks is not None else _eval_tasks(at_r)
         n_seeds = len({run["seed"] for run in at_r})
-        rows = [_main_row(at_r, method, variant, tasks, n_seeds, csv_rows) for method, variant in _method_rows(at_r)]
-        out.append(f"#### r = {r} (accuracy %, mean ± std over {n_seeds} seeds; trainable parameters)\n\n"
-                   + _table(["Method", *tasks, AVG, "params"], rows))
+        rows = [_main_row(at_r, method, variant, columns, n_seeds, csv_rows, table)
+                for method, variant in _method_rows(at_r)]
+        note = _missing_metric_note(at_r, columns)
+        out.append(f"#### r = {r} ({_unit(at_r, columns)}, mean ± std over {n_seeds} seeds; trainable parameters)\n\n"
+                   + _table(["Method", *(_column_header(at_r, t) for t in columns), AVG, "params"], rows)
+                   + (f"\n\n{note}" if note else ""))
     return out
 
 
 def _main_row(at_r: list[dict], method: str, variant: str, tasks: list[str], n_seeds: int,
-              csv_rows: list[dict]) -> list[str]:
+              csv_rows: list[dict], table: str = "main") -> list[str]:
     """One method's row of a main table (label, a cell per task, Avg), its cells also appended to ``csv_rows``."""
     sel = select_runs(at_r, method=method, variant=variant)
     r = at_r[0]["r"]
     cells = []
     for task in tasks:
-        values = accuracies(sel, task)
+        values = task_scores(sel, task)
         cells.append(_fmt(values, n_seeds))
         m, s = mean_std(_points(values))
-        csv_rows.append({"table": "main", "r": r, "method": method, "variant": variant, "task": task,
-                         "mean": m, "std": s, "n": len(values)})
+        csv_rows.append({"table": table, "r": r, "method": method, "variant": variant, "task": task,
+                         "mean": m, "std": s, "n": len(values), "metric": _task_metric(at_r, task)})
     diverged = sum(1 for run in sel if run["status"] == "diverged")
     label = _label(method, variant) + (f" ⚠ {diverged} diverged" if diverged else "")
     return [label, *cells, _fmt(_seed_avgs(sel, tasks), n_seeds), _params_cell(sel)]
@@ -225,6 +287,24 @@ def _params_cell(runs: list[dict]) -> str:
     if not params:
         return "–"
     return f"{params[0]:,}" + (f"–{params[-1]:,}" if len(params) > 1 else "")
+
+
+def glue_table(runs: list[dict], csv_rows: list[dict]) -> list[str]:
+    """The paper's Table 1 from the GLUE runs of every experiment: MNLI, SST-2, CoLA, MRPC, QQP, QNLI, STS-B,
+    RTE and Avg (the per-seed mean of the eight, so a seed missing any task has none), one table per rank."""
+    glue = [run for run in runs if any(glue_task(task) in GLUE_COLUMNS for task in run["metrics"])]
+    plain = select_runs(glue, variant="")
+    if not plain:
+        return []
+    seen = _eval_tasks(plain)
+    # A GLUE task no run has keeps its column, so the layout is always the paper's.
+    columns = [next((t for t in seen if glue_task(t) == name), f"glue:{name}") for name in GLUE_COLUMNS]
+    legend = ("Columns as in the paper's Table 1, each with the metric the paper shows: "
+              + ", ".join(f"{GLUE_DISPLAY[n]} {METRIC_NAMES[PAPER_METRIC[n]]}" for n in GLUE_COLUMNS)
+              + " (MNLI matched; mismatched accuracy, MRPC/QQP accuracy, STS-B Spearman and CoLA accuracy are "
+              "in the result files). Avg is the mean of the eight per seed.")
+    return ["## GLUE (the paper's Table 1 layout)", "", legend, ""] + [
+        t + "\n" for t in main_tables(plain, csv_rows, table="glue", tasks=columns)]
 
 
 def rank_sweep(runs: list[dict]) -> list[str]:
@@ -241,7 +321,7 @@ def rank_sweep(runs: list[dict]) -> list[str]:
                  *(_fmt(_scores(select_runs(runs, method=method, r=r, variant=variant), task, tasks))
                    for r in ranks)]
                 for method, variant in _method_rows(runs)]
-        title = f"Avg over {len(tasks)} tasks" if mixture else task
+        title = f"Avg over {len(tasks)} tasks" if mixture else _column_header(runs, task)
         out.append(f"#### {title}\n\n" + _table(["Method", *[f"r = {r}" for r in ranks]], rows))
     return out
 
@@ -256,8 +336,8 @@ def fim_vs_random(runs: list[dict]) -> str:
         wins = ties = losses = 0
         detail = []
         for task in _eval_tasks(select_runs(runs, r=r)):
-            fim = accuracies(select_runs(runs, method="fim", r=r, variant=""), task)
-            rnd = accuracies(select_runs(runs, method="random", r=r), task)
+            fim = task_scores(select_runs(runs, method="fim", r=r, variant=""), task)
+            rnd = task_scores(select_runs(runs, method="random", r=r), task)
             if not fim or not rnd:
                 continue
             mf, mr = statistics.fmean(fim), statistics.fmean(rnd)
@@ -365,20 +445,22 @@ def _setting_values(runs: list[dict], key: str) -> list:
 
 
 def _grid_table(runs: list[dict], task: str, r: int, a: str, b: str) -> str:
-    """Accuracy on ``task`` with setting ``a`` down and setting ``b`` across."""
+    """The column metric on ``task`` with setting ``a`` down and setting ``b`` across."""
     b_values = _setting_values(runs, b)
     rows = [[f"{a} = {a_value}",
-             *(_fmt(accuracies(_with_settings(runs, {a: a_value, b: b_value}), task)) for b_value in b_values)]
+             *(_fmt(task_scores(_with_settings(runs, {a: a_value, b: b_value}), task)) for b_value in b_values)]
             for a_value in _setting_values(runs, a)]
-    return (f"#### {task}, r = {r}: {a} x {b}\n\n"
+    return (f"#### {_column_header(runs, task)}, r = {r}: {a} x {b}\n\n"
             + _table([f"{a} \\ {b}", *[f"{b} = {b_value}" for b_value in b_values]], rows))
 
 
 def _setting_table(runs: list[dict], task: str, r: int, key: str) -> str:
-    """Accuracy on ``task`` for each value of one setting."""
-    rows = [[f"{key} = {value}", _fmt(accuracies(_with_settings(runs, {key: value}), task))]
+    """The column metric on ``task`` for each value of one setting."""
+    rows = [[f"{key} = {value}", _fmt(task_scores(_with_settings(runs, {key: value}), task))]
             for value in _setting_values(runs, key)]
-    return f"#### {task}, r = {r}: {key}\n\n" + _table([key, "Acc. (%)"], rows)
+    metric = _task_metric(runs, task)
+    value_header = "Acc. (%)" if metric == "accuracy" else f"{METRIC_LABELS.get(metric, metric)} (%)"
+    return f"#### {_column_header(runs, task)}, r = {r}: {key}\n\n" + _table([key, value_header], rows)
 
 
 # ----------------------------------------------------------------------------- rank maps and cost
@@ -469,6 +551,9 @@ def build_report(results_dir, figures_dir: Path | None = None, title: str | None
     csv_rows: list[dict] = []
     experiments = sorted({run["experiment"] for run in runs})
     parts = _header(runs, experiments, title, commands, preface)
+    glue = glue_table(runs, csv_rows)
+    if glue:
+        parts += [""] + glue
     for experiment in experiments:
         parts += _experiment_section(select_runs(runs, experiment=experiment), experiment, figures_dir, csv_rows)
     return "\n".join(parts) + "\n", _csv_text(csv_rows)
@@ -501,7 +586,8 @@ def _experiment_section(runs: list[dict], experiment: str, figures_dir: Path | N
         parts += _plain_sections(plain, csv_rows)
     ablations = ablation_tables([run for run in runs if not _explicit_variant(run)])
     if ablations:
-        parts += ["### FIM-LoRA ablations (accuracy %, mean ± std over seeds)", ""] + [t + "\n" for t in ablations]
+        unit = _unit(runs, _eval_tasks(runs))
+        parts += [f"### FIM-LoRA ablations ({unit}, mean ± std over seeds)", ""] + [t + "\n" for t in ablations]
     stats = rank_map_stats(runs, figures_dir)
     if stats:
         parts += ["### Rank maps (§4.4 statistics: mean rank by module type and by layer third)", ""] + stats + [""]
@@ -521,7 +607,8 @@ def _plain_sections(plain: list[dict], csv_rows: list[dict]) -> list[str]:
     parts += [t + "\n" for t in main_tables(plain, csv_rows)]
     sweep = rank_sweep(plain)
     if sweep:
-        parts += ["### Rank sweep (accuracy %, mean ± std over seeds)", ""] + [t + "\n" for t in sweep]
+        unit = _unit(plain, _eval_tasks(plain))
+        parts += [f"### Rank sweep ({unit}, mean ± std over seeds)", ""] + [t + "\n" for t in sweep]
     verdict_text = verdicts(plain)
     if verdict_text:
         parts += ["### Where FIM-LoRA wins, ties or loses (difference in points; a tie is a difference "

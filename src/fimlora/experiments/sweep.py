@@ -147,7 +147,7 @@ def _load_single_task(cfg: ExperimentConfig, label: str):
     kwargs = {"seed": d.get("data_seed", 0), "max_train": d.get("max_train"), "max_test": d.get("max_test"),
               "test_fraction": d.get("test_fraction")}
     if isinstance(entry, dict):
-        return load_task(entry["train"], test_data=entry.get("test"), **kwargs)
+        return load_task(entry["train"], test_data=entry.get("test"), task_type=entry.get("task_type"), **kwargs)
     return load_task(entry, **kwargs)
 
 
@@ -162,14 +162,17 @@ def _load_tasks(cfg: ExperimentConfig, run: RunSpec):
         return task, [task]
     d = cfg.data
     seed = d.get("data_seed", 0)
-    train_rows = []
+    train_rows, fallbacks = [], []
     for name in cfg.mixture["train"]:
         t = load_task(name, seed=seed, max_train=d.get("max_train_per_task"), max_test=d.get("max_test"))
         train_rows.extend(t.train)
+        if "fallback" in t.meta:  # trained on other data than the config names: the results must say so
+            fallbacks.append(t.meta["fallback"])
     evals = load_mixture_eval_tasks(cfg)
     random.Random(seed).shuffle(train_rows)
     mix = TaskData(run.task, evals[0].kind, train_rows, [], None,
-                   {"mixture": cfg.mixture, "n_train": len(train_rows), "seed": seed})
+                   {"mixture": cfg.mixture, "n_train": len(train_rows), "seed": seed,
+                    **({"fallback": fallbacks} if fallbacks else {})})
     return mix, evals
 
 
@@ -193,13 +196,35 @@ def _method_spec(cfg: ExperimentConfig, run: RunSpec, kind: str, n_train: int, s
                       total_steps=_total_steps(n_train, settings))
 
 
-def _evaluate_saved(adapter_dir: Path, make_base, eval_tasks, tok, settings) -> dict:
-    """Reload the saved adapter with stock PEFT (no custom loader) onto a fresh base and score it."""
+def _evaluate_saved(adapter_dir: Path, make_base, eval_tasks, tok, settings, evaluator: str = "fimlora") -> dict:
+    """Reload the saved adapter with stock PEFT (no custom loader) onto a fresh base and score it
+    (with lm-evaluation-harness for ``evaluator="lm_eval"``)."""
     from .builders import reload_adapter
     from .train import evaluate
 
     reloaded = reload_adapter(make_base(), adapter_dir)
+    if evaluator == "lm_eval":
+        return lm_eval_metrics(reloaded, tok, eval_tasks, settings.eval_batch_size, adapter_dir.parent / "lm_eval")
     return {t.name: evaluate(reloaded, t, tok, settings) for t in eval_tasks}
+
+
+def lm_eval_metrics(model, tok, eval_tasks, batch_size: int, scratch: Path) -> dict:
+    """lm-eval's own seven tasks where the hub is reachable, else local tasks over the bundled test questions;
+    each task's ``evaluator`` says which was used, and why the local ones when they were."""
+    from .lmeval import LM_EVAL_TASKS, lm_eval_scores, write_local_tasks
+
+    offline = any(os.environ.get(v) == "1" for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    reason = "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set"
+    if not offline:
+        try:
+            return lm_eval_scores(model, tok, {t.name: LM_EVAL_TASKS[t.name] for t in eval_tasks}, batch_size)
+        except Exception as e:  # the hub's data sets unreachable, whatever the error class: score locally
+            reason = f"lm-eval's own tasks could not be loaded ({type(e).__name__}: {str(e)[:200]})"
+            logger.warning("lm_eval: %s; scoring local tasks over the bundled test questions", reason)
+    scores = lm_eval_scores(model, tok, write_local_tasks(eval_tasks, scratch), batch_size, include_path=scratch)
+    for metrics in scores.values():
+        metrics["evaluator"] += f" (local task over the bundled test questions: {reason})"
+    return scores
 
 
 def run_one(cfg: ExperimentConfig, run: RunSpec, work_dir: str | os.PathLike) -> dict:
@@ -229,7 +254,8 @@ def run_one(cfg: ExperimentConfig, run: RunSpec, work_dir: str | os.PathLike) ->
     model.save_pretrained(work / "adapter")
     del model
     diverged = train_out["diverged"]
-    metrics = {} if diverged else _evaluate_saved(work / "adapter", make_base, eval_tasks, tok, settings)
+    metrics = {} if diverged else _evaluate_saved(work / "adapter", make_base, eval_tasks, tok, settings,
+                                                  cfg.evaluator)
     return {
         "run_id": run.run_id, "status": "diverged" if diverged else "ok",
         "experiment": cfg.name, "task": run.task, "method": run.method, "r": run.r, "seed": run.seed,

@@ -11,9 +11,10 @@ import torch
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
 from ..config import check_bool, check_choice, check_int, check_number
-from .data import CausalLMCollator, ClassificationCollator, TaskData, collator_for, score_choices
+from .data import CausalLMCollator, TaskData, collator_for, score_choices
+from .metrics import compute_metrics
 
-__all__ = ["TrainSettings", "DivergenceCallback", "finetune", "evaluate", "trainable_parameters"]
+__all__ = ["TrainSettings", "DivergenceCallback", "finetune", "evaluate", "predict", "trainable_parameters"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,27 +136,47 @@ def finetune(model, task: TaskData, tokenizer, settings: TrainSettings, output_d
 
 @torch.no_grad()
 def evaluate(model, task: TaskData, tokenizer, settings: TrainSettings) -> dict:
-    """Accuracy on ``task.test`` (classification: argmax logits; multiple choice: log-likelihood)."""
+    """The task's own metrics (:attr:`TaskData.metrics`) on ``task.test``, its size ``n`` and ``primary``
+    (the headline metric's name); each extra test set adds ``<metric>_<split>`` and ``n_<split>``.
+
+    Classification predicts the argmax of the logits, regression the one output, multiple choice the
+    choice of highest log-likelihood. A generation task is scored by its mean loss (``loss``).
+    """
+    model.eval()
+    if task.kind == "generation":
+        return _generation_loss(model, task, tokenizer, settings)
+    out = {**compute_metrics(task.metrics, *predict(model, task, task.test, tokenizer, settings)),
+           "n": len(task.test), "primary": task.metrics[0]}
+    for split, rows in task.extra_tests.items():
+        scores = compute_metrics(task.metrics, *predict(model, task, rows, tokenizer, settings))
+        out.update({f"{name}_{split}": value for name, value in scores.items()})
+        out[f"n_{split}"] = len(rows)
+    return out
+
+
+@torch.no_grad()
+def predict(model, task: TaskData, rows: list[dict], tokenizer, settings: TrainSettings) -> tuple[list, list]:
+    """(predictions, references) on ``rows`` of a classification, regression or multiple-choice task."""
     from tqdm.auto import tqdm
 
-    model.eval()
-    device = next(model.parameters()).device
-    if task.kind == "classification":
-        collate = ClassificationCollator(tokenizer, settings.max_length)
-        correct = 0
-        for s in tqdm(range(0, len(task.test), settings.eval_batch_size), desc=f"eval {task.name}",
-                      disable=not settings.progress):
-            chunk = task.test[s : s + settings.eval_batch_size]
-            batch = {k: v.to(device) for k, v in collate(chunk).items()}
-            labels = batch.pop("labels")
-            pred = model(**batch).logits.argmax(-1)
-            correct += int((pred == labels).sum())
-        return {"accuracy": correct / len(task.test), "n": len(task.test)}
     if task.kind == "multiple_choice":
-        preds = score_choices(model, tokenizer, task.test, settings.eval_batch_size, settings.max_length,
+        preds = score_choices(model, tokenizer, rows, settings.eval_batch_size, settings.max_length,
                               progress=settings.progress)
-        correct = sum(int(p == e["answer"]) for p, e in zip(preds, task.test))
-        return {"accuracy": correct / len(task.test), "n": len(task.test)}
+        return preds, [e["answer"] for e in rows]
+    device = next(model.parameters()).device
+    collate = collator_for(task, tokenizer, settings.max_length)
+    preds = []
+    for s in tqdm(range(0, len(rows), settings.eval_batch_size), desc=f"eval {task.name}",
+                  disable=not settings.progress):
+        batch = {k: v.to(device) for k, v in collate(rows[s : s + settings.eval_batch_size]).items()}
+        batch.pop("labels")
+        logits = model(**batch).logits.float()
+        preds += logits[:, 0].tolist() if task.kind == "regression" else logits.argmax(-1).tolist()
+    return preds, [e["label"] for e in rows]
+
+
+def _generation_loss(model, task: TaskData, tokenizer, settings: TrainSettings) -> dict:
+    device = next(model.parameters()).device
     collate = CausalLMCollator(tokenizer, settings.max_length)
     losses = []
     for s in range(0, len(task.test), settings.eval_batch_size):
