@@ -49,6 +49,8 @@ class RankAllocation:
     (sum_m r_m * costs[m] <= budget). ``costs`` maps name -> parameters per unit of rank
     (d_in + d_out; from ``shapes`` when not given) and ``params_spent`` is sum_m r_m * costs[m],
     recorded in both units; a rank map written before these fields loads with these defaults.
+    ``confidence`` is the bootstrap of the map (:class:`fimlora.confidence.RankConfidence` as a dict:
+    score and rank intervals, agreement per module, stable share), or None when not computed.
     """
 
     scores: dict[str, float]
@@ -69,6 +71,7 @@ class RankAllocation:
     budget_unit: str = "rank"
     costs: dict[str, int] | None = None
     params_spent: int | None = None
+    confidence: dict | None = None
 
     def __post_init__(self) -> None:
         names = list(self.ranks)
@@ -93,6 +96,9 @@ class RankAllocation:
         if self.budget_unit == "params" and spent > self.budget:
             raise ValueError(f"ranks: sum_m ranks[m] * costs[m] must be <= budget={self.budget} parameters, "
                              f"got {spent}")
+        if self.confidence is not None:
+            check_same_modules("confidence.agreement", self.confidence.get("agreement", {}), names,
+                               "the keys of ranks")
         bad = [(n, r) for n, r in self.ranks.items() if not (self.r_min <= r <= self.r_max)]
         if bad:
             raise ValueError(f"ranks: must lie in [r_min={self.r_min}, r_max={self.r_max}], got {bad[:3]}")
@@ -108,6 +114,14 @@ class RankAllocation:
     @property
     def alpha_pattern(self) -> dict[str, float]:
         return dict(self.alphas)
+
+    def unstable_modules(self) -> list[str]:
+        """Modules whose point rank comes back in fewer than the bootstrap's threshold of resamples ([] if none
+        or no bootstrap)."""
+        if not self.confidence:
+            return []
+        threshold = self.confidence["threshold"]
+        return [n for n, a in self.confidence["agreement"].items() if a < threshold]
 
     def trainable_lora_params(self) -> int:
         """Number of LoRA parameters after resizing: sum_m r_m * costs[m], costs[m] = d_in + d_out."""

@@ -9,8 +9,8 @@ from pathlib import Path
 from .allocation import RankAllocation
 from .extras import require
 
-__all__ = ["split_name", "rank_grid", "group_stats", "format_rank_table", "budget_text", "plot_rank_map",
-           "save_rank_map"]
+__all__ = ["split_name", "rank_grid", "group_stats", "format_rank_table", "budget_text", "confidence_text",
+           "plot_rank_map", "save_rank_map"]
 
 _LAYER = re.compile(r"^(?P<prefix>.*?)\.(?P<idx>\d+)\.(?P<rest>.+)$")
 
@@ -71,7 +71,10 @@ def _short(t: str) -> str:
 
 def format_rank_table(alloc: RankAllocation) -> str:
     """Compact text table: rank by layer and module type, then the §4.4 statistics."""
-    layers, types, grid, others = rank_grid(alloc.ranks)
+    unstable = set(alloc.unstable_modules())
+    # An unstable rank is shown as "3?": the bootstrap gives it in fewer than the threshold of resamples.
+    cells_text = {n: f"{r}?" if n in unstable else str(r) for n, r in alloc.ranks.items()}
+    layers, types, grid, others = rank_grid(cells_text)
     heads = [_short(t) for t in types]
     w = max([5] + [len(h) for h in heads])
     lines = [f"{'layer':>5} " + " ".join(f"{h:>{w}}" for h in heads)]
@@ -89,10 +92,23 @@ def format_rank_table(alloc: RankAllocation) -> str:
         f"{g} ({v['layers'][0]}-{v['layers'][1]}) {v['mean_rank']:.2f}" for g, v in by_group))
     lines.append(f"{budget_text(alloc)} over {len(alloc.ranks)} modules (base r={alloc.base_r}, "
                  f"r_min={alloc.r_min}, r_max={alloc.r_max}); LoRA params spent {alloc.params_spent:,}")
+    if alloc.confidence:
+        lines.append(confidence_text(alloc))
     dropped = [n for n, r in alloc.ranks.items() if r == 0]
     if dropped:
         lines.append(f"{len(dropped)} module(s) at rank 0 dropped (no adapter): " + ", ".join(dropped))
     return "\n".join(lines)
+
+
+_PLURAL = {"batch": "batches", "example": "examples"}
+
+
+def confidence_text(alloc: RankAllocation) -> str:
+    """One line on the bootstrap: the stable share and what "?" marks."""
+    c = alloc.confidence
+    return (f"stable: {100 * c['stable_share']:.0f}% of modules keep their rank in >= {100 * c['threshold']:.0f}% "
+            f"of {c['n_resamples']} bootstrap resamples of the {c['n_units']} calibration {_PLURAL[c['unit']]}; "
+            f"? marks the {len(alloc.unstable_modules())} that do not")
 
 
 def budget_text(alloc: RankAllocation) -> str:
@@ -125,6 +141,10 @@ def save_rank_map(allocation: RankAllocation, folder: str | Path) -> tuple[list[
     return files, []
 
 
+def _name_at(alloc: RankAllocation, layer: int, typ: str) -> str | None:
+    return next((n for n in alloc.ranks if split_name(n) == (layer, typ)), None)
+
+
 def plot_rank_map(alloc: RankAllocation, path: str | Path, scores: bool = True, title: str | None = None) -> Path:
     """Heatmap of layer x module type with the rank in each cell; scores (log10) as a second panel.
 
@@ -154,14 +174,19 @@ def plot_rank_map(alloc: RankAllocation, path: str | Path, scores: bool = True, 
         ax.set_ylabel("layer")
         ax.set_title(label)
         if label == "rank":
+            unstable = set(alloc.unstable_modules())
             for i, row in enumerate(data):
                 for j, v in enumerate(row):
                     if v == v:
-                        ax.text(j, i, str(int(v)), ha="center", va="center", fontsize=7,
+                        # Same "?" as the table: the bootstrap does not give this cell its rank often enough.
+                        text = f"{int(v)}?" if _name_at(alloc, layers[i], types[j]) in unstable else str(int(v))
+                        ax.text(j, i, text, ha="center", va="center", fontsize=7,
                                 color="white" if v < (alloc.r_min + alloc.r_max) / 2 else "black")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    stable = (f"; {100 * alloc.confidence['stable_share']:.0f}% stable, ? = unstable rank"
+              if alloc.confidence else "")
     fig.suptitle(title or f"FIM-LoRA rank map ({budget_text(alloc)}, {alloc.params_spent:,} params spent, "
-                          f"r={alloc.base_r}, r_min={alloc.r_min}, r_max={alloc.r_max})", fontsize=9)
+                          f"r={alloc.base_r}, r_min={alloc.r_min}, r_max={alloc.r_max}{stable})", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

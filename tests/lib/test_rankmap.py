@@ -149,3 +149,31 @@ def test_cli_plot_reports_bad_rank_map_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"fimlora plot: error: {path}: rank map: unknown key(s) ['extra']" in err
     assert "Traceback" not in err
+
+
+def with_confidence(alloc, unstable):
+    """A bootstrap summary where ``unstable`` modules keep their rank in 50% of resamples, the rest in all."""
+    names = list(alloc.ranks)
+    alloc.confidence = {
+        "n_resamples": 200, "seed": 0, "level": 0.9, "threshold": 0.9, "unit": "batch", "n_units": 8,
+        "score_low": {n: 0.0 for n in names}, "score_high": {n: 1.0 for n in names},
+        "rank_low": dict(alloc.ranks), "rank_high": dict(alloc.ranks),
+        "agreement": {n: 0.5 if n in unstable else 1.0 for n in names},
+        "stable_share": 1 - len(unstable) / len(names)}
+    return alloc
+
+
+def test_unstable_ranks_are_marked_in_table_and_picture_and_kept_in_json(tmp_path):
+    alloc = with_confidence(fake_alloc([[1, 8], [2, 6], [3, 5]]), {"model.layers.1.self_attn.v_proj"})
+    table = format_rank_table(alloc)
+    assert re.search(r"^\s+1\s+2\s+6\?$", table, re.MULTILINE), table
+    assert re.search(r"^\s+0\s+1\s+8$", table, re.MULTILINE), table
+    assert ("stable: 83% of modules keep their rank in >= 90% of 200 bootstrap resamples of the 8 calibration "
+            "batches; ? marks the 1 that do not") in table
+    svg = plot_rank_map(alloc, tmp_path / "m.svg").read_text()
+    cells = re.findall(r"<text[^>]*>([^<]*)</text>", svg)
+    assert "6?" in cells and "8" in cells and "8?" not in cells
+    alloc.to_json(tmp_path / "map.json")
+    back = fimlora.RankAllocation.from_json(tmp_path / "map.json")
+    assert back.confidence == alloc.confidence and back.unstable_modules() == ["model.layers.1.self_attn.v_proj"]
+    assert "?" not in format_rank_table(fake_alloc([[1, 8], [2, 6], [3, 5]])).split("LoRA params")[0]
