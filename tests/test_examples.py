@@ -54,3 +54,25 @@ def test_qlora_sft_example_runs_small(tmp_path):
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert cfg["rank_pattern"] == rank_map["ranks"]
     assert "OK" in proc.stdout.splitlines() and "adapter ->" in proc.stdout
+
+
+@pytest.mark.slow
+def test_fsdp_example_runs_sharded_under_torchrun(tmp_path):
+    """2 gloo processes, the model sharded with fully_shard: one rank map, and a gathered adapter at those ranks
+    that `fimlora check` accepts."""
+    from fimlora import RankAllocation
+    from fimlora.check import check_adapter
+    from tests.lib.test_distributed import torchrun
+
+    out = tmp_path / "fsdp"
+    proc = torchrun(str(ROOT / "examples" / "fsdp_calibrate.py"), "--out", str(out), "--layers", "2", "--hidden",
+                    "64", "--steps", "3", "--n-batches", "2", "--batch-size", "4", "--seq", "16")
+    assert proc.stdout.count("OK") == 1 and "adapter ->" in proc.stdout  # rank 0 alone saves and checks
+    alloc = RankAllocation.from_json(out / "rank_map.json")
+    assert alloc.settings["n_batches_used"] == 4  # 2 per process
+    assert len(set(alloc.ranks.values())) > 1
+    report = check_adapter(out / "adapter")
+    assert report.ok, report.format()
+    assert report.ranks == alloc.ranks
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] == alloc.ranks

@@ -18,14 +18,14 @@ def snippets() -> list[str]:
 
 
 def test_readme_has_the_snippets_this_test_runs():
-    assert len(snippets()) == 5
+    assert len(snippets()) == 6
 
 
 def test_library_snippets_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = {"base_model": tiny_llama(), "train_dataloader": lm_batches(n_batches=8),
                  "loader": lm_batches(n_batches=8), "fresh_model": lora_llama(target_modules=["q_proj", "v_proj"])}
-    one, two, _, _, _ = snippets()
+    one, two, *_ = snippets()
     exec(compile(one, "README snippet 1", "exec"), namespace)  # noqa: S102 - the README's own code
     assert sum(namespace["allocation"].ranks.values()) == 4 * 8  # 2 layers x (q, v) at r = 8
     exec(compile(two, "README snippet 2", "exec"), namespace)  # noqa: S102
@@ -82,6 +82,27 @@ def test_trl_qlora_snippet_runs(tmp_path, monkeypatch):
     allocation = namespace["trainer"].model.peft_config["default"].rank_pattern
     assert len(allocation) == 2 * 7 and sum(allocation.values()) == 2 * 7 * 8  # all-linear, budget L*r
     assert (tmp_path / "out" / "rank_map.json").exists()
+
+
+def test_fsdp2_snippet_runs(tmp_path):
+    """The sharded snippet in one gloo process (fully_shard on a mesh of one): calibrates, rebuilds the adapter at
+    the allocated ranks, and the rebuilt model is sharded again."""
+    from peft import LoraConfig
+    from torch.distributed.tensor import DTensor
+
+    import fimlora
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        namespace = {"load_base_model": tiny_llama, "loader": lm_batches(n_batches=8),
+                     "lora_config": LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])}
+        exec(compile(snippets()[5], "README snippet 6", "exec"), namespace)  # noqa: S102
+        allocation, model = namespace["allocation"], namespace["model"]
+        assert sum(allocation.ranks.values()) == 4 * 8 and len(set(allocation.ranks.values())) > 1
+        assert {i.name: i.r for i in fimlora.lora_modules(model)} == allocation.ranks
+        assert all(isinstance(p, DTensor) for p in model.parameters())
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_readme_lists_every_bundled_task_and_extra():

@@ -10,7 +10,7 @@ from .api import allocation_from_scores, apply_fim_ranks, compute_allocation, ra
 from .config import FimConfig
 from .fisher import FisherResult, aggregate_fisher, compute_fisher, compute_scores
 from .modules import check_pattern_keys, lora_modules, pattern_matches
-from .resize import apply_allocation
+from .resize import apply_allocation, apply_resized_lora_a, lora_a_weights, lora_config_for_allocation
 from .waterfill import allocate_ranks, random_scores
 
 __version__ = "0.1.0"
@@ -24,10 +24,13 @@ __all__ = [
     "allocation_from_scores",
     "apply_allocation",
     "apply_fim_ranks",
+    "apply_resized_lora_a",
     "check_pattern_keys",
     "compute_allocation",
     "compute_fisher",
     "compute_scores",
+    "lora_a_weights",
+    "lora_config_for_allocation",
     "lora_modules",
     "pattern_matches",
     "random_allocation",

@@ -14,7 +14,7 @@ from .distributed import broadcast_object
 from .fisher import LossFn, compute_fisher, compute_scores
 from .io import package_versions
 from .modules import check_fresh_adapter, check_same_modules, lora_config_of, lora_modules
-from .resize import apply_allocation
+from .resize import apply_allocation, check_whole_layers
 from .waterfill import allocate_ranks, random_scores, validate_allocation_inputs
 
 __all__ = ["resolve_config", "apply_fim_ranks", "compute_allocation", "allocation_from_scores", "random_allocation"]
@@ -199,6 +199,7 @@ def apply_fim_ranks(
                  aggregation=aggregation)
     settings = {k: v for k, v in named.items() if v is not None}
     config = resolve_config(config, {**settings, **kwargs})
+    check_whole_layers(lora_modules(model, config.adapter_name))  # before any calibration compute
     allocation = compute_allocation(model, dataloader, config, loss_fn, allow_trained=allow_trained)
     apply_allocation(model, allocation, config.adapter_name, seed=config.seed, allow_trained=allow_trained)
     return allocation

@@ -8,9 +8,13 @@ fp32 sum of squared gradients plus a count; the Fisher diagonal is sum / count.
 * :class:`BatchGradientEstimator` (the paper's): reads the batch gradient
   ``B.grad = s * dL_b/dB`` after each backward and adds ``(B.grad / s)^2``;
   counts batches.
-* :class:`PerExampleEstimator` (eq. 1): hooks on every LoRA-B linear see h and
-  dL/dy during the same backward and add the squared per-example gradients;
-  counts examples. It never reads ``.grad``.
+* :class:`HookedBatchEstimator`: the same estimator from hooks on every LoRA-B
+  linear, which see its input h and the gradient dL/dy of its output during the
+  backward; the batch gradient is the sum of the outer products over the batch's
+  tokens (and calls). It never reads ``.grad``, so it works where ``B.grad`` is a
+  shard of the all-reduced gradient (FSDP2); counts batches.
+* :class:`PerExampleEstimator` (eq. 1): the same hooks add the squared
+  per-example gradients; counts examples. It never reads ``.grad``.
 
 Both share one interface, so the calibration loop has no estimator branches::
 
@@ -35,12 +39,14 @@ from .modules import LoraModuleInfo
 
 __all__ = [
     "batch_squared_grad",
+    "batch_gradient_t",
     "per_example_multiplier",
     "per_example_squared_grad_sum",
     "BatchGradientEstimator",
+    "HookedBatchEstimator",
     "PerExampleEstimator",
     "make_estimator",
-    "per_example_hooks",
+    "lora_b_hooks",
 ]
 
 
@@ -58,6 +64,20 @@ def batch_squared_grad(grad: torch.Tensor, loss_scale: float) -> torch.Tensor:
     """
     g = grad.float() / loss_scale
     return g * g
+
+
+def batch_gradient_t(h: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """G^T = sum_{n,t} h_{n,t} (dL/dy_{n,t})^T, (r, d_out) in fp32: the transpose of one call's part of dL/dB.
+
+    h: (n, ..., r), the input of LoRA-B (A x after dropout); grad_out: (n, ..., d_out), dL/dy of the loss that
+    was backpropagated w.r.t. LoRA-B's output y = h B^T. Every example and position of the call is summed,
+    as autograd sums them into ``B.grad``; a module called several times in one forward gets one term per
+    call, and dL/dB of the batch is their sum. Transposed for the same reason as
+    :func:`per_example_squared_grad_sum`: mm(h^T, dL/dy) is the fast layout.
+    """
+    h2 = h.reshape(-1, h.shape[-1]).float()
+    g2 = grad_out.reshape(-1, grad_out.shape[-1]).float()
+    return torch.mm(h2.t(), g2)
 
 
 def per_example_multiplier(batch_size: int, loss_reduction: str, loss_scale: float) -> float:
@@ -144,6 +164,65 @@ class BatchGradientEstimator:
         return {n: self.n_batches for n in self._sums}
 
 
+class HookedBatchEstimator:
+    """The batch estimator (:class:`BatchGradientEstimator`'s F_m) from hooks instead of ``B.grad``.
+
+    g_{m,b} = (1/s) sum_calls sum_{n,t} dL'/dy_{n,t} h_{n,t}^T (see :func:`batch_gradient_t`), with L' = s * L_b
+    the backpropagated loss (a sum or mean, whatever the model's loss is: the hooks see its gradient). This is
+    exactly dL_b/dB of this process's own batch even under FSDP2, where ``B.grad`` is a shard of the gradient
+    averaged over processes. Buffers: one fp32 (r, d_out) sum per module, plus, during a backward, one fp32
+    (r, d_out) gradient per module reached so far (freed after each batch); count: batches.
+    """
+
+    unit = "batch"
+
+    def __init__(self, infos: list[LoraModuleInfo], adapter_name: str, loss_scale: float):
+        self.adapter_name = adapter_name
+        self.infos = infos
+        self.weights = _b_weights(infos, adapter_name)
+        self.loss_scale = loss_scale
+        self.sums_t = {n: torch.zeros((w.shape[1], w.shape[0]), dtype=torch.float32, device=w.device)
+                       for n, w in self.weights.items()}
+        self.batch_grads_t: dict[str, torch.Tensor] = {}
+        self.n_batches = 0
+        self.no_grad_modules: set[str] = set()
+
+    def add(self, name: str, h: torch.Tensor, grad_out: torch.Tensor) -> None:
+        """One call of module ``name``: add its part of the batch gradient (called from the hooks)."""
+        g = batch_gradient_t(h, grad_out)
+        if name in self.batch_grads_t:
+            self.batch_grads_t[name].add_(g)
+        else:
+            self.batch_grads_t[name] = g
+
+    def hooks(self) -> contextlib.AbstractContextManager:
+        return lora_b_hooks(self.infos, self.adapter_name, self)
+
+    def after_backward(self, batch_index: int) -> str | None:
+        """Fold this batch's gradients into the sums, drop ``B.grad`` (unused) and the per-batch buffers.
+
+        Returns the first module whose gradient is non-finite (nothing of this batch is counted then), else None.
+        """
+        grads, self.batch_grads_t = self.batch_grads_t, {}
+        for w in self.weights.values():
+            w.grad = None
+        self.no_grad_modules.update(n for n in self.weights if n not in grads)
+        bad = _first_nonfinite(grads)
+        if bad is not None:
+            return bad
+        for name, g in grads.items():
+            self.sums_t[name].add_(batch_squared_grad(g, self.loss_scale))
+        self.n_batches += 1
+        return None
+
+    def sums(self) -> dict[str, torch.Tensor]:
+        """Per-module sum_b g_b (*) g_b, (d_out, r) fp32: fresh tensors shaped like B."""
+        return {name: t.t().contiguous() for name, t in self.sums_t.items()}
+
+    def counts(self) -> dict[str, int]:
+        return {n: self.n_batches for n in self.sums_t}
+
+
 class PerExampleEstimator:
     """F_m = (1/N_ex) sum_n g_{m,n} (*) g_{m,n}, g_{m,n} = dl_n/dB_m the gradient of example n's loss.
 
@@ -180,7 +259,7 @@ class PerExampleEstimator:
         self.batch_calls[name] += 1
 
     def hooks(self) -> contextlib.AbstractContextManager:
-        return per_example_hooks(self.infos, self.adapter_name, self)
+        return lora_b_hooks(self.infos, self.adapter_name, self)
 
     def after_backward(self, batch_index: int) -> str | None:
         """Check this batch's calls, drop ``B.grad`` (unused, freed between batches), reset the per-batch counts.
@@ -210,49 +289,60 @@ class PerExampleEstimator:
         return dict(self.examples)
 
 
-Estimator = BatchGradientEstimator | PerExampleEstimator
+Estimator = BatchGradientEstimator | HookedBatchEstimator | PerExampleEstimator
 
 
 def make_estimator(
-    name: str, infos: list[LoraModuleInfo], adapter_name: str, loss_scale: float, loss_reduction: str
+    name: str, infos: list[LoraModuleInfo], adapter_name: str, loss_scale: float, loss_reduction: str,
+    hooked_batch: bool = False,
 ) -> Estimator:
-    """The accumulator for estimator ``name`` (``"batch"`` or ``"per_example"``); only its buffers are allocated."""
+    """The accumulator for estimator ``name`` (``"batch"`` or ``"per_example"``); only its buffers are allocated.
+
+    ``hooked_batch``: the ``"batch"`` estimator from LoRA-B hooks (:class:`HookedBatchEstimator`), for models
+    whose ``B.grad`` is not this process's batch gradient (FSDP2); else from ``B.grad``.
+    """
     check_choice("estimator", name, ESTIMATORS)
     if name == "per_example":
         return PerExampleEstimator(infos, adapter_name, loss_scale, loss_reduction)
+    if hooked_batch:
+        return HookedBatchEstimator(infos, adapter_name, loss_scale)
     return BatchGradientEstimator(infos, adapter_name, loss_scale)
 
 
 # ---------------------------------------------------------------------------
-# Hook plumbing of the per-example estimator
+# Hook plumbing of the hooked estimators (per-example and hooked batch)
+
+HookedEstimator = HookedBatchEstimator | PerExampleEstimator
 
 
-def _per_example_grad_hook(est: PerExampleEstimator, name: str, h: torch.Tensor, grad: torch.Tensor):
+def _lora_b_grad_hook(est: HookedEstimator, name: str, h: torch.Tensor, grad: torch.Tensor):
     # Counted here, not in the forward hook: a non-reentrant checkpoint recompute
     # runs the forward again, but gradients only flow through the original output.
     est.add(name, h, grad)
     return None
 
 
-def _per_example_forward_hook(est: PerExampleEstimator, name: str, module, inputs, output):
+def _lora_b_forward_hook(est: HookedEstimator, name: str, module, inputs, output):
     # Under a no-grad forward (e.g. the first pass of reentrant checkpointing)
     # there is no backward for this output; the recomputed forward registers.
     if not isinstance(output, torch.Tensor) or not output.requires_grad:
         return None
-    output.register_hook(functools.partial(_per_example_grad_hook, est, name, inputs[0].detach()))
+    output.register_hook(functools.partial(_lora_b_grad_hook, est, name, inputs[0].detach()))
     return None
 
 
 @contextlib.contextmanager
-def per_example_hooks(
-    infos: list[LoraModuleInfo], adapter_name: str, est: PerExampleEstimator
-) -> Iterator[PerExampleEstimator]:
-    """Attach the per-example hooks to every LoRA-B linear; always removed on exit."""
+def lora_b_hooks(infos: list[LoraModuleInfo], adapter_name: str, est: HookedEstimator) -> Iterator[HookedEstimator]:
+    """Attach hooks to every LoRA-B linear that pass (h, dL/dy) of each call to ``est.add``; always removed on exit.
+
+    The forward hook keeps the input h (whole in every process, also when the weights are sharded: FSDP gathers
+    them around the layer's forward and backward) and puts a tensor hook on the output, which receives dL/dy.
+    """
     handles = []
     try:
         for info in infos:
             module = info.layer.lora_B[adapter_name]
-            handles.append(module.register_forward_hook(functools.partial(_per_example_forward_hook, est, info.name)))
+            handles.append(module.register_forward_hook(functools.partial(_lora_b_forward_hook, est, info.name)))
         yield est
     finally:
         for h in handles:

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from .config import FimConfig
-from .distributed import all_reduce_count, all_reduce_sums, check_not_sharded, is_main_process
+from .distributed import all_reduce_count, all_reduce_sums, check_can_calibrate, is_fsdp2_sharded, is_main_process
 from .estimators import Estimator, make_estimator
 from .modules import LoraModuleInfo, check_dora_fresh, lora_modules
 
@@ -298,7 +298,11 @@ def compute_fisher(
 
     Under torch.distributed every process calibrates on its own batches and the
     sums and counts are all-reduced: the result equals one calibration over the
-    union of all processes' batches (``n_batches`` is per process).
+    union of all processes' batches (``n_batches`` is per process). A model sharded
+    with FSDP2 (``fully_shard``) is calibrated the same way, from hooks on each
+    LoRA-B (see :class:`fimlora.estimators.HookedBatchEstimator`); every process
+    holds full-size fp32 buffers for every module. FSDP1/DDP wrappers, DeepSpeed
+    ZeRO-3 and tensor parallelism are refused (``check_can_calibrate``).
 
     Does not change the model: on return (or on error) modes, ``requires_grad``
     and ``.grad`` of every parameter are as before and no hook is left.
@@ -312,12 +316,14 @@ def compute_fisher(
     infos = lora_modules(model, adapter)
     check_dora_fresh(infos, adapter)
     check_4bit_differentiable(infos)
-    check_not_sharded(model)
+    check_can_calibrate(model)
     loss_scale = _loss_scale(config, infos)
     device = infos[0].layer.lora_B[adapter].weight.device
     run = _Run(model, loss_fn or default_loss, loss_scale, adapter, device)
-    # Only the chosen estimator's fp32 buffers are allocated: one B-sized buffer per module.
-    estimator = make_estimator(config.estimator, infos, adapter, loss_scale, config.loss_reduction)
+    # Only the chosen estimator's fp32 buffers are allocated: one B-sized buffer per module. Under FSDP2, B.grad
+    # is this process's shard of the gradient averaged over processes, so the batch estimator uses the hooks.
+    estimator = make_estimator(config.estimator, infos, adapter, loss_scale, config.loss_reduction,
+                               hooked_batch=is_fsdp2_sharded(model))
     with calibration_state(model, infos, adapter, config.train_mode), estimator.hooks():
         n_done = _calibrate(run, estimator, dataloader, config.n_batches, config.progress)
     _check_run(n_done, config.n_batches, estimator.no_grad_modules)

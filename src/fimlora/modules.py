@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .distributed import check_not_wrapped
+from .distributed import check_not_wrapped, full_tensor
 
 __all__ = [
     "LoraModuleInfo",
@@ -216,9 +216,12 @@ def lora_modules(model: nn.Module, adapter_name: str = "default") -> list[LoraMo
 
 
 def _first_nonzero_b(infos: list[LoraModuleInfo], adapter_name: str) -> tuple[LoraModuleInfo, float] | None:
-    """The first module whose LoRA-B has a non-zero entry, with max |B|; None if every B is all zero."""
+    """The first module whose LoRA-B has a non-zero entry, with max |B|; None if every B is all zero.
+
+    A sharded (FSDP2) B is gathered, so every process sees the same answer and takes the same path.
+    """
     for info in infos:
-        b = info.layer.lora_B[adapter_name].weight.detach()
+        b = full_tensor(info.layer.lora_B[adapter_name].weight.detach())
         if (b != 0).any():
             return info, b.abs().max().item()
     return None

@@ -25,22 +25,48 @@ adapter. Its LoRA layer is replaced by the base layer it wraps, and the config's
 becomes the list of kept modules' full names (rank_pattern/alpha_pattern name only those), so
 ``save_pretrained`` writes no tensors for the dropped modules and a stock reload or ``merge_and_unload``
 rebuilds exactly the kept ones. At B = 0 the dropped update s B A was zero, so the output is unchanged.
+
+A sharded (FSDP2) model is not resized in place. Since B = 0 at initialisation, building the adapter
+afresh with the allocated ranks is equivalent: :func:`lora_config_for_allocation` gives the LoraConfig
+(every module's rank and alpha as full ``rank_pattern``/``alpha_pattern`` keys), ``get_peft_model`` on
+the base model builds it, and :func:`apply_resized_lora_a` sets A to what :func:`apply_allocation` would
+have produced (the old A rows, gathered with :func:`lora_a_weights`, then the seeded new rows), so that
+the two paths give bit-identical adapters.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from .allocation import RankAllocation, lora_scaling
 from .config import check_bool, check_int, check_number
-from .modules import LoraModuleInfo, base_model_of, check_dora_fresh, check_same_modules, lora_config_of, lora_modules
+from .distributed import check_not_sharded, full_tensor
+from .modules import (
+    LoraModuleInfo,
+    base_model_of,
+    check_dora_fresh,
+    check_fresh_adapter,
+    check_same_modules,
+    lora_config_of,
+    lora_modules,
+)
 
-__all__ = ["apply_allocation", "resized_lora_weights"]
+__all__ = [
+    "apply_allocation",
+    "apply_resized_lora_a",
+    "check_whole_layers",
+    "lora_a_weights",
+    "lora_config_for_allocation",
+    "resized_lora_a",
+    "resized_lora_weights",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -52,21 +78,14 @@ def _module_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def resized_lora_weights(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    new_r: int,
-    init_lora_weights,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """New (A', B') for rank ``new_r`` from A (r, d_in) and B (d_out, r); inputs untouched.
+def resized_lora_a(a: torch.Tensor, new_r: int, init_lora_weights, generator: torch.Generator) -> torch.Tensor:
+    """New A' (new_r, d_in) from A (r, d_in): A'[:k] = A[:k] (k = min(r, new_r)), new rows drawn; A untouched.
 
     New A rows follow PEFT: kaiming_uniform(a=sqrt(5)) for ``True``/``False``
     (bound 1/sqrt(d_in)), normal(std=1/r') for ``"gaussian"``. Computed in fp32
     on the CPU generator, then cast to A's dtype and device.
     """
     r, d_in = a.shape
-    d_out = b.shape[0]
     k = min(r, new_r)
     new_a = torch.empty((new_r, d_in), dtype=a.dtype, device=a.device)
     new_a[:k].copy_(a.detach()[:k])
@@ -78,9 +97,34 @@ def resized_lora_weights(
             bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform_(a=sqrt(5)) on fan_in = d_in
             rows.uniform_(-bound, bound, generator=generator)
         new_a[k:].copy_(rows.to(device=a.device, dtype=a.dtype))
-    new_b = torch.zeros((d_out, new_r), dtype=b.dtype, device=b.device)
+    return new_a
+
+
+def resized_lora_weights(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    new_r: int,
+    init_lora_weights,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """New (A', B') for rank ``new_r`` from A (r, d_in) and B (d_out, r); inputs untouched.
+
+    A' as :func:`resized_lora_a`; B' (d_out, new_r) = [B[:, :k], 0].
+    """
+    k = min(a.shape[0], new_r)
+    new_a = resized_lora_a(a, new_r, init_lora_weights, generator)
+    new_b = torch.zeros((b.shape[0], new_r), dtype=b.dtype, device=b.device)
     new_b[:, :k].copy_(b.detach()[:, :k])
     return new_a, new_b
+
+
+def _module_generator(seed: int, name: str) -> torch.Generator:
+    """The generator of module ``name``'s new A rows: the same in every process and in both resize paths."""
+    return torch.Generator().manual_seed(_module_seed(seed, name))
+
+
+def _allocation_seed(allocation: RankAllocation, seed: int | None) -> int:
+    return int(allocation.settings.get("seed", 0)) if seed is None else seed
 
 
 def _build_linear(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool) -> nn.Linear:
@@ -162,8 +206,7 @@ def apply_allocation(
     modules; refused if no module would be kept or the layer holds another adapter.
     """
     check_bool("allow_trained", allow_trained)
-    if seed is None:
-        seed = int(allocation.settings.get("seed", 0))
+    seed = _allocation_seed(allocation, seed)
     config = lora_config_of(model, adapter_name)
     infos = lora_modules(model, adapter_name)
     _check_applicable(allocation, infos, config, adapter_name, allow_trained)
@@ -212,12 +255,23 @@ def _forget_dropped(model: nn.Module, config, kept: list[LoraModuleInfo], droppe
 
 def _check_applicable(allocation: RankAllocation, infos: list[LoraModuleInfo], config, adapter_name: str,
                       allow_trained: bool) -> None:
-    """Every rule an allocation must meet before anything changes (modules, shapes, trained B, rsLoRA)."""
+    """Every rule an allocation must meet before anything changes (whole model, modules, shapes, trained B, rsLoRA)."""
+    check_whole_layers(infos)
     check_dora_fresh(infos, adapter_name)
     _validate(allocation, infos)
     _check_droppable(allocation, infos, adapter_name)
     if not allow_trained:
         _check_keeps_trained(allocation, infos, adapter_name)
+    _check_rslora(allocation, config)
+
+
+def check_whole_layers(infos: list[LoraModuleInfo]) -> None:
+    """Refuse resizing in place when the LoRA layers are sharded (FSDP2 DTensors, ZeRO-3), with the way to go."""
+    for info in infos:
+        check_not_sharded(info.layer, prefix=info.name)
+
+
+def _check_rslora(allocation: RankAllocation, config) -> None:
     if bool(config.use_rslora) != bool(allocation.use_rslora):
         raise ValueError(
             f"allocation.use_rslora: is {allocation.use_rslora} but the adapter's config has "
@@ -231,7 +285,7 @@ def _stage_module(info: LoraModuleInfo, allocation: RankAllocation, adapter_name
     new_r = allocation.ranks[info.name]
     old_a = info.layer.lora_A[adapter_name]
     old_b = info.layer.lora_B[adapter_name]
-    gen = torch.Generator().manual_seed(_module_seed(seed, info.name))
+    gen = _module_generator(seed, info.name)
     new_a, new_b = resized_lora_weights(old_a.weight, old_b.weight, new_r, init_lora_weights, gen)
     if not (torch.isfinite(new_a).all() and torch.isfinite(new_b).all()):
         raise ValueError(f"model: non-finite LoRA weights in module {info.name!r}; refusing to resize")
@@ -260,3 +314,89 @@ def _swap_module(staged: tuple, adapter_name: str, use_rslora: bool) -> None:
 
 def _as_number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
+
+
+# ---------------------------------------------------------------------------
+# The resized adapter built afresh (for sharded models): config, then A
+
+
+def lora_config_for_allocation(allocation: RankAllocation, lora_config):
+    """The LoraConfig of the resized adapter; plain data, nothing is changed.
+
+    A copy of ``lora_config`` (the config the allocation was computed with) whose ``rank_pattern`` and
+    ``alpha_pattern`` give every module its allocated rank r'_m and alpha'_m under its full name, the keys
+    :func:`apply_allocation` writes. ``get_peft_model(base, config)`` then builds an adapter with the same
+    ranks, alphas and scales (alpha'_m / r'_m, or alpha'_m / sqrt(r'_m) with rsLoRA) and B = 0; its A is
+    PEFT's random init until :func:`apply_resized_lora_a` sets it as :func:`apply_allocation` would.
+    """
+    from peft import LoraConfig
+
+    if not isinstance(lora_config, LoraConfig):
+        raise ValueError(f"lora_config: must be a peft.LoraConfig, got {type(lora_config).__name__}")
+    _check_rslora(allocation, lora_config)
+    config = copy.deepcopy(lora_config)
+    config.rank_pattern = dict(allocation.ranks)
+    config.alpha_pattern = {name: _as_number(alpha) for name, alpha in allocation.alphas.items()}
+    return config
+
+
+def lora_a_weights(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """Every module's whole LoRA-A (r, d_in), detached copies; a sharded (FSDP2) A is gathered.
+
+    Under FSDP2 this is a collective: call it in every process. What :func:`apply_resized_lora_a` needs from
+    the model the allocation was computed on.
+    """
+    return {i.name: full_tensor(i.layer.lora_A[adapter_name].weight.detach()).clone()
+            for i in lora_modules(model, adapter_name)}
+
+
+def _check_built_from(allocation: RankAllocation, infos: list[LoraModuleInfo], old_a: Mapping[str, torch.Tensor]):
+    """The model has the allocation's ranks and alphas, and ``old_a`` holds each module's old A (r_m, d_in)."""
+    _validate(allocation, infos)
+    check_same_modules("old_a", old_a, [i.name for i in infos], "the model's LoRA modules")
+    for info in infos:
+        rank, alpha = allocation.ranks[info.name], float(allocation.alphas[info.name])
+        if (info.r, info.alpha) != (rank, alpha):
+            raise ValueError(
+                f"model: LoRA module {info.name!r} has r={info.r}, lora_alpha={info.alpha} but the allocation "
+                f"gives r={rank}, alpha={alpha}; build it with get_peft_model(base, lora_config_for_allocation("
+                "allocation, lora_config))"
+            )
+        want = (allocation.old_ranks[info.name], info.in_features)
+        if tuple(old_a[info.name].shape) != want:
+            raise ValueError(f"old_a[{info.name!r}]: must be the old LoRA-A of shape (r, d_in)={want}, got "
+                             f"{tuple(old_a[info.name].shape)}")
+
+
+def apply_resized_lora_a(
+    model: nn.Module,
+    allocation: RankAllocation,
+    old_a: Mapping[str, torch.Tensor],
+    adapter_name: str = "default",
+    seed: int | None = None,
+) -> nn.Module:
+    """Set every module's A as :func:`apply_allocation` would have resized it; returns ``model``.
+
+    ``model``: built with ``get_peft_model(base, lora_config_for_allocation(allocation, lora_config))``,
+    before it is sharded, with B = 0. ``old_a``: the old A of every module (:func:`lora_a_weights` of the
+    model the allocation was computed on). A'_m = [old_a_m[:k]; new rows from ``seed``] exactly as in
+    :func:`apply_allocation` (the same generator per module; ``seed`` defaults to the allocation's), so both
+    paths give bit-identical A and B and, after the same training, the same adapter. Everything is checked
+    before A is changed; on error the model is untouched.
+    """
+    seed = _allocation_seed(allocation, seed)
+    config = lora_config_of(model, adapter_name)
+    infos = lora_modules(model, adapter_name)
+    check_whole_layers(infos)
+    check_fresh_adapter(infos, adapter_name)
+    _check_rslora(allocation, config)
+    _check_built_from(allocation, infos, old_a)
+    new = {}
+    for info in infos:
+        a = info.layer.lora_A[adapter_name].weight
+        old = old_a[info.name].to(device=a.device, dtype=a.dtype)
+        new[info.name] = resized_lora_a(old, info.r, config.init_lora_weights, _module_generator(seed, info.name))
+    with torch.no_grad():
+        for info in infos:
+            info.layer.lora_A[adapter_name].weight.copy_(new[info.name])
+    return model

@@ -12,7 +12,7 @@ import torch
 
 import fimlora
 from fimlora import FimConfig, compute_fisher
-from fimlora.distributed import check_not_sharded
+from fimlora.distributed import check_can_calibrate, check_not_sharded
 from fimlora.modules import lora_modules
 from tests.references import lm_batches, lora_llama
 
@@ -65,12 +65,47 @@ def test_two_process_calibration_equals_single_process_over_union(tmp_path, esti
     assert proc.stderr.count("fimlora calibration: 100%") <= 2  # compute_fisher + apply_fim_ranks, rank 0 only
 
 
+@pytest.mark.slow
+def test_fsdp2_sharded_calibration_equals_single_process_over_union(tmp_path):
+    """fully_shard per decoder layer and at the root, 2 gloo processes: both estimators give the scores and ranks
+    of one unsharded process over the union of both processes' batches."""
+    torchrun(str(HERE / "fsdp_worker.py"), str(tmp_path))
+    r0 = torch.load(tmp_path / "rank0.pt")
+    r1 = torch.load(tmp_path / "rank1.pt")
+    data = lm_batches(n_batches=6, seed=11)
+    for estimator in ("batch", "per_example"):
+        cfg = FimConfig(n_batches=6, estimator=estimator, progress=False, seed=3)
+        model = lora_llama(seed=0)
+        ref = compute_fisher(model, data, cfg)
+        alloc = fimlora.compute_allocation(model, data, cfg)
+        got = r0[estimator]
+        assert got["n_batches"] == 6
+        for n, f in ref.fisher.items():
+            torch.testing.assert_close(got["fisher"][n], f, rtol=1e-5, atol=1e-12)
+        for n, s in alloc.scores.items():
+            assert got["scores"][n] == pytest.approx(s, rel=1e-5, abs=0)
+        assert got["ranks"] == alloc.ranks == r1[estimator]["ranks"]
+        assert got["scores"] == r1[estimator]["scores"]
+        assert len(set(got["ranks"].values())) > 1, "test needs a non-uniform allocation"
+        if estimator == "per_example":
+            assert set(got["n_examples"].values()) == {24}
+    for r in (r0, r1):
+        assert r["state_restored"]
+        assert "sharded DTensor (FSDP2); a sharded model is not resized in place" in r["resize_refused"]
+        assert all(g is not None for g in r["trained_grads"].values())  # A gets gradients again after calibration
+        assert all(g > 0 for n, g in r["trained_grads"].items() if "lora_B" in n)
+
+
 def test_sharded_models_are_refused_with_advice():
     model = lora_llama()
     p = next(p for n, p in model.named_parameters() if "lora_B" in n)
     p.ds_id = 7  # what DeepSpeed ZeRO-3 puts on partitioned parameters
-    with pytest.raises(ValueError, match="partitioned by DeepSpeed ZeRO-3; calibrate and resize the full"):
-        check_not_sharded(model)
+    for check in (check_not_sharded, check_can_calibrate):
+        with pytest.raises(ValueError, match="partitioned by DeepSpeed ZeRO-3, which fimlora does not calibrate; "
+                                             "calibrate and resize the full.*shard it with FSDP2"):
+            check(model)
+    with pytest.raises(ValueError, match="partitioned by DeepSpeed ZeRO-3.*shard it with FSDP2"):
+        compute_fisher(model, lm_batches(), FimConfig(n_batches=1, progress=False))
     model = lora_llama()
     with pytest.raises(ValueError, match="DistributedDataParallel"):
         class DistributedDataParallel(torch.nn.Module):

@@ -10,6 +10,7 @@ import torch
 import fimlora
 from fimlora import FimConfig, compute_fisher, compute_scores
 from fimlora.estimators import (
+    batch_gradient_t,
     batch_squared_grad,
     make_estimator,
     per_example_multiplier,
@@ -94,6 +95,61 @@ def test_per_example_squared_grad_sum_equals_autograd_loop(tokens, reduction):
     # the batch term is the square of the *mean* (or sum) gradient, not the per-example sum
     torch.testing.assert_close(batch_squared_grad(g_scaled, scale), g_batch**2, rtol=1e-6, atol=0)
     assert not torch.allclose(g_batch.double() ** 2, ref, rtol=0.1)
+
+
+@pytest.mark.parametrize("tokens", [None, 5], ids=["no-token-dim", "5-tokens"])
+def test_batch_gradient_from_activations_equals_autograd(tokens):
+    """sum over examples and positions of dL/dy h^T is dL/dB, whatever the loss couples across positions."""
+    torch.manual_seed(0)
+    n, r, d_out = 4, 3, 6
+    lin = torch.nn.Linear(r, d_out, bias=False)
+    shape = (n, r) if tokens is None else (n, tokens, r)
+    h = torch.randn(shape)
+    y = lin(h)
+    loss = example_losses(y, torch.randn(shape[:-1] + (d_out,))).mean()
+    grad_out, g = torch.autograd.grad(loss, [y, lin.weight])
+    got = batch_gradient_t(h, grad_out)
+    assert got.shape == (r, d_out) and got.dtype == torch.float32
+    torch.testing.assert_close(got.t(), g, rtol=1e-6, atol=1e-7)
+
+
+def hooked_batch_fisher(monkeypatch, model, data, loss_fn=None, n_batches=3):
+    """The batch estimator as an FSDP2-sharded model gets it (from LoRA-B hooks), here on a whole model."""
+    import fimlora.fisher
+
+    with monkeypatch.context() as m:
+        m.setattr(fimlora.fisher, "is_fsdp2_sharded", lambda model: True)
+        return compute_fisher(model, data, FimConfig(n_batches=n_batches, progress=False), loss_fn=loss_fn).fisher
+
+
+@pytest.mark.parametrize("make, batches", [(lora_bert, cls_batches), (lora_llama, lm_batches)])
+def test_hooked_batch_estimator_equals_autograd(monkeypatch, make, batches):
+    model, data = make(), batches()
+    ref = reference_batch_fisher(model, data)
+    grads_before = [p.grad for p in model.parameters()]
+    got = hooked_batch_fisher(monkeypatch, model, data)
+    assert [p.grad for p in model.parameters()] == grads_before
+    assert_fisher_close(got, ref, rtol=1e-5)
+
+
+def test_hooked_batch_estimator_sums_calls_before_squaring(monkeypatch):
+    """Two calls of every module in one forward: g_b = g_call1 + g_call2, squared once (as B.grad has it)."""
+    model = lora_llama()
+    ref = compute_fisher(model, lm_batches(), FimConfig(n_batches=2, progress=False), loss_fn=twice_loss).fisher
+    got = hooked_batch_fisher(monkeypatch, model, lm_batches(), loss_fn=twice_loss, n_batches=2)
+    assert_fisher_close(got, {n: v.double() for n, v in ref.items()}, rtol=1e-5)
+    per_call = hooked_batch_fisher(monkeypatch, model, lm_batches(), n_batches=2)
+    name = next(iter(ref))
+    assert not torch.allclose(got[name], 2 * per_call[name], rtol=1e-2)  # (2g)^2 = 4 g^2, not 2 g^2
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_hooked_batch_estimator_under_gradient_checkpointing(monkeypatch, reentrant):
+    ref = reference_batch_fisher(lora_llama(), lm_batches(n_batches=2))
+    model = lora_llama()
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    got = hooked_batch_fisher(monkeypatch, model, lm_batches(n_batches=2), n_batches=2)
+    assert_fisher_close(got, ref, rtol=1e-5)
 
 
 def test_unknown_estimator_is_rejected():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
 import math
 
 import pytest
@@ -304,3 +307,89 @@ def test_trains_after_resize_with_fresh_optimizer():
     loss.backward()
     opt.step()
     assert all(not torch.equal(b, i.layer.lora_B["default"].weight) for b, i in zip(b_before, lora_modules(model)))
+
+
+# ----------------------------------------------------------------------------- the config path (sharded models)
+
+
+def rebuilt_from_config(alloc, base_config, seed=1234):
+    """The resized adapter built afresh: get_peft_model on a new base model with the allocation's LoraConfig."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)  # PEFT's own A init: other random numbers than the calibrated model's
+    return get_peft_model(tiny_llama(seed=0), fimlora.lora_config_for_allocation(alloc, base_config))
+
+
+def saved_adapter(model, path):
+    from safetensors.torch import load_file
+
+    model.save_pretrained(path)
+    return load_file(str(path / "adapter_model.safetensors")), json.loads((path / "adapter_config.json").read_text())
+
+
+@pytest.mark.parametrize("init", [True, "gaussian"])
+def test_config_path_builds_the_adapter_apply_allocation_builds(tmp_path, init):
+    """Same ranks, alphas and scales; with apply_resized_lora_a also the same A and B, so the same trained adapter."""
+    data = lm_batches()
+    model = lora_llama(seed=0, init_lora_weights=init)
+    base_config = copy.deepcopy(model.peft_config["default"])
+    alloc = fimlora.compute_allocation(model, data, FimConfig(n_batches=3, progress=False, seed=5))
+    old_ranks = {i.name: i.r for i in lora_modules(model)}
+    assert any(r > old_ranks[n] for n, r in alloc.ranks.items()), "test needs a module that grows (new A rows)"
+    assert any(r < old_ranks[n] for n, r in alloc.ranks.items()), "test needs a module that shrinks"
+    old_a = fimlora.lora_a_weights(model)
+    apply_allocation(model, alloc)
+
+    rebuilt = rebuilt_from_config(alloc, base_config)
+    assert layer_state(rebuilt) == layer_state(model)  # r, alpha, scaling, A and B shapes
+    a_of = lambda m: {i.name: i.layer.lora_A["default"].weight.detach().clone() for i in lora_modules(m)}  # noqa: E731
+    assert any(not torch.equal(a, a_of(model)[n]) for n, a in a_of(rebuilt).items())  # PEFT's init is not it
+    assert fimlora.apply_resized_lora_a(rebuilt, alloc, old_a) is rebuilt
+    want, got = model.state_dict(), rebuilt.state_dict()
+    assert list(got) == list(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+    for m in (model, rebuilt):
+        make_b_nonzero(m, data)
+    tensors, config = saved_adapter(model, tmp_path / "apply_allocation")
+    tensors2, config2 = saved_adapter(rebuilt, tmp_path / "config_path")
+    assert list(tensors2) == list(tensors)
+    for k in tensors:
+        assert torch.equal(tensors2[k], tensors[k]), k
+    assert config2 == config and config["rank_pattern"] == alloc.ranks
+
+
+def test_config_path_bad_input_names_the_rule_and_leaves_the_model_unchanged():
+    data = lm_batches()
+    model = lora_llama(seed=0)
+    base_config = copy.deepcopy(model.peft_config["default"])
+    alloc = fimlora.compute_allocation(model, data, FimConfig(n_batches=2, progress=False))
+    old_a = fimlora.lora_a_weights(model)
+    first = next(iter(alloc.ranks))
+    with pytest.raises(ValueError, match=r"lora_config: must be a peft.LoraConfig, got dict"):
+        fimlora.lora_config_for_allocation(alloc, {"r": 4})
+    with pytest.raises(ValueError, match=r"allocation.use_rslora: is False but the adapter's config has use_rslora"):
+        fimlora.lora_config_for_allocation(alloc, dataclasses.replace(base_config, use_rslora=True))
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=rf"model: LoRA module '{first}' has r=4, lora_alpha=8.0 but the allocation "
+                                         r"gives r=\d+, .*get_peft_model\(base, lora_config_for_allocation"):
+        fimlora.apply_resized_lora_a(model, alloc, old_a)  # the calibrated model, not rebuilt at the new ranks
+    assert_untouched(model, snap)
+    rebuilt = rebuilt_from_config(alloc, base_config)
+    snap = snapshot(rebuilt)
+    cases = [
+        ({n: a for n, a in old_a.items() if n != first}, rf"old_a: keys must be exactly the model's LoRA modules; "
+                                                         rf"missing \['{first}'\]"),
+        ({**old_a, first: old_a[first][:2]}, rf"old_a\['{first}'\]: must be the old LoRA-A of shape \(r, d_in\)="
+                                            r"\(4, 16\), got \(2, 16\)"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            fimlora.apply_resized_lora_a(rebuilt, alloc, bad)
+        assert_untouched(rebuilt, snap)
+    make_b_nonzero(rebuilt, data)
+    snap = snapshot(rebuilt)
+    with pytest.raises(ValueError, match=r"LoRA-B of .* is non-zero"):
+        fimlora.apply_resized_lora_a(rebuilt, alloc, old_a)
+    assert_untouched(rebuilt, snap)
