@@ -138,8 +138,17 @@ def _build_linear(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad
     return lin
 
 
-def _validate(allocation: RankAllocation, infos: list[LoraModuleInfo]) -> None:
-    check_same_modules("allocation", allocation.ranks, [i.name for i in infos], "the model's LoRA modules")
+def kept_modules(allocation: RankAllocation) -> list[str]:
+    """The modules that keep an adapter (rank > 0), in allocation order."""
+    return [name for name, r in allocation.ranks.items() if r > 0]
+
+
+def _validate(allocation: RankAllocation, infos: list[LoraModuleInfo], kept_only: bool = False) -> None:
+    """The allocation fits the model's LoRA modules (all of them, or with ``kept_only`` the rank > 0 ones:
+    a model built afresh for the allocation has no layer for a dropped module)."""
+    expected = kept_modules(allocation) if kept_only else allocation.ranks
+    what = "the model's LoRA modules" + (" (the allocation's modules with rank > 0)" if kept_only else "")
+    check_same_modules("allocation", expected, [i.name for i in infos], what)
     for info in infos:
         d_in, d_out = allocation.shapes[info.name]
         if (d_in, d_out) != (info.in_features, info.out_features):
@@ -152,14 +161,18 @@ def _validate(allocation: RankAllocation, infos: list[LoraModuleInfo]) -> None:
             check_number(f"allocation.alphas[{info.name!r}]", allocation.alphas[info.name], minimum=0)
 
 
+def _check_some_kept(allocation: RankAllocation) -> None:
+    if not kept_modules(allocation):
+        raise ValueError(
+            f"allocation.ranks: every one of the {len(allocation.ranks)} modules has rank 0, which would leave no "
+            "adapter; raise the budget or r_min"
+        )
+
+
 def _check_droppable(allocation: RankAllocation, infos: list[LoraModuleInfo], adapter_name: str) -> None:
     """Rank 0 removes a module's LoRA layer: refuse if nothing would be kept or the layer holds other adapters."""
+    _check_some_kept(allocation)
     dropped = [i for i in infos if allocation.ranks[i.name] == 0]
-    if len(dropped) == len(infos):
-        raise ValueError(
-            f"allocation.ranks: every one of the {len(infos)} modules has rank 0, which would leave no adapter; "
-            "raise the budget or r_min"
-        )
     for info in dropped:
         others = sorted(set(info.layer.r) - {adapter_name})
         if others:
@@ -221,10 +234,9 @@ def apply_allocation(
         setattr(parent, child, info.layer.get_base_layer())
     # One full, non-overlapping key per module: overlapping keys resolve in sorted
     # order after a reload and can silently change ranks or scales.
-    config.rank_pattern = {info.name: allocation.ranks[info.name] for info in kept}
-    config.alpha_pattern = {info.name: _as_number(allocation.alphas[info.name]) for info in kept}
+    _set_patterns(config, allocation)
     if dropped:
-        _forget_dropped(model, config, kept, dropped)
+        _forget_dropped(model, dropped)
     changed = sum(1 for i in infos if allocation.ranks[i.name] != i.r)
     logger.info("fimlora: resized %d of %d LoRA modules (%d dropped at rank 0; budget %d %s)", changed, len(infos),
                 len(dropped), allocation.budget, allocation.budget_unit)
@@ -240,13 +252,23 @@ def _parent_of(model: nn.Module, info: LoraModuleInfo) -> tuple[nn.Module, str]:
     return parent, child
 
 
-def _forget_dropped(model: nn.Module, config, kept: list[LoraModuleInfo], dropped: list[LoraModuleInfo]) -> None:
-    """Name exactly the kept modules in the config, so a save and a stock reload build only those.
+def _set_patterns(config, allocation: RankAllocation) -> None:
+    """The allocation's ranks and alphas as one full, non-overlapping key per kept module; with dropped
+    modules, ``target_modules`` names exactly the kept ones, so a save and a stock reload build only those.
 
-    Full names match exactly in PEFT's list form of ``target_modules`` (a name or a ``.name`` suffix), and
-    a kept module already passed ``exclude_modules``/``layers_to_transform``, so those stay as they are.
+    Overlapping keys resolve in sorted order after a reload and can silently change ranks or scales. Full
+    names match exactly in PEFT's list form of ``target_modules`` (a name or a ``.name`` suffix), and a kept
+    module already passed ``exclude_modules``/``layers_to_transform``, so those stay as they are.
     """
-    config.target_modules = [i.name for i in kept]
+    kept = kept_modules(allocation)
+    config.rank_pattern = {name: allocation.ranks[name] for name in kept}
+    config.alpha_pattern = {name: _as_number(allocation.alphas[name]) for name in kept}
+    if len(kept) < len(allocation.ranks):
+        config.target_modules = kept
+
+
+def _forget_dropped(model: nn.Module, dropped: list[LoraModuleInfo]) -> None:
+    """The PEFT model's own list of targeted modules loses the dropped ones, as its config did."""
     gone = {i.name for i in dropped}
     lora_model = getattr(model, "base_model", model)
     if isinstance(getattr(lora_model, "targeted_module_names", None), list):
@@ -327,16 +349,17 @@ def lora_config_for_allocation(allocation: RankAllocation, lora_config):
     ``alpha_pattern`` give every module its allocated rank r'_m and alpha'_m under its full name, the keys
     :func:`apply_allocation` writes. ``get_peft_model(base, config)`` then builds an adapter with the same
     ranks, alphas and scales (alpha'_m / r'_m, or alpha'_m / sqrt(r'_m) with rsLoRA) and B = 0; its A is
-    PEFT's random init until :func:`apply_resized_lora_a` sets it as :func:`apply_allocation` would.
+    PEFT's random init until :func:`apply_resized_lora_a` sets it as :func:`apply_allocation` would. Modules
+    allocated rank 0 get no adapter: ``target_modules`` then lists the kept modules' full names.
     """
     from peft import LoraConfig
 
     if not isinstance(lora_config, LoraConfig):
         raise ValueError(f"lora_config: must be a peft.LoraConfig, got {type(lora_config).__name__}")
     _check_rslora(allocation, lora_config)
+    _check_some_kept(allocation)
     config = copy.deepcopy(lora_config)
-    config.rank_pattern = dict(allocation.ranks)
-    config.alpha_pattern = {name: _as_number(alpha) for name, alpha in allocation.alphas.items()}
+    _set_patterns(config, allocation)
     return config
 
 
@@ -351,9 +374,14 @@ def lora_a_weights(model: nn.Module, adapter_name: str = "default") -> dict[str,
 
 
 def _check_built_from(allocation: RankAllocation, infos: list[LoraModuleInfo], old_a: Mapping[str, torch.Tensor]):
-    """The model has the allocation's ranks and alphas, and ``old_a`` holds each module's old A (r_m, d_in)."""
-    _validate(allocation, infos)
-    check_same_modules("old_a", old_a, [i.name for i in infos], "the model's LoRA modules")
+    """The model has the allocation's ranks and alphas, and ``old_a`` holds each module's old A (r_m, d_in)
+    (for every module of the allocation, or at least for the kept ones)."""
+    _validate(allocation, infos, kept_only=True)
+    missing = [i.name for i in infos if i.name not in old_a]
+    unknown = [n for n in old_a if n not in allocation.ranks]
+    if missing or unknown:
+        raise ValueError(f"old_a: must hold the old LoRA-A of every module of the allocation (lora_a_weights of the "
+                         f"model it was computed on); missing {missing[:3]}, unknown {unknown[:3]}")
     for info in infos:
         rank, alpha = allocation.ranks[info.name], float(allocation.alphas[info.name])
         if (info.r, info.alpha) != (rank, alpha):

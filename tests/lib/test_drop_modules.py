@@ -154,3 +154,31 @@ def test_dropping_a_trained_module_needs_allow_trained():
     assert_state_equal(model, before)
     apply_allocation(model, alloc, allow_trained=True)
     assert "model.layers.0.mlp.up_proj" not in lora_layer_names(model)
+
+
+def test_config_path_drops_the_same_modules_as_apply_allocation(tmp_path):
+    """lora_config_for_allocation + get_peft_model + apply_resized_lora_a == apply_allocation, with drops."""
+    from peft import LoraConfig, get_peft_model
+
+    from fimlora.resize import apply_resized_lora_a, lora_a_weights, lora_config_for_allocation
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
+    model = all_linear()
+    alloc = half_size_drops(model)
+    old_a = lora_a_weights(model)
+    apply_allocation(model, alloc)
+    rebuilt = get_peft_model(tiny_llama(), lora_config_for_allocation(alloc, config))
+    assert lora_layer_names(rebuilt) == lora_layer_names(model)
+    apply_resized_lora_a(rebuilt, alloc, old_a)
+    want, got = model.state_dict(), rebuilt.state_dict()
+    assert list(got) == list(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    model.save_pretrained(tmp_path / "a")
+    rebuilt.save_pretrained(tmp_path / "b")
+    saved = [json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in "ab"]
+    for key in ("target_modules", "rank_pattern", "alpha_pattern"):
+        assert saved[0][key] == saved[1][key], key
+    alloc.ranks = {n: 0 for n in alloc.ranks}
+    with pytest.raises(ValueError, match="allocation.ranks: every one of the 14 modules has rank 0"):
+        lora_config_for_allocation(alloc, config)

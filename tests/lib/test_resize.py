@@ -379,8 +379,9 @@ def test_config_path_bad_input_names_the_rule_and_leaves_the_model_unchanged():
     rebuilt = rebuilt_from_config(alloc, base_config)
     snap = snapshot(rebuilt)
     cases = [
-        ({n: a for n, a in old_a.items() if n != first}, rf"old_a: keys must be exactly the model's LoRA modules; "
-                                                         rf"missing \['{first}'\]"),
+        ({n: a for n, a in old_a.items() if n != first}, rf"old_a: must hold the old LoRA-A of every module of "
+                                                         rf"the allocation .* missing \['{first}'\], unknown \[\]"),
+        ({**old_a, "x.q_proj": old_a[first]}, r"old_a: must hold .* missing \[\], unknown \['x.q_proj'\]"),
         ({**old_a, first: old_a[first][:2]}, rf"old_a\['{first}'\]: must be the old LoRA-A of shape \(r, d_in\)="
                                             r"\(4, 16\), got \(2, 16\)"),
     ]
