@@ -20,16 +20,16 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from ..api import apply_fim_ranks, random_allocation
+from ..api import apply_fim_ranks, compute_allocation, random_allocation
 from ..config import FimConfig, check_int
-from ..resize import apply_allocation
+from ..resize import apply_allocation, lora_config_for_allocation
 from .builders import build_peft_model, normalize_target_modules
 
 __all__ = ["METHODS", "MethodSpec", "AdaLoraCallback", "prepare_method", "final_rank_map", "adalora_schedule"]
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("lora", "fim", "random", "eva", "adalora")
+METHODS = ("lora", "fim", "random", "eva", "adalora", "fim_eva")
 
 # Returns a fresh iterable of model-input batches (with labels) each time it is called.
 BatchFactory = Callable[[], Iterable]
@@ -169,6 +169,57 @@ def _prepare_eva(spec: MethodSpec, base_model: nn.Module,
                    "eva_ranks": final_rank_map(model, "eva")}, []
 
 
+def eva_directions(model: nn.Module, batches: Iterable, ranks: Mapping[str, int], use_label_mask: bool) -> dict:
+    """EVA's A for every LoRA module of ``model`` at exactly ``ranks`` (rank_pattern keys): the top-r_m right
+    singular vectors of the module's inputs, as PEFT's incremental PCA finds them.
+
+    PEFT's EVA keeps a rank_pattern only approximately: with rho = 1 each module's cap is its rank, but modules
+    that see the same input (q/k/v of one layer, gate/up) share the largest cap of their group, and the rank
+    budget is then spread over the group by explained variance. So every module is asked for the largest rank
+    (rank budget = caps: nobody can lose a component) and its first r_m components, ordered by explained
+    variance, are kept. Returns ``get_eva_state_dict``'s {module path in ``model``: A (r_m, d_in)}.
+    """
+    import copy
+
+    from peft import EvaConfig, get_eva_state_dict
+
+    config = copy.deepcopy(model.peft_config["default"])
+    config.r, config.rank_pattern = max(ranks.values()), {}
+    config.eva_config = EvaConfig(rho=1.0, use_label_mask=use_label_mask)
+    full = get_eva_state_dict(model, batches, peft_config=config, show_progress_bar=False)
+    prefix = "base_model.model."
+    return {path: a[: ranks[path.removeprefix(prefix)]] for path, a in full.items()}
+
+
+def _prepare_fim_eva(spec: MethodSpec, base_model: nn.Module,
+                     calibration_batches: BatchFactory | None) -> tuple[nn.Module, dict, list]:
+    """FIM-LoRA's ranks with EVA's directions: the Fisher on a uniform adapter gives the ranks, then a fresh
+    adapter at those ranks (same alphas) gets A from PEFT's EVA (activation SVD, :func:`eva_directions`)."""
+    from peft import EvaConfig, initialize_lora_eva_weights
+
+    uniform = _uniform_lora(spec, base_model)
+    cfg = FimConfig(seed=spec.seed, progress=False, **spec.fim)
+    start = time.perf_counter()
+    alloc = compute_allocation(uniform, calibration_batches(), cfg)
+    fim_seconds = time.perf_counter() - start
+    base = uniform.unload()
+    use_label_mask = spec.task_type == "CAUSAL_LM"
+    eva_config = _lora_config(spec, init_lora_weights="eva", eva_config=EvaConfig(rho=1.0, use_label_mask=use_label_mask))
+    model = build_peft_model(base, lora_config_for_allocation(alloc, eva_config), seed=None, low_cpu_mem_usage=True)
+    counter = _CountingIterable(calibration_batches)
+    start = time.perf_counter()
+    directions = eva_directions(model, counter, alloc.ranks, use_label_mask)
+    initialize_lora_eva_weights(model, eva_state_dict=directions, show_progress_bar=False)
+    eva_seconds = time.perf_counter() - start
+    got = final_rank_map(model, "fim_eva")
+    kept = {n: r for n, r in alloc.ranks.items() if r > 0}
+    if got != kept:
+        raise RuntimeError(f"fim_eva: EVA changed FIM-LoRA's ranks: {sorted(set(got.items()) ^ set(kept.items()))[:4]}")
+    return model, {"calibration_seconds": fim_seconds + eva_seconds, "fim_seconds": fim_seconds,
+                   "eva_seconds": eva_seconds, "eva_forward_batches": counter.count, "scores": alloc.scores,
+                   "allocated_ranks": alloc.ranks, "params_spent": alloc.params_spent}, []
+
+
 def _prepare_adalora(spec: MethodSpec, base_model: nn.Module,
                      calibration_batches: BatchFactory | None) -> tuple[nn.Module, dict, list]:
     """PEFT's AdaLoRA with its schedule in steps and the callback that prunes after each optimizer step."""
@@ -185,7 +236,7 @@ def _prepare_adalora(spec: MethodSpec, base_model: nn.Module,
 
 # One preparation per method: (spec, base model, calibration batches factory) -> (model, info, callbacks).
 PREPARE = {"lora": _prepare_lora, "fim": _prepare_fim, "random": _prepare_random, "eva": _prepare_eva,
-           "adalora": _prepare_adalora}
+           "adalora": _prepare_adalora, "fim_eva": _prepare_fim_eva}
 
 
 class _CountingIterable:
