@@ -573,13 +573,14 @@ def replace_gpu_section(md: str, section: list[str]) -> str:
     starts = [i for i, line in enumerate(lines) if line == GPU_HEADING]
     if len(starts) > 1:
         raise ValueError(f"markdown: has {len(starts)} {GPU_HEADING!r} headings; expected at most one")
+    body = "\n".join(section).strip("\n").splitlines()
     if not starts:
-        lines += ["", *section]
+        lines += ["", *body] if lines else body
     else:
         i = starts[0]
         end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
-        lines[i:end] = section if end == len(lines) else [*section, ""]
-    return "\n".join(lines).rstrip("\n") + "\n"
+        lines[i:end] = body if end == len(lines) else [*body, ""]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
