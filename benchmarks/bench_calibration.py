@@ -548,8 +548,8 @@ def render_overhead(rows: list[dict]) -> list[str]:
 
 
 GPU_CHECK = ("`bash benchmarks/gpu_check.sh` measures this section on one CUDA GPU (a Llama-3-8B-shaped model with "
-             "random bf16 weights, LoRA r = 16 on all seven projections, 8 batches of 4 x 2048 tokens; under 8 "
-             "minutes on an H200, no network) and writes it from docs/benchmarks_gpu.json.")
+             "random bf16 weights, LoRA r = 16 on all seven projections, 8 batches of 4 x 2048 tokens; a 7-minute "
+             "time budget, no network) and writes it from docs/benchmarks_gpu.json.")
 
 
 

@@ -1,6 +1,6 @@
 """The GPU check of issue #15: FIM-LoRA calibration on a Llama-3-8B-shaped model on one GPU; writes the GPU section.
 
-    bash benchmarks/gpu_check.sh                      # one H200: about 5 minutes, budget 7 min, no network
+    bash benchmarks/gpu_check.sh                      # one GPU, no network, within a 7-minute budget
     bash benchmarks/gpu_check.sh --cpu-tiny           # the same code path on the CPU at a tiny shape (seconds)
     .venv/bin/python benchmarks/gpu_check.py --help   # what gpu_check.sh runs
 

@@ -2,7 +2,8 @@
 # The GPU check of issue #15 in one command: a Llama-3-8B-shaped model with random bf16 weights on one CUDA GPU,
 # LoRA r = 16 on all seven projections, 8 batches of 4 x 2048 tokens; calibration time against its floor (both
 # estimators), peak torch.cuda.max_memory_allocated against one LoRA training step, QLoRA nf4 (if bitsandbytes
-# imports), EVA (if it fits the time budget). Under 8 minutes on one H200 (7-minute budget), no network, no download.
+# imports), EVA (if it fits the time budget). No network, no download; the phases stop within a 7-minute budget
+# (--budget-s), so that the whole command stays under 8 minutes on one H200 (not yet run on a GPU).
 # Writes docs/benchmarks_gpu.json and the "## GPU" section of docs/benchmarks.md (the other sections are kept).
 #
 #   bash benchmarks/gpu_check.sh                  # on a machine with a CUDA build of torch in .venv
