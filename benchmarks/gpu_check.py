@@ -252,20 +252,20 @@ def quantise_4bit_(model: nn.Module, device: torch.device, compute_dtype: torch.
     """
     import bitsandbytes as bnb
 
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if name not in ALL_PROJ or type(child) is not nn.Linear:
-                continue
-            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                  compute_dtype=compute_dtype, compress_statistics=False, quant_type="nf4",
-                                  device="meta")
-            q._parameters["weight"] = bnb.nn.Params4bit(child.weight.data, requires_grad=False,
-                                                        compress_statistics=False, quant_type="nf4",
-                                                        module=q).to(device)
-            if child.bias is not None:
-                q.bias = nn.Parameter(child.bias.data, requires_grad=False)
-            setattr(module, name, q)
-            del child
+    # Names, not modules: a list of the modules would keep every replaced bf16 weight alive to the end.
+    targets = [(parent, name) for parent, module in model.named_modules() for name, child in module.named_children()
+               if name in ALL_PROJ and type(child) is nn.Linear]
+    for parent_name, name in targets:
+        parent = model.get_submodule(parent_name)
+        child = getattr(parent, name)
+        q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                              compute_dtype=compute_dtype, compress_statistics=False, quant_type="nf4", device="meta")
+        q._parameters["weight"] = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=False,
+                                                    quant_type="nf4", module=q).to(device)
+        if child.bias is not None:
+            q.bias = nn.Parameter(child.bias.data, requires_grad=False)
+        setattr(parent, name, q)
+        del child, parent
     model.is_loaded_in_4bit = True
     return model
 
@@ -338,6 +338,7 @@ def guarded(record: dict, key: str, device: torch.device, fn) -> bool:
     """record[key] = fn() with status "ok"; on an out-of-memory error or any other exception, the status and the
     message instead (the traceback's frames, which hold the phase's tensors, are dropped before freeing)."""
     t = time.monotonic()
+    print(f"  {key} ...", flush=True)
     try:
         record[key] = {"status": "ok", **fn()}
         ok = True
@@ -350,6 +351,9 @@ def guarded(record: dict, key: str, device: torch.device, fn) -> bool:
         ok = False
     record[key]["seconds"] = time.monotonic() - t
     free(device)
+    if device.type == "cuda":  # what the step left allocated: a leak between phases would show here
+        record[key]["allocated_after"] = torch.cuda.memory_allocated(device)
+    print(f"  {key}: {record[key]['status']} ({record[key]['seconds']:.1f} s)", flush=True)
     return ok
 
 
