@@ -631,7 +631,7 @@ def render_gpu(gpu: dict | None) -> list[str]:
     lines += ["", *notes, *([""] if notes else [])]
     if eva["status"] == "ok":
         fim = eva["fim_batch_seconds"]
-        vs = f"; FIM-LoRA (batch) {fim:.1f} s, EVA / FIM {eva['eva_seconds'] / fim:.1f}" if fim else ""
+        vs = f"; FIM-LoRA (batch) {fim:.3g} s, EVA / FIM {eva['eva_seconds'] / fim:.1f}" if fim else ""
         lines.append(f"EVA (PEFT, rho {eva['rho']}, its own stopping rule) on the same batches: "
                      f"{eva['eva_seconds']:.1f} s, {eva['forward_batches']} forward batches, "
                      f"{eva['modules_kept']} modules kept{vs}.")

@@ -334,11 +334,12 @@ def measure_memory(model, batch, step_mode: str, device: torch.device) -> dict:
     return out
 
 
-def guarded(record: dict, key: str, device: torch.device, fn) -> bool:
+def guarded(record: dict, key: str, device: torch.device, fn, label: str | None = None) -> bool:
     """record[key] = fn() with status "ok"; on an out-of-memory error or any other exception, the status and the
     message instead (the traceback's frames, which hold the phase's tensors, are dropped before freeing)."""
     t = time.monotonic()
-    print(f"  {key} ...", flush=True)
+    label = label or key
+    print(f"  {label} ...", flush=True)
     try:
         record[key] = {"status": "ok", **fn()}
         ok = True
@@ -353,7 +354,7 @@ def guarded(record: dict, key: str, device: torch.device, fn) -> bool:
     free(device)
     if device.type == "cuda":  # what the step left allocated: a leak between phases would show here
         record[key]["allocated_after"] = torch.cuda.memory_allocated(device)
-    print(f"  {key}: {record[key]['status']} ({record[key]['seconds']:.1f} s)", flush=True)
+    print(f"  {label}: {record[key]['status']} ({record[key]['seconds']:.1f} s)", flush=True)
     return ok
 
 
@@ -387,8 +388,9 @@ def phase_bf16(run: Run) -> dict:
     step_mode = "train" if run.checkpointing else "eval"
     out = {"build_seconds": build_s, "step_mode": step_mode, "lora": lora_summary(model)}
     guarded(out, "timing", run.device, lambda: time_calibration(
-        model, run.batches, step_mode, run.device, run.repeats, run.budget.at(BF16_ROUNDS_UNTIL)))
-    guarded(out, "memory", run.device, lambda: measure_memory(model, run.batches[0], step_mode, run.device))
+        model, run.batches, step_mode, run.device, run.repeats, run.budget.at(BF16_ROUNDS_UNTIL)), "bf16 timing")
+    guarded(out, "memory", run.device, lambda: measure_memory(model, run.batches[0], step_mode, run.device),
+            "bf16 memory")
     return out
 
 
@@ -422,8 +424,9 @@ def phase_qlora(run: Run) -> dict:
     out = {"build_seconds": build_s, "quantise_seconds": quantise_s, "quantised_model_bytes": model_bytes,
            "step_mode": "train", "lora": lora_summary(model)}
     guarded(out, "timing", run.device, lambda: time_calibration(
-        model, run.batches, "train", run.device, run.repeats, run.budget.at(QLORA_ROUNDS_UNTIL)))
-    guarded(out, "memory", run.device, lambda: measure_memory(model, run.batches[0], "train", run.device))
+        model, run.batches, "train", run.device, run.repeats, run.budget.at(QLORA_ROUNDS_UNTIL)), "qlora timing")
+    guarded(out, "memory", run.device, lambda: measure_memory(model, run.batches[0], "train", run.device),
+            "qlora memory")
     return out
 
 
