@@ -71,7 +71,7 @@ def test_benchmark_script_smoke(tmp_path):
             m = memory[mode]
             assert m["peak"] >= m["loaded"] > 0 and m["load_peak"] >= m["loaded"] and m["fisher_bytes"] > 0
             assert m["lora_layers"] == layers[memory["case"]][1]
-    assert data["eva"][0]["eva_forward_batches"] > 0 and data["eva"][0]["fim_seconds"] > 0
+    assert data["eva"][0]["eva_forward_passes"] > 0 and data["eva"][0]["fim_seconds"] > 0
     assert [r["modules"] for r in data["allocator"]] == [100, 1000] and len(data["overhead"]) == 18
 
     # --sections re-measures one section and keeps the others' measurements and dates from the JSON

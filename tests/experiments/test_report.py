@@ -180,3 +180,18 @@ def test_a_regression_task_reports_its_headline_correlation(tmp_path):
     assert ("#### r = 2 (% of each column's metric (Pearson = Pearson correlation), mean ± std over 2 seeds; "
             "trainable parameters)") in md
     assert "| Method | scores (Pearson) | Avg |" in md and "| LoRA | 85.00 ± 7.07 | 85.00 ± 7.07 |" in md
+
+
+def test_fim_eva_is_judged_against_fim_and_eva(tmp_path):
+    runs = [_full_run(m, s, acc) for m, accs in (("fim", (0.60, 0.62)), ("eva", (0.70, 0.71)),
+                                                  ("fim_eva", (0.80, 0.81)), ("lora", (0.5, 0.5)))
+            for s, acc in zip((1, 2), accs)]
+    _write_runs(tmp_path, runs)
+    md, _ = build_report(tmp_path)
+    assert "| FIM ranks + EVA directions | 80.50 ± 0.71 |" in md
+    assert ("- t, r = 2: FIM ranks + EVA directions 80.50 ± 0.71: win vs FIM-LoRA (+19.50); win vs EVA (+10.00) "
+            "→ beats both") in md
+    runs = [{**r, "metrics": {"t": {"accuracy": 0.705, "n": 40}}} if r["method"] == "fim_eva" else r for r in runs]
+    _write_runs(tmp_path, runs)
+    md, _ = build_report(tmp_path)
+    assert "win vs FIM-LoRA (+9.50); tie vs EVA (+0.00) → beats one of them" in md

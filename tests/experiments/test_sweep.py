@@ -144,7 +144,7 @@ def test_sweep_runs_all_five_methods_for_real(sweep):
     rnd = runs["trec6__random__r2__s1"]
     assert sum(rnd["rank_map"].values()) == 4
     eva = runs["trec6__eva__r2__s1"]
-    assert eva["method_info"]["eva_forward_batches"] > 0  # EVA's own initialisation really ran
+    assert eva["method_info"]["eva_forward_passes"] > 0  # EVA's own initialisation really ran
     assert set(eva["method_info"]["eva_ranks"]) <= set(fim["rank_map"])
     assert eva["method_info"]["eva_ranks"] == eva["rank_map_before_training"]
     ada = runs["trec6__adalora__r2__s1"]
@@ -239,7 +239,7 @@ def test_decoder_mixture_run_scores_each_eval_task(tmp_path):
         assert all(m["n"] == 6 and 0 <= m["accuracy"] <= 1 for m in r["metrics"].values())
         assert r["data_meta"]["train"]["n_train"] == 16
     assert sum(runs["fim"]["rank_map"].values()) == 2 * 2
-    assert runs["eva"]["method_info"]["eva_forward_batches"] > 0
+    assert runs["eva"]["method_info"]["eva_forward_passes"] > 0
 
     # the zero-shot reference script scores the un-tuned model on exactly the runs' eval questions
     import dataclasses

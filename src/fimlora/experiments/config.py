@@ -412,7 +412,7 @@ _COMMON_SETTINGS = ("model", "tasks", "mixture", "n_layers", "target_modules", "
 # Settings added after results were first recorded, with the value every earlier result was made with:
 # at that value they stay out of the hash, so those results keep theirs.
 _ADDED_SETTINGS = {"evaluator": "fimlora"}
-_METHOD_SETTINGS = {"fim": ("fim",), "random": ("fim",), "eva": ("eva",), "adalora": ("adalora",)}
+_METHOD_SETTINGS = {"fim": ("fim",), "random": ("fim",), "eva": ("eva",), "adalora": ("adalora",), "fim_eva": ("fim",)}
 
 
 def _field_defaults() -> dict:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -159,12 +160,12 @@ def _prepare_eva(spec: MethodSpec, base_model: nn.Module,
     eva = EvaConfig(rho=spec.eva_rho, use_label_mask=spec.task_type == "CAUSAL_LM")
     model = build_peft_model(base_model, _lora_config(spec, init_lora_weights="eva", eva_config=eva), seed=None,
                              low_cpu_mem_usage=True)
-    counter = _CountingIterable(calibration_batches)
     start = time.perf_counter()
-    initialize_lora_eva_weights(model, counter, show_progress_bar=False)
+    with counted_forwards(model) as forwards:
+        initialize_lora_eva_weights(model, calibration_batches(), show_progress_bar=False)
     seconds = time.perf_counter() - start
     # EVA writes rank_pattern only where a rank differs from r; record every module's rank.
-    return model, {"calibration_seconds": seconds, "eva_forward_batches": counter.count,
+    return model, {"calibration_seconds": seconds, "eva_forward_passes": forwards.count,
                    "eva_rank_pattern": dict(model.peft_config["default"].rank_pattern or {}),
                    "eva_ranks": final_rank_map(model, "eva")}, []
 
@@ -204,19 +205,21 @@ def _prepare_fim_eva(spec: MethodSpec, base_model: nn.Module,
     fim_seconds = time.perf_counter() - start
     base = uniform.unload()
     use_label_mask = spec.task_type == "CAUSAL_LM"
-    eva_config = _lora_config(spec, init_lora_weights="eva", eva_config=EvaConfig(rho=1.0, use_label_mask=use_label_mask))
+    eva = EvaConfig(rho=1.0, use_label_mask=use_label_mask)
+    eva_config = _lora_config(spec, init_lora_weights="eva", eva_config=eva)
     model = build_peft_model(base, lora_config_for_allocation(alloc, eva_config), seed=None, low_cpu_mem_usage=True)
-    counter = _CountingIterable(calibration_batches)
     start = time.perf_counter()
-    directions = eva_directions(model, counter, alloc.ranks, use_label_mask)
+    with counted_forwards(model) as forwards:
+        directions = eva_directions(model, calibration_batches(), alloc.ranks, use_label_mask)
     initialize_lora_eva_weights(model, eva_state_dict=directions, show_progress_bar=False)
     eva_seconds = time.perf_counter() - start
     got = final_rank_map(model, "fim_eva")
     kept = {n: r for n, r in alloc.ranks.items() if r > 0}
     if got != kept:
-        raise RuntimeError(f"fim_eva: EVA changed FIM-LoRA's ranks: {sorted(set(got.items()) ^ set(kept.items()))[:4]}")
+        changed = sorted(set(got.items()) ^ set(kept.items()))[:4]
+        raise RuntimeError(f"fim_eva: EVA changed FIM-LoRA's ranks: {changed}")
     return model, {"calibration_seconds": fim_seconds + eva_seconds, "fim_seconds": fim_seconds,
-                   "eva_seconds": eva_seconds, "eva_forward_batches": counter.count, "scores": alloc.scores,
+                   "eva_seconds": eva_seconds, "eva_forward_passes": forwards.count, "scores": alloc.scores,
                    "allocated_ranks": alloc.ranks, "params_spent": alloc.params_spent}, []
 
 
@@ -239,20 +242,29 @@ PREPARE = {"lora": _prepare_lora, "fim": _prepare_fim, "random": _prepare_random
            "adalora": _prepare_adalora, "fim_eva": _prepare_fim_eva}
 
 
-class _CountingIterable:
-    """Re-iterable view of fresh calibration batches that counts the batches EVA consumed."""
+class _ForwardCounter:
+    """A forward pre-hook that counts the model's forward passes."""
 
-    def __init__(self, make: BatchFactory):
-        self.make = make
+    def __init__(self):
         self.count = 0
 
-    def __iter__(self):
-        for batch in self.make():
-            self.count += 1
-            yield batch
+    def __call__(self, module, args, kwargs):
+        self.count += 1
 
-    def __len__(self):
-        return len(self.make())
+
+@contextlib.contextmanager
+def counted_forwards(model: nn.Module):
+    """Count ``model``'s forward passes inside the block (the hook is removed in ``finally``).
+
+    EVA draws each calibration batch once and replays them from memory (``itertools.cycle``) until its SVDs
+    converge, so counting batches drawn from the loader would stop at N; its real cost is these passes.
+    """
+    counter = _ForwardCounter()
+    handle = model.register_forward_pre_hook(counter, with_kwargs=True)
+    try:
+        yield counter
+    finally:
+        handle.remove()
 
 
 def final_rank_map(model: nn.Module, method: str, allocated: Mapping[str, int] | None = None) -> dict[str, int]:

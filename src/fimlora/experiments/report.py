@@ -27,8 +27,11 @@ from .metrics import GLUE_COLUMNS, GLUE_DISPLAY, METRIC_LABELS, METRICS, PAPER_M
 
 __all__ = ["load_results", "mean_std", "task_scores", "select_runs", "build_report", "write_report"]
 
-METHOD_ORDER = ["lora", "adalora", "eva", "random", "fim"]
-METHOD_LABEL = {"lora": "LoRA", "adalora": "AdaLoRA", "eva": "EVA", "random": "Random-rank", "fim": "FIM-LoRA"}
+METHOD_ORDER = ["lora", "adalora", "eva", "random", "fim", "fim_eva"]
+METHOD_LABEL = {"lora": "LoRA", "adalora": "AdaLoRA", "eva": "EVA", "random": "Random-rank", "fim": "FIM-LoRA",
+                "fim_eva": "FIM ranks + EVA directions"}
+# What FIM ranks with EVA's directions are judged against: the two methods it combines.
+FIM_EVA_PARENTS = ("fim", "eva")
 # The baselines FIM-LoRA is judged against, in the order the verdict lines name them.
 BASELINES = ("lora", "random", "eva", "adalora")
 # The column and verdict name of the per-seed mean over the evaluation tasks (the paper's Avg).
@@ -367,6 +370,8 @@ def verdicts(runs: list[dict]) -> str:
             per_method = _method_means(runs, r, task, tasks, noise)
             if "fim" in per_method:
                 lines.append(_verdict_line(per_method, r, task))
+            if "fim_eva" in per_method:
+                lines.append(_verdict_line(per_method, r, task, "fim_eva", FIM_EVA_PARENTS))
     if noise:
         lines.append(f"- Seed noise: the std over seeds of one method on one task is {statistics.median(noise):.2f} "
                      f"points (median; range {min(noise):.2f}–{max(noise):.2f}).")
@@ -391,18 +396,24 @@ def _method_means(runs: list[dict], r: int, task: str, tasks: list[str], noise: 
     return per_method
 
 
-def _verdict_line(per_method: dict, r: int, task: str) -> str:
-    """"- task, r = r: FIM-LoRA m ± s: win/tie/loss vs each baseline (difference)"."""
-    fm, fs = per_method["fim"]
-    parts = []
-    for base in BASELINES:
+def _verdict_line(per_method: dict, r: int, task: str, subject: str = "fim",
+                  against: tuple[str, ...] = BASELINES) -> str:
+    """"- task, r = r: FIM-LoRA m ± s: win/tie/loss vs each baseline (difference)"; for fim_eva against its two
+    parents, with whether it beats both, either or neither."""
+    fm, fs = per_method[subject]
+    parts, wins = [], []
+    for base in against:
         if base not in per_method:
             continue
         bm, bs = per_method[base]
         diff = fm - bm
         word = "tie" if abs(diff) <= max(fs, bs) else ("win" if diff > 0 else "loss")
+        wins.append(word == "win")
         parts.append(f"{word} vs {METHOD_LABEL[base]} ({diff:+.2f})")
-    return f"- {task}, r = {r}: FIM-LoRA {fm:.2f} ± {fs:.2f}: " + "; ".join(parts)
+    line = f"- {task}, r = {r}: {METHOD_LABEL[subject]} {fm:.2f} ± {fs:.2f}: " + "; ".join(parts)
+    if subject == "fim_eva" and len(wins) == 2:
+        line += f" → beats {['neither', 'one of them', 'both'][sum(wins)]}"
+    return line
 
 
 def _test_sizes(runs: list[dict]) -> dict[str, int]:
@@ -524,6 +535,17 @@ def _draw_rank_map(alloc, fig: Path, scores: bool) -> bool:
     return True
 
 
+def _eva_note(runs: list[dict]) -> str:
+    """EVA's forward passes, as counted on the model; results written before that counted batches drawn from
+    the loader, which EVA replays from memory, so they are named as what they are (a lower bound)."""
+    for key, label in (("eva_forward_passes", "EVA forward passes"),
+                       ("eva_forward_batches", "EVA loader batches drawn (a lower bound on its forward passes)")):
+        counts = [run["method_info"][key] for run in runs if run["method_info"].get(key)]
+        if counts:
+            return f"{label}: {min(counts)}–{max(counts)}"
+    return ""
+
+
 def cost_table(runs: list[dict]) -> str:
     """Mean calibration and training seconds and trainable parameters per (method, variant) row."""
     rows = []
@@ -531,10 +553,7 @@ def cost_table(runs: list[dict]) -> str:
         sel = select_runs(runs, method=method, variant=variant)
         calib = statistics.fmean(run["calibration_seconds"] for run in sel)
         train = statistics.fmean(run["train_seconds"] for run in sel)
-        fwd = [run["method_info"]["eva_forward_batches"] for run in sel
-               if run["method_info"].get("eva_forward_batches")]
-        notes = f"EVA forward batches: {min(fwd)}–{max(fwd)}" if fwd else ""
-        rows.append([_label(method, variant), f"{calib:.2f}", f"{train:.1f}", _params_cell(sel), notes])
+        rows.append([_label(method, variant), f"{calib:.2f}", f"{train:.1f}", _params_cell(sel), _eva_note(sel)])
     return _table(["Method", "calibration s (mean)", "training s (mean)", "trainable params", "notes"], rows)
 
 
