@@ -7,7 +7,8 @@ Sections: (1) calibration vs its floor (N plain LoRA forward+backward steps, no 
 batch and per-example estimators and a naive per-example loop, on fp32 models and on a 4-bit nf4 QLoRA
 model (bitsandbytes, CPU); (2) against PEFT's EVA initialisation; (3) peak memory (RSS of a fresh
 subprocess per case, benchmarks/memory_child.py), fp32 and QLoRA; (4) allocator and resize scale;
-(5) calibration as a share of whole fine-tuning runs, read from the experiment results.
+(5) calibration as a share of whole fine-tuning runs, read from the experiment results. Section 6
+(FSDP2-sharded calibration) is benchmarks/bench_fsdp.py's; a regeneration keeps it as it was.
 Writes the Markdown to --out and every measurement to the same path with a .json suffix.
 """
 
@@ -534,6 +535,14 @@ def render_gpu() -> list[str]:
     return ["## GPU", "", "Not measured: this script measures on the CPU only.", ""]
 
 
+def keep_fsdp_section(text: str, old: str) -> str:
+    """``text`` with the FSDP section bench_fsdp.py wrote into ``old`` (if any): this script does not measure it."""
+    from bench_fsdp import marked_section, put_section
+
+    section = marked_section(old)
+    return text if section is None else put_section(text, section)
+
+
 def render_markdown(data: dict) -> str:
     """docs/benchmarks.md from the measurements ``data`` (the keys main() writes to the JSON)."""
     lines = (render_header(data) + render_floor(data["floor"]) + render_eva(data["eva"])
@@ -585,7 +594,7 @@ def main(argv=None) -> int:
     data = measure("smoke" if args.smoke else "full", 1 if args.smoke else args.repeats, args.results, args.note)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_markdown(data))
+    out.write_text(keep_fsdp_section(render_markdown(data), out.read_text() if out.exists() else ""))
     out.with_suffix(".json").write_text(json.dumps(data, indent=2, default=str))
     print(f"-> {out}")
     return 0
