@@ -8,7 +8,8 @@ Sections: (1) calibration vs its floor (N plain LoRA forward+backward steps, no 
 batch and per-example estimators and a naive per-example loop, on fp32 models and on a 4-bit nf4 QLoRA
 model (bitsandbytes, CPU); (2) against PEFT's EVA initialisation; (3) peak memory (RSS of a fresh
 subprocess per case, benchmarks/memory_child.py), fp32 and QLoRA; (4) allocator and resize scale;
-(5) calibration as a share of whole fine-tuning runs, read from the experiment results.
+(5) calibration as a share of whole fine-tuning runs, read from the experiment results. Section 6
+(FSDP2-sharded calibration) is benchmarks/bench_fsdp.py's; a regeneration keeps it as it was.
 Writes the Markdown to --out and every measurement to the same path with a .json suffix.
 """
 
@@ -651,6 +652,14 @@ def render_gpu(gpu: dict | None) -> list[str]:
     return lines + [""]
 
 
+def keep_fsdp_section(text: str, old: str) -> str:
+    """``text`` with the FSDP section bench_fsdp.py wrote into ``old`` (if any): this script does not measure it."""
+    from bench_fsdp import marked_section, put_section
+
+    section = marked_section(old)
+    return text if section is None else put_section(text, section)
+
+
 def render_markdown(data: dict, gpu: dict | None = None) -> str:
     """docs/benchmarks.md from the measurements ``data`` (the keys main() writes to the JSON) and ``gpu``
     (benchmarks/gpu_check.py's JSON, None when there is none)."""
@@ -728,7 +737,8 @@ def main(argv=None) -> int:
                    tuple(args.sections or SECTIONS), previous)
     out.parent.mkdir(parents=True, exist_ok=True)
     gpu_json = gpu_json_path(out)  # benchmarks/gpu_check.py's measurements, rendered as the GPU section
-    out.write_text(render_markdown(data, json.loads(gpu_json.read_text()) if gpu_json.is_file() else None))
+    text = render_markdown(data, json.loads(gpu_json.read_text()) if gpu_json.is_file() else None)
+    out.write_text(keep_fsdp_section(text, out.read_text() if out.exists() else ""))
     out.with_suffix(".json").write_text(json.dumps(data, indent=2, default=str))
     print(f"-> {out}")
     return 0

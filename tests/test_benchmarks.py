@@ -96,3 +96,43 @@ def test_smoke_qlora_case_is_the_full_one_shrunk():
     assert (qfull.targets, qfull.step_mode, qfull.base_args["bits"]) == ("all-linear", "train", 4)
     assert [c for c in full["memory"] if c.base == "qllama"] == [qfull._replace(batch_args=(1, 8, 128))]
     assert [c for c in smoke["memory"] if c.base == "qllama"] == [qsmoke._replace(batch_args=(1, 4, 16))]
+
+
+def _load(name):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fsdp_section_is_put_before_gpu_replaced_in_place_and_kept_by_bench_calibration():
+    fsdp = _load("bench_fsdp")
+    section = f"{fsdp.BEGIN}\n## 6. FSDP2\n\nrows\n{fsdp.END}\n"
+    doc = "# fimlora benchmarks\n\n## 5. share\n\ntext\n\n## GPU\n\nNot measured.\n"
+    once = fsdp.put_section(doc, section)
+    assert once.index("## 5.") < once.index("## 6. FSDP2") < once.index("## GPU")
+    twice = fsdp.put_section(once, section.replace("rows", "new rows"))
+    assert twice == once.replace("rows", "new rows")
+    assert fsdp.marked_section(twice) == section.replace("rows", "new rows")
+    assert fsdp.marked_section(doc) is None
+    bench = _load_bench()
+    assert bench.keep_fsdp_section(doc, once) == once  # regenerating sections 1-5 keeps section 6
+    assert bench.keep_fsdp_section(doc, doc) == doc
+
+
+@pytest.mark.slow
+def test_fsdp_benchmark_script_smoke(tmp_path):
+    fsdp = _load("bench_fsdp")
+    out = tmp_path / "b.md"
+    out.write_text("# fimlora benchmarks\n\n## GPU\n\nNot measured.\n")
+    assert fsdp.main(["--smoke", "--out", str(out)]) == 0
+    text = out.read_text()
+    headings = [line for line in text.splitlines() if line.startswith("#")]
+    assert headings == ["# fimlora benchmarks", "## 6. FSDP2-sharded calibration (2 processes, gloo, CPU)", "## GPU"]
+    for rank in (0, 1):
+        assert re.search(rf"\| llama 2x64 \| {rank} \| {NUM} \| {NUM} \| {NUM} \| {NUM} \| (yes|NO) \| {NUM} \| "
+                         r"(yes|NO) \|", text)
+    assert re.search(rf"\| llama 2x64 \| 2 x 2 x \[4, 16\] \| {NUM} \| {NUM} \({NUM}–{NUM}\) \| (yes|NO) \| "
+                     rf"{NUM} \({NUM}–{NUM}\) \| (yes|NO) \|", text)
+    assert (tmp_path / "b_fsdp.json").exists()

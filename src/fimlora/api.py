@@ -176,7 +176,10 @@ def apply_fim_ranks(
     """Calibrate, allocate and resize the LoRA adapters of ``model`` in place.
 
     ``model`` is a PEFT LoRA model straight after ``get_peft_model`` (B = 0; a trained
-    adapter is refused unless ``allow_trained=True``), not yet wrapped in DDP/FSDP.
+    adapter is refused unless ``allow_trained=True``), not yet wrapped in DDP/FSDP. A model
+    sharded with FSDP2 is refused before any calibration (it cannot be resized in place):
+    call ``compute_allocation`` on it and build the resized adapter with
+    :func:`fimlora.lora_config_for_allocation` (see :mod:`fimlora.resize`).
     Runs ``n_batches`` (default 8) backward passes on ``dataloader`` batches (loss:
     ``model(**batch).loss``, a mean, or ``loss_fn(model, batch)``), scores each
     module by its LoRA-B empirical Fisher (see :mod:`fimlora.fisher`; ``estimator``

@@ -16,7 +16,7 @@ fp32 sum of squared gradients plus a count; the Fisher diagonal is sum / count.
 * :class:`PerExampleEstimator` (eq. 1): the same hooks add the squared
   per-example gradients; counts examples. It never reads ``.grad``.
 
-Both share one interface, so the calibration loop has no estimator branches::
+All three share one interface, so the calibration loop has no estimator branches::
 
     with estimator.hooks():
         for b, batch in enumerate(batches):

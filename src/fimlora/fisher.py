@@ -13,6 +13,12 @@ batches:
   the per-example one. The ranking of modules is what matters, and the same
   batch size is used for every module, so the ranking is unaffected.
 
+  g_{m,b} is read from ``B.grad``, except on a model sharded with FSDP2, where
+  ``B.grad`` is a shard of the gradient averaged over processes: there it is
+  summed from hooks on LoRA-B, g = sum_{n,t} dL_b/dy_{n,t} h_{n,t}^T over the
+  batch's examples and positions (h (n, t, r) the input of LoRA-B, dL_b/dy
+  (n, t, d_out) the gradient of its output), which is the same gradient.
+
 * ``per_example`` estimator (eq. 1): with g_{m,n} = dl_n/dB_m the gradient of
   example n's own loss,
 

@@ -116,6 +116,36 @@ def test_sharded_models_are_refused_with_advice():
         check_not_sharded(DistributedDataParallel(model))
 
 
+def test_dtensor_placements_fsdp2_passes_tensor_parallel_refused_and_no_in_place_resize(tmp_path):
+    """A DTensor sharded on dim 0 (FSDP2) may be calibrated but not resized in place; any other placement is tensor
+    parallelism, where LoRA-B's activations are sharded too, and is refused before any compute."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        model = lora_llama()
+        base = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+        plain = base.weight.detach().clone()
+
+        def place(placement):
+            weight = distribute_tensor(plain, mesh, [placement], src_data_rank=None)
+            base.weight = torch.nn.Parameter(weight, requires_grad=False)
+
+        place(Shard(1))
+        with pytest.raises(ValueError, match=r"model: parameter .*q_proj.base_layer.weight is a DTensor placed as "
+                                             r"\[Shard\(dim=1\)\]; only FSDP2/HSDP sharding"):
+            compute_fisher(model, lm_batches(), FimConfig(n_batches=1, progress=False))
+        place(Shard(0))
+        check_can_calibrate(model)
+        with pytest.raises(ValueError, match=r"parameter model.layers.0.self_attn.q_proj.base_layer.weight is a "
+                                             r"sharded DTensor \(FSDP2\); a sharded model is not resized in place"):
+            fimlora.apply_fim_ranks(model, lm_batches(), config=FimConfig(n_batches=1, progress=False))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 @pytest.mark.slow
 def test_trainer_example_runs_under_torchrun(tmp_path):
     """The examples/ script, unchanged, as 2 DDP processes (gloo on CPU): one rank map, a loadable adapter."""
