@@ -86,3 +86,22 @@ def test_calibrate_r_min_zero_drops_modules_and_check_accepts(capsys, tmp_path):
     assert main(["check", str(out / "adapter"), "--base-model", "minilm"]) == 0
     report = capsys.readouterr().out
     assert "OK" in report and f"modules: {len(rank_map['ranks']) - len(dropped)}" in report
+
+
+def test_calibrate_n_batches_auto_reports_why_it_stopped(capsys, tmp_path):
+    out = tmp_path / "o"
+    code = main([*CALIBRATE, "--r", "4", "--n-batches", "auto", "--batch-size", "4", "--max-length", "16",
+                 "--no-progress", "--out", str(out)])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    rank_map = json.loads((out / "rank_map.json").read_text())
+    used, reason = rank_map["settings"]["n_batches_used"], rank_map["settings"]["stop_reason"]
+    assert 2 <= used <= 4 and f"n_batches auto: stopped after {used} batches; {reason}" in stdout
+    assert rank_map["settings"]["n_batches"] == "auto" and rank_map["confidence"]["n_units"] == used
+    assert "stable: " in stdout and "bootstrap resamples of the" in stdout
+
+
+def test_n_batches_must_be_a_number_or_auto(capsys, tmp_path):
+    code = main([*CALIBRATE, "--out", str(tmp_path / "o"), "--n-batches", "lots"])
+    assert code == 2 and "n_batches: must be a positive integer or 'auto', got 'lots'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

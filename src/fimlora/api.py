@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
@@ -9,9 +10,10 @@ from typing import NamedTuple
 from torch import nn
 
 from .allocation import RankAllocation, scaled_alpha
+from .confidence import RankConfidence, compute_rank_confidence
 from .config import FimConfig, check_bool
-from .distributed import broadcast_object
-from .fisher import LossFn, compute_fisher, compute_scores
+from .distributed import broadcast_object, is_main_process
+from .fisher import FisherResult, LossFn, compute_fisher, compute_scores
 from .io import package_versions
 from .modules import check_fresh_adapter, check_same_modules, lora_config_of, lora_modules
 from .resize import apply_allocation, check_whole_layers
@@ -121,17 +123,62 @@ def compute_allocation(
     """
     config = resolve_config(config, settings)
     check_bool("allow_trained", allow_trained)
-    infos = _bounds(model, config).infos
+    bounds = _bounds(model, config)
     if not allow_trained:
-        check_fresh_adapter(infos, config.adapter_name)
-    fisher = compute_fisher(model, dataloader, config, loss_fn)
+        check_fresh_adapter(bounds.infos, config.adapter_name)
+    allocate = _allocator(bounds)
+    stop_rule = functools.partial(stable_enough, allocate=allocate, config=config) if config.n_batches == "auto" \
+        else None
+    fisher = compute_fisher(model, dataloader, config, loss_fn, stop_rule=stop_rule)
     # All-reduced sums are identical on every process in exact arithmetic; broadcasting
     # rank 0's scores makes the allocation (and so the tensor shapes DDP checks) identical in practice too.
     scores = broadcast_object(compute_scores(fisher, config.aggregation))
-    return allocation_from_scores(
-        model, scores, config, method="fim",
-        extra_settings={"n_batches_used": fisher.n_batches, "allow_trained": allow_trained},
-    )
+    extra = {"n_batches_used": fisher.n_batches, "allow_trained": allow_trained}
+    if fisher.stop_reason is not None:
+        extra["stop_reason"] = fisher.stop_reason
+    allocation = allocation_from_scores(model, scores, config, method="fim", extra_settings=extra)
+    allocation.confidence = broadcast_object(_confidence(fisher, allocation, allocate, config))
+    return allocation
+
+
+def _allocator(bounds: _Bounds):
+    """scores (a list in module order) -> ranks, with the allocation's own budget, bounds and costs."""
+    return functools.partial(allocate_ranks, budget=bounds.budget, r_min=bounds.r_min, r_max=bounds.r_max,
+                             costs=bounds.costs)
+
+
+def _bootstrap(unit_scores, names: list[str], point: list[int] | None, allocate, config: FimConfig) -> RankConfidence:
+    """The bootstrap of the rank map ``point`` (default: the one the unit scores' column means give)."""
+    if point is None:
+        point = allocate(unit_scores.mean(dim=0).tolist())
+    unit = "batch" if config.estimator == "batch" else "example"
+    return compute_rank_confidence(unit_scores.numpy(), names, point, allocate, n_resamples=config.resamples or 200,
+                                   seed=config.seed, threshold=config.stable_threshold, unit=unit)
+
+
+def stable_enough(unit_scores, allocate, config: FimConfig) -> str | None:
+    """``n_batches="auto"``'s stop rule: a sentence once at least ``auto_stable_share`` of the modules keep their
+    rank in at least ``stable_threshold`` of the bootstrap resamples of the batches so far, else None.
+
+    Decided on rank 0 and broadcast, so every process stops after the same batch.
+    """
+    reason = None
+    if is_main_process() and unit_scores is not None:
+        conf = _bootstrap(unit_scores, [str(i) for i in range(unit_scores.shape[1])], None, allocate, config)
+        if conf.stable_share >= config.auto_stable_share:
+            reason = (f"stable: {100 * conf.stable_share:.0f}% of modules keep their rank in >= "
+                      f"{100 * config.stable_threshold:.0f}% of {conf.n_resamples} resamples (target "
+                      f"{100 * config.auto_stable_share:.0f}%)")
+    return broadcast_object(reason)
+
+
+def _confidence(fisher: FisherResult, allocation: RankAllocation, allocate, config: FimConfig) -> dict | None:
+    """The allocation's bootstrap as a dict keyed by module name, or None when off or not possible."""
+    if not config.resamples or fisher.unit_scores is None or not is_main_process():
+        return None
+    # The unit scores' columns are in module order, the allocation's order.
+    return _bootstrap(fisher.unit_scores, list(allocation.ranks), list(allocation.ranks.values()), allocate,
+                      config).to_dict()
 
 
 def random_allocation(model: nn.Module, seed: int, config: FimConfig | None = None, **settings) -> RankAllocation:

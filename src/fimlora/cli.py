@@ -38,8 +38,9 @@ def _add_calibration_args(p: argparse.ArgumentParser, job: dict) -> None:
     g.add_argument("--r-min", type=int, default=FIM_DEFAULTS["r_min"],
                    help=f"smallest rank per module (default {FIM_DEFAULTS['r_min']})")
     g.add_argument("--r-max", type=int, default=FIM_DEFAULTS["r_max"], help="largest rank per module (default 2r)")
-    g.add_argument("--n-batches", type=int, default=FIM_DEFAULTS["n_batches"],
-                   help=f"calibration batches N (default {FIM_DEFAULTS['n_batches']})")
+    g.add_argument("--n-batches", default=FIM_DEFAULTS["n_batches"],
+                   help=f"calibration batches N (default {FIM_DEFAULTS['n_batches']}), or 'auto': until the rank "
+                        f"map is stable (2 to {FIM_DEFAULTS['max_batches']} batches)")
     g.add_argument("--estimator", choices=ESTIMATORS, default=FIM_DEFAULTS["estimator"],
                    help="batch: squared mini-batch gradients (paper); per_example: eq. 1 "
                         f"(default {FIM_DEFAULTS['estimator']})")
@@ -199,6 +200,8 @@ def cmd_calibrate(args) -> int:
     batches = result.allocation.settings.get("n_batches_used")
     print(f"\ndata: {result.task.meta.get('n_train')} training examples of {args.data} "
           f"(labels {result.task.label_names}); calibrated on {batches} shuffled batches of {args.batch_size}")
+    if "stop_reason" in result.allocation.settings:
+        print(f"n_batches auto: stopped after {batches} batches; {result.allocation.settings['stop_reason']}")
     print(f"calibration: {result.seconds:.1f} s; wrote " + ", ".join(str(f) for f in result.files))
     for note in result.notes:
         print(f"note: {note}")

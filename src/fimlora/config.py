@@ -13,6 +13,7 @@ __all__ = [
     "LOSS_REDUCTIONS",
     "BUDGET_UNITS",
     "VLLM_MAX_LORA_RANKS",
+    "MIN_AUTO_BATCHES",
     "check_int",
     "check_number",
     "check_choice",
@@ -25,6 +26,9 @@ AGGREGATIONS = ("mean", "max", "l2")
 SCALE_MODES = ("preserve", "fixed_alpha")
 LOSS_REDUCTIONS = ("mean", "sum")
 BUDGET_UNITS = ("rank", "params")
+# n_batches="auto" calibrates at least this many batches (a bootstrap of one unit says nothing).
+MIN_AUTO_BATCHES = 2
+DEFAULT_BOOTSTRAP = 200
 # The values vLLM accepts for --max-lora-rank (here, not in check.py, so FimConfig can validate against them).
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -73,7 +77,17 @@ class FimConfig:
     """How to calibrate and allocate.
 
     Attributes:
-        n_batches: calibration batches N (the paper's default 8).
+        n_batches: calibration batches N (the paper's default 8), or ``"auto"``: calibrate batch by batch and
+            stop once the rank map is stable (at least ``auto_stable_share`` of the modules keep their rank in
+            at least ``stable_threshold`` of the bootstrap resamples), after at least 2 and at most
+            ``max_batches`` batches. Needs ``aggregation="mean"``.
+        max_batches: the cap of ``n_batches="auto"`` (default 32).
+        bootstrap: resamples of the calibration units (batches, or examples for ``per_example``) behind the
+            rank map's confidence (:mod:`fimlora.confidence`); ``None`` = 200 where supported (``mean``
+            aggregation; ``max``/``l2`` are not means over units and get none), 0 = off.
+        stable_threshold: a module's rank is stable when the bootstrap gives it in at least this share of
+            resamples (default 0.9).
+        auto_stable_share: ``n_batches="auto"`` stops when at least this share of modules is stable (0.9).
         r_min: smallest rank any module may get (>= 0). With 0, a module allocated rank 0 loses its
             adapter (its LoRA layer becomes the base layer again; see :mod:`fimlora.resize`).
         r_max: largest rank; ``None`` means 2 * the config's base rank r.
@@ -101,7 +115,11 @@ class FimConfig:
         progress: show a progress bar.
     """
 
-    n_batches: int = 8
+    n_batches: int | str = 8
+    max_batches: int = 32
+    bootstrap: int | None = None
+    stable_threshold: float = 0.9
+    auto_stable_share: float = 0.9
     r_min: int = 1
     r_max: int | None = None
     budget: int | None = None
@@ -119,7 +137,15 @@ class FimConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        check_int("n_batches", self.n_batches, minimum=1)
+        if self.n_batches != "auto":
+            try:
+                check_int("n_batches", self.n_batches, minimum=1)
+            except ValueError:
+                raise ValueError(f"n_batches: must be a positive integer or 'auto', got {self.n_batches!r}") from None
+        check_int("max_batches", self.max_batches, minimum=MIN_AUTO_BATCHES)
+        check_int("bootstrap", self.bootstrap, minimum=0, allow_none=True)
+        check_fraction("stable_threshold", self.stable_threshold)
+        check_fraction("auto_stable_share", self.auto_stable_share)
         check_int("r_min", self.r_min, minimum=0)
         check_int("r_max", self.r_max, minimum=1, allow_none=True)
         if self.r_max is not None and self.r_max < self.r_min:
@@ -141,6 +167,10 @@ class FimConfig:
                              f"max_lora_rank={self.max_lora_rank}")
         check_choice("estimator", self.estimator, ESTIMATORS)
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        if self.aggregation != "mean" and (self.n_batches == "auto" or self.bootstrap):
+            what = "n_batches='auto'" if self.n_batches == "auto" else f"bootstrap={self.bootstrap}"
+            raise ValueError(f"aggregation: {what} needs aggregation='mean' (the bootstrap resamples per-unit means; "
+                             f"a max or norm of the mean Fisher is not a mean over units), got {self.aggregation!r}")
         check_choice("scale", self.scale, SCALE_MODES)
         check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
         check_number("loss_scale", self.loss_scale, minimum=0, allow_none=True)
@@ -149,6 +179,13 @@ class FimConfig:
             raise ValueError(f"adapter_name: must be a non-empty string, got {self.adapter_name!r}")
         check_bool("train_mode", self.train_mode)
         check_bool("progress", self.progress)
+
+    @property
+    def resamples(self) -> int:
+        """Bootstrap resamples to run: ``bootstrap``, or 200 by default where the aggregation supports it."""
+        if self.bootstrap is not None:
+            return self.bootstrap
+        return DEFAULT_BOOTSTRAP if self.aggregation == "mean" else 0
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -25,6 +25,7 @@ __all__ = [
     "is_main_process",
     "all_reduce_sums",
     "broadcast_object",
+    "gather_rows",
     "check_not_sharded",
     "check_can_calibrate",
     "is_fsdp2_sharded",
@@ -71,6 +72,20 @@ def all_reduce_count(n: int, device: torch.device) -> int:
     t = torch.tensor([float(n)], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     return int(round(t.item()))
+
+
+def gather_rows(rows: torch.Tensor | None) -> torch.Tensor | None:
+    """Every process's rows (a CPU tensor), concatenated in rank order; None if any process has None.
+
+    Identity when not distributed. A collective: every process must call it.
+    """
+    if not is_distributed():
+        return rows
+    boxes = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(boxes, rows)
+    if any(b is None for b in boxes):
+        return None
+    return torch.cat(boxes)
 
 
 def broadcast_object(obj, src: int = 0):

@@ -42,6 +42,7 @@ __all__ = [
     "batch_gradient_t",
     "per_example_multiplier",
     "per_example_squared_grad_sum",
+    "per_example_squared_grads",
     "BatchGradientEstimator",
     "HookedBatchEstimator",
     "PerExampleEstimator",
@@ -101,11 +102,22 @@ def per_example_squared_grad_sum(h: torch.Tensor, grad_out: torch.Tensor, multip
     Computed as bmm(h_n^T, dL/dy_n), which is several times faster than the einsum
     that gives (d_out, r) directly; hence the transposed result.
     """
+    return per_example_squared_grads(h, grad_out, multiplier)[0]
+
+
+def per_example_squared_grads(h: torch.Tensor, grad_out: torch.Tensor,
+                              multiplier: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_n (c G_n)^2 transposed to (r, d_out), u) in fp32, with u (n,) each example's mean squared entry,
+    u_n = mean_ij (c G_n)_ij^2: example n's term of the ``mean`` score, what the bootstrap resamples.
+
+    Same inputs and layout as :func:`per_example_squared_grad_sum`, from one bmm.
+    """
     n = h.shape[0]
     h3 = h.reshape(n, -1, h.shape[-1]).float()
     g3 = grad_out.reshape(n, -1, grad_out.shape[-1]).float()
     per_example_t = torch.bmm(h3.transpose(1, 2), g3)  # (n, r, d_out) = G_n^T
-    return per_example_t.square().sum(0).mul_(multiplier * multiplier)
+    squared = per_example_t.square_().mul_(multiplier * multiplier)
+    return squared.sum(0), squared.mean(dim=(1, 2))
 
 
 # ---------------------------------------------------------------------------
@@ -134,6 +146,7 @@ class BatchGradientEstimator:
         self._sums = {n: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for n, w in self.weights.items()}
         self.n_batches = 0
         self.no_grad_modules: set[str] = set()
+        self._units: list[torch.Tensor] = []
 
     def hooks(self) -> contextlib.AbstractContextManager:
         """No hooks: the batch gradient is what backward leaves in ``B.grad``."""
@@ -150,15 +163,22 @@ class BatchGradientEstimator:
         bad = _first_nonfinite(grads)
         if bad is not None:
             return bad
+        terms = {}
         for name, g in grads.items():
-            self._sums[name].add_(batch_squared_grad(g, self.loss_scale))
+            terms[name] = batch_squared_grad(g, self.loss_scale)
+            self._sums[name].add_(terms[name])
             self.weights[name].grad = None
+        self._units.append(unit_row(terms, self.weights))
         self.n_batches += 1
         return None
 
     def sums(self) -> dict[str, torch.Tensor]:
         """Per-module sum_b g_b (*) g_b, (d_out, r) fp32: the buffers themselves (all-reduced in place)."""
         return dict(self._sums)
+
+    def unit_scores(self) -> torch.Tensor | None:
+        """(batches, modules) fp64 on the CPU: u_bm = mean_ij g_{m,b}^2, batch b's term of module m's mean score."""
+        return _stack_units(self._units)
 
     def counts(self) -> dict[str, int]:
         return {n: self.n_batches for n in self._sums}
@@ -186,6 +206,7 @@ class HookedBatchEstimator:
         self.batch_grads_t: dict[str, torch.Tensor] = {}
         self.n_batches = 0
         self.no_grad_modules: set[str] = set()
+        self._units: list[torch.Tensor] = []
 
     def add(self, name: str, h: torch.Tensor, grad_out: torch.Tensor) -> None:
         """One call of module ``name``: add its part of the batch gradient (called from the hooks)."""
@@ -210,8 +231,11 @@ class HookedBatchEstimator:
         bad = _first_nonfinite(grads)
         if bad is not None:
             return bad
+        terms = {}
         for name, g in grads.items():
-            self.sums_t[name].add_(batch_squared_grad(g, self.loss_scale))
+            terms[name] = batch_squared_grad(g, self.loss_scale)
+            self.sums_t[name].add_(terms[name])
+        self._units.append(unit_row(terms, self.weights))
         self.n_batches += 1
         return None
 
@@ -221,6 +245,10 @@ class HookedBatchEstimator:
 
     def counts(self) -> dict[str, int]:
         return {n: self.n_batches for n in self.sums_t}
+
+    def unit_scores(self) -> torch.Tensor | None:
+        """(batches, modules) fp64 on the CPU: u_bm = mean_ij g_{m,b}^2, batch b's term of module m's mean score."""
+        return _stack_units(self._units)
 
 
 class PerExampleEstimator:
@@ -250,11 +278,14 @@ class PerExampleEstimator:
         self.examples = {n: 0 for n in self.weights}
         self.batch_calls = {n: 0 for n in self.weights}
         self.no_grad_modules: set[str] = set()
+        self._units: dict[str, list[torch.Tensor]] = {n: [] for n in self.weights}
 
     def add(self, name: str, h: torch.Tensor, grad_out: torch.Tensor) -> None:
         """One call of module ``name``: add its examples' squared gradients (called from the hooks)."""
         c = per_example_multiplier(h.shape[0], self.loss_reduction, self.loss_scale)
-        self.sums_t[name].add_(per_example_squared_grad_sum(h, grad_out, c))
+        total, per_example = per_example_squared_grads(h, grad_out, c)
+        self.sums_t[name].add_(total)
+        self._units[name].append(per_example)
         self.examples[name] += h.shape[0]
         self.batch_calls[name] += 1
 
@@ -288,8 +319,29 @@ class PerExampleEstimator:
     def counts(self) -> dict[str, int]:
         return dict(self.examples)
 
+    def unit_scores(self) -> torch.Tensor | None:
+        """(examples, modules) fp64 on the CPU: u_nm = mean_ij g_{m,n}^2, example n's term of module m's mean
+        score; None unless every module saw the same examples once each (one call per forward, all on the loss
+        path), since only then is an example one row of every module."""
+        counts = set(self.examples.values())
+        if len(counts) != 1 or not counts.pop():
+            return None
+        return torch.stack([torch.cat(v).double().cpu() for v in self._units.values()], dim=1)
+
 
 Estimator = BatchGradientEstimator | HookedBatchEstimator | PerExampleEstimator
+
+
+def unit_row(terms: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One batch's mean squared gradient per module, in ``weights``' order (0 for a module without gradient),
+    as one fp32 device tensor: no host sync per module."""
+    ref = next(iter(weights.values()))
+    zero = torch.zeros((), dtype=torch.float32, device=ref.device)
+    return torch.stack([terms[n].mean().to(zero.device) if n in terms else zero for n in weights])
+
+
+def _stack_units(rows: list[torch.Tensor]) -> torch.Tensor | None:
+    return torch.stack(rows).double().cpu() if rows else None
 
 
 def make_estimator(

@@ -50,8 +50,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import FimConfig
-from .distributed import all_reduce_count, all_reduce_sums, check_can_calibrate, is_fsdp2_sharded, is_main_process
+from .config import MIN_AUTO_BATCHES, FimConfig
+from .distributed import (
+    all_reduce_count,
+    all_reduce_sums,
+    check_can_calibrate,
+    gather_rows,
+    is_fsdp2_sharded,
+    is_main_process,
+)
 from .estimators import Estimator, make_estimator
 from .modules import LoraModuleInfo, check_dora_fresh, lora_modules
 
@@ -77,6 +84,11 @@ class FisherResult:
     estimator: str
     n_batches: int
     n_examples: dict[str, int] = field(default_factory=dict)
+    # (units, modules) fp64 on the CPU, gathered over processes: each batch's (or, per_example, each example's)
+    # mean squared LoRA-B gradient per module; their column means are the "mean" scores. None when the
+    # per_example estimator's modules saw different examples.
+    unit_scores: torch.Tensor | None = None
+    stop_reason: str | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -246,8 +258,15 @@ def _calibrate_batch(run: _Run, estimator: Estimator, batch, batch_index: int) -
         raise _nonfinite_gradient_error(bad, batch_index, loss)
 
 
-def _calibrate(run: _Run, estimator: Estimator, dataloader: Iterable, n_batches: int, progress: bool) -> int:
-    """Up to ``n_batches`` batches through :func:`_calibrate_batch`; returns how many the dataloader gave."""
+# Called after each batch from the MIN_AUTO_BATCHES-th on with every process's unit scores so far; returns why
+# to stop (a sentence) or None to go on. The same answer must reach every process (see fimlora.api).
+StopRule = Callable[[torch.Tensor], "str | None"]
+
+
+def _calibrate(run: _Run, estimator: Estimator, dataloader: Iterable, n_batches: int, progress: bool,
+               stop_rule: StopRule | None = None) -> tuple[int, str | None]:
+    """Up to ``n_batches`` batches through :func:`_calibrate_batch`, or fewer when ``stop_rule`` says so;
+    returns how many were calibrated and the stop rule's reason (None if it never stopped the loop)."""
     from tqdm.auto import tqdm
 
     n_done = 0
@@ -258,9 +277,13 @@ def _calibrate(run: _Run, estimator: Estimator, dataloader: Iterable, n_batches:
             _calibrate_batch(run, estimator, batch, b)
             n_done += 1
             bar.update(1)
+            if stop_rule is not None and n_done >= MIN_AUTO_BATCHES:
+                reason = stop_rule(gather_rows(estimator.unit_scores()))
+                if reason is not None:
+                    return n_done, reason
     finally:
         bar.close()
-    return n_done
+    return n_done, None
 
 
 def _check_run(n_done: int, n_batches: int, no_grad_modules: set[str]) -> None:
@@ -291,7 +314,8 @@ def _reduce_to_result(estimator: Estimator, name: str, n_done: int, device: torc
             raise ValueError(f"non-finite Fisher value in module {module!r} (overflow); lower loss_scale")
     n_examples = counts if estimator.unit == "example" else {}
     total_batches = all_reduce_count(n_done, device)
-    return FisherResult(fisher=fisher, estimator=name, n_batches=total_batches, n_examples=n_examples)
+    return FisherResult(fisher=fisher, estimator=name, n_batches=total_batches, n_examples=n_examples,
+                        unit_scores=gather_rows(estimator.unit_scores()))
 
 
 def compute_fisher(
@@ -299,8 +323,12 @@ def compute_fisher(
     dataloader: Iterable,
     config: FimConfig | None = None,
     loss_fn: LossFn | None = None,
+    stop_rule: StopRule | None = None,
 ) -> FisherResult:
     """Run ``config.n_batches`` calibration backward passes and return F_m for every LoRA module.
+
+    With ``n_batches="auto"``, up to ``config.max_batches`` batches, stopping when ``stop_rule`` (which
+    needs the allocation's budget, so :func:`fimlora.compute_allocation` builds it) gives a reason.
 
     Under torch.distributed every process calibrates on its own batches and the
     sums and counts are all-reduced: the result equals one calibration over the
@@ -330,10 +358,21 @@ def compute_fisher(
     # is this process's shard of the gradient averaged over processes, so the batch estimator uses the hooks.
     estimator = make_estimator(config.estimator, infos, adapter, loss_scale, config.loss_reduction,
                                hooked_batch=is_fsdp2_sharded(model))
+    auto = config.n_batches == "auto"
+    if auto and stop_rule is None:
+        raise ValueError("n_batches: 'auto' stops when the rank map is stable, which needs the allocation's budget; "
+                         "use compute_allocation or apply_fim_ranks, or give a number of batches")
+    n_batches = config.max_batches if auto else config.n_batches
     with calibration_state(model, infos, adapter, config.train_mode), estimator.hooks():
-        n_done = _calibrate(run, estimator, dataloader, config.n_batches, config.progress)
-    _check_run(n_done, config.n_batches, estimator.no_grad_modules)
-    return _reduce_to_result(estimator, config.estimator, n_done, device)
+        n_done, reason = _calibrate(run, estimator, dataloader, n_batches, config.progress,
+                                    stop_rule if auto else None)
+    # A short dataloader is no surprise under "auto" (it stops early by design); an empty one still is.
+    _check_run(n_done, n_done if auto else n_batches, estimator.no_grad_modules)
+    result = _reduce_to_result(estimator, config.estimator, n_done, device)
+    if auto:
+        result.stop_reason = reason or (f"cap: max_batches={n_batches} reached before the map was stable"
+                                        if n_done == n_batches else f"dataloader: ended after {n_done} batches")
+    return result
 
 
 # ---------------------------------------------------------------------------

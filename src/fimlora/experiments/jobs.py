@@ -54,7 +54,7 @@ class CalibrateJob:
     alpha: float | None = None
     r_min: int = FIM_DEFAULTS["r_min"]
     r_max: int | None = FIM_DEFAULTS["r_max"]
-    n_batches: int = FIM_DEFAULTS["n_batches"]
+    n_batches: int | str = FIM_DEFAULTS["n_batches"]
     estimator: str = FIM_DEFAULTS["estimator"]
     aggregation: str = FIM_DEFAULTS["aggregation"]
     scale: str = FIM_DEFAULTS["scale"]
@@ -99,11 +99,24 @@ class CalibrateJob:
                              f"budget_params={self.budget_params!r}")
         # A fraction ("0.5x") is of the uniform adapter's size in parameters, the size that is served and stored.
         unit = "params" if self.budget_params is not None or fraction is not None else "rank"
-        return build_fim_config(n_batches=self.n_batches, r_min=self.r_min, r_max=self.r_max,
+        return build_fim_config(n_batches=parse_n_batches(self.n_batches), r_min=self.r_min, r_max=self.r_max,
                                 estimator=self.estimator, aggregation=self.aggregation, scale=self.scale,
                                 seed=self.seed, progress=self.progress,
                                 budget=self.budget_params if self.budget_params is not None else budget,
                                 budget_unit=unit, budget_fraction=fraction, max_lora_rank=self.max_lora_rank)
+
+
+def parse_n_batches(value: int | str) -> int | str:
+    """``--n-batches``: a number of batches, or ``auto`` (calibrate until the rank map is stable)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"n_batches: must be a positive integer or 'auto', got {value!r}") from None
 
 
 def parse_budget(value: int | str | None) -> tuple[int | None, float | None]:

@@ -133,8 +133,19 @@ def _prepare_fim(spec: MethodSpec, base_model: nn.Module,
     cfg = FimConfig(seed=spec.seed, progress=False, **spec.fim)
     start = time.perf_counter()
     alloc = apply_fim_ranks(model, calibration_batches(), config=cfg)
-    return model, {"calibration_seconds": time.perf_counter() - start, "scores": alloc.scores,
-                   "allocated_ranks": alloc.ranks, "params_spent": alloc.params_spent}, []
+    return model, {"calibration_seconds": time.perf_counter() - start, **fim_info(alloc)}, []
+
+
+def fim_info(alloc) -> dict:
+    """What a FIM-LoRA run records of its allocation: scores, ranks, size, batches used and how stable the map is."""
+    info = {"scores": alloc.scores, "allocated_ranks": alloc.ranks, "params_spent": alloc.params_spent,
+            "n_batches_used": alloc.settings.get("n_batches_used")}
+    if "stop_reason" in alloc.settings:
+        info["stop_reason"] = alloc.settings["stop_reason"]
+    if alloc.confidence:
+        info["stable_share"] = alloc.confidence["stable_share"]
+        info["rank_agreement"] = alloc.confidence["agreement"]
+    return info
 
 
 # Random-rank shares FIM-LoRA's budget (and its unit) and rank bounds; the Fisher settings have nothing to act on.
@@ -219,8 +230,7 @@ def _prepare_fim_eva(spec: MethodSpec, base_model: nn.Module,
         changed = sorted(set(got.items()) ^ set(kept.items()))[:4]
         raise RuntimeError(f"fim_eva: EVA changed FIM-LoRA's ranks: {changed}")
     return model, {"calibration_seconds": fim_seconds + eva_seconds, "fim_seconds": fim_seconds,
-                   "eva_seconds": eva_seconds, "eva_forward_passes": forwards.count, "scores": alloc.scores,
-                   "allocated_ranks": alloc.ranks, "params_spent": alloc.params_spent}, []
+                   "eva_seconds": eva_seconds, "eva_forward_passes": forwards.count, **fim_info(alloc)}, []
 
 
 def _prepare_adalora(spec: MethodSpec, base_model: nn.Module,
