@@ -41,8 +41,13 @@ def main(out_dir: str, estimator: str) -> None:
     cfg = FimConfig(n_batches=len(batches), estimator=estimator, progress=True, seed=3)
     fisher = compute_fisher(model, batches, cfg)
     alloc = fimlora.apply_fim_ranks(model, batches, config=cfg)
+    local_scores = list(LOCAL_SCORES)
+    auto = fimlora.compute_allocation(lora_llama(seed=0), lm_batches(n_batches=40, seed=5)[rank::world],
+                                      n_batches="auto", estimator=estimator, progress=False)
     torch.save({"fisher": fisher.fisher, "n_batches": fisher.n_batches, "n_examples": fisher.n_examples,
-                "scores": alloc.scores, "ranks": alloc.ranks, "local_scores": LOCAL_SCORES,
+                "unit_scores": fisher.unit_scores, "confidence": alloc.confidence,
+                "auto": (auto.settings["n_batches_used"], auto.settings["stop_reason"], auto.ranks),
+                "scores": alloc.scores, "ranks": alloc.ranks, "local_scores": local_scores,
                 "broadcast": broadcast_object({"rank": rank, "payload": list(range(rank + 1))}),
                 "A": {i.name: i.layer.lora_A["default"].weight.detach().clone() for i in lora_modules(model)}},
                os.path.join(out_dir, f"rank{rank}.pt"))

@@ -56,6 +56,13 @@ def test_two_process_calibration_equals_single_process_over_union(tmp_path, esti
         torch.testing.assert_close(r0["fisher"][n], f, rtol=1e-5, atol=1e-12)
     if estimator == "per_example":
         assert set(r0["n_examples"].values()) == {24}
+    # every process's per-unit scores, gathered in rank order (rank 0's batches 0, 2, 4, then rank 1's 1, 3, 5),
+    # and one bootstrap and one "auto" decision on both processes
+    order = [0, 2, 4, 1, 3, 5] if estimator == "batch" else [4 * b + i for b in (0, 2, 4, 1, 3, 5) for i in range(4)]
+    torch.testing.assert_close(r0["unit_scores"], ref.unit_scores[order], rtol=1e-5, atol=1e-15)
+    assert torch.equal(r0["unit_scores"], r1["unit_scores"])
+    assert r0["confidence"] == r1["confidence"] and r0["confidence"]["n_units"] == len(order)
+    assert r0["auto"] == r1["auto"] and 2 <= r0["auto"][0] <= 2 * 20
     alloc = fimlora.apply_fim_ranks(model, lm_batches(n_batches=6, seed=11), config=cfg)
     assert alloc.ranks == r0["ranks"]
     for i in lora_modules(model):
