@@ -136,3 +136,34 @@ def test_fsdp_benchmark_script_smoke(tmp_path):
     assert re.search(rf"\| llama 2x64 \| 2 x 2 x \[4, 16\] \| {NUM} \| {NUM} \({NUM}–{NUM}\) \| (yes|NO) \| "
                      rf"{NUM} \({NUM}–{NUM}\) \| (yes|NO) \|", text)
     assert (tmp_path / "b_fsdp.json").exists()
+
+
+def test_marked_sections_are_replaced_in_place_and_carried_over():
+    sections = _load("sections")
+    doc = "# b\n\n## 5. x\n\n## GPU\n\nNot measured.\n"
+    one = sections.wrap("a.py", "## 6. A\n\nrows")
+    two = sections.wrap("b.py", "## 7. B\n\nrows")
+    both = sections.put_section(sections.put_section(doc, one, "a.py"), two, "b.py")
+    assert both.index("## 5.") < both.index("## 6. A") < both.index("## 7. B") < both.index("## GPU")
+    again = sections.put_section(both, one.replace("rows", "new"), "a.py")
+    assert again == both.replace("## 6. A\n\nrows", "## 6. A\n\nnew")
+    assert sections.marked_section(again, "b.py") == two and sections.marked_section(doc, "a.py") is None
+    assert sections.keep_marked_sections(doc, again) == again  # a regenerated doc keeps both sections
+
+
+@pytest.mark.slow
+def test_auto_benchmark_script_smoke(tmp_path):
+    auto = _load("bench_auto")
+    out = tmp_path / "b.md"
+    out.write_text("# fimlora benchmarks\n\n## GPU\n\nNot measured.\n")
+    assert auto.main(["--smoke", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.index("## 7. Calibrating until the rank map is stable") < text.index("## GPU")
+    row = (rf"^\| MiniLM \(1 layer\) / SST-2 \| 1 \| \d+ \| (stable|cap|dataloader) \| {NUM} \({NUM}–{NUM}\) "
+           rf"\| [1-9]\d* \| {NUM} \({NUM}–{NUM}\) \|$")
+    assert re.search(row, text, re.MULTILINE), text
+    data = json.loads((tmp_path / "b_auto.json").read_text())
+    (row,) = data["rows"]
+    assert set(row["methods"]) == {"FIM-LoRA, N = 8", "FIM-LoRA, auto", "EVA"}
+    assert 2 <= row["methods"]["FIM-LoRA, auto"]["batches"] <= 6  # the smoke split has 6 batches
+    assert row["methods"]["EVA"]["forward_passes"] > row["methods"]["FIM-LoRA, N = 8"]["batches"]
