@@ -35,7 +35,9 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 # This checkout's package (ahead of any installed fimlora) and its tests' brute-force references.
-sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT), str(HERE)]
+
+from sections import keep_marked_sections  # noqa: E402
 
 from tests.references import (  # noqa: E402
     llama_base,
@@ -652,14 +654,6 @@ def render_gpu(gpu: dict | None) -> list[str]:
     return lines + [""]
 
 
-def keep_fsdp_section(text: str, old: str) -> str:
-    """``text`` with the FSDP section bench_fsdp.py wrote into ``old`` (if any): this script does not measure it."""
-    from bench_fsdp import marked_section, put_section
-
-    section = marked_section(old)
-    return text if section is None else put_section(text, section)
-
-
 def render_markdown(data: dict, gpu: dict | None = None) -> str:
     """docs/benchmarks.md from the measurements ``data`` (the keys main() writes to the JSON) and ``gpu``
     (benchmarks/gpu_check.py's JSON, None when there is none)."""
@@ -738,7 +732,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     gpu_json = gpu_json_path(out)  # benchmarks/gpu_check.py's measurements, rendered as the GPU section
     text = render_markdown(data, json.loads(gpu_json.read_text()) if gpu_json.is_file() else None)
-    out.write_text(keep_fsdp_section(text, out.read_text() if out.exists() else ""))
+    # Sections other scripts measure (bench_fsdp.py, bench_auto.py) are carried over as they are.
+    out.write_text(keep_marked_sections(text, out.read_text() if out.exists() else ""))
     out.with_suffix(".json").write_text(json.dumps(data, indent=2, default=str))
     print(f"-> {out}")
     return 0

@@ -30,6 +30,9 @@ def test_benchmark_script_smoke(tmp_path):
     out = tmp_path / "b.md"
     committed = ROOT / "results" / "small_encoder"  # the replication's result JSONs are in the repo
     argv = ["--smoke", "--out", str(out), "--results", str(committed), str(tmp_path / "none"), "--note", "idle."]
+    # a section another script measured (bench_fsdp.py) is carried over where it was
+    sections = _load("sections")
+    out.write_text("# old\n\n" + sections.wrap("bench_fsdp.py", "## 6. FSDP2\n\nrows") + "\n## GPU\n\nold\n")
     assert bench.main(argv) == 0
     text = out.read_text()
     headings = [line for line in text.splitlines() if line.startswith("#")]
@@ -37,7 +40,7 @@ def test_benchmark_script_smoke(tmp_path):
                         "## 2. Against PEFT's EVA initialisation",
                         "## 3. Peak memory (process RSS high-water mark, fresh subprocess per case, CPU)",
                         "## 4. Allocator and resize scale", "## 5. Calibration as a share of a whole fine-tuning run",
-                        "## GPU"]
+                        "## 6. FSDP2", "## GPU"]
     assert "repeats). Machine note: idle.\n" in text and "session" not in text
     rows = [
         rf"\| tiny llama 2x64 \| 2 x \[4, 16\] \| {NUM} \| {RATIO} \| {RATIO} \| {RATIO} \|",  # with the naive loop
@@ -106,19 +109,13 @@ def _load(name):
     return module
 
 
-def test_fsdp_section_is_put_before_gpu_replaced_in_place_and_kept_by_bench_calibration():
-    fsdp = _load("bench_fsdp")
-    section = f"{fsdp.BEGIN}\n## 6. FSDP2\n\nrows\n{fsdp.END}\n"
+def test_fsdp_section_is_put_before_gpu_and_replaced_in_place():
+    fsdp, sections = _load("bench_fsdp"), _load("sections")
+    section = sections.wrap(fsdp.NAME, "## 6. FSDP2\n\nrows")
     doc = "# fimlora benchmarks\n\n## 5. share\n\ntext\n\n## GPU\n\nNot measured.\n"
-    once = fsdp.put_section(doc, section)
+    once = sections.put_section(doc, section, fsdp.NAME)
     assert once.index("## 5.") < once.index("## 6. FSDP2") < once.index("## GPU")
-    twice = fsdp.put_section(once, section.replace("rows", "new rows"))
-    assert twice == once.replace("rows", "new rows")
-    assert fsdp.marked_section(twice) == section.replace("rows", "new rows")
-    assert fsdp.marked_section(doc) is None
-    bench = _load_bench()
-    assert bench.keep_fsdp_section(doc, once) == once  # regenerating sections 1-5 keeps section 6
-    assert bench.keep_fsdp_section(doc, doc) == doc
+    assert sections.put_section(once, section, fsdp.NAME) == once
 
 
 @pytest.mark.slow
