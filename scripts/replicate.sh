@@ -21,10 +21,13 @@ run configs/small_encoder_aggregation.yaml results/small_encoder_aggregation
 run configs/small_decoder.yaml results/small_decoder
 # Same model, data and training at equal adapter size; uniform LoRA's runs are the decoder suite's (same settings).
 run configs/small_decoder_params.yaml results/small_decoder_params --reuse results/small_decoder
+# Beyond the paper: n_batches auto and fim_eva beside the five methods (the suites' runs are reused).
+run configs/small_encoder_beyond.yaml results/small_encoder_beyond --reuse results/small_encoder
+run configs/small_decoder_beyond.yaml results/small_decoder_beyond --reuse results/small_decoder
 .venv/bin/fimlora report results/small_encoder results/small_encoder_ablation results/small_encoder_aggregation \
-  results/small_decoder results/small_decoder_params \
+  results/small_decoder results/small_decoder_params results/small_encoder_beyond results/small_decoder_beyond \
   --out docs/results.md --title "FIM-LoRA small-scale replication (CPU, real MiniLM/SmolLM2 and offline data)" \
   --preface docs/results_preface.md \
   --command "bash scripts/replicate.sh" \
   --command "# which runs, per config: fimlora run configs/<name>.yaml --results results/<name> --shard i/2" \
-  --command "fimlora report results/small_encoder results/small_encoder_ablation results/small_encoder_aggregation results/small_decoder results/small_decoder_params --out docs/results.md --preface docs/results_preface.md"
+  --command "fimlora report results/small_encoder results/small_encoder_ablation results/small_encoder_aggregation results/small_decoder results/small_decoder_params results/small_encoder_beyond results/small_decoder_beyond --out docs/results.md --preface docs/results_preface.md"
