@@ -41,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT / "src"), str(ROOT), str(HERE)]
 
+from memory_child import status_bytes  # noqa: E402
 from sections import put_section, wrap  # noqa: E402
 
 NAME = "bench_fsdp.py"  # the marked section's name in docs/benchmarks.md (see sections.py)
@@ -57,14 +58,6 @@ CHILD_ENV = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 # ----------------------------------------------------------------------------- the worker (one process of torchrun)
-
-
-def status_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"memory: /proc/self/status has no {field} line")
 
 
 def sharded_model(layers: int, hidden: int):

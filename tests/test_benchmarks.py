@@ -1,12 +1,12 @@
 """Benchmarks are not tests: this only keeps the benchmark script from rotting (tiny sizes, one repeat)."""
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.references import load_benchmark
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -15,23 +15,15 @@ SPREAD = r"[\d.e+-]+–[\d.e+-]+"  # min–max, in %.3g
 RATIO = rf"{NUM} \({SPREAD}\)"
 
 
-def _load_bench():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_calibration", ROOT / "benchmarks" / "bench_calibration.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
 @pytest.mark.slow
 def test_benchmark_script_smoke(tmp_path):
     pytest.importorskip("bitsandbytes")  # the QLoRA cases (requirements.txt installs it)
-    bench = _load_bench()
+    bench = load_benchmark("bench_calibration")
     out = tmp_path / "b.md"
     committed = ROOT / "results" / "small_encoder"  # the replication's result JSONs are in the repo
     argv = ["--smoke", "--out", str(out), "--results", str(committed), str(tmp_path / "none"), "--note", "idle."]
     # a section another script measured (bench_fsdp.py) is carried over where it was
-    sections = _load("sections")
+    sections = load_benchmark("sections")
     out.write_text("# old\n\n" + sections.wrap("bench_fsdp.py", "## 6. FSDP2\n\nrows") + "\n## GPU\n\nold\n")
     assert bench.main(argv) == 0
     text = out.read_text()
@@ -90,7 +82,7 @@ def test_benchmark_script_smoke(tmp_path):
 
 def test_smoke_qlora_case_is_the_full_one_shrunk():
     """The smoke run checks the QLoRA set-up the full run measures, at a tiny size."""
-    bench = _load_bench()
+    bench = load_benchmark("bench_calibration")
     full, smoke = bench.CASES["full"], bench.CASES["smoke"]
     (qfull,) = [c for c in full["floor"] if c.base == "qllama"]
     (qsmoke,) = [c for c in smoke["floor"] if c.base == "qllama"]
@@ -101,16 +93,9 @@ def test_smoke_qlora_case_is_the_full_one_shrunk():
     assert [c for c in smoke["memory"] if c.base == "qllama"] == [qsmoke._replace(batch_args=(1, 4, 16))]
 
 
-def _load(name):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_fsdp_section_is_put_before_gpu_and_replaced_in_place():
-    fsdp, sections = _load("bench_fsdp"), _load("sections")
+    fsdp, sections = load_benchmark("bench_fsdp"), load_benchmark("sections")
     section = sections.wrap(fsdp.NAME, "## 6. FSDP2\n\nrows")
     doc = "# fimlora benchmarks\n\n## 5. share\n\ntext\n\n## GPU\n\nNot measured.\n"
     once = sections.put_section(doc, section, fsdp.NAME)
@@ -120,7 +105,7 @@ def test_fsdp_section_is_put_before_gpu_and_replaced_in_place():
 
 @pytest.mark.slow
 def test_fsdp_benchmark_script_smoke(tmp_path):
-    fsdp = _load("bench_fsdp")
+    fsdp = load_benchmark("bench_fsdp")
     out = tmp_path / "b.md"
     out.write_text("# fimlora benchmarks\n\n## GPU\n\nNot measured.\n")
     assert fsdp.main(["--smoke", "--out", str(out)]) == 0
@@ -136,7 +121,7 @@ def test_fsdp_benchmark_script_smoke(tmp_path):
 
 
 def test_marked_sections_are_replaced_in_place_and_carried_over():
-    sections = _load("sections")
+    sections = load_benchmark("sections")
     doc = "# b\n\n## 5. x\n\n## GPU\n\nNot measured.\n"
     one = sections.wrap("a.py", "## 6. A\n\nrows")
     two = sections.wrap("b.py", "## 7. B\n\nrows")
@@ -150,7 +135,7 @@ def test_marked_sections_are_replaced_in_place_and_carried_over():
 
 @pytest.mark.slow
 def test_auto_benchmark_script_smoke(tmp_path):
-    auto = _load("bench_auto")
+    auto = load_benchmark("bench_auto")
     out = tmp_path / "b.md"
     out.write_text("# fimlora benchmarks\n\n## GPU\n\nNot measured.\n")
     assert auto.main(["--smoke", "--out", str(out)]) == 0

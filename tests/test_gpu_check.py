@@ -1,6 +1,5 @@
 """benchmarks/gpu_check.py's logic, run on the CPU at its tiny shape (the GPU run takes the same code path)."""
 
-import importlib.util
 import json
 import os
 import re
@@ -13,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.references import load_benchmark
+
 ROOT = Path(__file__).resolve().parent.parent
 
 NUM = r"\d+(?:\.\d+)?"
@@ -20,17 +21,10 @@ RATIO = rf"{NUM} \([\d.e+-]+–[\d.e+-]+\)"
 OTHER_SECTIONS = "# fimlora benchmarks\n\n## 5. Calibration as a share\n\nkept as it was\n\n## GPU\n\nNot measured.\n"
 
 
-def _load(name):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    return _load("gpu_check")
+    return load_benchmark("gpu_check")
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +93,7 @@ def test_cpu_tiny_run_measures_every_phase(tiny_run):
 
 def test_bench_calibration_keeps_the_gpu_section(gpu_check, tiny_run, tmp_path):
     """Re-running bench_calibration.py renders the GPU section from the JSON beside its --out, the same way."""
-    bench = _load("bench_calibration")
+    bench = load_benchmark("bench_calibration")
     _, data, md, _ = tiny_run
     shutil.copyfile(ROOT / "docs" / "benchmarks.json", tmp_path / "b.json")
     (tmp_path / "b_gpu.json").write_text(json.dumps(data))

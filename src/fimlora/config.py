@@ -137,11 +137,10 @@ class FimConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.n_batches != "auto":
-            try:
-                check_int("n_batches", self.n_batches, minimum=1)
-            except ValueError:
-                raise ValueError(f"n_batches: must be a positive integer or 'auto', got {self.n_batches!r}") from None
+        if isinstance(self.n_batches, int) and not isinstance(self.n_batches, bool):
+            check_int("n_batches", self.n_batches, minimum=1)
+        elif self.n_batches != "auto":
+            raise ValueError(f"n_batches: must be a positive integer or 'auto', got {self.n_batches!r}")
         check_int("max_batches", self.max_batches, minimum=MIN_AUTO_BATCHES)
         check_int("bootstrap", self.bootstrap, minimum=0, allow_none=True)
         check_fraction("stable_threshold", self.stable_threshold)

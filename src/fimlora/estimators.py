@@ -163,12 +163,9 @@ class BatchGradientEstimator:
         bad = _first_nonfinite(grads)
         if bad is not None:
             return bad
-        terms = {}
-        for name, g in grads.items():
-            terms[name] = batch_squared_grad(g, self.loss_scale)
-            self._sums[name].add_(terms[name])
-            self.weights[name].grad = None
-        self._units.append(unit_row(terms, self.weights))
+        for w in self.weights.values():
+            w.grad = None
+        self._units.append(fold_batch(grads, self._sums, self.loss_scale, self.weights))
         self.n_batches += 1
         return None
 
@@ -231,11 +228,7 @@ class HookedBatchEstimator:
         bad = _first_nonfinite(grads)
         if bad is not None:
             return bad
-        terms = {}
-        for name, g in grads.items():
-            terms[name] = batch_squared_grad(g, self.loss_scale)
-            self.sums_t[name].add_(terms[name])
-        self._units.append(unit_row(terms, self.weights))
+        self._units.append(fold_batch(grads, self.sums_t, self.loss_scale, self.weights))
         self.n_batches += 1
         return None
 
@@ -330,6 +323,16 @@ class PerExampleEstimator:
 
 
 Estimator = BatchGradientEstimator | HookedBatchEstimator | PerExampleEstimator
+
+
+def fold_batch(grads: dict[str, torch.Tensor], sums: dict[str, torch.Tensor], loss_scale: float,
+               weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Add one batch's terms g (*) g (see :func:`batch_squared_grad`) to ``sums`` (in the gradients' layout) and
+    return the batch's unit row (:func:`unit_row`)."""
+    terms = {name: batch_squared_grad(g, loss_scale) for name, g in grads.items()}
+    for name, term in terms.items():
+        sums[name].add_(term)
+    return unit_row(terms, weights)
 
 
 def unit_row(terms: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> torch.Tensor:

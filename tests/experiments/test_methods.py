@@ -6,18 +6,9 @@ import torch
 
 from fimlora.experiments.methods import MethodSpec, counted_forwards, final_rank_map, prepare_method
 from fimlora.modules import base_model_of
-from tests.references import llama_base
+from tests.references import llama_base, lm_batches
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def batches(n=4, bs=8, seq=16, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, 128, (bs, seq), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-    return out
 
 
 def spec(method, **kw):
@@ -55,7 +46,7 @@ def layer_inputs(model, data):
 
 
 def test_fim_eva_keeps_fim_ranks_and_takes_leading_principal_directions():
-    data = batches()
+    data = lm_batches(n_batches=4, batch_size=8, seq=16)
     fim_model, fim_info, _ = prepare_method(spec("fim"), llama_base(2, 64, vocab=128), lambda: list(data))
     model, info, _ = prepare_method(spec("fim_eva"), llama_base(2, 64, vocab=128), lambda: list(data))
     ranks = final_rank_map(fim_model, "fim")
