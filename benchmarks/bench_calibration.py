@@ -118,6 +118,7 @@ CASES = {
         ],
         "allocator": [100, 1000, 10_000, 100_000],
         "resize": {"r": 16, "layers": 32, "hidden": 4096, "inter": 14336, "kv": 1024},
+        "bootstrap": 224,
     },
     "smoke": {
         "floor": [LLAMA_2x64, QLORA_2x64],
@@ -125,6 +126,7 @@ CASES = {
         "memory": [LLAMA_2x64._replace(batch_args=(1, 4, 16)), QLORA_2x64._replace(batch_args=(1, 4, 16))],
         "allocator": [100, 1000],
         "resize": {"r": 4, "layers": 2, "hidden": 256, "inter": 512, "kv": 64},
+        "bootstrap": 14,
     },
 }
 
@@ -394,6 +396,26 @@ def bench_resize(shape: dict, repeats: int) -> list[dict]:
              "seconds": times}]
 
 
+def bench_bootstrap(modules: int, repeats: int, units: int = 8, resamples: int = 200) -> dict:
+    """Seconds of the rank map's bootstrap (numbers only, no forward passes): ``modules`` Llama-3-8B-shaped
+    modules (costs cycled as in the allocator rows, a parameter budget of 16 ranks each, r in [1, 32]),
+    ``units`` calibration batches, ``resamples`` resamples, each allocated with the same allocator."""
+    import numpy as np
+
+    from fimlora.confidence import compute_rank_confidence
+    from fimlora.waterfill import allocate_ranks
+
+    rng = np.random.default_rng(0)
+    costs = [LLAMA8B_COSTS[i % len(LLAMA8B_COSTS)] for i in range(modules)]
+    u = rng.exponential(1.0, modules)[None, :] * rng.lognormal(0.0, 0.5, (units, modules))
+    allocate = functools.partial(allocate_ranks, budget=16 * sum(costs), r_min=1, r_max=32, costs=costs)
+    point = allocate(u.mean(axis=0).tolist())
+    names = [f"m{i}" for i in range(modules)]
+    times = timed(functools.partial(compute_rank_confidence, u, names, point, allocate, n_resamples=resamples),
+                  repeats)
+    return {"modules": modules, "units": units, "resamples": resamples, "seconds": times}
+
+
 # ----------------------------------------------------------------------------- (5) share of a whole run
 
 
@@ -514,7 +536,7 @@ def render_memory(rows: list[dict]) -> list[str]:
     return lines + ["", "GPU (`torch.cuda.max_memory_allocated`): see the GPU section.", ""]
 
 
-def render_scale(allocator: list[dict], resize: list[dict]) -> list[str]:
+def render_scale(allocator: list[dict], resize: list[dict], bootstrap: dict | None = None) -> list[str]:
     lines = ["## 4. Allocator and resize scale", "",
              "Allocation seconds, median (min–max), r in [1, 32]: a rank budget of 16 per module, and a parameter "
              "budget (`budget_unit=\"params\"`) of 16 ranks per module at Llama-3-8B's costs per unit of rank "
@@ -529,6 +551,11 @@ def render_scale(allocator: list[dict], resize: list[dict]) -> list[str]:
         lines += ["", f"Resize of a Llama-3-8B-shaped adapter set ({r['modules']} modules, "
                   f"{r['shape']}, r = {r['shape']['r']} -> FIM pattern, {r['lora_params_after']:,} LoRA parameters "
                   f"after): {med(r['seconds']):.3f} s median ({spread(r['seconds'])}); target < 2 s."]
+    if bootstrap:
+        b = bootstrap
+        lines += ["", f"Bootstrap of the rank map ({b['modules']} Llama-3-8B-shaped modules, {b['units']} calibration "
+                  f"batches, {b['resamples']} resamples, each allocated with a parameter budget; numbers only): "
+                  f"{med(b['seconds']):.3f} s median ({spread(b['seconds'])}); target well under 1 s."]
     return lines + [""]
 
 
@@ -658,7 +685,7 @@ def render_markdown(data: dict, gpu: dict | None = None) -> str:
     """docs/benchmarks.md from the measurements ``data`` (the keys main() writes to the JSON) and ``gpu``
     (benchmarks/gpu_check.py's JSON, None when there is none)."""
     lines = (render_header(data) + render_floor(data["floor"]) + render_eva(data["eva"])
-             + render_memory(data["memory"]) + render_scale(data["allocator"], data["resize"])
+             + render_memory(data["memory"]) + render_scale(data["allocator"], data["resize"], data.get("bootstrap"))
              + render_overhead(data["overhead"]) + render_gpu(gpu))
     return "\n".join(lines[:-1]) + "\n"
 
@@ -683,7 +710,7 @@ def measure(size: str, repeats: int, results: list[str], note: str, sections: tu
                         "threads": torch.get_num_threads()},
             "versions": package_versions()}
     if previous is not None:
-        kept = {k: previous[k] for k in ("floor", "eva", "memory", "allocator", "resize", "overhead",
+        kept = {k: previous[k] for k in ("floor", "eva", "memory", "allocator", "resize", "bootstrap", "overhead",
                                          "overhead_source") if k in previous}
         data.update(kept, section_dates={sec: previous.get("section_dates", {}).get(sec, previous["date"])
                                          for sec in SECTIONS})
@@ -692,7 +719,8 @@ def measure(size: str, repeats: int, results: list[str], note: str, sections: tu
              "eva": lambda: data.update(eva=bench_eva(cases["eva"])),
              "memory": lambda: data.update(memory=bench_memory(cases["memory"])),
              "scale": lambda: data.update(allocator=bench_allocator(cases["allocator"], repeats),
-                                          resize=bench_resize(cases["resize"], repeats)),
+                                          resize=bench_resize(cases["resize"], repeats),
+                                          bootstrap=bench_bootstrap(cases["bootstrap"], repeats)),
              "overhead": lambda: data.update(overhead_source=results, overhead=overhead_from_results(
                  [Path(r) for r in results if Path(r).exists()]))}
     for k, sec in enumerate(sections, 1):

@@ -44,6 +44,8 @@ def test_benchmark_script_smoke(tmp_path):
         rf"\| 100 \| {NUM} \({SPREAD}\) \| {NUM} \({SPREAD}\) \|",
         rf"\| 1,000 \| {NUM} \({SPREAD}\) \| {NUM} \({SPREAD}\) \|",
         rf"Resize of a Llama-3-8B-shaped adapter set \(14 modules, .*, [\d,]+ LoRA parameters after\): {NUM} s median",
+        rf"Bootstrap of the rank map \(14 Llama-3-8B-shaped modules, 8 calibration batches, 200 resamples, .*\): "
+        rf"{NUM} s median",
         # 3 tasks x 2 ranks x 3 seeds, from the committed result JSONs
         r"\| small_encoder \| minilm \| 18 \| 8 \| 100 \| 8% \| 7\.04% \(5\.56–14\.14%\) \|",
     ]
@@ -51,7 +53,7 @@ def test_benchmark_script_smoke(tmp_path):
         assert re.search(rf"^{row}", text, re.MULTILINE), row
     data = json.loads(out.with_suffix(".json").read_text())
     assert set(data) == {"command", "date", "repeats", "note", "machine", "versions", "floor", "eva", "memory",
-                         "allocator", "resize", "overhead_source", "overhead", "section_dates"}
+                         "allocator", "resize", "bootstrap", "overhead_source", "overhead", "section_dates"}
     assert set(data["section_dates"]) == set(bench.SECTIONS)
     # the QLoRA rows are real 4-bit layers (bitsandbytes' Linear4bit under every LoRA), stepped in train mode
     layers = {"tiny llama 2x64": ("eval", {"Linear": 14}), "QLoRA nf4 llama 2x64": ("train", {"Linear4bit": 14})}
