@@ -714,6 +714,9 @@ def measure(size: str, repeats: int, results: list[str], note: str, sections: tu
                                          "overhead_source") if k in previous}
         data.update(kept, section_dates={sec: previous.get("section_dates", {}).get(sec, previous["date"])
                                          for sec in SECTIONS})
+        # The kept sections' machine note stays; this run's note is about the sections it measures.
+        remeasured = f"Re-measured {', '.join(sections)}: {note}" if note else ""
+        data["note"] = " ".join(part for part in (previous.get("note", ""), remeasured) if part)
     data.setdefault("section_dates", {})
     steps = {"floor": lambda: data.update(floor=bench_floor(cases["floor"], repeats)),
              "eva": lambda: data.update(eva=bench_eva(cases["eva"])),
