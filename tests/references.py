@@ -171,21 +171,6 @@ def llama_base(layers: int, hidden: int, seed: int = 0, vocab: int = 1024):
     return LlamaForCausalLM(cfg).eval()
 
 
-class CountingIterable:
-    """Re-iterable over fixed batches, counting how many were consumed (EVA cycles its loader)."""
-
-    def __init__(self, batches):
-        self.batches, self.count = batches, 0
-
-    def __iter__(self):
-        for b in self.batches:
-            self.count += 1
-            yield b
-
-    def __len__(self):
-        return len(self.batches)
-
-
 # ----------------------------------------------------------------------------- Fisher references
 
 
