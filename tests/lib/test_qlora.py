@@ -27,6 +27,8 @@ from tests.references import (
 )
 
 pytest.importorskip("bitsandbytes")
+from bitsandbytes.functional import _convert_weight_packed_for_cpu, has_avx512bf16  # noqa: E402
+
 pytestmark = pytest.mark.filterwarnings("ignore:MatMul8bitLt. inputs will be cast:UserWarning")
 
 BITS = [4, 8]
@@ -50,6 +52,35 @@ def packed_4bit_layers(model):
             if getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
 
 
+def bnb_4bit_layers(model):
+    import bitsandbytes as bnb
+
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def arm_cpu_repacking(model):
+    """Make every 4-bit layer repack on an eval forward without grad, as bitsandbytes does on CPUs with AVX512-BF16.
+
+    bitsandbytes decides per layer, from the CPU, at construction (``support_avx512bf16_for_cpu``); forcing the
+    flag makes the hazard present on every x86-64 machine, so a calibration that runs such a forward is caught
+    here too. Only for tests whose code under test must not reach the packed kernel: that kernel needs AVX512-BF16.
+    """
+    layers = bnb_4bit_layers(model)
+    assert layers
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = True
+
+
+def repack_for_cpu_inference(layer):
+    """Put ``layer``'s weight into bitsandbytes' CPU inference format exactly as its eval forward would.
+
+    ``_convert_weight_packed_for_cpu`` is the conversion ``Linear4bit.forward`` calls; it is pure tensor code, so
+    the state is the same on any CPU (running the forward would need AVX512-BF16 for the repack to happen).
+    """
+    layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(layer.weight.data,
+                                                                                 layer.weight.quant_state)
+
+
 @pytest.mark.parametrize("bits", BITS)
 def test_every_quantised_projection_found(base_dir, bits):
     model = qlora_llama(base_dir, bits)
@@ -67,6 +98,8 @@ def test_scores_equal_autograd_on_the_quantised_model(base_dir, bits, estimator,
     model = qlora_llama(base_dir, bits, use_dora=dora)
     data = lm_batches()
     ref = REFERENCES[estimator](model, data)
+    if bits == 4:
+        arm_cpu_repacking(model)
     layer = model.get_base_model().model.layers[0]
     assert layer.gradient_checkpointing  # prepare_model_for_kbit_training turned it on
     calls = []
@@ -85,6 +118,8 @@ def test_scores_equal_autograd_on_the_quantised_model(base_dir, bits, estimator,
 @pytest.mark.parametrize("bits", BITS)
 def test_calibration_leaves_quantised_model_as_it_was(base_dir, bits, estimator, train):
     model = qlora_llama(base_dir, bits)
+    if bits == 4:
+        arm_cpu_repacking(model)
     model.train(train)
     before = model_state(model)  # includes the input-grad hook prepare_model_for_kbit_training put on the embedding
     compute_fisher(model, lm_batches(), FimConfig(n_batches=2, estimator=estimator, progress=False))
@@ -118,9 +153,9 @@ def test_qlora_end_to_end_stock_reload_on_fresh_quantised_base(base_dir, bits, d
 def test_4bit_layer_repacked_for_inference_is_refused(base_dir, monkeypatch):
     """An eval forward without grad makes bitsandbytes repack a 4-bit weight into a format with no backward."""
     model = get_peft_model(quantised_llama(base_dir, 4), LoraConfig(r=4, target_modules="all-linear"))
-    with torch.no_grad():
-        model(**lm_batches()[0])
-    assert packed_4bit_layers(model)
+    repack_for_cpu_inference(model.get_base_model().model.layers[0].self_attn.q_proj.get_base_layer())
+    q_proj = "base_model.model.model.layers.0.self_attn.q_proj"
+    assert packed_4bit_layers(model) == [q_proj, f"{q_proj}.base_layer"]  # the LoRA layer exposes its base's weight
     before = model_state(model)
     monkeypatch.setattr(fimlora.fisher, "_calibrate", no_calibration)
     with pytest.raises(ValueError, match=r"model: the 4-bit weight of 'model\.layers\.0\.self_attn\.q_proj' was "
@@ -136,8 +171,20 @@ def test_4bit_without_kbit_preparation_gives_the_same_scores(base_dir):
     base = quantised_llama(base_dir, 4)
     torch.manual_seed(100)  # as qlora_llama seeds LoRA's A
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    arm_cpu_repacking(model)
     prepared = qlora_llama(base_dir, 4)
     got = compute_fisher(model, lm_batches(), FimConfig(n_batches=3, progress=False)).fisher
     assert packed_4bit_layers(model) == []
     ref = compute_fisher(prepared, lm_batches(), FimConfig(n_batches=3, progress=False)).fisher
     assert_fisher_close(got, {n: f.double() for n, f in ref.items()}, rtol=1e-5)
+
+
+@pytest.mark.skipif(not has_avx512bf16(),
+                    reason="bitsandbytes repacks 4-bit weights for inference only on CPUs with AVX512-BF16; "
+                           "this CPU lacks AVX512-BF16")
+def test_eval_forward_without_grad_repacks_on_this_cpu(base_dir):
+    """The real hazard behind the refusal above, on hardware that has it: a plain no-grad eval forward repacks."""
+    model = get_peft_model(quantised_llama(base_dir, 4), LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        model(**lm_batches()[0])
+    assert "base_model.model.model.layers.0.self_attn.q_proj.base_layer" in packed_4bit_layers(model)

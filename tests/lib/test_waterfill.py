@@ -274,6 +274,21 @@ def test_equal_costs_keep_the_tie_breaks():
         ([1.0, 2.0], [3, 5], 16, 2, 5, [2, 2]),
         # all-zero scores: one common rank 50 / (2 + 3) = 10
         ([0.0, 0.0], [2, 3], 50, 1, 16, [10, 10]),
+        # At the budget's edges. Equal scores, costs 3, 5, 4: x = 20/12 = 1.67 each, floors spend 12; the 8 left
+        # go in module order and modules 0 and 1 use them up exactly (3 + 5 = 8): the last unit that fits is given
+        ([1.0, 1.0, 1.0], [3, 5, 4], 20, 0, 5, [2, 2, 1]),
+        # one parameter less: 7 left after the floors; module 0 takes 3, module 1 (5 > 4) cannot, module 2 takes
+        # exactly the 4 left
+        ([1.0, 1.0, 1.0], [3, 5, 4], 19, 0, 5, [2, 1, 2]),
+        # sum_m c_m r_max = 2*3 + 3*3 = 15: at 15 every module is at r_max, one parameter less is not: module 0
+        # is capped at 3 and x_1 = (14 - 6) / 3 = 2.67, floor 2; the 2 left cannot buy module 1's 3
+        ([2.0, 1.0], [2, 3], 15, 1, 3, [3, 3]),
+        ([2.0, 1.0], [2, 3], 14, 1, 3, [3, 2]),
+        # sum_m c_m r_min = 5: at 6, tau = 0.75 gives x = [1.5, 1], floors spend 5 and the 1 left buys nothing;
+        # at 7, tau = 1 gives x = [2, 1] exactly
+        ([2.0, 1.0], [2, 3], 5, 1, 3, [1, 1]),
+        ([2.0, 1.0], [2, 3], 6, 1, 3, [1, 1]),
+        ([2.0, 1.0], [2, 3], 7, 1, 3, [2, 1]),
     ],
 )
 def test_costs_hand_worked(scores, costs, budget, r_min, r_max, expected):

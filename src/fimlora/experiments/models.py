@@ -104,7 +104,13 @@ def resolve_model(name: str) -> str:
     if key == "smollm2":
         target = cache_dir() / "smollm2-135m-instruct"
         if not (target / "config.json").exists():
-            _convert_smollm2(target)
+            from filelock import FileLock
+
+            # Parallel test workers or sweep processes on a fresh cache would all convert, and every rename
+            # after the first fails on the folder the first one put there: one converts, the rest wait for it.
+            with FileLock(str(target) + ".lock"):
+                if not (target / "config.json").exists():
+                    _convert_smollm2(target)
         return str(target)
     path = Path(name).expanduser()
     if path.exists():
