@@ -110,7 +110,8 @@ class FimConfig:
         train_mode: keep dropout on during calibration (default off: deterministic scores).
         loss_scale: multiply the loss by this before backward and divide gradients after;
             ``None`` = 1 for fp32/bf16 and 1024 for fp16 models (avoids gradient underflow).
-        seed: seeds the initialisation of new A rows, so every process gets identical rows.
+        seed: seeds the initialisation of new A rows, so every process gets identical rows, and the
+            bootstrap (>= 0).
         adapter_name: the PEFT adapter to calibrate and resize.
         progress: show a progress bar.
     """
@@ -173,7 +174,8 @@ class FimConfig:
         check_choice("scale", self.scale, SCALE_MODES)
         check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
         check_number("loss_scale", self.loss_scale, minimum=0, allow_none=True)
-        check_int("seed", self.seed)
+        # Non-negative: numpy's bootstrap generator refuses a negative seed, and it runs after the whole calibration.
+        check_int("seed", self.seed, minimum=0)
         if not isinstance(self.adapter_name, str) or not self.adapter_name:
             raise ValueError(f"adapter_name: must be a non-empty string, got {self.adapter_name!r}")
         check_bool("train_mode", self.train_mode)
