@@ -50,7 +50,8 @@ class RankAllocation:
     (d_in + d_out; from ``shapes`` when not given) and ``params_spent`` is sum_m r_m * costs[m],
     recorded in both units; a rank map written before these fields loads with these defaults.
     ``confidence`` is the bootstrap of the map (:class:`fimlora.confidence.RankConfidence` as a dict:
-    score and rank intervals, agreement per module, stable share), or None when not computed.
+    score and rank intervals, agreement per module, stable share), or None when not computed; with fewer
+    than 2 calibration units it says ``estimable: False`` and carries no per-module values.
     """
 
     scores: dict[str, float]
@@ -96,7 +97,7 @@ class RankAllocation:
         if self.budget_unit == "params" and spent > self.budget:
             raise ValueError(f"ranks: sum_m ranks[m] * costs[m] must be <= budget={self.budget} parameters, "
                              f"got {spent}")
-        if self.confidence is not None:
+        if self.confidence is not None and self.confidence.get("estimable", True):
             check_same_modules("confidence.agreement", self.confidence.get("agreement", {}), names,
                                "the keys of ranks")
         bad = [(n, r) for n, r in self.ranks.items() if not (self.r_min <= r <= self.r_max)]
@@ -117,8 +118,8 @@ class RankAllocation:
 
     def unstable_modules(self) -> list[str]:
         """Modules whose point rank comes back in fewer than the bootstrap's threshold of resamples ([] if none
-        or no bootstrap)."""
-        if not self.confidence:
+        or no bootstrap, or a bootstrap that was not estimable)."""
+        if not self.confidence or not self.confidence.get("estimable", True):
             return []
         threshold = self.confidence["threshold"]
         return [n for n, a in self.confidence["agreement"].items() if a < threshold]
