@@ -141,3 +141,16 @@ def test_4bit_without_kbit_preparation_gives_the_same_scores(base_dir):
     assert packed_4bit_layers(model) == []
     ref = compute_fisher(prepared, lm_batches(), FimConfig(n_batches=3, progress=False)).fisher
     assert_fisher_close(got, {n: f.double() for n, f in ref.items()}, rtol=1e-5)
+
+
+def test_8bit_dora_refused_up_front_naming_module_and_combination(base_dir, monkeypatch):
+    """bitsandbytes' int8 layer with DoRA fails on a later forward/backward (stock PEFT too); refused by layer type,
+    before any forward, whatever the CPU."""
+    model = qlora_llama(base_dir, 8, use_dora=True)
+    monkeypatch.setattr(fimlora.api, "compute_fisher", no_calibration)
+    needle = (r"model\.layers\.0\.self_attn\.q_proj: DoRA \(use_dora=True\) on a bitsandbytes 8-bit base layer "
+              r"\(peft\.tuners\.lora\.bnb\.Linear8bitLt\) is not supported")
+    with pytest.raises(ValueError, match=needle):
+        lora_modules(model)
+    with pytest.raises(ValueError, match=needle):
+        fimlora.compute_allocation(model, lm_batches(), FimConfig(progress=False))
