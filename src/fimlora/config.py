@@ -99,7 +99,9 @@ class FimConfig:
         budget_fraction: the budget as a fraction in (0, 1] of the default budget (the current
             adapter's size in ``budget_unit``), rounded down; exclusive with ``budget``.
         max_lora_rank: serve with vLLM at this ``--max-lora-rank`` (one of
-            ``VLLM_MAX_LORA_RANKS``): r_max defaults to it, and an explicit r_max may not exceed it.
+            ``VLLM_MAX_LORA_RANKS``): r_max defaults to it, and an explicit r_max may not exceed it; a LoRA
+            config r above K is written as r = K with lora_alpha scaled to keep lora_alpha / r
+            (:func:`fimlora.allocation.serving_base`).
         estimator: ``"batch"`` squares each mini-batch gradient (the paper's);
             ``"per_example"`` averages squared per-example gradients (eq. 1).
         aggregation: module score from its Fisher matrix: ``"mean"``, ``"max"`` or ``"l2"``.

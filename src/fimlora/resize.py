@@ -219,6 +219,10 @@ def apply_allocation(
     is rank-independent only there). A module allocated rank 0 loses its LoRA layer
     (replaced by its base layer) and the config's ``target_modules`` lists the kept
     modules; refused if no module would be kept or the layer holds another adapter.
+    Also refused: a map made for another LoRA config (``base_r``, ``base_alpha``,
+    ``use_rslora``) or whose alphas do not follow its own scale rule (see
+    :func:`fimlora.allocation.check_alphas`). The config's global r/lora_alpha follow
+    :func:`fimlora.allocation.serving_base` (``max_lora_rank``).
     """
     check_bool("allow_trained", allow_trained)
     seed = _allocation_seed(allocation, seed)

@@ -121,6 +121,10 @@ def test_one_batch_gives_a_confidence_that_is_not_estimable(tmp_path):
     table = format_rank_table(alloc)
     assert "stable: not estimable" in table and "100%" not in table
     assert RankAllocation.from_json(alloc.to_json()).confidence == conf
+    pytest.importorskip("matplotlib")
+    from fimlora.rankmap import plot_rank_map
+
+    assert plot_rank_map(alloc, tmp_path / "map.svg").is_file()
 
 
 def test_auto_with_one_batch_of_data_stops_at_the_end_of_the_data():

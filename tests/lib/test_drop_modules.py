@@ -249,3 +249,23 @@ def test_a_name_that_ends_another_gets_a_key_that_matches_only_itself(tmp_path, 
     saved = model.peft_config["default"]
     assert (built.rank_pattern, built.alpha_pattern, built.target_modules) == (
         saved.rank_pattern, saved.alpha_pattern, saved.target_modules)
+
+
+def test_a_regex_target_modules_becomes_an_exact_regex_of_the_kept_modules(tmp_path):
+    """A string target_modules is a regex PEFT full-matches; the kept names as a list would select more modules
+    than the regex did (every module whose name ends with one), so it stays a regex, of exactly the kept ones."""
+    model = lora_llama(target_modules=r".*\.(q_proj|v_proj)")
+    scores = {i.name: 1e-9 if i.name.startswith("model.layers.0.") else 1.0 for i in lora_modules(model)}
+    alloc = allocation_from_scores(model, scores, r_min=0)
+    kept = {n: r for n, r in alloc.ranks.items() if r > 0}
+    assert len(kept) == 2
+    apply_allocation(model, alloc)
+    make_b_nonzero(model, lm_batches())
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert isinstance(saved["target_modules"], str)
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert {i.name: i.r for i in lora_modules(reloaded)} == kept
+    batch = lm_batches()[0]
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
