@@ -100,3 +100,16 @@ def test_version(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.strip() == f"fimlora {fimlora.__version__}"
+
+
+def test_negative_seed_fails_before_calibration(tmp_path, capsys, monkeypatch):
+    import fimlora.experiments.jobs as jobs
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the seed was checked")
+
+    monkeypatch.setattr(jobs, "build_base_model", never)
+    code, text = run(capsys, "calibrate", "--model", "minilm", "--data", "sst2", "--seed", "-1",
+                     "--out", str(tmp_path / "out"))
+    assert code == 2 and "seed: must be >= 0, got -1" in text and "Traceback" not in text
+    assert not (tmp_path / "out").exists()

@@ -8,11 +8,11 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .config import BUDGET_UNITS, check_choice, check_int
+from .config import BUDGET_UNITS, SCALE_MODES, check_choice, check_int
 from .io import atomic_write_text
 from .modules import check_same_modules
 
-__all__ = ["RankAllocation", "scaled_alpha", "lora_scaling"]
+__all__ = ["RankAllocation", "scaled_alpha", "lora_scaling", "check_alphas", "serving_base"]
 
 FORMAT_VERSION = 1
 _PER_MODULE = ("scores", "ranks", "alphas", "old_ranks", "old_alphas", "shapes")
@@ -38,6 +38,53 @@ def scaled_alpha(alpha: float, old_r: int, new_r: int, scale: str, use_rslora: b
     return float(alpha * (math.sqrt(ratio) if use_rslora else ratio))
 
 
+def _alpha_rule_text(old_alpha: float, old_r: int, new_r: int, scale: str, use_rslora: bool) -> str:
+    if scale == "fixed_alpha":
+        return f"the old alpha {old_alpha:g}"
+    if use_rslora:
+        return f"old alpha {old_alpha:g} * sqrt(r'/r) = {old_alpha:g} * sqrt({new_r}/{old_r})"
+    return f"old alpha {old_alpha:g} * r'/r = {old_alpha:g} * {new_r}/{old_r}"
+
+
+def check_alphas(allocation: RankAllocation) -> None:
+    """Every kept module's alpha is :func:`scaled_alpha` of its old alpha and ranks under the map's own scale rule.
+
+    The rule is ``settings["scale"]`` (every fimlora map records it); a map without one (written by hand) is
+    checked against the default, ``"preserve"``. Rank-0 modules are skipped: they lose their adapter. A map
+    whose ranks were edited by hand without its alphas fails here, naming the module, rule and values.
+    """
+    scale = allocation.settings.get("scale") if isinstance(allocation.settings, dict) else None
+    note = ""
+    if scale is None:
+        scale, note = "preserve", " (settings has no 'scale'; maps without it are checked against the default)"
+    check_choice("allocation.settings['scale']", scale, SCALE_MODES)
+    for name, r in allocation.ranks.items():
+        if r == 0:
+            continue
+        old_alpha, old_r = float(allocation.old_alphas[name]), int(allocation.old_ranks[name])
+        want = scaled_alpha(old_alpha, old_r, r, scale, allocation.use_rslora)
+        got = allocation.alphas[name]
+        if not (isinstance(got, (int, float)) and math.isclose(float(got), want, rel_tol=1e-9, abs_tol=1e-12)):
+            rule = _alpha_rule_text(old_alpha, old_r, r, scale, allocation.use_rslora)
+            raise ValueError(f"allocation.alphas[{name!r}]: must be {want:g} = {rule} under the map's scale rule "
+                             f"{scale!r}{note}, got {got!r}")
+
+
+def serving_base(allocation: RankAllocation, r: int, alpha: float) -> tuple[int, float]:
+    """The adapter config's global (r, lora_alpha) for a LoRA config with ``r``, ``alpha`` and this allocation.
+
+    vLLM checks only the config's global r against ``--max-lora-rank`` and applies one scale, lora_alpha / r
+    (lora_alpha / sqrt(r) with rsLoRA), to every module. With ``settings["max_lora_rank"] = K`` and r > K the
+    config gets r' = K and alpha' = alpha * r'/r (rsLoRA: alpha * sqrt(r'/r)), so alpha'/r' = alpha/r: every
+    module's scale under the default rule (alpha_m / r_m = alpha / r) is still the one vLLM applies. Otherwise
+    (r, alpha) stay. PEFT reads every module's rank and alpha from rank_pattern/alpha_pattern, not from these.
+    """
+    k = allocation.settings.get("max_lora_rank") if isinstance(allocation.settings, dict) else None
+    if k is None or r <= k:
+        return r, alpha
+    return int(k), scaled_alpha(alpha, r, int(k), "preserve", allocation.use_rslora)
+
+
 @dataclass
 class RankAllocation:
     """Per-module scores and ranks, keyed by exact PEFT rank_pattern keys (module order kept).
@@ -50,7 +97,8 @@ class RankAllocation:
     (d_in + d_out; from ``shapes`` when not given) and ``params_spent`` is sum_m r_m * costs[m],
     recorded in both units; a rank map written before these fields loads with these defaults.
     ``confidence`` is the bootstrap of the map (:class:`fimlora.confidence.RankConfidence` as a dict:
-    score and rank intervals, agreement per module, stable share), or None when not computed.
+    score and rank intervals, agreement per module, stable share), or None when not computed; with fewer
+    than 2 calibration units it says ``estimable: False`` and carries no per-module values.
     """
 
     scores: dict[str, float]
@@ -96,7 +144,7 @@ class RankAllocation:
         if self.budget_unit == "params" and spent > self.budget:
             raise ValueError(f"ranks: sum_m ranks[m] * costs[m] must be <= budget={self.budget} parameters, "
                              f"got {spent}")
-        if self.confidence is not None:
+        if self.confidence is not None and self.confidence.get("estimable", True):
             check_same_modules("confidence.agreement", self.confidence.get("agreement", {}), names,
                                "the keys of ranks")
         bad = [(n, r) for n, r in self.ranks.items() if not (self.r_min <= r <= self.r_max)]
@@ -117,8 +165,8 @@ class RankAllocation:
 
     def unstable_modules(self) -> list[str]:
         """Modules whose point rank comes back in fewer than the bootstrap's threshold of resamples ([] if none
-        or no bootstrap)."""
-        if not self.confidence:
+        or no bootstrap, or a bootstrap that was not estimable)."""
+        if not self.confidence or not self.confidence.get("estimable", True):
             return []
         threshold = self.confidence["threshold"]
         return [n for n, a in self.confidence["agreement"].items() if a < threshold]

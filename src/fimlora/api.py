@@ -165,7 +165,7 @@ def stable_enough(unit_scores, allocate, config: FimConfig) -> str | None:
     reason = None
     if is_main_process() and unit_scores is not None:
         conf = _bootstrap(unit_scores, [str(i) for i in range(unit_scores.shape[1])], None, allocate, config)
-        if conf.stable_share >= config.auto_stable_share:
+        if conf.estimable and conf.stable_share >= config.auto_stable_share:
             reason = (f"stable: {100 * conf.stable_share:.0f}% of modules keep their rank in >= "
                       f"{100 * config.stable_threshold:.0f}% of {conf.n_resamples} resamples (target "
                       f"{100 * config.auto_stable_share:.0f}%)")

@@ -19,10 +19,15 @@ them with the same allocator, budget, bounds and costs as the point allocation. 
 number that says how stable the map is. ``max`` and ``l2`` aggregations are not means over units
 (the max or norm of a mean is not a mean of per-unit maxima or norms), so resampling them would need
 every unit's whole Fisher matrix, not U; they are refused with that reason.
+
+Fewer than ``MIN_UNITS`` (2) units: every resample of one unit is that unit, so every resample gives the point
+map and the agreement would read 100% whatever the noise. Such a confidence is *not estimable*: ``estimable`` is
+False, ``stable_share`` None, the per-module dicts empty, and a warning says so.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -30,9 +35,12 @@ import numpy as np
 
 from .config import check_int, check_number
 
-__all__ = ["RankConfidence", "compute_rank_confidence", "SUPPORTED_AGGREGATIONS"]
+__all__ = ["RankConfidence", "compute_rank_confidence", "SUPPORTED_AGGREGATIONS", "MIN_UNITS"]
 
 SUPPORTED_AGGREGATIONS = ("mean",)
+# A bootstrap of fewer units says nothing: every resample of one unit is that unit.
+MIN_UNITS = 2
+_PLURAL = {"batch": "batches", "example": "examples"}
 
 Allocator = Callable[[list[float]], list[int]]
 
@@ -42,6 +50,8 @@ class RankConfidence:
     """Bootstrap summary of a rank map, keyed by module name (the allocation's order).
 
     ``unit`` is what was resampled (``"batch"`` or ``"example"``) and ``n_units`` how many there were.
+    ``estimable`` is False when there were fewer than ``MIN_UNITS`` units: then no resample ran
+    (``n_resamples`` 0), the per-module dicts are empty and ``stable_share`` is None, not 1.
     """
 
     n_resamples: int
@@ -55,7 +65,8 @@ class RankConfidence:
     rank_low: dict[str, int]
     rank_high: dict[str, int]
     agreement: dict[str, float]
-    stable_share: float
+    stable_share: float | None
+    estimable: bool = True
 
     def unstable(self) -> list[str]:
         """Modules whose point rank comes back in fewer than ``threshold`` of the resamples."""
@@ -114,6 +125,8 @@ def compute_rank_confidence(
     u = np.asarray(unit_scores, dtype=np.float64)
     _check_inputs(u, names, point_ranks, n_resamples, level, threshold)
     n = u.shape[0]
+    if n < MIN_UNITS:
+        return not_estimable(n, unit, seed=seed, level=level, threshold=threshold)
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, n, size=(n_resamples, n))
     scores = u[picks].mean(axis=1)  # (B, M)
@@ -132,3 +145,23 @@ def compute_rank_confidence(
         agreement=dict(zip(names, agreement.tolist())),
         stable_share=float((agreement >= threshold).mean()),
     )
+
+
+def units_text(n_units: int, unit: str) -> str:
+    """``1 calibration batch``, ``3 calibration examples``."""
+    return f"{n_units} calibration {unit if n_units == 1 else _PLURAL.get(unit, unit + 's')}"
+
+
+def not_estimable_text(n_units: int, unit: str) -> str:
+    """The one sentence every report of a not-estimable confidence uses."""
+    return (f"not estimable from {units_text(n_units, unit)} (a bootstrap needs at least {MIN_UNITS}: every "
+            "resample of one unit is that unit)")
+
+
+def not_estimable(n_units: int, unit: str, seed: int, level: float, threshold: float) -> RankConfidence:
+    """The confidence of a map from fewer than ``MIN_UNITS`` units, with a warning that says so."""
+    warnings.warn(f"confidence: {not_estimable_text(n_units, unit)}; the rank map's stability is unknown, not 100%: "
+                  "calibrate on more batches", UserWarning, stacklevel=3)
+    return RankConfidence(n_resamples=0, seed=seed, level=float(level), threshold=float(threshold), unit=unit,
+                          n_units=n_units, score_low={}, score_high={}, rank_low={}, rank_high={}, agreement={},
+                          stable_share=None, estimable=False)

@@ -99,7 +99,9 @@ class FimConfig:
         budget_fraction: the budget as a fraction in (0, 1] of the default budget (the current
             adapter's size in ``budget_unit``), rounded down; exclusive with ``budget``.
         max_lora_rank: serve with vLLM at this ``--max-lora-rank`` (one of
-            ``VLLM_MAX_LORA_RANKS``): r_max defaults to it, and an explicit r_max may not exceed it.
+            ``VLLM_MAX_LORA_RANKS``): r_max defaults to it, and an explicit r_max may not exceed it; a LoRA
+            config r above K is written as r = K with lora_alpha scaled to keep lora_alpha / r
+            (:func:`fimlora.allocation.serving_base`).
         estimator: ``"batch"`` squares each mini-batch gradient (the paper's);
             ``"per_example"`` averages squared per-example gradients (eq. 1).
         aggregation: module score from its Fisher matrix: ``"mean"``, ``"max"`` or ``"l2"``.
@@ -110,7 +112,8 @@ class FimConfig:
         train_mode: keep dropout on during calibration (default off: deterministic scores).
         loss_scale: multiply the loss by this before backward and divide gradients after;
             ``None`` = 1 for fp32/bf16 and 1024 for fp16 models (avoids gradient underflow).
-        seed: seeds the initialisation of new A rows, so every process gets identical rows.
+        seed: seeds the initialisation of new A rows, so every process gets identical rows, and the
+            bootstrap (>= 0).
         adapter_name: the PEFT adapter to calibrate and resize.
         progress: show a progress bar.
     """
@@ -173,7 +176,8 @@ class FimConfig:
         check_choice("scale", self.scale, SCALE_MODES)
         check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
         check_number("loss_scale", self.loss_scale, minimum=0, allow_none=True)
-        check_int("seed", self.seed)
+        # Non-negative: numpy's bootstrap generator refuses a negative seed, and it runs after the whole calibration.
+        check_int("seed", self.seed, minimum=0)
         if not isinstance(self.adapter_name, str) or not self.adapter_name:
             raise ValueError(f"adapter_name: must be a non-empty string, got {self.adapter_name!r}")
         check_bool("train_mode", self.train_mode)

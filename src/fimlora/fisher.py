@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -215,6 +216,17 @@ def _check_loss(loss, batch_index: int, adapter_name: str) -> None:
         )
 
 
+def _check_loss_finite(loss: torch.Tensor, batch_index: int) -> None:
+    """A NaN or infinite loss is the loss's own fault, found before any backward (no loss scale is applied yet)."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise ValueError(
+            f"batch {batch_index}: the loss itself is non-finite (loss={value:.6g}), before any loss scale or "
+            "backward; typical causes: every label masked (-100), so a mean over no tokens is 0/0, or labels/inputs "
+            "too large for the model's dtype; fix that batch or loss_fn"
+        )
+
+
 def _nonfinite_gradient_error(module: str, batch_index: int, loss: torch.Tensor) -> ValueError:
     return ValueError(
         f"non-finite gradient in module {module!r} at batch {batch_index} "
@@ -252,6 +264,7 @@ def _calibrate_batch(run: _Run, estimator: Estimator, batch, batch_index: int) -
     """Loss, (loss * s).backward(), and the estimator folds the gradients in."""
     loss = run.loss_fn(run.model, _to_device(batch, run.device))
     _check_loss(loss, batch_index, run.adapter_name)
+    _check_loss_finite(loss, batch_index)
     (loss * run.loss_scale).backward()
     bad = estimator.after_backward(batch_index)
     if bad is not None:
@@ -303,6 +316,16 @@ def _check_run(n_done: int, n_batches: int, no_grad_modules: set[str]) -> None:
         )
 
 
+def _check_some_signal(fisher: dict[str, torch.Tensor], n_batches: int) -> None:
+    """Refuse a Fisher that is zero in every module: all scores 0 would allocate ranks from nothing (ties)."""
+    if all(not bool(f.any()) for f in fisher.values()):
+        raise ValueError(
+            f"fisher: every module's score is 0 after {n_batches} batches (every LoRA-B gradient is exactly zero), "
+            "so the ranks would be allocated from nothing; the loss does not depend on the adapters: e.g. a "
+            "loss_fn that ignores the model's output, or a model whose LoRA path is cut; check the batches and loss_fn"
+        )
+
+
 def _reduce_to_result(estimator: Estimator, name: str, n_done: int, device: torch.device) -> FisherResult:
     """All-reduce sums and counts over processes, F_m = sum_m / count_m."""
     sums = estimator.sums()
@@ -311,9 +334,14 @@ def _reduce_to_result(estimator: Estimator, name: str, n_done: int, device: torc
     for module, s in sums.items():
         fisher[module] = s / counts[module] if counts[module] > 0 else s
         if not torch.isfinite(fisher[module]).all():
-            raise ValueError(f"non-finite Fisher value in module {module!r} (overflow); lower loss_scale")
+            # g = B.grad / s is finite (checked per batch), so g^2 overflowed fp32 (|g| > ~1.8e19): the
+            # gradient itself is too large, which no loss scale changes (it is divided out before squaring).
+            raise ValueError(f"non-finite Fisher value in module {module!r}: a squared LoRA-B gradient overflowed "
+                             "fp32 (|dL/dB| above ~1e19); the loss is too large or too steep, check the labels' and "
+                             "inputs' scale")
     n_examples = counts if estimator.unit == "example" else {}
     total_batches = all_reduce_count(n_done, device)
+    _check_some_signal(fisher, total_batches)
     return FisherResult(fisher=fisher, estimator=name, n_batches=total_batches, n_examples=n_examples,
                         unit_scores=gather_rows(estimator.unit_scores()))
 
@@ -341,7 +369,9 @@ def compute_fisher(
     Does not change the model: on return (or on error) modes, ``requires_grad``
     and ``.grad`` of every parameter are as before and no hook is left.
     Raises ValueError for an empty dataloader, a batch without labels, a
-    non-finite gradient (naming the module and the batch index), or, before any
+    non-finite loss (naming the batch index and the value: e.g. every label
+    masked), a non-finite gradient (naming the module and the batch index), a
+    Fisher that is zero in every module (nothing to allocate from), or, before any
     compute, a DoRA adapter whose LoRA-B is non-zero (see ``check_dora_fresh``) or a
     4-bit layer that bitsandbytes repacked for inference (``check_4bit_differentiable``).
     """
@@ -370,9 +400,18 @@ def compute_fisher(
     _check_run(n_done, n_done if auto else n_batches, estimator.no_grad_modules)
     result = _reduce_to_result(estimator, config.estimator, n_done, device)
     if auto:
-        result.stop_reason = reason or (f"cap: max_batches={n_batches} reached before the map was stable"
-                                        if n_done == n_batches else f"dataloader: ended after {n_done} batches")
+        result.stop_reason = reason or _auto_stop_reason(n_done, n_batches)
     return result
+
+
+def _auto_stop_reason(n_done: int, cap: int) -> str:
+    """Why ``n_batches="auto"`` stopped when its stop rule never said "stable": the cap or the end of the data."""
+    if n_done == cap:
+        return f"cap: max_batches={cap} reached before the map was stable"
+    if n_done < MIN_AUTO_BATCHES:
+        return (f"dataloader: ended after {n_done} batch, fewer than the {MIN_AUTO_BATCHES} a bootstrap needs; the "
+                "rank map's confidence is not estimable")
+    return f"dataloader: ended after {n_done} batches"
 
 
 # ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ keys against exactly these names with the regex ``(.*\\.)?(KEY)$``.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -22,6 +23,8 @@ __all__ = [
     "lora_config_of",
     "lora_modules",
     "pattern_matches",
+    "pattern_keys",
+    "exact_target_modules",
     "pattern_key_error",
     "check_pattern_keys",
     "check_same_modules",
@@ -134,6 +137,23 @@ def _variant_reason(layer: nn.Module, adapter_name: str) -> str | None:
     return None
 
 
+def _is_bnb_8bit(base: nn.Module) -> bool:
+    """A bitsandbytes int8 base layer, by class (never by what the CPU's kernels do); False without bitsandbytes."""
+    bnb = sys.modules.get("bitsandbytes")  # a layer of its class exists only once it was imported
+    linear8 = getattr(getattr(bnb, "nn", None), "Linear8bitLt", None)
+    return isinstance(linear8, type) and isinstance(base, linear8)
+
+
+def _combination_reason(layer: nn.Module, adapter_name: str) -> str | None:
+    """Why this base layer and LoRA variant do not go together, or None: DoRA on a bitsandbytes 8-bit base fails
+    inside bitsandbytes on the second forward/backward (stock PEFT too), so it is refused before any compute."""
+    if _is_dora(layer, adapter_name) and _is_bnb_8bit(layer.get_base_layer()):
+        return (f"DoRA (use_dora=True) on a bitsandbytes 8-bit base layer ({_layer_type(layer)}) is not supported: "
+                "bitsandbytes fails on the second forward/backward of such a layer (stock PEFT too); use a 4-bit "
+                "base (QDoRA) or plain LoRA (use_dora=False) on the 8-bit base")
+    return None
+
+
 def _shape_reason(layer: nn.Module, adapter_name: str) -> str | None:
     """Why lora_A/lora_B are not A (r, d_in) and B (d_out, r) of the layer's (in_features, out_features), or None."""
     a, b = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
@@ -156,9 +176,9 @@ def _unsupported_reason(layer: nn.Module, adapter_name: str, config) -> str | No
 
     Supported: any PEFT LoRA layer whose adapter is a pair of nn.Linear maps A (r, d_in), B (d_out, r)
     with lora_B called on an input (plain, GPT-2 Conv1D via fan_in_fan_out, bitsandbytes 4/8-bit and
-    the other quantised wrappers), plain or DoRA.
+    the other quantised wrappers), plain or DoRA (not DoRA on a bitsandbytes 8-bit base).
     """
-    for rule in (_kind_reason, _variant_reason, _shape_reason):
+    for rule in (_kind_reason, _variant_reason, _combination_reason, _shape_reason):
         reason = rule(layer, adapter_name)
         if reason is not None:
             return reason
@@ -280,6 +300,30 @@ def pattern_matches(key: str, module_name: str) -> bool:
     if key.startswith("^"):
         return re.match(key + r"$" if not key.endswith("$") else key, module_name) is not None
     return re.match(rf"(.*\.)?({key})$", module_name) is not None
+
+
+def pattern_keys(names: Iterable[str]) -> dict[str, str]:
+    """The rank_pattern/alpha_pattern key of every module in ``names`` (the adapter's full module names).
+
+    A module's key is its full name, which PEFT matches as ``(.*\\.)?(NAME)$``, unless that also matches another
+    of ``names``: ``fc`` matches ``inner.fc`` too (and, since ``.`` is a wildcard, ``inner.fc`` matches
+    ``inner_fc``). Such a module gets ``^NAME$`` (escaped), which PEFT's rule and :func:`pattern_matches` match
+    against the whole name only. So every key matches exactly one module of ``names`` whatever order the keys
+    are tried in.
+    """
+    names = list(names)
+    keys = {}
+    for name in names:
+        last = name.rpartition(".")[2]  # literal: any name the key matches ends with it
+        clash = any(other != name and other.endswith(last) and pattern_matches(name, other) for other in names)
+        keys[name] = f"^{re.escape(name)}$" if clash else name
+    return keys
+
+
+def exact_target_modules(names: Iterable[str]) -> str:
+    """A ``target_modules`` that selects exactly ``names``: PEFT full-matches a string target_modules as a regex,
+    whereas a list entry also selects every module whose name ends with ``.ENTRY``."""
+    return "(?:" + "|".join(re.escape(n) for n in names) + ")"
 
 
 def pattern_key_error(key: str) -> str | None:

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from .allocation import RankAllocation
+from .confidence import not_estimable_text, units_text
 from .extras import require
 
 __all__ = ["split_name", "rank_grid", "group_stats", "format_rank_table", "budget_text", "confidence_text",
@@ -100,14 +101,13 @@ def format_rank_table(alloc: RankAllocation) -> str:
     return "\n".join(lines)
 
 
-_PLURAL = {"batch": "batches", "example": "examples"}
-
-
 def confidence_text(alloc: RankAllocation) -> str:
     """One line on the bootstrap: the stable share and what "?" marks."""
     c = alloc.confidence
+    if not c.get("estimable", True):
+        return f"stable: {not_estimable_text(c['n_units'], c['unit'])}"
     return (f"stable: {100 * c['stable_share']:.0f}% of modules keep their rank in >= {100 * c['threshold']:.0f}% "
-            f"of {c['n_resamples']} bootstrap resamples of the {c['n_units']} calibration {_PLURAL[c['unit']]}; "
+            f"of {c['n_resamples']} bootstrap resamples of the {units_text(c['n_units'], c['unit'])}; "
             f"? marks the {len(alloc.unstable_modules())} that do not")
 
 
@@ -183,8 +183,11 @@ def plot_rank_map(alloc: RankAllocation, path: str | Path, scores: bool = True, 
                         ax.text(j, i, text, ha="center", va="center", fontsize=7,
                                 color="white" if v < (alloc.r_min + alloc.r_max) / 2 else "black")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    stable = (f"; {100 * alloc.confidence['stable_share']:.0f}% stable, ? = unstable rank"
-              if alloc.confidence else "")
+    stable = ""
+    if alloc.confidence and not alloc.confidence.get("estimable", True):
+        stable = "; stability not estimable"
+    elif alloc.confidence:
+        stable = f"; {100 * alloc.confidence['stable_share']:.0f}% stable, ? = unstable rank"
     fig.suptitle(title or f"FIM-LoRA rank map ({budget_text(alloc)}, {alloc.params_spent:,} params spent, "
                           f"r={alloc.base_r}, r_min={alloc.r_min}, r_max={alloc.r_max}{stable})", fontsize=9)
     fig.tight_layout()

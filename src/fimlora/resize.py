@@ -45,7 +45,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .allocation import RankAllocation, lora_scaling
+from .allocation import RankAllocation, check_alphas, lora_scaling, serving_base
 from .config import check_bool, check_int, check_number
 from .distributed import check_not_sharded, full_tensor
 from .modules import (
@@ -54,8 +54,10 @@ from .modules import (
     check_dora_fresh,
     check_fresh_adapter,
     check_same_modules,
+    exact_target_modules,
     lora_config_of,
     lora_modules,
+    pattern_keys,
 )
 
 __all__ = [
@@ -217,6 +219,10 @@ def apply_allocation(
     is rank-independent only there). A module allocated rank 0 loses its LoRA layer
     (replaced by its base layer) and the config's ``target_modules`` lists the kept
     modules; refused if no module would be kept or the layer holds another adapter.
+    Also refused: a map made for another LoRA config (``base_r``, ``base_alpha``,
+    ``use_rslora``) or whose alphas do not follow its own scale rule (see
+    :func:`fimlora.allocation.check_alphas`). The config's global r/lora_alpha follow
+    :func:`fimlora.allocation.serving_base` (``max_lora_rank``).
     """
     check_bool("allow_trained", allow_trained)
     seed = _allocation_seed(allocation, seed)
@@ -253,18 +259,32 @@ def _parent_of(model: nn.Module, info: LoraModuleInfo) -> tuple[nn.Module, str]:
 
 
 def _set_patterns(config, allocation: RankAllocation) -> None:
-    """The allocation's ranks and alphas as one full, non-overlapping key per kept module; with dropped
-    modules, ``target_modules`` names exactly the kept ones, so a save and a stock reload build only those.
+    """The allocation's ranks and alphas as one non-overlapping key per kept module; with dropped modules,
+    ``target_modules`` names exactly the kept ones, so a save and a stock reload build only those; the global
+    r and lora_alpha as :func:`fimlora.allocation.serving_base` gives them (vLLM's ``--max-lora-rank``).
 
-    Overlapping keys resolve in sorted order after a reload and can silently change ranks or scales. Full
-    names match exactly in PEFT's list form of ``target_modules`` (a name or a ``.name`` suffix), and a kept
-    module already passed ``exclude_modules``/``layers_to_transform``, so those stay as they are.
+    Keys come from :func:`fimlora.modules.pattern_keys`: the full name, or ``^name$`` where the full name would
+    also match another module (``fc`` and ``inner.fc``). Overlapping keys resolve in sorted order after a reload
+    and can silently change ranks or scales. Full names match exactly in PEFT's list form of ``target_modules``
+    (a name or a ``.name`` suffix) unless one kept name ends another module's name; then, and when the config's
+    target_modules was already a regex string, ``target_modules`` becomes a regex PEFT full-matches against
+    exactly the kept names (PEFT refuses ``layers_to_transform``/``layers_pattern`` next to a string, and every
+    kept module already passed them). A kept module also passed ``exclude_modules``, which stays.
     """
     kept = kept_modules(allocation)
-    config.rank_pattern = {name: allocation.ranks[name] for name in kept}
-    config.alpha_pattern = {name: _as_number(allocation.alphas[name]) for name in kept}
+    keys = pattern_keys(allocation.ranks)
+    config.rank_pattern = {keys[name]: allocation.ranks[name] for name in kept}
+    config.alpha_pattern = {keys[name]: _as_number(allocation.alphas[name]) for name in kept}
     if len(kept) < len(allocation.ranks):
-        config.target_modules = kept
+        # "all-linear" is a shortcut PEFT expands to a set of names, not a regex.
+        regex_target = isinstance(config.target_modules, str) and config.target_modules != "all-linear"
+        if regex_target or any(keys[name] != name for name in kept):
+            config.target_modules = exact_target_modules(kept)
+            config.layers_to_transform = config.layers_pattern = None
+        else:
+            config.target_modules = kept
+    r, alpha = serving_base(allocation, int(config.r), float(config.lora_alpha))
+    config.r, config.lora_alpha = r, _as_number(alpha)
 
 
 def _forget_dropped(model: nn.Module, dropped: list[LoraModuleInfo]) -> None:
@@ -284,13 +304,25 @@ def _check_applicable(allocation: RankAllocation, infos: list[LoraModuleInfo], c
     _check_droppable(allocation, infos, adapter_name)
     if not allow_trained:
         _check_keeps_trained(allocation, infos, adapter_name)
-    _check_rslora(allocation, config)
+    _check_scales(allocation, config, "the model's LoRA config")
 
 
 def check_whole_layers(infos: list[LoraModuleInfo]) -> None:
     """Refuse resizing in place when the LoRA layers are sharded (FSDP2 DTensors, ZeRO-3), with the way to go."""
     for info in infos:
         check_not_sharded(info.layer, prefix=info.name)
+
+
+def _check_scales(allocation: RankAllocation, config, what: str) -> None:
+    """The map was made for this LoRA config (base r, lora_alpha, use_rslora) and its alphas follow its own scale
+    rule (:func:`fimlora.allocation.check_alphas`); otherwise the resized modules would get scales nobody chose."""
+    _check_rslora(allocation, config)
+    for field, attr in (("base_r", "r"), ("base_alpha", "lora_alpha")):
+        mine, theirs = getattr(allocation, field), getattr(config, attr)
+        if not math.isclose(float(mine), float(theirs), rel_tol=1e-9):
+            raise ValueError(f"allocation.{field}: must equal {attr}={theirs} of {what} (the map's alphas and "
+                             f"scales were computed from its {attr}); got {mine}: compute the map on this adapter")
+    check_alphas(allocation)
 
 
 def _check_rslora(allocation: RankAllocation, config) -> None:
@@ -356,7 +388,7 @@ def lora_config_for_allocation(allocation: RankAllocation, lora_config):
 
     if not isinstance(lora_config, LoraConfig):
         raise ValueError(f"lora_config: must be a peft.LoraConfig, got {type(lora_config).__name__}")
-    _check_rslora(allocation, lora_config)
+    _check_scales(allocation, lora_config, "lora_config")
     _check_some_kept(allocation)
     config = copy.deepcopy(lora_config)
     _set_patterns(config, allocation)

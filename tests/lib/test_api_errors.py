@@ -187,3 +187,91 @@ def test_check_not_sharded_gives_the_same_advice():
 
     with pytest.raises(ValueError, match=r"is wrapped in DistributedDataParallel; calibrate before wrapping"):
         check_not_sharded(DistributedDataParallel(lora_llama()))
+
+
+# ----------------------------------------------------------------------------- issue 20: alphas of a rank map (A)
+
+
+def alloc_for(model, **kw):
+    return fimlora.compute_allocation(model, lm_batches(), FimConfig(n_batches=2, progress=False, **kw))
+
+
+def test_apply_allocation_refuses_a_map_made_for_another_lora_alpha():
+    alloc = alloc_for(lora_llama(r=4, lora_alpha=8))
+    model = lora_llama(r=4, lora_alpha=32)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"allocation.base_alpha: must equal lora_alpha=32 of the model's LoRA "
+                                         r"config .*got 8"):
+        apply_allocation(model, alloc)
+    assert_untouched(model, snap)
+
+
+def test_apply_allocation_refuses_a_map_made_for_another_r():
+    alloc = alloc_for(lora_llama(r=4, lora_alpha=8))
+    model = lora_llama(r=8, lora_alpha=8)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"allocation.base_r: must equal r=8 of the model's LoRA config.*got 4"):
+        apply_allocation(model, alloc)
+    assert_untouched(model, snap)
+
+
+def swapped_ranks(alloc):
+    """The map with the ranks of two modules of different rank swapped by hand, alphas left as they were."""
+    d = alloc.to_dict()
+    names = list(alloc.ranks)
+    a = names[0]
+    b = next(n for n in names if alloc.ranks[n] != alloc.ranks[a])
+    d["ranks"][a], d["ranks"][b] = d["ranks"][b], d["ranks"][a]
+    del d["params_spent"]
+    return fimlora.RankAllocation.from_dict(d), a
+
+
+def test_apply_allocation_refuses_alphas_that_do_not_follow_the_scale_rule():
+    alloc = alloc_for(lora_llama())
+    edited, name = swapped_ranks(alloc)
+    model = lora_llama()
+    snap = snapshot(model)
+    r, old_r = edited.ranks[name], edited.old_ranks[name]
+    with pytest.raises(ValueError, match=rf"allocation.alphas\[{name!r}\]: must be {8 * r / old_r:g} = old alpha 8 \* "
+                                         rf"r'/r = 8 \* {r}/{old_r} under the map's scale rule 'preserve', got "
+                                         rf"{alloc.alphas[name]!r}"):
+        apply_allocation(model, edited)
+    assert_untouched(model, snap)
+
+
+def test_scale_rule_read_from_the_map_and_old_maps_checked_as_preserve():
+    fixed = alloc_for(lora_llama(), scale="fixed_alpha")
+    apply_allocation(lora_llama(), fixed)  # agrees with its own rule
+    d = fixed.to_dict()
+    del d["settings"]["scale"]
+    old = fimlora.RankAllocation.from_dict(d)
+    model = lora_llama()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"under the map's scale rule 'preserve' \(settings has no 'scale'; "
+                                         r"maps without it are checked against the default\)"):
+        apply_allocation(model, old)
+    assert_untouched(model, snap)
+    d["settings"]["scale"] = "wide"
+    with pytest.raises(ValueError, match=r"allocation.settings\['scale'\]: must be one of \['preserve', "
+                                         r"'fixed_alpha'\], got 'wide'"):
+        apply_allocation(model, fimlora.RankAllocation.from_dict(d))
+
+
+def test_lora_config_for_allocation_checks_the_same_rules():
+    from peft import LoraConfig
+
+    alloc = alloc_for(lora_llama(r=4, lora_alpha=8))
+    cfg = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match=r"allocation.base_alpha: must equal lora_alpha=32 of lora_config"):
+        fimlora.lora_config_for_allocation(alloc, cfg)
+    edited, name = swapped_ranks(alloc)
+    with pytest.raises(ValueError, match=rf"allocation.alphas\[{name!r}\]"):
+        fimlora.lora_config_for_allocation(edited, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+
+
+# ----------------------------------------------------------------------------- issue 20: seed (F)
+
+
+def test_negative_seed_refused_by_the_config():
+    with pytest.raises(ValueError, match="seed: must be >= 0, got -1"):
+        FimConfig(seed=-1)

@@ -98,3 +98,39 @@ def test_config_errors_name_the_field(kw, needle):
 def test_compute_fisher_alone_cannot_run_auto():
     with pytest.raises(ValueError, match="n_batches: 'auto' stops when the rank map is stable"):
         compute_fisher(lora_llama(), lm_batches(), FimConfig(n_batches="auto", progress=False))
+
+
+def test_auto_stop_share_is_at_least_not_above():
+    """auto_stable_share=1.0 is met when every module is stable: identical batches stop at 2, not at the end."""
+    same = lm_batches(n_batches=1) * 6
+    alloc = fimlora.compute_allocation(lora_llama(), same, n_batches="auto", progress=False, stable_threshold=1.0,
+                                       auto_stable_share=1.0)
+    assert alloc.settings["n_batches_used"] == 2
+    assert alloc.settings["stop_reason"].startswith("stable: 100%")
+
+
+def test_one_batch_gives_a_confidence_that_is_not_estimable(tmp_path):
+    from fimlora.allocation import RankAllocation
+    from fimlora.rankmap import format_rank_table
+
+    with pytest.warns(UserWarning, match="confidence: not estimable from 1 calibration batch"):
+        alloc = fimlora.compute_allocation(lora_llama(), lm_batches(n_batches=1), n_batches=1, progress=False)
+    conf = alloc.confidence
+    assert conf["estimable"] is False and conf["stable_share"] is None and conf["n_units"] == 1
+    assert alloc.unstable_modules() == []
+    table = format_rank_table(alloc)
+    assert "stable: not estimable" in table and "100%" not in table
+    assert RankAllocation.from_json(alloc.to_json()).confidence == conf
+    pytest.importorskip("matplotlib")
+    from fimlora.rankmap import plot_rank_map
+
+    assert plot_rank_map(alloc, tmp_path / "map.svg").is_file()
+
+
+def test_auto_with_one_batch_of_data_stops_at_the_end_of_the_data():
+    with pytest.warns(UserWarning, match="confidence: not estimable from 1 calibration batch"):
+        alloc = fimlora.compute_allocation(lora_llama(), lm_batches(n_batches=1), n_batches="auto", progress=False)
+    assert alloc.settings["n_batches_used"] == 1
+    assert alloc.settings["stop_reason"] == ("dataloader: ended after 1 batch, fewer than the 2 a bootstrap "
+                                             "needs; the rank map's confidence is not estimable")
+    assert alloc.confidence["estimable"] is False

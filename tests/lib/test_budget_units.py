@@ -197,3 +197,46 @@ def test_params_unit_needs_positive_costs():
     d["params_spent"] = None
     with pytest.raises(ValueError, match=f"costs\\['{first}'\\]: must be >= 1, got 0"):
         RankAllocation(**d)
+
+
+# ----------------------------------------------------------------------------- issue 20 (B): a config that serves at K
+
+
+def assert_serves_at(cfg: dict, k: int, alloc):
+    """adapter_config: r <= K and lora_alpha / r equal to every kept module's alpha_m / r_m (default scale)."""
+    assert cfg["r"] <= k
+    kept = {n: r for n, r in alloc.ranks.items() if r > 0}
+    assert cfg["rank_pattern"] == kept
+    for name, r in kept.items():
+        assert cfg["alpha_pattern"][name] / r == pytest.approx(cfg["lora_alpha"] / cfg["r"], rel=1e-12)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_max_lora_rank_writes_a_config_vllm_serves_at_k(tmp_path, use_rslora):
+    import torch
+    from peft import LoraConfig, PeftModel
+
+    from tests.references import make_b_nonzero, tiny_llama
+
+    model = lora_llama(r=16, lora_alpha=32, use_rslora=use_rslora)
+    original = LoraConfig(**{k: v for k, v in model.peft_config["default"].to_dict().items()
+                             if k in ("r", "lora_alpha", "target_modules", "use_rslora", "task_type")})
+    alloc = fimlora.apply_fim_ranks(model, lm_batches(), n_batches=2, budget=80, max_lora_rank=8, progress=False)
+    assert max(alloc.ranks.values()) <= 8
+    make_b_nonzero(model, lm_batches())
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    if use_rslora:  # alpha' = alpha * sqrt(r'/r): every module's alpha_m / sqrt(r_m) equals lora_alpha / sqrt(r)
+        assert cfg["r"] == 8 and cfg["lora_alpha"] == pytest.approx(32 * (8 / 16) ** 0.5)
+        for name, r in alloc.ranks.items():
+            assert cfg["alpha_pattern"][name] / r ** 0.5 == pytest.approx(cfg["lora_alpha"] / 8 ** 0.5)
+    else:
+        assert (cfg["r"], cfg["lora_alpha"]) == (8, 16)
+        assert_serves_at(cfg, 8, alloc)
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    batch = lm_batches()[0]
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
+    # The config path writes the same global r and lora_alpha.
+    built = fimlora.lora_config_for_allocation(alloc, original)
+    assert (built.r, built.lora_alpha) == (cfg["r"], cfg["lora_alpha"])

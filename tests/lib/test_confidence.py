@@ -90,3 +90,20 @@ def test_max_and_l2_are_refused_with_the_reason():
     check_aggregation("mean")
     with pytest.raises(ValueError, match="aggregation: the bootstrap needs scores that are means.*got 'max'"):
         check_aggregation("max")
+
+
+def test_threshold_one_counts_modules_that_agree_in_every_resample():
+    """stable means agreement >= threshold: identical units agree in 100% of resamples, so 1.0 is met."""
+    u, names, point, allocate = case(noise=0.0)
+    conf = compute_rank_confidence(u, names, point, allocate, n_resamples=20, threshold=1.0)
+    assert set(conf.agreement.values()) == {1.0}
+    assert conf.stable_share == 1.0 and conf.unstable() == []
+
+
+def test_one_unit_is_not_estimable_not_perfectly_stable():
+    u, names, point, allocate = case(n_units=1)
+    with pytest.warns(UserWarning, match=r"confidence: not estimable from 1 calibration batch"):
+        conf = compute_rank_confidence(u, names, point, allocate, n_resamples=50)
+    assert conf.estimable is False and conf.stable_share is None and conf.n_units == 1
+    assert conf.agreement == {} and conf.unstable() == []
+    assert type(conf).from_dict(conf.to_dict()) == conf

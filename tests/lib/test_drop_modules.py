@@ -182,3 +182,90 @@ def test_config_path_drops_the_same_modules_as_apply_allocation(tmp_path):
     alloc.ranks = {n: 0 for n in alloc.ranks}
     with pytest.raises(ValueError, match="allocation.ranks: every one of the 14 modules has rank 0"):
         lora_config_for_allocation(alloc, config)
+
+
+def test_the_peft_model_forgets_the_dropped_modules():
+    model = all_linear()
+    alloc = half_size_drops(model)
+    apply_allocation(model, alloc)
+    kept = [n for n, r in alloc.ranks.items() if r > 0]
+    assert model.base_model.targeted_module_names == kept
+
+
+# ----------------------------------------------------------------------------- issue 20 (E): a name inside another
+
+
+class _Inner(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+
+class Nested(torch.nn.Module):
+    """``fc`` and ``inner.fc``: one full name is a dot-suffix of the other."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc = torch.nn.Linear(8, 8)
+        self.inner = _Inner()
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inner.fc(torch.tanh(self.fc(x)))))
+
+
+def nested_lora(seed=0):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed + 100)
+    return get_peft_model(Nested(seed), LoraConfig(r=4, lora_alpha=8, target_modules=["fc"]))
+
+
+@pytest.mark.parametrize("scores, r_min", [({"fc": 1.0, "inner.fc": 1e-9}, 0), ({"fc": 1e-9, "inner.fc": 1.0}, 0),
+                                           ({"fc": 1.0, "inner.fc": 0.2}, 1)],
+                         ids=["drop-inner", "drop-outer", "no-drop"])
+def test_a_name_that_ends_another_gets_a_key_that_matches_only_itself(tmp_path, scores, r_min):
+    model = nested_lora()
+    assert [i.name for i in lora_modules(model)] == ["fc", "inner.fc"]
+    alloc = allocation_from_scores(model, scores, r_min=r_min)
+    assert len(set(alloc.ranks.values())) == 2
+    apply_allocation(model, alloc)
+    with torch.no_grad():  # a trained adapter, so that a wrong rank or scale shows in the output
+        for i in lora_modules(model):
+            i.layer.lora_B["default"].weight.normal_()
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(Nested(), tmp_path)
+    kept = {n: r for n, r in alloc.ranks.items() if r > 0}
+    assert {i.name: i.r for i in lora_modules(reloaded)} == kept
+    assert lora_layer_names(reloaded) == list(kept)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(x), reloaded(x))
+    report = check_adapter(tmp_path, [n for n, _ in Nested().named_modules() if n])
+    assert report.problems == [], report.problems
+    # The config path writes the same keys.
+    built = fimlora.lora_config_for_allocation(alloc, nested_lora().peft_config["default"])
+    saved = model.peft_config["default"]
+    assert (built.rank_pattern, built.alpha_pattern, built.target_modules) == (
+        saved.rank_pattern, saved.alpha_pattern, saved.target_modules)
+
+
+def test_a_regex_target_modules_becomes_an_exact_regex_of_the_kept_modules(tmp_path):
+    """A string target_modules is a regex PEFT full-matches; the kept names as a list would select more modules
+    than the regex did (every module whose name ends with one), so it stays a regex, of exactly the kept ones."""
+    model = lora_llama(target_modules=r".*\.(q_proj|v_proj)")
+    scores = {i.name: 1e-9 if i.name.startswith("model.layers.0.") else 1.0 for i in lora_modules(model)}
+    alloc = allocation_from_scores(model, scores, r_min=0)
+    kept = {n: r for n, r in alloc.ranks.items() if r > 0}
+    assert len(kept) == 2
+    apply_allocation(model, alloc)
+    make_b_nonzero(model, lm_batches())
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert isinstance(saved["target_modules"], str)
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert {i.name: i.r for i in lora_modules(reloaded)} == kept
+    batch = lm_batches()[0]
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, reloaded(**batch).logits)

@@ -260,13 +260,19 @@ def bad_input_cases():
     def nan_loss(m, b):
         return m(**b).loss * float("nan")
 
+    def nan_gradient(m, b):  # a finite loss whose gradient is NaN: d sqrt(x)/dx at 0 is inf, times 0
+        out = m(**b)
+        return out.loss + torch.sqrt(out.logits.sum() * 0.0)
+
     return [
         ("no labels", lambda: (no_labels(), None, FimConfig(n_batches=2, progress=False)), r"batch: .*no labels"),
         ("empty", lambda: ([], None, FimConfig(n_batches=2, progress=False)), r"dataloader: yielded no batches"),
-        ("nan", lambda: (cls_batches(), nan_loss, FimConfig(n_batches=2, progress=False)),
+        ("nan loss", lambda: (cls_batches(), nan_loss, FimConfig(n_batches=2, progress=False)),
+         r"batch 0: the loss itself is non-finite \(loss=nan\)"),
+        ("nan", lambda: (cls_batches(), nan_gradient, FimConfig(n_batches=2, progress=False)),
          r"non-finite gradient in module 'bert\.encoder\.layer\.0\.attention\.self\.query' at batch 0"),
-        ("nan per-example", lambda: (cls_batches(), nan_loss, FimConfig(n_batches=2, estimator="per_example",
-                                                                        progress=False)),
+        ("nan per-example", lambda: (cls_batches(), nan_gradient, FimConfig(n_batches=2, estimator="per_example",
+                                                                            progress=False)),
          r"non-finite gradient in module .* at batch 0"),
         ("budget", lambda: (cls_batches(), None, FimConfig(n_batches=2, r_min=8, progress=False)),
          r"budget: infeasible, L\*r_min > budget: 13 modules \* r_min=8 = 104 > budget=52"),
@@ -380,3 +386,72 @@ def test_train_mode_uses_dropout():
     b = compute_fisher(model, cls_batches(), FimConfig(n_batches=2, progress=False)).fisher
     name = next(iter(a))
     assert not torch.allclose(a[name], b[name], atol=0)
+
+
+# ----------------------------------------------------------------------------- issue 20 (C): a loss that says nothing
+
+
+def masked(batches, which=None):
+    """The batches with every label of batch ``which`` (all batches when None) set to -100."""
+    out = []
+    for i, b in enumerate(batches):
+        b = dict(b)
+        if which is None or i == which:
+            b["labels"] = torch.full_like(b["labels"], -100)
+        out.append(b)
+    return out
+
+
+@pytest.mark.parametrize("which", [None, 1])
+def test_every_label_masked_is_a_non_finite_loss_error(which):
+    model = lora_llama()
+    before = model_state(model)
+    batch = 0 if which is None else which
+    with pytest.raises(ValueError, match=rf"batch {batch}: the loss itself is non-finite \(loss=nan\).*every label "
+                                         r"masked \(-100\)"):
+        fimlora.apply_fim_ranks(model, masked(lm_batches(), which), n_batches=3, progress=False)
+    assert_same_state(before, model_state(model))
+
+
+def test_huge_regression_labels_blame_the_loss_not_the_loss_scale():
+    from peft import LoraConfig, get_peft_model
+
+    from tests.references import tiny_bert
+
+    model = get_peft_model(tiny_bert(num_labels=1), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    batches = cls_batches(num_labels=2)
+    for b in batches:
+        b["labels"] = torch.full(b["labels"].shape, 1e30)
+    before = model_state(model)
+    with pytest.raises(ValueError, match=r"batch 0: the loss itself is non-finite \(loss=inf\)") as err:
+        fimlora.apply_fim_ranks(model, batches, n_batches=2, progress=False)
+    assert "lower loss_scale" not in str(err.value)
+    assert_same_state(before, model_state(model))
+
+
+def test_an_all_zero_fisher_is_an_error():
+    model = lora_llama()
+    before = model_state(model)
+    with pytest.raises(ValueError, match=r"fisher: every module's score is 0 after 2 batches"):
+        fimlora.apply_fim_ranks(model, lm_batches(), n_batches=2, progress=False,
+                                loss_fn=lambda m, b: m(**b).logits.sum() * 0.0)
+    assert_same_state(before, model_state(model))
+
+
+# ----------------------------------------------------------------------------- issue 20 (H4): hooked path, loss_scale
+
+
+def test_hooked_batch_estimator_undoes_the_loss_scale(monkeypatch):
+    import fimlora.fisher
+    from fimlora.estimators import HookedBatchEstimator
+
+    made = []
+    real = fimlora.fisher.make_estimator
+    monkeypatch.setattr(fimlora.fisher, "make_estimator", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    monkeypatch.setattr(fimlora.fisher, "is_fsdp2_sharded", lambda model: True)
+    model, data = lora_llama(), lm_batches()
+    ref = reference_batch_fisher(model, data)
+    for scale in (1.0, 1024.0):
+        got = compute_fisher(model, data, FimConfig(n_batches=3, loss_scale=scale, progress=False)).fisher
+        assert isinstance(made[-1], HookedBatchEstimator) and made[-1].loss_scale == scale
+        assert_fisher_close(got, ref, rtol=1e-5)

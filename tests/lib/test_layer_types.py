@@ -354,3 +354,17 @@ def test_check_reports_dora_magnitude_problems(saved_dora, case):
     report = check_adapter(saved_dora)
     assert not report.ok
     assert any(re.match(expected, p) for p in report.problems), report.problems
+
+
+def test_factors_of_the_wrong_shape_are_refused_up_front(monkeypatch):
+    """Two nn.Linear factors, but A does not map d_in -> r: the factor-shape rule names the module and shapes."""
+    model = lora_llama()
+    info = lora_modules(model)[0]
+    info.layer.lora_A["default"] = nn.Linear(info.in_features, info.r + 1, bias=False)
+    monkeypatch.setattr(fimlora.api, "compute_fisher", no_calibration)
+    needle = (rf"{re.escape(info.name)}: layer type .* is not supported: its LoRA factors are not A \(r, d_in\) and "
+              rf"B \(d_out, r\) of the layer: r=4, \(d_in, d_out\)=\(16, 16\), lora_A maps 16 -> 5, lora_B 4 -> 16")
+    with pytest.raises(ValueError, match=needle):
+        lora_modules(model)
+    with pytest.raises(ValueError, match=needle):
+        fimlora.compute_allocation(model, lm_batches(), FimConfig(progress=False))

@@ -188,3 +188,16 @@ def test_eval_forward_without_grad_repacks_on_this_cpu(base_dir):
     with torch.no_grad():
         model(**lm_batches()[0])
     assert "base_model.model.model.layers.0.self_attn.q_proj.base_layer" in packed_4bit_layers(model)
+
+
+def test_8bit_dora_refused_up_front_naming_module_and_combination(base_dir, monkeypatch):
+    """bitsandbytes' int8 layer with DoRA fails on a later forward/backward (stock PEFT too); refused by layer type,
+    before any forward, whatever the CPU."""
+    model = qlora_llama(base_dir, 8, use_dora=True)
+    monkeypatch.setattr(fimlora.api, "compute_fisher", no_calibration)
+    needle = (r"model\.layers\.0\.self_attn\.q_proj: DoRA \(use_dora=True\) on a bitsandbytes 8-bit base layer "
+              r"\(peft\.tuners\.lora\.bnb\.Linear8bitLt\) is not supported")
+    with pytest.raises(ValueError, match=needle):
+        lora_modules(model)
+    with pytest.raises(ValueError, match=needle):
+        fimlora.compute_allocation(model, lm_batches(), FimConfig(progress=False))
