@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from ..extras import require
-from .metrics import GLUE_METRICS, MISMATCHED, default_metrics, glue_task
+from .metrics import GLUE_METRICS, MISMATCHED, check_references, default_metrics, glue_task
 from .models import package_dir
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ __all__ = [
     "load_commonsense_170k",
     "alpaca_prompt",
     "is_user_file",
+    "REGRESSION_LABEL_LIMIT",
     "ClassificationCollator",
     "CausalLMCollator",
     "collator_for",
@@ -342,6 +343,7 @@ def is_user_file(name: str) -> bool:
     return Path(name).suffix.lower() in USER_FILE_SUFFIXES
 
 
+
 def load_task(name: str, seed: int = 0, max_train: int | None = None, max_test: int | None = None,
               test_fraction: float | None = None, test_data: str | None = None,
               task_type: str | None = None) -> TaskData:
@@ -379,10 +381,24 @@ def load_task(name: str, seed: int = 0, max_train: int | None = None, max_test: 
     for split, rows in task.extra_tests.items():
         if max_test is not None and len(rows) > max_test:
             task.extra_tests[split] = rng.sample(rows, max_test)
+    _check_test_labels(task)
     task.meta.setdefault("dropped", [])
     task.meta.update({"seed": seed, "n_train": len(task.train), "n_test": len(task.test),
                       "n_train_available": full_train, "n_test_available": full_test})
     return task
+
+
+def _check_test_labels(task: TaskData) -> None:
+    """Each test set must give the task's metrics a meaning (a correlation needs labels that vary), checked
+    here so that a run stops before it trains, not after."""
+    if task.kind not in HEAD_KINDS:
+        return
+    sets = {"test": task.test, **task.extra_tests}
+    for split, rows in sets.items():
+        if rows:
+            where = task.meta.get("test_source") if split == "test" else None
+            check_references(task.metrics, [e["label"] for e in rows],
+                             where or f"{task.meta.get('source', task.name)}: {split} split")
 
 
 def _hub_load_dataset(spec: str):
@@ -587,15 +603,47 @@ def _classification_row(where: str, r: dict) -> dict:
     return row
 
 
+# A regression label's square (the MSE loss of a prediction near 0) must be finite in float32, where the
+# loss is computed: float32's largest value is just under 2**128, so |label| < 2**64.
+REGRESSION_LABEL_LIMIT = 2.0**64
+
+
 def _regression_row(where: str, r: dict) -> dict:
     """``{"text", "text_pair"?, "label": float}`` from a record with text and a numeric label (a target score)."""
     row = _classification_row(where, r)
-    value = _as_number(r["label"])
-    if value is None:
-        raise ValueError(f"{where}: label {r['label']!r} is not a number; task_type 'regression' needs a "
-                         "finite number as every label")
-    row["label"] = float(value)
+    row["label"] = _regression_target(where, r["label"])
     return row
+
+
+def _regression_target(where: str, raw) -> float:
+    """A regression label as a float: a number (or a string of one) with |label| < :data:`REGRESSION_LABEL_LIMIT`."""
+    value = None
+    if isinstance(raw, str):
+        try:
+            value = float(raw.strip())  # "1e400" is inf, "nan" is nan: out of range below, not "not a number"
+        except ValueError:
+            pass
+    elif isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        try:
+            value = float(raw)
+        except OverflowError:  # an int beyond any float (JSON allows 10**400)
+            value = math.inf
+    if value is None:
+        raise ValueError(f"{where}: label {raw!r} is not a number; task_type 'regression' needs a finite number as "
+                         "every label")
+    if not math.isfinite(value) or abs(value) >= REGRESSION_LABEL_LIMIT:
+        raise ValueError(f"{where}: label {_shown(raw)} is out of range; task_type 'regression' needs a finite number "
+                         "with |label| < 2**64 (about 1.8e19), so that the label and its square (the MSE loss) stay "
+                         "finite in float32")
+    return value
+
+
+def _shown(value) -> str:
+    """A label for an error message: a number as Python writes it, a string quoted; 400 digits cut short."""
+    text = repr(value) if isinstance(value, str) else str(value)
+    if isinstance(value, int) and len(text) > 24:
+        return f"{text[:10]}...{text[-1]} ({len(text.lstrip('-'))} digits)"
+    return text
 
 
 def check_task_type(name: str, value) -> None:
@@ -695,6 +743,8 @@ def _rows_from_records(records: Sequence[_Record], source: str, label_names: lis
     if task_type == "regression":
         return [_regression_row(where, r) for where, r in records], "regression", None
     if kind == "classification":
+        if task_type is None and label_names is None:
+            _refuse_score_labels([(where, r.get("label")) for where, r in records])
         rows = [_classification_row(where, r) for where, r in records]
         names, index = _label_classes([(where, row["label"]) for (where, _), row in zip(records, rows)], source,
                                       label_names, classes_from)
@@ -705,6 +755,25 @@ def _rows_from_records(records: Sequence[_Record], source: str, label_names: lis
             _choices_row(where, r) if ("choices" in r or "question" in r) else _prompt_row(where, r)
             for where, r in records]
     return rows, kind, None
+
+
+def _refuse_score_labels(labels: list[tuple[str, object]]) -> None:
+    """Labels that are all numbers, some not whole (2.25), read as scores: made classes without a word, 80
+    similarity scores would be an 80-class head. Refused unless the task says what they are (``task_type``)."""
+    numbers = [(where, _as_number(value)) for where, value in labels]
+    if not numbers or any(n is None for _, n in numbers):
+        return  # a word among the labels: class names
+    fractional = next(((where, n) for where, n in numbers if isinstance(n, float)), None)
+    if fractional is None:
+        return
+    where, value = fractional
+    distinct = len({n for _, n in numbers})
+    raise ValueError(
+        f"{where}: label {value} is not a whole number, and every label is a number ({distinct} distinct values): "
+        "these look like scores, not classes. Say what they are: task_type: regression for target numbers (in an "
+        "experiment config the task entry {train: FILE, task_type: regression}; fimlora calibrate: --task-type "
+        "regression), or task_type: classification to make each distinct number a class (--task-type "
+        "classification)")
 
 
 def _label_classes(labels: list[tuple[str, str]], source: str, label_names: list[str] | None,
