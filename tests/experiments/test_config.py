@@ -88,7 +88,9 @@ def test_task_ids_are_safe_file_names(tmp_path):
     assert a.startswith("reviews-") and b.startswith("reviews-") and a != b
     assert task_id(str(tmp_path / "x" / ".." / "data" / "reviews.jsonl")) == a  # resolved before hashing
     assert "/" not in task_id("../../etc/passwd.csv") and ".." not in task_id("../../etc/passwd.csv")
-    assert task_id({"train": str(inside), "test": str(other)}) == a
+    assert task_id({"train": str(inside)}) == a  # a train file alone is that file
+    pair = task_id({"train": str(inside), "test": str(other)})  # another task: hashed whole (issue 20, 1)
+    assert pair.startswith("reviews-") and pair != a and "/" not in pair
 
 
 def test_settings_hash_tracks_what_a_run_depends_on():
@@ -106,3 +108,29 @@ def test_settings_hash_tracks_what_a_run_depends_on():
     old = {k: v for k, v in asdict(base).items() if k != "fim_grid"}
     assert run_settings_hash(old, run) == h
     assert run_settings_hash(asdict(base), RunSpec("sst2", "lora", 2, 2)) != h
+
+
+def write_rows(path, labels):
+    path.write_text("".join(f'{{"text": "t{i}", "label": {y}}}\n' for i, y in enumerate(labels)))
+    return str(path)
+
+
+def test_task_entries_sharing_a_train_file_get_their_own_run_ids(tmp_path):
+    """Issue 20, 1: entries that differ only in test file or task_type are distinct tasks, each with its runs."""
+    train = write_rows(tmp_path / "train.jsonl", [0, 1] * 4)
+    test_a, test_b = write_rows(tmp_path / "a.jsonl", [0, 1]), write_rows(tmp_path / "b.jsonl", [1, 0])
+    entries = [{"train": train, "test": test_a}, {"train": train, "test": test_b},
+               {"train": train, "task_type": "regression"}, train]
+    c = cfg(tasks=entries, methods=["lora"])
+    labels = c.task_labels
+    assert len(set(labels)) == 4, labels
+    assert [c.task_entry(label) for label in labels] == entries
+    assert len({r.run_id for r in expand_runs(c)}) == 4
+    # Ordinary entries keep the ids their results were recorded under: a file alone, or {train: FILE} alone.
+    assert labels[3] == task_id(train) == task_id({"train": train})
+    # The same task twice would run once and be reported once: refused, naming both entries.
+    with pytest.raises(ValueError, match=r"tasks\[1\]: the same task as tasks\[0\]"):
+        cfg(tasks=[train, {"train": train}])
+    with pytest.raises(ValueError, match=r"tasks\[1\]: the same task as tasks\[0\]"):
+        cfg(tasks=[{"train": train, "test": test_a}, {"train": str(tmp_path / "." / "train.jsonl"), "test": test_a}])
+

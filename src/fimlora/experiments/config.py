@@ -147,6 +147,12 @@ def _check_tasks(cfg: ExperimentConfig) -> None:
                                  f"task_type: regression}} (test and task_type optional), got {entry!r}")
             else:
                 _check_task_file(f"tasks[{i}]", entry)
+        seen = {}
+        for i, entry in enumerate(cfg.tasks):  # one task twice would share its runs: run once, reported once
+            first = seen.setdefault(task_id(entry), i)
+            if first != i:
+                raise ValueError(f"tasks[{i}]: the same task as tasks[{first}] (run id {task_id(entry)}), got "
+                                 f"{entry!r} and {cfg.tasks[first]!r}; list each task once")
     if cfg.mixture:
         if not isinstance(cfg.mixture, Mapping) or set(cfg.mixture) != {"train", "eval"}:
             raise ValueError(f"mixture: needs exactly 'train' and 'eval' task lists, got {cfg.mixture!r}")
@@ -280,16 +286,30 @@ def task_id(entry) -> str:
     Bundled tasks keep their name (``sst2``); ``hf:glue:sst2`` becomes ``hf-glue-sst2``; a file becomes
     its stem plus a short hash of its resolved path (``reviews-3f2a9c1e``), so that two files with the
     same name never share results and nothing derived from a path (``/``, ``..``) reaches a file name.
+    A ``{train, test, task_type}`` entry with a test file or a task_type becomes the train file's stem plus a
+    hash of the whole entry, so entries that share a training file are told apart; ``{train: FILE}`` alone is
+    the file itself and keeps its id (the one its results were recorded under).
     """
     if isinstance(entry, Mapping):
-        return task_id(entry["train"])
+        extra = {k: v for k, v in entry.items() if k != "train" and v is not None}
+        if not extra:
+            return task_id(entry["train"])
+        whole = {"train": str(_resolved(entry["train"])), **extra}
+        if "test" in whole:
+            whole["test"] = str(_resolved(whole["test"]))
+        digest = hashlib.sha256(json.dumps(whole, sort_keys=True).encode()).hexdigest()[:8]
+        return f"{_safe(_resolved(entry['train']).stem)}-{digest}"
     from .data import is_user_file
 
     if is_user_file(entry):
-        path = Path(entry).expanduser().resolve()
+        path = _resolved(entry)
         digest = hashlib.sha256(str(path).encode()).hexdigest()[:8]
         return f"{_safe(path.stem)}-{digest}"
     return _safe(entry)
+
+
+def _resolved(path: str) -> Path:
+    return Path(path).expanduser().resolve()
 
 
 def _safe(text: str) -> str:
