@@ -892,8 +892,10 @@ def load_user_file(path: str, seed: int = 0, test_fraction: float | None = None,
     Classification: columns ``text`` (optional ``text_pair``) and ``label``. Labels that are equal
     numbers are one class (``1``, ``1.0``, ``"1"``); JSON ``true``/``false`` are classes ``"true"``/
     ``"false"``; a file needs at least two classes. ``label_names`` fixes the classes and their order.
-    ``task_type="regression"`` makes a text/label file a regression task instead: every label is a
-    target number (STS-B-style similarity scores); it is never inferred from the labels.
+    Labels that are all numbers, some not whole (scores), are refused unless ``task_type`` says what they
+    are: ``"classification"`` makes each distinct number a class. ``task_type="regression"`` makes a
+    text/label file a regression task instead: every label is a target number (STS-B-style similarity
+    scores) with |label| < 2**64; it is never inferred from the labels.
     Decoder: ``prompt``/``answer`` (kind ``generation``) or ``question``/``choices``/``answer``.
 
     Without ``test_data`` the rows are split with ``test_fraction`` (default 0.2): repeated inputs are
