@@ -255,6 +255,8 @@ def test_calibrate_flags_reach_the_job():
 @pytest.mark.parametrize("extra, needle", [
     (("--load-in-4bit", "--load-in-8bit"),
      "load_in_4bit, load_in_8bit: choose at most one quantisation of the base model (4-bit NF4 or 8-bit), got both"),
+    (("--load-in-8bit", "--use-dora"),
+     "load_in_8bit, use_dora: DoRA on an 8-bit base fails in bitsandbytes on its second forward/backward"),
     (("--target-modules", "all-linear", "query"),
      "target_modules: 'all-linear' already names every linear layer and cannot be combined with other module names, "
      "got ['all-linear', 'query']"),
@@ -272,6 +274,35 @@ def test_quantisation_without_bitsandbytes_names_the_extra(capsys, tmp_path, mon
     assert code == 2 and f"{field}: loading the base model in {field[-4]} bits needs the 'bitsandbytes'" in err, err
     assert "pip install 'fimlora[qlora]'" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_eight_bit_dora_is_refused_before_any_model_load(monkeypatch):
+    """Issue 20, 6: refused up front, in the job the calibrate and demo commands build (no bitsandbytes needed)."""
+    from fimlora.experiments.demo import DemoJob
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    for cls in (CalibrateJob, DemoJob):
+        with pytest.raises(ValueError, match=r"load_in_8bit, use_dora: DoRA on an 8-bit base fails"):
+            cls(model="minilm", data="trec6", out="o", load_in_8bit=True, use_dora=True)
+
+
+def test_calibrate_float_labels_point_to_task_type(capsys, tmp_path):
+    """Issue 20, 4: scores are refused as classes; --task-type says what they are."""
+    data = tmp_path / "sts.jsonl"
+    data.write_text("".join(json.dumps({"text": f"t{i}", "label": i / 4}) + "\n" for i in range(9)))
+    code, err = main_exit(capsys, "calibrate", "--model", "minilm", "--data", str(data), "--out", str(tmp_path / "o"))
+    assert code == 2 and f"{data}: line 2: label 0.25 is not a whole number" in err and "--task-type regression" in err
+    assert not (tmp_path / "o").exists()
+    from fimlora.cli import _job, build_parser
+
+    args = build_parser().parse_args(["calibrate", *TINY, "--out", "o", "--task-type", "regression"])
+    assert _job(CalibrateJob, args).task_type == "regression"
+    with pytest.raises(ValueError, match=r"task_type: must be one of \['classification', 'regression'\], got 'r'"):
+        CalibrateJob(model="minilm", data=str(data), out="o", task_type="r")
+    from fimlora.experiments.demo import DemoJob
+
+    with pytest.raises(ValueError, match=r"task_type: the demo compares accuracy, so it takes classification"):
+        DemoJob(data=str(data), task_type="regression")
 
 
 def test_job_fields_are_checked_by_name():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import AGGREGATIONS, ESTIMATORS, SCALE_MODES, VLLM_MAX_LORA_RANKS, FimConfig
-from .experiments.data import TASKS
+from .experiments.data import TASK_TYPES, TASKS
 from .experiments.demo import DEMO_TARGET_MODULES, DemoJob
 from .experiments.jobs import MIN_MAX_LENGTH, CalibrateJob
 
@@ -73,6 +73,10 @@ def _add_model_data_args(p: argparse.ArgumentParser, job: dict, required: bool =
     g.add_argument("--data", required=required, default=job["data"],
                    help=f"bundled task ({', '.join(TASKS)}), a .jsonl/.csv/.json file, or hf:NAME[:CONFIG]"
                         + ("" if required else f" (default {job['data']})"))
+    g.add_argument("--task-type", choices=TASK_TYPES, default=None,
+                   help="what a text/label file's labels are: classification (each distinct label a class) or "
+                        "regression (target numbers, MSE); needed when every label is a number and some are not "
+                        "whole (scores)")
     g.add_argument("--target-modules", nargs="+", default=None,
                    help=f"LoRA target modules (default: {target_default}); 'all-linear' alone adapts every linear "
                         "layer but the output layer")

@@ -9,11 +9,10 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import fimlora.experiments.sweep as sweep
-from fimlora.experiments.config import load_config, run_settings_hash
+from fimlora.experiments.config import load_config
 
 
 def fake_run_one(cfg, run, work_dir, log: str, seconds: float) -> dict:
@@ -24,8 +23,7 @@ def fake_run_one(cfg, run, work_dir, log: str, seconds: float) -> dict:
     adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text(json.dumps({"run": run.run_id}))
     return {"run_id": run.run_id, "status": "ok", "task": run.task, "method": run.method, "r": run.r,
-            "seed": run.seed, "metrics": {}, "config": asdict(cfg),
-            "settings_hash": run_settings_hash(asdict(cfg), run), "pid": os.getpid()}
+            "seed": run.seed, "metrics": {}, "pid": os.getpid()}  # the sweep adds config and settings hash
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ def cfg(**kw):
     (dict(fim_variants=[{}, {"r_min": -1}]), r"fim variant \{'r_min': -1\}: r_min: must be >= 0, got -1"),
     (dict(fim_variants=[{"budget_frac": 0.5}]), r"fim_variants\[0\]: unknown setting\(s\) \['budget_frac'\]"),
     (dict(fim_variants={"r_min": 0}), r"fim_variants: must be a list of mappings"),
+    (dict(fim={"seed": 3}), r"fim.seed: each run's FIM seed is the run's seed \(the config's seeds list\), got 3"),
     (dict(fim_variants=[{}], fim_grid={"r_min": [1]}), r"fim_grid, fim_variants: give at most one"),
     (dict(data={"max_trian": 5}), r"data: unknown setting\(s\) \['max_trian'\]"),
     (dict(data={"test_fraction": 1.5}), r"data.test_fraction: must be < 1, got 1.5"),
@@ -88,7 +89,9 @@ def test_task_ids_are_safe_file_names(tmp_path):
     assert a.startswith("reviews-") and b.startswith("reviews-") and a != b
     assert task_id(str(tmp_path / "x" / ".." / "data" / "reviews.jsonl")) == a  # resolved before hashing
     assert "/" not in task_id("../../etc/passwd.csv") and ".." not in task_id("../../etc/passwd.csv")
-    assert task_id({"train": str(inside), "test": str(other)}) == a
+    assert task_id({"train": str(inside)}) == a  # a train file alone is that file
+    pair = task_id({"train": str(inside), "test": str(other)})  # another task: hashed whole (issue 20, 1)
+    assert pair.startswith("reviews-") and pair != a and "/" not in pair
 
 
 def test_settings_hash_tracks_what_a_run_depends_on():
@@ -106,3 +109,41 @@ def test_settings_hash_tracks_what_a_run_depends_on():
     old = {k: v for k, v in asdict(base).items() if k != "fim_grid"}
     assert run_settings_hash(old, run) == h
     assert run_settings_hash(asdict(base), RunSpec("sst2", "lora", 2, 2)) != h
+
+
+def write_rows(path, labels):
+    path.write_text("".join(f'{{"text": "t{i}", "label": {y}}}\n' for i, y in enumerate(labels)))
+    return str(path)
+
+
+def test_task_entries_sharing_a_train_file_get_their_own_run_ids(tmp_path):
+    """Issue 20, 1: entries that differ only in test file or task_type are distinct tasks, each with its runs."""
+    train = write_rows(tmp_path / "train.jsonl", [0, 1] * 4)
+    test_a, test_b = write_rows(tmp_path / "a.jsonl", [0, 1]), write_rows(tmp_path / "b.jsonl", [1, 0])
+    entries = [{"train": train, "test": test_a}, {"train": train, "test": test_b},
+               {"train": train, "task_type": "regression"}, train]
+    c = cfg(tasks=entries, methods=["lora"])
+    labels = c.task_labels
+    assert len(set(labels)) == 4, labels
+    assert [c.task_entry(label) for label in labels] == entries
+    assert len({r.run_id for r in expand_runs(c)}) == 4
+    # Ordinary entries keep the ids their results were recorded under: a file alone, or {train: FILE} alone.
+    assert labels[3] == task_id(train) == task_id({"train": train})
+    # The same task twice would run once and be reported once: refused, naming both entries.
+    with pytest.raises(ValueError, match=r"tasks\[1\]: the same task as tasks\[0\]"):
+        cfg(tasks=[train, {"train": train}])
+    with pytest.raises(ValueError, match=r"tasks\[1\]: the same task as tasks\[0\]"):
+        cfg(tasks=[{"train": train, "test": test_a}, {"train": str(tmp_path / "." / "train.jsonl"), "test": test_a}])
+
+
+def test_display_settings_stay_out_of_the_hash():
+    """Issue 20, 3: progress bars do not change what a run computes, so they never make its result stale."""
+    base = cfg(train={"max_steps": 10})
+    for method in ("fim", "lora", "random", "fim_eva"):
+        run = next(r for r in expand_runs(cfg(methods=[method])))
+        h = run_settings_hash(asdict(base), run)
+        assert run_settings_hash(asdict(cfg(train={"max_steps": 10}, fim={"progress": False})), run) == h
+        assert run_settings_hash(asdict(cfg(train={"max_steps": 10, "progress": False})), run) == h
+    # A display setting is no variant: a grid over it would run identical runs under two ids.
+    with pytest.raises(ValueError, match=r"fim_grid.progress: a display setting, not a FIM variant"):
+        cfg(fim_grid={"progress": [True, False]})

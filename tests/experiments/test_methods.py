@@ -76,3 +76,14 @@ def test_counted_forwards_counts_passes_and_removes_its_hook():
         model(torch.ones(1, 2))
     model(torch.ones(1, 2))
     assert forwards.count == 2 and not model._forward_pre_hooks
+
+
+def test_fim_methods_take_a_progress_setting_from_the_config():
+    """Issue 20, 3: ``fim: {progress: false}`` passes validation, so every FIM method must accept it (it once
+    collided with the progress=False the harness sets, failing every run with a TypeError)."""
+    data = lm_batches(n_batches=2, batch_size=4, seq=8)
+    for method in ("fim", "random", "fim_eva"):
+        s = MethodSpec(method=method, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                       seed=0, fim={"n_batches": 2, "progress": False})
+        model, info, _ = prepare_method(s, llama_base(1, 64, vocab=128), lambda: list(data))
+        assert sum(info["allocated_ranks"].values()) == 4, method

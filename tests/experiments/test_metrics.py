@@ -45,6 +45,16 @@ def test_a_constant_prediction_has_correlation_zero_not_nan():
     assert compute_metrics(["matthews"], [1, 1, 1], [0, 1, 1]) == {"matthews": 0.0}  # one class predicted
 
 
+def test_a_constant_reference_is_an_error_not_a_score():
+    """Issue 20, 7: with every reference equal no model can be told apart; 0.0 would hide a broken test set."""
+    for name in ("pearson", "spearman"):
+        with pytest.raises(ValueError, match=rf"metrics: {name}: every reference label is 2.0; a correlation with a "
+                                             r"constant reference is undefined"):
+            compute_metrics([name], [1.0, 2.0, 3.0], [2.0, 2.0, 2.0])
+    # Other metrics are defined there, and a constant prediction stays a score of 0.
+    assert compute_metrics(["accuracy"], [1, 1], [1, 1]) == {"accuracy": 1.0}
+
+
 @pytest.mark.parametrize("names, pred, gold, needle", [
     (["auc"], [1], [1], r"unknown metric\(s\) \['auc'\]"),
     (["accuracy"], [1, 0], [1], "need as many predictions as references"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import pytest
 import torch
@@ -32,9 +33,57 @@ def test_regression_is_chosen_explicitly_never_inferred(tmp_path):
     assert reg.kind == "regression" and reg.label_names is None and reg.metrics == ("pearson", "spearman")
     assert all(isinstance(e["label"], float) for e in reg.train + reg.test)
     assert sorted({e["label"] for e in reg.train + reg.test}) == [s + f for s in range(6) for f in (0, 0.25)]
-    # The same file without task_type is classification: its 12 distinct scores are 12 classes.
-    cls = load_user_file(p, test_fraction=0.25)
+    # Declared classification, its 12 distinct scores are 12 classes.
+    cls = load_user_file(p, test_fraction=0.25, task_type="classification")
     assert cls.kind == "classification" and cls.num_labels == 12
+
+
+def test_labels_that_look_like_scores_need_a_task_type(tmp_path):
+    """Issue 20, 4: 80 similarity scores once became an 80-class head without a word."""
+    p = write_pairs(tmp_path / "sts.jsonl")
+    with pytest.raises(ValueError, match=rf"{p}: line 7: label 0.25 is not a whole number, and every label is a "
+                                         r"number \(12 distinct values\): these look like scores, not classes.*"
+                                         r"task_type: regression.*--task-type regression.*task_type: classification"):
+        load_user_file(p)
+    with pytest.raises(ValueError, match="label 0.25 is not a whole number"):
+        load_task(p)
+    # Whole numbers, and words, are class names as before.
+    ints = tmp_path / "ints.csv"
+    ints.write_text("text,label\na,0\nb,1.0\nc,2\n", encoding="utf-8")
+    assert load_user_file(str(ints), test_fraction=0).label_names == ["0", "1", "2"]
+    words = tmp_path / "words.jsonl"
+    words.write_text('{"text": "a", "label": "pos"}\n{"text": "b", "label": 0.5}\n', encoding="utf-8")
+    assert load_user_file(str(words), test_fraction=0).label_names == ["0.5", "pos"]
+
+
+@pytest.mark.parametrize("label, shown", [
+    ("1" + "0" * 400, "1000000000...0 (401 digits)"),
+    ("1e30", "1e+30"), ("-1e39", "-1e+39"), ("NaN", "nan"), ("Infinity", "inf"), ('"1e400"', "'1e400'"),
+])
+def test_regression_labels_out_of_float32_range_name_file_line_and_value(tmp_path, label, shown):
+    """Issue 20, 5: 10**400 raised a bare OverflowError; 1e30 squared overflows the fp32 MSE."""
+    p = tmp_path / "big.jsonl"
+    p.write_text(f'{{"text": "a", "label": 1.5}}\n{{"text": "b", "label": {label}}}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"{p}: line 2: label {re.escape(shown)} is out of range; task_type "
+                                         r"'regression' needs a finite number with \|label\| < 2\*\*64"):
+        load_user_file(str(p), task_type="regression")
+    csv = tmp_path / "big.csv"
+    csv.write_text(f"text,label\na,1\nb,{label.strip(chr(34))}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"{csv}: line 3: label .* is out of range"):
+        load_user_file(str(csv), task_type="regression")
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text('{"text": "a", "label": -1e18}\n{"text": "b", "label": 3}\n', encoding="utf-8")
+    assert [e["label"] for e in load_user_file(str(ok), test_fraction=0, task_type="regression").train] == [-1e18, 3.0]
+
+
+def test_a_regression_test_set_with_one_label_is_refused_when_loaded(tmp_path):
+    """Issue 20, 7: correlation with a constant reference is undefined for every model: refused before training."""
+    train = write_pairs(tmp_path / "sts.jsonl")
+    test = tmp_path / "flat.jsonl"
+    test.write_text('{"text": "a", "label": 2.5}\n{"text": "b", "label": 2.5}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"{test}: pearson: every reference label is 2.5; a correlation with a "
+                                         r"constant reference is undefined"):
+        load_task(train, test_data=str(test), task_type="regression")
 
 
 def test_regression_labels_must_be_numbers(tmp_path):

@@ -105,3 +105,32 @@ def test_changed_settings_rerun_and_keep_the_old_result(tmp_path):
     (results / "sst2__lora__r2__s1.json").write_text("[]")
     (results / "sst2__lora__r2__s2.json").write_text("null")
     assert not plan_sweep(load_config(tmp_path / "c.yaml"), results).finished
+
+
+def test_a_rewritten_data_file_makes_its_results_stale_and_never_reused(tmp_path, monkeypatch):
+    """Issue 20, 2: a result stands for the data it was trained on, not for the file's name."""
+    import fimlora.experiments.sweep as sweep
+    from tests.experiments.sweep_worker import fake_run_one
+
+    log = tmp_path / "log"
+    monkeypatch.setattr(sweep, "run_one", lambda cfg, run, work: fake_run_one(cfg, run, work, str(log), 0.0))
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.csv"
+    train.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n" for i in range(10)))
+    test.write_text("text,label\nu,0\nv,1\n")
+    cfg = load_config(config(tmp_path, tasks=f"[{{train: '{train}', test: '{test}'}}, '{train}']", seeds="[1]"))
+    first, other = tmp_path / "first", tmp_path / "other"
+    assert sweep.run_sweep(cfg, first, progress=False)["ok"] == 2
+    assert len(plan_sweep(cfg, first).finished) == 2
+    # Other texts and three classes under the same name: both tasks read it, so neither result stands.
+    train.write_text("".join(json.dumps({"text": f"other {i}", "label": i % 3}) + "\n" for i in range(10)))
+    plan = plan_sweep(cfg, first)
+    assert not plan.finished and len(plan.stale) == 2
+    counts = sweep.run_sweep(cfg, other, progress=False, reuse=[first])
+    assert counts["reused"] == 0 and counts["ok"] == 2, counts
+    # The test file alone changes only the task that reads it.
+    done = sweep.run_sweep(cfg, first, progress=False)
+    assert done["ok"] == 2 and len(list((first / ".stale").iterdir())) == 2
+    test.write_text("text,label\nu,1\nv,0\n")
+    plan = plan_sweep(cfg, first)
+    assert plan.stale == {r.run_id for r in plan.runs if r.task != task_id(str(train))}
+    assert plan.finished == {r.run_id for r in plan.runs if r.task == task_id(str(train))}

@@ -40,7 +40,8 @@ def test_csv_numeric_labels_are_one_class(tmp_path):
 
 def test_numeric_labels_sort_numerically(tmp_path):
     p = write_jsonl(tmp_path / "d.jsonl", [{"text": f"t{i}", "label": v} for i, v in enumerate([10, 2, -1, 2.5])])
-    assert load_user_file(p, test_fraction=0.0).label_names == ["-1", "2", "2.5", "10"]
+    # 2.5 is not whole, so these numbers read as scores unless declared classes (issue 20, 4)
+    assert load_user_file(p, test_fraction=0.0, task_type="classification").label_names == ["-1", "2", "2.5", "10"]
 
 
 def test_word_labels_stay_words(tmp_path):

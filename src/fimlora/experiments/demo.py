@@ -37,6 +37,13 @@ class DemoJob(CalibrateJob):
     eval_data: str | None = None  # a user's own validation file; without it a user's file is split 80/20
     overwrite: bool = True
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.task_type == "regression":  # the demo's table compares accuracy
+            raise ValueError("task_type: the demo compares accuracy, so it takes classification, got 'regression'; "
+                             "run a regression file with fimlora run and a task entry {train: FILE, task_type: "
+                             "regression}, or calibrate it with fimlora calibrate --task-type regression")
+
 
 def _row(label: str, values: list[str], width: int = 16) -> str:
     return f"{label:<26}" + "".join(f"{v:>{width}}" for v in values)
@@ -92,7 +99,7 @@ def run_demo(job: DemoJob, say: Callable[[str], None] = print) -> dict:
     target_modules = job.target_modules or DEMO_TARGET_MODULES
     say(f"[1/5] data: {job.data}; model: {job.model}")
     task = load_task(job.data, seed=job.seed, max_train=job.max_train, max_test=job.max_test,
-                     test_data=job.eval_data)
+                     test_data=job.eval_data, task_type=job.task_type)
     say(f"      train {len(task.train)} / test {len(task.test)} examples, labels {task.label_names}")
     if is_user_file(job.data):  # a bundled task's drops are part of its recipe; a user's are news
         for note in task.meta.get("dropped", []):

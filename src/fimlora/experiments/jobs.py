@@ -27,10 +27,10 @@ from .builders import (
     normalize_target_modules,
     require_bitsandbytes,
 )
-from .data import TaskData, is_user_file, load_task
+from .data import TaskData, check_task_type, is_user_file, load_task
 
-__all__ = ["CalibrateJob", "CalibrateResult", "MIN_MAX_LENGTH", "check_one_quantization", "parse_budget",
-           "run_calibrate"]
+__all__ = ["CalibrateJob", "CalibrateResult", "MIN_MAX_LENGTH", "check_dora_quantization", "check_one_quantization",
+           "parse_budget", "run_calibrate"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class CalibrateJob:
     batch_size: int = 16
     max_length: int = 128
     max_train: int | None = None
+    task_type: str | None = None  # a text/label file's labels: "classification" or "regression" (target numbers)
     r: int = 8
     alpha: float | None = None
     r_min: int = FIM_DEFAULTS["r_min"]
@@ -82,7 +83,9 @@ class CalibrateJob:
         self.target_modules = normalize_target_modules(self.target_modules)
         for name in ("load_in_4bit", "load_in_8bit", "use_dora"):
             check_bool(name, getattr(self, name))
+        check_task_type("task_type", self.task_type)
         check_one_quantization(self.load_in_4bit, self.load_in_8bit)
+        check_dora_quantization(self.load_in_8bit, self.use_dora)
         if self.quantization is not None:
             require_bitsandbytes(f"load_in_{self.quantization}", self.quantization)
         self.fim_config()  # every FimConfig rule, before any model is loaded
@@ -143,6 +146,15 @@ def check_one_quantization(load_in_4bit: bool, load_in_8bit: bool) -> None:
                          "(4-bit NF4 or 8-bit), got both true")
 
 
+def check_dora_quantization(load_in_8bit: bool, use_dora: bool) -> None:
+    """DoRA on an 8-bit base is refused before any model is loaded: bitsandbytes fails on its second
+    forward/backward (stock PEFT too), after the model load and calibration were spent."""
+    if load_in_8bit and use_dora:
+        raise ValueError("load_in_8bit, use_dora: DoRA on an 8-bit base fails in bitsandbytes on its second "
+                         "forward/backward (stock PEFT too); give one of them: DoRA on a base that is not 8-bit, "
+                         "or plain LoRA on the 8-bit base")
+
+
 @dataclass
 class CalibrateResult:
     allocation: RankAllocation
@@ -166,7 +178,8 @@ def run_calibrate(job: CalibrateJob) -> CalibrateResult:
     # A user's file is all training data here: calibration never evaluates, so nothing is held out.
     # A bundled task keeps its recorded split, so its test part stays unseen.
     test_fraction = 0.0 if is_user_file(job.data) else None
-    task = load_task(job.data, seed=job.seed, max_train=job.max_train, test_fraction=test_fraction)
+    task = load_task(job.data, seed=job.seed, max_train=job.max_train, test_fraction=test_fraction,
+                     task_type=job.task_type)
     # A user can act on what was dropped from their own file; a bundled task's drops are part of its recipe.
     log = logger.warning if is_user_file(job.data) else logger.info
     for note in task.meta.get("dropped", []):

@@ -130,10 +130,17 @@ def _prepare_fim(spec: MethodSpec, base_model: nn.Module,
                  calibration_batches: BatchFactory | None) -> tuple[nn.Module, dict, list]:
     """FIM-LoRA: uniform LoRA, then ranks from the Fisher of LoRA-B on the calibration batches."""
     model = _uniform_lora(spec, base_model)
-    cfg = FimConfig(seed=spec.seed, progress=False, **spec.fim)
+    cfg = _fim_config(spec)
     start = time.perf_counter()
     alloc = apply_fim_ranks(model, calibration_batches(), config=cfg)
     return model, {"calibration_seconds": time.perf_counter() - start, **fim_info(alloc)}, []
+
+
+def _fim_config(spec: MethodSpec, keys: tuple[str, ...] | None = None) -> FimConfig:
+    """The run's FimConfig: its ``fim`` settings (only ``keys`` when given), the run's seed, and no progress bar
+    (a sweep writes results, not bars); merged, so a config's own ``progress`` cannot collide with it."""
+    settings = {k: v for k, v in spec.fim.items() if keys is None or k in keys}
+    return FimConfig(**{**settings, "seed": spec.seed, "progress": False})
 
 
 def fim_info(alloc) -> dict:
@@ -156,7 +163,7 @@ def _prepare_random(spec: MethodSpec, base_model: nn.Module,
                     calibration_batches: BatchFactory | None) -> tuple[nn.Module, dict, list]:
     """Random-rank: seeded random scores through FIM-LoRA's allocator and budget."""
     model = _uniform_lora(spec, base_model)
-    cfg = FimConfig(seed=spec.seed, progress=False, **{k: v for k, v in spec.fim.items() if k in RANDOM_SETTINGS})
+    cfg = _fim_config(spec, RANDOM_SETTINGS)
     alloc = random_allocation(model, seed=spec.seed, config=cfg)
     apply_allocation(model, alloc, seed=spec.seed)
     return model, {"scores": alloc.scores, "allocated_ranks": alloc.ranks, "params_spent": alloc.params_spent}, []
@@ -210,7 +217,7 @@ def _prepare_fim_eva(spec: MethodSpec, base_model: nn.Module,
     from peft import EvaConfig, initialize_lora_eva_weights
 
     uniform = _uniform_lora(spec, base_model)
-    cfg = FimConfig(seed=spec.seed, progress=False, **spec.fim)
+    cfg = _fim_config(spec)
     start = time.perf_counter()
     alloc = compute_allocation(uniform, calibration_batches(), cfg)
     fim_seconds = time.perf_counter() - start

@@ -27,6 +27,7 @@ __all__ = [
     "glue_task",
     "default_metrics",
     "compute_metrics",
+    "check_references",
 ]
 
 # Every metric a task may ask for, and how a table header names it.
@@ -110,11 +111,16 @@ _COMPUTE = {
 }
 
 
+CORRELATIONS = ("pearson", "spearman")
+
+
 def compute_metrics(names: Sequence[str], predictions: Sequence, references: Sequence) -> dict[str, float]:
     """{metric: value} for each of ``names`` on predicted classes (or scores) against the references.
 
-    A correlation is undefined when either side is constant (a model that predicts one class or one
-    score); it is reported as 0.0, as GLUE's scorer does for Matthews, instead of NaN.
+    A correlation is undefined when either side is constant, and the two cases differ. Constant predictions
+    (a model that predicts one score) are the model's failure: reported as 0.0, as GLUE's scorer does for
+    Matthews, instead of NaN. Constant references are the test set's: no model could be told apart by it,
+    so it is an error (:func:`check_references`), which data loading raises before any training.
     """
     unknown = [n for n in names if n not in _COMPUTE]
     if unknown:
@@ -122,14 +128,25 @@ def compute_metrics(names: Sequence[str], predictions: Sequence, references: Seq
     if len(predictions) != len(references) or not len(references):
         raise ValueError(f"metrics: need as many predictions as references, at least one; got "
                          f"{len(predictions)} predictions and {len(references)} references")
+    check_references(names, references)
     out = {}
     for name in names:
-        if name in ("pearson", "spearman") and (_constant(predictions) or _constant(references)):
+        if name in CORRELATIONS and _constant(predictions):
             out[name] = 0.0
             continue
         value = _COMPUTE[name](list(predictions), list(references))
         out[name] = value if math.isfinite(value) else 0.0
     return out
+
+
+def check_references(names: Sequence[str], references: Sequence, where: str = "metrics") -> None:
+    """The references must give every metric in ``names`` a value: a correlation needs at least two distinct
+    references. ``where`` names the test set in the error."""
+    for name in names:
+        if name in CORRELATIONS and len(references) and _constant(references):
+            raise ValueError(f"{where}: {name}: every reference label is {references[0]!r}; a correlation with a "
+                             "constant reference is undefined (no model can be told apart by it), so the test set "
+                             "needs at least two distinct labels")
 
 
 def _constant(values: Sequence) -> bool:

@@ -5,9 +5,10 @@ Guarantees (stated in the README):
 * **Atomic results.** A result JSON is written to a temporary file and renamed; a killed sweep never
   leaves half a result. A run's scratch space is ``RESULTS/.work/RUN_ID`` and is removed afterwards.
 * **Resume compares settings.** A run counts as finished only if its result has status ok/diverged
-  *and* was produced with the same resolved settings (:func:`~fimlora.experiments.config.run_settings_hash`
-  of the current config equals the one of the config recorded in the result). A result made with
-  other settings is moved to ``RESULTS/.stale/`` (never deleted) and the run is run again.
+  *and* was produced with the same resolved settings and data (:func:`~fimlora.experiments.config.run_settings_hash`
+  of the current config, with the current contents of the data files the run reads, equals the one the
+  result recorded). A result made with other settings or data is moved to ``RESULTS/.stale/`` (never
+  deleted) and the run is run again.
 * **Concurrent workers.** Each run is claimed with a lock file (``RESULTS/.locks/RUN_ID.lock``, the
   ``filelock`` package) that the operating system releases when its holder dies, so any number of
   ``fimlora run`` processes (a Slurm array with or without ``--shard``) can share one results folder:
@@ -32,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..io import atomic_write_text
-from .config import ExperimentConfig, RunSpec, expand_runs, run_settings_hash
+from .config import ExperimentConfig, RunSpec, current_settings_hash, expand_runs, run_data_contents, run_settings_hash
 
 __all__ = [
     "SweepPlan",
@@ -75,8 +76,10 @@ def run_status(cfg: ExperimentConfig, run: RunSpec, results: Path) -> RunStatus:
         return RunStatus(False, failed=failed)
     recorded = record.get("settings_hash")
     if recorded is None and isinstance(record.get("config"), dict):
-        recorded = run_settings_hash(record["config"], run)  # results written before hashes were recorded
-    if recorded != run_settings_hash(asdict(cfg), run):
+        # Results written before hashes were recorded; they did not record their data's contents either, so
+        # one that read a user's file cannot match (its file may have changed since) and runs again.
+        recorded = run_settings_hash(record["config"], run)
+    if recorded != current_settings_hash(cfg, run):
         return RunStatus(False, stale=True)
     return RunStatus(True)
 
@@ -266,7 +269,6 @@ def run_one(cfg: ExperimentConfig, run: RunSpec, work_dir: str | os.PathLike) ->
         "train_steps": train_out["steps"], "divergence": train_out["divergence"],
         "method_info": {k: v for k, v in info.items() if k not in ("method", "allocated_ranks")},
         "data_meta": {t.name: t.meta for t in eval_tasks} | {"train": train_task.meta},
-        "config": asdict(cfg), "settings_hash": run_settings_hash(asdict(cfg), run),
         "versions": package_versions(), "machine": machine_info(),
     }
 
@@ -299,11 +301,18 @@ def _execute(cfg: ExperimentConfig, run: RunSpec, results: Path) -> str:
     shutil.rmtree(work, ignore_errors=True)
     start = time.perf_counter()
     try:
+        # What the result stands for is fixed before the run reads its data: the settings and the data's
+        # contents as they are now (a file rewritten later makes the result stale, never silently current).
+        config = asdict(cfg)
+        contents = run_data_contents(config, run)
+        stands_for = {"config": config, "data_contents": contents,
+                      "settings_hash": run_settings_hash(config, run, contents)}
         result = run_one(cfg, run, work)
     except Exception as e:  # record and go on: one bad run must not lose the rest of a sweep
         _record_failure(results, run, e)
         shutil.rmtree(work, ignore_errors=True)
         return "failed"
+    result.update(stands_for)
     result["wall_seconds"] = time.perf_counter() - start
     if cfg.keep_adapters:
         dest = results / "adapters" / run.run_id
