@@ -256,7 +256,8 @@ def test_calibrate_flags_reach_the_job():
     (("--load-in-4bit", "--load-in-8bit"),
      "load_in_4bit, load_in_8bit: choose at most one quantisation of the base model (4-bit NF4 or 8-bit), got both"),
     (("--load-in-8bit", "--use-dora"),
-     "load_in_8bit, use_dora: DoRA on an 8-bit base fails in bitsandbytes on its second forward/backward"),
+     "load_in_8bit, use_dora: DoRA on an 8-bit base is not supported: bitsandbytes fails on the second "
+     "forward/backward"),
     (("--target-modules", "all-linear", "query"),
      "target_modules: 'all-linear' already names every linear layer and cannot be combined with other module names, "
      "got ['all-linear', 'query']"),
@@ -282,7 +283,7 @@ def test_eight_bit_dora_is_refused_before_any_model_load(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     for cls in (CalibrateJob, DemoJob):
-        with pytest.raises(ValueError, match=r"load_in_8bit, use_dora: DoRA on an 8-bit base fails"):
+        with pytest.raises(ValueError, match=r"load_in_8bit, use_dora: DoRA on an 8-bit base is not supported"):
             cls(model="minilm", data="trec6", out="o", load_in_8bit=True, use_dora=True)
 
 

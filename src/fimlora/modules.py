@@ -144,13 +144,16 @@ def _is_bnb_8bit(base: nn.Module) -> bool:
     return isinstance(linear8, type) and isinstance(base, linear8)
 
 
+# Why DoRA on a bitsandbytes 8-bit base is refused (the library's layer check and the CLI's flag check say it alike).
+DORA_8BIT_REASON = "bitsandbytes fails on the second forward/backward of such a layer (stock PEFT too)"
+
+
 def _combination_reason(layer: nn.Module, adapter_name: str) -> str | None:
     """Why this base layer and LoRA variant do not go together, or None: DoRA on a bitsandbytes 8-bit base fails
     inside bitsandbytes on the second forward/backward (stock PEFT too), so it is refused before any compute."""
     if _is_dora(layer, adapter_name) and _is_bnb_8bit(layer.get_base_layer()):
         return (f"DoRA (use_dora=True) on a bitsandbytes 8-bit base layer ({_layer_type(layer)}) is not supported: "
-                "bitsandbytes fails on the second forward/backward of such a layer (stock PEFT too); use a 4-bit "
-                "base (QDoRA) or plain LoRA (use_dora=False) on the 8-bit base")
+                f"{DORA_8BIT_REASON}; use a 4-bit base (QDoRA) or plain LoRA (use_dora=False) on the 8-bit base")
     return None
 
 

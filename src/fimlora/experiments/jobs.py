@@ -15,6 +15,7 @@ from pathlib import Path
 from ..allocation import RankAllocation
 from ..config import FimConfig, check_bool, check_fraction, check_int, check_number
 from ..io import atomic_directory, check_output_dir
+from ..modules import DORA_8BIT_REASON
 from ..rankmap import save_rank_map
 from .builders import (
     FIM_DEFAULTS,
@@ -150,9 +151,8 @@ def check_dora_quantization(load_in_8bit: bool, use_dora: bool) -> None:
     """DoRA on an 8-bit base is refused before any model is loaded: bitsandbytes fails on its second
     forward/backward (stock PEFT too), after the model load and calibration were spent."""
     if load_in_8bit and use_dora:
-        raise ValueError("load_in_8bit, use_dora: DoRA on an 8-bit base fails in bitsandbytes on its second "
-                         "forward/backward (stock PEFT too); give one of them: DoRA on a base that is not 8-bit, "
-                         "or plain LoRA on the 8-bit base")
+        raise ValueError(f"load_in_8bit, use_dora: DoRA on an 8-bit base is not supported: {DORA_8BIT_REASON}; give "
+                         "one of them: DoRA on a base that is not 8-bit, or plain LoRA on the 8-bit base")
 
 
 @dataclass
