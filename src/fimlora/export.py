@@ -53,7 +53,7 @@ from .check import (
 from .config import check_choice
 from .io import atomic_directory, atomic_write_text, package_versions
 
-__all__ = ["EXPORT_ENGINES", "ExportPlan", "compute_export", "export_adapter", "EXPORT_RECORD"]
+__all__ = ["EXPORT_ENGINES", "ExportPlan", "compute_export", "export_adapter", "load_base_model", "EXPORT_RECORD"]
 
 logger = logging.getLogger(__name__)
 
@@ -202,11 +202,58 @@ def _write_adapter(plan: ExportPlan, src: Path, tmp: Path) -> None:
     atomic_write_text(tmp / CONFIG_NAME, json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
 
 
+def _head_labels(src: Path, cfg: dict) -> int | None:
+    """Rows of the classification head saved through modules_to_save (its weight is (num_labels, hidden))."""
+    from safetensors import safe_open
+
+    heads = cfg.get("modules_to_save") or []
+    with safe_open(str(src / WEIGHTS_NAME), framework="pt") as f:
+        for key in f.keys():
+            if any(key.endswith(f"{h}.weight") or key.endswith(f"{h}.out_proj.weight") for h in heads):
+                return int(f.get_slice(key).get_shape()[0])
+    return None
+
+
+def load_base_model(base: str, adapter: str | Path):
+    """The base model named ``base`` (a folder or hub name), as the class the adapter was made for.
+
+    ``task_type`` SEQ_CLS gives ``AutoModelForSequenceClassification`` with as many labels as the head saved in
+    the adapter; CAUSAL_LM or none gives ``AutoModelForCausalLM``; other task types are refused. Float32.
+    Returns (model, tokenizer or None when the base has no tokenizer files).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    src = Path(adapter)
+    cfg = read_adapter_config(src / CONFIG_NAME)
+    task = cfg.get("task_type")
+    if task == "SEQ_CLS":
+        labels = _head_labels(src, cfg)
+        if labels is None:
+            raise ValueError(f"modules_to_save: a SEQ_CLS adapter must save its head to be merged, got "
+                             f"{cfg.get('modules_to_save')!r} with no head tensor in {src / WEIGHTS_NAME}")
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=labels, dtype=torch.float32)
+    elif task in (None, "CAUSAL_LM"):
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    else:
+        raise ValueError(f"task_type: export --for merged loads CAUSAL_LM or SEQ_CLS base models, got {task!r}; "
+                         "pass a loaded model as base_model instead")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+    except (OSError, ValueError) as e:  # a folder of weights without tokenizer files still merges
+        logger.warning("fimlora: no tokenizer saved with the merged model (%s: %s)", base, e)
+        tokenizer = None
+    return model, tokenizer
+
+
 def _write_merged(plan: ExportPlan, src: Path, tmp: Path, base_model, tokenizer) -> None:
     from peft import PeftModel
 
     if base_model is None:
         raise ValueError("base_model: export --for merged needs the base model (--base-model), got None")
+    if isinstance(base_model, (str, Path)):
+        base_model, loaded_tokenizer = load_base_model(str(base_model), src)
+        tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
     model = PeftModel.from_pretrained(base_model, str(src)).merge_and_unload()
     model.save_pretrained(str(tmp), safe_serialization=True)
     if tokenizer is not None:
@@ -218,8 +265,9 @@ def export_adapter(path: str | Path, engine: str, out: str | Path, *, base_model
     """Write the adapter at ``path`` to ``out`` so that ``engine`` serves it as PEFT computes it.
 
     ``engine``: ``"peft"``, ``"vllm"``, ``"llama.cpp"`` or ``"merged"`` (see the module docstring for each rule).
-    ``base_model``: the loaded base ``transformers`` model, needed for ``"merged"`` only (it is modified in place
-    by the merge); ``tokenizer`` is saved next to a merged model when given. ``out`` must be new or empty unless
+    ``base_model``: the base ``transformers`` model, needed for ``"merged"`` only: a loaded model (modified in
+    place by the merge) or a folder / hub name (:func:`load_base_model`, which also saves its tokenizer);
+    ``tokenizer`` is saved next to a merged model when given. ``out`` must be new or empty unless
     ``overwrite``; it is written into a temporary folder and renamed into place. Returns the plan written.
     """
     src = Path(path)

@@ -21,7 +21,7 @@ import fimlora
 from fimlora.check import check_adapter
 from fimlora.export import EXPORT_RECORD, compute_export
 from fimlora.modules import lora_modules
-from tests.references import lm_batches, lora_bert, lora_llama, make_b_nonzero, tiny_llama
+from tests.references import cls_batches, lm_batches, lora_bert, lora_llama, make_b_nonzero, tiny_bert, tiny_llama
 
 TOL = 1e-5  # float32 logits of a 2-layer model; B' is computed in float64 and rounded once
 
@@ -183,3 +183,42 @@ def test_export_refuses_an_adapter_that_fails_check(tmp_path):
     (src / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="fails `fimlora check`.*config gives rank"):
         compute_export(src, "vllm")
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def test_cli_export_and_check_serve(tmp_path, capsys):
+    from fimlora.cli import main
+
+    src, _ = trained_adapter(tmp_path)
+    assert main(["check", str(src), "--serve", "llama.cpp"]) == 1
+    out = capsys.readouterr().out
+    assert "PROBLEM: llama.cpp (Ollama, LM Studio): scales" in out
+    assert f"run `fimlora export {src} --for llama.cpp --out DIR`" in out
+    assert main(["export", str(src), "--for", "llama.cpp", "--out", str(tmp_path / "gguf-ready")]) == 0
+    assert "lora_B rescaled in" in capsys.readouterr().out
+    assert main(["check", str(tmp_path / "gguf-ready"), "--serve", "llama.cpp"]) == 0
+    assert "llama.cpp (Ollama, LM Studio): serves it as PEFT computes it" in capsys.readouterr().out
+    assert main(["export", str(src), "--for", "vllm", "--out", str(tmp_path / "gguf-ready")]) == 2
+    assert "is not empty; choose a new folder or pass --overwrite" in capsys.readouterr().err
+    assert main(["export", str(src), "--for", "vllm", "--out", str(tmp_path / "v"), "--base-model", "x"]) == 2
+    assert "base-model: only --for merged uses a base model, got --for vllm" in capsys.readouterr().err
+
+
+def test_cli_merged_classifier(tmp_path):
+    """A SEQ_CLS adapter merges onto a base loaded with as many labels as its saved head."""
+    from fimlora.cli import main
+
+    tiny_bert().save_pretrained(tmp_path / "base")
+    model = lora_bert()
+    make_b_nonzero(model, cls_batches())
+    model.save_pretrained(tmp_path / "a")
+    assert main(["export", str(tmp_path / "a"), "--for", "merged", "--out", str(tmp_path / "m"),
+                 "--base-model", str(tmp_path / "base")]) == 0
+    from transformers import BertForSequenceClassification
+
+    merged = BertForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    batch = {k: v for k, v in cls_batches()[0].items() if k != "labels"}
+    with torch.no_grad():
+        assert (merged(**batch).logits - model(**batch).logits).abs().max().item() < TOL
