@@ -8,6 +8,7 @@
 from .allocation import RankAllocation
 from .api import allocation_from_scores, apply_fim_ranks, compute_allocation, random_allocation
 from .config import FimConfig
+from .export import compute_export, export_adapter
 from .fisher import FisherResult, aggregate_fisher, compute_fisher, compute_scores
 from .modules import check_pattern_keys, lora_modules, pattern_matches
 from .resize import apply_allocation, apply_resized_lora_a, lora_a_weights, lora_config_for_allocation
@@ -27,8 +28,10 @@ __all__ = [
     "apply_resized_lora_a",
     "check_pattern_keys",
     "compute_allocation",
+    "compute_export",
     "compute_fisher",
     "compute_scores",
+    "export_adapter",
     "lora_a_weights",
     "lora_config_for_allocation",
     "lora_modules",

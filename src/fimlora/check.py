@@ -1,15 +1,37 @@
-"""``fimlora check``: the things that break rank_pattern adapters in practice.
+"""``fimlora check``: the things that break rank_pattern adapters in practice, and how each engine serves them.
 
 Reads ``adapter_config.json`` and the safetensors file of a saved PEFT adapter
 and reports: unreadable or invalid files and config values; pattern keys that are
-not valid regexes, match no module, more than one module, or carry the
-``base_model.model.`` prefix; modules matched by several keys (resolved in sorted
-order after a reload); ranks that disagree with the tensor shapes; LoRA shapes that
-disagree with the base model's modules (an adapter made for another model size);
-DoRA magnitude vectors missing, of the wrong length or without use_dora; NaN/inf
-values; inconsistent scaling; and for vLLM: the smallest ``max_lora_rank`` that serves it,
-the padded serving size (every module at that rank) against the real size, and a warning when
-the scaling differs between modules (vLLM applies one lora_alpha / r to all of them).
+not valid regexes, match no module or carry the ``base_model.model.`` prefix; modules
+matched by several keys (resolved in sorted order after a reload; a key that matches
+several modules, like ``{"q_proj": 2}``, is ordinary PEFT usage); ranks that disagree
+with the tensor shapes; LoRA shapes that disagree with the base model's modules (an
+adapter made for another model size); DoRA magnitude vectors missing, of the wrong
+length or without use_dora; NaN/inf values; inconsistent scaling; the smallest vLLM
+``max_lora_rank`` that serves it and the padded serving size (every module at that rank)
+against the real size; and, per serving engine, whether it refuses the adapter or
+multiplies some module's B_m A_m x by another scale than PEFT does.
+
+Each engine's scale rule, read from its source (one helper, :func:`served_scales`):
+
+* PEFT: s_m = alpha_m / r_m (alpha_m / sqrt(r_m) with use_rslora), alpha_m and r_m from
+  alpha_pattern / rank_pattern (first matching key), else lora_alpha and r.
+* vLLM <= 0.31: one s = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora) for every module;
+  rank_pattern/alpha_pattern are not read (``vllm/lora/peft_helper.py``, ``PEFTHelper.__post_init__``).
+  vLLM >= 0.32 resolves both patterns per module like PEFT (``PEFTHelper.get_rank_and_scaling``,
+  used by ``LoRALayerWeights.from_config`` in ``vllm/lora/lora_weights.py``). It refuses DoRA,
+  LoRA bias, base-changing inits and ``modules_to_save`` (<= 0.30: any; >= 0.31: other than
+  ``classifier``/``score``) in ``PEFTHelper._validate_features``.
+* llama.cpp (and Ollama, LM Studio, which embed it): ``convert_lora_to_gguf.py`` writes one
+  ``adapter.lora.alpha`` = lora_alpha and reads neither alpha_pattern nor use_rslora; at run time
+  each tensor gets s_m = alpha / r_m with r_m its own rank (``llama_adapter_lora_weight::get_scale``,
+  ``src/llama-adapter.h``; alpha 0 means scale 1). The converter stops on any tensor other than
+  lora_A/lora_B (a DoRA magnitude, a modules_to_save head, a LoRA bias).
+* SGLang 0.5.23: one s = lora_alpha / r for every module, use_rslora and both patterns not read
+  (``sglang/srt/lora/lora.py``, ``LoRAAdapter.__init__``); every module is copied into a buffer
+  slice of the config's r (``LoRAMemoryPool.load_lora_weight_to_buffer`` in ``mem_pool.py``
+  asserts equal shapes), so a module of another rank fails to load. DoRA is refused
+  (``LoRAManager.validate_new_adapter``).
 
 ``check_adapter`` runs one step per group of rules; each step returns a list of
 problems (or notes), so a broken file is reported rather than raised.
@@ -24,10 +46,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .allocation import lora_scaling
-from .config import VLLM_MAX_LORA_RANKS, check_int, check_number
+from .config import VLLM_MAX_LORA_RANKS, check_choice, check_int, check_number
 from .modules import check_pattern_keys, pattern_key_error, pattern_matches
 
-__all__ = ["CheckReport", "check_adapter", "VLLM_MAX_LORA_RANKS", "vllm_max_lora_rank"]
+__all__ = ["CheckReport", "ServingVerdict", "SERVE_ENGINES", "check_adapter", "served_scales", "serving_verdict",
+           "VLLM_MAX_LORA_RANKS", "vllm_max_lora_rank"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -36,11 +59,56 @@ _TENSOR = re.compile(r"^(?:base_model\.model\.)?(?P<name>.+)\.lora_(?P<ab>[AB])(
 _MAGNITUDE = re.compile(r"^(?:base_model\.model\.)?(?P<name>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
 _PEFT_DEFAULT_R, _PEFT_DEFAULT_ALPHA = 8, 8
 _PATTERNS = ("rank_pattern", "alpha_pattern")
+# Engines whose scale rule served_scales knows, and how reports name them (the version the rule was read from).
+SERVE_ENGINES = ("peft", "vllm", "llama.cpp", "sglang")
+ENGINE_NAMES = {"peft": "PEFT", "vllm": "vLLM <= 0.31", "llama.cpp": "llama.cpp (Ollama, LM Studio)",
+                "sglang": "SGLang 0.5.23"}
+# What `fimlora export --for` fixes each engine with (SGLang cannot load mixed ranks: only a merged model serves).
+EXPORT_FOR = {"vllm": "vllm", "llama.cpp": "llama.cpp", "sglang": "merged"}
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+# Relative difference below which two scales are the same number written two ways (alpha*r'/r / r' vs alpha/r).
+SCALE_RTOL = 1e-6
 
 # name -> {"A": shape of lora_A (r, d_in), "B": shape of lora_B (d_out, r), "M": DoRA magnitude (d_out,) if saved}
 LoraShapes = dict[str, dict[str, tuple[int, ...]]]
 # name -> (d_in, d_out) of a linear-like base module, None for other modules
 BaseShapes = Mapping[str, "tuple[int, int] | None"]
+
+
+@dataclass
+class ServingVerdict:
+    """How one engine serves an adapter: refusals (it will not load it) and modules it scales otherwise than PEFT.
+
+    ``mis_scaled`` maps module -> (the engine's scale, PEFT's scale s_m), for every module where they differ.
+    """
+
+    engine: str
+    refusals: list[str] = field(default_factory=list)
+    mis_scaled: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.refusals and not self.mis_scaled
+
+    def describe(self, path: str | None = None) -> str:
+        """One line: what the engine does with the adapter and, if it serves it wrongly, what to run."""
+        name = ENGINE_NAMES[self.engine]
+        if self.ok:
+            return f"{name}: serves it as PEFT computes it"
+        parts = []
+        if self.refusals:
+            parts.append("refuses it: " + "; ".join(self.refusals))
+        if self.mis_scaled:
+            module, (served, peft) = next(iter(self.mis_scaled.items()))
+            parts.append(f"scales {len(self.mis_scaled)} module(s) otherwise than PEFT (e.g. {module}: {served:g} "
+                         f"instead of {peft:g})")
+        # Scales are fixed by folding them into lora_B; a refusal (DoRA, a saved head) only by merging.
+        fix = "merged" if self.refusals else EXPORT_FOR[self.engine]
+        how = f"; run `fimlora export {path or 'ADAPTER'} --for {fix} --out DIR"
+        how += " --base-model BASE`" if fix == "merged" else "`"
+        if fix == "merged" and self.engine == "llama.cpp":
+            how += ", then llama.cpp's convert_hf_to_gguf.py on DIR"
+        return f"{name}: {', and '.join(parts)}{how}"
 
 
 @dataclass
@@ -55,6 +123,8 @@ class CheckReport:
     # sum_m max_lora_rank * (d_in + d_out) (linear-like modules; None before the serving step ran).
     real_params: int | None = None
     serving_params: int | None = None
+    # engine -> how it serves the adapter (filled once the ranks are known)
+    serving: dict[str, ServingVerdict] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -248,24 +318,20 @@ def rank_and_scale_problems(cfg: dict, shapes: LoraShapes, report: CheckReport) 
     Scaling per module is PEFT's alpha_m / r_m (alpha_m / sqrt(r_m) with rsLoRA), from the config.
     """
     problems = []
-    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    r0, alpha0 = cfg.get("r", _PEFT_DEFAULT_R), float(cfg.get("lora_alpha", _PEFT_DEFAULT_ALPHA))
-    rslora = bool(cfg.get("use_rslora", False))
+    rank_pattern, r0 = cfg.get("rank_pattern") or {}, cfg.get("r", _PEFT_DEFAULT_R)
     for name, ab in shapes.items():
         a_shape, b_shape = ab.get("A"), ab.get("B")
         if a_shape is None or b_shape is None or 0 in a_shape or 0 in b_shape:
             continue  # reported by tensor_problems
         key = _first_key(rank_pattern, name)
         r = rank_pattern[key] if key is not None else r0
-        akey = _first_key(alpha_pattern, name)
-        alpha = float(alpha_pattern[akey]) if akey is not None else alpha0
         if a_shape[0] != r or b_shape[1] != r:
             problems.append(
                 f"{name}: config gives rank {r} (key {key!r}) but tensors are A{list(a_shape)}, B{list(b_shape)}; "
                 "loading fails with a size mismatch"
             )
         report.ranks[name] = int(a_shape[0])
-        report.scalings[name] = lora_scaling(alpha, r, rslora)
+    report.scalings.update(served_scales(cfg, report.ranks, "peft"))
     return problems
 
 
@@ -309,22 +375,89 @@ def serving_sizes(shapes: LoraShapes, ranks: Mapping[str, int], max_lora_rank: i
     return real, padded
 
 
-def vllm_scaling_note(cfg: dict, report: CheckReport) -> list[str]:
-    """A warning when any module's scaling differs from the config's lora_alpha / r, the one vLLM applies."""
-    r0, alpha0 = cfg.get("r", _PEFT_DEFAULT_R), cfg.get("lora_alpha", _PEFT_DEFAULT_ALPHA)
-    base = lora_scaling(alpha0, r0, bool(cfg.get("use_rslora", False)))
-    off = [n for n, s in report.scalings.items() if round(s, 9) != round(base, 9)]
-    if not off:
+def module_rank_alpha(cfg: dict, name: str) -> tuple[int, float]:
+    """(r_m, alpha_m) PEFT gives module ``name``: the first rank_pattern / alpha_pattern key that matches
+    (keys in sorted order, as after a reload), else the config's r and lora_alpha."""
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    key, akey = _first_key(rank_pattern, name), _first_key(alpha_pattern, name)
+    r = rank_pattern[key] if key is not None else cfg.get("r", _PEFT_DEFAULT_R)
+    alpha = alpha_pattern[akey] if akey is not None else cfg.get("lora_alpha", _PEFT_DEFAULT_ALPHA)
+    return int(r), float(alpha)
+
+
+def served_scales(cfg: dict, ranks: Mapping[str, int], engine: str) -> dict[str, float]:
+    """Scale each engine multiplies module m's B_m A_m x by, for the adapter config ``cfg``.
+
+    ``ranks``: module -> r_m, the rank of its tensors (A (r_m, d_in), B (d_out, r_m)). With alpha = lora_alpha,
+    r = the config's r and alpha_m, r'_m from the patterns (:func:`module_rank_alpha`):
+
+    * ``peft``:      s_m = alpha_m / r'_m, or alpha_m / sqrt(r'_m) with use_rslora (``lora_scaling``).
+    * ``vllm``:      s = alpha / r, or alpha / sqrt(r) with use_rslora, for every module (vLLM <= 0.31).
+    * ``llama.cpp``: s_m = alpha / r_m with the tensor's own rank; use_rslora and alpha_pattern are not read,
+      and alpha = 0 means s_m = 1 (``get_scale``).
+    * ``sglang``:    s = alpha / r for every module; use_rslora is not read (SGLang 0.5.23).
+    """
+    check_choice("engine", engine, SERVE_ENGINES)
+    r0 = cfg.get("r", _PEFT_DEFAULT_R)
+    alpha0 = float(cfg.get("lora_alpha", _PEFT_DEFAULT_ALPHA))
+    rslora = bool(cfg.get("use_rslora", False))
+    if engine == "peft":
+        scales = {}
+        for n in ranks:
+            r, alpha = module_rank_alpha(cfg, n)
+            scales[n] = lora_scaling(alpha, r, rslora)
+        return scales
+    if engine == "vllm":
+        return dict.fromkeys(ranks, lora_scaling(alpha0, r0, rslora))
+    if engine == "sglang":
+        return dict.fromkeys(ranks, lora_scaling(alpha0, r0, False))
+    return {n: lora_scaling(alpha0, r, False) if alpha0 else 1.0 for n, r in ranks.items()}
+
+
+def engine_refusals(cfg: dict, ranks: Mapping[str, int], engine: str) -> list[str]:
+    """Why ``engine`` will not load the adapter at all (each reason names the field and value); [] if it loads."""
+    check_choice("engine", engine, SERVE_ENGINES)
+    if engine == "peft":
         return []
-    return [f"WARNING: vLLM will mis-scale this adapter: it ignores alpha_pattern and applies one scaling "
-            f"lora_alpha/r = {base:g} to every module, but {len(off)} of {len(report.scalings)} module(s) use "
-            f"another (e.g. {off[0]}: {report.scalings[off[0]]:g}; scale='fixed_alpha' does this); recalibrate "
-            "with scale='preserve' to serve it with vLLM"]
+    reasons = []
+    if cfg.get("use_dora"):
+        reasons.append("use_dora=True (DoRA)" + (": the converter stops at lora_magnitude_vector"
+                                                 if engine == "llama.cpp" else ""))
+    if engine in ("vllm", "llama.cpp"):
+        saved = cfg.get("modules_to_save") or []
+        if saved:
+            reasons.append(f"modules_to_save={list(saved)}" + (
+                " (whole modules in the adapter; the converter stops at their tensors)" if engine == "llama.cpp"
+                else " (vLLM <= 0.30 refuses any; >= 0.31 accepts only classifier/score of classification models)"))
+        if cfg.get("lora_bias"):
+            reasons.append("lora_bias=True (LoRA bias)")
+        init = cfg.get("init_lora_weights")
+        if isinstance(init, str) and init.lower().split("_")[0] in _BASE_CHANGING_INITS:
+            reasons.append(f"init_lora_weights={init!r} changes the base weights")
+    if engine == "sglang":
+        r0 = cfg.get("r", _PEFT_DEFAULT_R)
+        other = sorted({r for r in ranks.values() if r != r0})
+        if other:
+            reasons.append(f"modules of rank {other} other than the config's r={r0}: every module is loaded at r")
+    return reasons
 
 
-def vllm_findings(cfg: dict, shapes: LoraShapes, report: CheckReport) -> tuple[list[str], list[str]]:
-    """(problems, notes) for serving with vLLM; sets ``report.vllm_max_lora_rank`` and the serving sizes."""
-    problems, notes = [], []
+def serving_verdict(cfg: dict, ranks: Mapping[str, int], engine: str) -> ServingVerdict:
+    """How ``engine`` serves the adapter: its refusals and every module whose scale differs from PEFT's."""
+    peft = served_scales(cfg, ranks, "peft")
+    served = served_scales(cfg, ranks, engine)
+    mis = {n: (served[n], peft[n]) for n in ranks
+           if abs(served[n] - peft[n]) > SCALE_RTOL * max(abs(peft[n]), abs(served[n]))}
+    return ServingVerdict(engine, engine_refusals(cfg, ranks, engine), mis)
+
+
+def vllm_findings(cfg: dict, shapes: LoraShapes, report: CheckReport) -> list[str]:
+    """Problems for serving with vLLM at all; sets ``report.vllm_max_lora_rank`` and the serving sizes.
+
+    vLLM <= 0.31 validates only the config's r against --max-lora-rank, >= 0.32 max(r, rank_pattern values);
+    both pad every module to it. So K must cover the config's r as well as every module's rank.
+    """
+    problems = []
     if report.ranks:
         largest = max(max(report.ranks.values()), cfg.get("r", _PEFT_DEFAULT_R))
         report.vllm_max_lora_rank = vllm_max_lora_rank(largest)
@@ -333,28 +466,53 @@ def vllm_findings(cfg: dict, shapes: LoraShapes, report: CheckReport) -> tuple[l
         else:
             report.real_params, report.serving_params = serving_sizes(shapes, report.ranks,
                                                                       report.vllm_max_lora_rank)
-    notes += vllm_scaling_note(cfg, report)
-    if cfg.get("use_dora"):
-        notes.append("use_dora=True: vLLM refuses DoRA adapters")
-    if cfg.get("lora_bias"):
-        notes.append("lora_bias=True: vLLM refuses LoRA bias")
-    init = cfg.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().split("_")[0] in ("pissa", "olora", "corda", "loftq"):
-        notes.append(f"init_lora_weights={init!r} changes the base weights; vLLM refuses it")
+    return problems
+
+
+def serving_findings(cfg: dict, report: CheckReport, serve: str | None) -> tuple[list[str], list[str]]:
+    """(problems, notes) per engine; fills ``report.serving``.
+
+    Without ``serve`` every engine that refuses or mis-scales the adapter gets a note. With ``serve`` only that
+    engine is judged, and serving it wrongly is a problem (``fimlora check --serve ENGINE`` exits 1).
+    """
+    problems, notes = [], []
+    engines = [serve] if serve else [e for e in SERVE_ENGINES if e != "peft"]
+    for engine in engines:
+        verdict = report.serving[engine] = serving_verdict(cfg, report.ranks, engine)
+        line = verdict.describe(report.path)
+        if verdict.ok:
+            if serve:
+                notes.append(line)
+        elif serve:
+            problems.append(line)
+        else:
+            notes.append(f"WARNING: served wrongly by {line}")
+    if not serve and all(report.serving[e].ok for e in engines):
+        notes.append("served as PEFT computes it by " + ", ".join(ENGINE_NAMES[e] for e in engines))
+    if "vllm" in report.serving and report.serving["vllm"].mis_scaled:
+        notes.append("vLLM >= 0.32 reads rank_pattern/alpha_pattern per module like PEFT; "
+                     "`fimlora export --for vllm` gives an adapter every vLLM version serves alike")
     return problems, notes
 
 
 # ----------------------------------------------------------------------------- the check
 
 
-def check_adapter(path: str | Path, base_modules: BaseShapes | Iterable[str] | None = None) -> CheckReport:
+def check_adapter(path: str | Path, base_modules: BaseShapes | Iterable[str] | None = None,
+                  serve: str | None = None) -> CheckReport:
     """Check a saved adapter folder; problems are reported in the returned CheckReport, not raised.
 
     ``base_modules`` (optional) describes the base model: a dict of every module name ->
     (d_in, d_out) for linear-like modules or None for others (as ``base_module_shapes`` gives),
     or just the names. It sharpens the pattern-key checks, and with shapes each LoRA module's
     A (r, d_in) and B (d_out, r) are compared with its base module.
+
+    ``serve`` (one of ``SERVE_ENGINES``): judge only that engine, and count serving it wrongly (a refusal, or a
+    module scaled otherwise than PEFT scales it) as a problem. Without it, every engine that would serve the
+    adapter wrongly is named in a note.
     """
+    if serve is not None:
+        check_choice("serve", serve, SERVE_ENGINES)
     path = Path(path)
     report = CheckReport(str(path))
     try:
@@ -378,7 +536,8 @@ def check_adapter(path: str | Path, base_modules: BaseShapes | Iterable[str] | N
         report.problems += [f"{label}: {p}" for p in check_pattern_keys(cfg.get(label) or {}, targets, all_names)]
     report.problems += rank_and_scale_problems(cfg, shapes, report)
     report.notes += scaling_notes(cfg, report)
-    vllm_problems, vllm_notes = vllm_findings(cfg, shapes, report)
-    report.problems += vllm_problems
-    report.notes += vllm_notes
+    report.problems += vllm_findings(cfg, shapes, report)
+    serve_problems, serve_notes = serving_findings(cfg, report, serve)
+    report.problems += serve_problems
+    report.notes += serve_notes
     return report

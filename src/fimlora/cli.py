@@ -1,4 +1,4 @@
-"""The ``fimlora`` command: calibrate, plot, check, demo, run, report."""
+"""The ``fimlora`` command: calibrate, plot, check, export, demo, run, report."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import warnings
 from pathlib import Path
 
 from . import __version__
+from .check import SERVE_ENGINES
 from .config import AGGREGATIONS, ESTIMATORS, SCALE_MODES, VLLM_MAX_LORA_RANKS, FimConfig
 from .experiments.data import TASK_TYPES, TASKS
 from .experiments.demo import DEMO_TARGET_MODULES, DemoJob
 from .experiments.jobs import MIN_MAX_LENGTH, CalibrateJob
+from .export import EXPORT_ENGINES
 
 __all__ = ["main", "build_parser"]
 
@@ -107,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     parser.add_argument("--version", action="version", version=f"fimlora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_calibrate_command, _add_plot_command, _add_check_command, _add_demo_command,
-                _add_run_command, _add_report_command):
+    for add in (_add_calibrate_command, _add_plot_command, _add_check_command, _add_export_command,
+                _add_demo_command, _add_run_command, _add_report_command):
         add(sub)
     return parser
 
@@ -141,6 +143,24 @@ def _add_check_command(sub) -> None:
     p.add_argument("adapter_dir", help="folder with adapter_config.json and adapter_model.safetensors")
     p.add_argument("--base-model", default=None,
                    help="also match keys against every module of this base model (folder, alias or hub name)")
+    p.add_argument("--serve", choices=SERVE_ENGINES, default=None, metavar="ENGINE",
+                   help="judge only this engine (" + ", ".join(SERVE_ENGINES) + "): serving the adapter wrongly "
+                        "(a refusal, or a module scaled otherwise than PEFT) is a problem, with the command that "
+                        "fixes it; without it, every engine that would serve it wrongly is named")
+
+
+def _add_export_command(sub) -> None:
+    p = sub.add_parser("export", help="write an adapter that a serving engine serves exactly as PEFT computes it",
+                       description="Fold each module's scale into lora_B where the engine's scale rule differs "
+                                   "from PEFT's (vLLM <= 0.31: one lora_alpha/r; llama.cpp: lora_alpha/r_m), or "
+                                   "merge the adapter into the base model. Writes fimlora_export.json too.")
+    p.add_argument("adapter_dir", help="folder with adapter_config.json and adapter_model.safetensors")
+    p.add_argument("--for", dest="engine", required=True, choices=EXPORT_ENGINES, metavar="ENGINE",
+                   help="the engine to serve with: " + ", ".join(EXPORT_ENGINES))
+    p.add_argument("--out", required=True, help="output folder (must be new or empty unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
+    p.add_argument("--base-model", default=None,
+                   help="base model for --for merged (folder, alias or hub name)")
 
 
 def _add_demo_command(sub) -> None:
@@ -230,9 +250,27 @@ def cmd_check(args) -> int:
         from .experiments.models import base_module_shapes
 
         base_modules = base_module_shapes(args.base_model)
-    report = check_adapter(args.adapter_dir, base_modules)
+    report = check_adapter(args.adapter_dir, base_modules, serve=args.serve)
     print(report.format())
     return 0 if report.ok else 1
+
+
+def cmd_export(args) -> int:
+    from .export import export_adapter
+
+    base = None
+    if args.base_model:
+        if args.engine != "merged":
+            raise ValueError(f"base-model: only --for merged uses a base model, got --for {args.engine}")
+        from .experiments.models import resolve_model
+
+        base = resolve_model(args.base_model)
+    plan = export_adapter(args.adapter_dir, args.engine, args.out, base_model=base, overwrite=args.overwrite)
+    changed = sum(f != 1.0 for f in plan.b_factors.values())
+    print(f"exported {args.adapter_dir} for {args.engine} -> {args.out} ({plan.rule}; lora_B rescaled in {changed} "
+          f"of {len(plan.b_factors)} module(s))")
+    print(f"serve: {plan.record()['serve']}")
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -276,7 +314,7 @@ def cmd_report(args) -> int:
     return 0
 
 
-COMMANDS = {"calibrate": cmd_calibrate, "plot": cmd_plot, "check": cmd_check, "demo": cmd_demo,
+COMMANDS = {"calibrate": cmd_calibrate, "plot": cmd_plot, "check": cmd_check, "export": cmd_export, "demo": cmd_demo,
             "run": cmd_run, "report": cmd_report}
 
 

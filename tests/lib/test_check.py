@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import fimlora
 from fimlora import check_pattern_keys
 from fimlora.check import check_adapter, vllm_max_lora_rank
-from tests.references import llama_base, lm_batches, lora_llama, tiny_llama
+from tests.references import llama_base, lm_batches, lora_bert, lora_llama, make_b_nonzero, tiny_llama
 
 
 def test_vllm_rank():
@@ -192,8 +192,8 @@ def test_check_pattern_keys_reports_invalid_regex_instead_of_raising():
                         "position 0)"]
 
 
-def saved_fim_adapter(tmp_path, **settings):
-    model = lora_llama(r=4)
+def saved_fim_adapter(tmp_path, r=4, use_rslora=False, **settings):
+    model = lora_llama(r=r, use_rslora=use_rslora)
     alloc = fimlora.apply_fim_ranks(model, lm_batches(), n_batches=2, progress=False, **settings)
     model.save_pretrained(tmp_path / "a")
     return tmp_path / "a", model, alloc
@@ -210,15 +210,15 @@ def test_check_serving_sizes_match_hand_computed(tmp_path):
     assert report.serving_params == sum(k * (i.in_features + i.out_features) for i in infos)
     text = report.format()
     assert f"serving size {report.serving_params:,} params" in text and f"real size {report.real_params:,}" in text
-    assert not any("mis-scale" in n for n in report.notes)
+    assert not any("served wrongly by vLLM" in n for n in report.notes)
 
 
 def test_check_warns_that_vllm_mis_scales_fixed_alpha(tmp_path):
     path, _, _ = saved_fim_adapter(tmp_path, scale="fixed_alpha")
     report = check_adapter(path)
-    warnings = [n for n in report.notes if "vLLM will mis-scale this adapter" in n]
-    assert len(warnings) == 1 and "lora_alpha/r = 2 to every module" in warnings[0]
-    assert "WARNING: vLLM will mis-scale" in report.format()
+    warnings = [n for n in report.notes if "served wrongly by vLLM <= 0.31" in n]
+    assert len(warnings) == 1 and "instead of" in warnings[0] and "--for vllm" in warnings[0]
+    assert "WARNING: served wrongly by vLLM" in report.format()
 
 
 def test_check_serving_size_of_a_max_lora_rank_8_adapter(tmp_path):
@@ -226,3 +226,79 @@ def test_check_serving_size_of_a_max_lora_rank_8_adapter(tmp_path):
     report = check_adapter(path)
     assert report.vllm_max_lora_rank == 8 and max(alloc.ranks.values()) <= 8
     assert report.serving_params == 8 * sum(alloc.costs.values())
+
+
+# ----------------------------------------------------------------------------- pattern keys PEFT users write
+
+
+def saved_peft_adapter(tmp_path, **config):
+    """A plain PEFT adapter (no fimlora) with a non-zero B, saved: what users bring to `fimlora check`."""
+    model = lora_llama(**config)
+    make_b_nonzero(model, lm_batches())
+    model.save_pretrained(tmp_path / "a")
+    return tmp_path / "a", model
+
+
+def test_check_accepts_a_key_that_matches_several_modules(tmp_path):
+    path, model = saved_peft_adapter(tmp_path, rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 4})
+    names = [n for n, _ in model.base_model.model.named_modules()]
+    report = check_adapter(path, names)
+    assert report.ok, report.format()
+    assert {n: r for n, r in report.ranks.items() if "q_proj" in n} == {
+        "model.layers.0.self_attn.q_proj": 2, "model.layers.1.self_attn.q_proj": 2}
+
+
+def test_check_still_catches_keys_that_overlap_on_one_module(tmp_path):
+    path, _ = saved_peft_adapter(tmp_path, rank_pattern={"q_proj": 2, "layers.0.self_attn.q_proj": 2})
+    report = check_adapter(path)
+    assert any("model.layers.0.self_attn.q_proj' is matched by 2 keys" in p for p in report.problems)
+    assert not any("layers.1.self_attn.q_proj' is matched" in p for p in report.problems)
+
+
+# ----------------------------------------------------------------------------- serving engines
+
+
+def test_check_names_modules_to_save_for_vllm_and_llamacpp(tmp_path):
+    model = lora_bert()  # every classifier adapter saves its head through modules_to_save
+    model.save_pretrained(tmp_path / "a")
+    report = check_adapter(tmp_path / "a")
+    assert report.ok
+    text = "\n".join(report.notes)
+    assert "served wrongly by vLLM <= 0.31: refuses it: modules_to_save=['classifier'" in text
+    assert "served wrongly by llama.cpp (Ollama, LM Studio): refuses it: modules_to_save" in text
+    assert "--for merged --out DIR --base-model BASE" in text
+
+
+def test_check_max_lora_rank_covers_the_config_r(tmp_path):
+    """vLLM validates the config's r against --max-lora-rank: r = 16 with every module at rank 4 needs K = 16."""
+    every = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
+    path, _ = saved_peft_adapter(tmp_path, r=16, rank_pattern={every: 4})
+    report = check_adapter(path)
+    assert report.ok, report.format()
+    assert set(report.ranks.values()) == {4}
+    assert report.vllm_max_lora_rank == 16
+
+
+def test_check_vllm_scaling_honours_rslora(tmp_path):
+    """rsLoRA at r = 16 (preserve scale): vLLM applies lora_alpha / sqrt(r) = PEFT's alpha_m / sqrt(r_m) on every
+    module; llama.cpp ignores rsLoRA and serves alpha / r_m."""
+    path, _, alloc = saved_fim_adapter(tmp_path, r=16, use_rslora=True)
+    assert len(set(alloc.ranks.values())) > 1
+    report = check_adapter(path, serve="vllm")
+    assert report.ok, report.format()
+    assert report.serving["vllm"].ok and report.vllm_max_lora_rank == 32
+    report = check_adapter(path, serve="llama.cpp")
+    assert not report.ok
+    assert len(report.serving["llama.cpp"].mis_scaled) == len(report.ranks)
+    assert report.problems == [report.serving["llama.cpp"].describe(str(path))]
+    assert f"run `fimlora export {path} --for llama.cpp --out DIR`" in report.problems[0]
+    default = check_adapter(path)
+    assert default.ok and any("served wrongly by llama.cpp" in n for n in default.notes)
+    assert not any("served wrongly by vLLM" in n for n in default.notes)
+
+
+def test_check_serve_rejects_an_unknown_engine(saved_adapter):
+    path, _ = saved_adapter
+    with pytest.raises(ValueError, match=r"serve: must be one of \['peft', 'vllm', 'llama.cpp', 'sglang'\], "
+                                         r"got 'ollama'"):
+        check_adapter(path, serve="ollama")

@@ -1,0 +1,282 @@
+"""Export an adapter so that a serving engine computes exactly what PEFT computes.
+
+PEFT adds s_m * B_m A_m x to module m's output, with A_m (r_m, d_in), B_m (d_out, r_m) and
+s_m = alpha_m / r_m (alpha_m / sqrt(r_m) with use_rslora). Engines apply their own rule
+(:func:`fimlora.check.served_scales`, which cites each engine's source):
+
+* vLLM <= 0.31 and SGLang apply one s = lora_alpha / r to every module (vLLM: / sqrt(r) with rsLoRA);
+  vLLM >= 0.32 reads the patterns like PEFT.
+* llama.cpp (``convert_lora_to_gguf.py`` + ``llama_adapter_lora_weight::get_scale``) applies
+  sigma_m = lora_alpha / r_m with r_m the tensor's own rank, ignoring alpha_pattern and use_rslora.
+
+Because B_m enters linearly, any engine scale sigma_m != 0 is corrected by folding the ratio into B:
+
+    B'_m = B_m * s_m / sigma_m   =>   sigma_m * B'_m A_m x = s_m * B_m A_m x.
+
+``--for vllm``:  config r, lora_alpha, use_rslora kept; s = lora_alpha / r (/ sqrt(r) with rsLoRA);
+    B'_m = B_m * s_m / s, and alpha_pattern rewritten to alpha'_m = s * r_m (s * sqrt(r_m)), so PEFT and
+    vLLM >= 0.32 also compute s for every module. A default fimlora adapter (alpha_m / r_m = alpha / r)
+    has s_m = s: its tensors are copied unchanged.
+``--for llama.cpp``: lora_alpha kept (> 0), alpha_pattern dropped, use_rslora false; sigma_m = alpha / r_m;
+    B'_m = B_m * s_m * r_m / alpha (with rsLoRA s_m = alpha_m / sqrt(r_m), so B'_m = B_m * alpha_m sqrt(r_m) / alpha).
+    PEFT reads that config with the same rule (alpha / r_m, no alpha_pattern, no rsLoRA), so the exported
+    folder also reloads in PEFT with the original logits; vLLM <= 0.31 serves it wrongly unless all r_m = r.
+``--for peft``: a copy with the export record.
+``--for merged``: base + adapter merged by PEFT's ``merge_and_unload`` and saved as safetensors; every engine
+    serves it as a plain model.
+
+Every export writes ``fimlora_export.json`` (engine, source, the rule, per-module ranks, scales and B factors,
+package versions), into a temporary folder that is renamed into place (``io.atomic_directory``).
+``compute_export`` returns the plan as data; ``export_adapter`` writes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .check import (
+    _PEFT_DEFAULT_ALPHA,
+    _PEFT_DEFAULT_R,
+    _TENSOR,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    check_adapter,
+    engine_refusals,
+    module_rank_alpha,
+    read_adapter_config,
+    served_scales,
+)
+from .config import check_choice
+from .io import atomic_directory, atomic_write_text, package_versions
+
+__all__ = ["EXPORT_ENGINES", "ExportPlan", "compute_export", "export_adapter", "load_base_model", "EXPORT_RECORD"]
+
+logger = logging.getLogger(__name__)
+
+EXPORT_ENGINES = ("peft", "vllm", "llama.cpp", "merged")
+EXPORT_RECORD = "fimlora_export.json"
+# Files an export rewrites or must not carry over (a .bin beside the safetensors would be a second, stale copy).
+_REWRITTEN = {CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin", EXPORT_RECORD}
+_SERVE_HINTS = {
+    "peft": "PeftModel.from_pretrained(base_model, DIR)",
+    "vllm": "vllm serve BASE --enable-lora --lora-modules NAME=DIR --max-lora-rank K",
+    "llama.cpp": "python convert_lora_to_gguf.py DIR --base BASE_HF_DIR --outfile adapter.gguf; "
+                 "llama-server -m base.gguf --lora adapter.gguf",
+    "merged": "vllm serve DIR  (or convert_hf_to_gguf.py DIR for llama.cpp)",
+}
+
+
+@dataclass
+class ExportPlan:
+    """What an export writes, as data: the new adapter config and, per module, the factor its lora_B is
+    multiplied by (B'_m = B_m * b_factors[m]), with the ranks and scales it was computed from."""
+
+    engine: str
+    source: str
+    config: dict
+    ranks: dict[str, int] = field(default_factory=dict)
+    peft_scales: dict[str, float] = field(default_factory=dict)
+    served_scales: dict[str, float] = field(default_factory=dict)
+    b_factors: dict[str, float] = field(default_factory=dict)
+    rule: str = ""
+
+    def record(self) -> dict:
+        """The content of ``fimlora_export.json``."""
+        d = asdict(self)
+        d.pop("config")
+        d["serve"] = _SERVE_HINTS[self.engine]
+        d["versions"] = package_versions()
+        return d
+
+
+def _read_ranks(path: Path) -> tuple[dict[str, int], list[str]]:
+    """module -> rank of its lora_A (r_m, d_in), and the names of tensors that are not lora_A/lora_B weights."""
+    from safetensors import safe_open
+
+    ranks, other = {}, []
+    with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
+        for key in f.keys():
+            m = _TENSOR.match(key)
+            if m is None:
+                other.append(key)
+            elif m.group("ab") == "A":
+                ranks[m.group("name")] = int(f.get_slice(key).get_shape()[0])
+    return ranks, other
+
+
+def _checked_source(path: Path) -> tuple[dict, dict[str, int], list[str]]:
+    """The adapter's config, module ranks and non-LoRA tensors, after ``fimlora check`` found no problem."""
+    if not path.is_dir():
+        raise ValueError(f"adapter: {path} is not a folder (expected adapter_config.json + adapter_model.safetensors)")
+    report = check_adapter(path)
+    if not report.ok:
+        raise ValueError(f"adapter: {path} fails `fimlora check` ({len(report.problems)} problem(s)); fix them "
+                         "before exporting: " + "; ".join(report.problems[:3]))
+    cfg = read_adapter_config(path / CONFIG_NAME)
+    ranks, other = _read_ranks(path)
+    return cfg, ranks, other
+
+
+def compute_export(path: str | Path, engine: str) -> ExportPlan:
+    """The export of the adapter at ``path`` for ``engine`` (one of ``EXPORT_ENGINES``), without writing anything.
+
+    Raises ValueError naming the field, the rule and the value when the engine cannot serve the adapter
+    (DoRA, modules_to_save, LoRA bias, base-changing inits for vLLM and llama.cpp; lora_alpha = 0 for llama.cpp)
+    or the adapter fails ``fimlora check``.
+    """
+    check_choice("engine", engine, EXPORT_ENGINES)
+    path = Path(path)
+    cfg, ranks, other = _checked_source(path)
+    peft = served_scales(cfg, ranks, "peft")
+    plan = ExportPlan(engine, str(path.resolve()), dict(cfg), ranks, peft, dict(peft), dict.fromkeys(ranks, 1.0))
+    if engine in ("peft", "merged"):
+        plan.rule = ("copy: PEFT's own scales" if engine == "peft"
+                     else "merged: W' = W + s_m B_m A_m (PEFT merge_and_unload)")
+        return plan
+    refusals = engine_refusals(cfg, ranks, engine)
+    if refusals:
+        raise ValueError(f"engine: {engine} cannot serve {path}: " + "; ".join(refusals)
+                         + "; export --for merged (with --base-model) instead")
+    if other:
+        # Folding touches lora_B only; any other tensor (embedding LoRA, a saved head) would keep its old meaning.
+        raise ValueError(f"adapter: {path} holds tensors other than lora_A/lora_B weights ({other[:3]}), which "
+                         f"export --for {engine} cannot rescale; export --for merged instead")
+    new = plan.config
+    # Full module names as keys: one key per module, so no key order (PEFT's sorted, vLLM's file order) matters.
+    rank_pattern = {n: r for n, r in ranks.items() if r != new.get("r", _PEFT_DEFAULT_R)}
+    if engine == "vllm":
+        s = served_scales(cfg, ranks, "vllm")
+        rslora = bool(cfg.get("use_rslora", False))
+        one = next(iter(s.values()))
+        alpha0 = float(new.get("lora_alpha", _PEFT_DEFAULT_ALPHA))
+        # alpha'_m with alpha'_m / r_m = s (alpha'_m / sqrt(r_m) = s): PEFT and vLLM >= 0.32 then apply s too.
+        alphas = {n: one * (r ** 0.5 if rslora else r) for n, r in ranks.items()}
+        alpha_pattern = {n: a for n, a in alphas.items() if abs(a - alpha0) > 1e-12 * max(1.0, alpha0)}
+        plan.rule = "vllm: B'_m = B_m * s_m / s, s = lora_alpha / r (sqrt(r) with rsLoRA); alpha'_m = s * r_m"
+    else:
+        alpha = float(cfg.get("lora_alpha", _PEFT_DEFAULT_ALPHA))
+        if alpha <= 0:
+            raise ValueError(f"lora_alpha: must be > 0 to export for llama.cpp (it reads alpha 0 as scale 1 and PEFT "
+                             f"as scale 0), got {cfg.get('lora_alpha')}")
+        new["use_rslora"] = False
+        alpha_pattern = {}
+        s = {n: alpha / r for n, r in ranks.items()}
+        plan.rule = "llama.cpp: B'_m = B_m * s_m / (lora_alpha / r_m); no alpha_pattern, use_rslora false"
+    new["rank_pattern"], new["alpha_pattern"] = rank_pattern, alpha_pattern
+    plan.served_scales = s
+    plan.b_factors = {n: peft[n] / s[n] for n in ranks}
+    # The new config must give every module its tensors' rank and the scale the engine applies, or PEFT's reload
+    # would differ from the engine.
+    reloaded = served_scales(new, ranks, "peft")
+    bad = [n for n in ranks if module_rank_alpha(new, n)[0] != ranks[n] or abs(reloaded[n] - s[n]) > 1e-9 * s[n]]
+    if bad:  # pragma: no cover - a bug in the rule above, not bad input
+        raise RuntimeError(f"export: PEFT would scale {bad[:3]} otherwise than {engine}")
+    return plan
+
+
+def _folded_tensors(path: Path, factors: dict[str, float]) -> dict:
+    """Every tensor of the adapter, each lora_B multiplied by its module's factor (in float64, cast back)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / WEIGHTS_NAME))
+    for key, t in tensors.items():
+        m = _TENSOR.match(key)
+        if m and m.group("ab") == "B" and factors.get(m.group("name"), 1.0) != 1.0:
+            tensors[key] = (t.double() * factors[m.group("name")]).to(t.dtype).contiguous()
+    return tensors
+
+
+def _write_adapter(plan: ExportPlan, src: Path, tmp: Path) -> None:
+    from safetensors.torch import save_file
+
+    for item in src.iterdir():
+        # Top-level files only (README, tokenizer files): checkpoints in sub-folders are not part of the adapter.
+        if item.is_file() and item.name not in _REWRITTEN:
+            shutil.copy2(item, tmp / item.name)
+    save_file(_folded_tensors(src, plan.b_factors), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    # PEFT writes its config with sorted keys; so do we, so that a reload tries pattern keys in the same order.
+    atomic_write_text(tmp / CONFIG_NAME, json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+
+
+def _head_labels(src: Path, cfg: dict) -> int | None:
+    """Rows of the classification head saved through modules_to_save (its weight is (num_labels, hidden))."""
+    from safetensors import safe_open
+
+    heads = cfg.get("modules_to_save") or []
+    with safe_open(str(src / WEIGHTS_NAME), framework="pt") as f:
+        for key in f.keys():
+            if any(key.endswith(f"{h}.weight") or key.endswith(f"{h}.out_proj.weight") for h in heads):
+                return int(f.get_slice(key).get_shape()[0])
+    return None
+
+
+def load_base_model(base: str, adapter: str | Path):
+    """The base model named ``base`` (a folder or hub name), as the class the adapter was made for.
+
+    ``task_type`` SEQ_CLS gives ``AutoModelForSequenceClassification`` with as many labels as the head saved in
+    the adapter; CAUSAL_LM or none gives ``AutoModelForCausalLM``; other task types are refused. Float32.
+    Returns (model, tokenizer or None when the base has no tokenizer files).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    src = Path(adapter)
+    cfg = read_adapter_config(src / CONFIG_NAME)
+    task = cfg.get("task_type")
+    if task == "SEQ_CLS":
+        labels = _head_labels(src, cfg)
+        if labels is None:
+            raise ValueError(f"modules_to_save: a SEQ_CLS adapter must save its head to be merged, got "
+                             f"{cfg.get('modules_to_save')!r} with no head tensor in {src / WEIGHTS_NAME}")
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=labels, dtype=torch.float32)
+    elif task in (None, "CAUSAL_LM"):
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    else:
+        raise ValueError(f"task_type: export --for merged loads CAUSAL_LM or SEQ_CLS base models, got {task!r}; "
+                         "pass a loaded model as base_model instead")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+    except (OSError, ValueError) as e:  # a folder of weights without tokenizer files still merges
+        logger.warning("fimlora: no tokenizer saved with the merged model (%s: %s)", base, e)
+        tokenizer = None
+    return model, tokenizer
+
+
+def _write_merged(plan: ExportPlan, src: Path, tmp: Path, base_model, tokenizer) -> None:
+    from peft import PeftModel
+
+    if base_model is None:
+        raise ValueError("base_model: export --for merged needs the base model (--base-model), got None")
+    if isinstance(base_model, (str, Path)):
+        base_model, loaded_tokenizer = load_base_model(str(base_model), src)
+        tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+    model = PeftModel.from_pretrained(base_model, str(src)).merge_and_unload()
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+
+
+def export_adapter(path: str | Path, engine: str, out: str | Path, *, base_model=None, tokenizer=None,
+                   overwrite: bool = False) -> ExportPlan:
+    """Write the adapter at ``path`` to ``out`` so that ``engine`` serves it as PEFT computes it.
+
+    ``engine``: ``"peft"``, ``"vllm"``, ``"llama.cpp"`` or ``"merged"`` (see the module docstring for each rule).
+    ``base_model``: the base ``transformers`` model, needed for ``"merged"`` only: a loaded model (modified in
+    place by the merge) or a folder / hub name (:func:`load_base_model`, which also saves its tokenizer);
+    ``tokenizer`` is saved next to a merged model when given. ``out`` must be new or empty unless
+    ``overwrite``; it is written into a temporary folder and renamed into place. Returns the plan written.
+    """
+    src = Path(path)
+    plan = compute_export(src, engine)
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        if engine == "merged":
+            _write_merged(plan, src, tmp, base_model, tokenizer)
+        else:
+            _write_adapter(plan, src, tmp)
+        atomic_write_text(tmp / EXPORT_RECORD, json.dumps(plan.record(), indent=2) + "\n")
+    logger.info("fimlora: exported %s for %s to %s", src, engine, out)
+    return plan

@@ -1,0 +1,224 @@
+"""``fimlora export``: each engine's documented scale rule, applied to the exported tensors, gives PEFT's logits.
+
+No engine runs here (tests/lib/test_serving_llamacpp.py runs llama.cpp itself). The engine is emulated the only
+way that does not reuse the code under test: the exported folder is loaded in PEFT and every LoRA layer's scaling
+is overwritten with the engine's rule, computed here from the exported config and the tensors' own ranks
+(vLLM <= 0.31: lora_alpha / r, / sqrt(r) with rsLoRA; llama.cpp: lora_alpha / r_m, rsLoRA ignored). Then the
+logits are compared with the original adapter's in PEFT. The same emulation on the unexported adapter must
+differ, or the test could not fail.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from peft import PeftModel
+
+import fimlora
+from fimlora.check import check_adapter
+from fimlora.export import EXPORT_RECORD, compute_export
+from fimlora.modules import lora_modules
+from tests.references import cls_batches, lm_batches, lora_bert, lora_llama, make_b_nonzero, tiny_bert, tiny_llama
+
+TOL = 1e-5  # float32 logits of a 2-layer model; B' is computed in float64 and rounded once
+
+
+def trained_adapter(tmp_path, name="a", r=4, **settings):
+    """A fimlora adapter with mixed ranks and a non-zero B, saved, and its model (the PEFT reference)."""
+    model = lora_llama(r=r, use_rslora=settings.pop("use_rslora", False))
+    fimlora.apply_fim_ranks(model, lm_batches(), n_batches=2, progress=False, **settings)
+    make_b_nonzero(model, lm_batches())
+    model.save_pretrained(tmp_path / name)
+    return tmp_path / name, model
+
+
+def engine_logits(folder, engine, ids):
+    """Logits of the adapter in ``folder`` as ``engine`` computes them: PEFT's forward with the engine's scales."""
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    model = PeftModel.from_pretrained(tiny_llama(), str(folder)).eval()
+    for info in lora_modules(model):
+        rank = info.layer.lora_A["default"].weight.shape[0]
+        if engine == "vllm":
+            root = math.sqrt(cfg["r"]) if cfg.get("use_rslora") else cfg["r"]
+            scale = cfg["lora_alpha"] / root
+        elif engine == "llama.cpp":
+            scale = cfg["lora_alpha"] / rank
+        else:
+            continue  # PEFT: its own scaling
+        info.layer.scaling["default"] = scale
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return lm_batches()[0]["input_ids"][:2]
+
+
+def reference_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def adapter_effect(model, ids):
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=ids).logits
+    return (reference_logits(model, ids) - base).abs().max().item()
+
+
+@pytest.mark.parametrize("engine, settings", [
+    ("llama.cpp", {}),                                       # default scale: llama.cpp is off by r / r_m
+    ("llama.cpp", {"use_rslora": True}),                     # rsLoRA, which the converter ignores
+    ("vllm", {"scale": "fixed_alpha"}),                      # per-module alpha, which vLLM <= 0.31 ignores
+    ("vllm", {"scale": "fixed_alpha", "use_rslora": True}),
+], ids=["llamacpp-default", "llamacpp-rslora", "vllm-fixed-alpha", "vllm-fixed-alpha-rslora"])
+def test_export_makes_the_engine_rule_give_peft_logits(tmp_path, ids, engine, settings):
+    src, model = trained_adapter(tmp_path, **settings)
+    ref = reference_logits(model, ids)
+    assert adapter_effect(model, ids) > 1e-3  # the adapter changes the logits, so a wrong scale shows
+    before = (engine_logits(src, engine, ids) - ref).abs().max().item()
+    assert before > 1e-3, "the unexported adapter is served right already: this case tests nothing"
+    fimlora.export_adapter(src, engine, tmp_path / "out")
+    after = (engine_logits(tmp_path / "out", engine, ids) - ref).abs().max().item()
+    assert after < TOL, (before, after)
+    # The export still reloads in plain PEFT with the original logits.
+    assert (engine_logits(tmp_path / "out", "peft", ids) - ref).abs().max().item() < TOL
+    report = check_adapter(tmp_path / "out", serve=engine)
+    assert report.ok, report.format()
+
+
+def test_vllm_export_of_a_default_adapter_copies_b_unchanged(tmp_path):
+    src, _ = trained_adapter(tmp_path)
+    plan = fimlora.export_adapter(src, "vllm", tmp_path / "out")
+    assert set(plan.b_factors.values()) == {1.0}
+    from safetensors.torch import load_file
+
+    a, b = load_file(src / "adapter_model.safetensors"), load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_llamacpp_export_config_and_record(tmp_path):
+    src, model = trained_adapter(tmp_path, use_rslora=True)
+    plan = fimlora.export_adapter(src, "llama.cpp", tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    src_cfg = json.loads((src / "adapter_config.json").read_text())
+    assert cfg["alpha_pattern"] == {} and cfg["use_rslora"] is False and cfg["lora_alpha"] == src_cfg["lora_alpha"]
+    ranks = {i.name: i.r for i in lora_modules(model)}
+    assert {n: r for n, r in ranks.items() if r != cfg["r"]} == cfg["rank_pattern"]
+    # B'_m = B_m * (alpha_m / sqrt(r_m)) / (alpha / r_m), with alpha_m = alpha * sqrt(r_m / r) (rsLoRA preserve).
+    alpha, r = src_cfg["lora_alpha"], src_cfg["r"]
+    for name, r_m in ranks.items():
+        expected = (alpha * math.sqrt(r_m / r) / math.sqrt(r_m)) / (alpha / r_m)
+        assert plan.b_factors[name] == pytest.approx(expected, rel=1e-12)
+    record = json.loads((tmp_path / "out" / EXPORT_RECORD).read_text())
+    assert record["engine"] == "llama.cpp" and record["source"] == str(src.resolve())
+    assert record["ranks"] == ranks and "peft" in record["versions"] and "convert_lora_to_gguf" in record["serve"]
+
+
+def test_merged_export_gives_peft_logits(tmp_path, ids):
+    src, model = trained_adapter(tmp_path)
+    fimlora.export_adapter(src, "merged", tmp_path / "out", base_model=tiny_llama())
+    from transformers import LlamaForCausalLM
+
+    merged = LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        got = merged(input_ids=ids).logits
+    assert (got - reference_logits(model, ids)).abs().max().item() < TOL
+    assert json.loads((tmp_path / "out" / EXPORT_RECORD).read_text())["engine"] == "merged"
+
+
+def test_export_after_dropping_modules(tmp_path, ids):
+    src, model = trained_adapter(tmp_path, r_min=0, budget_unit="params", budget_fraction=0.5)
+    kept = {i.name for i in lora_modules(model)}
+    assert len(kept) < 14  # some modules were dropped: absent from target_modules and the tensors
+    fimlora.export_adapter(src, "llama.cpp", tmp_path / "out")
+    assert set(compute_export(tmp_path / "out", "peft").ranks) == kept
+    assert (engine_logits(tmp_path / "out", "llama.cpp", ids) - reference_logits(model, ids)).abs().max() < TOL
+
+
+# ----------------------------------------------------------------------------- refusals and bad input
+
+
+def test_export_refuses_dora_for_engines_that_cannot_serve_it(tmp_path):
+    model = lora_llama(use_dora=True)
+    model.save_pretrained(tmp_path / "a")
+    for engine in ("vllm", "llama.cpp"):
+        with pytest.raises(ValueError, match=rf"engine: {engine} cannot serve .*use_dora=True \(DoRA\)"):
+            fimlora.export_adapter(tmp_path / "a", engine, tmp_path / engine)
+        assert not (tmp_path / engine).exists()
+    fimlora.export_adapter(tmp_path / "a", "peft", tmp_path / "peft")  # PEFT serves DoRA itself
+
+
+def test_export_refuses_modules_to_save_for_vllm(tmp_path):
+    model = lora_bert()  # a classifier: PEFT saves the head through modules_to_save
+    model.save_pretrained(tmp_path / "a")
+    with pytest.raises(ValueError, match=r"modules_to_save=\['classifier'.*export --for merged"):
+        fimlora.export_adapter(tmp_path / "a", "vllm", tmp_path / "out")
+
+
+def test_export_output_rules(tmp_path):
+    src, _ = trained_adapter(tmp_path)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("keep")
+    with pytest.raises(ValueError, match="out: .*busy is not empty; choose a new folder or pass --overwrite"):
+        fimlora.export_adapter(src, "vllm", tmp_path / "busy")
+    assert (tmp_path / "busy" / "x").read_text() == "keep"
+    fimlora.export_adapter(src, "vllm", tmp_path / "busy", overwrite=True)
+    assert not (tmp_path / "busy" / "x").exists()
+    with pytest.raises(ValueError, match=r"engine: must be one of \['peft', 'vllm', 'llama.cpp', 'merged'\], "
+                                         r"got 'ollama'"):
+        compute_export(src, "ollama")
+    with pytest.raises(ValueError, match="base_model: export --for merged needs the base model"):
+        fimlora.export_adapter(src, "merged", tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_export_refuses_an_adapter_that_fails_check(tmp_path):
+    src, _ = trained_adapter(tmp_path)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg["rank_pattern"] = {k: v + 1 for k, v in cfg["rank_pattern"].items()}
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="fails `fimlora check`.*config gives rank"):
+        compute_export(src, "vllm")
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def test_cli_export_and_check_serve(tmp_path, capsys):
+    from fimlora.cli import main
+
+    src, _ = trained_adapter(tmp_path)
+    assert main(["check", str(src), "--serve", "llama.cpp"]) == 1
+    out = capsys.readouterr().out
+    assert "PROBLEM: llama.cpp (Ollama, LM Studio): scales" in out
+    assert f"run `fimlora export {src} --for llama.cpp --out DIR`" in out
+    assert main(["export", str(src), "--for", "llama.cpp", "--out", str(tmp_path / "gguf-ready")]) == 0
+    assert "lora_B rescaled in" in capsys.readouterr().out
+    assert main(["check", str(tmp_path / "gguf-ready"), "--serve", "llama.cpp"]) == 0
+    assert "llama.cpp (Ollama, LM Studio): serves it as PEFT computes it" in capsys.readouterr().out
+    assert main(["export", str(src), "--for", "vllm", "--out", str(tmp_path / "gguf-ready")]) == 2
+    assert "is not empty; choose a new folder or pass --overwrite" in capsys.readouterr().err
+    assert main(["export", str(src), "--for", "vllm", "--out", str(tmp_path / "v"), "--base-model", "x"]) == 2
+    assert "base-model: only --for merged uses a base model, got --for vllm" in capsys.readouterr().err
+
+
+def test_cli_merged_classifier(tmp_path):
+    """A SEQ_CLS adapter merges onto a base loaded with as many labels as its saved head."""
+    from fimlora.cli import main
+
+    tiny_bert().save_pretrained(tmp_path / "base")
+    model = lora_bert()
+    make_b_nonzero(model, cls_batches())
+    model.save_pretrained(tmp_path / "a")
+    assert main(["export", str(tmp_path / "a"), "--for", "merged", "--out", str(tmp_path / "m"),
+                 "--base-model", str(tmp_path / "base")]) == 0
+    from transformers import BertForSequenceClassification
+
+    merged = BertForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    batch = {k: v for k, v in cls_batches()[0].items() if k != "labels"}
+    with torch.no_grad():
+        assert (merged(**batch).logits - model(**batch).logits).abs().max().item() < TOL
