@@ -14,6 +14,7 @@ __all__ = [
     "BUDGET_UNITS",
     "VLLM_MAX_LORA_RANKS",
     "MIN_AUTO_BATCHES",
+    "AUTO_RULE_NAMES",
     "check_int",
     "check_number",
     "check_choice",
@@ -29,6 +30,9 @@ BUDGET_UNITS = ("rank", "params")
 # n_batches="auto" calibrates at least this many batches (a bootstrap of one unit says nothing).
 MIN_AUTO_BATCHES = 2
 DEFAULT_BOOTSTRAP = 200
+# n_batches="auto"'s stop rules (the functions are fimlora.confidence.AUTO_RULES): "within_one" counts a module
+# settled when its resampled rank stays within one of the map's, "exact" only when it is the map's rank.
+AUTO_RULE_NAMES = ("within_one", "exact")
 # The values vLLM accepts for --max-lora-rank (here, not in check.py, so FimConfig can validate against them).
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -88,6 +92,9 @@ class FimConfig:
         stable_threshold: a module's rank is stable when the bootstrap gives it in at least this share of
             resamples (default 0.9).
         auto_stable_share: ``n_batches="auto"`` stops when at least this share of modules is stable (0.9).
+        auto_rule: what "stable" means for ``n_batches="auto"``: ``"within_one"`` (default), the module's
+            resampled rank is within one of the map's in at least ``stable_threshold`` of the resamples;
+            ``"exact"``, it is the map's rank (the rule of fimlora <= 0.1; it rarely stops before the cap).
         r_min: smallest rank any module may get (>= 0). With 0, a module allocated rank 0 loses its
             adapter (its LoRA layer becomes the base layer again; see :mod:`fimlora.resize`).
         r_max: largest rank; ``None`` means 2 * the config's base rank r.
@@ -120,6 +127,7 @@ class FimConfig:
     bootstrap: int | None = None
     stable_threshold: float = 0.9
     auto_stable_share: float = 0.9
+    auto_rule: str = "within_one"
     r_min: int = 1
     r_max: int | None = None
     budget: int | None = None
@@ -145,6 +153,7 @@ class FimConfig:
         check_int("bootstrap", self.bootstrap, minimum=0, allow_none=True)
         check_fraction("stable_threshold", self.stable_threshold)
         check_fraction("auto_stable_share", self.auto_stable_share)
+        check_choice("auto_rule", self.auto_rule, AUTO_RULE_NAMES)
         check_int("r_min", self.r_min, minimum=0)
         check_int("r_max", self.r_max, minimum=1, allow_none=True)
         if self.r_max is not None and self.r_max < self.r_min:
