@@ -164,3 +164,32 @@ def test_auto_benchmark_script_smoke(tmp_path):
     assert conv["prefix"]["6"] == {"within_one": 1.0, "exact": 1.0, "l1_share": 0.0}  # the reference itself
     # the replayed default rule stops where the real "auto" run stopped: same batches, same function
     assert conv["rules"][data["default_rule"]]["batches"] == row["methods"]["FIM-LoRA, auto"]["batches"]
+
+
+def test_paired_accuracy_interval_against_hand_values():
+    acc = load_benchmark("bench_auto_accuracy")
+    same = [[1, 0, 1, 1], [0, 0, 1, 1]]
+    assert acc.paired_interval(same, same) == (0.0, 0.0, 0.0)
+    # auto right on example 0 where N = 8 is wrong, in both seeds: per-example difference (1, 0, 0, 0), mean 1/4;
+    # a resample's mean is k/4 with k ~ Binomial(4, 1/4): P(k = 0) = 0.32 puts the 2.5% end at 0, and
+    # P(k >= 3) = 0.05 puts the 97.5% end between 1/2 and 3/4.
+    better = [[1, 0, 1, 1], [1, 0, 1, 1]]
+    worse = [[0, 0, 1, 1], [0, 0, 1, 1]]
+    diff, lo, hi = acc.paired_interval(better, worse, resamples=4000)
+    assert diff == 0.25 and lo == 0.0 and 0.5 <= hi <= 0.75
+    assert acc.paired_interval(worse, better, resamples=4000)[0] == -0.25
+
+
+@pytest.mark.slow
+def test_auto_accuracy_script_smoke(tmp_path):
+    acc = load_benchmark("bench_auto_accuracy")
+    out = tmp_path / "b.md"
+    out.write_text("# fimlora benchmarks\n\n## GPU\n\nNot measured.\n")
+    assert acc.main(["--smoke", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.index("### 7b. Accuracy: `n_batches=\"auto\"` against N = 8, paired") < text.index("## GPU")
+    assert re.search(rf"^\| 42 \| \d+ \| {NUM} \| {NUM} \| \d+ of 4 \|$", text, re.MULTILINE), text
+    assert re.search(r"^auto - N = 8: [+-]\d+\.\d\d accuracy points, 95% interval \[[+-][\d.]+, [+-][\d.]+\]; ",
+                     text, re.MULTILINE), text
+    data = json.loads((tmp_path / "b_auto_accuracy.json").read_text())
+    assert [(r["seed"], r["variant"]) for r in data["runs"]] == [(42, "N = 8"), (42, "auto")]
