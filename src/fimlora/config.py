@@ -82,19 +82,22 @@ class FimConfig:
 
     Attributes:
         n_batches: calibration batches N (the paper's default 8), or ``"auto"``: calibrate batch by batch and
-            stop once the rank map is stable (at least ``auto_stable_share`` of the modules keep their rank in
-            at least ``stable_threshold`` of the bootstrap resamples), after at least 2 and at most
-            ``max_batches`` batches. Needs ``aggregation="mean"``.
+            stop once the rank map is settled by ``auto_rule`` (default: in at least ``stable_threshold`` of the
+            bootstrap resamples, at least ``auto_stable_share`` of the modules are within one rank of the map),
+            after at least 2 and at most ``max_batches`` batches. Needs ``aggregation="mean"``.
         max_batches: the cap of ``n_batches="auto"`` (default 32).
         bootstrap: resamples of the calibration units (batches, or examples for ``per_example``) behind the
             rank map's confidence (:mod:`fimlora.confidence`); ``None`` = 200 where supported (``mean``
             aggregation; ``max``/``l2`` are not means over units and get none), 0 = off.
         stable_threshold: a module's rank is stable when the bootstrap gives it in at least this share of
             resamples (default 0.9).
-        auto_stable_share: ``n_batches="auto"`` stops when at least this share of modules is stable (0.9).
-        auto_rule: what "stable" means for ``n_batches="auto"``: ``"within_one"`` (default), the module's
-            resampled rank is within one of the map's in at least ``stable_threshold`` of the resamples;
-            ``"exact"``, it is the map's rank (the rule of fimlora <= 0.1; it rarely stops before the cap).
+        auto_stable_share: ``n_batches="auto"`` stops when ``auto_rule`` finds at least this share of the
+            modules settled (0.9).
+        auto_rule: when ``n_batches="auto"`` stops. ``"within_one"`` (default): in at least ``stable_threshold``
+            of the resamples, at least ``auto_stable_share`` of the modules are within one rank of the map
+            (:func:`fimlora.confidence.within_one_share`). ``"exact"``: at least ``auto_stable_share`` of the
+            modules get exactly their rank in at least ``stable_threshold`` of the resamples (the earlier rule;
+            at r = 8 it ran to the cap in every benchmark setup, docs/benchmarks.md section 7).
         r_min: smallest rank any module may get (>= 0). With 0, a module allocated rank 0 loses its
             adapter (its LoRA layer becomes the base layer again; see :mod:`fimlora.resize`).
         r_max: largest rank; ``None`` means 2 * the config's base rank r.
