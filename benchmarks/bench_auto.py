@@ -265,7 +265,8 @@ def render_section(data: dict, command: str, note: str) -> str:
               f"`within_one, examples`: the same rule with examples as units (`estimator=\"per_example\"`, "
               f"calibrated separately on the first {PER_EXAMPLE_BATCHES} batches), its map compared with the batch "
               f"estimator's N = {n_ref} map. Batches at stop per seed (`>k`: not stopped within k); the map where "
-              f"it stopped against the N = {n_ref} map (within one rank, %; L1 / budget, %; mean over seeds).", "",
+              f"it stopped against the N = {n_ref} map (within one rank, %; L1 / budget, %; mean over seeds; a run "
+              f"that did not stop is compared at its cap, where `exact`'s map is the reference itself).", "",
               f"| rule | setup | batches at stop | within one of N = {n_ref} | L1 / budget |", "|---|---|---|---|---|"]
     for rule in (*RULES, "within_one, examples"):
         cap = PER_EXAMPLE_BATCHES if rule.endswith("examples") else n_ref
@@ -286,7 +287,8 @@ def render_section(data: dict, command: str, note: str) -> str:
               "`n_batches=\"auto\"`, EVA's forward passes until its components converge (counted on the model: "
               "EVA replays its batches), and calibration seconds as ratios within one run (median, min–max). A "
               "FIM-LoRA batch is one forward and one backward pass; an EVA pass is a forward pass and an "
-              "incremental SVD step.", "",
+              "incremental SVD step. On a shared machine the seconds of two runs minutes apart can differ by 2x; "
+              "passes do not.", "",
               "| setup | seeds | auto: batches used | auto: stopped because | auto / N = 8 time | "
               "EVA forward passes | EVA / N = 8 time | EVA / auto time |", "|---|---|---|---|---|---|---|---|"]
     for setup in setups:
@@ -317,7 +319,12 @@ def render_section(data: dict, command: str, note: str) -> str:
               f"forward passes / auto's batches {passes:.1f}x: "
               + ("met." if ratio >= TARGET_EVA_RATIO else f"NOT met in time ({ratio / TARGET_EVA_RATIO:.0%} of "
                  "the target)" + ("; met in passes." if passes >= TARGET_EVA_RATIO else "; not in passes either.")),
-              "* accuracy tie with N = 8: not measured here (this script trains nothing)."]
+              f"* with examples as units (`estimator=\"per_example\"`), the same rule stops after "
+              f"{summ['within_one, examples']['batches']:.1f} batches on average, its maps within one rank of the "
+              f"batch estimator's N = {n_ref} map for {_pct(summ['within_one, examples']['within_one_mean'])}% of "
+              f"the modules on average, {_pct(summ['within_one, examples']['within_one_min'])}% in the worst run.",
+              "* accuracy tie with N = 8: not measured by this script (it trains nothing); "
+              "`benchmarks/bench_auto_accuracy.py` measures it on MiniLM / SST-2 (section 7b, when it has run)."]
     return wrap(NAME, "\n".join(lines) + "\n")
 
 
