@@ -1,6 +1,6 @@
 """Calibration that stops when the rank map is settled, against N = 8 and against EVA's own stopping rule.
 
-    .venv/bin/python benchmarks/bench_auto.py                          # ~20-25 min on 2 contended CPU cores
+    .venv/bin/python benchmarks/bench_auto.py                          # 9 min at load 2-4, 19 at 4-7 (2 cores)
     .venv/bin/python benchmarks/bench_auto.py --smoke --out /tmp/b.md  # about a minute; used by the tests
 
 Per setup (the experiment suites' own model, data, batch size and LoRA config, r = 8) and seed:
