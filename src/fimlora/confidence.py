@@ -184,8 +184,8 @@ def within_one_share(ranks: np.ndarray, point: Sequence[int], threshold: float) 
     largest w_b, k the least integer with k/B >= threshold; so ``within_one_share >= s`` iff
     (1/B) #{b : w_b >= s} >= threshold.
 
-    A rank moving by one changes nothing measurable at r = 8 (issue 23), and the map-level share is what the
-    benchmark's agreement with N = 32 measures, so this asks for that and no more.
+    A rank moving by one changes nothing measurable at r = 8, and the map-level share is what the agreement
+    with a 32-batch map measures (docs/benchmarks.md section 7), so this asks for that and no more.
     """
     r, p = _check_ranks(ranks, point, threshold)
     n = r.shape[0]

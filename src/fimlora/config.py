@@ -30,8 +30,8 @@ BUDGET_UNITS = ("rank", "params")
 # n_batches="auto" calibrates at least this many batches (a bootstrap of one unit says nothing).
 MIN_AUTO_BATCHES = 2
 DEFAULT_BOOTSTRAP = 200
-# n_batches="auto"'s stop rules (the functions are fimlora.confidence.AUTO_RULES): "within_one" counts a module
-# settled when its resampled rank stays within one of the map's, "exact" only when it is the map's rank.
+# n_batches="auto"'s stop rules (the functions are fimlora.confidence.AUTO_RULES): "within_one" asks that most
+# resamples keep most modules within one rank of the map, "exact" that most modules keep exactly their rank.
 AUTO_RULE_NAMES = ("within_one", "exact")
 # The values vLLM accepts for --max-lora-rank (here, not in check.py, so FimConfig can validate against them).
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
