@@ -63,8 +63,9 @@ def test_exact_rule_is_the_confidence_stable_share_on_the_same_draws():
 
 
 def test_boundary_exactly_at_the_threshold_counts():
-    # 10 resamples, 10 modules at rank 8. exact: module 0 is off in 1 of 10 resamples (9/10), module 1 in 2 of 10
-    # (8/10). within_one: resample 0 has 9 of 10 modules within one, resample 1 has 8, the other 8 have 10.
+    # 10 resamples, 10 modules at rank 8. exact: module 1 is off in 2 of 10 resamples (agreement 8/10), modules 0,
+    # 2, 3, 4 in 1 of 10 (9/10). within_one: resample 0 has 9 of 10 modules within one (module 2 is off by two),
+    # resample 1 has 8 (modules 3, 4), the other 8 resamples have all 10.
     point = [8] * 10
     ranks = np.full((10, 10), 8)
     ranks[0, 0] = ranks[1, 1] = ranks[2, 1] = 9  # off by one: not exact, still within one
@@ -79,8 +80,8 @@ def test_boundary_exactly_at_the_threshold_counts():
 
 
 def test_stop_rule_stops_exactly_at_auto_stable_share():
-    # 10 modules, 9 of them settled under within_one: a share of exactly 0.9 stops at auto_stable_share=0.9 (>=)
-    # and not at 0.91; two identical units make every resample the point map, so only the data decides.
+    # Two identical units: every resample is the point map, so within_one's share is 1.0 and stops even at
+    # auto_stable_share=1.0 (>=). A rule whose share is exactly 0.9 stops at auto_stable_share=0.9, not at 0.91.
     allocate = functools.partial(allocate_ranks, budget=80, r_min=1, r_max=16)
     u = torch.tensor(np.tile(np.linspace(1.0, 10.0, 10), (2, 1)))
     cfg = FimConfig(n_batches="auto", progress=False, auto_stable_share=1.0)
