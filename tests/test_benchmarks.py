@@ -142,12 +142,54 @@ def test_auto_benchmark_script_smoke(tmp_path):
     out.write_text("# fimlora benchmarks\n\n## GPU\n\nNot measured.\n")
     assert auto.main(["--smoke", "--out", str(out)]) == 0
     text = out.read_text()
-    assert text.index("## 7. Calibrating until the rank map is stable") < text.index("## GPU")
+    assert text.index("## 7. Calibrating until the rank map is settled") < text.index("## GPU")
+    pair = rf"{NUM} / {NUM}"
+    assert re.search(rf"^\| MiniLM \(1 layer\) / SST-2 \| 4 \| {pair} \| {pair} \| {pair} \| {pair} \|$", text,
+                     re.MULTILINE), text  # convergence at N = 1, 2, 3, 4 against the smoke split's 6 batches
+    for rule in ("exact", "within_one", "within_one, examples"):
+        assert re.search(rf"^\| {rule} \| MiniLM \(1 layer\) / SST-2 \| >?\d+ \| {NUM} \| {NUM} \|$", text,
+                         re.MULTILINE), rule
     row = (rf"^\| MiniLM \(1 layer\) / SST-2 \| 1 \| \d+ \| (stable|cap|dataloader) \| {NUM} \({NUM}–{NUM}\) "
-           rf"\| [1-9]\d* \| {NUM} \({NUM}–{NUM}\) \|$")
+           rf"\| [1-9]\d* \| {NUM} \({NUM}–{NUM}\) \| {NUM} \({NUM}–{NUM}\) \|$")
     assert re.search(row, text, re.MULTILINE), text
+    assert re.search(r"^\* auto stops after at most 4 batches on average over the setups: .*(met|NOT met)\.$", text,
+                     re.MULTILINE)
     data = json.loads((tmp_path / "b_auto.json").read_text())
     (row,) = data["rows"]
     assert set(row["methods"]) == {"FIM-LoRA, N = 8", "FIM-LoRA, auto", "EVA"}
     assert 2 <= row["methods"]["FIM-LoRA, auto"]["batches"] <= 6  # the smoke split has 6 batches
     assert row["methods"]["EVA"]["forward_passes"] > row["methods"]["FIM-LoRA, N = 8"]["batches"]
+    conv = row["convergence"]
+    assert conv["reference_n"] == 6 and set(conv["prefix"]) == {"1", "2", "3", "4", "6"}
+    assert conv["prefix"]["6"] == {"within_one": 1.0, "exact": 1.0, "l1_share": 0.0}  # the reference itself
+    # the replayed default rule stops where the real "auto" run stopped: same batches, same function
+    assert conv["rules"][data["default_rule"]]["batches"] == row["methods"]["FIM-LoRA, auto"]["batches"]
+
+
+def test_paired_accuracy_interval_against_hand_values():
+    acc = load_benchmark("bench_auto_accuracy")
+    same = [[1, 0, 1, 1], [0, 0, 1, 1]]
+    assert acc.paired_interval(same, same) == (0.0, 0.0, 0.0)
+    # auto right on example 0 where N = 8 is wrong, in both seeds: per-example difference (1, 0, 0, 0), mean 1/4;
+    # a resample's mean is k/4 with k ~ Binomial(4, 1/4): P(k = 0) = 0.32 puts the 2.5% end at 0, and
+    # P(k >= 3) = 0.05 puts the 97.5% end between 1/2 and 3/4.
+    better = [[1, 0, 1, 1], [1, 0, 1, 1]]
+    worse = [[0, 0, 1, 1], [0, 0, 1, 1]]
+    diff, lo, hi = acc.paired_interval(better, worse, resamples=4000)
+    assert diff == 0.25 and lo == 0.0 and 0.5 <= hi <= 0.75
+    assert acc.paired_interval(worse, better, resamples=4000)[0] == -0.25
+
+
+@pytest.mark.slow
+def test_auto_accuracy_script_smoke(tmp_path):
+    acc = load_benchmark("bench_auto_accuracy")
+    out = tmp_path / "b.md"
+    out.write_text("# fimlora benchmarks\n\n## GPU\n\nNot measured.\n")
+    assert acc.main(["--smoke", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.index("### 7b. Accuracy: `n_batches=\"auto\"` against N = 8, paired") < text.index("## GPU")
+    assert re.search(rf"^\| 42 \| \d+ \| {NUM} \| {NUM} \| \d+ of 4 \|$", text, re.MULTILINE), text
+    assert re.search(r"^auto - N = 8: [+-]\d+\.\d\d accuracy points, 95% interval \[[+-][\d.]+, [+-][\d.]+\]; ",
+                     text, re.MULTILINE), text
+    data = json.loads((tmp_path / "b_auto_accuracy.json").read_text())
+    assert [(r["seed"], r["variant"]) for r in data["runs"]] == [(42, "N = 8"), (42, "auto")]

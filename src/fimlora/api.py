@@ -10,8 +10,8 @@ from typing import NamedTuple
 from torch import nn
 
 from .allocation import RankAllocation, scaled_alpha
-from .confidence import RankConfidence, compute_rank_confidence
-from .config import FimConfig, check_bool
+from .confidence import AUTO_RULES, MIN_UNITS, RankConfidence, compute_rank_confidence, resampled_ranks
+from .config import DEFAULT_BOOTSTRAP, FimConfig, check_bool
 from .distributed import broadcast_object, is_main_process
 from .fisher import FisherResult, LossFn, compute_fisher, compute_scores
 from .io import package_versions
@@ -157,18 +157,22 @@ def _bootstrap(unit_scores, names: list[str], point: list[int] | None, allocate,
 
 
 def stable_enough(unit_scores, allocate, config: FimConfig) -> str | None:
-    """``n_batches="auto"``'s stop rule: a sentence once at least ``auto_stable_share`` of the modules keep their
-    rank in at least ``stable_threshold`` of the bootstrap resamples of the batches so far, else None.
+    """``n_batches="auto"``'s stop rule: a sentence once ``share >= auto_stable_share``, else None, where ``share``
+    is ``config.auto_rule``'s share of modules (:data:`fimlora.confidence.AUTO_RULES`, with ``stable_threshold``)
+    over the bootstrap resamples of the units so far, against the map their mean gives.
 
     Decided on rank 0 and broadcast, so every process stops after the same batch.
     """
     reason = None
-    if is_main_process() and unit_scores is not None:
-        conf = _bootstrap(unit_scores, [str(i) for i in range(unit_scores.shape[1])], None, allocate, config)
-        if conf.estimable and conf.stable_share >= config.auto_stable_share:
-            reason = (f"stable: {100 * conf.stable_share:.0f}% of modules keep their rank in >= "
-                      f"{100 * config.stable_threshold:.0f}% of {conf.n_resamples} resamples (target "
-                      f"{100 * config.auto_stable_share:.0f}%)")
+    # A bootstrap of one unit resamples it alone: every resample agrees, which says nothing.
+    if is_main_process() and unit_scores is not None and unit_scores.shape[0] >= MIN_UNITS:
+        point = allocate(unit_scores.mean(dim=0).tolist())
+        ranks = resampled_ranks(unit_scores.numpy(), allocate, config.resamples or DEFAULT_BOOTSTRAP, config.seed)
+        rule, words = AUTO_RULES[config.auto_rule]
+        share = rule(ranks, point, config.stable_threshold)
+        if share >= config.auto_stable_share:
+            reason = (f"stable: {100 * share:.0f}% of modules {words} in >= {100 * config.stable_threshold:.0f}% of "
+                      f"{len(ranks)} resamples (target {100 * config.auto_stable_share:.0f}%)")
     return broadcast_object(reason)
 
 

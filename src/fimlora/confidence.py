@@ -35,7 +35,8 @@ import numpy as np
 
 from .config import check_int, check_number
 
-__all__ = ["RankConfidence", "compute_rank_confidence", "SUPPORTED_AGGREGATIONS", "MIN_UNITS"]
+__all__ = ["RankConfidence", "compute_rank_confidence", "SUPPORTED_AGGREGATIONS", "MIN_UNITS", "resampled_ranks",
+           "exact_share", "within_one_share", "AUTO_RULES"]
 
 SUPPORTED_AGGREGATIONS = ("mean",)
 # A bootstrap of fewer units says nothing: every resample of one unit is that unit.
@@ -165,3 +166,69 @@ def not_estimable(n_units: int, unit: str, seed: int, level: float, threshold: f
     return RankConfidence(n_resamples=0, seed=seed, level=float(level), threshold=float(threshold), unit=unit,
                           n_units=n_units, score_low={}, score_high={}, rank_low={}, rank_high={}, agreement={},
                           stable_share=None, estimable=False)
+
+
+# ---------------------------------------------------------------------------
+# n_batches="auto"'s stop rules: pure functions of the resampled ranks R (B resamples, M modules) and the point
+# ranks p, and the share of resamples ``threshold`` (stable_threshold). Each returns a share of modules; auto stops
+# once it is >= auto_stable_share.
+
+
+def resampled_ranks(unit_scores: np.ndarray, allocate: Allocator, n_resamples: int = 200,
+                    seed: int = 0) -> np.ndarray:
+    """R (B, M) int64: R_b = allocate((1/N) sum_i U[k_bi]), k_b1..k_bN drawn from 0..N-1 with replacement.
+
+    The draws are :func:`compute_rank_confidence`'s (same generator, same order), so a rule on R sees
+    exactly the resamples the allocation's confidence reports.
+    """
+    u = np.asarray(unit_scores, dtype=np.float64)
+    if u.ndim != 2 or u.shape[0] < 1:
+        raise ValueError(f"unit_scores: must have shape (units >= 1, modules), got {u.shape}")
+    check_int("n_resamples", n_resamples, minimum=1)
+    n = u.shape[0]
+    picks = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+    scores = u[picks].mean(axis=1)
+    return np.array([allocate(row.tolist()) for row in scores], dtype=np.int64).reshape(n_resamples, -1)
+
+
+def _check_ranks(ranks: np.ndarray, point: Sequence[int], threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    check_number("threshold", threshold, minimum=0)
+    if threshold > 1:
+        raise ValueError(f"threshold: must be in (0, 1], got {threshold!r}")
+    r = np.asarray(ranks, dtype=np.int64)
+    p = np.asarray(point, dtype=np.int64)
+    if r.ndim != 2 or r.shape[1] != p.shape[0] or r.shape[0] < 1:
+        raise ValueError(f"ranks: must have shape (resamples >= 1, {p.shape[0]} modules), got {r.shape}")
+    return r, p
+
+
+def exact_share(ranks: np.ndarray, point: Sequence[int], threshold: float) -> float:
+    """Rule ``"exact"``: share_m [ (1/B) sum_b 1{R_bm = p_m} >= threshold ], the modules whose point rank comes
+    back in at least ``threshold`` of the resamples (the confidence's ``stable_share``)."""
+    r, p = _check_ranks(ranks, point, threshold)
+    # A mean of booleans is k/B correctly rounded, so it equals the threshold exactly at the boundary (no
+    # k >= threshold * B, whose product can round past k).
+    return float(((r == p[None, :]).mean(axis=0) >= threshold).mean())
+
+
+def within_one_share(ranks: np.ndarray, point: Sequence[int], threshold: float) -> float:
+    """Rule ``"within_one"``: the share of modules within one rank of the map that at least ``threshold`` of the
+    resamples reach. With w_b = (1/M) sum_m 1{|R_bm - p_m| <= 1} (resample b's share), it is w_(k), the k-th
+    largest w_b, k the least integer with k/B >= threshold; so ``within_one_share >= s`` iff
+    (1/B) #{b : w_b >= s} >= threshold.
+
+    A rank moving by one changes nothing measurable at r = 8, and the map-level share is what the agreement
+    with a 32-batch map measures (docs/benchmarks.md section 7), so this asks for that and no more.
+    """
+    r, p = _check_ranks(ranks, point, threshold)
+    n = r.shape[0]
+    w = np.sort((np.abs(r - p[None, :]) <= 1).mean(axis=1))[::-1]
+    k = next(k for k in range(1, n + 1) if k / n >= threshold)  # k / n as a mean would compute it
+    return float(w[k - 1])
+
+
+# auto_rule -> (the rule, how the stop reason words it)
+AUTO_RULES = {
+    "exact": (exact_share, "keep their rank"),
+    "within_one": (within_one_share, "stay within one rank of the map"),
+}

@@ -14,6 +14,7 @@ __all__ = [
     "BUDGET_UNITS",
     "VLLM_MAX_LORA_RANKS",
     "MIN_AUTO_BATCHES",
+    "AUTO_RULE_NAMES",
     "check_int",
     "check_number",
     "check_choice",
@@ -29,6 +30,9 @@ BUDGET_UNITS = ("rank", "params")
 # n_batches="auto" calibrates at least this many batches (a bootstrap of one unit says nothing).
 MIN_AUTO_BATCHES = 2
 DEFAULT_BOOTSTRAP = 200
+# n_batches="auto"'s stop rules (the functions are fimlora.confidence.AUTO_RULES): "within_one" asks that most
+# resamples keep most modules within one rank of the map, "exact" that most modules keep exactly their rank.
+AUTO_RULE_NAMES = ("within_one", "exact")
 # The values vLLM accepts for --max-lora-rank (here, not in check.py, so FimConfig can validate against them).
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -78,16 +82,22 @@ class FimConfig:
 
     Attributes:
         n_batches: calibration batches N (the paper's default 8), or ``"auto"``: calibrate batch by batch and
-            stop once the rank map is stable (at least ``auto_stable_share`` of the modules keep their rank in
-            at least ``stable_threshold`` of the bootstrap resamples), after at least 2 and at most
-            ``max_batches`` batches. Needs ``aggregation="mean"``.
+            stop once the rank map is settled by ``auto_rule`` (default: in at least ``stable_threshold`` of the
+            bootstrap resamples, at least ``auto_stable_share`` of the modules are within one rank of the map),
+            after at least 2 and at most ``max_batches`` batches. Needs ``aggregation="mean"``.
         max_batches: the cap of ``n_batches="auto"`` (default 32).
         bootstrap: resamples of the calibration units (batches, or examples for ``per_example``) behind the
             rank map's confidence (:mod:`fimlora.confidence`); ``None`` = 200 where supported (``mean``
             aggregation; ``max``/``l2`` are not means over units and get none), 0 = off.
         stable_threshold: a module's rank is stable when the bootstrap gives it in at least this share of
             resamples (default 0.9).
-        auto_stable_share: ``n_batches="auto"`` stops when at least this share of modules is stable (0.9).
+        auto_stable_share: ``n_batches="auto"`` stops when ``auto_rule`` finds at least this share of the
+            modules settled (0.9).
+        auto_rule: when ``n_batches="auto"`` stops. ``"within_one"`` (default): in at least ``stable_threshold``
+            of the resamples, at least ``auto_stable_share`` of the modules are within one rank of the map
+            (:func:`fimlora.confidence.within_one_share`). ``"exact"``: at least ``auto_stable_share`` of the
+            modules get exactly their rank in at least ``stable_threshold`` of the resamples (the earlier rule;
+            at r = 8 it ran to the cap in every benchmark setup, docs/benchmarks.md section 7).
         r_min: smallest rank any module may get (>= 0). With 0, a module allocated rank 0 loses its
             adapter (its LoRA layer becomes the base layer again; see :mod:`fimlora.resize`).
         r_max: largest rank; ``None`` means 2 * the config's base rank r.
@@ -123,6 +133,7 @@ class FimConfig:
     bootstrap: int | None = None
     stable_threshold: float = 0.9
     auto_stable_share: float = 0.9
+    auto_rule: str = "within_one"
     r_min: int = 1
     r_max: int | None = None
     budget: int | None = None
@@ -148,6 +159,7 @@ class FimConfig:
         check_int("bootstrap", self.bootstrap, minimum=0, allow_none=True)
         check_fraction("stable_threshold", self.stable_threshold)
         check_fraction("auto_stable_share", self.auto_stable_share)
+        check_choice("auto_rule", self.auto_rule, AUTO_RULE_NAMES)
         check_int("r_min", self.r_min, minimum=0)
         check_int("r_max", self.r_max, minimum=1, allow_none=True)
         if self.r_max is not None and self.r_max < self.r_min:
