@@ -99,6 +99,22 @@ def test_calibrate_n_batches_auto_reports_why_it_stopped(capsys, tmp_path):
     assert 2 <= used <= 4 and f"n_batches auto: stopped after {used} batches; {reason}" in stdout
     assert rank_map["settings"]["n_batches"] == "auto" and rank_map["confidence"]["n_units"] == used
     assert "stable: " in stdout and "bootstrap resamples of the" in stdout
+    assert rank_map["settings"]["auto_rule"] == "within_one" and "within one rank" in reason
+
+
+def test_calibrate_auto_rule_is_passed_on_and_checked(capsys, tmp_path):
+    out = tmp_path / "o"
+    code = main([*CALIBRATE, "--r", "4", "--n-batches", "auto", "--auto-rule", "exact", "--batch-size", "4",
+                 "--max-length", "16", "--no-progress", "--out", str(out)])
+    capsys.readouterr()
+    assert code == 0
+    settings = json.loads((out / "rank_map.json").read_text())["settings"]
+    assert settings["auto_rule"] == "exact"
+    assert "within one rank" not in settings["stop_reason"]  # the exact rule decided, not the default
+    with pytest.raises(SystemExit) as e:
+        main([*CALIBRATE, "--n-batches", "auto", "--auto-rule", "roughly", "--out", str(tmp_path / "p")])
+    assert e.value.code == 2 and "--auto-rule: invalid choice: 'roughly'" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
 
 
 def test_n_batches_must_be_a_number_or_auto(capsys, tmp_path):

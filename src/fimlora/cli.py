@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import __version__
 from .check import SERVE_ENGINES
-from .config import AGGREGATIONS, ESTIMATORS, SCALE_MODES, VLLM_MAX_LORA_RANKS, FimConfig
+from .config import AGGREGATIONS, AUTO_RULE_NAMES, ESTIMATORS, SCALE_MODES, VLLM_MAX_LORA_RANKS, FimConfig
 from .experiments.data import TASK_TYPES, TASKS
 from .experiments.demo import DEMO_TARGET_MODULES, DemoJob
 from .experiments.jobs import MIN_MAX_LENGTH, CalibrateJob
@@ -43,6 +43,10 @@ def _add_calibration_args(p: argparse.ArgumentParser, job: dict) -> None:
     g.add_argument("--n-batches", default=FIM_DEFAULTS["n_batches"],
                    help=f"calibration batches N (default {FIM_DEFAULTS['n_batches']}), or 'auto': until the rank "
                         f"map is stable (2 to {FIM_DEFAULTS['max_batches']} batches)")
+    g.add_argument("--auto-rule", choices=AUTO_RULE_NAMES, default=FIM_DEFAULTS["auto_rule"],
+                   help="when --n-batches auto stops: within_one (most modules within one rank of the map in most "
+                        "bootstrap resamples) or exact (their exact rank) "
+                        f"(default {FIM_DEFAULTS['auto_rule']})")
     g.add_argument("--estimator", choices=ESTIMATORS, default=FIM_DEFAULTS["estimator"],
                    help="batch: squared mini-batch gradients (paper); per_example: eq. 1 "
                         f"(default {FIM_DEFAULTS['estimator']})")

@@ -57,6 +57,7 @@ class CalibrateJob:
     r_min: int = FIM_DEFAULTS["r_min"]
     r_max: int | None = FIM_DEFAULTS["r_max"]
     n_batches: int | str = FIM_DEFAULTS["n_batches"]
+    auto_rule: str = FIM_DEFAULTS["auto_rule"]
     estimator: str = FIM_DEFAULTS["estimator"]
     aggregation: str = FIM_DEFAULTS["aggregation"]
     scale: str = FIM_DEFAULTS["scale"]
@@ -103,7 +104,8 @@ class CalibrateJob:
                              f"budget_params={self.budget_params!r}")
         # A fraction ("0.5x") is of the uniform adapter's size in parameters, the size that is served and stored.
         unit = "params" if self.budget_params is not None or fraction is not None else "rank"
-        return build_fim_config(n_batches=parse_n_batches(self.n_batches), r_min=self.r_min, r_max=self.r_max,
+        return build_fim_config(n_batches=parse_n_batches(self.n_batches), auto_rule=self.auto_rule,
+                                r_min=self.r_min, r_max=self.r_max,
                                 estimator=self.estimator, aggregation=self.aggregation, scale=self.scale,
                                 seed=self.seed, progress=self.progress,
                                 budget=self.budget_params if self.budget_params is not None else budget,
