@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fimlora.experiments.builders import reload_adapter
+from fimlora.experiments.gora import gora_b, gora_importance, gora_rank_bounds, gora_ranks
 from fimlora.experiments.methods import MethodSpec, final_rank_map, prepare_method, save_adapter
 from fimlora.modules import base_model_of
 from tests.references import cls_batches, llama_base, lm_batches, make_b_nonzero, tiny_bert
@@ -175,4 +176,91 @@ def test_lora_ga_keeps_the_base_output_aligns_with_the_gradient_and_reloads(tmp_
         top = vh[:4]
         captured = torch.linalg.matrix_norm(a @ top.T) ** 2 / torch.linalg.matrix_norm(a) ** 2
         assert captured > 0.99, (name, float(captured))
+    assert_reload_gives_trained_model(model, batches, base, tmp_path)
+
+
+# ----------------------------------------------------------------------------- gora
+
+
+def test_gora_importance_is_the_mean_absolute_product_of_weight_and_gradient():
+    w = torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.0, -1.0]])
+    g = torch.tensor([[0.5, 0.25, -4.0], [-1.0, 7.0, 2.0]])
+    total = 0.0
+    for i in range(2):
+        for j in range(3):
+            total += abs(float(w[i, j]) * float(g[i, j]))
+    assert gora_importance(w, g) == pytest.approx(total / 6)  # (0.5 + 0.5 + 2 + 3 + 0 + 2) / 6
+
+
+def test_gora_ranks_split_the_parameter_budget_by_normalised_importance_then_clamp():
+    # T = (4 + 4 + 8) * 2 = 32; p = 6/8, 1/8, 1/8 -> round(T p) = 24, 4, 4 -> // f = 6, 1, 0 -> clamp [1, 8]
+    ranks = gora_ranks({"a": 6.0, "b": 1.0, "c": 1.0}, {"a": 4, "b": 4, "c": 8}, r=2, r_min=1, r_max=8)
+    assert ranks == {"a": 6, "b": 1, "c": 1}
+    assert gora_ranks({"a": 6.0, "b": 1.0, "c": 1.0}, {"a": 4, "b": 4, "c": 8}, r=2, r_min=1, r_max=4)["a"] == 4
+    # round is Python's (half to even): T p = 2.5 -> 2, so 2 // 1 = 2 and 7.5 -> 8
+    assert gora_ranks({"a": 1.0, "b": 3.0}, {"a": 1, "b": 1}, r=5, r_min=0, r_max=99) == {"a": 2, "b": 8}
+    assert gora_rank_bounds(8) == (4, 32) and gora_rank_bounds(1) == (1, 4)
+    with pytest.raises(ValueError, match="gora: importances must have a positive sum"):
+        gora_ranks({"a": 0.0}, {"a": 4}, r=2, r_min=1, r_max=4)
+
+
+def test_gora_b_is_the_reference_code_s_compress_init():
+    """GoRA's L170-182 written out literally (scale_by_lr, rank_stablize, dynamic_scaling), in float64."""
+    g = torch.Generator().manual_seed(0)
+    a, grad = torch.randn(2, 5, generator=g), torch.randn(3, 5, generator=g)
+    alpha, lr, r, d_in = 4.0, 0.05, 2, 5
+    scale_rank = math.sqrt(r)  # dynamic scaling (real rank), rank_stablize (sqrt)
+    s = alpha / scale_rank
+    a64 = a.double()
+    aat_inv = torch.linalg.pinv(a64 @ a64.T + 1e-8 * torch.eye(r, dtype=torch.float64))
+    stable_gemma = (lr / math.sqrt(r / d_in)) * scale_rank
+    want = grad.double() @ (a64.T @ aat_inv) * (stable_gemma / alpha)
+    b = gora_b(grad, a, s, lr)
+    torch.testing.assert_close(b.double(), want, atol=1e-5, rtol=1e-5)
+    # s B A = eta sqrt(d_in / r) G A^+ A: the gradient projected onto A's row space
+    proj = a64.T @ torch.linalg.inv(a64 @ a64.T) @ a64
+    torch.testing.assert_close(s * b.double() @ a64, lr * math.sqrt(d_in / r) * grad.double() @ proj,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_gora_method_ranks_b_scale_and_reload(tmp_path):
+    batches = data()
+    s = spec("gora", gora={"n_batches": 2})
+    model, info, _ = prepare_method(s, base(), lambda: list(batches))
+    grads = reference_mean_gradient(batches[:2])
+    fresh = dict(base().named_modules())
+    importances = {n: float(torch.mean(torch.abs(fresh[n].weight.detach().double() * g))) for n, g in grads.items()}
+    features = {n: sum(fresh[n].weight.shape) for n in grads}
+    want = gora_ranks(importances, features, r=4, r_min=2, r_max=16)
+    assert info["allocated_ranks"] == want == final_rank_map(model, "gora")
+    assert len(set(want.values())) > 1, "test needs a non-uniform GoRA pattern"
+    assert info["gora_rank_bounds"] == [2, 16] and info["params_spent"] == sum(want[n] * features[n] for n in want)
+    for name, layer in lora_layers(model).items():
+        r_m = want[name]
+        assert layer.scaling["default"] == pytest.approx(8 / math.sqrt(r_m))  # one alpha, rsLoRA scale
+        a = layer.lora_A["default"].weight
+        torch.testing.assert_close(layer.lora_B["default"].weight.double(),
+                                   gora_b(grads[name].float(), a, layer.scaling["default"]).double(),
+                                   atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(layer.get_base_layer().weight, fresh[name].weight)  # W untouched
+    # B != 0 at init: a stock reload of the untrained adapter must already give the same logits
+    model.save_pretrained(tmp_path / "init")
+    torch.testing.assert_close(logits(reload_adapter(base(), tmp_path / "init"), batches[0]),
+                               logits(model, batches[0]), atol=1e-6, rtol=0)
+    assert_reload_gives_trained_model(model, batches, base, tmp_path)
+
+
+def test_fim_gora_has_fim_ranks_and_gora_b(tmp_path):
+    batches = data()
+    fim, fim_info, _ = prepare_method(spec("fim"), base(), lambda: list(batches))
+    model, info, _ = prepare_method(spec("fim_gora", gora={"n_batches": 3}), base(), lambda: list(batches))
+    ranks = final_rank_map(model, "fim_gora")
+    assert ranks == final_rank_map(fim, "fim") == info["allocated_ranks"] and info["scores"] == fim_info["scores"]
+    grads = reference_mean_gradient(batches)
+    for name, layer in lora_layers(model).items():
+        s_m = layer.scaling["default"]
+        assert s_m == pytest.approx(8 / 4)  # fim's preserve rule: alpha_m / r_m = alpha / r
+        torch.testing.assert_close(layer.lora_B["default"].weight.double(),
+                                   gora_b(grads[name].float(), layer.lora_A["default"].weight, s_m).double(),
+                                   atol=1e-6, rtol=1e-4)
     assert_reload_gives_trained_model(model, batches, base, tmp_path)

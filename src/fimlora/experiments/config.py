@@ -72,11 +72,13 @@ LORA_GA_SETTINGS = {
     "direction": lambda name, value: check_choice(name, value, ("ArBr", "A2rBr", "ArB2r", "random")),
     "scale": lambda name, value: check_choice(name, value, ("stable", "weight_svd", "gd_scale", "unit")),
     "stable_gamma": _number(minimum=0),
+    "n_batches": _integer(minimum=1),
 }
 GORA_SETTINGS = {
     "min_rank_ratio": _number(minimum=0),
     "max_rank_ratio": _number(minimum=0),
     "lr": _number(minimum=0),
+    "n_batches": _integer(minimum=1),
 }
 DATA_SETTINGS = {
     "max_train": _integer(minimum=1, allow_none=True),

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import time
@@ -34,6 +35,7 @@ from transformers import TrainerCallback
 
 from ..api import apply_fim_ranks, compute_allocation, random_allocation
 from ..config import FimConfig, check_int
+from ..modules import lora_modules
 from ..resize import apply_allocation, lora_config_for_allocation
 from .builders import build_peft_model, normalize_target_modules
 
@@ -328,12 +330,16 @@ def _check_ranks_kept(model: nn.Module, ranks: Mapping[str, int], method: str) -
         raise RuntimeError(f"{method}: the adapter's ranks differ from the allocation's: {changed}")
 
 
+# Calibration batches for LoRA-GA: the harness's size for every data-driven method (FimConfig's n_batches default).
+LORA_GA_BATCHES = 8
+
+
 def lora_ga_config(settings: Mapping):
-    """PEFT's ``LoraGAConfig`` from the ``lora_ga`` block (PEFT's defaults: direction ArB2r, scale stable,
-    stable_gamma 16, the LoRA-GA paper's)."""
+    """PEFT's ``LoraGAConfig`` from the ``lora_ga`` block less ``n_batches`` (PEFT's defaults: direction ArB2r,
+    scale stable, stable_gamma 16, the LoRA-GA paper's)."""
     from peft import LoraGAConfig
 
-    return LoraGAConfig(**dict(settings))
+    return LoraGAConfig(**{k: v for k, v in settings.items() if k != "n_batches"})
 
 
 def _prepare_lora_ga(spec: MethodSpec, base_model: nn.Module,
@@ -348,8 +354,10 @@ def _prepare_lora_ga(spec: MethodSpec, base_model: nn.Module,
     config = _lora_config(spec, init_lora_weights="lora_ga", lora_ga_config=lora_ga_config(spec.lora_ga))
     batches = {"n": 0}
 
+    n_batches = int(spec.lora_ga.get("n_batches", LORA_GA_BATCHES))
+
     def train_step():
-        for batch in calibration_batches():
+        for batch in itertools.islice(calibration_batches(), n_batches):
             base_model(**batch).loss.backward()
             batches["n"] += 1
 
@@ -357,6 +365,72 @@ def _prepare_lora_ga(spec: MethodSpec, base_model: nn.Module,
     preprocess_loraga(base_model, config, train_step)
     model = build_peft_model(base_model, config, seed=None)
     return model, {"calibration_seconds": time.perf_counter() - start, "lora_ga_batches": batches["n"]}, []
+
+
+def _gora_gradients(spec: MethodSpec, uniform: nn.Module, calibration_batches: BatchFactory) -> dict:
+    from .gora import DEFAULT_N_BATCHES, mean_weight_gradients
+
+    return mean_weight_gradients(uniform, calibration_batches(), int(spec.gora.get("n_batches", DEFAULT_N_BATCHES)))
+
+
+def _prepare_gora(spec: MethodSpec, base_model: nn.Module,
+                  calibration_batches: BatchFactory | None) -> tuple[nn.Module, dict, list]:
+    """GoRA (:mod:`fimlora.experiments.gora`): mean gradients of the base weights on the calibration batches give
+    importances I_m = mean |W ⊙ G| and ranks over the parameter budget sum_m (d_in + d_out) r; a fresh rsLoRA
+    adapter (one alpha, scale alpha / sqrt(r_m)) is built at those ranks through :func:`lora_config_for_allocation`
+    and its B set from the pseudo-inverse of A applied to G (:func:`~fimlora.experiments.gora.apply_gora_init`).
+
+    The ranks travel as a RankAllocation (method "gora", scale rule fixed_alpha, params budget) so that the one
+    helper that writes rank_pattern/alpha_pattern keys writes them. GoRA's rank clamp may spend more than its
+    nominal budget sum_m f_m r; the allocation's ``budget`` is what it spent, the nominal one is ``gora_budget``.
+    """
+    from ..allocation import RankAllocation
+    from .gora import DEFAULT_LR, apply_gora_init, gora_importance, gora_rank_bounds, gora_ranks
+
+    uniform = _uniform_lora(spec, base_model, use_rslora=True)
+    infos = lora_modules(uniform)
+    start = time.perf_counter()
+    grads = _gora_gradients(spec, uniform, calibration_batches)
+    importances = {i.name: gora_importance(i.layer.get_base_layer().weight, grads[i.name]) for i in infos}
+    features = {i.name: i.in_features + i.out_features for i in infos}
+    r_min, r_max = gora_rank_bounds(spec.r, spec.gora.get("min_rank_ratio", 0.5), spec.gora.get("max_rank_ratio", 4.0))
+    ranks = gora_ranks(importances, features, spec.r, r_min, r_max)
+    spent = sum(ranks[n] * features[n] for n in ranks)
+    alloc = RankAllocation(
+        scores=importances, ranks=ranks, alphas={n: float(spec.lora_alpha) for n in ranks},
+        old_ranks={n: spec.r for n in ranks}, old_alphas={n: float(spec.lora_alpha) for n in ranks},
+        shapes={i.name: [i.in_features, i.out_features] for i in infos}, budget=spent, r_min=r_min, r_max=r_max,
+        base_r=spec.r, base_alpha=float(spec.lora_alpha), use_rslora=True, method="gora",
+        settings={"scale": "fixed_alpha"}, budget_unit="params", costs=features)
+    config = lora_config_for_allocation(alloc, _lora_config(spec, use_rslora=True))
+    model = build_peft_model(uniform.unload(), config, seed=None)
+    _check_ranks_kept(model, ranks, "gora")
+    apply_gora_init(model, grads, float(spec.gora.get("lr", DEFAULT_LR)))
+    return model, {"calibration_seconds": time.perf_counter() - start, "scores": importances,
+                   "allocated_ranks": ranks, "params_spent": spent,
+                   "gora_budget": sum(f * spec.r for f in features.values()), "gora_rank_bounds": [r_min, r_max]}, []
+
+
+def _prepare_fim_gora(spec: MethodSpec, base_model: nn.Module,
+                      calibration_batches: BatchFactory | None) -> tuple[nn.Module, dict, list]:
+    """FIM-LoRA's ranks and alphas (scale alpha_m / r_m) with GoRA's B: the mean base-weight gradients come from the
+    same calibration batches (on the uniform adapter, B = 0, so they are the base model's), and each module's B is
+    GoRA's for its own rank and scale, so s_m B A = eta sqrt(d_in / r_m) G A^+ A as in GoRA."""
+    from .gora import DEFAULT_LR, apply_gora_init
+
+    uniform = _uniform_lora(spec, base_model)
+    start = time.perf_counter()
+    alloc = compute_allocation(uniform, calibration_batches(), _fim_config(spec))
+    fim_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    grads = _gora_gradients(spec, uniform, calibration_batches)
+    model = build_peft_model(uniform.unload(), lora_config_for_allocation(alloc, _lora_config(spec)), seed=None)
+    _check_ranks_kept(model, alloc.ranks, "fim_gora")
+    kept = {n: g for n, g in grads.items() if alloc.ranks[n] > 0}
+    apply_gora_init(model, kept, float(spec.gora.get("lr", DEFAULT_LR)))
+    init_seconds = time.perf_counter() - start
+    return model, {"calibration_seconds": fim_seconds + init_seconds, "fim_seconds": fim_seconds,
+                   "init_seconds": init_seconds, **fim_info(alloc)}, []
 
 
 def mutates_base(model: nn.Module, adapter_name: str = "default") -> bool:
@@ -415,7 +489,7 @@ def _prepare_adalora(spec: MethodSpec, base_model: nn.Module,
 PREPARE = {"lora": _prepare_lora, "fim": _prepare_fim, "random": _prepare_random, "eva": _prepare_eva,
            "adalora": _prepare_adalora, "fim_eva": _prepare_fim_eva, "rslora": _prepare_rslora,
            "pissa": _prepare_pissa, "lora_ga": _prepare_lora_ga, "fim_rslora": _prepare_fim_rslora,
-           "fim_pissa": _prepare_fim_pissa}
+           "fim_pissa": _prepare_fim_pissa, "gora": _prepare_gora, "fim_gora": _prepare_fim_gora}
 
 
 class _ForwardCounter:
