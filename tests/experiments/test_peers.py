@@ -264,3 +264,29 @@ def test_fim_gora_has_fim_ranks_and_gora_b(tmp_path):
                                    gora_b(grads[name].float(), layer.lora_A["default"].weight, s_m).double(),
                                    atol=1e-6, rtol=1e-4)
     assert_reload_gives_trained_model(model, batches, base, tmp_path)
+
+
+def test_a_pissa_run_s_kept_adapter_reloads_onto_the_unchanged_base(tmp_path):
+    """Through the sweep: the saved PiSSA adapter is plain LoRA (rank 2 r, head included), and a stock reload onto
+    a fresh base scores exactly what the run recorded, example by example."""
+    import json
+
+    from peft import PeftModel
+
+    from fimlora.experiments.builders import build_base_model
+    from fimlora.experiments.data import load_task
+    from fimlora.experiments.models import load_tokenizer
+    from fimlora.experiments.sweep import run_sweep
+    from fimlora.experiments.train import TrainSettings, evaluate
+    from tests.experiments.test_sweep import base_cfg
+
+    cfg = base_cfg(methods=["pissa"], seeds=[1], keep_adapters=True)
+    assert run_sweep(cfg, tmp_path, progress=False)["ok"] == 1
+    record = json.loads((tmp_path / "trec6__pissa__r2__s1.json").read_text())
+    adapter = tmp_path / "adapters" / "trec6__pissa__r2__s1"
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    assert saved["init_lora_weights"] is True and saved["r"] == 4  # converted: [B | -B0] [A ; A0]
+    task = load_task("trec6", seed=0, max_train=64, max_test=32)
+    reloaded = PeftModel.from_pretrained(build_base_model("minilm", task, 1, seed=1), adapter)
+    again = evaluate(reloaded, task, load_tokenizer("minilm"), TrainSettings(max_length=32, progress=False))
+    assert again == record["metrics"]["trec6"] and len(again["correct"]) == 32
