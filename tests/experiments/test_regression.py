@@ -197,5 +197,8 @@ def test_evaluate_scores_extra_test_sets_with_a_suffix():
     task = TaskData("t", "classification", [], [{"text": short, "label": 0}, {"text": long_, "label": 0}],
                     ["n", "y"], extra_tests={"mismatched": [{"text": long_, "label": 1}] * 3})
     got = evaluate(ByLength(), task, Tok(), TrainSettings(progress=False))
-    assert got == {"accuracy": 0.5, "f1": 0.0, "n": 2, "primary": "accuracy",
-                   "accuracy_mismatched": 1.0, "f1_mismatched": 1.0, "n_mismatched": 3}
+    # the metrics as before, and each example's correctness (issue 22, 5: paired tests need it)
+    assert got == {"accuracy": 0.5, "f1": 0.0, "n": 2, "primary": "accuracy", "correct": [1, 0],
+                   "accuracy_mismatched": 1.0, "f1_mismatched": 1.0, "n_mismatched": 3,
+                   "correct_mismatched": [1, 1, 1]}
+    assert sum(got["correct"]) / got["n"] == got["accuracy"]

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from ..config import FimConfig, check_bool, check_int, check_number
+from ..config import FimConfig, check_bool, check_choice, check_int, check_number
 from ..extras import require
 
 __all__ = [
@@ -67,6 +67,19 @@ ADALORA_SETTINGS = {
     "deltaT": _integer(minimum=1),
     "orth_reg_weight": _number(minimum=0, strict=False),
 }
+PISSA_SETTINGS = {"niter": _integer(minimum=1, allow_none=True)}
+LORA_GA_SETTINGS = {
+    "direction": lambda name, value: check_choice(name, value, ("ArBr", "A2rBr", "ArB2r", "random")),
+    "scale": lambda name, value: check_choice(name, value, ("stable", "weight_svd", "gd_scale", "unit")),
+    "stable_gamma": _number(minimum=0),
+    "n_batches": _integer(minimum=1),
+}
+GORA_SETTINGS = {
+    "min_rank_ratio": _number(minimum=0),
+    "max_rank_ratio": _number(minimum=0),
+    "lr": _number(minimum=0),
+    "n_batches": _integer(minimum=1),
+}
 DATA_SETTINGS = {
     "max_train": _integer(minimum=1, allow_none=True),
     "max_test": _integer(minimum=1, allow_none=True),
@@ -85,6 +98,16 @@ def check_block(block_name: str, block, schema: Mapping[str, Callable[[str, obje
         raise ValueError(f"{block_name}: unknown setting(s) {unknown}; known: {sorted(schema)}")
     for key, value in block.items():
         schema[key](f"{block_name}.{key}", value)
+
+
+def _check_gora_ratios(block) -> None:
+    """GoRA's rank bounds, as multiples of the run's r: min_rank_ratio <= 1 <= max_rank_ratio, so uniform rank r
+    is always allowed and the budget L*r is reachable."""
+    lo, hi = block.get("min_rank_ratio", 0.5), block.get("max_rank_ratio", 4.0)
+    if lo > 1:
+        raise ValueError(f"gora.min_rank_ratio: must be <= 1 (rank r must stay allowed), got {lo!r}")
+    if hi < 1:
+        raise ValueError(f"gora.max_rank_ratio: must be >= 1 (rank r must stay allowed), got {hi!r}")
 
 
 def _check_fim_block(cfg: ExperimentConfig) -> None:
@@ -243,6 +266,9 @@ class ExperimentConfig:
     fim_variants: list = field(default_factory=list)
     eva: dict = field(default_factory=lambda: {"rho": 2.0})
     adalora: dict = field(default_factory=dict)
+    pissa: dict = field(default_factory=dict)
+    lora_ga: dict = field(default_factory=dict)
+    gora: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
     keep_adapters: bool = False
@@ -274,6 +300,10 @@ class ExperimentConfig:
         _check_fim_block(self)
         check_block("eva", self.eva, EVA_SETTINGS)
         check_block("adalora", self.adalora, ADALORA_SETTINGS)
+        check_block("pissa", self.pissa, PISSA_SETTINGS)
+        check_block("lora_ga", self.lora_ga, LORA_GA_SETTINGS)
+        check_block("gora", self.gora, GORA_SETTINGS)
+        _check_gora_ratios(self.gora)
         _check_train_block(self.train)
         check_block("data", self.data, DATA_SETTINGS)
         check_bool("keep_adapters", self.keep_adapters)
@@ -448,7 +478,9 @@ _COMMON_SETTINGS = ("model", "tasks", "mixture", "n_layers", "target_modules", "
 # Settings added after results were first recorded, with the value every earlier result was made with:
 # at that value they stay out of the hash, so those results keep theirs.
 _ADDED_SETTINGS = {"evaluator": "fimlora"}
-_METHOD_SETTINGS = {"fim": ("fim",), "random": ("fim",), "eva": ("eva",), "adalora": ("adalora",), "fim_eva": ("fim",)}
+_METHOD_SETTINGS = {"fim": ("fim",), "random": ("fim",), "eva": ("eva",), "adalora": ("adalora",), "fim_eva": ("fim",),
+                    "pissa": ("pissa",), "lora_ga": ("lora_ga",), "gora": ("gora",), "fim_rslora": ("fim",),
+                    "fim_pissa": ("fim", "pissa"), "fim_gora": ("fim", "gora")}
 
 
 def _field_defaults() -> dict:

@@ -1,4 +1,4 @@
-"""The five methods of the experiment harness, each implemented for real.
+"""The methods of the experiment harness, each implemented for real.
 
 * ``lora``: uniform rank r.
 * ``fim``: FIM-LoRA (this package), same budget L*r.
@@ -6,11 +6,23 @@
 * ``eva``: PEFT's EVA; ``initialize_lora_eva_weights`` runs and its rank_pattern is recorded.
 * ``adalora``: PEFT's AdaLoRA, ``update_and_allocate`` called after every optimizer step by
   :class:`AdaLoraCallback`, budget matched to r (target_r = r).
+* ``rslora``: uniform rank r with rsLoRA's scale alpha / sqrt(r) (``use_rslora=True``).
+* ``pissa``: PEFT's PiSSA (``init_lora_weights="pissa"`` or ``"pissa_niter_K"``): with W = U S V^T,
+  A = sqrt(S_r / s) V_r^T, B = U_r sqrt(S_r / s) and the base weight becomes W_res = W - s B A, so the initial
+  output equals the base model's. The base weights change, so the trained adapter is saved converted to plain
+  LoRA (:func:`save_adapter`): a stock reload onto the *unchanged* base gives the trained model.
+* ``lora_ga``: PEFT's LoRA-GA (``init_lora_weights="lora_ga"``, ``LoraGAConfig``, ``preprocess_loraga``): A and
+  B from the SVD of the calibration batches' mean gradient of W, W becomes W - s B A; saved like PiSSA.
+* ``gora``: GoRA (:mod:`fimlora.experiments.gora`): ranks from the accumulated gradient of W over a parameter
+  budget, B from the pseudo-inverse of A applied to that gradient; the base weights are not touched.
+* ``fim_eva``, ``fim_pissa``, ``fim_gora``, ``fim_rslora``: FIM-LoRA's ranks with EVA's directions, PiSSA's
+  init, GoRA's B, or rsLoRA's scale.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import time
@@ -23,14 +35,17 @@ from transformers import TrainerCallback
 
 from ..api import apply_fim_ranks, compute_allocation, random_allocation
 from ..config import FimConfig, check_int
+from ..modules import lora_modules
 from ..resize import apply_allocation, lora_config_for_allocation
 from .builders import build_peft_model, normalize_target_modules
 
-__all__ = ["METHODS", "MethodSpec", "AdaLoraCallback", "prepare_method", "final_rank_map", "adalora_schedule"]
+__all__ = ["METHODS", "MethodSpec", "AdaLoraCallback", "prepare_method", "final_rank_map", "adalora_schedule",
+           "mutates_base", "save_adapter", "pissa_init"]
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("lora", "fim", "random", "eva", "adalora", "fim_eva")
+METHODS = ("lora", "fim", "random", "eva", "adalora", "fim_eva", "rslora", "pissa", "lora_ga", "gora", "fim_rslora",
+           "fim_pissa", "fim_gora")
 
 # Returns a fresh iterable of model-input batches (with labels) each time it is called.
 BatchFactory = Callable[[], Iterable]
@@ -50,6 +65,9 @@ class MethodSpec:
     fim: dict = field(default_factory=dict)  # FimConfig fields
     eva_rho: float = 2.0
     adalora: dict = field(default_factory=dict)  # init_r_ratio, tinit_ratio, tfinal_ratio, deltaT, orth_reg_weight
+    pissa: dict = field(default_factory=dict)  # niter
+    lora_ga: dict = field(default_factory=dict)  # direction, scale, stable_gamma
+    gora: dict = field(default_factory=dict)  # min_rank_ratio, max_rank_ratio, lr
     total_steps: int | None = None
 
     def __post_init__(self) -> None:
@@ -116,8 +134,8 @@ def _lora_config(spec: MethodSpec, **extra):
                       lora_dropout=spec.lora_dropout, task_type=spec.task_type, **extra)
 
 
-def _uniform_lora(spec: MethodSpec, base_model: nn.Module) -> nn.Module:
-    return build_peft_model(base_model, _lora_config(spec), seed=None)
+def _uniform_lora(spec: MethodSpec, base_model: nn.Module, **extra) -> nn.Module:
+    return build_peft_model(base_model, _lora_config(spec, **extra), seed=None)
 
 
 def _prepare_lora(spec: MethodSpec, base_model: nn.Module,
@@ -126,14 +144,28 @@ def _prepare_lora(spec: MethodSpec, base_model: nn.Module,
     return _uniform_lora(spec, base_model), {}, []
 
 
+def _prepare_rslora(spec: MethodSpec, base_model: nn.Module,
+                    calibration_batches: BatchFactory | None) -> tuple[nn.Module, dict, list]:
+    """rsLoRA (Kalajdzievski, 2023): rank r on every target module, scale alpha / sqrt(r) instead of alpha / r."""
+    return _uniform_lora(spec, base_model, use_rslora=True), {}, []
+
+
 def _prepare_fim(spec: MethodSpec, base_model: nn.Module,
-                 calibration_batches: BatchFactory | None) -> tuple[nn.Module, dict, list]:
+                 calibration_batches: BatchFactory | None, **extra) -> tuple[nn.Module, dict, list]:
     """FIM-LoRA: uniform LoRA, then ranks from the Fisher of LoRA-B on the calibration batches."""
-    model = _uniform_lora(spec, base_model)
+    model = _uniform_lora(spec, base_model, **extra)
     cfg = _fim_config(spec)
     start = time.perf_counter()
     alloc = apply_fim_ranks(model, calibration_batches(), config=cfg)
     return model, {"calibration_seconds": time.perf_counter() - start, **fim_info(alloc)}, []
+
+
+def _prepare_fim_rslora(spec: MethodSpec, base_model: nn.Module,
+                        calibration_batches: BatchFactory | None) -> tuple[nn.Module, dict, list]:
+    """FIM-LoRA on an rsLoRA adapter: the Fisher is taken at scale alpha / sqrt(r), and each module's alpha
+    follows the fim ``scale`` rule under rsLoRA (``preserve``: alpha_m = alpha sqrt(r_m / r), so every module keeps
+    alpha / sqrt(r))."""
+    return _prepare_fim(spec, base_model, calibration_batches, use_rslora=True)
 
 
 def _fim_config(spec: MethodSpec, keys: tuple[str, ...] | None = None) -> FimConfig:
@@ -240,6 +272,205 @@ def _prepare_fim_eva(spec: MethodSpec, base_model: nn.Module,
                    "eva_seconds": eva_seconds, "eva_forward_passes": forwards.count, **fim_info(alloc)}, []
 
 
+# PEFT init methods that rewrite the base weights (W -> W - s B_0 A_0): an adapter trained from them only means
+# something on the changed base, so it is saved converted to plain LoRA (:func:`save_adapter`).
+MUTATING_INITS = ("pissa", "lora_ga", "olora", "corda")
+
+
+def pissa_init(settings: Mapping) -> str:
+    """PEFT's ``init_lora_weights`` for the ``pissa`` block: ``"pissa"`` (exact SVD of W) when ``niter`` is None,
+    else ``"pissa_niter_K"`` (randomised ``torch.svd_lowrank`` with K subspace iterations, what PiSSA's authors
+    recommend for large models)."""
+    niter = settings.get("niter")
+    return "pissa" if niter is None else f"pissa_niter_{int(niter)}"
+
+
+def _prepare_pissa(spec: MethodSpec, base_model: nn.Module,
+                   calibration_batches: BatchFactory | None) -> tuple[nn.Module, dict, list]:
+    """PiSSA (Meng et al., 2024) through PEFT: rank r everywhere, A and B the principal singular triplets of W
+    (A = sqrt(S_r/s) V_r^T, B = U_r sqrt(S_r/s)), and W replaced by W_res = W - s B A (PEFT's ``pissa_init``).
+    No calibration data: the init depends on W alone."""
+    init = pissa_init(spec.pissa)
+    start = time.perf_counter()
+    model = _uniform_lora(spec, base_model, init_lora_weights=init)
+    return model, {"calibration_seconds": time.perf_counter() - start, "init_lora_weights": init}, []
+
+
+def _prepare_fim_pissa(spec: MethodSpec, base_model: nn.Module,
+                       calibration_batches: BatchFactory | None) -> tuple[nn.Module, dict, list]:
+    """FIM-LoRA's ranks with PiSSA's init: the Fisher on a uniform adapter gives the ranks, then a fresh adapter
+    at those ranks (same alphas) on the untouched base is built by PEFT with PiSSA's init at each module's own
+    rank r_m and scale s_m (W_res = W - s_m B A)."""
+    init = pissa_init(spec.pissa)
+    return _fim_then(spec, base_model, calibration_batches, "fim_pissa", init_lora_weights=init)
+
+
+def _fim_then(spec: MethodSpec, base_model: nn.Module, calibration_batches: BatchFactory | None, method: str,
+              **extra) -> tuple[nn.Module, dict, list]:
+    """FIM-LoRA's allocation on a uniform adapter, then a fresh adapter at exactly those ranks and alphas with
+    ``extra`` LoraConfig fields (an init method); refuses a result whose ranks differ from the allocation."""
+    uniform = _uniform_lora(spec, base_model)
+    start = time.perf_counter()
+    alloc = compute_allocation(uniform, calibration_batches(), _fim_config(spec))
+    fim_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    model = build_peft_model(uniform.unload(), lora_config_for_allocation(alloc, _lora_config(spec, **extra)),
+                             seed=None)
+    init_seconds = time.perf_counter() - start
+    _check_ranks_kept(model, alloc.ranks, method)
+    return model, {"calibration_seconds": fim_seconds + init_seconds, "fim_seconds": fim_seconds,
+                   "init_seconds": init_seconds, **extra, **fim_info(alloc)}, []
+
+
+def _check_ranks_kept(model: nn.Module, ranks: Mapping[str, int], method: str) -> None:
+    got = final_rank_map(model, method)
+    kept = {n: r for n, r in ranks.items() if r > 0}
+    if got != kept:
+        changed = sorted(set(got.items()) ^ set(kept.items()))[:4]
+        raise RuntimeError(f"{method}: the adapter's ranks differ from the allocation's: {changed}")
+
+
+# Calibration batches for LoRA-GA: the harness's size for every data-driven method (FimConfig's n_batches default).
+LORA_GA_BATCHES = 8
+
+
+def lora_ga_config(settings: Mapping):
+    """PEFT's ``LoraGAConfig`` from the ``lora_ga`` block less ``n_batches`` (PEFT's defaults: direction ArB2r,
+    scale stable, stable_gamma 16, the LoRA-GA paper's)."""
+    from peft import LoraGAConfig
+
+    return LoraGAConfig(**{k: v for k, v in settings.items() if k != "n_batches"})
+
+
+def _prepare_lora_ga(spec: MethodSpec, base_model: nn.Module,
+                     calibration_batches: BatchFactory | None) -> tuple[nn.Module, dict, list]:
+    """LoRA-GA (Wang et al., 2024) through PEFT 0.21's own implementation: ``preprocess_loraga`` stores each
+    target layer's mean gradient G of W over the calibration batches (one forward/backward per batch, only the
+    target weights require grad); PEFT's ``lora_ga_init`` then takes G ~ U S V^T (``svd_lowrank``, q = 4r) and,
+    for the default direction ArB2r, A = V[:, :r]^T, B = U[:, r:2r] diag(S[r:2r]), scaled by d_out^(1/4) /
+    sqrt(stable_gamma) (scale "stable"), and replaces W by W - s B A, so the initial output equals the base's."""
+    from peft import preprocess_loraga
+
+    config = _lora_config(spec, init_lora_weights="lora_ga", lora_ga_config=lora_ga_config(spec.lora_ga))
+    batches = {"n": 0}
+
+    n_batches = int(spec.lora_ga.get("n_batches", LORA_GA_BATCHES))
+
+    def train_step():
+        for batch in itertools.islice(calibration_batches(), n_batches):
+            base_model(**batch).loss.backward()
+            batches["n"] += 1
+
+    start = time.perf_counter()
+    preprocess_loraga(base_model, config, train_step)
+    model = build_peft_model(base_model, config, seed=None)
+    return model, {"calibration_seconds": time.perf_counter() - start, "lora_ga_batches": batches["n"]}, []
+
+
+def _gora_gradients(spec: MethodSpec, uniform: nn.Module, calibration_batches: BatchFactory) -> dict:
+    from .gora import DEFAULT_N_BATCHES, mean_weight_gradients
+
+    return mean_weight_gradients(uniform, calibration_batches(), int(spec.gora.get("n_batches", DEFAULT_N_BATCHES)))
+
+
+def _prepare_gora(spec: MethodSpec, base_model: nn.Module,
+                  calibration_batches: BatchFactory | None) -> tuple[nn.Module, dict, list]:
+    """GoRA (:mod:`fimlora.experiments.gora`): mean gradients of the base weights on the calibration batches give
+    importances I_m = mean |W ⊙ G| and ranks over the parameter budget sum_m (d_in + d_out) r; a fresh rsLoRA
+    adapter (one alpha, scale alpha / sqrt(r_m)) is built at those ranks through :func:`lora_config_for_allocation`
+    and its B set from the pseudo-inverse of A applied to G (:func:`~fimlora.experiments.gora.apply_gora_init`).
+
+    The ranks travel as a RankAllocation (method "gora", scale rule fixed_alpha, params budget) so that the one
+    helper that writes rank_pattern/alpha_pattern keys writes them. GoRA's rank clamp may spend more than its
+    nominal budget sum_m f_m r; the allocation's ``budget`` is what it spent, the nominal one is ``gora_budget``.
+    """
+    from ..allocation import RankAllocation
+    from .gora import DEFAULT_LR, apply_gora_init, gora_importance, gora_rank_bounds, gora_ranks
+
+    uniform = _uniform_lora(spec, base_model, use_rslora=True)
+    infos = lora_modules(uniform)
+    start = time.perf_counter()
+    grads = _gora_gradients(spec, uniform, calibration_batches)
+    importances = {i.name: gora_importance(i.layer.get_base_layer().weight, grads[i.name]) for i in infos}
+    features = {i.name: i.in_features + i.out_features for i in infos}
+    r_min, r_max = gora_rank_bounds(spec.r, spec.gora.get("min_rank_ratio", 0.5), spec.gora.get("max_rank_ratio", 4.0))
+    ranks = gora_ranks(importances, features, spec.r, r_min, r_max)
+    spent = sum(ranks[n] * features[n] for n in ranks)
+    alloc = RankAllocation(
+        scores=importances, ranks=ranks, alphas={n: float(spec.lora_alpha) for n in ranks},
+        old_ranks={n: spec.r for n in ranks}, old_alphas={n: float(spec.lora_alpha) for n in ranks},
+        shapes={i.name: [i.in_features, i.out_features] for i in infos}, budget=spent, r_min=r_min, r_max=r_max,
+        base_r=spec.r, base_alpha=float(spec.lora_alpha), use_rslora=True, method="gora",
+        settings={"scale": "fixed_alpha"}, budget_unit="params", costs=features)
+    config = lora_config_for_allocation(alloc, _lora_config(spec, use_rslora=True))
+    model = build_peft_model(uniform.unload(), config, seed=None)
+    _check_ranks_kept(model, ranks, "gora")
+    apply_gora_init(model, grads, float(spec.gora.get("lr", DEFAULT_LR)))
+    return model, {"calibration_seconds": time.perf_counter() - start, "scores": importances,
+                   "allocated_ranks": ranks, "params_spent": spent,
+                   "gora_budget": sum(f * spec.r for f in features.values()), "gora_rank_bounds": [r_min, r_max]}, []
+
+
+def _prepare_fim_gora(spec: MethodSpec, base_model: nn.Module,
+                      calibration_batches: BatchFactory | None) -> tuple[nn.Module, dict, list]:
+    """FIM-LoRA's ranks and alphas (scale alpha_m / r_m) with GoRA's B: the mean base-weight gradients come from the
+    same calibration batches (on the uniform adapter, B = 0, so they are the base model's), and each module's B is
+    GoRA's for its own rank and scale, so s_m B A = eta sqrt(d_in / r_m) G A^+ A as in GoRA."""
+    from .gora import DEFAULT_LR, apply_gora_init
+
+    uniform = _uniform_lora(spec, base_model)
+    start = time.perf_counter()
+    alloc = compute_allocation(uniform, calibration_batches(), _fim_config(spec))
+    fim_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    grads = _gora_gradients(spec, uniform, calibration_batches)
+    model = build_peft_model(uniform.unload(), lora_config_for_allocation(alloc, _lora_config(spec)), seed=None)
+    _check_ranks_kept(model, alloc.ranks, "fim_gora")
+    kept = {n: g for n, g in grads.items() if alloc.ranks[n] > 0}
+    apply_gora_init(model, kept, float(spec.gora.get("lr", DEFAULT_LR)))
+    init_seconds = time.perf_counter() - start
+    return model, {"calibration_seconds": fim_seconds + init_seconds, "fim_seconds": fim_seconds,
+                   "init_seconds": init_seconds, **fim_info(alloc)}, []
+
+
+def mutates_base(model: nn.Module, adapter_name: str = "default") -> bool:
+    """Whether the adapter's init rewrote the base weights (PiSSA, LoRA-GA, OLoRA, CorDA)."""
+    init = str(model.peft_config[adapter_name].init_lora_weights).lower()
+    return init.startswith(MUTATING_INITS)
+
+
+def save_adapter(model: nn.Module, directory, initial_directory=None) -> None:
+    """``save_pretrained`` so that a stock ``PeftModel.from_pretrained`` onto the original base rebuilds the model.
+
+    For an init that rewrote W (:func:`mutates_base`) ``initial_directory`` must hold the adapter as saved right
+    after initialisation, before training (plain ``save_pretrained``). PEFT then saves the trained adapter
+    converted to plain LoRA (``path_initial_model_for_weight_conversion``): with W = W_res + s B_0 A_0 and the
+    trained model W_res + s B A, the saved update is s [B | -B_0] [A ; A_0] = s (B A - B_0 A_0), at rank 2 r_m
+    and alpha 2 alpha_m (same scale). PEFT 0.21.2 writes only the LoRA tensors in that conversion
+    (``subtract_mutated_init``) and so drops ``modules_to_save`` (a classifier head), after which the adapter does
+    not load; those tensors are written back here from the model's own state dict.
+    """
+    from pathlib import Path
+
+    if not mutates_base(model):
+        model.save_pretrained(directory)
+        return
+    if initial_directory is None:
+        raise ValueError("initial_directory: an adapter whose init rewrote the base weights "
+                         f"({model.peft_config['default'].init_lora_weights!r}) needs the adapter saved before "
+                         "training to be converted to plain LoRA; got None")
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(directory, path_initial_model_for_weight_conversion=str(initial_directory))
+    path = Path(directory) / "adapter_model.safetensors"
+    saved = load_file(str(path))
+    whole = get_peft_model_state_dict(model)
+    missing = {k: v.detach().cpu().contiguous() for k, v in whole.items() if k not in saved and ".lora_" not in k}
+    if missing:
+        save_file({**saved, **missing}, str(path), metadata={"format": "pt"})
+
+
 def _prepare_adalora(spec: MethodSpec, base_model: nn.Module,
                      calibration_batches: BatchFactory | None) -> tuple[nn.Module, dict, list]:
     """PEFT's AdaLoRA with its schedule in steps and the callback that prunes after each optimizer step."""
@@ -256,7 +487,9 @@ def _prepare_adalora(spec: MethodSpec, base_model: nn.Module,
 
 # One preparation per method: (spec, base model, calibration batches factory) -> (model, info, callbacks).
 PREPARE = {"lora": _prepare_lora, "fim": _prepare_fim, "random": _prepare_random, "eva": _prepare_eva,
-           "adalora": _prepare_adalora, "fim_eva": _prepare_fim_eva}
+           "adalora": _prepare_adalora, "fim_eva": _prepare_fim_eva, "rslora": _prepare_rslora,
+           "pissa": _prepare_pissa, "lora_ga": _prepare_lora_ga, "fim_rslora": _prepare_fim_rslora,
+           "fim_pissa": _prepare_fim_pissa, "gora": _prepare_gora, "fim_gora": _prepare_fim_gora}
 
 
 class _ForwardCounter:

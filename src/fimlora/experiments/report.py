@@ -27,9 +27,12 @@ from .metrics import GLUE_COLUMNS, GLUE_DISPLAY, METRIC_LABELS, METRICS, PAPER_M
 
 __all__ = ["load_results", "mean_std", "task_scores", "select_runs", "build_report", "write_report"]
 
-METHOD_ORDER = ["lora", "adalora", "eva", "random", "fim", "fim_eva"]
+METHOD_ORDER = ["lora", "rslora", "adalora", "eva", "pissa", "lora_ga", "gora", "random", "fim", "fim_eva",
+                "fim_rslora", "fim_pissa", "fim_gora"]
 METHOD_LABEL = {"lora": "LoRA", "adalora": "AdaLoRA", "eva": "EVA", "random": "Random-rank", "fim": "FIM-LoRA",
-                "fim_eva": "FIM ranks + EVA directions"}
+                "fim_eva": "FIM ranks + EVA directions", "rslora": "rsLoRA", "pissa": "PiSSA", "lora_ga": "LoRA-GA",
+                "gora": "GoRA", "fim_rslora": "FIM ranks + rsLoRA", "fim_pissa": "FIM ranks + PiSSA init",
+                "fim_gora": "FIM ranks + GoRA init"}
 # What FIM ranks with EVA's directions are judged against: the two methods it combines.
 FIM_EVA_PARENTS = ("fim", "eva")
 # The baselines FIM-LoRA is judged against, in the order the verdict lines name them.

@@ -195,7 +195,8 @@ def _method_spec(cfg: ExperimentConfig, run: RunSpec, kind: str, n_train: int, s
     return MethodSpec(method=run.method, r=run.r, lora_alpha=cfg.lora_alpha_ratio * run.r,
                       target_modules=cfg.target_modules, task_type=task_type_for(kind),
                       lora_dropout=cfg.lora_dropout, seed=run.seed, fim={**cfg.fim, **dict(run.fim_variant)},
-                      eva_rho=float(cfg.eva.get("rho", 2.0)), adalora=dict(cfg.adalora),
+                      eva_rho=float(cfg.eva.get("rho", 2.0)), adalora=dict(cfg.adalora), pissa=dict(cfg.pissa),
+                      lora_ga=dict(cfg.lora_ga), gora=dict(cfg.gora),
                       total_steps=_total_steps(n_train, settings))
 
 
@@ -236,7 +237,7 @@ def run_one(cfg: ExperimentConfig, run: RunSpec, work_dir: str | os.PathLike) ->
 
     from ..io import package_versions
     from .builders import build_base_model, build_calibration_loader, build_tokenizer
-    from .methods import final_rank_map, prepare_method
+    from .methods import final_rank_map, mutates_base, prepare_method, save_adapter
     from .train import TrainSettings, finetune, trainable_parameters
 
     work = Path(work_dir)
@@ -251,10 +252,15 @@ def run_one(cfg: ExperimentConfig, run: RunSpec, work_dir: str | os.PathLike) ->
     spec = _method_spec(cfg, run, train_task.kind, len(train_task.train), settings)
     model, info, callbacks = prepare_method(spec, make_base(), calibration_batches)
     rank_map_before = final_rank_map(model, run.method, info.get("allocated_ranks"))
+    # PiSSA/LoRA-GA rewrote the base weights: the adapter as initialised is kept so that the trained one can be
+    # saved as plain LoRA for the unchanged base the evaluation reloads it onto.
+    initial = work / "initial_adapter" if mutates_base(model) else None
+    if initial is not None:
+        model.save_pretrained(initial)
     train_out = finetune(model, train_task, tok, settings, str(work / "trainer"), callbacks=callbacks)
     n_trainable = trainable_parameters(model)
     ranks_after = final_rank_map(model, run.method, info.get("allocated_ranks"))
-    model.save_pretrained(work / "adapter")
+    save_adapter(model, work / "adapter", initial)
     del model
     diverged = train_out["diverged"]
     metrics = {} if diverged else _evaluate_saved(work / "adapter", make_base, eval_tasks, tok, settings,

@@ -14,7 +14,8 @@ from ..config import check_bool, check_choice, check_int, check_number
 from .data import CausalLMCollator, TaskData, collator_for, score_choices
 from .metrics import compute_metrics
 
-__all__ = ["TrainSettings", "DivergenceCallback", "finetune", "evaluate", "predict", "trainable_parameters"]
+__all__ = ["TrainSettings", "DivergenceCallback", "finetune", "evaluate", "predict", "trainable_parameters",
+           "per_example_correct"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +137,9 @@ def finetune(model, task: TaskData, tokenizer, settings: TrainSettings, output_d
 
 @torch.no_grad()
 def evaluate(model, task: TaskData, tokenizer, settings: TrainSettings) -> dict:
-    """The task's own metrics (:attr:`TaskData.metrics`) on ``task.test``, its size ``n`` and ``primary``
-    (the headline metric's name); each extra test set adds ``<metric>_<split>`` and ``n_<split>``.
+    """The task's own metrics (:attr:`TaskData.metrics`) on ``task.test``, its size ``n``, ``primary``
+    (the headline metric's name) and, for classification and multiple choice, ``correct`` (0/1 per test example,
+    :func:`per_example_correct`); each extra test set adds ``<metric>_<split>``, ``n_<split>`` and ``correct_<split>``.
 
     Classification predicts the argmax of the logits, regression the one output, multiple choice the
     choice of highest log-likelihood. A generation task is scored by its mean loss (``loss``).
@@ -145,13 +147,23 @@ def evaluate(model, task: TaskData, tokenizer, settings: TrainSettings) -> dict:
     model.eval()
     if task.kind == "generation":
         return _generation_loss(model, task, tokenizer, settings)
-    out = {**compute_metrics(task.metrics, *predict(model, task, task.test, tokenizer, settings)),
-           "n": len(task.test), "primary": task.metrics[0]}
+    preds, refs = predict(model, task, task.test, tokenizer, settings)
+    out = {**compute_metrics(task.metrics, preds, refs), "n": len(task.test), "primary": task.metrics[0]}
+    if task.kind != "regression":
+        out["correct"] = per_example_correct(preds, refs)
     for split, rows in task.extra_tests.items():
-        scores = compute_metrics(task.metrics, *predict(model, task, rows, tokenizer, settings))
-        out.update({f"{name}_{split}": value for name, value in scores.items()})
+        preds, refs = predict(model, task, rows, tokenizer, settings)
+        out.update({f"{name}_{split}": value for name, value in compute_metrics(task.metrics, preds, refs).items()})
         out[f"n_{split}"] = len(rows)
+        if task.kind != "regression":
+            out[f"correct_{split}"] = per_example_correct(preds, refs)
     return out
+
+
+def per_example_correct(predictions, references) -> list[int]:
+    """1 where the predicted class (or choice) equals the reference, else 0, in test-set order: what a paired
+    test between two methods on the same examples needs (:mod:`fimlora.experiments.significance`)."""
+    return [int(p == r) for p, r in zip(predictions, references, strict=True)]
 
 
 @torch.no_grad()

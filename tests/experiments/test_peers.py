@@ -1,0 +1,292 @@
+"""The peer methods of issue 22: rslora, pissa, lora_ga, gora and FIM-LoRA's ranks with their inits.
+
+Each is checked on a tiny seeded model against what the method says it does: the initial output equals the base
+output where the init rewrites W (W_res + s B A = W), the scale is the stated one, the ranks equal FIM-LoRA's
+where they should, and a save -> stock ``PeftModel.from_pretrained`` onto a fresh, unchanged base gives the
+trained model's logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fimlora.experiments.builders import reload_adapter
+from fimlora.experiments.gora import gora_b, gora_importance, gora_rank_bounds, gora_ranks
+from fimlora.experiments.methods import MethodSpec, final_rank_map, prepare_method, save_adapter
+from fimlora.modules import base_model_of
+from tests.references import cls_batches, llama_base, lm_batches, make_b_nonzero, tiny_bert
+
+TARGETS = ["q_proj", "v_proj", "gate_proj", "down_proj"]
+
+
+def spec(method, r=4, **kw):
+    return MethodSpec(method=method, r=r, lora_alpha=2 * r, target_modules=TARGETS, task_type="CAUSAL_LM", seed=0,
+                      fim={"n_batches": 3}, **kw)
+
+
+def base():
+    return llama_base(1, 64, vocab=128)
+
+
+def data():
+    return lm_batches(n_batches=3, batch_size=4, seq=8)
+
+
+def lora_layers(model):
+    from peft.tuners.lora.layer import LoraLayer
+
+    return {n: m for n, m in base_model_of(model).named_modules() if isinstance(m, LoraLayer)}
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def assert_reload_gives_trained_model(model, batches, make_base, tmp_path):
+    """Train a little, save as the harness does, reload onto a fresh (unchanged) base: same logits."""
+    from fimlora.experiments.methods import mutates_base
+
+    initial = tmp_path / "initial_adapter" if mutates_base(model) else None
+    if initial is not None:
+        model.save_pretrained(initial)
+    make_b_nonzero(model, batches, steps=2, lr=0.05)
+    want = logits(model, batches[0])
+    save_adapter(model, tmp_path / "adapter", initial)
+    got = logits(reload_adapter(make_base(), tmp_path / "adapter"), batches[0])
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+
+
+def assert_w_res_plus_sba_is_w(model, fresh):
+    """Every module: W_res + s B A equals the original W (PiSSA's and LoRA-GA's invariant)."""
+    original = dict(fresh.named_modules())
+    for name, layer in lora_layers(model).items():
+        a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+        assert torch.count_nonzero(b) > 0, name
+        w_res = layer.get_base_layer().weight.double()
+        s = layer.scaling["default"]
+        torch.testing.assert_close(w_res + s * b @ a, original[name].weight.double(), atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- rslora
+
+
+def test_rslora_scales_every_module_by_alpha_over_sqrt_r(tmp_path):
+    model, info, _ = prepare_method(spec("rslora"), base(), None)
+    layers = lora_layers(model)
+    assert layers and all(m.scaling["default"] == pytest.approx(8 / math.sqrt(4)) for m in layers.values())
+    assert model.peft_config["default"].use_rslora is True
+    assert_reload_gives_trained_model(model, data(), base, tmp_path)
+
+
+def test_fim_rslora_has_fim_ranks_and_rslora_scales():
+    batches = data()
+    fim, fim_info, _ = prepare_method(spec("fim"), base(), lambda: list(batches))
+    model, info, _ = prepare_method(spec("fim_rslora"), base(), lambda: list(batches))
+    ranks = final_rank_map(model, "fim_rslora")
+    assert len(set(ranks.values())) > 1, "test needs a non-uniform FIM pattern"
+    # At uniform rank the rsLoRA scale differs from alpha/r by one factor for every module, so the Fisher
+    # ordering, and the ranks, are FIM-LoRA's.
+    assert ranks == final_rank_map(fim, "fim")
+    for name, layer in lora_layers(model).items():
+        r_m = ranks[name]
+        alpha_m = 8 * math.sqrt(r_m / 4)  # fim scale "preserve" under rsLoRA
+        assert layer.scaling["default"] == pytest.approx(alpha_m / math.sqrt(r_m)) == pytest.approx(8 / 2)
+
+
+# ----------------------------------------------------------------------------- pissa
+
+
+def test_pissa_keeps_the_base_output_and_reloads_as_plain_lora(tmp_path):
+    batches = data()
+    model, info, _ = prepare_method(spec("pissa"), base(), None)
+    assert info["init_lora_weights"] == "pissa"
+    torch.testing.assert_close(logits(model, batches[0]), logits(base(), batches[0]), atol=1e-5, rtol=0)
+    assert_w_res_plus_sba_is_w(model, base())
+    # A and B are the top-r singular triplets: s B A is the best rank-r approximation of W.
+    for name, layer in lora_layers(model).items():
+        w = dict(base().named_modules())[name].weight.double()
+        s = layer.scaling["default"]
+        sba = s * layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()
+        u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+        torch.testing.assert_close(sba, u[:, :4] @ torch.diag(sv[:4]) @ vh[:4], atol=1e-5, rtol=0)
+    assert_reload_gives_trained_model(model, batches, base, tmp_path)
+
+
+def test_pissa_niter_takes_peft_s_fast_svd():
+    model, info, _ = prepare_method(spec("pissa", pissa={"niter": 4}), base(), None)
+    assert info["init_lora_weights"] == "pissa_niter_4"
+    assert_w_res_plus_sba_is_w(model, base())
+
+
+def test_pissa_reload_keeps_a_classifier_head(tmp_path):
+    """PEFT 0.21.2's PiSSA->LoRA conversion writes only LoRA tensors; the head (modules_to_save) must come back."""
+    batches = cls_batches(n_batches=2)
+    s = MethodSpec(method="pissa", r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS", seed=0)
+    model, _, _ = prepare_method(s, tiny_bert(0), None)
+    assert_reload_gives_trained_model(model, batches, lambda: tiny_bert(0), tmp_path)
+
+
+def test_save_adapter_refuses_a_rewritten_base_without_its_initial_adapter(tmp_path):
+    model, _, _ = prepare_method(spec("pissa"), base(), None)
+    with pytest.raises(ValueError, match="initial_directory: .*'pissa'"):
+        save_adapter(model, tmp_path / "adapter")
+
+
+def test_fim_pissa_has_fim_ranks_and_pissa_init(tmp_path):
+    batches = data()
+    fim, fim_info, _ = prepare_method(spec("fim"), base(), lambda: list(batches))
+    model, info, _ = prepare_method(spec("fim_pissa"), base(), lambda: list(batches))
+    assert final_rank_map(model, "fim_pissa") == final_rank_map(fim, "fim") == info["allocated_ranks"]
+    assert info["scores"] == fim_info["scores"]
+    torch.testing.assert_close(logits(model, batches[0]), logits(base(), batches[0]), atol=1e-5, rtol=0)
+    assert_w_res_plus_sba_is_w(model, base())
+    assert_reload_gives_trained_model(model, batches, base, tmp_path)
+
+
+# ----------------------------------------------------------------------------- lora_ga
+
+
+def reference_mean_gradient(batches):
+    """(1/N) sum_b dL_b/dW for every target weight of a fresh base, by plain autograd (one backward per batch)."""
+    model = base().train()
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in TARGETS]
+    weights = [model.get_submodule(n).weight for n in names]
+    acc = [torch.zeros_like(w, dtype=torch.float64) for w in weights]
+    for batch in batches:
+        for a, g in zip(acc, torch.autograd.grad(model(**batch).loss, weights)):
+            a += g.double()
+    return {n: a / len(batches) for n, a in zip(names, acc)}
+
+
+def test_lora_ga_keeps_the_base_output_aligns_with_the_gradient_and_reloads(tmp_path):
+    batches = data()
+    model, info, _ = prepare_method(spec("lora_ga"), base(), lambda: list(batches))
+    assert info["lora_ga_batches"] == len(batches)
+    torch.testing.assert_close(logits(model, batches[0]), logits(base(), batches[0]), atol=1e-5, rtol=0)
+    assert_w_res_plus_sba_is_w(model, base())
+    grads = reference_mean_gradient(batches)
+    for name, layer in lora_layers(model).items():
+        # ArB2r: A's rows are the gradient's top-r right singular vectors (up to sign and the randomised SVD).
+        a = layer.lora_A["default"].weight.double()
+        _, _, vh = torch.linalg.svd(grads[name], full_matrices=False)
+        top = vh[:4]
+        captured = torch.linalg.matrix_norm(a @ top.T) ** 2 / torch.linalg.matrix_norm(a) ** 2
+        assert captured > 0.99, (name, float(captured))
+    assert_reload_gives_trained_model(model, batches, base, tmp_path)
+
+
+# ----------------------------------------------------------------------------- gora
+
+
+def test_gora_importance_is_the_mean_absolute_product_of_weight_and_gradient():
+    w = torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.0, -1.0]])
+    g = torch.tensor([[0.5, 0.25, -4.0], [-1.0, 7.0, 2.0]])
+    total = 0.0
+    for i in range(2):
+        for j in range(3):
+            total += abs(float(w[i, j]) * float(g[i, j]))
+    assert gora_importance(w, g) == pytest.approx(total / 6)  # (0.5 + 0.5 + 2 + 3 + 0 + 2) / 6
+
+
+def test_gora_ranks_split_the_parameter_budget_by_normalised_importance_then_clamp():
+    # T = (4 + 4 + 8) * 2 = 32; p = 6/8, 1/8, 1/8 -> round(T p) = 24, 4, 4 -> // f = 6, 1, 0 -> clamp [1, 8]
+    ranks = gora_ranks({"a": 6.0, "b": 1.0, "c": 1.0}, {"a": 4, "b": 4, "c": 8}, r=2, r_min=1, r_max=8)
+    assert ranks == {"a": 6, "b": 1, "c": 1}
+    assert gora_ranks({"a": 6.0, "b": 1.0, "c": 1.0}, {"a": 4, "b": 4, "c": 8}, r=2, r_min=1, r_max=4)["a"] == 4
+    # round is Python's (half to even): T p = 2.5 -> 2, so 2 // 1 = 2 and 7.5 -> 8
+    assert gora_ranks({"a": 1.0, "b": 3.0}, {"a": 1, "b": 1}, r=5, r_min=0, r_max=99) == {"a": 2, "b": 8}
+    assert gora_rank_bounds(8) == (4, 32) and gora_rank_bounds(1) == (1, 4)
+    with pytest.raises(ValueError, match="gora: importances must have a positive sum"):
+        gora_ranks({"a": 0.0}, {"a": 4}, r=2, r_min=1, r_max=4)
+
+
+def test_gora_b_is_the_reference_code_s_compress_init():
+    """GoRA's L170-182 written out literally (scale_by_lr, rank_stablize, dynamic_scaling), in float64."""
+    g = torch.Generator().manual_seed(0)
+    a, grad = torch.randn(2, 5, generator=g), torch.randn(3, 5, generator=g)
+    alpha, lr, r, d_in = 4.0, 0.05, 2, 5
+    scale_rank = math.sqrt(r)  # dynamic scaling (real rank), rank_stablize (sqrt)
+    s = alpha / scale_rank
+    a64 = a.double()
+    aat_inv = torch.linalg.pinv(a64 @ a64.T + 1e-8 * torch.eye(r, dtype=torch.float64))
+    stable_gemma = (lr / math.sqrt(r / d_in)) * scale_rank
+    want = grad.double() @ (a64.T @ aat_inv) * (stable_gemma / alpha)
+    b = gora_b(grad, a, s, lr)
+    torch.testing.assert_close(b.double(), want, atol=1e-5, rtol=1e-5)
+    # s B A = eta sqrt(d_in / r) G A^+ A: the gradient projected onto A's row space
+    proj = a64.T @ torch.linalg.inv(a64 @ a64.T) @ a64
+    torch.testing.assert_close(s * b.double() @ a64, lr * math.sqrt(d_in / r) * grad.double() @ proj,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_gora_method_ranks_b_scale_and_reload(tmp_path):
+    batches = data()
+    s = spec("gora", gora={"n_batches": 2})
+    model, info, _ = prepare_method(s, base(), lambda: list(batches))
+    grads = reference_mean_gradient(batches[:2])
+    fresh = dict(base().named_modules())
+    importances = {n: float(torch.mean(torch.abs(fresh[n].weight.detach().double() * g))) for n, g in grads.items()}
+    features = {n: sum(fresh[n].weight.shape) for n in grads}
+    want = gora_ranks(importances, features, r=4, r_min=2, r_max=16)
+    assert info["allocated_ranks"] == want == final_rank_map(model, "gora")
+    assert len(set(want.values())) > 1, "test needs a non-uniform GoRA pattern"
+    assert info["gora_rank_bounds"] == [2, 16] and info["params_spent"] == sum(want[n] * features[n] for n in want)
+    for name, layer in lora_layers(model).items():
+        r_m = want[name]
+        assert layer.scaling["default"] == pytest.approx(8 / math.sqrt(r_m))  # one alpha, rsLoRA scale
+        a = layer.lora_A["default"].weight
+        torch.testing.assert_close(layer.lora_B["default"].weight.double(),
+                                   gora_b(grads[name].float(), a, layer.scaling["default"]).double(),
+                                   atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(layer.get_base_layer().weight, fresh[name].weight)  # W untouched
+    # B != 0 at init: a stock reload of the untrained adapter must already give the same logits
+    model.save_pretrained(tmp_path / "init")
+    torch.testing.assert_close(logits(reload_adapter(base(), tmp_path / "init"), batches[0]),
+                               logits(model, batches[0]), atol=1e-6, rtol=0)
+    assert_reload_gives_trained_model(model, batches, base, tmp_path)
+
+
+def test_fim_gora_has_fim_ranks_and_gora_b(tmp_path):
+    batches = data()
+    fim, fim_info, _ = prepare_method(spec("fim"), base(), lambda: list(batches))
+    model, info, _ = prepare_method(spec("fim_gora", gora={"n_batches": 3}), base(), lambda: list(batches))
+    ranks = final_rank_map(model, "fim_gora")
+    assert ranks == final_rank_map(fim, "fim") == info["allocated_ranks"] and info["scores"] == fim_info["scores"]
+    grads = reference_mean_gradient(batches)
+    for name, layer in lora_layers(model).items():
+        s_m = layer.scaling["default"]
+        assert s_m == pytest.approx(8 / 4)  # fim's preserve rule: alpha_m / r_m = alpha / r
+        torch.testing.assert_close(layer.lora_B["default"].weight.double(),
+                                   gora_b(grads[name].float(), layer.lora_A["default"].weight, s_m).double(),
+                                   atol=1e-6, rtol=1e-4)
+    assert_reload_gives_trained_model(model, batches, base, tmp_path)
+
+
+def test_a_pissa_run_s_kept_adapter_reloads_onto_the_unchanged_base(tmp_path):
+    """Through the sweep: the saved PiSSA adapter is plain LoRA (rank 2 r, head included), and a stock reload onto
+    a fresh base scores exactly what the run recorded, example by example."""
+    import json
+
+    from peft import PeftModel
+
+    from fimlora.experiments.builders import build_base_model
+    from fimlora.experiments.data import load_task
+    from fimlora.experiments.models import load_tokenizer
+    from fimlora.experiments.sweep import run_sweep
+    from fimlora.experiments.train import TrainSettings, evaluate
+    from tests.experiments.test_sweep import base_cfg
+
+    cfg = base_cfg(methods=["pissa"], seeds=[1], keep_adapters=True)
+    assert run_sweep(cfg, tmp_path, progress=False)["ok"] == 1
+    record = json.loads((tmp_path / "trec6__pissa__r2__s1.json").read_text())
+    adapter = tmp_path / "adapters" / "trec6__pissa__r2__s1"
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    assert saved["init_lora_weights"] is True and saved["r"] == 4  # converted: [B | -B0] [A ; A0]
+    task = load_task("trec6", seed=0, max_train=64, max_test=32)
+    reloaded = PeftModel.from_pretrained(build_base_model("minilm", task, 1, seed=1), adapter)
+    again = evaluate(reloaded, task, load_tokenizer("minilm"), TrainSettings(max_length=32, progress=False))
+    assert again == record["metrics"]["trec6"] and len(again["correct"]) == 32
