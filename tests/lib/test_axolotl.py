@@ -75,8 +75,9 @@ def write_config(assets, out, name, probe=False, **over):
 
 
 def axolotl(*args, probe_batches=0):
+    # LOG_LEVEL=INFO: axolotl shows other packages' log records (fimlora's) at WARNING and above only by default.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1",
-           "OMP_NUM_THREADS": "1", "FIMLORA_PROBE_BATCHES": str(probe_batches),
+           "LOG_LEVEL": "INFO", "OMP_NUM_THREADS": "1", "FIMLORA_PROBE_BATCHES": str(probe_batches),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=600)
@@ -88,16 +89,20 @@ def base(assets):
     return AutoModelForCausalLM.from_pretrained(assets / "model").eval()
 
 
-def test_axolotl_run_equals_apply_fim_ranks_on_its_batches_and_reloads_with_stock_peft(assets):
-    out = assets / "out_exact"
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "sample_packing"])
+def test_axolotl_run_equals_apply_fim_ranks_on_its_batches_and_reloads_with_stock_peft(assets, packing):
+    out = assets / f"out_exact_{packing}"
     # learning_rate 0: the saved adapter is the resized one as training started (AdamW moves nothing).
-    log = axolotl("axolotl.cli.train", write_config(assets, out, "exact", probe=True, learning_rate=0.0),
-                  probe_batches=SETTINGS["n_batches"])
-    assert "fimlora calibration" in log
+    cfg = write_config(assets, out, f"exact_{packing}", probe=True, learning_rate=0.0, sample_packing=packing,
+                       pad_to_sequence_len=packing)
+    log = axolotl("axolotl.cli.train", cfg, probe_batches=SETTINGS["n_batches"])
+    assert "fimlora calibration" in log and "fimlora: calibrate (no checkpoint and no rank map" in log
     for name in ("rank_map.json", "rank_map.png", FRAGMENT, "adapter_config.json", "adapter_model.safetensors"):
         assert (out / name).is_file(), name
     probe = torch.load(out / "probe.pt", weights_only=False)
     ref, batches = get_peft_model(base(assets), probe["config"]), probe["batches"]
+    # Packed rows carry position_ids that restart at each example: the batches are axolotl's, not ours.
+    assert ("position_ids" in batches[0]) == packing
     ref.load_state_dict(probe["state"])  # strict: the same modules, and axolotl's initial A
     ref_alloc = fimlora.apply_fim_ranks(ref, batches, config=fimlora.FimConfig(**SETTINGS, progress=False))
     saved = fimlora.RankAllocation.from_json(out / "rank_map.json")
@@ -135,6 +140,7 @@ def test_training_resume_and_merge_keep_the_calibrated_ranks(assets):
     resumed = axolotl("axolotl.cli.train", write_config(assets, out, "resume", fimlora=settings,
                                                         resume_from_checkpoint=str(out / "checkpoint-2")))
     assert "fimlora calibration" not in resumed  # loaded the saved ranks instead
+    assert f"fimlora: load (resuming from {out / 'checkpoint-2'})" in resumed
     assert (out / "rank_map.json").read_bytes() == rank_map
     again = load_file(out / "adapter_model.safetensors")
     assert sorted(again) == sorted(done)
@@ -158,3 +164,13 @@ def test_a_bad_setting_fails_config_validation_with_fimconfigs_error(assets):
     assert proc.returncode != 0
     assert "fimlora.r_min: must be >= 0, got -1" in proc.stdout + proc.stderr
     assert not (assets / "out_bad" / "rank_map.json").exists()
+
+
+def test_qlora_run_calibrates_and_saves_the_allocated_adapter(assets):
+    out = assets / "out_qlora"
+    axolotl("axolotl.cli.train", write_config(assets, out, "qlora", adapter="qlora", load_in_4bit=True))
+    alloc = fimlora.RankAllocation.from_json(out / "rank_map.json")
+    tensors = load_file(out / "adapter_model.safetensors")
+    assert {k: v.shape[0] for k, v in tensors.items() if "lora_A" in k} == {
+        f"base_model.model.{n}.lora_A.weight": r for n, r in alloc.ranks.items()}
+    assert json.loads((out / "adapter_config.json").read_text())["rank_pattern"] == alloc.ranks
