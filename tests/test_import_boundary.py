@@ -19,9 +19,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "fimlora"
-OPTIONAL = ("matplotlib", "yaml", "pyarrow", "gguf", "datasets")
+OPTIONAL = ("matplotlib", "yaml", "pyarrow", "gguf", "datasets", "axolotl", "llamafactory")
 # Outside the library: the harness subpackage and the CLI that dispatches to both.
 NOT_LIBRARY = ("experiments", "cli.py")
+# The axolotl plugin subclasses axolotl's BasePlugin, so importing it imports axolotl; axolotl imports it by the
+# name in its config's `plugins:` list, and no other module may import it (or axolotl).
+PLUGINS = {"fimlora.integrations.axolotl": "axolotl"}
 
 
 def library_modules() -> list[Path]:
@@ -38,16 +41,18 @@ def run_python(code: str, blocked=OPTIONAL, timeout=600) -> subprocess.Completed
 
 def test_import_fimlora_loads_no_harness_no_cli_and_no_optional_package():
     names = [".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts) for p in library_modules()]
-    names = [n.removesuffix(".__init__") for n in names]
+    names = [n.removesuffix(".__init__") for n in names if n.removesuffix(".__init__") not in PLUGINS]
     # fimlora.integrations imports transformers, which imports PyYAML through huggingface_hub: unblock it last.
-    first = [n for n in names if n != "fimlora.integrations"]
+    first = [n for n in names if not n.startswith("fimlora.integrations")]
+    last = [n for n in names if n.startswith("fimlora.integrations")]
     code = ("import json, importlib\n" + "".join(f"importlib.import_module({n!r})\n" for n in first)
-            + "del sys.modules['yaml']\nimportlib.import_module('fimlora.integrations')\n"
+            + "del sys.modules['yaml']\n" + "".join(f"importlib.import_module({n!r})\n" for n in last)
             + "print(json.dumps(sorted(m for m in sys.modules if m.startswith('fimlora'))))\n")
     proc = run_python(code)
     assert proc.returncode == 0, proc.stderr[-3000:]
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "fimlora.integrations" in loaded and "fimlora.api" in loaded  # the whole library was imported
+    assert "fimlora.integrations.axolotl_rules" in loaded and not set(PLUGINS) & set(loaded)
     assert [m for m in loaded if m.startswith(("fimlora.experiments", "fimlora.cli"))] == []
 
 
@@ -68,6 +73,14 @@ def _imports(path: Path) -> list[str]:
 @pytest.mark.parametrize("path", library_modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_library_module_never_imports_the_harness_or_the_cli(path):
     bad = [m for m in _imports(path) if m.startswith(("fimlora.experiments", "fimlora.cli"))]
+    assert bad == []
+
+
+@pytest.mark.parametrize("path", library_modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_only_the_plugin_modules_import_their_tool(path):
+    module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+    tools = {"axolotl", "llamafactory"} - {PLUGINS.get(module)}
+    bad = [m for m in _imports(path) if m.split(".")[0] in tools or m in PLUGINS]
     assert bad == []
 
 

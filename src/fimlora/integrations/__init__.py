@@ -1,4 +1,5 @@
-"""One call that makes a Hugging Face ``Trainer`` run FIM-LoRA before training.
+"""One call that makes a Hugging Face ``Trainer`` run FIM-LoRA before training (and, in
+:mod:`fimlora.integrations.axolotl`, an axolotl plugin built on it).
 
     trainer = Trainer(model=peft_model, args=args, train_dataset=ds, data_collator=collator)
     fimlora.integrations.calibrate_trainer(trainer, n_batches=8)
@@ -26,12 +27,18 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from .allocation import RankAllocation
-from .api import apply_fim_ranks, resolve_config
-from .config import FimConfig
-from .distributed import is_main_process
+from ..allocation import RankAllocation
+from ..api import apply_fim_ranks, resolve_config
+from ..config import FimConfig
+from ..distributed import is_main_process
 
-__all__ = ["calibrate_trainer", "RankMapLoggerCallback", "preserved_rng", "warn_if_single_cpu_process"]
+__all__ = [
+    "calibrate_trainer",
+    "check_no_optimizer",
+    "RankMapLoggerCallback",
+    "preserved_rng",
+    "warn_if_single_cpu_process",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +75,7 @@ class RankMapLoggerCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return control
-        from .rankmap import format_rank_table
+        from ..rankmap import format_rank_table
 
         table = format_rank_table(self.allocation)
         for cb in self.trainer_callbacks:
@@ -130,6 +137,15 @@ def _unwrapped(model):
     return getattr(model, "module", model)
 
 
+def check_no_optimizer(trainer, what: str = "calibrate_trainer") -> None:
+    """Refuse a trainer whose optimizer exists: it would keep updating the old (replaced) LoRA parameters."""
+    if trainer.optimizer is not None:
+        raise ValueError(
+            f"trainer: an optimizer already exists and would keep the old LoRA parameters; call {what} "
+            "before trainer.train() and without passing optimizers=(...) to the Trainer"
+        )
+
+
 def calibrate_trainer(trainer, config: FimConfig | None = None, save: bool = True, allow_trained: bool = False,
                       **kwargs) -> RankAllocation:
     """Calibrate and resize ``trainer.model`` on the trainer's own first training batches.
@@ -140,11 +156,7 @@ def calibrate_trainer(trainer, config: FimConfig | None = None, save: bool = Tru
     and logged to the configured trackers when training starts. A trained adapter
     (non-zero LoRA-B) is refused unless ``allow_trained=True`` (see :func:`fimlora.apply_fim_ranks`).
     """
-    if trainer.optimizer is not None:
-        raise ValueError(
-            "trainer: an optimizer already exists and would keep the old LoRA parameters; call "
-            "calibrate_trainer before trainer.train() and without passing optimizers=(...) to the Trainer"
-        )
+    check_no_optimizer(trainer)
     if config is None:
         kwargs.setdefault("progress", not trainer.args.disable_tqdm)
     config = resolve_config(config, kwargs)
@@ -159,7 +171,7 @@ def calibrate_trainer(trainer, config: FimConfig | None = None, save: bool = Tru
                                       "world_size": trainer.args.world_size}
     png = None
     if save and is_main_process():
-        from .rankmap import format_rank_table, save_rank_map
+        from ..rankmap import format_rank_table, save_rank_map
 
         out = Path(trainer.args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
