@@ -43,6 +43,9 @@ def test_calibrate_writes_adapter_rank_map_and_table(calibrated):
     rank_map = json.loads((out / "rank_map.json").read_text())
     assert sum(rank_map["ranks"].values()) == rank_map["budget"] == 16
     assert rank_map["settings"]["estimator"] == "per_example"
+    # what the adapter cannot record itself: the class order behind the head, and the cut model it was made on
+    assert len(rank_map["settings"]["label_names"]) == 2 and rank_map["settings"]["n_layers"] == 2
+    assert "the adapter was made on minilm cut to its first 2 layers" in proc.stderr
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert cfg["rank_pattern"] == rank_map["ranks"]
     assert "mean rank by type" in proc.stdout and "query" in proc.stdout
@@ -130,17 +133,20 @@ def test_hub_data_without_datasets_names_the_extra(capsys, tmp_path, monkeypatch
     assert code == 2 and "pip install 'fimlora[hf]'" in err
 
 
-def test_model_folder_without_tokenizer_is_refused(capsys, tmp_path):
+@pytest.mark.parametrize("alias", ["minilm", "smollm2"])
+def test_model_folder_without_tokenizer_is_refused(capsys, tmp_path, alias):
+    """BERT's tokenizer class builds a vocabulary of special tokens alone; Llama's fails in transformers."""
     from fimlora.experiments.models import resolve_model
 
-    src = Path(resolve_model("minilm"))
+    src = Path(resolve_model(alias))
     model = tmp_path / "bare-model"
     model.mkdir()
     for name in ("config.json", "model.safetensors"):
         (model / name).symlink_to(src / name)
     code, err = main_exit(capsys, "calibrate", "--model", str(model), "--n-layers", "1", "--data", "trec6",
                           "--out", str(tmp_path / "o"))
-    assert code == 2 and "has no usable tokenizer" in err, err
+    assert code == 2 and f"model: {model} has no usable tokenizer" in err, err
+    assert "sentencepiece" not in err
     assert not (tmp_path / "o").exists()
 
 
@@ -167,6 +173,29 @@ def test_calibrate_replaces_out_only_with_overwrite_and_atomically(calibrated, t
     assert main(["calibrate", *args, "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "rank_map.json", "rank_map.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("where", ["data", "model"])
+def test_overwrite_never_deletes_the_inputs(tmp_path, capsys, where):
+    """--out holding the --data file (or the --model folder): replacing it would delete what the run reads."""
+    from fimlora.cli import main
+
+    out = tmp_path / "work"
+    out.mkdir()
+    data = out / "train.jsonl" if where == "data" else tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"text {i}", "label": i % 2}) + "\n" for i in range(40)))
+    model = "minilm"
+    if where == "model":
+        model = str(out / "my-model")
+        (out / "my-model").mkdir()
+        (out / "my-model" / "config.json").write_text("{}")
+    code = main(["calibrate", "--model", model, "--data", str(data), "--out", str(out), "--overwrite",
+                 "--no-progress"])
+    held = data if where == "data" else out / "my-model"
+    assert code == 2
+    assert f"out: {out} holds the input {held.resolve()}; writing there (--overwrite replaces the whole folder) " \
+           "would delete it" in capsys.readouterr().err
+    assert held.exists() and data.exists()
 
 
 def test_demo_small(tmp_path):

@@ -7,6 +7,7 @@ import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 __all__ = ["atomic_write_text", "atomic_directory", "check_output_dir", "package_versions"]
@@ -42,15 +43,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike, overwrite: bool = False):
+def atomic_directory(target: str | os.PathLike, overwrite: bool = False, inputs: Iterable = ()):
     """Yield a temporary folder beside ``target``; on success it replaces ``target`` in one rename.
 
     A crash or an exception inside the block leaves ``target`` exactly as it was (the temporary
     folder is removed). ``target`` must not exist, be an empty folder, or ``overwrite`` must be set;
     it is checked before the block runs, so no work is spent on an output that would be refused.
+    ``inputs``: the files and folders the work reads, which ``overwrite`` must never delete.
     """
     target = Path(target)
-    check_output_dir(target, overwrite)
+    check_output_dir(target, overwrite, inputs)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~_umask())
@@ -68,13 +70,22 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False):
         raise
 
 
-def check_output_dir(target: str | os.PathLike, overwrite: bool = False) -> None:
-    """Refuse an output folder that is a file, or a non-empty folder without ``overwrite``."""
+def check_output_dir(target: str | os.PathLike, overwrite: bool = False, inputs: Iterable = ()) -> None:
+    """Refuse an output folder that is a file, a non-empty folder without ``overwrite``, or one that is or holds
+    any of ``inputs`` (the data, model or adapter the work reads), which replacing it would delete."""
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise ValueError(f"out: {target} exists and is not a folder")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise ValueError(f"out: {target} is not empty; choose a new folder or pass --overwrite to replace it")
+    resolved = target.expanduser().resolve()
+    for item in inputs:
+        if item is None or not Path(item).expanduser().exists():
+            continue  # a bundled task or hub name is not a path
+        path = Path(item).expanduser().resolve()
+        if path == resolved or resolved in path.parents:
+            raise ValueError(f"out: {target} holds the input {path}; writing there (--overwrite replaces the whole "
+                             "folder) would delete it; choose another output folder")
 
 
 def package_versions() -> dict[str, str]:

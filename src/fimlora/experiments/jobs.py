@@ -176,7 +176,8 @@ def run_calibrate(job: CalibrateJob) -> CalibrateResult:
     from ..api import apply_fim_ranks
 
     out = Path(job.out).expanduser()
-    check_output_dir(out, job.overwrite)
+    inputs = (job.data, job.model)
+    check_output_dir(out, job.overwrite, inputs)
     # A user's file is all training data here: calibration never evaluates, so nothing is held out.
     # A bundled task keeps its recorded split, so its test part stays unseen.
     test_fraction = 0.0 if is_user_file(job.data) else None
@@ -194,9 +195,16 @@ def run_calibrate(job: CalibrateJob) -> CalibrateResult:
     start = time.perf_counter()
     allocation = apply_fim_ranks(model, loader, config=job.fim_config())
     seconds = time.perf_counter() - start
+    # What the adapter cannot say itself: the labels' order behind the classifier's outputs, and a model cut to its
+    # first n_layers (adapter_config.json names the whole model, on which the cut-off layers get no adapter).
     allocation.settings.update({"model": job.model, "data": job.data, "calibration_seconds": seconds,
-                                "data_meta": task.meta, "quantization": job.quantization, "use_dora": job.use_dora})
-    with atomic_directory(out, overwrite=job.overwrite) as tmp:
+                                "data_meta": task.meta, "quantization": job.quantization, "use_dora": job.use_dora,
+                                "n_layers": job.n_layers, "label_names": task.label_names})
+    if job.n_layers is not None:
+        logger.warning("model: the adapter was made on %s cut to its first %d layers; it fits that cut model, "
+                       "not the whole one its adapter_config.json names (whose other layers it leaves un-adapted)",
+                       job.model, job.n_layers)
+    with atomic_directory(out, overwrite=job.overwrite, inputs=inputs) as tmp:
         model.save_pretrained(tmp / "adapter")
         files, notes = save_rank_map(allocation, tmp)
     files = [out / "adapter"] + [out / f.name for f in files]

@@ -134,14 +134,20 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     path = resolve_model(name)
-    tok = AutoTokenizer.from_pretrained(path)
-    # A folder without tokenizer files still "loads": transformers builds a tokenizer of the special
+    no_tokenizer = (f"model: {path} has no usable tokenizer ({{}}); copy the model's tokenizer files "
+                    "(tokenizer.json or vocab.txt/tokenizer.model and tokenizer_config.json) into the folder")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        # A local folder without tokenizer files fails deep in transformers with advice about converters that
+        # does not apply; what is missing is the files. A hub name's error (network, no such repo) stays as it is.
+        if Path(path).is_dir():
+            raise ValueError(no_tokenizer.format(f"transformers could not build one: {str(e).splitlines()[0]}")) from e
+        raise
+    # A folder without tokenizer files can also "load": transformers builds a tokenizer of the special
     # tokens alone, and every word becomes [UNK]. Nothing useful can be calibrated on that.
     if len(tok) < MIN_VOCABULARY:
-        raise ValueError(
-            f"model: {path} has no usable tokenizer (a vocabulary of {len(tok)} tokens); copy the model's "
-            "tokenizer files (tokenizer.json or vocab.txt/tokenizer.model and tokenizer_config.json) into the folder"
-        )
+        raise ValueError(no_tokenizer.format(f"a vocabulary of {len(tok)} tokens"))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
