@@ -221,6 +221,23 @@ def read_lora_tensors(weights: Path) -> tuple[LoraShapes, list[str]]:
     return shapes, problems
 
 
+def module_shapes(model) -> dict[str, tuple[int, int] | None]:
+    """Every module of a loaded ``torch`` model: name -> (d_in, d_out) for linear-like modules (``nn.Linear``,
+    GPT-2's ``Conv1D``), None for the rest; the ``base_modules`` that :func:`check_adapter` takes."""
+    import torch
+
+    shapes: dict[str, tuple[int, int] | None] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            shapes[name] = (int(module.in_features), int(module.out_features))
+        elif type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+            d_in, d_out = module.weight.shape
+            shapes[name] = (int(d_in), int(d_out))
+        else:
+            shapes[name] = None
+    return shapes
+
+
 def _as_base_shapes(base_modules: BaseShapes | Iterable[str] | None) -> BaseShapes | None:
     if base_modules is None or isinstance(base_modules, Mapping):
         return base_modules
@@ -307,6 +324,53 @@ def dora_problems(cfg: dict, shapes: LoraShapes) -> list[str]:
             problems.append(f"{name}: lora_magnitude_vector has shape {list(m_shape)} but lora_B has d_out "
                             f"{b_shape[0]}; loading fails with a size mismatch")
     return problems
+
+
+def _is_leaf(name: str, names: set[str]) -> bool:
+    return not any(other.startswith(name + ".") for other in names)
+
+
+def _peft_internal(name: str) -> bool:
+    """A name inside a PEFT-wrapped model (lora_A, base_layer, ...), not a module of the base model."""
+    return any(part.startswith("lora_") or part in ("base_layer", "modules_to_save", "original_module")
+               for part in name.split("."))
+
+
+def untargeted_problems(cfg: dict, shapes: LoraShapes, base: BaseShapes) -> list[str]:
+    """Base modules the config's targeting selects (PEFT's own rule) for which the adapter has no LoRA tensors.
+
+    PEFT's from_pretrained adds a fresh adapter (B = 0) to each, so the adapter still loads but those modules are
+    un-adapted: the usual cause is an adapter made on a model cut to fewer layers, loaded onto the full model.
+    Modules dropped at rank 0 are not in target_modules after the drop, so they are not reported.
+    """
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    fields = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save")
+    if not cfg.get("target_modules"):
+        return []
+    try:
+        config = LoraConfig(**{k: cfg[k] for k in fields if cfg.get(k) is not None})
+    except (TypeError, ValueError):  # a config PEFT itself refuses; nothing to compare with
+        return []
+    names = {n for n in base if n and not _peft_internal(n)}
+    adapted = set(shapes)
+    missing = []
+    for name in sorted(names):
+        if name in adapted or not _is_leaf(name, names):
+            continue
+        # The base lists names both bare and with the task model's prefix; the adapter holds one form.
+        if any(a.endswith("." + name) or name.endswith("." + a) for a in adapted):
+            continue
+        if check_target_module_exists(config, name):
+            missing.append(name)
+    # A name missing in both forms counts once (the longer, prefixed one).
+    missing = [n for n in missing if not any(o.endswith("." + n) for o in missing)]
+    if not missing:
+        return []
+    return [f"{len(missing)} base module(s) match target_modules but have no LoRA tensors in the adapter (e.g. "
+            f"{missing[0]}): PEFT would add fresh zero adapters there; was the adapter made on a model cut to fewer "
+            "layers (--n-layers)? give that model as the base"]
 
 
 # ----------------------------------------------------------------------------- step 4: ranks and scales
@@ -524,6 +588,8 @@ def check_adapter(path: str | Path, base_modules: BaseShapes | Iterable[str] | N
     report.problems += non_finite
     base = _as_base_shapes(base_modules)
     report.problems += tensor_problems(shapes, base)
+    if base is not None:
+        report.problems += untargeted_problems(cfg, shapes, base)
     report.problems += dora_problems(cfg, shapes)
     bad_config = config_problems(cfg)
     if bad_config:

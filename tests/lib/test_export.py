@@ -130,12 +130,30 @@ def test_merged_export_gives_peft_logits(tmp_path, ids):
     assert json.loads((tmp_path / "out" / EXPORT_RECORD).read_text())["engine"] == "merged"
 
 
+def test_merged_export_refuses_a_base_with_more_layers_than_the_adapter(tmp_path):
+    """An adapter made on a 2-layer cut would merge onto 4 layers with layers 2-3 un-adapted: refused."""
+    src, _ = trained_adapter(tmp_path)
+    with pytest.raises(ValueError, match=r"fails `fimlora check` against base_model .*28 base module\(s\) match "
+                                         r"target_modules but have no LoRA tensors .*give that model as the base"):
+        fimlora.export_adapter(src, "merged", tmp_path / "out", base_model=tiny_llama(layers=6))
+    assert not (tmp_path / "out").exists()
+
+
+def test_merged_export_onto_another_model_names_base_model(tmp_path):
+    src, _ = trained_adapter(tmp_path)
+    with pytest.raises(ValueError, match=r"base_model: .* has none of the adapter's target modules \(target_modules="
+                                         r".*q_proj.*; give the model the adapter was made for"):
+        fimlora.export_adapter(src, "merged", tmp_path / "out", base_model=tiny_bert())
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_after_dropping_modules(tmp_path, ids):
     src, model = trained_adapter(tmp_path, r_min=0, budget_unit="params", budget_fraction=0.5)
     kept = {i.name for i in lora_modules(model)}
     assert len(kept) < 14  # some modules were dropped: absent from target_modules and the tensors
     fimlora.export_adapter(src, "llama.cpp", tmp_path / "out")
     assert set(compute_export(tmp_path / "out", "peft").ranks) == kept
+    fimlora.export_adapter(src, "merged", tmp_path / "merged", base_model=tiny_llama())  # dropped: not "missing"
     assert (engine_logits(tmp_path / "out", "llama.cpp", ids) - reference_logits(model, ids)).abs().max() < TOL
 
 
