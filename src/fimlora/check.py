@@ -579,6 +579,13 @@ def check_adapter(path: str | Path, base_modules: BaseShapes | Iterable[str] | N
         check_choice("serve", serve, SERVE_ENGINES)
     path = Path(path)
     report = CheckReport(str(path))
+    if not path.exists():
+        report.problems.append(f"{path}: does not exist")
+        return report
+    if not path.is_dir():
+        report.problems.append(f"{path}: is not a folder (a PEFT adapter is a folder with {CONFIG_NAME} and "
+                               f"{WEIGHTS_NAME})")
+        return report
     try:
         cfg = read_adapter_config(path / CONFIG_NAME)
         shapes, non_finite = read_lora_tensors(path / WEIGHTS_NAME)

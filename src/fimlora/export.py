@@ -292,6 +292,9 @@ def export_adapter(path: str | Path, engine: str, out: str | Path, *, base_model
     ``overwrite``; it is written into a temporary folder and renamed into place. Returns the plan written.
     """
     src = Path(path)
+    if src.exists() and (Path(out).resolve() == src.resolve() or Path(out).resolve() in src.resolve().parents):
+        raise ValueError(f"out: {out} is the source adapter folder {src} or contains it; writing there would replace "
+                         "the adapter being exported: choose another folder")
     base_modules = base_name = None
     if engine == "merged":
         if base_model is None:

@@ -194,6 +194,27 @@ def test_export_output_rules(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+def test_export_refuses_out_that_is_or_contains_the_source(tmp_path):
+    src, _ = trained_adapter(tmp_path)
+    before = (src / "adapter_model.safetensors").read_bytes()
+    for out in (src, tmp_path, src / ".." / src.name):
+        with pytest.raises(ValueError, match=rf"out: {out} is the source adapter folder {src} or contains it"):
+            fimlora.export_adapter(src, "vllm", out, overwrite=True)
+    assert (src / "adapter_model.safetensors").read_bytes() == before
+    fimlora.export_adapter(src, "peft", src / "copy")  # a folder inside the source does not replace it
+
+
+def test_missing_adapter_folder_is_named(tmp_path):
+    from fimlora.cli import main
+
+    missing = tmp_path / "doesnotexist"
+    report = check_adapter(missing)
+    assert report.problems == [f"{missing}: does not exist"]
+    with pytest.raises(ValueError, match=f"adapter: {missing}: does not exist"):
+        fimlora.export_adapter(missing, "vllm", tmp_path / "out")
+    assert main(["check", str(missing)]) == 1
+
+
 def test_export_refuses_an_adapter_that_fails_check(tmp_path):
     src, _ = trained_adapter(tmp_path)
     cfg = json.loads((src / "adapter_config.json").read_text())
