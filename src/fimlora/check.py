@@ -21,7 +21,8 @@ Each engine's scale rule, read from its source (one helper, :func:`served_scales
   vLLM >= 0.32 resolves both patterns per module like PEFT (``PEFTHelper.get_rank_and_scaling``,
   used by ``LoRALayerWeights.from_config`` in ``vllm/lora/lora_weights.py``). It refuses DoRA,
   LoRA bias, base-changing inits and ``modules_to_save`` (<= 0.30: any; >= 0.31: other than
-  ``classifier``/``score``) in ``PEFTHelper._validate_features``.
+  ``classifier``/``score``) in ``PEFTHelper._validate_features``. A classifier/score head alone is not counted as
+  a refusal (0.31 and later load it, for classification models); a note says so.
 * llama.cpp (and Ollama, LM Studio, which embed it): ``convert_lora_to_gguf.py`` writes one
   ``adapter.lora.alpha`` = lora_alpha and reads neither alpha_pattern nor use_rslora; at run time
   each tensor gets s_m = alpha / r_m with r_m its own rank (``llama_adapter_lora_weight::get_scale``,
@@ -478,6 +479,15 @@ def served_scales(cfg: dict, ranks: Mapping[str, int], engine: str) -> dict[str,
     return {n: lora_scaling(alpha0, r, False) if alpha0 else 1.0 for n, r in ranks.items()}
 
 
+# modules_to_save entries vLLM >= 0.31 loads (the heads of classification models); any other entry is refused.
+VLLM_HEADS = ("classifier", "score")
+
+
+def only_classifier_heads(saved) -> bool:
+    """Whether ``modules_to_save`` is non-empty and holds only heads vLLM >= 0.31 loads (classifier, score)."""
+    return bool(saved) and all(str(m).split(".")[-1] in VLLM_HEADS for m in saved)
+
+
 def engine_refusals(cfg: dict, ranks: Mapping[str, int], engine: str) -> list[str]:
     """Why ``engine`` will not load the adapter at all (each reason names the field and value); [] if it loads."""
     check_choice("engine", engine, SERVE_ENGINES)
@@ -489,10 +499,12 @@ def engine_refusals(cfg: dict, ranks: Mapping[str, int], engine: str) -> list[st
                                                  if engine == "llama.cpp" else ""))
     if engine in ("vllm", "llama.cpp"):
         saved = cfg.get("modules_to_save") or []
-        if saved:
-            reasons.append(f"modules_to_save={list(saved)}" + (
-                " (whole modules in the adapter; the converter stops at their tensors)" if engine == "llama.cpp"
-                else " (vLLM <= 0.30 refuses any; >= 0.31 accepts only classifier/score of classification models)"))
+        if engine == "llama.cpp" and saved:
+            reasons.append(f"modules_to_save={list(saved)} (whole modules in the adapter; the converter stops at "
+                           "their tensors)")
+        elif engine == "vllm" and saved and not only_classifier_heads(saved):
+            reasons.append(f"modules_to_save={list(saved)} (vLLM <= 0.30 refuses any; >= 0.31 accepts only "
+                           f"{'/'.join(VLLM_HEADS)} of classification models)")
         if cfg.get("lora_bias"):
             reasons.append("lora_bias=True (LoRA bias)")
         init = cfg.get("init_lora_weights")
@@ -551,6 +563,9 @@ def serving_findings(cfg: dict, report: CheckReport, serve: str | None) -> tuple
             problems.append(line)
         else:
             notes.append(f"WARNING: served wrongly by {line}")
+    if "vllm" in engines and only_classifier_heads(cfg.get("modules_to_save")):
+        notes.append(f"vLLM: modules_to_save={list(cfg['modules_to_save'])} are classification heads: vLLM >= 0.31 "
+                     "loads them, for a classification model only; vLLM <= 0.30 refuses any modules_to_save")
     if not serve and all(report.serving[e].ok for e in engines):
         notes.append("served as PEFT computes it by " + ", ".join(ENGINE_NAMES[e] for e in engines))
     if "vllm" in report.serving and report.serving["vllm"].mis_scaled:

@@ -48,6 +48,7 @@ from .check import (
     engine_refusals,
     module_rank_alpha,
     module_shapes,
+    only_classifier_heads,
     read_adapter_config,
     served_scales,
 )
@@ -109,6 +110,12 @@ def _read_ranks(path: Path) -> tuple[dict[str, int], list[str]]:
     return ranks, other
 
 
+def _is_head_tensor(key: str, heads) -> bool:
+    """Whether tensor ``key`` belongs to one of the modules_to_save ``heads`` (saved whole, as PEFT saves them)."""
+    name = key.removeprefix("base_model.model.")
+    return any(name.startswith(f"{h}.") or f".{h}." in name for h in heads)
+
+
 def _checked_source(path: Path, base_modules=None, base_name: str | None = None
                     ) -> tuple[dict, dict[str, int], list[str]]:
     """The adapter's config, module ranks and non-LoRA tensors, after ``fimlora check`` found no problem
@@ -155,6 +162,9 @@ def compute_export(path: str | Path, engine: str, base_modules=None, base_name: 
     if refusals:
         raise ValueError(f"engine: {engine} cannot serve {path}: " + "; ".join(refusals)
                          + "; export --for merged (with --base-model) instead")
+    if engine == "vllm" and only_classifier_heads(cfg.get("modules_to_save")):
+        # The heads vLLM >= 0.31 loads are copied as they are (no LoRA scale applies to a whole module).
+        other = [k for k in other if not _is_head_tensor(k, cfg["modules_to_save"])]
     if other:
         # Folding touches lora_B only; any other tensor (embedding LoRA, a saved head) would keep its old meaning.
         raise ValueError(f"adapter: {path} holds tensors other than lora_A/lora_B weights ({other[:3]}), which "

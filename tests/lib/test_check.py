@@ -300,7 +300,9 @@ def test_check_names_modules_to_save_for_vllm_and_llamacpp(tmp_path):
     report = check_adapter(tmp_path / "a")
     assert report.ok
     text = "\n".join(report.notes)
-    assert "served wrongly by vLLM <= 0.31: refuses it: modules_to_save=['classifier'" in text
+    # classifier/score heads alone: vLLM >= 0.31 loads them (a note, no refusal); llama.cpp's converter refuses them
+    assert "served wrongly by vLLM" not in text
+    assert "vLLM: modules_to_save=['classifier', 'score'] are classification heads" in text
     assert "served wrongly by llama.cpp (Ollama, LM Studio): refuses it: modules_to_save" in text
     assert "--for merged --out DIR --base-model BASE" in text
 

@@ -170,11 +170,28 @@ def test_export_refuses_dora_for_engines_that_cannot_serve_it(tmp_path):
     fimlora.export_adapter(tmp_path / "a", "peft", tmp_path / "peft")  # PEFT serves DoRA itself
 
 
-def test_export_refuses_modules_to_save_for_vllm(tmp_path):
-    model = lora_bert()  # a classifier: PEFT saves the head through modules_to_save
+def test_vllm_takes_classifier_heads_but_refuses_other_modules_to_save(tmp_path):
+    from safetensors.torch import load_file
+
+    model = lora_bert()  # a classifier: PEFT saves the head through modules_to_save ['classifier', 'score']
     model.save_pretrained(tmp_path / "a")
-    with pytest.raises(ValueError, match=r"modules_to_save=\['classifier'.*export --for merged"):
-        fimlora.export_adapter(tmp_path / "a", "vllm", tmp_path / "out")
+    report = check_adapter(tmp_path / "a")
+    assert report.ok and report.serving["vllm"].refusals == [], report.format()
+    assert not any("served wrongly by vLLM" in n for n in report.notes), report.format()
+    assert any("classification heads: vLLM >= 0.31 loads them, for a classification model only; vLLM <= 0.30 "
+               "refuses any modules_to_save" in n for n in report.notes), report.format()
+    assert check_adapter(tmp_path / "a", serve="vllm").ok
+    fimlora.export_adapter(tmp_path / "a", "vllm", tmp_path / "out")
+    src, out = load_file(tmp_path / "a" / "adapter_model.safetensors"), load_file(tmp_path / "out" /
+                                                                                  "adapter_model.safetensors")
+    heads = [k for k in src if "classifier" in k]
+    assert heads and all(torch.equal(src[k], out[k]) for k in heads)  # the head copied as it is
+    with pytest.raises(ValueError, match=r"llama.cpp cannot serve .*modules_to_save=\['classifier'"):
+        fimlora.export_adapter(tmp_path / "a", "llama.cpp", tmp_path / "gguf")
+    lora_bert(modules_to_save=["pooler"]).save_pretrained(tmp_path / "b")
+    assert any("modules_to_save" in r for r in check_adapter(tmp_path / "b").serving["vllm"].refusals)
+    with pytest.raises(ValueError, match=r"vllm cannot serve .*modules_to_save=\[.*'pooler'.*export --for merged"):
+        fimlora.export_adapter(tmp_path / "b", "vllm", tmp_path / "out-b")
 
 
 def test_export_output_rules(tmp_path):
