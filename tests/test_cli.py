@@ -53,7 +53,7 @@ def test_calibrate_writes_adapter_rank_map_and_table(calibrated):
 
 def test_check_ok_then_fails_on_broken_adapter(calibrated, tmp_path):
     out, _ = calibrated
-    proc = fimlora("check", str(out / "adapter"), "--base-model", "minilm")
+    proc = fimlora("check", str(out / "adapter"))
     assert "OK" in proc.stdout and "--max-lora-rank" in proc.stdout
     assert "vLLM: serving size" in proc.stdout and "real size" in proc.stdout
     broken = tmp_path / "broken"
@@ -66,6 +66,21 @@ def test_check_ok_then_fails_on_broken_adapter(calibrated, tmp_path):
     proc = fimlora("check", str(broken), check=False)
     assert proc.returncode == 1
     assert "PROBLEM" in proc.stdout and "wrapper prefix" in proc.stdout
+
+
+def test_adapter_of_a_cut_model_is_refused_on_the_full_model(calibrated, tmp_path):
+    """calibrate --n-layers 2 records the full 6-layer model as base; merging onto it would leave layers 2-5
+    un-adapted, so check with that base fails and export --for merged refuses."""
+    out, _ = calibrated
+    needle = ("8 base module(s) match target_modules but have no LoRA tensors in the adapter (e.g. "
+              "bert.encoder.layer.2.attention.self.query): PEFT would add fresh zero adapters there; was the adapter "
+              "made on a model cut to fewer layers (--n-layers)? give that model as the base")
+    proc = fimlora("check", str(out / "adapter"), "--base-model", "minilm", check=False)
+    assert proc.returncode == 1 and needle in proc.stdout, proc.stdout
+    proc = fimlora("export", str(out / "adapter"), "--for", "merged", "--base-model", "minilm", "--out",
+                   str(tmp_path / "m"), check=False)
+    assert proc.returncode == 2 and "8 base module(s) match target_modules" in proc.stderr, proc.stderr
+    assert not (tmp_path / "m").exists()
 
 
 def test_plot_svg(calibrated, tmp_path):

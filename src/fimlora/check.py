@@ -21,7 +21,8 @@ Each engine's scale rule, read from its source (one helper, :func:`served_scales
   vLLM >= 0.32 resolves both patterns per module like PEFT (``PEFTHelper.get_rank_and_scaling``,
   used by ``LoRALayerWeights.from_config`` in ``vllm/lora/lora_weights.py``). It refuses DoRA,
   LoRA bias, base-changing inits and ``modules_to_save`` (<= 0.30: any; >= 0.31: other than
-  ``classifier``/``score``) in ``PEFTHelper._validate_features``.
+  ``classifier``/``score``) in ``PEFTHelper._validate_features``. A classifier/score head alone is not counted as
+  a refusal (0.31 and later load it, for classification models); a note says so.
 * llama.cpp (and Ollama, LM Studio, which embed it): ``convert_lora_to_gguf.py`` writes one
   ``adapter.lora.alpha`` = lora_alpha and reads neither alpha_pattern nor use_rslora; at run time
   each tensor gets s_m = alpha / r_m with r_m its own rank (``llama_adapter_lora_weight::get_scale``,
@@ -221,6 +222,23 @@ def read_lora_tensors(weights: Path) -> tuple[LoraShapes, list[str]]:
     return shapes, problems
 
 
+def module_shapes(model) -> dict[str, tuple[int, int] | None]:
+    """Every module of a loaded ``torch`` model: name -> (d_in, d_out) for linear-like modules (``nn.Linear``,
+    GPT-2's ``Conv1D``), None for the rest; the ``base_modules`` that :func:`check_adapter` takes."""
+    import torch
+
+    shapes: dict[str, tuple[int, int] | None] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            shapes[name] = (int(module.in_features), int(module.out_features))
+        elif type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+            d_in, d_out = module.weight.shape
+            shapes[name] = (int(d_in), int(d_out))
+        else:
+            shapes[name] = None
+    return shapes
+
+
 def _as_base_shapes(base_modules: BaseShapes | Iterable[str] | None) -> BaseShapes | None:
     if base_modules is None or isinstance(base_modules, Mapping):
         return base_modules
@@ -307,6 +325,53 @@ def dora_problems(cfg: dict, shapes: LoraShapes) -> list[str]:
             problems.append(f"{name}: lora_magnitude_vector has shape {list(m_shape)} but lora_B has d_out "
                             f"{b_shape[0]}; loading fails with a size mismatch")
     return problems
+
+
+def _is_leaf(name: str, names: set[str]) -> bool:
+    return not any(other.startswith(name + ".") for other in names)
+
+
+def _peft_internal(name: str) -> bool:
+    """A name inside a PEFT-wrapped model (lora_A, base_layer, ...), not a module of the base model."""
+    return any(part.startswith("lora_") or part in ("base_layer", "modules_to_save", "original_module")
+               for part in name.split("."))
+
+
+def untargeted_problems(cfg: dict, shapes: LoraShapes, base: BaseShapes) -> list[str]:
+    """Base modules the config's targeting selects (PEFT's own rule) for which the adapter has no LoRA tensors.
+
+    PEFT's from_pretrained adds a fresh adapter (B = 0) to each, so the adapter still loads but those modules are
+    un-adapted: the usual cause is an adapter made on a model cut to fewer layers, loaded onto the full model.
+    Modules dropped at rank 0 are not in target_modules after the drop, so they are not reported.
+    """
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    fields = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save")
+    if not cfg.get("target_modules"):
+        return []
+    try:
+        config = LoraConfig(**{k: cfg[k] for k in fields if cfg.get(k) is not None})
+    except (TypeError, ValueError):  # a config PEFT itself refuses; nothing to compare with
+        return []
+    names = {n for n in base if n and not _peft_internal(n)}
+    adapted = set(shapes)
+    missing = []
+    for name in sorted(names):
+        if name in adapted or not _is_leaf(name, names):
+            continue
+        # The base lists names both bare and with the task model's prefix; the adapter holds one form.
+        if any(a.endswith("." + name) or name.endswith("." + a) for a in adapted):
+            continue
+        if check_target_module_exists(config, name):
+            missing.append(name)
+    # A name missing in both forms counts once (the longer, prefixed one).
+    missing = [n for n in missing if not any(o.endswith("." + n) for o in missing)]
+    if not missing:
+        return []
+    return [f"{len(missing)} base module(s) match target_modules but have no LoRA tensors in the adapter (e.g. "
+            f"{missing[0]}): PEFT would add fresh zero adapters there; was the adapter made on a model cut to fewer "
+            "layers (--n-layers)? give that model as the base"]
 
 
 # ----------------------------------------------------------------------------- step 4: ranks and scales
@@ -414,6 +479,15 @@ def served_scales(cfg: dict, ranks: Mapping[str, int], engine: str) -> dict[str,
     return {n: lora_scaling(alpha0, r, False) if alpha0 else 1.0 for n, r in ranks.items()}
 
 
+# modules_to_save entries vLLM >= 0.31 loads (the heads of classification models); any other entry is refused.
+VLLM_HEADS = ("classifier", "score")
+
+
+def only_classifier_heads(saved) -> bool:
+    """Whether ``modules_to_save`` is non-empty and holds only heads vLLM >= 0.31 loads (classifier, score)."""
+    return bool(saved) and all(str(m).split(".")[-1] in VLLM_HEADS for m in saved)
+
+
 def engine_refusals(cfg: dict, ranks: Mapping[str, int], engine: str) -> list[str]:
     """Why ``engine`` will not load the adapter at all (each reason names the field and value); [] if it loads."""
     check_choice("engine", engine, SERVE_ENGINES)
@@ -425,10 +499,12 @@ def engine_refusals(cfg: dict, ranks: Mapping[str, int], engine: str) -> list[st
                                                  if engine == "llama.cpp" else ""))
     if engine in ("vllm", "llama.cpp"):
         saved = cfg.get("modules_to_save") or []
-        if saved:
-            reasons.append(f"modules_to_save={list(saved)}" + (
-                " (whole modules in the adapter; the converter stops at their tensors)" if engine == "llama.cpp"
-                else " (vLLM <= 0.30 refuses any; >= 0.31 accepts only classifier/score of classification models)"))
+        if engine == "llama.cpp" and saved:
+            reasons.append(f"modules_to_save={list(saved)} (whole modules in the adapter; the converter stops at "
+                           "their tensors)")
+        elif engine == "vllm" and saved and not only_classifier_heads(saved):
+            reasons.append(f"modules_to_save={list(saved)} (vLLM <= 0.30 refuses any; >= 0.31 accepts only "
+                           f"{'/'.join(VLLM_HEADS)} of classification models)")
         if cfg.get("lora_bias"):
             reasons.append("lora_bias=True (LoRA bias)")
         init = cfg.get("init_lora_weights")
@@ -487,6 +563,9 @@ def serving_findings(cfg: dict, report: CheckReport, serve: str | None) -> tuple
             problems.append(line)
         else:
             notes.append(f"WARNING: served wrongly by {line}")
+    if "vllm" in engines and only_classifier_heads(cfg.get("modules_to_save")):
+        notes.append(f"vLLM: modules_to_save={list(cfg['modules_to_save'])} are classification heads: vLLM >= 0.31 "
+                     "loads them, for a classification model only; vLLM <= 0.30 refuses any modules_to_save")
     if not serve and all(report.serving[e].ok for e in engines):
         notes.append("served as PEFT computes it by " + ", ".join(ENGINE_NAMES[e] for e in engines))
     if "vllm" in report.serving and report.serving["vllm"].mis_scaled:
@@ -515,6 +594,13 @@ def check_adapter(path: str | Path, base_modules: BaseShapes | Iterable[str] | N
         check_choice("serve", serve, SERVE_ENGINES)
     path = Path(path)
     report = CheckReport(str(path))
+    if not path.exists():
+        report.problems.append(f"{path}: does not exist")
+        return report
+    if not path.is_dir():
+        report.problems.append(f"{path}: is not a folder (a PEFT adapter is a folder with {CONFIG_NAME} and "
+                               f"{WEIGHTS_NAME})")
+        return report
     try:
         cfg = read_adapter_config(path / CONFIG_NAME)
         shapes, non_finite = read_lora_tensors(path / WEIGHTS_NAME)
@@ -524,6 +610,8 @@ def check_adapter(path: str | Path, base_modules: BaseShapes | Iterable[str] | N
     report.problems += non_finite
     base = _as_base_shapes(base_modules)
     report.problems += tensor_problems(shapes, base)
+    if base is not None:
+        report.problems += untargeted_problems(cfg, shapes, base)
     report.problems += dora_problems(cfg, shapes)
     bad_config = config_problems(cfg)
     if bad_config:

@@ -47,6 +47,8 @@ from .check import (
     check_adapter,
     engine_refusals,
     module_rank_alpha,
+    module_shapes,
+    only_classifier_heads,
     read_adapter_config,
     served_scales,
 )
@@ -108,29 +110,48 @@ def _read_ranks(path: Path) -> tuple[dict[str, int], list[str]]:
     return ranks, other
 
 
-def _checked_source(path: Path) -> tuple[dict, dict[str, int], list[str]]:
-    """The adapter's config, module ranks and non-LoRA tensors, after ``fimlora check`` found no problem."""
+def _is_head_tensor(key: str, heads) -> bool:
+    """Whether tensor ``key`` belongs to one of the modules_to_save ``heads`` (saved whole, as PEFT saves them)."""
+    name = key.removeprefix("base_model.model.")
+    return any(name.startswith(f"{h}.") or f".{h}." in name for h in heads)
+
+
+def _checked_source(path: Path, base_modules=None, base_name: str | None = None
+                    ) -> tuple[dict, dict[str, int], list[str]]:
+    """The adapter's config, module ranks and non-LoRA tensors, after ``fimlora check`` found no problem
+    (against the base model's modules when ``base_modules`` is given)."""
+    if not path.exists():
+        raise ValueError(f"adapter: {path}: does not exist")
     if not path.is_dir():
         raise ValueError(f"adapter: {path} is not a folder (expected adapter_config.json + adapter_model.safetensors)")
-    report = check_adapter(path)
+    if base_modules is not None and (path / CONFIG_NAME).exists():
+        ranks, _ = _read_ranks(path) if (path / WEIGHTS_NAME).exists() else ({}, [])
+        if ranks and not any(n in base_modules for n in ranks):
+            cfg = read_adapter_config(path / CONFIG_NAME)
+            raise ValueError(f"base_model: {base_name} has none of the adapter's target modules (target_modules="
+                             f"{cfg.get('target_modules')!r}; the adapter's modules are like {next(iter(ranks))}); "
+                             "give the model the adapter was made for")
+    report = check_adapter(path, base_modules)
     if not report.ok:
-        raise ValueError(f"adapter: {path} fails `fimlora check` ({len(report.problems)} problem(s)); fix them "
-                         "before exporting: " + "; ".join(report.problems[:3]))
+        against = f" against base_model {base_name}" if base_modules is not None else ""
+        raise ValueError(f"adapter: {path} fails `fimlora check`{against} ({len(report.problems)} problem(s)); fix "
+                         "them before exporting: " + "; ".join(report.problems[:3]))
     cfg = read_adapter_config(path / CONFIG_NAME)
     ranks, other = _read_ranks(path)
     return cfg, ranks, other
 
 
-def compute_export(path: str | Path, engine: str) -> ExportPlan:
+def compute_export(path: str | Path, engine: str, base_modules=None, base_name: str | None = None) -> ExportPlan:
     """The export of the adapter at ``path`` for ``engine`` (one of ``EXPORT_ENGINES``), without writing anything.
 
     Raises ValueError naming the field, the rule and the value when the engine cannot serve the adapter
     (DoRA, modules_to_save, LoRA bias, base-changing inits for vLLM and llama.cpp; lora_alpha = 0 for llama.cpp)
-    or the adapter fails ``fimlora check``.
+    or the adapter fails ``fimlora check`` (with ``base_modules``, as :func:`fimlora.check.check_adapter` takes
+    them, also against the base model: ``export --for merged`` passes the base it merges onto).
     """
     check_choice("engine", engine, EXPORT_ENGINES)
     path = Path(path)
-    cfg, ranks, other = _checked_source(path)
+    cfg, ranks, other = _checked_source(path, base_modules, base_name)
     peft = served_scales(cfg, ranks, "peft")
     plan = ExportPlan(engine, str(path.resolve()), dict(cfg), ranks, peft, dict(peft), dict.fromkeys(ranks, 1.0))
     if engine in ("peft", "merged"):
@@ -141,6 +162,9 @@ def compute_export(path: str | Path, engine: str) -> ExportPlan:
     if refusals:
         raise ValueError(f"engine: {engine} cannot serve {path}: " + "; ".join(refusals)
                          + "; export --for merged (with --base-model) instead")
+    if engine == "vllm" and only_classifier_heads(cfg.get("modules_to_save")):
+        # The heads vLLM >= 0.31 loads are copied as they are (no LoRA scale applies to a whole module).
+        other = [k for k in other if not _is_head_tensor(k, cfg["modules_to_save"])]
     if other:
         # Folding touches lora_B only; any other tensor (embedding LoRA, a saved head) would keep its old meaning.
         raise ValueError(f"adapter: {path} holds tensors other than lora_A/lora_B weights ({other[:3]}), which "
@@ -246,15 +270,22 @@ def load_base_model(base: str, adapter: str | Path):
     return model, tokenizer
 
 
-def _write_merged(plan: ExportPlan, src: Path, tmp: Path, base_model, tokenizer) -> None:
+def _base_name(base_model) -> str:
+    if isinstance(base_model, (str, Path)):
+        return str(base_model)
+    name = getattr(getattr(base_model, "config", None), "_name_or_path", "")
+    return name or type(base_model).__name__
+
+
+def _write_merged(plan: ExportPlan, src: Path, tmp: Path, base_model, tokenizer, base_name: str) -> None:
     from peft import PeftModel
 
-    if base_model is None:
-        raise ValueError("base_model: export --for merged needs the base model (--base-model), got None")
-    if isinstance(base_model, (str, Path)):
-        base_model, loaded_tokenizer = load_base_model(str(base_model), src)
-        tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
-    model = PeftModel.from_pretrained(base_model, str(src)).merge_and_unload()
+    try:
+        model = PeftModel.from_pretrained(base_model, str(src))
+    except ValueError as e:  # PEFT's own refusal (say, target modules not found in the base model)
+        raise ValueError(f"base_model: {base_name} does not take the adapter {src} (PEFT: {e}); give the model the "
+                         "adapter was made for") from e
+    model = model.merge_and_unload()
     model.save_pretrained(str(tmp), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
@@ -271,10 +302,24 @@ def export_adapter(path: str | Path, engine: str, out: str | Path, *, base_model
     ``overwrite``; it is written into a temporary folder and renamed into place. Returns the plan written.
     """
     src = Path(path)
-    plan = compute_export(src, engine)
+    if src.exists() and (Path(out).resolve() == src.resolve() or Path(out).resolve() in src.resolve().parents):
+        raise ValueError(f"out: {out} is the source adapter folder {src} or contains it; writing there would replace "
+                         "the adapter being exported: choose another folder")
+    base_modules = base_name = None
+    if engine == "merged":
+        if base_model is None:
+            raise ValueError("base_model: export --for merged needs the base model (--base-model), got None")
+        base_name = _base_name(base_model)
+        compute_export(src, engine)  # the adapter alone first: a broken one is named before any base is loaded
+        if isinstance(base_model, (str, Path)):
+            base_model, loaded_tokenizer = load_base_model(str(base_model), src)
+            tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+        # The base it merges onto: shapes of every module, and every module the config targets has LoRA tensors.
+        base_modules = module_shapes(base_model)
+    plan = compute_export(src, engine, base_modules, base_name)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         if engine == "merged":
-            _write_merged(plan, src, tmp, base_model, tokenizer)
+            _write_merged(plan, src, tmp, base_model, tokenizer, base_name)
         else:
             _write_adapter(plan, src, tmp)
         atomic_write_text(tmp / EXPORT_RECORD, json.dumps(plan.record(), indent=2) + "\n")

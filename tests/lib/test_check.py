@@ -112,6 +112,42 @@ def test_check_catches_modules_missing_from_base(saved_adapter):
     assert sum("no such module" in p for p in report.problems) == 70
 
 
+def test_check_catches_adapter_made_on_a_cut_model(tmp_path):
+    """An adapter saved from a 2-layer cut loads onto the 6-layer model with layers 2-5 un-adapted: a problem."""
+    lora_llama(layers=2).save_pretrained(tmp_path / "a")
+    assert check_adapter(tmp_path / "a", shapes_of(tiny_llama(layers=2))).ok
+    report = check_adapter(tmp_path / "a", shapes_of(tiny_llama(layers=6)))
+    assert report.problems == [
+        "28 base module(s) match target_modules but have no LoRA tensors in the adapter (e.g. "
+        "model.layers.2.mlp.down_proj): PEFT would add fresh zero adapters there; was the adapter made on a model cut "
+        "to fewer layers (--n-layers)? give that model as the base"], report.format()
+
+
+@pytest.mark.parametrize("targeting, found", [
+    ({"target_modules": r".*\.(q_proj|v_proj)"}, 4),               # a regex string
+    ({"layers_to_transform": [0, 1]}, 0),                          # only layers 0-1 were ever targeted
+    ({"exclude_modules": ["down_proj"]}, 12),
+], ids=["regex", "layers_to_transform", "exclude_modules"])
+def test_check_untargeted_modules_follow_peft_rule(tmp_path, targeting, found):
+    lora_llama(layers=2, **targeting).save_pretrained(tmp_path / "a")
+    report = check_adapter(tmp_path / "a", shapes_of(tiny_llama(layers=4)))
+    assert [p.split(" ")[0] for p in report.problems if "no LoRA tensors" in p] == ([str(found)] if found else [])
+
+
+def test_check_with_base_passes_on_adapter_with_dropped_modules(tmp_path):
+    model = lora_llama()
+    fimlora.apply_fim_ranks(model, lm_batches(), n_batches=2, progress=False, r_min=0, budget_unit="params",
+                            budget_fraction=0.5)
+    model.save_pretrained(tmp_path / "a")
+    assert len(json.loads((tmp_path / "a" / "adapter_config.json").read_text())["target_modules"]) < 14
+    tiny_llama().save_pretrained(tmp_path / "base")
+    report = check_adapter(tmp_path / "a", shapes_of(tiny_llama()))
+    assert report.ok, report.format()
+    from fimlora.cli import main
+
+    assert main(["check", str(tmp_path / "a"), "--base-model", str(tmp_path / "base")]) == 0
+
+
 def test_check_catches_non_finite_values(saved_adapter):
     path, _ = saved_adapter
     sd = load_file(path / "adapter_model.safetensors")
@@ -264,7 +300,9 @@ def test_check_names_modules_to_save_for_vllm_and_llamacpp(tmp_path):
     report = check_adapter(tmp_path / "a")
     assert report.ok
     text = "\n".join(report.notes)
-    assert "served wrongly by vLLM <= 0.31: refuses it: modules_to_save=['classifier'" in text
+    # classifier/score heads alone: vLLM >= 0.31 loads them (a note, no refusal); llama.cpp's converter refuses them
+    assert "served wrongly by vLLM" not in text
+    assert "vLLM: modules_to_save=['classifier', 'score'] are classification heads" in text
     assert "served wrongly by llama.cpp (Ollama, LM Studio): refuses it: modules_to_save" in text
     assert "--for merged --out DIR --base-model BASE" in text
 

@@ -130,12 +130,30 @@ def test_merged_export_gives_peft_logits(tmp_path, ids):
     assert json.loads((tmp_path / "out" / EXPORT_RECORD).read_text())["engine"] == "merged"
 
 
+def test_merged_export_refuses_a_base_with_more_layers_than_the_adapter(tmp_path):
+    """An adapter made on a 2-layer cut would merge onto 4 layers with layers 2-3 un-adapted: refused."""
+    src, _ = trained_adapter(tmp_path)
+    with pytest.raises(ValueError, match=r"fails `fimlora check` against base_model .*28 base module\(s\) match "
+                                         r"target_modules but have no LoRA tensors .*give that model as the base"):
+        fimlora.export_adapter(src, "merged", tmp_path / "out", base_model=tiny_llama(layers=6))
+    assert not (tmp_path / "out").exists()
+
+
+def test_merged_export_onto_another_model_names_base_model(tmp_path):
+    src, _ = trained_adapter(tmp_path)
+    with pytest.raises(ValueError, match=r"base_model: .* has none of the adapter's target modules \(target_modules="
+                                         r".*q_proj.*; give the model the adapter was made for"):
+        fimlora.export_adapter(src, "merged", tmp_path / "out", base_model=tiny_bert())
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_after_dropping_modules(tmp_path, ids):
     src, model = trained_adapter(tmp_path, r_min=0, budget_unit="params", budget_fraction=0.5)
     kept = {i.name for i in lora_modules(model)}
     assert len(kept) < 14  # some modules were dropped: absent from target_modules and the tensors
     fimlora.export_adapter(src, "llama.cpp", tmp_path / "out")
     assert set(compute_export(tmp_path / "out", "peft").ranks) == kept
+    fimlora.export_adapter(src, "merged", tmp_path / "merged", base_model=tiny_llama())  # dropped: not "missing"
     assert (engine_logits(tmp_path / "out", "llama.cpp", ids) - reference_logits(model, ids)).abs().max() < TOL
 
 
@@ -152,11 +170,28 @@ def test_export_refuses_dora_for_engines_that_cannot_serve_it(tmp_path):
     fimlora.export_adapter(tmp_path / "a", "peft", tmp_path / "peft")  # PEFT serves DoRA itself
 
 
-def test_export_refuses_modules_to_save_for_vllm(tmp_path):
-    model = lora_bert()  # a classifier: PEFT saves the head through modules_to_save
+def test_vllm_takes_classifier_heads_but_refuses_other_modules_to_save(tmp_path):
+    from safetensors.torch import load_file
+
+    model = lora_bert()  # a classifier: PEFT saves the head through modules_to_save ['classifier', 'score']
     model.save_pretrained(tmp_path / "a")
-    with pytest.raises(ValueError, match=r"modules_to_save=\['classifier'.*export --for merged"):
-        fimlora.export_adapter(tmp_path / "a", "vllm", tmp_path / "out")
+    report = check_adapter(tmp_path / "a")
+    assert report.ok and report.serving["vllm"].refusals == [], report.format()
+    assert not any("served wrongly by vLLM" in n for n in report.notes), report.format()
+    assert any("classification heads: vLLM >= 0.31 loads them, for a classification model only; vLLM <= 0.30 "
+               "refuses any modules_to_save" in n for n in report.notes), report.format()
+    assert check_adapter(tmp_path / "a", serve="vllm").ok
+    fimlora.export_adapter(tmp_path / "a", "vllm", tmp_path / "out")
+    src, out = load_file(tmp_path / "a" / "adapter_model.safetensors"), load_file(tmp_path / "out" /
+                                                                                  "adapter_model.safetensors")
+    heads = [k for k in src if "classifier" in k]
+    assert heads and all(torch.equal(src[k], out[k]) for k in heads)  # the head copied as it is
+    with pytest.raises(ValueError, match=r"llama.cpp cannot serve .*modules_to_save=\['classifier'"):
+        fimlora.export_adapter(tmp_path / "a", "llama.cpp", tmp_path / "gguf")
+    lora_bert(modules_to_save=["pooler"]).save_pretrained(tmp_path / "b")
+    assert any("modules_to_save" in r for r in check_adapter(tmp_path / "b").serving["vllm"].refusals)
+    with pytest.raises(ValueError, match=r"vllm cannot serve .*modules_to_save=\[.*'pooler'.*export --for merged"):
+        fimlora.export_adapter(tmp_path / "b", "vllm", tmp_path / "out-b")
 
 
 def test_export_output_rules(tmp_path):
@@ -174,6 +209,27 @@ def test_export_output_rules(tmp_path):
     with pytest.raises(ValueError, match="base_model: export --for merged needs the base model"):
         fimlora.export_adapter(src, "merged", tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_export_refuses_out_that_is_or_contains_the_source(tmp_path):
+    src, _ = trained_adapter(tmp_path)
+    before = (src / "adapter_model.safetensors").read_bytes()
+    for out in (src, tmp_path, src / ".." / src.name):
+        with pytest.raises(ValueError, match=rf"out: {out} is the source adapter folder {src} or contains it"):
+            fimlora.export_adapter(src, "vllm", out, overwrite=True)
+    assert (src / "adapter_model.safetensors").read_bytes() == before
+    fimlora.export_adapter(src, "peft", src / "copy")  # a folder inside the source does not replace it
+
+
+def test_missing_adapter_folder_is_named(tmp_path):
+    from fimlora.cli import main
+
+    missing = tmp_path / "doesnotexist"
+    report = check_adapter(missing)
+    assert report.problems == [f"{missing}: does not exist"]
+    with pytest.raises(ValueError, match=f"adapter: {missing}: does not exist"):
+        fimlora.export_adapter(missing, "vllm", tmp_path / "out")
+    assert main(["check", str(missing)]) == 1
 
 
 def test_export_refuses_an_adapter_that_fails_check(tmp_path):
