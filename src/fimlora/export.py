@@ -53,7 +53,7 @@ from .check import (
     served_scales,
 )
 from .config import check_choice
-from .io import atomic_directory, atomic_write_text, package_versions
+from .io import atomic_directory, atomic_write_text, check_output_dir, package_versions
 
 __all__ = ["EXPORT_ENGINES", "ExportPlan", "compute_export", "export_adapter", "load_base_model", "EXPORT_RECORD"]
 
@@ -302,9 +302,8 @@ def export_adapter(path: str | Path, engine: str, out: str | Path, *, base_model
     ``overwrite``; it is written into a temporary folder and renamed into place. Returns the plan written.
     """
     src = Path(path)
-    if src.exists() and (Path(out).resolve() == src.resolve() or Path(out).resolve() in src.resolve().parents):
-        raise ValueError(f"out: {out} is the source adapter folder {src} or contains it; writing there would replace "
-                         "the adapter being exported: choose another folder")
+    inputs = (src, base_model if isinstance(base_model, (str, Path)) else None)
+    check_output_dir(out, overwrite, inputs)  # before any work; never over the adapter (or base) being read
     base_modules = base_name = None
     if engine == "merged":
         if base_model is None:
@@ -317,7 +316,7 @@ def export_adapter(path: str | Path, engine: str, out: str | Path, *, base_model
         # The base it merges onto: shapes of every module, and every module the config targets has LoRA tensors.
         base_modules = module_shapes(base_model)
     plan = compute_export(src, engine, base_modules, base_name)
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, overwrite=overwrite, inputs=inputs) as tmp:
         if engine == "merged":
             _write_merged(plan, src, tmp, base_model, tokenizer, base_name)
         else:

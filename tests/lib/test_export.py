@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -215,7 +216,8 @@ def test_export_refuses_out_that_is_or_contains_the_source(tmp_path):
     src, _ = trained_adapter(tmp_path)
     before = (src / "adapter_model.safetensors").read_bytes()
     for out in (src, tmp_path, src / ".." / src.name):
-        with pytest.raises(ValueError, match=rf"out: {out} is the source adapter folder {src} or contains it"):
+        with pytest.raises(ValueError, match=rf"out: {re.escape(str(out))} holds the input {src.resolve()}; writing "
+                                             r"there \(--overwrite replaces the whole folder\) would delete it"):
             fimlora.export_adapter(src, "vllm", out, overwrite=True)
     assert (src / "adapter_model.safetensors").read_bytes() == before
     fimlora.export_adapter(src, "peft", src / "copy")  # a folder inside the source does not replace it
