@@ -32,9 +32,7 @@ bench_calibration.py keeps it when it regenerates the other sections.
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import statistics
 import sys
 import time
@@ -44,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT / "src"), str(ROOT), str(HERE)]
 
-from sections import put_section, wrap  # noqa: E402
+from sections import section_script_main, wrap  # noqa: E402
 
 NAME = "bench_auto.py"
 # (label, config, task label or None for the config's mixture, seeds)
@@ -329,23 +327,8 @@ def render_section(data: dict, command: str, note: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="one tiny setup and seed: checks the script runs")
-    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
-    p.add_argument("--note", default="", help="a sentence about the machine during the run")
-    args = p.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(1)
-    data = measure("smoke" if args.smoke else "full")
-    command = "python benchmarks/bench_auto.py" + (" --smoke" if args.smoke else "")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_name(out.stem + "_auto.json").write_text(json.dumps(data, indent=2))
-    text = out.read_text() if out.exists() else ""
-    out.write_text(put_section(text, render_section(data, command, args.note), NAME))
-    print(f"-> {out}")
-    return 0
+    return section_script_main(argv, __doc__, NAME, "auto", ROOT / "docs" / "benchmarks.md", measure,
+                               render_section)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,11 @@ A script that measures one section (bench_fsdp.py, bench_auto.py) puts it betwee
 
 from __future__ import annotations
 
+import argparse
+import json
 import re
+from collections.abc import Callable
+from pathlib import Path
 
 _MARKED = re.compile(r"<!-- (?P<name>[\w.-]+): begin -->\n.*?<!-- (?P=name): end -->\n?", re.S)
 
@@ -46,3 +50,26 @@ def keep_marked_sections(text: str, old: str) -> str:
     for match in _MARKED.finditer(old):
         text = put_section(text, match.group(0), match.group("name"))
     return text
+
+
+def section_script_main(argv, doc: str, name: str, json_suffix: str, default_out: Path,
+                        measure: Callable[[str], dict], render: Callable[[dict, str, str], str]) -> int:
+    """The command line every one-section script shares: ``--smoke``, ``--out``, ``--note``; measure single-threaded,
+    write the raw data beside ``--out`` (``<stem>_<json_suffix>.json``) and the section between its markers."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="one tiny setup and seed: checks the script runs")
+    p.add_argument("--out", default=str(default_out))
+    p.add_argument("--note", default="", help="a sentence about the machine during the run")
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    data = measure("smoke" if args.smoke else "full")
+    command = f"python benchmarks/{name}" + (" --smoke" if args.smoke else "")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_name(f"{out.stem}_{json_suffix}.json").write_text(json.dumps(data, indent=2))
+    text = out.read_text() if out.exists() else ""
+    out.write_text(put_section(text, render(data, command, args.note), name))
+    print(f"-> {out}")
+    return 0
