@@ -10,6 +10,7 @@ from fimlora.experiments.report import (
     build_report,
     load_results,
     mean_std,
+    paired_comparison,
     rank_sweep,
     select_runs,
     task_scores,
@@ -195,3 +196,58 @@ def test_fim_eva_is_judged_against_fim_and_eva(tmp_path):
     _write_runs(tmp_path, runs)
     md, _ = build_report(tmp_path)
     assert "win vs FIM-LoRA (+9.50); tie vs EVA (+0.00) → beats one of them" in md
+
+
+def _correct_run(method, seed, correct, r=2, task="t"):
+    """A run whose accuracy on ``task`` is the mean of its per-example ``correct`` list."""
+    return {**_fake_run(method, seed, {}, r=r),
+            "metrics": {task: {"accuracy": sum(correct) / len(correct), "n": len(correct), "correct": correct}}}
+
+
+def test_paired_comparison_of_identical_correctness_is_zero_with_p_one():
+    correct = [1, 0, 1, 1, 0, 1, 0, 0, 1, 1]
+    result = paired_comparison([_correct_run("fim", s, correct) for s in (1, 2)],
+                               [_correct_run("lora", s, correct) for s in (1, 2)], "t")
+    assert result["difference"] == 0.0 and result["ci_low"] == result["ci_high"] == 0.0
+    assert result["p_value"] == 1.0 and result["n_seeds"] == 2 and result["n_examples"] == 10
+
+
+def test_paired_comparison_where_one_method_is_right_wherever_the_other_is_wrong():
+    fim = [_correct_run("fim", s, [1, 0] * 50) for s in (1, 2, 3)]
+    lora = [_correct_run("lora", s, [0, 1] * 50) for s in (1, 2, 3)]
+    assert paired_comparison(fim, lora, "t")["p_value"] == 1.0  # 50 each way: no difference
+    fim = [_correct_run("fim", s, [1] * 100) for s in (1, 2, 3)]
+    lora = [_correct_run("lora", s, [0] * 100) for s in (1, 2, 3)]
+    result = paired_comparison(fim, lora, "t")
+    assert result["difference"] == 1.0 and result["ci_low"] == result["ci_high"] == 1.0
+    assert result["p_value"] == pytest.approx(1 / 10_001)  # no resample as extreme as the null
+
+
+def test_paired_comparison_pairs_only_the_seeds_both_methods_have_and_says_why_it_is_not_there():
+    fim = [_correct_run("fim", s, [1, 1, 0, 0]) for s in (1, 2, 3)]
+    lora = [_correct_run("lora", s, [1, 1, 0, 0]) for s in (2, 3, 4)]
+    assert paired_comparison(fim, lora, "t")["n_seeds"] == 2
+    old = [{**run, "metrics": {"t": {"accuracy": 0.5, "n": 4}}} for run in lora]  # made before `correct`
+    assert paired_comparison(fim, old, "t") == ("paired bootstrap n/a: results lack per-example correctness (made "
+                                                "before issue 22 recorded `correct`; seed(s) [2, 3]; rerun them)")
+    assert paired_comparison(fim, [_correct_run("lora", 9, [1])], "t") == (
+        "paired bootstrap n/a: no seed finished ok for both")
+    assert "different test sets (sizes [3, 4])" in paired_comparison(fim, [_correct_run("lora", 1, [1, 0, 1])], "t")
+
+
+def test_verdicts_carry_the_bootstrap_under_each_task_line_and_judge_the_new_peers():
+    runs = [_correct_run("fim", s, [1] * 8 + [0] * 2) for s in (1, 2)]
+    runs += [_correct_run("pissa", s, [1] * 8 + [0] * 2) for s in (1, 2)]
+    runs += [_correct_run("gora", s, [0] * 10) for s in (1, 2)]
+    runs += [{**run, "metrics": {"t": {"accuracy": 0.8, "n": 10}}} for run in
+             [_fake_run("rslora", s, {}) for s in (1, 2)]]
+    runs += [_correct_run("fim_pissa", s, [1] * 10) for s in (1, 2)]
+    text = verdicts(runs)
+    assert ("- t, r = 2: FIM-LoRA 80.00 ± 0.00: tie vs rsLoRA (+0.00); tie vs PiSSA (+0.00); "
+            "win vs GoRA (+80.00)") in text
+    assert ("  - vs PiSSA: paired bootstrap, 2 seed(s) x 10 examples: +0.00 accuracy points, "
+            "95% CI [+0.00, +0.00], p = 1.0000") in text
+    assert "  - vs rsLoRA: paired bootstrap n/a: results lack per-example correctness" in text
+    assert "  - vs GoRA: paired bootstrap, 2 seed(s) x 10 examples: +80.00 accuracy points" in text
+    assert ("- t, r = 2: FIM ranks + PiSSA init 100.00 ± 0.00: win vs FIM-LoRA (+20.00); win vs PiSSA (+20.00) "
+            "→ beats both") in text

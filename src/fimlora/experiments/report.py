@@ -24,8 +24,9 @@ from pathlib import Path
 from ..extras import MissingExtraError
 from ..io import atomic_write_text
 from .metrics import GLUE_COLUMNS, GLUE_DISPLAY, METRIC_LABELS, METRICS, PAPER_METRIC, glue_task
+from .significance import paired_bootstrap
 
-__all__ = ["load_results", "mean_std", "task_scores", "select_runs", "build_report", "write_report"]
+__all__ = ["load_results", "mean_std", "task_scores", "select_runs", "paired_comparison", "build_report", "write_report"]
 
 METHOD_ORDER = ["lora", "rslora", "adalora", "eva", "pissa", "lora_ga", "gora", "random", "fim", "fim_eva",
                 "fim_rslora", "fim_pissa", "fim_gora"]
@@ -33,10 +34,14 @@ METHOD_LABEL = {"lora": "LoRA", "adalora": "AdaLoRA", "eva": "EVA", "random": "R
                 "fim_eva": "FIM ranks + EVA directions", "rslora": "rsLoRA", "pissa": "PiSSA", "lora_ga": "LoRA-GA",
                 "gora": "GoRA", "fim_rslora": "FIM ranks + rsLoRA", "fim_pissa": "FIM ranks + PiSSA init",
                 "fim_gora": "FIM ranks + GoRA init"}
-# What FIM ranks with EVA's directions are judged against: the two methods it combines.
-FIM_EVA_PARENTS = ("fim", "eva")
-# The baselines FIM-LoRA is judged against, in the order the verdict lines name them.
-BASELINES = ("lora", "random", "eva", "adalora")
+# What each composite (FIM ranks + another method's init or scale) is judged against: the two methods it combines.
+COMPOSITE_PARENTS = {"fim_eva": ("fim", "eva"), "fim_rslora": ("fim", "rslora"), "fim_pissa": ("fim", "pissa"),
+                     "fim_gora": ("fim", "gora")}
+# The baselines and peers FIM-LoRA is judged against, in the order the verdict lines name them.
+BASELINES = ("lora", "random", "eva", "adalora", "rslora", "pissa", "lora_ga", "gora")
+# Bootstrap resamples per comparison: p-values resolve to about 1e-4, and a report of a few hundred comparisons
+# over a few hundred examples each stays within seconds.
+BOOTSTRAP_RESAMPLES = 10_000
 # The column and verdict name of the per-seed mean over the evaluation tasks (the paper's Avg).
 AVG = "Avg"
 
@@ -362,7 +367,9 @@ def fim_vs_random(runs: list[dict]) -> str:
 
 def verdicts(runs: list[dict]) -> str:
     """FIM-LoRA against each baseline per task and rank: a difference of means within the larger seed
-    std of the two is called a tie; plus the typical seed noise and the test-set resolution."""
+    std of the two is called a tie; under each per-task line, a paired bootstrap over the test examples of the
+    seeds both methods have (:func:`paired_comparison`); plus the typical seed noise and the test-set resolution.
+    Each composite (``fim_eva``, ``fim_rslora``, ...) is judged the same way against the two methods it combines."""
     lines = []
     noise: list[float] = []
     for r in _ranks(runs):
@@ -371,10 +378,13 @@ def verdicts(runs: list[dict]) -> str:
         # can be small.
         for task in tasks + ([AVG] if len(tasks) > 1 else []):
             per_method = _method_means(runs, r, task, tasks, noise)
-            if "fim" in per_method:
-                lines.append(_verdict_line(per_method, r, task))
-            if "fim_eva" in per_method:
-                lines.append(_verdict_line(per_method, r, task, "fim_eva", FIM_EVA_PARENTS))
+            subjects = [("fim", BASELINES)] + [(c, p) for c, p in COMPOSITE_PARENTS.items()]
+            for subject, against in subjects:
+                if subject not in per_method:
+                    continue
+                lines.append(_verdict_line(per_method, r, task, subject, against))
+                if task != AVG:  # the bootstrap pairs test examples; Avg pools tasks, which share none
+                    lines += [f"  - {line}" for line in _bootstrap_lines(runs, r, task, subject, against)]
     if noise:
         lines.append(f"- Seed noise: the std over seeds of one method on one task is {statistics.median(noise):.2f} "
                      f"points (median; range {min(noise):.2f}–{max(noise):.2f}).")
@@ -384,6 +394,52 @@ def verdicts(runs: list[dict]) -> str:
         lines.append("- Test-set resolution: one test example is worth " + ", ".join(
             f"{100 / n:.2f} points on {task} (n = {n})" for task, n in sizes.items()) + ".")
     return "\n".join(lines)
+
+
+def _bootstrap_lines(runs: list[dict], r: int, task: str, subject: str, against: tuple[str, ...]) -> list[str]:
+    """One line per baseline present: the paired bootstrap of ``subject`` against it, or why there is none."""
+    subject_runs = select_runs(runs, method=subject, r=r, variant="")
+    out = []
+    for base in against:
+        base_runs = select_runs(runs, method=base, r=r, variant="")
+        if not task_scores(base_runs, task):
+            continue
+        result = paired_comparison(subject_runs, base_runs, task)
+        out.append(f"vs {METHOD_LABEL[base]}: " + (result if isinstance(result, str) else _bootstrap_text(result)))
+    return out
+
+
+def _bootstrap_text(result: dict) -> str:
+    """"paired bootstrap, S seeds x n examples: +d points, 95% CI [lo, hi], p = P"."""
+    return (f"paired bootstrap, {result['n_seeds']} seed(s) x {result['n_examples']} examples: "
+            f"{100 * result['difference']:+.2f} accuracy points, {100 * result['confidence']:.0f}% CI "
+            f"[{100 * result['ci_low']:+.2f}, {100 * result['ci_high']:+.2f}], p = {result['p_value']:.4f}")
+
+
+def paired_comparison(a_runs: list[dict], b_runs: list[dict], task: str) -> dict | str:
+    """:func:`~fimlora.experiments.significance.paired_bootstrap` of ``a_runs`` against ``b_runs`` on ``task``
+    over the seeds both finished ok (accuracy of a minus b, fractions), or a line saying why it is n/a.
+
+    Pairs per seed, so a seed only one method has is left out (a bootstrap needs both sides of every pair)."""
+    a, b = _correct_by_seed(a_runs, task), _correct_by_seed(b_runs, task)
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return "paired bootstrap n/a: no seed finished ok for both"
+    lacking = [seed for seed in seeds if a[seed] is None or b[seed] is None]
+    if lacking:
+        return (f"paired bootstrap n/a: results lack per-example correctness (made before issue 22 recorded "
+                f"`correct`; seed(s) {lacking}; rerun them)")
+    sizes = {len(a[seed]) for seed in seeds} | {len(b[seed]) for seed in seeds}
+    if len(sizes) > 1:
+        return f"paired bootstrap n/a: the runs were scored on different test sets (sizes {sorted(sizes)})"
+    return paired_bootstrap([a[s] for s in seeds], [b[s] for s in seeds], n_resamples=BOOTSTRAP_RESAMPLES)
+
+
+def _correct_by_seed(runs: list[dict], task: str) -> dict[int, list[int] | None]:
+    """{seed: the run's per-example correctness on ``task``, None where its result does not record it} for the
+    runs that finished ok and were scored on ``task``."""
+    return {run["seed"]: run["metrics"][task].get("correct")
+            for run in runs if _score(run, task) is not None}
 
 
 def _method_means(runs: list[dict], r: int, task: str, tasks: list[str], noise: list[float]) -> dict:
@@ -401,8 +457,8 @@ def _method_means(runs: list[dict], r: int, task: str, tasks: list[str], noise: 
 
 def _verdict_line(per_method: dict, r: int, task: str, subject: str = "fim",
                   against: tuple[str, ...] = BASELINES) -> str:
-    """"- task, r = r: FIM-LoRA m ± s: win/tie/loss vs each baseline (difference)"; for fim_eva against its two
-    parents, with whether it beats both, either or neither."""
+    """"- task, r = r: FIM-LoRA m ± s: win/tie/loss vs each baseline (difference)"; for a composite against its
+    two parents, with whether it beats both, either or neither."""
     fm, fs = per_method[subject]
     parts, wins = [], []
     for base in against:
@@ -414,7 +470,7 @@ def _verdict_line(per_method: dict, r: int, task: str, subject: str = "fim",
         wins.append(word == "win")
         parts.append(f"{word} vs {METHOD_LABEL[base]} ({diff:+.2f})")
     line = f"- {task}, r = {r}: {METHOD_LABEL[subject]} {fm:.2f} ± {fs:.2f}: " + "; ".join(parts)
-    if subject == "fim_eva" and len(wins) == 2:
+    if subject in COMPOSITE_PARENTS and len(wins) == 2:
         line += f" → beats {['neither', 'one of them', 'both'][sum(wins)]}"
     return line
 
@@ -634,11 +690,20 @@ def _plain_sections(plain: list[dict], csv_rows: list[dict]) -> list[str]:
     verdict_text = verdicts(plain)
     if verdict_text:
         parts += ["### Where FIM-LoRA wins, ties or loses (difference in points; a tie is a difference "
-                  "within the larger seed std)", "", verdict_text, ""]
+                  "within the larger seed std)", "", VERDICT_LEGEND, "", verdict_text, ""]
     versus_random = fim_vs_random(plain)
     if versus_random:
         parts += ["### FIM-LoRA vs random-rank (same allocator, same budget)", "", versus_random, ""]
     return parts
+
+
+# What the indented lines under each verdict are, and what their p-values are not.
+VERDICT_LEGEND = ("Under each task's line: a paired bootstrap over its test examples, pooled over the seeds both "
+                  "methods have (resampling examples, the same draws for every seed; "
+                  "`fimlora.experiments.significance.paired_bootstrap`, 10,000 resamples): the difference in "
+                  "accuracy in points, its 95% percentile interval and the two-sided p-value, not corrected for "
+                  "the number of comparisons in this report. Seed std measures training noise on one test set; "
+                  "the bootstrap measures how far that test set's size lets a difference be told from none.")
 
 
 def _csv_text(csv_rows: list[dict]) -> str:
