@@ -26,7 +26,8 @@ from ..io import atomic_write_text
 from .metrics import GLUE_COLUMNS, GLUE_DISPLAY, METRIC_LABELS, METRICS, PAPER_METRIC, glue_task
 from .significance import paired_bootstrap
 
-__all__ = ["load_results", "mean_std", "task_scores", "select_runs", "paired_comparison", "build_report", "write_report"]
+__all__ = ["load_results", "mean_std", "task_scores", "select_runs", "paired_comparison", "build_report",
+           "write_report"]
 
 METHOD_ORDER = ["lora", "rslora", "adalora", "eva", "pissa", "lora_ga", "gora", "random", "fim", "fim_eva",
                 "fim_rslora", "fim_pissa", "fim_gora"]
