@@ -156,3 +156,28 @@ def test_display_settings_stay_out_of_the_hash():
     # A display setting is no variant: a grid over it would run identical runs under two ids.
     with pytest.raises(ValueError, match=r"fim_grid.progress: a display setting, not a FIM variant"):
         cfg(fim_grid={"progress": [True, False]})
+
+
+# The frontier suites: (config, runs it expands to, the command its first line names).
+FRONTIER_SUITES = [("configs/frontier_encoder.yaml", 2 * 13 * 4 * 3), ("configs/frontier_decoder.yaml", 13 * 4 * 3)]
+
+
+@pytest.mark.parametrize(("path", "n_runs"), FRONTIER_SUITES)
+def test_frontier_configs_load_validate_and_list_every_size(path, n_runs, tmp_path, capsys):
+    from pathlib import Path
+
+    from fimlora.cli import main
+
+    root = Path(__file__).resolve().parents[2]
+    config = root / path
+    cfg = load_config(config)
+    assert cfg.ranks == [1, 2, 4, 8] and cfg.seeds == [42, 1337, 2024] and cfg.fim["budget_unit"] == "params"
+    assert {"lora", "fim", "gora", "eva", "random", "pissa", "lora_ga", "rslora", "fim_rslora", "fim_pissa",
+            "fim_gora"} <= set(cfg.methods)
+    assert [v.get("budget_fraction") for v in cfg.fim_variants] == [None, 0.25, 0.5]
+    assert len(expand_runs(cfg)) == n_runs
+    first_line = config.read_text(encoding="utf-8").splitlines()[0]
+    assert first_line == f"# fimlora run {path} --results results/{cfg.name}"
+    assert main(["run", str(config), "--results", str(tmp_path / "results"), "--list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == n_runs and all(line.startswith("todo ") for line in listed)
