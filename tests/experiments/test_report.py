@@ -251,3 +251,44 @@ def test_verdicts_carry_the_bootstrap_under_each_task_line_and_judge_the_new_pee
     assert "  - vs GoRA: paired bootstrap, 2 seed(s) x 10 examples: +80.00 accuracy points" in text
     assert ("- t, r = 2: FIM ranks + PiSSA init 100.00 ± 0.00: win vs FIM-LoRA (+20.00); win vs PiSSA (+20.00) "
             "→ beats both") in text
+
+
+def _size_run(method, seed, r, acc, params, variant=None):
+    """A run at rank ``r`` with ``params`` trainable parameters; a variant is an explicit fim_variants entry."""
+    run = {**_full_run(method, seed, acc, variant), "r": r, "trainable_params": params,
+           "run_id": f"t__{method}__r{r}__s{seed}" + "".join(f"__{k}{v}" for k, v in (variant or {}).items())}
+    if variant:
+        run["config"] = {"fim_variants": [{}, variant]}
+    return run
+
+
+def test_frontier_table_has_a_row_per_method_and_size_and_the_plot_is_written(tmp_path):
+    runs = [_size_run("lora", s, r, acc + 0.01 * s, 100 * r) for r, acc in ((1, 0.50), (4, 0.60)) for s in (1, 2)]
+    runs += [_size_run("fim", s, r, acc, 100 * r + s) for r, acc in ((1, 0.55), (4, 0.65)) for s in (1, 2)]
+    runs += [_size_run("fim", s, 4, 0.58, 200, {"budget_fraction": 0.5, "r_min": 0}) for s in (1, 2)]
+    results = tmp_path / "results"
+    results.mkdir()
+    _write_runs(results, runs)
+    md, _ = build_report(results, figures_dir=tmp_path / "figs")
+    frontier = md[md.index("### Accuracy-size frontier"):md.index("### Rank maps")]
+    assert "| Method | r | trainable params (mean) | t |" in frontier
+    assert "| LoRA | 1 | 100 | 51.50 ± 0.71 |" in frontier
+    assert "| LoRA | 4 | 400 | 61.50 ± 0.71 |" in frontier
+    assert "| FIM-LoRA | 1 | 102 | 55.00 ± 0.00 |" in frontier  # seeds of 101 and 102 parameters: their mean, rounded
+    assert "| FIM-LoRA (budget_fraction=0.5,r_min=0) | 4 | 200 | 58.00 ± 0.00 |" in frontier
+    assert "![accuracy-size frontier e](figs/frontier_e.png)" in frontier
+    assert (tmp_path / "figs" / "frontier_e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_frontier_without_matplotlib_keeps_the_table_and_says_so(tmp_path, monkeypatch):
+    import fimlora.experiments.report as report
+
+    def no_matplotlib(module, extra, purpose):
+        raise MissingExtraError(f"{purpose} needs the 'matplotlib' package")
+
+    monkeypatch.setattr(report, "require", no_matplotlib)
+    monkeypatch.setattr(report, "rank_map_stats", lambda runs, figures_dir: [])
+    _write_runs(tmp_path, [_size_run("lora", 1, r, 0.5, 100 * r) for r in (1, 2)])
+    with pytest.warns(UserWarning, match="report: frontier figure left out: .*matplotlib"):
+        md, _ = build_report(tmp_path, figures_dir=tmp_path / "figs")
+    assert "| LoRA | 2 | 200 | 50.00 ± 0.00 |" in md and "![accuracy-size frontier" not in md

@@ -21,7 +21,7 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
-from ..extras import MissingExtraError
+from ..extras import MissingExtraError, require
 from ..io import atomic_write_text
 from .metrics import GLUE_COLUMNS, GLUE_DISPLAY, METRIC_LABELS, METRICS, PAPER_METRIC, glue_task
 from .significance import paired_bootstrap
@@ -617,6 +617,96 @@ def cost_table(runs: list[dict]) -> str:
     return _table(["Method", "calibration s (mean)", "training s (mean)", "trainable params", "notes"], rows)
 
 
+# ----------------------------------------------------------------------------- the accuracy-size frontier
+
+
+def frontier_points(runs: list[dict], tasks: list[str]) -> list[dict]:
+    """One point per (method, variant, r): {"method", "variant", "r", "params", "scores": {column: [0-1 per seed]}}
+    in the paper's method order, then by size. ``params`` is the mean trainable parameter count of the runs that
+    finished ok: every run records it (``method_info.params_spent`` only the allocating methods, and without the
+    classifier head every method trains alike), so it is the one x axis all methods share."""
+    points = []
+    columns = tasks + ([AVG] if len(tasks) > 1 else [])
+    for method, variant in _method_rows(runs):
+        for r in _ranks(select_runs(runs, method=method, variant=variant)):
+            sel = [run for run in select_runs(runs, method=method, r=r, variant=variant) if run["status"] == "ok"]
+            if not sel:
+                continue
+            points.append({"method": method, "variant": variant, "r": r,
+                           "params": statistics.fmean(run["trainable_params"] for run in sel),
+                           "scores": {column: _scores(sel, column, tasks) for column in columns}})
+    return points
+
+
+def frontier_table(runs: list[dict], points: list[dict], tasks: list[str]) -> str:
+    """The frontier as a table: a row per point (method, r, trainable parameters), mean ± std over seeds per
+    column."""
+    columns = tasks + ([AVG] if len(tasks) > 1 else [])
+    n_seeds = len({run["seed"] for run in runs})
+    rows = [[_label(p["method"], p["variant"]), str(p["r"]), f"{p['params']:,.0f}",
+             *(_fmt(p["scores"][column], n_seeds) for column in columns)] for p in points]
+    header = ["Method", "r", "trainable params (mean)",
+              *(AVG if column == AVG else _column_header(runs, column) for column in columns)]
+    return _table(header, rows)
+
+
+def draw_frontier(points: list[dict], columns: list[str], fig: Path, title: str) -> bool:
+    """One panel per column (each task, and Avg), a line per method: mean score in points against trainable
+    parameters (log scale), seed std as error bars. False (the report goes on without it) when matplotlib is
+    missing."""
+    try:
+        matplotlib = require("matplotlib", "plot", "report: drawing the accuracy-size frontier")
+    except MissingExtraError as e:
+        # The table is the frontier; a missing plotting extra only costs the figure.
+        warnings.warn(f"report: frontier figure left out: {e}", stacklevel=3)
+        return False
+    matplotlib.use("Agg")  # files only: no display on a headless machine
+    import matplotlib.pyplot as plt
+
+    fig_obj, axes = plt.subplots(1, len(columns), figsize=(5 * len(columns), 4), squeeze=False)
+    rows = list(dict.fromkeys((p["method"], p["variant"]) for p in points))
+    for ax, name in zip(axes[0], columns):
+        for method, variant in rows:
+            mine = [p for p in points if (p["method"], p["variant"]) == (method, variant) and p["scores"][name]]
+            if not mine:
+                continue
+            stats = [mean_std(_points(p["scores"][name])) for p in mine]
+            ax.errorbar([p["params"] for p in mine], [m for m, _ in stats], yerr=[s for _, s in stats],
+                        marker="o", capsize=3, label=_label(method, variant))
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel("score (%)")
+        ax.set_title(name)
+    axes[0][-1].legend(fontsize="small", loc="best")
+    fig_obj.suptitle(title)
+    fig_obj.tight_layout()
+    fig.parent.mkdir(parents=True, exist_ok=True)
+    fig_obj.savefig(fig, dpi=120)
+    plt.close(fig_obj)
+    return True
+
+
+def frontier_section(runs: list[dict], experiment: str, figures_dir: Path | None) -> list[str]:
+    """The frontier's lines: its table and, with ``figures_dir``, its plot linked below; none for one size."""
+    if len(_ranks(runs)) < 2:
+        return []
+    tasks = _eval_tasks(runs)
+    points = frontier_points(runs, tasks)
+    parts = [f"### Accuracy-size frontier ({_unit(runs, tasks)}, mean ± std over seeds, against trainable "
+             "parameters)", "", frontier_table(runs, points, tasks), ""]
+    if figures_dir is not None:
+        fig = figures_dir / f"frontier_{_safe_name(experiment)}.png"
+        columns = tasks + ([AVG] if len(tasks) > 1 else [])
+        if draw_frontier(points, columns, fig, f"{experiment}: score against trainable parameters"):
+            parts += [f"![accuracy-size frontier {experiment}]({fig.parent.name}/{fig.name})", ""]
+    return parts
+
+
+def _safe_name(text: str) -> str:
+    """``text`` as a file name part (an experiment name is the user's)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
 # ----------------------------------------------------------------------------- the report
 
 
@@ -663,6 +753,7 @@ def _experiment_section(runs: list[dict], experiment: str, figures_dir: Path | N
     plain = [run for run in runs if not run.get("fim_variant") or _explicit_variant(run)]
     if plain:
         parts += _plain_sections(plain, csv_rows)
+        parts += frontier_section(plain, experiment, figures_dir)
     ablations = ablation_tables([run for run in runs if not _explicit_variant(run)])
     if ablations:
         unit = _unit(runs, _eval_tasks(runs))
