@@ -88,3 +88,29 @@ def test_fim_methods_take_a_progress_setting_from_the_config():
                        seed=0, fim={"n_batches": 2, "progress": False})
         model, info, _ = prepare_method(s, llama_base(1, 64, vocab=128), lambda: list(data))
         assert sum(info["allocated_ranks"].values()) == 4, method
+
+
+def test_eva_layer_inputs_keep_one_vector_per_example_and_mask_tokens_as_peft():
+    from peft.tuners.lora.eva import prepare_layer_inputs_fn_language_modeling
+
+    from fimlora.experiments.methods import eva_layer_inputs
+
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]]).bool().nonzero()  # what PEFT's model-input step hands over
+    tokens = torch.randn(2, 3, 5)
+    torch.testing.assert_close(eva_layer_inputs((tokens,), mask, "l"),
+                               prepare_layer_inputs_fn_language_modeling((tokens,), mask, "l"))
+    assert eva_layer_inputs(tokens, mask, "l").shape == (3, 5)  # the three unmasked tokens
+    pooled = torch.randn(2, 5)  # BERT's pooler: the first token of each example
+    assert eva_layer_inputs((pooled,), mask, "bert.pooler.dense") is pooled
+
+
+def test_eva_runs_on_an_encoder_with_every_linear_layer_adapted():
+    """all-linear on BERT includes the pooler, whose input has no token axis; PEFT's default EVA input step fails
+    there ("not enough values to unpack"), which made every EVA run of an all-linear encoder suite fail."""
+    from tests.references import cls_batches, tiny_bert
+
+    s = MethodSpec(method="eva", r=2, lora_alpha=4, target_modules="all-linear", task_type="SEQ_CLS", seed=0,
+                   fim={"n_batches": 2})
+    model, info, _ = prepare_method(s, tiny_bert(num_labels=3), lambda: cls_batches(2, seq=8))
+    ranks = info["eva_ranks"]
+    assert "bert.pooler.dense" in ranks and sum(ranks.values()) > 0

@@ -201,6 +201,21 @@ def _prepare_random(spec: MethodSpec, base_model: nn.Module,
     return model, {"scores": alloc.scores, "allocated_ranks": alloc.ranks, "params_spent": alloc.params_spent}, []
 
 
+def eva_layer_inputs(layer_input, model_input, layer_name: str) -> torch.Tensor:
+    """The rows EVA's incremental PCA sees for one layer: PEFT's token selection for (batch, tokens, d_in) inputs;
+    a (batch, d_in) input (one vector per example, as BERT's pooler gets the first token's) as it is.
+
+    PEFT's default indexes every input with the (example, token) pairs the attention mask keeps, which on a
+    (batch, d_in) input picks single numbers: EVA then fails on any all-linear encoder (the pooler is linear).
+    """
+    from peft.tuners.lora.eva import prepare_layer_inputs_fn_language_modeling
+
+    x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
+    if isinstance(x, torch.Tensor) and x.ndim == 2:
+        return x.contiguous()  # the pooler's first-token slice is a strided view; EVA's input hash flattens it
+    return prepare_layer_inputs_fn_language_modeling(layer_input, model_input, layer_name)
+
+
 def _prepare_eva(spec: MethodSpec, base_model: nn.Module,
                  calibration_batches: BatchFactory | None) -> tuple[nn.Module, dict, list]:
     """PEFT's EVA: its own initialisation on the calibration batches, which also sets the ranks."""
@@ -212,7 +227,8 @@ def _prepare_eva(spec: MethodSpec, base_model: nn.Module,
                              low_cpu_mem_usage=True)
     start = time.perf_counter()
     with counted_forwards(model) as forwards:
-        initialize_lora_eva_weights(model, calibration_batches(), show_progress_bar=False)
+        initialize_lora_eva_weights(model, calibration_batches(), prepare_layer_inputs_fn=eva_layer_inputs,
+                                    show_progress_bar=False)
     seconds = time.perf_counter() - start
     # EVA writes rank_pattern only where a rank differs from r; record every module's rank.
     return model, {"calibration_seconds": seconds, "eva_forward_passes": forwards.count,
@@ -237,7 +253,8 @@ def eva_directions(model: nn.Module, batches: Iterable, ranks: Mapping[str, int]
     config = copy.deepcopy(model.peft_config["default"])
     config.r, config.rank_pattern = max(ranks.values()), {}
     config.eva_config = EvaConfig(rho=1.0, use_label_mask=use_label_mask)
-    full = get_eva_state_dict(model, batches, peft_config=config, show_progress_bar=False)
+    full = get_eva_state_dict(model, batches, peft_config=config, prepare_layer_inputs_fn=eva_layer_inputs,
+                              show_progress_bar=False)
     prefix = "base_model.model."
     return {path: a[: ranks[path.removeprefix(prefix)]] for path, a in full.items()}
 
