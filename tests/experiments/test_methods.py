@@ -114,3 +114,32 @@ def test_eva_runs_on_an_encoder_with_every_linear_layer_adapted():
     model, info, _ = prepare_method(s, tiny_bert(num_labels=3), lambda: cls_batches(2, seq=8))
     ranks = info["eva_ranks"]
     assert "bert.pooler.dense" in ranks and sum(ranks.values()) > 0
+
+
+def test_eva_refuses_up_front_a_layer_with_fewer_rows_than_components():
+    """BERT's pooler gets batch_size rows; with r * rho above that PEFT's EVA skips its SVD on every batch and
+    cycles the data forever (a frontier run hung on it). Refused before EVA starts, naming the layer."""
+    import pytest
+
+    from tests.references import cls_batches, tiny_bert
+
+    s = MethodSpec(method="eva", r=4, lora_alpha=8, target_modules="all-linear", task_type="SEQ_CLS", seed=0,
+                   fim={"n_batches": 2})
+    needle = (r"eva: PEFT's EVA needs at least r \* rho = 8 input rows per batch in every adapted layer, or it "
+              r"cycles the data forever; 1 layer\(s\) get fewer, e\.g\. bert\.pooler\.dense: 4 ")
+    with pytest.raises(ValueError, match=needle):
+        prepare_method(s, tiny_bert(num_labels=3), lambda: cls_batches(2, batch_size=4, seq=8))
+
+
+def test_eva_rows_per_layer_counts_tokens_and_examples():
+    from peft import EvaConfig
+
+    from fimlora.experiments.methods import eva_rows_per_layer
+    from tests.references import cls_batches, lora_bert
+
+    model = lora_bert(target_modules="all-linear", eva_config=EvaConfig(use_label_mask=False))
+    batch = cls_batches(1, batch_size=3, seq=5)[0]
+    batch["attention_mask"][0, 3:] = 0  # two padded tokens
+    rows = eva_rows_per_layer(model, batch)
+    assert rows["bert.pooler.dense"] == 3  # one vector per example
+    assert rows["bert.encoder.layer.0.attention.self.query"] == 3 * 5 - 2  # the unmasked tokens

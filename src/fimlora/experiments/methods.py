@@ -216,6 +216,46 @@ def eva_layer_inputs(layer_input, model_input, layer_name: str) -> torch.Tensor:
     return prepare_layer_inputs_fn_language_modeling(layer_input, model_input, layer_name)
 
 
+def _count_eva_rows(rows: dict, name: str, model_input, module, args, output) -> None:
+    rows[name] = int(eva_layer_inputs(args, model_input, name).shape[0])
+
+
+def eva_rows_per_layer(model: nn.Module, batch: Mapping) -> dict[str, int]:
+    """{rank_pattern key: rows} that EVA's SVD hook of each LoRA layer gets from one ``batch`` (one no-grad forward
+    with the adapter off; the model is left as it was)."""
+    import functools
+
+    from peft.tuners.lora.eva import prepare_model_inputs_fn_language_modeling
+    from peft.tuners.lora.layer import LoraLayer
+
+    model_input = prepare_model_inputs_fn_language_modeling(batch, model.peft_config["default"])
+    rows, handles = {}, []
+    for name, layer in model.base_model.model.named_modules():
+        if isinstance(layer, LoraLayer) and "default" in layer.r:
+            handles.append(layer.register_forward_hook(functools.partial(_count_eva_rows, rows, name, model_input)))
+    try:
+        with torch.no_grad(), model.disable_adapter():
+            model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return rows
+
+
+def check_eva_rows(rows: Mapping[str, int], components: int) -> None:
+    """PEFT's EVA skips a layer's SVD on a batch with fewer input rows than the components it wants (r * rho)
+    and cycles the data until every layer has converged: such a layer never does, and EVA never returns. Refused
+    up front, naming the layer, instead of a run that hangs."""
+    short = {n: k for n, k in rows.items() if k < components}
+    if short:
+        name, k = next(iter(short.items()))
+        raise ValueError(
+            f"eva: PEFT's EVA needs at least r * rho = {components} input rows per batch in every adapted layer, "
+            f"or it cycles the data forever; {len(short)} layer(s) get fewer, e.g. {name}: {k} (a layer that sees "
+            "one vector per example, like BERT's pooler, gets batch_size rows); raise the batch size to at least "
+            f"{components}, lower eva.rho or r, or leave such layers out of target_modules")
+
+
 def _prepare_eva(spec: MethodSpec, base_model: nn.Module,
                  calibration_batches: BatchFactory | None) -> tuple[nn.Module, dict, list]:
     """PEFT's EVA: its own initialisation on the calibration batches, which also sets the ranks."""
@@ -225,6 +265,7 @@ def _prepare_eva(spec: MethodSpec, base_model: nn.Module,
     eva = EvaConfig(rho=spec.eva_rho, use_label_mask=spec.task_type == "CAUSAL_LM")
     model = build_peft_model(base_model, _lora_config(spec, init_lora_weights="eva", eva_config=eva), seed=None,
                              low_cpu_mem_usage=True)
+    check_eva_rows(eva_rows_per_layer(model, next(iter(calibration_batches()))), round(spec.r * spec.eva_rho))
     start = time.perf_counter()
     with counted_forwards(model) as forwards:
         initialize_lora_eva_weights(model, calibration_batches(), prepare_layer_inputs_fn=eva_layer_inputs,
@@ -275,6 +316,7 @@ def _prepare_fim_eva(spec: MethodSpec, base_model: nn.Module,
     eva = EvaConfig(rho=1.0, use_label_mask=use_label_mask)
     eva_config = _lora_config(spec, init_lora_weights="eva", eva_config=eva)
     model = build_peft_model(base, lora_config_for_allocation(alloc, eva_config), seed=None, low_cpu_mem_usage=True)
+    check_eva_rows(eva_rows_per_layer(model, next(iter(calibration_batches()))), max(alloc.ranks.values()))
     start = time.perf_counter()
     with counted_forwards(model) as forwards:
         directions = eva_directions(model, calibration_batches(), alloc.ranks, use_label_mask)
