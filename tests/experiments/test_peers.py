@@ -179,6 +179,19 @@ def test_lora_ga_keeps_the_base_output_aligns_with_the_gradient_and_reloads(tmp_
     assert_reload_gives_trained_model(model, batches, base, tmp_path)
 
 
+def test_lora_ga_with_all_linear_targets_every_linear_layer():
+    """PEFT's preprocess_loraga matched "all-linear" literally and found no layer (every LoRA-GA run of an
+    all-linear suite failed); expanded first, it adapts exactly what a plain all-linear adapter adapts."""
+    from dataclasses import replace
+
+    batches = data()
+    s = replace(spec("lora_ga"), target_modules="all-linear")
+    model, _, _ = prepare_method(s, base(), lambda: list(batches))
+    plain, _, _ = prepare_method(replace(spec("lora"), target_modules="all-linear"), base(), lambda: list(batches))
+    assert sorted(lora_layers(model)) == sorted(lora_layers(plain)) and len(lora_layers(model)) == 7
+    torch.testing.assert_close(logits(model, batches[0]), logits(base(), batches[0]), atol=1e-5, rtol=0)
+
+
 # ----------------------------------------------------------------------------- gora
 
 

@@ -409,8 +409,12 @@ def _prepare_lora_ga(spec: MethodSpec, base_model: nn.Module,
     for the default direction ArB2r, A = V[:, :r]^T, B = U[:, r:2r] diag(S[r:2r]), scaled by d_out^(1/4) /
     sqrt(stable_gamma) (scale "stable"), and replaces W by W - s B A, so the initial output equals the base's."""
     from peft import preprocess_loraga
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
 
     config = _lora_config(spec, init_lora_weights="lora_ga", lora_ga_config=lora_ga_config(spec.lora_ga))
+    # preprocess_loraga matches target_modules literally and finds no layer for "all-linear", which PEFT expands
+    # only when it builds the adapter: expand it first, with PEFT's own rule.
+    config = _maybe_include_all_linear_layers(config, base_model)
     batches = {"n": 0}
 
     n_batches = int(spec.lora_ga.get("n_batches", LORA_GA_BATCHES))
