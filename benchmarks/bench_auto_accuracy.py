@@ -76,19 +76,12 @@ def train_and_score(size: str, seed: int, fim: dict) -> dict:
 
 def paired_interval(a: list[list[int]], b: list[list[int]], resamples: int = RESAMPLES, level: float = LEVEL,
                     seed: int = 0) -> tuple[float, float, float]:
-    """mean_s (acc_a,s - acc_b,s) and its paired bootstrap interval over test examples.
+    """mean_s (acc_a,s - acc_b,s) and its paired bootstrap interval over test examples: the harness's
+    :func:`fimlora.experiments.significance.paired_bootstrap` (examples resampled, seeds pooled)."""
+    from fimlora.experiments.significance import paired_bootstrap
 
-    a, b: per seed, per test example, 1 if correct. One resample draws example indices i_1..i_n with
-    replacement and evaluates d* = (1/S) sum_s (1/n) sum_j (a_s[i_j] - b_s[i_j]); the interval is the
-    (1 - level)/2 and (1 + level)/2 quantiles of d*.
-    """
-    import numpy as np
-
-    d = (np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).mean(axis=0)  # per example
-    picks = np.random.default_rng(seed).integers(0, d.shape[0], size=(resamples, d.shape[0]))
-    boot = d[picks].mean(axis=1)
-    lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
-    return float(d.mean()), float(lo), float(hi)
+    r = paired_bootstrap(a, b, n_resamples=resamples, seed=seed, confidence=level)
+    return r["difference"], r["ci_low"], r["ci_high"]
 
 
 def measure(size: str) -> dict:
