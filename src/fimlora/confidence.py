@@ -33,14 +33,15 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .config import check_int, check_number
+from .config import MIN_AUTO_BATCHES, check_int, check_number
 
 __all__ = ["RankConfidence", "compute_rank_confidence", "SUPPORTED_AGGREGATIONS", "MIN_UNITS", "resampled_ranks",
            "exact_share", "within_one_share", "AUTO_RULES"]
 
 SUPPORTED_AGGREGATIONS = ("mean",)
-# A bootstrap of fewer units says nothing: every resample of one unit is that unit.
-MIN_UNITS = 2
+# A bootstrap of fewer units says nothing: every resample of one unit is that unit. One rule with auto's least
+# number of batches (config.MIN_AUTO_BATCHES), which exists so that auto's bootstrap can say something.
+MIN_UNITS = MIN_AUTO_BATCHES
 _PLURAL = {"batch": "batches", "example": "examples"}
 
 Allocator = Callable[[list[float]], list[int]]
