@@ -29,5 +29,5 @@ run configs/small_decoder_beyond.yaml results/small_decoder_beyond --reuse resul
   --out docs/results.md --title "FIM-LoRA small-scale replication (CPU, real MiniLM/SmolLM2 and offline data)" \
   --preface docs/results_preface.md \
   --command "bash scripts/replicate.sh" \
-  --command "# which runs, per config: fimlora run configs/<name>.yaml --results results/<name> --shard i/2" \
+  --command "# which runs, per config: fimlora run configs/<name>.yaml --results results/<name> --shard i/2 [--reuse results/<suite>]" \
   --command "fimlora report results/small_encoder results/small_encoder_ablation results/small_encoder_aggregation results/small_decoder results/small_decoder_params results/small_encoder_beyond results/small_decoder_beyond --out docs/results.md --preface docs/results_preface.md"
