@@ -257,6 +257,36 @@ def test_decoder_mixture_run_scores_each_eval_task(tmp_path):
     assert ref["Avg"] == pytest.approx((ref["piqa"]["accuracy"] + ref["winogrande"]["accuracy"]) / 2)
 
 
+@needs_assets
+def test_eval_tasks_of_a_task_config_are_its_runs_test_sets_and_the_reference_is_the_majority_class(tmp_path):
+    """load_eval_tasks on a tasks: config gives each run's own test rows; a classification task's un-tuned
+    reference is the majority label's share, counted here by hand."""
+    import collections
+    import dataclasses
+    import sys
+
+    import yaml
+
+    from fimlora.experiments.sweep import _load_tasks, load_eval_tasks
+
+    cfg = base_cfg(tasks=["trec6", "sst2"], methods=["lora"], seeds=[1], data={"max_train": 16, "max_test": 40})
+    evals = load_eval_tasks(cfg)
+    assert [t.name for t in evals] == ["trec6", "sst2"]
+    for run in expand_runs(cfg):
+        _, (own,) = _load_tasks(cfg, run)
+        assert next(t for t in evals if t.name == own.name).test == own.test
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    import zero_shot_eval
+
+    (tmp_path / "enc.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    ref = zero_shot_eval.main(str(tmp_path / "enc.yaml"))
+    for t in evals:
+        top = collections.Counter(row["label"] for row in t.test).most_common(1)[0][1]
+        assert ref[t.name] == {"majority_class": top / 40, "n": 40}
+    assert ref["Avg"] == pytest.approx((ref["trec6"]["majority_class"] + ref["sst2"]["majority_class"]) / 2)
+
+
 def test_mixture_eval_tasks_refuse_a_config_without_a_mixture():
     from fimlora.experiments.sweep import load_mixture_eval_tasks
 

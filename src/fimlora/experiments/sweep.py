@@ -44,6 +44,7 @@ __all__ = [
     "run_sweep",
     "machine_info",
     "causal_lm_dtype",
+    "load_eval_tasks",
     "load_mixture_eval_tasks",
 ]
 
@@ -140,6 +141,14 @@ def load_mixture_eval_tasks(cfg: ExperimentConfig) -> list:
         raise ValueError(f"mixture: config {cfg.name!r} has no mixture (it lists tasks {cfg.tasks})")
     d = cfg.data
     return [load_task(name, seed=d.get("data_seed", 0), max_test=d.get("max_test")) for name in cfg.mixture["eval"]]
+
+
+def load_eval_tasks(cfg: ExperimentConfig) -> list:
+    """Every test set a config's runs are scored on: a mixture's eval tasks, or each of its tasks (the runs' own
+    questions, split by ``data.data_seed``); the un-tuned reference (``scripts/zero_shot_eval.py``) scores these."""
+    if cfg.mixture:
+        return load_mixture_eval_tasks(cfg)
+    return [_load_single_task(cfg, label) for label in cfg.task_labels]
 
 
 def _load_single_task(cfg: ExperimentConfig, label: str):
