@@ -11,7 +11,9 @@ from fimlora.experiments.report import (
     load_results,
     mean_std,
     paired_comparison,
+    paired_scoreboard,
     rank_sweep,
+    scoreboard_table,
     select_runs,
     task_scores,
     verdicts,
@@ -292,3 +294,26 @@ def test_frontier_without_matplotlib_keeps_the_table_and_says_so(tmp_path, monke
     with pytest.warns(UserWarning, match="report: frontier figure left out: .*matplotlib"):
         md, _ = build_report(tmp_path, figures_dir=tmp_path / "figs")
     assert "| LoRA | 2 | 200 | 50.00 ± 0.00 |" in md and "![accuracy-size frontier" not in md
+
+
+def test_paired_scoreboard_counts_significant_cells_and_the_fdr_column_drops_a_borderline_one():
+    right, wrong = [1] * 100, [0] * 100
+    five_more = [1] * 95 + [0] * 5  # fim right on 5 examples the other gets wrong, the same elsewhere
+    runs = [_correct_run("fim", s, right, r=r) for s in (1, 2) for r in (2, 4)]
+    runs += [_correct_run("lora", s, wrong, r=2) for s in (1, 2)] + [_correct_run("lora", s, right, r=4)
+                                                                        for s in (1, 2)]
+    runs += [_correct_run("gora", s, five_more, r=2) for s in (1, 2)] + [_correct_run("gora", s, right, r=4)
+                                                                            for s in (1, 2)]
+    runs += [_correct_run("fim", s, wrong, r=8) for s in (1, 2)] + [_correct_run("pissa", s, right, r=8)
+                                                                     for s in (1, 2)]
+    borderline = paired_comparison(select_runs(runs, method="fim", r=2), select_runs(runs, method="gora", r=2), "t")
+    assert 0.01 < borderline["p_value"] < 0.05  # the premise: significant alone, not among six comparisons
+    board = {row["baseline"]: row for row in paired_scoreboard(runs)}
+    assert list(board) == ["lora", "pissa", "gora"]  # BASELINES order; random, EVA, ... have no cell
+    assert board["lora"] == {"baseline": "lora", "cells": 2, "better": 1, "worse": 0, "better_fdr": 1,
+                             "worse_fdr": 0, "mean_difference": pytest.approx(50.0)}
+    assert board["gora"] == {"baseline": "gora", "cells": 2, "better": 1, "worse": 0, "better_fdr": 0,
+                             "worse_fdr": 0, "mean_difference": pytest.approx(2.5)}
+    assert board["pissa"] == {"baseline": "pissa", "cells": 1, "better": 0, "worse": 1, "better_fdr": 0,
+                              "worse_fdr": 1, "mean_difference": pytest.approx(-100.0)}
+    assert "| GoRA | 2 | 1 | 0 | 0 / 0 | +2.50 |" in scoreboard_table(list(board.values()))

@@ -26,7 +26,7 @@ from ..io import atomic_write_text
 from .metrics import GLUE_COLUMNS, GLUE_DISPLAY, METRIC_LABELS, METRICS, PAPER_METRIC, glue_task
 from .significance import paired_bootstrap
 
-__all__ = ["load_results", "mean_std", "task_scores", "select_runs", "paired_comparison", "build_report",
+__all__ = ["load_results", "mean_std", "task_scores", "select_runs", "paired_comparison", "paired_scoreboard", "build_report",
            "write_report"]
 
 METHOD_ORDER = ["lora", "rslora", "adalora", "eva", "pissa", "lora_ga", "gora", "random", "fim", "fim_eva",
@@ -43,6 +43,8 @@ BASELINES = ("lora", "random", "eva", "adalora", "rslora", "pissa", "lora_ga", "
 # Bootstrap resamples per comparison: p-values resolve to about 1e-4, and a report of a few hundred comparisons
 # over a few hundred examples each stays within seconds.
 BOOTSTRAP_RESAMPLES = 10_000
+# The level at which the paired-test summary calls a difference significant.
+SIGNIFICANCE_LEVEL = 0.05
 # The column and verdict name of the per-seed mean over the evaluation tasks (the paper's Avg).
 AVG = "Avg"
 
@@ -395,6 +397,56 @@ def verdicts(runs: list[dict]) -> str:
         lines.append("- Test-set resolution: one test example is worth " + ", ".join(
             f"{100 / n:.2f} points on {task} (n = {n})" for task, n in sizes.items()) + ".")
     return "\n".join(lines)
+
+
+def paired_scoreboard(runs: list[dict], subject: str = "fim", alpha: float = SIGNIFICANCE_LEVEL) -> list[dict]:
+    """Per baseline, over every (rank, task) cell where the plain runs of both ``subject`` and the baseline have
+    per-example correctness: how many cells ``subject`` is significantly better or worse in at level ``alpha``,
+    first per comparison (the bootstrap p-values of :func:`paired_comparison`) and then with the
+    Benjamini-Hochberg false-discovery rate controlled over all cells of all baselines together
+    (``scipy.stats.false_discovery_control``), and the mean paired difference over the cells (points).
+
+    Returns [{"baseline", "cells", "better", "worse", "better_fdr", "worse_fdr", "mean_difference"}] in
+    BASELINES order, plain data; baselines with no testable cell are left out."""
+    from scipy.stats import false_discovery_control
+
+    tests: list[tuple[str, dict]] = []
+    for r in _ranks(runs):
+        subject_runs = select_runs(runs, method=subject, r=r, variant="")
+        for task in _eval_tasks(select_runs(runs, r=r)):
+            for base in BASELINES:
+                base_runs = select_runs(runs, method=base, r=r, variant="")
+                if base == subject or not task_scores(base_runs, task) or not task_scores(subject_runs, task):
+                    continue
+                result = paired_comparison(subject_runs, base_runs, task)
+                if isinstance(result, dict):
+                    tests.append((base, result))
+    if not tests:
+        return []
+    adjusted = false_discovery_control([t["p_value"] for _, t in tests], method="bh")
+    rows = []
+    for base in BASELINES:
+        mine = [(t, q) for (b, t), q in zip(tests, adjusted) if b == base]
+        if not mine:
+            continue
+        rows.append({"baseline": base, "cells": len(mine),
+                     "better": sum(t["p_value"] < alpha and t["difference"] > 0 for t, _ in mine),
+                     "worse": sum(t["p_value"] < alpha and t["difference"] < 0 for t, _ in mine),
+                     "better_fdr": sum(q < alpha and t["difference"] > 0 for t, q in mine),
+                     "worse_fdr": sum(q < alpha and t["difference"] < 0 for t, q in mine),
+                     "mean_difference": 100 * statistics.fmean(t["difference"] for t, _ in mine)})
+    return rows
+
+
+def scoreboard_table(rows: list[dict], subject: str = "fim") -> str:
+    """:func:`paired_scoreboard`'s rows as a markdown table."""
+    name = METHOD_LABEL[subject]
+    header = ["vs", "cells (rank x task)", f"{name} better, p < {SIGNIFICANCE_LEVEL}",
+              f"{name} worse, p < {SIGNIFICANCE_LEVEL}", "better / worse after FDR (BH)",
+              "mean paired difference (points)"]
+    body = [[METHOD_LABEL[row["baseline"]], str(row["cells"]), str(row["better"]), str(row["worse"]),
+             f"{row['better_fdr']} / {row['worse_fdr']}", f"{row['mean_difference']:+.2f}"] for row in rows]
+    return _table(header, body)
 
 
 def _bootstrap_lines(runs: list[dict], r: int, task: str, subject: str, against: tuple[str, ...]) -> list[str]:
@@ -783,12 +835,21 @@ def _plain_sections(plain: list[dict], csv_rows: list[dict]) -> list[str]:
     if verdict_text:
         parts += ["### Where FIM-LoRA wins, ties or loses (difference in points; a tie is a difference "
                   "within the larger seed std)", "", VERDICT_LEGEND, "", verdict_text, ""]
+    board = paired_scoreboard(plain)
+    if board:
+        parts += ["### Paired tests at a glance (FIM-LoRA against each peer over every rank and task)", "",
+                  SCOREBOARD_LEGEND, "", scoreboard_table(board), ""]
     versus_random = fim_vs_random(plain)
     if versus_random:
         parts += ["### FIM-LoRA vs random-rank (same allocator, same budget)", "", versus_random, ""]
     return parts
 
 
+# What the scoreboard counts, and why it has a corrected column.
+SCOREBOARD_LEGEND = ("Each cell is one rank and one task, judged by the paired bootstrap above. A report makes many "
+                     "comparisons, so about one in twenty would come out p < 0.05 with no real difference; the FDR "
+                     "column counts only the cells that stay significant when the Benjamini-Hochberg false-discovery "
+                     "rate is held at 5% over every cell of this table (`scipy.stats.false_discovery_control`).")
 # What the indented lines under each verdict are, and what their p-values are not.
 VERDICT_LEGEND = ("Under each task's line: a paired bootstrap over its test examples, pooled over the seeds both "
                   "methods have (resampling examples, the same draws for every seed; "
