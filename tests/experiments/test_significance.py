@@ -56,3 +56,26 @@ def test_paired_bootstrap_on_hand_checkable_cases():
 def test_paired_bootstrap_refuses_unpaired_or_non_binary_input(a, b, needle):
     with pytest.raises(ValueError, match=needle):
         paired_bootstrap(a, b, n_resamples=10)
+
+
+def test_paired_bootstrap_agrees_with_scipys_bootstrap_and_a_sign_flip_permutation_test():
+    """Against library routines: SciPy's percentile bootstrap of the mean pooled difference gives the same interval
+    up to resampling noise, and SciPy's paired permutation test (signs of d_i flipped) the same verdict."""
+    from scipy.stats import bootstrap, permutation_test
+
+    a, b = correctness(0.72, 3, 300, 11), correctness(0.62, 3, 300, 12)
+    got = paired_bootstrap(a, b, n_resamples=20_000, seed=3)
+    d = (np.asarray(a, float) - np.asarray(b, float)).mean(axis=0)
+    ref = bootstrap((d,), np.mean, n_resamples=20_000, method="percentile", confidence_level=0.95,
+                    random_state=np.random.default_rng(4))
+    assert got["ci_low"] == pytest.approx(ref.confidence_interval.low, abs=0.005)
+    assert got["ci_high"] == pytest.approx(ref.confidence_interval.high, abs=0.005)
+    perm = permutation_test((d,), np.mean, permutation_type="samples", n_resamples=20_000,
+                            random_state=np.random.default_rng(5))
+    assert got["p_value"] < 0.01 and perm.pvalue < 0.01  # a 10-point gap over 300 examples
+    close_a, close_b = correctness(0.7, 3, 300, 21), correctness(0.69, 3, 300, 22)
+    near = paired_bootstrap(close_a, close_b, n_resamples=20_000, seed=3)
+    d = (np.asarray(close_a, float) - np.asarray(close_b, float)).mean(axis=0)
+    perm = permutation_test((d,), np.mean, permutation_type="samples", n_resamples=20_000,
+                            random_state=np.random.default_rng(5))
+    assert near["p_value"] == pytest.approx(perm.pvalue, abs=0.08)
