@@ -35,6 +35,16 @@ def test_sst2_train_has_no_validation_sentence():
 
 
 @needs_data
+def test_sst2_mc_is_sst2s_examples_as_two_way_choice_in_lm_evals_prompt():
+    plain, mc = load_task("sst2", seed=0), load_task("sst2_mc", seed=0)
+    assert mc.kind == "multiple_choice" and len(mc.train) == len(plain.train) and len(mc.test) == 872
+    for row, q in zip(plain.test + plain.train[:50], mc.test + mc.train[:50]):
+        assert q == {"context": f"{row['text']}\nQuestion: Is this sentence positive or negative?\nAnswer:",
+                     "choices": ["negative", "positive"], "answer": row["label"]}
+    assert mc.meta["removed_overlap_with_test"] == plain.meta["removed_overlap_with_test"] > 700
+
+
+@needs_data
 @pytest.mark.parametrize("name", ["trec6", "boolq", "mrpc", "piqa", "hellaswag", "winogrande", "siqa", "arc_easy",
                                   "arc_challenge", "obqa"])
 def test_bundled_tasks_split_with_seed(name):

