@@ -399,37 +399,39 @@ def verdicts(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def paired_scoreboard(runs: list[dict], subject: str = "fim", alpha: float = SIGNIFICANCE_LEVEL) -> list[dict]:
-    """Per baseline, over every (rank, task) cell where the plain runs of both ``subject`` and the baseline have
-    per-example correctness: how many cells ``subject`` is significantly better or worse in at level ``alpha``,
-    first per comparison (the bootstrap p-values of :func:`paired_comparison`) and then with the
-    Benjamini-Hochberg false-discovery rate controlled over all cells of all baselines together
-    (``scipy.stats.false_discovery_control``), and the mean paired difference over the cells (points).
+def paired_scoreboard(runs: list[dict], pairs: list[tuple[str, str]] | None = None,
+                      alpha: float = SIGNIFICANCE_LEVEL) -> list[dict]:
+    """Per (subject, baseline) pair, over every (rank, task) cell where the plain runs of both have per-example
+    correctness: in how many cells the subject is significantly better or worse at level ``alpha``, first per
+    comparison (the bootstrap p-values of :func:`paired_comparison`) and then with the Benjamini-Hochberg
+    false-discovery rate controlled over all cells of all pairs together (``scipy.stats.false_discovery_control``),
+    and the mean paired difference over the cells (points). ``pairs`` defaults to FIM-LoRA against every baseline.
 
-    Returns [{"baseline", "cells", "better", "worse", "better_fdr", "worse_fdr", "mean_difference"}] in
-    BASELINES order, plain data; baselines with no testable cell are left out."""
+    Returns [{"subject", "baseline", "cells", "better", "worse", "better_fdr", "worse_fdr", "mean_difference"}] in
+    the order of ``pairs``, plain data; pairs with no testable cell are left out."""
     from scipy.stats import false_discovery_control
 
-    tests: list[tuple[str, dict]] = []
+    pairs = [("fim", base) for base in BASELINES] if pairs is None else pairs
+    tests: list[tuple[tuple[str, str], dict]] = []
     for r in _ranks(runs):
-        subject_runs = select_runs(runs, method=subject, r=r, variant="")
         for task in _eval_tasks(select_runs(runs, r=r)):
-            for base in BASELINES:
+            for subject, base in pairs:
+                subject_runs = select_runs(runs, method=subject, r=r, variant="")
                 base_runs = select_runs(runs, method=base, r=r, variant="")
-                if base == subject or not task_scores(base_runs, task) or not task_scores(subject_runs, task):
+                if not task_scores(base_runs, task) or not task_scores(subject_runs, task):
                     continue
                 result = paired_comparison(subject_runs, base_runs, task)
                 if isinstance(result, dict):
-                    tests.append((base, result))
+                    tests.append(((subject, base), result))
     if not tests:
         return []
     adjusted = false_discovery_control([t["p_value"] for _, t in tests], method="bh")
     rows = []
-    for base in BASELINES:
-        mine = [(t, q) for (b, t), q in zip(tests, adjusted) if b == base]
+    for pair in pairs:
+        mine = [(t, q) for (p, t), q in zip(tests, adjusted) if p == pair]
         if not mine:
             continue
-        rows.append({"baseline": base, "cells": len(mine),
+        rows.append({"subject": pair[0], "baseline": pair[1], "cells": len(mine),
                      "better": sum(t["p_value"] < alpha and t["difference"] > 0 for t, _ in mine),
                      "worse": sum(t["p_value"] < alpha and t["difference"] < 0 for t, _ in mine),
                      "better_fdr": sum(q < alpha and t["difference"] > 0 for t, q in mine),
@@ -438,14 +440,13 @@ def paired_scoreboard(runs: list[dict], subject: str = "fim", alpha: float = SIG
     return rows
 
 
-def scoreboard_table(rows: list[dict], subject: str = "fim") -> str:
+def scoreboard_table(rows: list[dict]) -> str:
     """:func:`paired_scoreboard`'s rows as a markdown table."""
-    name = METHOD_LABEL[subject]
-    header = ["vs", "cells (rank x task)", f"{name} better, p < {SIGNIFICANCE_LEVEL}",
-              f"{name} worse, p < {SIGNIFICANCE_LEVEL}", "better / worse after FDR (BH)",
-              "mean paired difference (points)"]
-    body = [[METHOD_LABEL[row["baseline"]], str(row["cells"]), str(row["better"]), str(row["worse"]),
-             f"{row['better_fdr']} / {row['worse_fdr']}", f"{row['mean_difference']:+.2f}"] for row in rows]
+    header = ["comparison", "cells (rank x task)", f"better, p < {SIGNIFICANCE_LEVEL}",
+              f"worse, p < {SIGNIFICANCE_LEVEL}", "better / worse after FDR (BH)", "mean paired difference (points)"]
+    body = [[f"{METHOD_LABEL[row['subject']]} vs {METHOD_LABEL[row['baseline']]}", str(row["cells"]),
+             str(row["better"]), str(row["worse"]), f"{row['better_fdr']} / {row['worse_fdr']}",
+             f"{row['mean_difference']:+.2f}"] for row in rows]
     return _table(header, body)
 
 
@@ -839,6 +840,10 @@ def _plain_sections(plain: list[dict], csv_rows: list[dict]) -> list[str]:
     if board:
         parts += ["### Paired tests at a glance (FIM-LoRA against each peer over every rank and task)", "",
                   SCOREBOARD_LEGEND, "", scoreboard_table(board), ""]
+    composites = paired_scoreboard(plain, [(c, p) for c, parents in COMPOSITE_PARENTS.items() for p in parents])
+    if composites:
+        parts += ["### Paired tests at a glance: each composite against the two methods it combines", "",
+                  COMPOSITE_LEGEND, "", scoreboard_table(composites), ""]
     versus_random = fim_vs_random(plain)
     if versus_random:
         parts += ["### FIM-LoRA vs random-rank (same allocator, same budget)", "", versus_random, ""]
@@ -850,6 +855,11 @@ SCOREBOARD_LEGEND = ("Each cell is one rank and one task, judged by the paired b
                      "comparisons, so about one in twenty would come out p < 0.05 with no real difference; the FDR "
                      "column counts only the cells that stay significant when the Benjamini-Hochberg false-discovery "
                      "rate is held at 5% over every cell of this table (`scipy.stats.false_discovery_control`).")
+# How to read a composite's two rows: which half of it carries a difference.
+COMPOSITE_LEGEND = ("Against FIM-LoRA, a composite differs only in its initialisation or scale (same ranks): that row "
+                    "is what the other method's init adds to FIM ranks. Against the other method, it differs only "
+                    "in its ranks (same init rule): that row is what FIM's ranks do for that init. FDR as above, "
+                    "over this table's cells.")
 # What the indented lines under each verdict are, and what their p-values are not.
 VERDICT_LEGEND = ("Under each task's line: a paired bootstrap over its test examples, pooled over the seeds both "
                   "methods have (resampling examples, the same draws for every seed; "
