@@ -21,8 +21,11 @@ For every target module m with base weight W_m (d_out, d_in):
    written, so it also serves an adapter with another scale rule (``fim_gora``). The base weight is not changed
    (``reinit_weight`` is False there), so the initial model is *not* the base model.
 
-Sign: the code sets B from +G (L178), and its own diagnostic (L185) measures the distance to -eta G, as the paper's
-"one step of gradient descent" would; the code's sign is kept here, as the reference runs it.
+Sign: the code sets B from +G (L178; its gradient hook stores p.grad unchanged, ``grad_utils.py``), while its own
+diagnostic (L185) measures the distance to -eta G, as the paper's "one step of gradient descent" would. The code's
+sign is kept here: it is what produced the paper's published numbers, and a baseline is compared as its authors ran
+it. (With W unchanged, +G starts the adapter one small step *up* the calibration loss; at eta = 0.05 the step is
+small against the base weights.)
 """
 
 from __future__ import annotations
