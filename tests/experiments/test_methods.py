@@ -127,8 +127,9 @@ def test_eva_refuses_up_front_a_layer_with_fewer_rows_than_components():
                    fim={"n_batches": 2})
     needle = (r"eva: PEFT's EVA needs at least r \* rho = 8 input rows per batch in every adapted layer, or it "
               r"cycles the data forever; 1 layer\(s\) get fewer, e\.g\. bert\.pooler\.dense: 4 ")
-    with pytest.raises(ValueError, match=needle):
+    with pytest.raises(ValueError, match=needle) as caught:
         prepare_method(s, tiny_bert(num_labels=3), lambda: cls_batches(2, batch_size=4, seq=8))
+    assert "lower eva.rho or r so that r * rho <= 4," in str(caught.value)
 
 
 def test_eva_rows_per_layer_counts_tokens_and_examples():

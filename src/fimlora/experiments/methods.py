@@ -252,8 +252,10 @@ def check_eva_rows(rows: Mapping[str, int], components: int) -> None:
         raise ValueError(
             f"eva: PEFT's EVA needs at least r * rho = {components} input rows per batch in every adapted layer, "
             f"or it cycles the data forever; {len(short)} layer(s) get fewer, e.g. {name}: {k} (a layer that sees "
-            "one vector per example, like BERT's pooler, gets batch_size rows); raise the batch size to at least "
-            f"{components}, lower eva.rho or r, or leave such layers out of target_modules")
+            "one vector per example, like BERT's pooler, gets batch_size rows; a causal LM whose batch has labels "
+            "gives EVA only the labelled tokens, so a one-token answer is one row per example); raise the batch "
+            f"size, lower eva.rho or r so that r * rho <= {min(short.values())}, or leave such layers out of "
+            "target_modules")
 
 
 def _prepare_eva(spec: MethodSpec, base_model: nn.Module,
