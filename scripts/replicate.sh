@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The small-scale replication behind docs/results.md. Resumable: rerun it after a kill and it
-# continues where it stopped (about 7.5 hours on 2 cores). Each config runs as two shards, one per CPU core.
+# continues where it stopped (about 9 hours on 2 cores). Each config runs as two shards, one per CPU core.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -24,7 +24,7 @@ run configs/small_decoder_params.yaml results/small_decoder_params --reuse resul
 # Beyond the paper: n_batches auto and fim_eva beside the five methods (the suites' runs are reused).
 run configs/small_encoder_beyond.yaml results/small_encoder_beyond --reuse results/small_encoder
 run configs/small_decoder_beyond.yaml results/small_decoder_beyond --reuse results/small_decoder
-# The accuracy-size frontier against the peers (issue 22): about 35 min and 1.6 h on 2 cores.
+# The accuracy-size frontier against the peers (issue 22): about 35 minutes and 3.3 hours on 2 cores.
 run configs/frontier_encoder.yaml results/frontier_encoder
 run configs/frontier_decoder.yaml results/frontier_decoder
 .venv/bin/fimlora report results/small_encoder results/small_encoder_ablation results/small_encoder_aggregation \
