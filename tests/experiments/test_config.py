@@ -120,6 +120,22 @@ def test_settings_hash_tracks_what_a_run_depends_on():
     assert run_settings_hash(asdict(base), RunSpec("sst2", "lora", 2, 2)) != h
 
 
+def test_gora_sign_is_written_into_the_config_and_a_result_without_it_is_the_old_ascent_init():
+    """Before ``gora.sign`` existed every GoRA result was made with the code's +G; now the default is the paper's
+    descent, written into the config, so those results are stale and explicit ``ascent`` ones match them."""
+    new = cfg(methods=["gora", "lora"], gora={"n_batches": 2})
+    assert new.gora == {"n_batches": 2, "sign": "descent"}
+    assert cfg(methods=["lora"]).gora == {}  # no GoRA run, nothing written
+    run = next(r for r in expand_runs(new) if r.method == "gora")
+    recorded = {**asdict(new), "gora": {"n_batches": 2}}  # a result from before the setting
+    ascent = asdict(cfg(methods=["gora", "lora"], gora={"n_batches": 2, "sign": "ascent"}))
+    assert run_settings_hash(recorded, run) == run_settings_hash(ascent, run) != run_settings_hash(asdict(new), run)
+    lora_run = next(r for r in expand_runs(new) if r.method == "lora")
+    assert run_settings_hash(recorded, lora_run) == run_settings_hash(asdict(new), lora_run)
+    with pytest.raises(ValueError, match=r"gora.sign: must be one of \['descent', 'ascent'\], got 'up'"):
+        cfg(methods=["gora"], gora={"sign": "up"})
+
+
 def write_rows(path, labels):
     path.write_text("".join(f'{{"text": "t{i}", "label": {y}}}\n' for i, y in enumerate(labels)))
     return str(path)

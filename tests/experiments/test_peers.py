@@ -228,12 +228,32 @@ def test_gora_b_is_the_reference_code_s_compress_init():
     aat_inv = torch.linalg.pinv(a64 @ a64.T + 1e-8 * torch.eye(r, dtype=torch.float64))
     stable_gemma = (lr / math.sqrt(r / d_in)) * scale_rank
     want = grad.double() @ (a64.T @ aat_inv) * (stable_gemma / alpha)
-    b = gora_b(grad, a, s, lr)
+    b = gora_b(grad, a, s, lr, sign="ascent")  # the code's line, +G
     torch.testing.assert_close(b.double(), want, atol=1e-5, rtol=1e-5)
-    # s B A = eta sqrt(d_in / r) G A^+ A: the gradient projected onto A's row space
+    # the paper's (default): s B A = -eta sqrt(d_in / r) G A^+ A, a descent step projected onto A's row space
     proj = a64.T @ torch.linalg.inv(a64 @ a64.T) @ a64
-    torch.testing.assert_close(s * b.double() @ a64, lr * math.sqrt(d_in / r) * grad.double() @ proj,
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s * gora_b(grad, a, s, lr).double() @ a64,
+                               -lr * math.sqrt(d_in / r) * grad.double() @ proj, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"sign: must be one of \('descent', 'ascent'\), got 'down'"):
+        gora_b(grad, a, s, lr, sign="down")
+
+
+def test_gora_descent_init_lowers_the_calibration_loss_and_ascent_raises_it():
+    """The sign in use: GoRA's initial adapter is a small step on the mean calibration gradient, so to first order
+    it moves the mean calibration loss down (descent) or up (ascent) from the base model's."""
+    batches = data()
+
+    def mean_loss(model):
+        with torch.no_grad():
+            return sum(float(model(**b).loss) for b in batches[:2]) / 2
+
+    start = mean_loss(base())
+    losses = {}
+    for sign in ("descent", "ascent"):
+        model, _, _ = prepare_method(spec("gora", gora={"n_batches": 2, "lr": 0.01, "sign": sign}), base(),
+                                     lambda: list(batches))
+        losses[sign] = mean_loss(model)
+    assert losses["descent"] < start < losses["ascent"], (losses, start)
 
 
 def test_gora_method_ranks_b_scale_and_reload(tmp_path):
@@ -253,7 +273,7 @@ def test_gora_method_ranks_b_scale_and_reload(tmp_path):
         assert layer.scaling["default"] == pytest.approx(8 / math.sqrt(r_m))  # one alpha, rsLoRA scale
         a = layer.lora_A["default"].weight
         torch.testing.assert_close(layer.lora_B["default"].weight.double(),
-                                   gora_b(grads[name].float(), a, layer.scaling["default"]).double(),
+                                   gora_b(grads[name].float(), a, layer.scaling["default"]).double(),  # descent
                                    atol=1e-6, rtol=1e-4)
         torch.testing.assert_close(layer.get_base_layer().weight, fresh[name].weight)  # W untouched
     # B != 0 at init: a stock reload of the untrained adapter must already give the same logits

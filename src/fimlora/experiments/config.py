@@ -74,12 +74,19 @@ LORA_GA_SETTINGS = {
     "stable_gamma": _number(minimum=0),
     "n_batches": _integer(minimum=1),
 }
+# The direction of GoRA's initial step (experiments/gora.py): the paper's gradient descent, the reference code's +G.
+GORA_SIGNS = ("descent", "ascent")
 GORA_SETTINGS = {
     "min_rank_ratio": _number(minimum=0),
     "max_rank_ratio": _number(minimum=0),
     "lr": _number(minimum=0),
     "n_batches": _integer(minimum=1),
+    "sign": lambda name, value: check_choice(name, value, GORA_SIGNS),
 }
+# GoRA's init direction before the setting existed (the reference code's +G): a recorded gora block without
+# ``sign`` was made with it, and at that value the key stays out of the settings hash so those results keep theirs.
+GORA_SIGN_BEFORE = "ascent"
+GORA_METHODS = ("gora", "fim_gora")
 DATA_SETTINGS = {
     "max_train": _integer(minimum=1, allow_none=True),
     "max_test": _integer(minimum=1, allow_none=True),
@@ -304,6 +311,11 @@ class ExperimentConfig:
         check_block("lora_ga", self.lora_ga, LORA_GA_SETTINGS)
         check_block("gora", self.gora, GORA_SETTINGS)
         _check_gora_ratios(self.gora)
+        if set(self.methods) & set(GORA_METHODS) and "sign" not in self.gora:
+            from .gora import DEFAULT_SIGN
+
+            # Written into the config (and so into every result) because a missing key means the old +G init.
+            self.gora = {**self.gora, "sign": DEFAULT_SIGN}
         _check_train_block(self.train)
         check_block("data", self.data, DATA_SETTINGS)
         check_bool("keep_adapters", self.keep_adapters)
@@ -505,6 +517,8 @@ def run_settings(config: Mapping, run: RunSpec, data_contents: Mapping[str, str]
     for block in ("fim", "train"):
         if isinstance(settings.get(block), Mapping):
             settings[block] = {k: v for k, v in settings[block].items() if k not in DISPLAY_SETTINGS}
+    if isinstance(settings.get("gora"), Mapping) and settings["gora"].get("sign", GORA_SIGN_BEFORE) == GORA_SIGN_BEFORE:
+        settings["gora"] = {k: v for k, v in settings["gora"].items() if k != "sign"}
     if settings["tasks"]:  # only this run's task entry matters, not the others in the list
         entries = [t for t in settings["tasks"] if task_id(t) == run.task]
         settings["tasks"] = entries or [run.task]

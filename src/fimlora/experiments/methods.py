@@ -450,7 +450,7 @@ def _prepare_gora(spec: MethodSpec, base_model: nn.Module,
     nominal budget sum_m f_m r; the allocation's ``budget`` is what it spent, the nominal one is ``gora_budget``.
     """
     from ..allocation import RankAllocation
-    from .gora import DEFAULT_LR, apply_gora_init, gora_importance, gora_rank_bounds, gora_ranks
+    from .gora import DEFAULT_LR, DEFAULT_SIGN, apply_gora_init, gora_importance, gora_rank_bounds, gora_ranks
 
     uniform = _uniform_lora(spec, base_model, use_rslora=True)
     infos = lora_modules(uniform)
@@ -470,7 +470,7 @@ def _prepare_gora(spec: MethodSpec, base_model: nn.Module,
     config = lora_config_for_allocation(alloc, _lora_config(spec, use_rslora=True))
     model = build_peft_model(uniform.unload(), config, seed=None)
     _check_ranks_kept(model, ranks, "gora")
-    apply_gora_init(model, grads, float(spec.gora.get("lr", DEFAULT_LR)))
+    apply_gora_init(model, grads, float(spec.gora.get("lr", DEFAULT_LR)), sign=spec.gora.get("sign", DEFAULT_SIGN))
     return model, {"calibration_seconds": time.perf_counter() - start, "scores": importances,
                    "allocated_ranks": ranks, "params_spent": spent,
                    "gora_budget": sum(f * spec.r for f in features.values()), "gora_rank_bounds": [r_min, r_max]}, []
@@ -481,7 +481,7 @@ def _prepare_fim_gora(spec: MethodSpec, base_model: nn.Module,
     """FIM-LoRA's ranks and alphas (scale alpha_m / r_m) with GoRA's B: the mean base-weight gradients come from the
     same calibration batches (on the uniform adapter, B = 0, so they are the base model's), and each module's B is
     GoRA's for its own rank and scale, so s_m B A = eta sqrt(d_in / r_m) G A^+ A as in GoRA."""
-    from .gora import DEFAULT_LR, apply_gora_init
+    from .gora import DEFAULT_LR, DEFAULT_SIGN, apply_gora_init
 
     uniform = _uniform_lora(spec, base_model)
     start = time.perf_counter()
@@ -492,7 +492,7 @@ def _prepare_fim_gora(spec: MethodSpec, base_model: nn.Module,
     model = build_peft_model(uniform.unload(), lora_config_for_allocation(alloc, _lora_config(spec)), seed=None)
     _check_ranks_kept(model, alloc.ranks, "fim_gora")
     kept = {n: g for n, g in grads.items() if alloc.ranks[n] > 0}
-    apply_gora_init(model, kept, float(spec.gora.get("lr", DEFAULT_LR)))
+    apply_gora_init(model, kept, float(spec.gora.get("lr", DEFAULT_LR)), sign=spec.gora.get("sign", DEFAULT_SIGN))
     init_seconds = time.perf_counter() - start
     return model, {"calibration_seconds": fim_seconds + init_seconds, "fim_seconds": fim_seconds,
                    "init_seconds": init_seconds, **fim_info(alloc)}, []
