@@ -26,12 +26,13 @@ run configs/small_encoder_beyond.yaml results/small_encoder_beyond --reuse resul
 run configs/small_decoder_beyond.yaml results/small_decoder_beyond --reuse results/small_decoder
 # The accuracy-size frontier against the peers (issue 22): about 35 minutes and 3.3 hours on 2 cores.
 run configs/frontier_encoder.yaml results/frontier_encoder
+run configs/frontier_encoder_gora_ascent.yaml results/frontier_encoder_gora_ascent  # GoRA with the code's sign
 run configs/frontier_decoder.yaml results/frontier_decoder
 .venv/bin/fimlora report results/small_encoder results/small_encoder_ablation results/small_encoder_aggregation \
   results/small_decoder results/small_decoder_params results/small_encoder_beyond results/small_decoder_beyond \
-  results/frontier_encoder results/frontier_decoder \
+  results/frontier_encoder results/frontier_encoder_gora_ascent results/frontier_decoder \
   --out docs/results.md --title "FIM-LoRA small-scale replication (CPU, real MiniLM/SmolLM2 and offline data)" \
   --preface docs/results_preface.md \
   --command "bash scripts/replicate.sh" \
   --command "# which runs, per config: fimlora run configs/<name>.yaml --results results/<name> --shard i/2 [--reuse results/<suite>]" \
-  --command "fimlora report results/small_encoder results/small_encoder_ablation results/small_encoder_aggregation results/small_decoder results/small_decoder_params results/small_encoder_beyond results/small_decoder_beyond results/frontier_encoder results/frontier_decoder --out docs/results.md --preface docs/results_preface.md"
+  --command "fimlora report results/small_encoder results/small_encoder_ablation results/small_encoder_aggregation results/small_decoder results/small_decoder_params results/small_encoder_beyond results/small_decoder_beyond results/frontier_encoder results/frontier_encoder_gora_ascent results/frontier_decoder --out docs/results.md --preface docs/results_preface.md"
