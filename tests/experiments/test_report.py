@@ -310,14 +310,27 @@ def test_paired_scoreboard_counts_significant_cells_and_the_fdr_column_drops_a_b
     assert 0.01 < borderline["p_value"] < 0.05  # the premise: significant alone, not among six comparisons
     board = {row["baseline"]: row for row in paired_scoreboard(runs)}
     assert list(board) == ["lora", "pissa", "gora"]  # BASELINES order; random, EVA, ... have no cell
-    assert board["lora"] == {"subject": "fim", "baseline": "lora", "cells": 2, "better": 1, "worse": 0, "better_fdr": 1,
-                             "worse_fdr": 0, "mean_difference": pytest.approx(50.0)}
-    assert board["gora"] == {"subject": "fim", "baseline": "gora", "cells": 2, "better": 1, "worse": 0, "better_fdr": 0,
-                             "worse_fdr": 0, "mean_difference": pytest.approx(2.5)}
-    assert board["pissa"] == {"subject": "fim", "baseline": "pissa", "cells": 1, "better": 0, "worse": 1, "better_fdr": 0,
-                              "worse_fdr": 1, "mean_difference": pytest.approx(-100.0)}
+    assert board["lora"] == {"subject": "fim", "baseline": "lora", "cells": 2, "better": 1, "worse": 0,
+                             "better_fdr": 1, "worse_fdr": 0, "mean_difference": pytest.approx(50.0)}
+    assert board["gora"] == {"subject": "fim", "baseline": "gora", "cells": 2, "better": 1, "worse": 0,
+                             "better_fdr": 0, "worse_fdr": 0, "mean_difference": pytest.approx(2.5)}
+    assert board["pissa"] == {"subject": "fim", "baseline": "pissa", "cells": 1, "better": 0, "worse": 1,
+                              "better_fdr": 0, "worse_fdr": 1, "mean_difference": pytest.approx(-100.0)}
     assert "| FIM-LoRA vs GoRA | 2 | 1 | 0 | 0 / 0 | +2.50 |" in scoreboard_table(list(board.values()))
     # a composite against its parents, its own FDR family: alone, the borderline cell stays significant
     runs += [_correct_run("fim_gora", s, five_more, r=2) for s in (1, 2)]
     (row,) = paired_scoreboard(runs, [("fim_gora", "fim")])
     assert (row["subject"], row["cells"], row["worse"], row["worse_fdr"]) == ("fim_gora", 1, 1, 1)
+
+
+def test_rank_map_figures_of_two_experiments_with_the_same_task_and_rank_do_not_overwrite_each_other(tmp_path):
+    """One report over several results folders (docs/results.md): each experiment's rank map is its own file."""
+    pytest.importorskip("matplotlib")
+    for name in ("first", "second"):
+        folder = tmp_path / name
+        folder.mkdir()
+        _write_runs(folder, [{**_full_run("fim", 1, 0.7), "experiment": name}])
+    md, _ = build_report([tmp_path / "first", tmp_path / "second"], figures_dir=tmp_path / "figs")
+    assert "(figs/rank_map_first_t_r2.png)" in md and "(figs/rank_map_second_t_r2.png)" in md
+    assert (tmp_path / "figs" / "rank_map_first_t_r2.png").is_file()
+    assert (tmp_path / "figs" / "rank_map_second_t_r2.png").is_file()

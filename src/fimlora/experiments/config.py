@@ -517,8 +517,9 @@ def run_settings(config: Mapping, run: RunSpec, data_contents: Mapping[str, str]
     for block in ("fim", "train"):
         if isinstance(settings.get(block), Mapping):
             settings[block] = {k: v for k, v in settings[block].items() if k not in DISPLAY_SETTINGS}
-    if isinstance(settings.get("gora"), Mapping) and settings["gora"].get("sign", GORA_SIGN_BEFORE) == GORA_SIGN_BEFORE:
-        settings["gora"] = {k: v for k, v in settings["gora"].items() if k != "sign"}
+    gora = settings.get("gora")
+    if isinstance(gora, Mapping) and gora.get("sign", GORA_SIGN_BEFORE) == GORA_SIGN_BEFORE:
+        settings["gora"] = {k: v for k, v in gora.items() if k != "sign"}
     if settings["tasks"]:  # only this run's task entry matters, not the others in the list
         entries = [t for t in settings["tasks"] if task_id(t) == run.task]
         settings["tasks"] = entries or [run.task]

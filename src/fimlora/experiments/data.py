@@ -193,7 +193,8 @@ def load_sst2(seed: int = 0, test_fraction: float = 0.0) -> TaskData:
                      "removed_overlap_with_test": removed, "dropped_neutral": neutral, "dropped": dropped})
 
 
-# lm-evaluation-harness's glue/sst2 prompt and choices (lm_eval/tasks/glue/sst2/default.yaml: doc_to_text, doc_to_choice).
+# lm-evaluation-harness's glue/sst2 prompt and choices (lm_eval/tasks/glue/sst2/default.yaml: doc_to_text and
+# doc_to_choice).
 SST2_MC_PROMPT = "{text}\nQuestion: Is this sentence positive or negative?\nAnswer:"
 
 

@@ -26,8 +26,8 @@ from ..io import atomic_write_text
 from .metrics import GLUE_COLUMNS, GLUE_DISPLAY, METRIC_LABELS, METRICS, PAPER_METRIC, glue_task
 from .significance import paired_bootstrap
 
-__all__ = ["load_results", "mean_std", "task_scores", "select_runs", "paired_comparison", "paired_scoreboard", "build_report",
-           "write_report"]
+__all__ = ["load_results", "mean_std", "task_scores", "select_runs", "paired_comparison", "paired_scoreboard",
+           "build_report", "write_report"]
 
 METHOD_ORDER = ["lora", "rslora", "adalora", "eva", "pissa", "lora_ga", "gora", "random", "fim", "fim_eva",
                 "fim_rslora", "fim_pissa", "fim_gora"]
@@ -627,7 +627,8 @@ def _rank_map_entry(run: dict, figures_dir: Path | None) -> str:
     text = (f"- **{run['task']}, r = {run['r']}, seed {run['seed']}**: mean rank by type: {by_type}; "
             f"by layer group: {by_group}")
     if figures_dir is not None:
-        fig = figures_dir / f"rank_map_{run['task'].replace('+', '_')}_r{run['r']}.png"
+        # Named by experiment too: one report holds several experiments with the same task and rank.
+        fig = figures_dir / f"rank_map_{_safe_name(run['experiment'])}_{run['task'].replace('+', '_')}_r{run['r']}.png"
         if _draw_rank_map(alloc, fig, scores="scores" in run["method_info"]):
             text += f"\n\n  ![rank map {run['task']} r={run['r']}]({fig.parent.name}/{fig.name})"
     return text
