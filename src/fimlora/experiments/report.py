@@ -673,6 +673,8 @@ def cost_table(runs: list[dict]) -> str:
 
 # ----------------------------------------------------------------------------- the accuracy-size frontier
 
+FRONTIER_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h")
+
 
 def frontier_points(runs: list[dict], tasks: list[str]) -> list[dict]:
     """One point per (method, variant, r): {"method", "variant", "r", "params", "scores": {column: [0-1 per seed]}}
@@ -720,18 +722,22 @@ def draw_frontier(points: list[dict], columns: list[str], fig: Path, title: str)
     fig_obj, axes = plt.subplots(1, len(columns), figsize=(5 * len(columns), 4), squeeze=False)
     rows = list(dict.fromkeys((p["method"], p["variant"]) for p in points))
     for ax, name in zip(axes[0], columns):
-        for method, variant in rows:
+        for i, (method, variant) in enumerate(rows):
             mine = [p for p in points if (p["method"], p["variant"]) == (method, variant) and p["scores"][name]]
             if not mine:
                 continue
             stats = [mean_std(_points(p["scores"][name])) for p in mine]
+            # The default colour cycle has 10 colours and a suite has up to 13 lines: marker and dash tell the
+            # lines that share a colour apart.
             ax.errorbar([p["params"] for p in mine], [m for m, _ in stats], yerr=[s for _, s in stats],
-                        marker="o", capsize=3, label=_label(method, variant))
+                        color=f"C{i % 10}", marker=FRONTIER_MARKERS[i % len(FRONTIER_MARKERS)],
+                        linestyle="-" if i < 10 else "--", capsize=3, label=_label(method, variant))
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel("score (%)")
         ax.set_title(name)
-    axes[0][-1].legend(fontsize="small", loc="best")
+    # Beside the panels, not on one: with a dozen methods an inner legend hides the points it names.
+    axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig_obj.suptitle(title)
     fig_obj.tight_layout()
     fig.parent.mkdir(parents=True, exist_ok=True)
