@@ -76,6 +76,7 @@ LORA_GA_SETTINGS = {
 }
 # The direction of GoRA's initial step (experiments/gora.py): the paper's gradient descent, the reference code's +G.
 GORA_SIGNS = ("descent", "ascent")
+GORA_SIGN_DEFAULT = "descent"
 GORA_SETTINGS = {
     "min_rank_ratio": _number(minimum=0),
     "max_rank_ratio": _number(minimum=0),
@@ -312,10 +313,8 @@ class ExperimentConfig:
         check_block("gora", self.gora, GORA_SETTINGS)
         _check_gora_ratios(self.gora)
         if set(self.methods) & set(GORA_METHODS) and "sign" not in self.gora:
-            from .gora import DEFAULT_SIGN
-
             # Written into the config (and so into every result) because a missing key means the old +G init.
-            self.gora = {**self.gora, "sign": DEFAULT_SIGN}
+            self.gora = {**self.gora, "sign": GORA_SIGN_DEFAULT}
         _check_train_block(self.train)
         check_block("data", self.data, DATA_SETTINGS)
         check_bool("keep_adapters", self.keep_adapters)

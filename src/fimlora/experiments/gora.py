@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..modules import LoraModuleInfo, lora_modules
-from .config import GORA_SIGNS
+from .config import GORA_SIGN_DEFAULT, GORA_SIGNS
 
 __all__ = ["mean_weight_gradients", "gora_importance", "gora_rank_bounds", "gora_ranks", "gora_b", "apply_gora_init"]
 
@@ -49,7 +49,7 @@ DEFAULT_MAX_RANK_RATIO = 4.0
 DEFAULT_LR = 0.05
 # The direction of GoRA's initial step (see above); the choices are the config's, one list.
 SIGNS = GORA_SIGNS
-DEFAULT_SIGN = "descent"
+DEFAULT_SIGN = GORA_SIGN_DEFAULT
 # The harness's calibration size for every data-driven method (FimConfig's n_batches default); GoRA's scripts
 # take 32 steps of 4 x 8 GPUs.
 DEFAULT_N_BATCHES = 8
