@@ -68,8 +68,9 @@ def test_two_process_calibration_equals_single_process_over_union(tmp_path, esti
     for i in lora_modules(model):
         assert torch.equal(i.layer.lora_A["default"].weight, r0["A"][i.name])
     # progress bar only on rank 0
-    assert proc.stderr.count("fimlora calibration") >= 1
-    assert proc.stderr.count("fimlora calibration: 100%") <= 2  # compute_fisher + apply_fim_ranks, rank 0 only
+    # Each bar draws its 0% state exactly once when it opens; its 100% state may be drawn once or twice (the last
+    # update and close() both draw when mininterval has passed), so the opens are what can be counted.
+    assert proc.stderr.count("fimlora calibration:   0%") == 2  # compute_fisher + apply_fim_ranks, rank 0 only
 
 
 @pytest.mark.slow
