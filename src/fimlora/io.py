@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["atomic_write_text", "atomic_directory", "check_output_dir", "package_versions"]
+__all__ = ["atomic_write_text", "atomic_directory", "check_output_dir", "package_versions", "share_by_umask"]
 
 
 def _umask() -> int:
@@ -42,6 +42,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def share_by_umask(root: str | os.PathLike) -> None:
+    """Give every file under ``root`` the mode a plain open() would (0666 less the umask) and every folder 0777 less
+    the umask. safetensors writes its files 0600, so without this an adapter is unreadable to a server that runs as
+    another user (a vLLM container), while the JSON beside it is readable."""
+    mask = _umask()
+    for dirpath, _dirnames, filenames in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, overwrite: bool = False, inputs: Iterable = ()):
     """Yield a temporary folder beside ``target``; on success it replaces ``target`` in one rename.
@@ -49,6 +62,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False, inputs:
     A crash or an exception inside the block leaves ``target`` exactly as it was (the temporary
     folder is removed). ``target`` must not exist, be an empty folder, or ``overwrite`` must be set;
     it is checked before the block runs, so no work is spent on an output that would be refused.
+    What the block wrote gets the umask's permissions (:func:`share_by_umask`).
     ``inputs``: the files and folders the work reads, which ``overwrite`` must never delete.
     """
     target = Path(target)
@@ -58,6 +72,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False, inputs:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        share_by_umask(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)

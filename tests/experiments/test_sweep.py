@@ -13,6 +13,7 @@ from fimlora.experiments.methods import adalora_schedule
 from fimlora.experiments.report import build_report, load_results
 from fimlora.experiments.sweep import run_sweep
 from fimlora.experiments.train import DivergenceCallback
+from tests.references import assert_adapter_readable_as_its_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml"))
 
@@ -136,6 +137,7 @@ def test_sweep_runs_all_five_methods_for_real(sweep):
     task = load_task("trec6", seed=0, max_train=64, max_test=32)
     reloaded = PeftModel.from_pretrained(build_base_model("minilm", task, 1, seed=1),
                                          results / "adapters" / "trec6__fim__r2__s1")
+    assert_adapter_readable_as_its_config(results / "adapters" / "trec6__fim__r2__s1")
     again = evaluate(reloaded, task, load_tokenizer("minilm"), TrainSettings(max_length=32, progress=False))
     assert again == fim["metrics"]["trec6"]
     assert len(fim["rank_map"]) == 2  # one layer, query + value

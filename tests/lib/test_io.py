@@ -56,3 +56,22 @@ def test_output_dir_rules(tmp_path):
         check_output_dir(tmp_path / "full")
     check_output_dir(tmp_path / "full", overwrite=True)
     check_output_dir(tmp_path / "new")
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_atomic_directory_gives_safetensors_files_the_umask_s_mode(tmp_path, umask, mode):
+    """safetensors writes 0600 whatever the umask; an adapter folder must be as readable as the JSON beside it."""
+    import torch
+    from safetensors.torch import save_file
+
+    old = os.umask(umask)
+    try:
+        with atomic_directory(tmp_path / "out") as tmp:
+            (tmp / "adapter").mkdir()
+            save_file({"w": torch.zeros(2)}, str(tmp / "adapter" / "adapter_model.safetensors"))
+            (tmp / "adapter" / "adapter_config.json").write_text("{}")
+    finally:
+        os.umask(old)
+    for f in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
+        assert stat.S_IMODE((tmp_path / "out" / f).stat().st_mode) == mode
+    assert stat.S_IMODE((tmp_path / "out" / "adapter").stat().st_mode) == mode | (0o111 & ~umask)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..io import atomic_write_text, package_versions
+from ..io import atomic_write_text, package_versions, share_by_umask
 from .builders import build_base_model, build_calibration_loader, build_lora_config, build_peft_model, build_tokenizer
 from .data import is_user_file, load_task
 from .jobs import CalibrateJob, save_rank_map
@@ -63,7 +63,9 @@ def _train_and_score(name, model, task, tok, settings, out: Path) -> dict:
     with tempfile.TemporaryDirectory() as trainer_dir:  # the Trainer wants a folder; nothing of it is kept
         train = finetune(model, task, tok, settings, trainer_dir)
     metrics = evaluate(model, task, tok, settings)
-    model.save_pretrained(out / ("adapter_uniform" if name == "uniform LoRA" else "adapter_fim"))
+    adapter = out / ("adapter_uniform" if name == "uniform LoRA" else "adapter_fim")
+    model.save_pretrained(adapter)
+    share_by_umask(adapter)
     return {"accuracy": metrics["accuracy"], "trainable_params": trainable_parameters(model),
             "lora_params": _lora_parameters(model), "train_seconds": train["train_seconds"],
             "train_loss": train["train_loss"], "ranks": {i.name: i.r for i in lora_modules(model)}}

@@ -32,7 +32,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..io import atomic_write_text
+from ..io import atomic_write_text, share_by_umask
 from .config import ExperimentConfig, RunSpec, current_settings_hash, expand_runs, run_data_contents, run_settings_hash
 
 __all__ = [
@@ -333,6 +333,7 @@ def _execute(cfg: ExperimentConfig, run: RunSpec, results: Path) -> str:
         dest = results / "adapters" / run.run_id
         shutil.rmtree(dest, ignore_errors=True)
         shutil.move(str(work / "adapter"), dest)
+        share_by_umask(dest)
     atomic_write_text(results / f"{run.run_id}.json", json.dumps(result, indent=2, default=str) + "\n")
     (results / f"{run.run_id}.error.json").unlink(missing_ok=True)
     shutil.rmtree(work, ignore_errors=True)
