@@ -87,9 +87,28 @@ def test_target_modules_that_match_nothing_are_named_with_the_real_names():
     from fimlora.experiments.builders import build_lora_config, build_peft_model
     from tests.references import tiny_bert
 
-    with pytest.raises(ValueError, match=r"target_modules: \{'q_proj'\} match no module of "
-                                         r"BertForSequenceClassification; its linear layers are named \['query'"):
+    with pytest.raises(ValueError, match=r"target_modules: \['q_proj'\] match no module of "
+                                         r"BertForSequenceClassification \(every name must match one\); its linear "
+                                         r"layers are named \['query'"):
         build_peft_model(tiny_bert(), build_lora_config("classification", 2, target_modules=["q_proj"]))
+
+
+def test_one_misspelt_target_module_among_good_ones_is_refused_and_the_base_left_alone():
+    """PEFT adapts whatever part of a list matches; a typo must not silently drop that projection."""
+    import pytest
+
+    from fimlora.experiments.builders import build_lora_config, build_peft_model, unmatched_target_modules
+    from tests.references import tiny_bert
+
+    base = tiny_bert()
+    before = [name for name, _ in base.named_modules()]
+    with pytest.raises(ValueError, match=r"target_modules: \['qeury'\] match no module of "):
+        build_peft_model(base, build_lora_config("classification", 2, target_modules=["qeury", "value"]))
+    assert [name for name, _ in base.named_modules()] == before
+    # PEFT's list rule: the whole name or a dotted suffix of it, never a bare substring
+    assert unmatched_target_modules(base, ["value", "attention.output.dense", "output.dense"]) == []
+    assert unmatched_target_modules(base, ["alue", "ttention.output.dense"]) == ["alue", "ttention.output.dense"]
+    assert unmatched_target_modules(base, "q.*") == [] and unmatched_target_modules(base, None) == []
 
 
 def test_version(capsys):

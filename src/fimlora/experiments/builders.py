@@ -169,6 +169,11 @@ def build_peft_model(base, peft_config, seed: int | None = 0, **kwargs):
     """``get_peft_model`` (A drawn from ``seed`` unless None); target modules that match nothing are named."""
     from peft import get_peft_model
 
+    unmatched = unmatched_target_modules(base, peft_config.target_modules)
+    if unmatched:
+        # PEFT adapts whatever part of a list matches, so one misspelt name would silently go un-adapted.
+        raise ValueError(f"target_modules: {unmatched} match no module of {type(base).__name__} (every name must "
+                         f"match one); its linear layers are named {linear_layer_names(base)}")
     if seed is not None:
         torch.manual_seed(seed)
     with quiet_peft():
@@ -180,6 +185,15 @@ def build_peft_model(base, peft_config, seed: int | None = 0, **kwargs):
             names = linear_layer_names(base)
             raise ValueError(f"target_modules: {peft_config.target_modules!r} match no module of "
                              f"{type(base).__name__}; its linear layers are named {names}") from None
+
+
+def unmatched_target_modules(model, target_modules) -> list[str]:
+    """The names in a target_modules list that no module's name equals or ends with (PEFT's rule for a list:
+    ``key == name`` or ``key.endswith("." + name)``), sorted. A string (a regex or "all-linear") is not checked."""
+    if target_modules is None or isinstance(target_modules, str):
+        return []
+    keys = [name for name, _ in model.named_modules()]
+    return sorted(t for t in target_modules if not any(k == t or k.endswith("." + t) for k in keys))
 
 
 def linear_layer_names(model, limit: int = 12) -> list[str]:
