@@ -132,3 +132,18 @@ def test_negative_seed_fails_before_calibration(tmp_path, capsys, monkeypatch):
                      "--out", str(tmp_path / "out"))
     assert code == 2 and "seed: must be >= 0, got -1" in text and "Traceback" not in text
     assert not (tmp_path / "out").exists()
+
+
+def test_a_misspelt_model_alias_is_named_with_the_aliases_and_the_close_one():
+    """Offline (conftest), a name that is no folder and no alias fails as a hub name; the error says so, lists the
+    aliases and suggests the near one, in every loader a command reaches first."""
+    import pytest
+
+    from fimlora.experiments.models import load_causal_lm, load_classifier, load_tokenizer
+
+    aliases = r"model: 'minlm' is not a local folder or an offline alias \(minilm, smollm2\), and loading it as a hub"
+    for load in (load_tokenizer, lambda n: load_classifier(n, 2), load_causal_lm):
+        with pytest.raises(ValueError, match=aliases + r".*; did you mean the alias 'minilm'\?$"):
+            load("minlm")
+    with pytest.raises(ValueError, match=r"model: 'someorg/no-such-model' is not .*hub name failed \(.+\)$"):
+        load_tokenizer("someorg/no-such-model")

@@ -124,6 +124,18 @@ def resolve_model(name: str) -> str:
     return name  # a hub name; needs the network
 
 
+def hub_load_error(name: str, error: Exception) -> ValueError:
+    """What to say when a name that is neither an alias nor a folder fails to load from the hub: most often a
+    misspelt alias, which transformers reports as a network or repository error after its retries."""
+    import difflib
+
+    close = difflib.get_close_matches(name.lower(), OFFLINE_MODELS, n=1, cutoff=0.75)
+    hint = f"; did you mean the alias {close[0]!r}?" if close else ""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ValueError(f"model: {name!r} is not a local folder or an offline alias ({', '.join(OFFLINE_MODELS)}), "
+                      f"and loading it as a hub name failed ({first}){hint}")
+
+
 def looks_like_path(name: str) -> bool:
     """A hub name is ``org/name``; anything with a path prefix, a backslash or more parts is a local path."""
     return (name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or name.count("/") > 1
@@ -143,7 +155,7 @@ def load_tokenizer(name: str):
         # does not apply; what is missing is the files. A hub name's error (network, no such repo) stays as it is.
         if Path(path).is_dir():
             raise ValueError(no_tokenizer.format(f"transformers could not build one: {str(e).splitlines()[0]}")) from e
-        raise
+        raise hub_load_error(name, e) from e
     # A folder without tokenizer files can also "load": transformers builds a tokenizer of the special
     # tokens alone, and every word becomes [UNK]. Nothing useful can be calibrated on that.
     if len(tok) < MIN_VOCABULARY:
@@ -197,6 +209,17 @@ def quiet_loading():
             hf_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def _hub_errors(name: str, path: str):
+    """A hub name's OSError (no network, no such repository) as :func:`hub_load_error`; a folder's stays as is."""
+    try:
+        yield
+    except OSError as e:
+        if Path(path).is_dir():
+            raise
+        raise hub_load_error(name, e) from e
+
+
 def load_classifier(name: str, num_labels: int, n_layers: int | None = None, seed: int = 0,
                     regression: bool = False, **load):
     """Sequence classifier with a freshly initialised (seeded) head.
@@ -210,9 +233,9 @@ def load_classifier(name: str, num_labels: int, n_layers: int | None = None, see
     if regression:
         num_labels, load = 1, {**load, "problem_type": "regression"}
     torch.manual_seed(seed)
-    with quiet_loading():
-        model = AutoModelForSequenceClassification.from_pretrained(resolve_model(name), num_labels=num_labels,
-                                                                   **load)
+    path = resolve_model(name)
+    with quiet_loading(), _hub_errors(name, path):
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **load)
     logger.info("fimlora: %s loaded with a new %s head (seed %d)", name,
                 "one-output regression" if regression else f"{num_labels}-way classification", seed)
     if model.config.pad_token_id is None:
@@ -224,8 +247,9 @@ def load_causal_lm(name: str, n_layers: int | None = None, dtype: torch.dtype = 
     """Causal LM; ``load`` goes to ``from_pretrained`` (``quantization_config``, ``device_map``)."""
     from transformers import AutoModelForCausalLM
 
-    with quiet_loading():
-        model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype, **load)
+    path = resolve_model(name)
+    with quiet_loading(), _hub_errors(name, path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **load)
     return cut_layers(model, n_layers)
 
 
