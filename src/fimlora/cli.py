@@ -226,8 +226,9 @@ def cmd_calibrate(args) -> int:
     result = run_calibrate(_job(CalibrateJob, args))
     print(format_rank_table(result.allocation))
     batches = result.allocation.settings.get("n_batches_used")
-    print(f"\ndata: {result.task.meta.get('n_train')} training examples of {args.data} "
-          f"(labels {result.task.label_names}); calibrated on {batches} shuffled batches of {args.batch_size}")
+    labels = f" (labels {result.task.label_names})" if result.task.label_names else ""
+    print(f"\ndata: {result.task.meta.get('n_train')} training examples of {args.data}{labels}; "
+          f"calibrated on {batches} shuffled batches of {args.batch_size}")
     if "stop_reason" in result.allocation.settings:
         print(f"n_batches auto: stopped after {batches} batches; {result.allocation.settings['stop_reason']}")
     print(f"calibration: {result.seconds:.1f} s; wrote " + ", ".join(str(f) for f in result.files))

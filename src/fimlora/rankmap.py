@@ -49,13 +49,15 @@ def _mean(xs):
 
 
 def group_stats(alloc: RankAllocation) -> dict:
-    """Mean rank per module type and per layer group (first, middle, last third of layers)."""
+    """Mean rank per module type and per layer group (first, middle, last third of layers; the first and last
+    groups are equal in size, so two layers are "first" and "last" and a middle group needs three)."""
     layers, types, grid, _ = rank_grid(alloc.ranks)
     by_type = {t: _mean([grid[(l, t)] for l in layers if (l, t) in grid]) for t in types}
     groups = {}
     if layers:
         n = len(layers)
-        cuts = [0, (n + 2) // 3, (2 * n + 2) // 3, n]
+        k = max(1, round(n / 3))
+        cuts = [0, k, max(k, n - k), n]
         for label, (a, b) in zip(("first", "middle", "last"), zip(cuts, cuts[1:])):
             ls = layers[a:b]
             if ls:
@@ -106,9 +108,10 @@ def confidence_text(alloc: RankAllocation) -> str:
     c = alloc.confidence
     if not c.get("estimable", True):
         return f"stable: {not_estimable_text(c['n_units'], c['unit'])}"
+    n_unstable = len(alloc.unstable_modules())
     return (f"stable: {100 * c['stable_share']:.0f}% of modules keep their rank in >= {100 * c['threshold']:.0f}% "
             f"of {c['n_resamples']} bootstrap resamples of the {units_text(c['n_units'], c['unit'])}; "
-            f"? marks the {len(alloc.unstable_modules())} that do not")
+            + (f"? marks the {n_unstable} that do not" if n_unstable else "none is marked ?"))
 
 
 def budget_text(alloc: RankAllocation) -> str:

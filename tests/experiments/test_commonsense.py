@@ -38,7 +38,7 @@ def test_commonsense_rows_are_alpaca_prompts_with_the_output_to_learn(tmp_path):
 def test_a_row_without_output_is_named(tmp_path):
     p = tmp_path / "c.jsonl"
     p.write_text(json.dumps({"instruction": "q", "output": ""}) + "\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"c.jsonl: line 1: missing column 'output'"):
+    with pytest.raises(ValueError, match=r"c.jsonl: line 1: column 'output' is empty"):
         load_user_file(str(p))
 
 

@@ -146,6 +146,10 @@ def test_user_csv_pairs_and_mc(tmp_path):
 @pytest.mark.parametrize("lines, needle", [
     ([], r"d.jsonl: the file is empty"),
     (['{"text": "a", "label": 1}', '{"text": "b"}'], r"d.jsonl: line 2: missing column 'label'"),
+    (['{"text": "a", "label": 1}', '{"text": "b", "label": ""}'],
+     r"d.jsonl: line 2: column 'label' is empty; every row needs a value there"),
+    (['{"text": "a", "label": 1}', '{"text": "b", "label": " "}'], r"d.jsonl: line 2: column 'label' is empty"),
+    (['{"prompt": "p", "answer": null}'], r"d.jsonl: line 1: column 'answer' is empty"),
     (['{"text": "a", "label": 1}', "{oops"], r"d.jsonl: line 2: not valid JSON"),
     (['{"sentence": "a", "label": 1}'], r"d.jsonl: line 1: missing columns"),
     (['{"question": "q", "choices": ["a"], "answer": 3}'], r"d.jsonl: line 1: answer index 3 out of range"),

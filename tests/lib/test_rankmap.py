@@ -40,6 +40,17 @@ def test_group_stats_by_type_and_third():
     assert "q_proj" in text and "mean rank by type" in text
 
 
+@pytest.mark.parametrize("n, groups", [(1, {"first": [0, 0]}), (2, {"first": [0, 0], "last": [1, 1]}),
+                                       (3, {"first": [0, 0], "middle": [1, 1], "last": [2, 2]}),
+                                       (4, {"first": [0, 0], "middle": [1, 2], "last": [3, 3]}),
+                                       (6, {"first": [0, 1], "middle": [2, 3], "last": [4, 5]}),
+                                       (30, {"first": [0, 9], "middle": [10, 19], "last": [20, 29]})])
+def test_layer_groups_have_equal_first_and_last_and_a_middle_only_between(n, groups):
+    """Two layers are "first" and "last", not "first" and "middle" (a new user's 2-layer run)."""
+    g = group_stats(fake_alloc([[1, 1]] * n))["mean_rank_by_layer_group"]
+    assert {k: v["layers"] for k, v in g.items()} == groups
+
+
 def test_plot_writes_png(tmp_path):
     alloc = fake_alloc([[1, 8], [2, 6]])
     path = plot_rank_map(alloc, tmp_path / "m.png")
@@ -177,3 +188,5 @@ def test_unstable_ranks_are_marked_in_table_and_picture_and_kept_in_json(tmp_pat
     back = fimlora.RankAllocation.from_json(tmp_path / "map.json")
     assert back.confidence == alloc.confidence and back.unstable_modules() == ["model.layers.1.self_attn.v_proj"]
     assert "?" not in format_rank_table(fake_alloc([[1, 8], [2, 6], [3, 5]])).split("LoRA params")[0]
+    all_stable = format_rank_table(with_confidence(fake_alloc([[1, 8], [2, 6], [3, 5]]), set()))
+    assert "batches; none is marked ?" in all_stable and "marks the 0" not in all_stable

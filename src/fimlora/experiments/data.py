@@ -655,16 +655,23 @@ def _label_sort_key(name: str) -> tuple:
     return (0, number, "") if number is not None else (1, 0, name)
 
 
+def _require_columns(where: str, r: dict, columns) -> None:
+    """Every column present and its value not empty; the error tells an absent column from an empty cell."""
+    for col in columns:
+        if col not in r:
+            raise ValueError(f"{where}: missing column {col!r}")
+        if r[col] in (None, ""):
+            raise ValueError(f"{where}: column {col!r} is empty; every row needs a value there")
+
+
 def _classification_row(where: str, r: dict) -> dict:
     """``{"text", "text_pair"?, "label": class name}`` from a record with text/label columns."""
-    for col in ("text", "label"):
-        if col not in r or r[col] in (None, ""):
-            raise ValueError(f"{where}: missing column {col!r}")
+    _require_columns(where, r, ("text", "label"))
     if isinstance(r["label"], (list, dict)):
         raise ValueError(f"{where}: label {r['label']!r} is not a string, number or boolean")
     row = {"text": str(r["text"]), "label": _label_name(r["label"])}
     if not row["label"]:
-        raise ValueError(f"{where}: missing column 'label'")
+        _require_columns(where, row, ("label",))
     if r.get("text_pair") not in (None, ""):
         row["text_pair"] = str(r["text_pair"])
     return row
@@ -721,9 +728,7 @@ def check_task_type(name: str, value) -> None:
 
 def _choices_row(where: str, r: dict) -> dict:
     """A multiple-choice row from question/choices/answer; ``answer`` is an index or one of the choices."""
-    for col in ("question", "choices", "answer"):
-        if col not in r or r[col] in (None, ""):
-            raise ValueError(f"{where}: missing column {col!r}")
+    _require_columns(where, r, ("question", "choices", "answer"))
     choices = r["choices"]
     if isinstance(choices, str):  # a CSV cell holds the list as JSON
         try:
@@ -764,18 +769,14 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
 
 def _alpaca_row(where: str, r: dict) -> dict:
     """A one-choice row from instruction/input/output (commonsense_170k, Alpaca): learn ``output`` after the prompt."""
-    for col in ("instruction", "output"):
-        if col not in r or r[col] in (None, ""):
-            raise ValueError(f"{where}: missing column {col!r}")
+    _require_columns(where, r, ("instruction", "output"))
     return {"context": alpaca_prompt(str(r["instruction"]), str(r.get("input") or "")),
             "choices": [str(r["output"])], "answer": 0}
 
 
 def _prompt_row(where: str, r: dict) -> dict:
     """A one-choice row from prompt/answer: the answer is the continuation to learn."""
-    for col in ("prompt", "answer"):
-        if col not in r or r[col] in (None, ""):
-            raise ValueError(f"{where}: missing column {col!r}")
+    _require_columns(where, r, ("prompt", "answer"))
     return {"context": str(r["prompt"]), "choices": [str(r["answer"])], "answer": 0}
 
 
