@@ -76,13 +76,33 @@ def test_adapter_of_a_cut_model_is_refused_on_the_full_model(calibrated, tmp_pat
     out, _ = calibrated
     needle = ("8 base module(s) match target_modules but have no LoRA tensors in the adapter (e.g. "
               "bert.encoder.layer.2.attention.self.query): PEFT would add fresh zero adapters there; was the adapter "
-              "made on a model cut to fewer layers (--n-layers)? give that model as the base")
+              "made on a model cut to fewer layers (calibrate --n-layers N)? give the same --n-layers N with the base")
     proc = fimlora("check", str(out / "adapter"), "--base-model", "minilm", check=False)
     assert proc.returncode == 1 and needle in proc.stdout, proc.stdout
     proc = fimlora("export", str(out / "adapter"), "--for", "merged", "--base-model", "minilm", "--out",
                    str(tmp_path / "m"), check=False)
     assert proc.returncode == 2 and "8 base module(s) match target_modules" in proc.stderr, proc.stderr
     assert not (tmp_path / "m").exists()
+    # with the same cut, both pass, and the merged 2-layer model computes what PEFT computes on the cut base
+    proc = fimlora("check", str(out / "adapter"), "--base-model", "minilm", "--n-layers", "2", check=False)
+    assert proc.returncode == 0 and "have no LoRA tensors" not in proc.stdout, proc.stdout
+    fimlora("export", str(out / "adapter"), "--for", "merged", "--base-model", "minilm", "--n-layers", "2", "--out",
+            str(tmp_path / "m"))
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from fimlora.experiments.models import load_classifier, load_tokenizer
+
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    assert merged.config.num_hidden_layers == 2 and len(merged.bert.encoder.layer) == 2
+    peft = PeftModel.from_pretrained(load_classifier("minilm", merged.config.num_labels, n_layers=2, seed=5),
+                                     out / "adapter").eval()
+    batch = load_tokenizer("minilm")(["a fine film", "dull and long"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, peft(**batch).logits, rtol=1e-4, atol=1e-5)
+    proc = fimlora("check", str(out / "adapter"), "--n-layers", "2", check=False)
+    assert proc.returncode == 2 and "n_layers: cuts the base model given with --base-model" in proc.stderr
 
 
 def test_plot_svg(calibrated, tmp_path):

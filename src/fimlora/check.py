@@ -371,7 +371,7 @@ def untargeted_problems(cfg: dict, shapes: LoraShapes, base: BaseShapes) -> list
         return []
     return [f"{len(missing)} base module(s) match target_modules but have no LoRA tensors in the adapter (e.g. "
             f"{missing[0]}): PEFT would add fresh zero adapters there; was the adapter made on a model cut to fewer "
-            "layers (--n-layers)? give that model as the base"]
+            "layers (calibrate --n-layers N)? give the same --n-layers N with the base"]
 
 
 # ----------------------------------------------------------------------------- step 4: ranks and scales

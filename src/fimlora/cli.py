@@ -147,6 +147,9 @@ def _add_check_command(sub) -> None:
     p.add_argument("adapter_dir", help="folder with adapter_config.json and adapter_model.safetensors")
     p.add_argument("--base-model", default=None,
                    help="also match keys against every module of this base model (folder, alias or hub name)")
+    p.add_argument("--n-layers", type=int, default=None,
+                   help="with --base-model: that model cut to its first N layers, as calibrate --n-layers made "
+                        "the adapter")
     p.add_argument("--serve", choices=SERVE_ENGINES, default=None, metavar="ENGINE",
                    help="judge only this engine (" + ", ".join(SERVE_ENGINES) + "): serving the adapter wrongly "
                         "(a refusal, or a module scaled otherwise than PEFT) is a problem, with the command that "
@@ -165,6 +168,8 @@ def _add_export_command(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     p.add_argument("--base-model", default=None,
                    help="base model for --for merged (folder, alias or hub name)")
+    p.add_argument("--n-layers", type=int, default=None,
+                   help="merge onto the base model cut to its first N layers (an adapter from calibrate --n-layers)")
 
 
 def _add_demo_command(sub) -> None:
@@ -251,10 +256,13 @@ def cmd_check(args) -> int:
     from .check import check_adapter
 
     base_modules = None
+    if args.n_layers is not None and not args.base_model:
+        raise ValueError(f"n_layers: cuts the base model given with --base-model; got --n-layers {args.n_layers} "
+                         "without one")
     if args.base_model:
         from .experiments.models import base_module_shapes
 
-        base_modules = base_module_shapes(args.base_model)
+        base_modules = base_module_shapes(args.base_model, args.n_layers)
     report = check_adapter(args.adapter_dir, base_modules, serve=args.serve)
     print(report.format())
     return 0 if report.ok else 1
@@ -270,7 +278,8 @@ def cmd_export(args) -> int:
         from .experiments.models import resolve_model
 
         base = resolve_model(args.base_model)
-    plan = export_adapter(args.adapter_dir, args.engine, args.out, base_model=base, overwrite=args.overwrite)
+    plan = export_adapter(args.adapter_dir, args.engine, args.out, base_model=base, overwrite=args.overwrite,
+                          n_layers=args.n_layers)
     changed = sum(f != 1.0 for f in plan.b_factors.values())
     print(f"exported {args.adapter_dir} for {args.engine} -> {args.out} ({plan.rule}; lora_B rescaled in {changed} "
           f"of {len(plan.b_factors)} module(s))")

@@ -54,6 +54,7 @@ from .check import (
 )
 from .config import check_choice
 from .io import atomic_directory, atomic_write_text, check_output_dir, package_versions
+from .modules import cut_layers
 
 __all__ = ["EXPORT_ENGINES", "ExportPlan", "compute_export", "export_adapter", "load_base_model", "EXPORT_RECORD"]
 
@@ -238,8 +239,10 @@ def _head_labels(src: Path, cfg: dict) -> int | None:
     return None
 
 
-def load_base_model(base: str, adapter: str | Path):
-    """The base model named ``base`` (a folder or hub name), as the class the adapter was made for.
+def load_base_model(base: str, adapter: str | Path, n_layers: int | None = None):
+    """The base model named ``base`` (a folder or hub name), as the class the adapter was made for, cut to its
+    first ``n_layers`` layers when given (:func:`fimlora.modules.cut_layers`: the model ``calibrate --n-layers``
+    made the adapter on).
 
     ``task_type`` SEQ_CLS gives ``AutoModelForSequenceClassification`` with as many labels as the head saved in
     the adapter; CAUSAL_LM or none gives ``AutoModelForCausalLM``; other task types are refused. Float32.
@@ -262,6 +265,7 @@ def load_base_model(base: str, adapter: str | Path):
     else:
         raise ValueError(f"task_type: export --for merged loads CAUSAL_LM or SEQ_CLS base models, got {task!r}; "
                          "pass a loaded model as base_model instead")
+    cut_layers(model, n_layers)
     try:
         tokenizer = AutoTokenizer.from_pretrained(base)
     except (OSError, ValueError) as e:  # a folder of weights without tokenizer files still merges
@@ -292,26 +296,32 @@ def _write_merged(plan: ExportPlan, src: Path, tmp: Path, base_model, tokenizer,
 
 
 def export_adapter(path: str | Path, engine: str, out: str | Path, *, base_model=None, tokenizer=None,
-                   overwrite: bool = False) -> ExportPlan:
+                   overwrite: bool = False, n_layers: int | None = None) -> ExportPlan:
     """Write the adapter at ``path`` to ``out`` so that ``engine`` serves it as PEFT computes it.
 
     ``engine``: ``"peft"``, ``"vllm"``, ``"llama.cpp"`` or ``"merged"`` (see the module docstring for each rule).
     ``base_model``: the base ``transformers`` model, needed for ``"merged"`` only: a loaded model (modified in
     place by the merge) or a folder / hub name (:func:`load_base_model`, which also saves its tokenizer);
-    ``tokenizer`` is saved next to a merged model when given. ``out`` must be new or empty unless
+    ``tokenizer`` is saved next to a merged model when given. ``n_layers``: with a base model named, load it cut
+    to its first ``n_layers`` layers (an adapter from ``calibrate --n-layers``). ``out`` must be new or empty unless
     ``overwrite``; it is written into a temporary folder and renamed into place. Returns the plan written.
     """
     src = Path(path)
     inputs = (src, base_model if isinstance(base_model, (str, Path)) else None)
     check_output_dir(out, overwrite, inputs)  # before any work; never over the adapter (or base) being read
     base_modules = base_name = None
+    if n_layers is not None and (engine != "merged" or not isinstance(base_model, (str, Path))):
+        given = "None" if base_model is None else repr(_base_name(base_model))
+        raise ValueError(f"n_layers: cuts the base model that --for merged loads by folder or hub name; got "
+                         f"n_layers={n_layers} with engine {engine!r} and base_model {given} (a loaded model: "
+                         "cut it yourself with fimlora.modules.cut_layers)")
     if engine == "merged":
         if base_model is None:
             raise ValueError("base_model: export --for merged needs the base model (--base-model), got None")
         base_name = _base_name(base_model)
         compute_export(src, engine)  # the adapter alone first: a broken one is named before any base is loaded
         if isinstance(base_model, (str, Path)):
-            base_model, loaded_tokenizer = load_base_model(str(base_model), src)
+            base_model, loaded_tokenizer = load_base_model(str(base_model), src, n_layers)
             tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
         # The base it merges onto: shapes of every module, and every module the config targets has LoRA tensors.
         base_modules = module_shapes(base_model)

@@ -1,4 +1,5 @@
-"""Finding LoRA modules and naming them exactly as PEFT's ``rank_pattern`` keys.
+"""Finding LoRA modules and naming them exactly as PEFT's ``rank_pattern`` keys (and cutting a model to its
+first layers, the model such an adapter may have been made on).
 
 The single source of module names in fimlora is :func:`lora_modules`. A name is
 the module's path *inside the base model* (``model.layers.0.self_attn.q_proj``),
@@ -19,6 +20,7 @@ from .distributed import check_not_wrapped, full_tensor
 
 __all__ = [
     "LoraModuleInfo",
+    "cut_layers",
     "base_model_of",
     "lora_config_of",
     "lora_modules",
@@ -372,3 +374,28 @@ def check_pattern_keys(
                 f"{matching[0]!r} wins (keys are tried in sorted order)"
             )
     return problems
+
+
+def cut_layers(model, n_layers: int | None):
+    """Keep only the first ``n_layers`` transformer layers (weights stay real), in place; returns ``model``.
+
+    Task models (``bert.encoder.layer``, ``model.layers``, ``transformer.h``) and bare base models
+    (``encoder.layer``, ``layers``, ``h``) alike, so that an adapter made on a cut model can be checked against and
+    merged onto the same cut model."""
+    if n_layers is None:
+        return model
+    for path in ("bert.encoder.layer", "model.layers", "encoder.layer", "transformer.h", "layers", "h"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if n_layers < 1 or n_layers > len(obj):
+            raise ValueError(f"n_layers: must be in [1, {len(obj)}], got {n_layers}")
+        del obj[n_layers:]
+        model.config.num_hidden_layers = n_layers
+        if getattr(model.config, "layer_types", None):
+            model.config.layer_types = model.config.layer_types[:n_layers]
+        return model
+    raise ValueError(f"n_layers: don't know where the layers of {type(model).__name__} are")

@@ -120,7 +120,7 @@ def test_check_catches_adapter_made_on_a_cut_model(tmp_path):
     assert report.problems == [
         "28 base module(s) match target_modules but have no LoRA tensors in the adapter (e.g. "
         "model.layers.2.mlp.down_proj): PEFT would add fresh zero adapters there; was the adapter made on a model cut "
-        "to fewer layers (--n-layers)? give that model as the base"], report.format()
+        "to fewer layers (calibrate --n-layers N)? give the same --n-layers N with the base"], report.format()
 
 
 @pytest.mark.parametrize("targeting, found", [

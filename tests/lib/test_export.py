@@ -135,9 +135,34 @@ def test_merged_export_refuses_a_base_with_more_layers_than_the_adapter(tmp_path
     """An adapter made on a 2-layer cut would merge onto 4 layers with layers 2-3 un-adapted: refused."""
     src, _ = trained_adapter(tmp_path)
     with pytest.raises(ValueError, match=r"fails `fimlora check` against base_model .*28 base module\(s\) match "
-                                         r"target_modules but have no LoRA tensors .*give that model as the base"):
+                                         r"target_modules but have no LoRA tensors .*give the same --n-layers N "
+                                         r"with the base"):
         fimlora.export_adapter(src, "merged", tmp_path / "out", base_model=tiny_llama(layers=6))
     assert not (tmp_path / "out").exists()
+
+
+def test_merged_export_with_n_layers_merges_onto_the_cut_base_by_name(tmp_path, ids):
+    """The same adapter onto a saved 6-layer base named by folder, with n_layers=2: merged onto the base cut as the
+    adapter was made, it computes what PEFT computes on that cut base; n_layers where nothing is loaded by name is
+    refused before anything is written."""
+    from transformers import LlamaForCausalLM
+
+    from fimlora.modules import cut_layers
+
+    src, _ = trained_adapter(tmp_path)
+    tiny_llama(layers=6).save_pretrained(tmp_path / "base6")
+    fimlora.export_adapter(src, "merged", tmp_path / "out", base_model=str(tmp_path / "base6"), n_layers=2)
+    merged = LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert merged.config.num_hidden_layers == 2 and len(merged.model.layers) == 2
+    cut = cut_layers(LlamaForCausalLM.from_pretrained(tmp_path / "base6"), 2)
+    peft = PeftModel.from_pretrained(cut, str(src)).eval()
+    with torch.no_grad():
+        assert (merged(input_ids=ids).logits - peft(input_ids=ids).logits).abs().max().item() < TOL
+    for engine, base in (("vllm", None), ("merged", tiny_llama(layers=6))):
+        with pytest.raises(ValueError, match=rf"n_layers: cuts the base model that --for merged loads by folder or "
+                                             rf"hub name; got n_layers=2 with engine '{engine}'"):
+            fimlora.export_adapter(src, engine, tmp_path / engine, base_model=base, n_layers=2)
+        assert not (tmp_path / engine).exists()
 
 
 def test_merged_export_onto_another_model_names_base_model(tmp_path):

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ..modules import cut_layers
+
 __all__ = [
     "OFFLINE_MODELS",
     "package_dir",
@@ -165,27 +167,6 @@ def load_tokenizer(name: str):
     return tok
 
 
-def cut_layers(model, n_layers: int | None):
-    """Keep only the first ``n_layers`` transformer layers (weights stay real)."""
-    if n_layers is None:
-        return model
-    for path in ("bert.encoder.layer", "model.layers", "encoder.layer", "transformer.h"):
-        obj = model
-        try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            continue
-        if n_layers < 1 or n_layers > len(obj):
-            raise ValueError(f"n_layers: must be in [1, {len(obj)}], got {n_layers}")
-        del obj[n_layers:]
-        model.config.num_hidden_layers = n_layers
-        if getattr(model.config, "layer_types", None):
-            model.config.layer_types = model.config.layer_types[:n_layers]
-        return model
-    raise ValueError(f"n_layers: don't know where the layers of {type(model).__name__} are")
-
-
 @contextlib.contextmanager
 def quiet_loading():
     """Silence transformers' weight-loading bar and load report while a model loads.
@@ -253,15 +234,15 @@ def load_causal_lm(name: str, n_layers: int | None = None, dtype: torch.dtype = 
     return cut_layers(model, n_layers)
 
 
-def base_module_shapes(name: str) -> dict[str, tuple[int, int] | None]:
-    """Every module of a model (built on the meta device, no weights read): name -> (d_in, d_out) for
-    linear-like modules, None for the rest. Names are given both bare and with the task model's prefix
-    (``bert.``, ``model.``), since adapters are saved from task models."""
+def base_module_shapes(name: str, n_layers: int | None = None) -> dict[str, tuple[int, int] | None]:
+    """Every module of a model (built on the meta device, no weights read; cut to its first ``n_layers`` layers
+    when given): name -> (d_in, d_out) for linear-like modules, None for the rest. Names are given both bare and
+    with the task model's prefix (``bert.``, ``model.``), since adapters are saved from task models."""
     from transformers import AutoConfig, AutoModel
 
     cfg = AutoConfig.from_pretrained(resolve_model(name))
     with torch.device("meta"):
-        base = AutoModel.from_config(cfg)
+        base = cut_layers(AutoModel.from_config(cfg), n_layers)
     shapes: dict[str, tuple[int, int] | None] = {}
     for module_name, module in base.named_modules():
         shapes[module_name] = _linear_shape(module)
