@@ -106,9 +106,17 @@ def test_one_misspelt_target_module_among_good_ones_is_refused_and_the_base_left
         build_peft_model(base, build_lora_config("classification", 2, target_modules=["qeury", "value"]))
     assert [name for name, _ in base.named_modules()] == before
     # PEFT's list rule: the whole name or a dotted suffix of it, never a bare substring
-    assert unmatched_target_modules(base, ["value", "attention.output.dense", "output.dense"]) == []
-    assert unmatched_target_modules(base, ["alue", "ttention.output.dense"]) == ["alue", "ttention.output.dense"]
-    assert unmatched_target_modules(base, "q.*") == [] and unmatched_target_modules(base, None) == []
+    def unmatched(targets, **kw):
+        return unmatched_target_modules(base, build_lora_config("classification", 2, target_modules=targets, **kw))
+
+    assert unmatched(["value", "attention.output.dense", "output.dense"]) == []
+    assert unmatched(["alue", "ttention.output.dense"]) == ["alue", "ttention.output.dense"]
+    assert unmatched("q.*") == [] and unmatched(None) == []
+    # a name whose every match is excluded selects nothing, as PEFT applies exclude_modules
+    from peft import LoraConfig
+
+    assert unmatched_target_modules(base, LoraConfig(target_modules=["query", "key"], exclude_modules=["key"])) == [
+        "key"]
 
 
 def test_version(capsys):
@@ -147,3 +155,7 @@ def test_a_misspelt_model_alias_is_named_with_the_aliases_and_the_close_one():
             load("minlm")
     with pytest.raises(ValueError, match=r"model: 'someorg/no-such-model' is not .*hub name failed \(.+\)$"):
         load_tokenizer("someorg/no-such-model")
+    from fimlora.experiments.models import base_module_shapes
+
+    with pytest.raises(ValueError, match=aliases + r".*; did you mean the alias 'minilm'\?$"):
+        base_module_shapes("minlm")  # check --base-model

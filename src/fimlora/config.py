@@ -20,6 +20,7 @@ __all__ = [
     "check_choice",
     "check_fraction",
     "check_bool",
+    "first_line",
 ]
 
 ESTIMATORS = ("batch", "per_example")
@@ -35,6 +36,12 @@ DEFAULT_BOOTSTRAP = 200
 AUTO_RULE_NAMES = ("within_one", "exact")
 # The values vLLM accepts for --max-lora-rank (here, not in check.py, so FimConfig can validate against them).
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), to quote inside our own."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def check_int(name: str, value, minimum: int | None = None, allow_none: bool = False) -> None:

@@ -52,7 +52,7 @@ from .check import (
     read_adapter_config,
     served_scales,
 )
-from .config import check_choice
+from .config import check_choice, first_line
 from .io import atomic_directory, atomic_write_text, check_output_dir, package_versions
 from .modules import cut_layers
 
@@ -248,11 +248,29 @@ def load_base_model(base: str, adapter: str | Path, n_layers: int | None = None)
     the adapter; CAUSAL_LM or none gives ``AutoModelForCausalLM``; other task types are refused. Float32.
     Returns (model, tokenizer or None when the base has no tokenizer files).
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     src = Path(adapter)
     cfg = read_adapter_config(src / CONFIG_NAME)
+    try:
+        model = _load_base_weights(base, src, cfg)
+    except OSError as e:  # no such folder on disk and none on the hub (or no network)
+        raise ValueError(f"base_model: {base!r} could not be loaded as a model folder or hub name "
+                         f"({first_line(e)})") from e
+    cut_layers(model, n_layers)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+    except (OSError, ValueError) as e:  # a folder of weights without tokenizer files still merges
+        logger.warning("fimlora: no tokenizer saved with the merged model (%s: %s)", base, e)
+        tokenizer = None
+    return model, tokenizer
+
+
+def _load_base_weights(base: str, src: Path, cfg: dict):
+    """:func:`load_base_model`'s class choice: SEQ_CLS with the saved head's labels, or a causal LM."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
     task = cfg.get("task_type")
     if task == "SEQ_CLS":
         labels = _head_labels(src, cfg)
@@ -265,13 +283,7 @@ def load_base_model(base: str, adapter: str | Path, n_layers: int | None = None)
     else:
         raise ValueError(f"task_type: export --for merged loads CAUSAL_LM or SEQ_CLS base models, got {task!r}; "
                          "pass a loaded model as base_model instead")
-    cut_layers(model, n_layers)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(base)
-    except (OSError, ValueError) as e:  # a folder of weights without tokenizer files still merges
-        logger.warning("fimlora: no tokenizer saved with the merged model (%s: %s)", base, e)
-        tokenizer = None
-    return model, tokenizer
+    return model
 
 
 def _base_name(base_model) -> str:
@@ -310,14 +322,14 @@ def export_adapter(path: str | Path, engine: str, out: str | Path, *, base_model
     inputs = (src, base_model if isinstance(base_model, (str, Path)) else None)
     check_output_dir(out, overwrite, inputs)  # before any work; never over the adapter (or base) being read
     base_modules = base_name = None
+    if engine == "merged" and base_model is None:
+        raise ValueError("base_model: export --for merged needs the base model (--base-model), got None")
     if n_layers is not None and (engine != "merged" or not isinstance(base_model, (str, Path))):
         given = "None" if base_model is None else repr(_base_name(base_model))
         raise ValueError(f"n_layers: cuts the base model that --for merged loads by folder or hub name; got "
                          f"n_layers={n_layers} with engine {engine!r} and base_model {given} (a loaded model: "
                          "cut it yourself with fimlora.modules.cut_layers)")
     if engine == "merged":
-        if base_model is None:
-            raise ValueError("base_model: export --for merged needs the base model (--base-model), got None")
         base_name = _base_name(base_model)
         compute_export(src, engine)  # the adapter alone first: a broken one is named before any base is loaded
         if isinstance(base_model, (str, Path)):

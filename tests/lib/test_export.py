@@ -165,6 +165,14 @@ def test_merged_export_with_n_layers_merges_onto_the_cut_base_by_name(tmp_path, 
         assert not (tmp_path / engine).exists()
 
 
+def test_merged_export_onto_a_base_that_cannot_be_loaded_names_base_model(tmp_path):
+    src, _ = trained_adapter(tmp_path)
+    with pytest.raises(ValueError, match=r"^base_model: 'no-such-org/no-such-base' could not be loaded as a model "
+                                         r"folder or hub name \(.+\)$"):
+        fimlora.export_adapter(src, "merged", tmp_path / "out", base_model="no-such-org/no-such-base")
+    assert not (tmp_path / "out").exists()
+
+
 def test_merged_export_onto_another_model_names_base_model(tmp_path):
     src, _ = trained_adapter(tmp_path)
     with pytest.raises(ValueError, match=r"base_model: .* has none of the adapter's target modules \(target_modules="

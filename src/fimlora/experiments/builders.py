@@ -5,6 +5,7 @@ loader and FimConfig. The CLI, the demo and every experiment run build through t
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import warnings
 from collections.abc import Mapping
@@ -169,7 +170,7 @@ def build_peft_model(base, peft_config, seed: int | None = 0, **kwargs):
     """``get_peft_model`` (A drawn from ``seed`` unless None); target modules that match nothing are named."""
     from peft import get_peft_model
 
-    unmatched = unmatched_target_modules(base, peft_config.target_modules)
+    unmatched = unmatched_target_modules(base, peft_config)
     if unmatched:
         # PEFT adapts whatever part of a list matches, so one misspelt name would silently go un-adapted.
         raise ValueError(f"target_modules: {unmatched} match no module of {type(base).__name__} (every name must "
@@ -187,13 +188,24 @@ def build_peft_model(base, peft_config, seed: int | None = 0, **kwargs):
                              f"{type(base).__name__}; its linear layers are named {names}") from None
 
 
-def unmatched_target_modules(model, target_modules) -> list[str]:
-    """The names in a target_modules list that no module's name equals or ends with (PEFT's rule for a list:
-    ``key == name`` or ``key.endswith("." + name)``), sorted. A string (a regex or "all-linear") is not checked."""
-    if target_modules is None or isinstance(target_modules, str):
+def unmatched_target_modules(model, peft_config) -> list[str]:
+    """The names in a ``target_modules`` list that select no module of ``model``, sorted, by PEFT's own rule
+    (``check_target_module_exists``, so ``exclude_modules`` and ``layers_to_transform`` count: a name whose only
+    matches are excluded selects nothing). A string (a regex or "all-linear") is not checked."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    targets = peft_config.target_modules
+    if targets is None or isinstance(targets, str):
         return []
-    keys = [name for name, _ in model.named_modules()]
-    return sorted(t for t in target_modules if not any(k == t or k.endswith("." + t) for k in keys))
+    keys = [name for name, _ in model.named_modules() if name]
+    unmatched = []
+    for target in sorted(targets):
+        one = copy.copy(peft_config)
+        one.target_modules = {target}
+        # An excluded module comes back as a falsy marker, not False.
+        if not any(check_target_module_exists(one, key) for key in keys):
+            unmatched.append(target)
+    return unmatched
 
 
 def linear_layer_names(model, limit: int = 12) -> list[str]:

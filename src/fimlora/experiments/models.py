@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ..config import first_line
+from ..io import share_by_umask
 from ..modules import cut_layers
 
 __all__ = [
@@ -90,6 +92,7 @@ def _convert_smollm2(target: Path) -> Path:
     try:
         fresh.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        share_by_umask(tmp)  # mkdtemp's 0700 and safetensors' 0600 would keep other users out of a shared cache
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -133,9 +136,8 @@ def hub_load_error(name: str, error: Exception) -> ValueError:
 
     close = difflib.get_close_matches(name.lower(), OFFLINE_MODELS, n=1, cutoff=0.75)
     hint = f"; did you mean the alias {close[0]!r}?" if close else ""
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return ValueError(f"model: {name!r} is not a local folder or an offline alias ({', '.join(OFFLINE_MODELS)}), "
-                      f"and loading it as a hub name failed ({first}){hint}")
+                      f"and loading it as a hub name failed ({first_line(error)}){hint}")
 
 
 def looks_like_path(name: str) -> bool:
@@ -154,10 +156,13 @@ def load_tokenizer(name: str):
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         # A local folder without tokenizer files fails deep in transformers with advice about converters that
-        # does not apply; what is missing is the files. A hub name's error (network, no such repo) stays as it is.
+        # does not apply; what is missing is the files. A hub name that cannot be fetched (OSError: no network, no
+        # such repository) is most often a misspelt alias; a fetched repository's own ValueError stays as it is.
         if Path(path).is_dir():
-            raise ValueError(no_tokenizer.format(f"transformers could not build one: {str(e).splitlines()[0]}")) from e
-        raise hub_load_error(name, e) from e
+            raise ValueError(no_tokenizer.format(f"transformers could not build one: {first_line(e)}")) from e
+        if isinstance(e, OSError):
+            raise hub_load_error(name, e) from e
+        raise
     # A folder without tokenizer files can also "load": transformers builds a tokenizer of the special
     # tokens alone, and every word becomes [UNK]. Nothing useful can be calibrated on that.
     if len(tok) < MIN_VOCABULARY:
@@ -240,7 +245,9 @@ def base_module_shapes(name: str, n_layers: int | None = None) -> dict[str, tupl
     with the task model's prefix (``bert.``, ``model.``), since adapters are saved from task models."""
     from transformers import AutoConfig, AutoModel
 
-    cfg = AutoConfig.from_pretrained(resolve_model(name))
+    path = resolve_model(name)
+    with _hub_errors(name, path):
+        cfg = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         base = cut_layers(AutoModel.from_config(cfg), n_layers)
     shapes: dict[str, tuple[int, int] | None] = {}
