@@ -47,7 +47,8 @@ def test_calibrate_writes_adapter_rank_map_and_table(calibrated):
     assert rank_map["settings"]["estimator"] == "per_example"
     # what the adapter cannot record itself: the class order behind the head, and the cut model it was made on
     assert len(rank_map["settings"]["label_names"]) == 2 and rank_map["settings"]["n_layers"] == 2
-    assert "the adapter was made on minilm cut to its first 2 layers" in proc.stderr
+    assert "fimlora: warning: model: the adapter was made on minilm cut to its first 2 layers" in proc.stderr
+    assert "give check and export --for merged the same --n-layers 2" in proc.stderr
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert cfg["rank_pattern"] == rank_map["ranks"]
     assert "mean rank by type" in proc.stdout and "query" in proc.stdout

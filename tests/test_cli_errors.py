@@ -159,3 +159,16 @@ def test_a_misspelt_model_alias_is_named_with_the_aliases_and_the_close_one():
 
     with pytest.raises(ValueError, match=aliases + r".*; did you mean the alias 'minilm'\?$"):
         base_module_shapes("minlm")  # check --base-model
+
+
+def test_log_lines_have_the_shape_of_warning_lines():
+    import logging
+
+    from fimlora.cli import _UserFormatter
+
+    def line(name, level, msg):
+        return _UserFormatter().format(logging.LogRecord(name, level, __file__, 1, msg, None, None))
+
+    assert line("fimlora.experiments.jobs", logging.WARNING, "model: cut") == "fimlora: warning: model: cut"
+    assert line("fimlora", logging.INFO, "fimlora: converting") == "fimlora: info: converting"
+    assert line("transformers.modeling_utils", logging.ERROR, "x") == "transformers.modeling_utils: error: x"

@@ -337,14 +337,28 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"fimlora: warning: {message}", file=sys.stderr)
 
 
+class _UserFormatter(logging.Formatter):
+    """Log records in the same one-line shape as warnings and errors: ``fimlora: warning: ...`` (another library's
+    records keep that library's name)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        source = "fimlora" if record.name.split(".")[0] == "fimlora" else record.name
+        if source == "fimlora":
+            message = message.removeprefix("fimlora: ")  # older messages carry the prefix themselves
+        text = f"{source}: {record.levelname.lower()}: {message}"
+        return f"{text}\n{self.formatException(record.exc_info)}" if record.exc_info else text
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_UserFormatter())
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
     # bitsandbytes (imported by PEFT when installed) warns on every import that it cannot fetch an optional
     # CPU kernel from the hub; nothing a user of this command can act on.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

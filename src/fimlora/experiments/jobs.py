@@ -202,8 +202,9 @@ def run_calibrate(job: CalibrateJob) -> CalibrateResult:
                                 "n_layers": job.n_layers, "label_names": task.label_names})
     if job.n_layers is not None:
         logger.warning("model: the adapter was made on %s cut to its first %d layers; it fits that cut model, "
-                       "not the whole one its adapter_config.json names (whose other layers it leaves un-adapted)",
-                       job.model, job.n_layers)
+                       "not the whole one its adapter_config.json names (whose other layers it leaves un-adapted): "
+                       "give check and export --for merged the same --n-layers %d", job.model, job.n_layers,
+                       job.n_layers)
     with atomic_directory(out, overwrite=job.overwrite, inputs=inputs) as tmp:
         model.save_pretrained(tmp / "adapter")
         files, notes = save_rank_map(allocation, tmp)
