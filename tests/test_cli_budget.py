@@ -32,7 +32,7 @@ def test_budget_forms(tmp_path):
 
 
 @pytest.mark.parametrize("value, needle", [
-    ("half", "budget: must be a whole number of ranks (56) or a fraction"),
+    ("half", "budget: must be a whole number of ranks (e.g. 56) or a fraction"),
     ("1.5x", "budget: must be in (0, 1], got 1.5"),
     ("0x", "budget: must be > 0, got 0.0"),
 ])

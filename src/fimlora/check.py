@@ -132,7 +132,9 @@ class CheckReport:
         return not self.problems
 
     def format(self) -> str:
-        lines = [f"adapter: {self.path}", f"modules: {len(self.ranks)}"]
+        lines = [f"adapter: {self.path}"]
+        if self.ranks or self.ok:  # an adapter that could not be read has no module count to give
+            lines.append(f"modules: {len(self.ranks)}")
         if self.ranks:
             lines.append(f"ranks: min {min(self.ranks.values())}, max {max(self.ranks.values())}, "
                          f"sum {sum(self.ranks.values())}")
@@ -410,7 +412,8 @@ def scaling_notes(cfg: dict, report: CheckReport) -> list[str]:
         notes.append(f"scaling {distinct[0]:g} on every module (base alpha/r = {base_scaling:g})")
     elif distinct:
         notes.append(f"scaling varies over modules: {distinct[0]:g} .. {distinct[-1]:g} "
-                     f"(base alpha/r = {base_scaling:g}; expected with scale='fixed_alpha')")
+                     f"(base alpha/r = {base_scaling:g}; expected with scale='fixed_alpha', and after export --for "
+                     "llama.cpp, which folds each module's scale into lora_B)")
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     changed = [n for n in report.ranks if _first_key(rank_pattern, n) is not None
                and _first_key(alpha_pattern, n) is None and report.ranks[n] != r0]

@@ -340,3 +340,11 @@ def test_check_serve_rejects_an_unknown_engine(saved_adapter):
     with pytest.raises(ValueError, match=r"serve: must be one of \['peft', 'vllm', 'llama.cpp', 'sglang'\], "
                                          r"got 'ollama'"):
         check_adapter(path, serve="ollama")
+
+
+def test_an_adapter_folder_that_does_not_exist_is_one_problem_without_a_module_count(tmp_path):
+    report = check_adapter(tmp_path / "nope")
+    assert not report.ok and report.problems == [f"{tmp_path / 'nope'}: does not exist"]
+    nope = tmp_path / "nope"
+    assert report.format().splitlines() == [f"adapter: {nope}", f"PROBLEM: {nope}: does not exist",
+                                            "FAILED: 1 problem(s)"]

@@ -136,7 +136,7 @@ def parse_budget(value: int | str | None) -> tuple[int | None, float | None]:
         else:
             return int(text), None
     except ValueError:
-        raise ValueError(f"budget: must be a whole number of ranks (56) or a fraction of the uniform adapter's "
+        raise ValueError(f"budget: must be a whole number of ranks (e.g. 56) or a fraction of the uniform adapter's "
                          f"size in parameters (0.5x), got {value!r}") from None
     check_fraction("budget", fraction)
     return None, fraction
