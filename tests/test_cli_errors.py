@@ -117,6 +117,10 @@ def test_one_misspelt_target_module_among_good_ones_is_refused_and_the_base_left
 
     assert unmatched_target_modules(base, LoraConfig(target_modules=["query", "key"], exclude_modules=["key"])) == [
         "key"]
+    # a regex is PEFT's to match; when it selects nothing the same error names it
+    with pytest.raises(ValueError, match=r"target_modules: '.\*nothing' match no module of "
+                                         r"BertForSequenceClassification \(PEFT targets none\); its linear layers"):
+        build_peft_model(base, LoraConfig(target_modules=".*nothing", task_type="SEQ_CLS"))
 
 
 def test_version(capsys):

@@ -173,8 +173,7 @@ def build_peft_model(base, peft_config, seed: int | None = 0, **kwargs):
     unmatched = unmatched_target_modules(base, peft_config)
     if unmatched:
         # PEFT adapts whatever part of a list matches, so one misspelt name would silently go un-adapted.
-        raise ValueError(f"target_modules: {unmatched} match no module of {type(base).__name__} (every name must "
-                         f"match one); its linear layers are named {linear_layer_names(base)}")
+        raise _no_match_error(base, unmatched, "every name must match one")
     if seed is not None:
         torch.manual_seed(seed)
     with quiet_peft():
@@ -183,9 +182,14 @@ def build_peft_model(base, peft_config, seed: int | None = 0, **kwargs):
         except ValueError as e:
             if "No modules were targeted" not in str(e) and "not found in the base model" not in str(e):
                 raise
-            names = linear_layer_names(base)
-            raise ValueError(f"target_modules: {peft_config.target_modules!r} match no module of "
-                             f"{type(base).__name__}; its linear layers are named {names}") from None
+            # A regex, or a list whose every match is excluded: PEFT found nothing to adapt.
+            raise _no_match_error(base, peft_config.target_modules, "PEFT targets none") from None
+
+
+def _no_match_error(base, targets, rule: str) -> ValueError:
+    """target_modules that select nothing, named with the model's real linear-layer names to choose from."""
+    return ValueError(f"target_modules: {targets!r} match no module of {type(base).__name__} ({rule}); its linear "
+                      f"layers are named {linear_layer_names(base)}")
 
 
 def unmatched_target_modules(model, peft_config) -> list[str]:
