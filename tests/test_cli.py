@@ -154,7 +154,10 @@ def test_paths_that_cannot_work_are_named(capsys, tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     code, err = main_exit(capsys, *CALIBRATE, "--out", str(tmp_path / "full"))
-    assert code == 2 and "is not empty; choose a new folder or pass --overwrite" in err
+    assert code == 2 and "is not empty (it holds keep.txt); choose a new or empty folder, or pass --overwrite" in err
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    code, err = main_exit(capsys, *CALIBRATE, "--out", str(tmp_path / "full"), "--overwrite")
+    assert code == 2 and f"out: {tmp_path / 'full'} was not written by fimlora" in err
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     code, err = main_exit(capsys, "calibrate", "--model", "minilm", "--data", str(tmp_path), "--out",
                           str(tmp_path / "o"))
@@ -190,10 +193,11 @@ def test_model_folder_without_tokenizer_is_refused(capsys, tmp_path, alias):
 
 def test_calibrate_replaces_out_only_with_overwrite_and_atomically(calibrated, tmp_path, monkeypatch):
     import fimlora.experiments.jobs as jobs
+    from fimlora.io import OUTPUT_MANIFEST, atomic_directory
 
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    with atomic_directory(out) as tmp:  # an earlier fimlora output
+        (tmp / "old.txt").write_text("old")
     args = ["--model", "minilm", "--n-layers", "1", "--data", "trec6", "--max-train", "16", "--r", "2",
             "--n-batches", "1", "--batch-size", "4", "--max-length", "16", "--no-progress", "--out", str(out)]
 
@@ -206,10 +210,10 @@ def test_calibrate_replaces_out_only_with_overwrite_and_atomically(calibrated, t
     with pytest.raises(RuntimeError, match="killed while writing"):
         main(["calibrate", *args, "--overwrite"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left behind
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]  # the old contents, untouched
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MANIFEST, "old.txt"]  # the old contents, untouched
     monkeypatch.undo()
     assert main(["calibrate", *args, "--overwrite"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "rank_map.json", "rank_map.png"]
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MANIFEST, "adapter", "rank_map.json", "rank_map.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -231,8 +235,8 @@ def test_overwrite_never_deletes_the_inputs(tmp_path, capsys, where):
                  "--no-progress"])
     held = data if where == "data" else out / "my-model"
     assert code == 2
-    assert f"out: {out} holds the input {held.resolve()}; writing there (--overwrite replaces the whole folder) " \
-           "would delete it" in capsys.readouterr().err
+    assert f"out: {out} holds the input {held.resolve()}; writing there could delete it; choose another output " \
+           "folder" in capsys.readouterr().err
     assert held.exists() and data.exists()
 
 

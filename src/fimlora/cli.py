@@ -127,9 +127,17 @@ def _add_calibrate_command(sub) -> None:
     _add_base_model_args(p)
     _add_calibration_args(p, JOB_DEFAULTS)
     _add_budget_args(p)
-    p.add_argument("--out", required=True, help="output folder (must be new or empty unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
+    _add_out_args(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_out_args(p: argparse.ArgumentParser) -> None:
+    """The output folder of every command that writes one (one rule: :func:`fimlora.io.check_output_dir`)."""
+    p.add_argument("--out", required=True, help="output folder: new or empty (a symlink, mount point or prepared "
+                                                "folder is written into, not replaced)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier fimlora output in --out; a folder holding anything fimlora did not "
+                        "write is refused, never deleted")
 
 
 def _add_plot_command(sub) -> None:
@@ -164,8 +172,7 @@ def _add_export_command(sub) -> None:
     p.add_argument("adapter_dir", help="folder with adapter_config.json and adapter_model.safetensors")
     p.add_argument("--for", dest="engine", required=True, choices=EXPORT_ENGINES, metavar="ENGINE",
                    help="the engine to serve with: " + ", ".join(EXPORT_ENGINES))
-    p.add_argument("--out", required=True, help="output folder (must be new or empty unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
+    _add_out_args(p)
     p.add_argument("--base-model", default=None,
                    help="base model for --for merged (folder, alias or hub name)")
     p.add_argument("--n-layers", type=int, default=None,

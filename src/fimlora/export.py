@@ -26,7 +26,8 @@ Because B_m enters linearly, any engine scale sigma_m != 0 is corrected by foldi
     serves it as a plain model.
 
 Every export writes ``fimlora_export.json`` (engine, source, the rule, per-module ranks, scales and B factors,
-package versions), into a temporary folder that is renamed into place (``io.atomic_directory``).
+package versions), into a temporary folder whose contents are moved into ``out`` on success
+(``io.atomic_directory``: ``--overwrite`` replaces only an earlier fimlora output).
 ``compute_export`` returns the plan as data; ``export_adapter`` writes it.
 """
 
@@ -315,8 +316,9 @@ def export_adapter(path: str | Path, engine: str, out: str | Path, *, base_model
     ``base_model``: the base ``transformers`` model, needed for ``"merged"`` only: a loaded model (modified in
     place by the merge) or a folder / hub name (:func:`load_base_model`, which also saves its tokenizer);
     ``tokenizer`` is saved next to a merged model when given. ``n_layers``: with a base model named, load it cut
-    to its first ``n_layers`` layers (an adapter from ``calibrate --n-layers``). ``out`` must be new or empty unless
-    ``overwrite``; it is written into a temporary folder and renamed into place. Returns the plan written.
+    to its first ``n_layers`` layers (an adapter from ``calibrate --n-layers``). ``out`` must be new or empty, or with
+    ``overwrite`` an earlier fimlora output (:func:`fimlora.io.check_output_dir`); the files are written into a
+    temporary folder and moved into place. Returns the plan written.
     """
     src = Path(path)
     inputs = (src, base_model if isinstance(base_model, (str, Path)) else None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import shutil
@@ -10,7 +11,8 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["atomic_write_text", "atomic_directory", "check_output_dir", "package_versions", "share_by_umask"]
+__all__ = ["atomic_write_text", "atomic_directory", "check_output_dir", "output_path", "OUTPUT_MANIFEST",
+           "package_versions", "share_by_umask"]
 
 
 def _umask() -> int:
@@ -55,52 +57,144 @@ def share_by_umask(root: str | os.PathLike) -> None:
                 os.chmod(path, 0o666 & ~mask)
 
 
-@contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike, overwrite: bool = False, inputs: Iterable = ()):
-    """Yield a temporary folder beside ``target``; on success it replaces ``target`` in one rename.
+OUTPUT_MANIFEST = ".fimlora-output.json"
+_TMP_PREFIX = ".fimlora-"
 
-    A crash or an exception inside the block leaves ``target`` exactly as it was (the temporary
-    folder is removed). ``target`` must not exist, be an empty folder, or ``overwrite`` must be set;
-    it is checked before the block runs, so no work is spent on an output that would be refused.
-    What the block wrote gets the umask's permissions (:func:`share_by_umask`).
-    ``inputs``: the files and folders the work reads, which ``overwrite`` must never delete.
-    """
-    target = Path(target)
-    check_output_dir(target, overwrite, inputs)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    os.chmod(tmp, 0o777 & ~_umask())
+
+def output_path(target: str | os.PathLike) -> Path:
+    """The folder a user named, as every command writes it: ``~`` expanded and made absolute, but a symlink kept as
+    the link (the output goes into the folder it points to, which stays where it is)."""
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(target))))
+
+
+def _listing(names: Iterable[str], limit: int = 5) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _manifest_files(folder: Path) -> list[str] | None:
+    """The entries a fimlora command wrote into ``folder`` (its :data:`OUTPUT_MANIFEST`), or None if it holds none
+    that fimlora wrote."""
     try:
-        yield tmp
-        share_by_umask(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        record = json.loads((folder / OUTPUT_MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    files = record.get("files") if isinstance(record, dict) and record.get("written_by") == "fimlora" else None
+    if not isinstance(files, list) or not all(isinstance(f, str) and f and "/" not in f and f not in (".", "..")
+                                              for f in files):
+        return None
+    return files
 
 
 def check_output_dir(target: str | os.PathLike, overwrite: bool = False, inputs: Iterable = ()) -> None:
-    """Refuse an output folder that is a file, a non-empty folder without ``overwrite``, or one that is or holds
-    any of ``inputs`` (the data, model or adapter the work reads), which replacing it would delete."""
-    target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"out: {target} exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise ValueError(f"out: {target} is not empty; choose a new folder or pass --overwrite to replace it")
-    resolved = target.expanduser().resolve()
+    """The one rule for every folder a fimlora command writes into (calibrate, export, demo).
+
+    ``target`` (:func:`output_path`) may be new, or an existing empty folder (a mount point, a symlink to a folder,
+    a folder with the group and mode a user set up: all kept, since the output is written into it). A non-empty
+    folder is replaced only with ``overwrite``, and only when it is an earlier fimlora output: it holds the
+    manifest fimlora wrote (:data:`OUTPUT_MANIFEST`) and nothing that manifest does not list. Anything else is
+    refused with the files in the way named, so ``--overwrite`` never deletes what fimlora did not write.
+    ``inputs`` (the data, model or adapter the work reads) may be neither the folder nor inside it.
+    Raises ValueError before any work is spent on an output that would be refused.
+    """
+    path = output_path(target)
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"out: {path} is a symlink to {os.readlink(path)}, which does not exist; create that "
+                         "folder or name another")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"out: {path} exists and is not a folder")
+    resolved = path.resolve()
     for item in inputs:
         if item is None or not Path(item).expanduser().exists():
             continue  # a bundled task or hub name is not a path
-        path = Path(item).expanduser().resolve()
-        if path == resolved or resolved in path.parents:
-            raise ValueError(f"out: {target} holds the input {path}; writing there (--overwrite replaces the whole "
-                             "folder) would delete it; choose another output folder")
+        source = Path(item).expanduser().resolve()
+        if source == resolved or resolved in source.parents:
+            raise ValueError(f"out: {path} holds the input {source}; writing there could delete it; choose "
+                             "another output folder")
+    if not path.is_dir():
+        return
+    entries = [p.name for p in path.iterdir()]
+    if not entries:
+        return
+    if not overwrite:
+        raise ValueError(f"out: {path} is not empty (it holds {_listing(entries)}); choose a new or empty folder, "
+                         "or pass --overwrite to replace an earlier fimlora output there")
+    ours = _manifest_files(path)
+    if ours is None:
+        raise ValueError(f"out: {path} was not written by fimlora (no {OUTPUT_MANIFEST}), so --overwrite will not "
+                         f"delete what it holds ({_listing(entries)}); choose a new or empty folder")
+    foreign = [n for n in entries if n != OUTPUT_MANIFEST and n not in ours]
+    if foreign:
+        raise ValueError(f"out: {path} holds files fimlora did not write there ({_listing(foreign)}); --overwrite "
+                         "replaces only fimlora's own output, so move them or choose a new or empty folder")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike, overwrite: bool = False, inputs: Iterable = ()):
+    """Yield a temporary folder inside ``target``; on success its contents replace what fimlora wrote there before.
+
+    :func:`check_output_dir` runs first, so nothing is spent on an output that would be refused. The output is
+    written *into* the folder the user named, never by replacing that folder: a mount point (which cannot be
+    renamed), a symlink (its target gets the files) and a folder's owner, group and mode all stay as they were.
+    An exception inside the block leaves ``target`` exactly as it was (a folder it had to create is removed
+    again). On success the earlier output's entries (those its manifest lists) are moved aside, the new ones moved
+    in, and the old ones deleted; a manifest :data:`OUTPUT_MANIFEST` listing the new entries is written last.
+    What the block wrote gets the umask's permissions (:func:`share_by_umask`).
+    """
+    path = output_path(target)
+    check_output_dir(path, overwrite, inputs)
+    created = not os.path.lexists(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path, prefix=_TMP_PREFIX, suffix=".tmp"))
+    try:
+        yield tmp
+        written = sorted(p.name for p in tmp.iterdir())
+        if OUTPUT_MANIFEST in written:  # pragma: no cover - a caller's bug, not bad input
+            raise RuntimeError(f"atomic_directory: the block wrote {OUTPUT_MANIFEST}, the name of fimlora's manifest")
+        share_by_umask(tmp)
+        atomic_write_text(tmp / OUTPUT_MANIFEST, json.dumps(
+            {"written_by": "fimlora", "version": package_versions()["fimlora"], "files": written}, indent=2) + "\n")
+        _swap_in(path, tmp, written + [OUTPUT_MANIFEST], (_manifest_files(path) or []) + [OUTPUT_MANIFEST])
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only if empty: never more than this call made
+        raise
+
+
+def _swap_in(path: Path, tmp: Path, new: list[str], old: list[str]) -> None:
+    """Move ``old`` entries of ``path`` into a folder aside, ``new`` entries of ``tmp`` into ``path``, then delete
+    the old ones and ``tmp``; a failure while moving puts the old entries back. Every move is a rename within
+    ``path``'s file system."""
+    aside = Path(tempfile.mkdtemp(dir=path, prefix=_TMP_PREFIX, suffix=".old"))
+    moved_old, moved_new = [], []
+    try:
+        for name in old:
+            if os.path.lexists(path / name):
+                os.replace(path / name, aside / name)
+                moved_old.append(name)
+        for name in new:
+            os.replace(tmp / name, path / name)
+            moved_new.append(name)
+    except BaseException:
+        for name in moved_new:
+            with contextlib.suppress(OSError):
+                os.replace(path / name, tmp / name)
+        for name in moved_old:
+            with contextlib.suppress(OSError):
+                os.replace(aside / name, path / name)
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+    tmp.rmdir()
 
 
 def package_versions() -> dict[str, str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 
 import pytest
@@ -232,11 +233,14 @@ def test_export_output_rules(tmp_path):
     src, _ = trained_adapter(tmp_path)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("keep")
-    with pytest.raises(ValueError, match="out: .*busy is not empty; choose a new folder or pass --overwrite"):
+    with pytest.raises(ValueError, match=r"out: .*busy is not empty \(it holds x\); choose a new or empty folder"):
         fimlora.export_adapter(src, "vllm", tmp_path / "busy")
+    with pytest.raises(ValueError, match=r"out: .*busy was not written by fimlora"):
+        fimlora.export_adapter(src, "vllm", tmp_path / "busy", overwrite=True)
     assert (tmp_path / "busy" / "x").read_text() == "keep"
-    fimlora.export_adapter(src, "vllm", tmp_path / "busy", overwrite=True)
-    assert not (tmp_path / "busy" / "x").exists()
+    fimlora.export_adapter(src, "vllm", tmp_path / "v")
+    fimlora.export_adapter(src, "llama.cpp", tmp_path / "v", overwrite=True)  # an earlier export is replaced
+    assert json.loads((tmp_path / "v" / EXPORT_RECORD).read_text())["engine"] == "llama.cpp"
     with pytest.raises(ValueError, match=r"engine: must be one of \['peft', 'vllm', 'llama.cpp', 'merged'\], "
                                          r"got 'ollama'"):
         compute_export(src, "ollama")
@@ -249,11 +253,48 @@ def test_export_refuses_out_that_is_or_contains_the_source(tmp_path):
     src, _ = trained_adapter(tmp_path)
     before = (src / "adapter_model.safetensors").read_bytes()
     for out in (src, tmp_path, src / ".." / src.name):
-        with pytest.raises(ValueError, match=rf"out: {re.escape(str(out))} holds the input {src.resolve()}; writing "
-                                             r"there \(--overwrite replaces the whole folder\) would delete it"):
+        where = re.escape(os.path.abspath(out))
+        with pytest.raises(ValueError, match=rf"out: {where} holds the input {src.resolve()}; writing there could "
+                                             "delete it"):
             fimlora.export_adapter(src, "vllm", out, overwrite=True)
     assert (src / "adapter_model.safetensors").read_bytes() == before
     fimlora.export_adapter(src, "peft", src / "copy")  # a folder inside the source does not replace it
+
+
+def test_export_overwrite_into_the_working_directory_deletes_nothing(tmp_path, monkeypatch, capsys):
+    """Reported: `fimlora export A --for peft --out "$PWD" --overwrite` wiped the working directory."""
+    from fimlora.cli import main
+
+    src, _ = trained_adapter(tmp_path / "adapters")
+    work = tmp_path / "work"
+    (work / "project").mkdir(parents=True)
+    (work / "project" / "train.py").write_text("print('mine')")
+    (work / "notes.md").write_text("mine")
+    monkeypatch.chdir(work)
+    for out in (str(work), "."):
+        assert main(["export", str(src), "--for", "peft", "--out", out, "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert f"out: {work} was not written by fimlora" in err and "notes.md, project" in err, err
+    assert (work / "project" / "train.py").read_text() == "print('mine')" and (work / "notes.md").exists()
+    assert sorted(p.name for p in work.iterdir()) == ["notes.md", "project"]
+
+
+def test_merged_export_never_replaces_the_base_model_it_reads(tmp_path):
+    """--out at or above the --base-model folder: the base is among the protected inputs even where the folder is an
+    earlier fimlora output that --overwrite may otherwise replace."""
+    from fimlora.io import atomic_directory
+
+    src, _ = trained_adapter(tmp_path)
+    earlier = tmp_path / "earlier"
+    with atomic_directory(earlier) as tmp:  # an earlier output that holds a model (a merged export, say)
+        tiny_llama().save_pretrained(tmp / "base")
+    base = earlier / "base"
+    before = sorted(p.name for p in base.iterdir())
+    for out in (base, earlier):
+        with pytest.raises(ValueError, match=rf"out: {re.escape(str(out))} holds the input {base.resolve()}"):
+            fimlora.export_adapter(src, "merged", out, base_model=str(base), overwrite=True)
+        assert sorted(p.name for p in base.iterdir()) == before
+    fimlora.export_adapter(src, "merged", tmp_path / "merged", base_model=str(base))  # the base itself is fine
 
 
 def test_missing_adapter_folder_is_named(tmp_path):
@@ -292,7 +333,7 @@ def test_cli_export_and_check_serve(tmp_path, capsys):
     assert main(["check", str(tmp_path / "gguf-ready"), "--serve", "llama.cpp"]) == 0
     assert "llama.cpp (Ollama, LM Studio): serves it as PEFT computes it" in capsys.readouterr().out
     assert main(["export", str(src), "--for", "vllm", "--out", str(tmp_path / "gguf-ready")]) == 2
-    assert "is not empty; choose a new folder or pass --overwrite" in capsys.readouterr().err
+    assert "is not empty (it holds" in capsys.readouterr().err
     assert main(["export", str(src), "--for", "vllm", "--out", str(tmp_path / "v"), "--base-model", "x"]) == 2
     assert "base-model: only --for merged uses a base model, got --for vllm" in capsys.readouterr().err
 

@@ -8,9 +8,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-from ..io import atomic_write_text, package_versions, share_by_umask
+from ..io import atomic_directory, atomic_write_text, check_output_dir, output_path, package_versions
 from .builders import build_base_model, build_calibration_loader, build_lora_config, build_peft_model, build_tokenizer
 from .data import is_user_file, load_task
 from .jobs import CalibrateJob, save_rank_map
@@ -53,7 +52,10 @@ def _lora_parameters(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
 
 
-def _train_and_score(name, model, task, tok, settings, out: Path) -> dict:
+ADAPTER_FOLDERS = {"uniform LoRA": "adapter_uniform", "FIM-LoRA": "adapter_fim"}
+
+
+def _train_and_score(model, task, tok, settings) -> dict:
     import torch
 
     from ..modules import lora_modules
@@ -63,9 +65,6 @@ def _train_and_score(name, model, task, tok, settings, out: Path) -> dict:
     with tempfile.TemporaryDirectory() as trainer_dir:  # the Trainer wants a folder; nothing of it is kept
         train = finetune(model, task, tok, settings, trainer_dir)
     metrics = evaluate(model, task, tok, settings)
-    adapter = out / ("adapter_uniform" if name == "uniform LoRA" else "adapter_fim")
-    model.save_pretrained(adapter)
-    share_by_umask(adapter)
     return {"accuracy": metrics["accuracy"], "trainable_params": trainable_parameters(model),
             "lora_params": _lora_parameters(model), "train_seconds": train["train_seconds"],
             "train_loss": train["train_loss"], "ranks": {i.name: i.r for i in lora_modules(model)}}
@@ -94,10 +93,12 @@ def run_demo(job: DemoJob, say: Callable[[str], None] = print) -> dict:
     from .train import TrainSettings
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
-    out = Path(job.out)
+    out = output_path(job.out)
+    inputs = (job.data, job.eval_data, job.model)
+    # The output rule of every command, up front: an earlier demo's output is replaced, anything else refused.
+    check_output_dir(out, job.overwrite, inputs)
     if out.is_dir() and any(out.iterdir()):
-        say(f"[0/5] {out} holds an earlier demo's results; they are replaced")
-    out.mkdir(parents=True, exist_ok=True)
+        say(f"[0/5] {out} holds an earlier fimlora output; it is replaced when the demo ends")
     target_modules = job.target_modules or DEMO_TARGET_MODULES
     say(f"[1/5] data: {job.data}; model: {job.model}")
     task = load_task(job.data, seed=job.seed, max_train=job.max_train, max_test=job.max_test,
@@ -117,23 +118,29 @@ def run_demo(job: DemoJob, say: Callable[[str], None] = print) -> dict:
     alloc = apply_fim_ranks(fim, loader, config=job.fim_config())
     calib_s = time.perf_counter() - start
     alloc.settings.update({"model": job.model, "data": job.data, "calibration_seconds": calib_s})
-    files, notes = save_rank_map(alloc, out)
     say(format_rank_table(alloc))
-    say("      rank map -> " + ", ".join(str(f) for f in files) + "".join(f"\n      note: {n}" for n in notes))
 
     settings = TrainSettings(learning_rate=job.lr, max_steps=job.steps, batch_size=job.batch_size,
                              max_length=job.max_length, seed=job.seed, progress=job.progress, logging_steps=25)
     results = {}
     for step, (name, model) in enumerate((("uniform LoRA", uniform), ("FIM-LoRA", fim)), start=3):
         say(f"[{step}/5] fine-tuning {name}: {job.steps} steps, batch {job.batch_size}, lr {job.lr}")
-        results[name] = _train_and_score(name, model, task, tok, settings, out)
+        results[name] = _train_and_score(model, task, tok, settings)
     results["FIM-LoRA"]["calibration_seconds"] = calib_s
+    record = {"results": results, "data_meta": task.meta, "job": asdict(job), "versions": package_versions()}
+    # Everything is written at the end, in one step, so a run that fails half-way leaves the folder as it was.
+    with atomic_directory(out, overwrite=job.overwrite, inputs=inputs) as tmp:
+        files, notes = save_rank_map(alloc, tmp)
+        for name, model in (("uniform LoRA", uniform), ("FIM-LoRA", fim)):
+            model.save_pretrained(tmp / ADAPTER_FOLDERS[name])
+        atomic_write_text(tmp / "demo_results.json", json.dumps(record, indent=2, default=str) + "\n")
+    say("      rank map -> " + ", ".join(str(out / f.name) for f in files)
+        + "".join(f"\n      note: {n}" for n in notes))
     for line in _results_table(task, results, calib_s):
         say(line)
     say("\nOne seed on a short schedule: a difference here is within seed noise unless it is large; "
         "`fimlora run` experiments give mean ± std over seeds. Times are wall clock on this machine: "
         "anything else running moves them.")
-    say(f"adapters -> {out / 'adapter_uniform'}, {out / 'adapter_fim'} (load with PeftModel.from_pretrained)")
-    record = {"results": results, "data_meta": task.meta, "job": asdict(job), "versions": package_versions()}
-    atomic_write_text(out / "demo_results.json", json.dumps(record, indent=2, default=str) + "\n")
+    say(f"adapters -> {out / ADAPTER_FOLDERS['uniform LoRA']}, {out / ADAPTER_FOLDERS['FIM-LoRA']} (load with "
+        "PeftModel.from_pretrained)")
     return record

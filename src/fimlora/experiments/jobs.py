@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..allocation import RankAllocation
 from ..config import FimConfig, check_bool, check_fraction, check_int, check_number
-from ..io import atomic_directory, check_output_dir
+from ..io import atomic_directory, check_output_dir, output_path
 from ..modules import DORA_8BIT_REASON
 from ..rankmap import save_rank_map
 from .builders import (
@@ -170,12 +170,13 @@ class CalibrateResult:
 def run_calibrate(job: CalibrateJob) -> CalibrateResult:
     """Calibrate, allocate and resize; write ``adapter/``, ``rank_map.json`` (and ``.png``) into ``job.out``.
 
-    The outputs are written into a temporary folder beside ``job.out`` and moved into place together,
-    so an interrupted run leaves no mixture of old and new files.
+    The outputs are written into a temporary folder inside ``job.out`` and moved into place together
+    (:func:`fimlora.io.atomic_directory`, the output rule of every command), so an interrupted run leaves the
+    folder as it was.
     """
     from ..api import apply_fim_ranks
 
-    out = Path(job.out).expanduser()
+    out = output_path(job.out)
     inputs = (job.data, job.model)
     check_output_dir(out, job.overwrite, inputs)
     # A user's file is all training data here: calibration never evaluates, so nothing is held out.
