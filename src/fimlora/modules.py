@@ -301,10 +301,13 @@ def check_same_modules(field: str, keys: Iterable[str], expected: Iterable[str],
 
 
 def pattern_matches(key: str, module_name: str) -> bool:
-    """PEFT's (and vLLM's) rule: ``key`` matches a dot-bounded suffix of ``module_name``."""
-    if key.startswith("^"):
-        return re.match(key + r"$" if not key.endswith("$") else key, module_name) is not None
-    return re.match(rf"(.*\.)?({key})$", module_name) is not None
+    """Whether PEFT gives module ``module_name`` the rank_pattern/alpha_pattern entry ``key``: PEFT's own
+    ``get_pattern_key``, which tries ``re.match(rf"(.*\\.)?({key})$", name)`` for every key (a ``^`` or a
+    top-level ``|`` in a key then means what that regex makes of it; no second copy of the rule here can drift)."""
+    from peft.utils.other import get_pattern_key
+
+    # get_pattern_key returns the key that matched, else the name itself: compare identities, not text.
+    return get_pattern_key([key], module_name) is key
 
 
 def pattern_keys(names: Iterable[str]) -> dict[str, str]:

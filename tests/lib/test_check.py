@@ -348,3 +348,33 @@ def test_an_adapter_folder_that_does_not_exist_is_one_problem_without_a_module_c
     nope = tmp_path / "nope"
     assert report.format().splitlines() == [f"adapter: {nope}", f"PROBLEM: {nope}: does not exist",
                                             "FAILED: 1 problem(s)"]
+
+
+# Keys whose meaning under PEFT's rule, re.match(rf"(.*\.)?({key})$", name), is easy to get wrong: a leading ^
+# with a top-level | (the ^ binds to the first alternative only), an anchored full name, a plain suffix.
+TRICKY_KEYS = [
+    {"^model.layers.0.self_attn.q_proj|v_proj": 8},
+    {"^model.layers.0.self_attn.q_proj$": 8, "v_proj": 2},
+    {"layers.1.self_attn.(q|v)_proj": 6, "^model.layers.0.self_attn.v_proj": 3},
+]
+
+
+@pytest.mark.parametrize("pattern", TRICKY_KEYS, ids=["caret-pipe", "anchored", "groups"])
+def test_check_reads_every_pattern_key_as_peft_does(tmp_path, pattern):
+    """Ranks and scales that check (and so export) reads from the config are the ones PEFT builds: compared with
+    the layers of the PEFT model that the config made, not with a second copy of PEFT's rule."""
+    from fimlora.check import served_scales
+
+    model = lora_llama(rank_pattern=pattern, alpha_pattern={k: 2 * v for k, v in pattern.items()})
+    make_b_nonzero(model, lm_batches())
+    model.save_pretrained(tmp_path / "a")
+    report = check_adapter(tmp_path / "a")
+    assert not [p for p in report.problems if "size mismatch" in p], report.format()
+    from peft.tuners.lora import LoraLayer
+
+    layers = {n: m for n, m in model.base_model.model.named_modules() if isinstance(m, LoraLayer)}
+    assert report.ranks == {n: m.r["default"] for n, m in layers.items()}
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    peft = served_scales(cfg, report.ranks, "peft")
+    assert peft == pytest.approx({n: m.scaling["default"] for n, m in layers.items()}, rel=1e-12)
+    assert report.scalings == pytest.approx(peft, rel=1e-12)

@@ -92,6 +92,20 @@ def test_export_makes_the_engine_rule_give_peft_logits(tmp_path, ids, engine, se
     assert report.ok, report.format()
 
 
+@pytest.mark.parametrize("engine", ["vllm", "llama.cpp"])
+def test_export_reads_a_caret_pipe_key_as_peft_does(tmp_path, ids, engine):
+    """``^a|b`` is (^a)|b under PEFT's regex: v_proj of every layer gets rank 8 and alpha 32, not only layer 0's.
+    Read otherwise, the export served delta W four times too small there and check --serve said OK."""
+    key = "^model.layers.0.self_attn.q_proj|v_proj"
+    model = lora_llama(rank_pattern={key: 8}, alpha_pattern={key: 32})
+    make_b_nonzero(model, lm_batches())
+    model.save_pretrained(tmp_path / "a")
+    ref = reference_logits(model, ids)
+    fimlora.export_adapter(tmp_path / "a", engine, tmp_path / "out")
+    assert (engine_logits(tmp_path / "out", engine, ids) - ref).abs().max().item() < TOL
+    assert check_adapter(tmp_path / "out", serve=engine).ok
+
+
 def test_vllm_export_of_a_default_adapter_copies_b_unchanged(tmp_path):
     src, _ = trained_adapter(tmp_path)
     plan = fimlora.export_adapter(src, "vllm", tmp_path / "out")
