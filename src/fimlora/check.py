@@ -50,8 +50,8 @@ from .allocation import lora_scaling
 from .config import VLLM_MAX_LORA_RANKS, check_choice, check_int, check_number
 from .modules import check_pattern_keys, pattern_key_error, pattern_matches
 
-__all__ = ["CheckReport", "ServingVerdict", "SERVE_ENGINES", "check_adapter", "served_scales", "serving_verdict",
-           "VLLM_MAX_LORA_RANKS", "vllm_max_lora_rank"]
+__all__ = ["CheckReport", "ServingVerdict", "SERVE_ENGINES", "BASE_CHANGING_INITS", "changes_base_weights",
+           "check_adapter", "served_scales", "serving_verdict", "VLLM_MAX_LORA_RANKS", "vllm_max_lora_rank"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -66,7 +66,12 @@ ENGINE_NAMES = {"peft": "PEFT", "vllm": "vLLM <= 0.31", "llama.cpp": "llama.cpp 
                 "sglang": "SGLang 0.5.23"}
 # What `fimlora export --for` fixes each engine with (SGLang cannot load mixed ranks: only a merged model serves).
 EXPORT_FOR = {"vllm": "vllm", "llama.cpp": "llama.cpp", "sglang": "merged"}
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+# init_lora_weights values with which PEFT (0.21.2, ``LoraLayer.update_layer``) rewrites the base weights while it
+# creates the adapter: pissa_init, corda_init, olora_init, loftq_init and lora_ga_init all assign
+# base_layer.weight.data. Such an adapter is right only on that rewritten base, so an engine that loads it onto the
+# original base serves it wrongly (tests/lib/test_check.py checks this table against the pinned PEFT). The value
+# says whether PEFT matches the name as a prefix ("pissa_niter_4", "corda_...") or exactly.
+BASE_CHANGING_INITS = {"pissa": "prefix", "corda": "prefix", "olora": "exact", "loftq": "exact", "lora_ga": "exact"}
 # Relative difference below which two scales are the same number written two ways (alpha*r'/r / r' vs alpha/r).
 SCALE_RTOL = 1e-6
 
@@ -152,6 +157,15 @@ class CheckReport:
 
 class _Unreadable(Exception):
     """A file the remaining checks cannot run without; its message is the one problem reported."""
+
+
+def changes_base_weights(init) -> bool:
+    """Whether PEFT rewrites the base weights for ``init_lora_weights=init`` (:data:`BASE_CHANGING_INITS`)."""
+    if not isinstance(init, str):
+        return False
+    init = init.lower()
+    return any(init == name or (how == "prefix" and init.startswith(name))
+               for name, how in BASE_CHANGING_INITS.items())
 
 
 def vllm_max_lora_rank(max_rank: int) -> int | None:
@@ -510,9 +524,10 @@ def engine_refusals(cfg: dict, ranks: Mapping[str, int], engine: str) -> list[st
                            f"{'/'.join(VLLM_HEADS)} of classification models)")
         if cfg.get("lora_bias"):
             reasons.append("lora_bias=True (LoRA bias)")
-        init = cfg.get("init_lora_weights")
-        if isinstance(init, str) and init.lower().split("_")[0] in _BASE_CHANGING_INITS:
-            reasons.append(f"init_lora_weights={init!r} changes the base weights")
+    if changes_base_weights(cfg.get("init_lora_weights")):
+        # Every engine here loads the adapter onto the original base; the adapter is right only on PEFT's rewritten
+        # one (PEFT itself converts it with path_initial_model_for_weight_conversion on save).
+        reasons.append(f"init_lora_weights={cfg['init_lora_weights']!r} changes the base weights")
     if engine == "sglang":
         r0 = cfg.get("r", _PEFT_DEFAULT_R)
         other = sorted({r for r in ranks.values() if r != r0})

@@ -378,3 +378,83 @@ def test_check_reads_every_pattern_key_as_peft_does(tmp_path, pattern):
     peft = served_scales(cfg, report.ranks, "peft")
     assert peft == pytest.approx({n: m.scaling["default"] for n, m in layers.items()}, rel=1e-12)
     assert report.scalings == pytest.approx(peft, rel=1e-12)
+
+
+def _base_weight_change(init) -> float:
+    """Largest change PEFT makes to the base weights of a tiny LLaMA while creating an adapter with ``init``,
+    with the preprocessing that init needs (CorDA's covariance run, LoRA-GA's gradients)."""
+    from peft import EvaConfig, LoraConfig, LoraGAConfig, get_peft_model
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    base = tiny_llama()
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=init,
+                        eva_config=EvaConfig() if init == "eva" else None,
+                        lora_ga_config=LoraGAConfig() if init == "lora_ga" else None,
+                        corda_config=CordaConfig(corda_method="kpm") if init == "corda" else None)
+    batches = lm_batches()
+    if init == "corda":  # CorDA's hooks take one sequence per forward
+        preprocess_corda(base, config, run_model=lambda: [base(input_ids=b["input_ids"][i:i + 1])
+                                                          for b in batches for i in range(2)])
+    if init == "lora_ga":
+        preprocess_loraga(base, config, lambda: [base(input_ids=b["input_ids"], labels=b["input_ids"]).loss.backward()
+                                                 for b in batches])
+    model = get_peft_model(base, config)
+    change = 0.0
+    for name, p in model.base_model.model.named_parameters():
+        key = name.replace(".base_layer", "")
+        if "lora_" not in name and key in before:
+            change = max(change, (p.detach() - before[key]).abs().max().item())
+    return change
+
+
+NOT_BASE_CHANGING = [True, False, "gaussian", "eva", "orthogonal", "mica"]
+BASE_CHANGING = ["pissa", "pissa_niter_2", "olora", "corda", "lora_ga"]
+
+
+@pytest.mark.parametrize("init", NOT_BASE_CHANGING + BASE_CHANGING)
+def test_base_changing_inits_are_those_of_the_pinned_peft(init):
+    """The table against what PEFT does: it changes the base weights exactly for the inits the table names."""
+    from fimlora.check import changes_base_weights
+
+    changed = _base_weight_change(init) > 0
+    assert changed == changes_base_weights(init), (init, changed)
+
+
+def test_loftq_changes_the_base_weights_in_the_pinned_peft():
+    """LoftQ quantises on CUDA only, so it is checked in PEFT's source: its init assigns the base weight."""
+    import inspect
+
+    from peft.tuners.lora.layer import LoraLayer
+
+    from fimlora.check import changes_base_weights
+
+    assert "self.get_base_layer().weight.data = qweight" in inspect.getsource(LoraLayer.loftq_init)
+    assert changes_base_weights("loftq")
+
+
+@pytest.mark.parametrize("init", NOT_BASE_CHANGING + BASE_CHANGING + ["loftq", "PiSSA_niter_4", "corda_anything"])
+def test_every_init_through_check_and_export(tmp_path, init):
+    """What check --serve and export say of an adapter saved with each init_lora_weights value: every engine but
+    PEFT loads it onto the original base, so a base-changing init is refused by each, and by export."""
+    from fimlora.check import changes_base_weights
+
+    model = lora_llama()
+    make_b_nonzero(model, lm_batches())
+    model.save_pretrained(tmp_path / "a")
+    rewrite_config(tmp_path / "a", init_lora_weights=lambda _: init)
+    base_changing = changes_base_weights(init)
+    assert base_changing == (init in BASE_CHANGING + ["loftq", "PiSSA_niter_4", "corda_anything"])
+    for engine in ("vllm", "llama.cpp", "sglang"):
+        verdict = check_adapter(tmp_path / "a", serve=engine).serving[engine]
+        refused = any("changes the base weights" in r for r in verdict.refusals)
+        assert refused == base_changing, (engine, verdict.refusals)
+    for engine in ("vllm", "llama.cpp"):
+        if base_changing:
+            with pytest.raises(ValueError, match=rf"{re.escape(engine)} cannot serve .*init_lora_weights="
+                                                 rf"{re.escape(repr(init))} changes the base weights"):
+                fimlora.export_adapter(tmp_path / "a", engine, tmp_path / f"out-{engine}")
+        else:
+            fimlora.export_adapter(tmp_path / "a", engine, tmp_path / f"out-{engine}")
