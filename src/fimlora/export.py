@@ -262,9 +262,26 @@ def load_base_model(base: str, adapter: str | Path, n_layers: int | None = None)
     try:
         tokenizer = AutoTokenizer.from_pretrained(base)
     except (OSError, ValueError) as e:  # a folder of weights without tokenizer files still merges
-        logger.warning("fimlora: no tokenizer saved with the merged model (%s: %s)", base, e)
-        tokenizer = None
+        logger.warning("fimlora: %s has no tokenizer (%s); the merged model is saved without one: copy the base "
+                       "model's tokenizer files into the output", base, first_line(e))
+        return model, None
+    if not usable_tokenizer(tokenizer):
+        logger.warning("fimlora: %s has no tokenizer files (transformers built one of %d tokens, which maps every "
+                       "word to one token); the merged model is saved without one: copy the base model's tokenizer "
+                       "files into the output", base, len(tokenizer))
+        return model, None
     return model, tokenizer
+
+
+# A folder without tokenizer files can still "load" a tokenizer: transformers builds one of the special tokens alone
+# (BERT: 5, GPT-2: 1), and every word becomes [UNK]. Real vocabularies are in the thousands.
+MIN_VOCABULARY = 100
+
+
+def usable_tokenizer(tokenizer) -> bool:
+    """Whether ``tokenizer`` has a real vocabulary (at least :data:`MIN_VOCABULARY` tokens), not one transformers
+    made up of special tokens for a folder without tokenizer files."""
+    return len(tokenizer) >= MIN_VOCABULARY
 
 
 def _load_base_weights(base: str, src: Path, cfg: dict):

@@ -368,3 +368,39 @@ def test_cli_merged_classifier(tmp_path):
     batch = {k: v for k, v in cls_batches()[0].items() if k != "labels"}
     with torch.no_grad():
         assert (merged(**batch).logits - model(**batch).logits).abs().max().item() < TOL
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "tokenizer.model")
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_merged_export_of_a_base_without_tokenizer_files_saves_none_and_says_so(tmp_path, caplog, arch):
+    """transformers builds BERT a 5-token and GPT-2 a 1-token tokenizer from a folder without tokenizer files;
+    saving that beside the merged model would turn every word into one token."""
+    from tests.references import lora_gpt2, tiny_gpt2
+
+    if arch == "bert":
+        tiny_bert().save_pretrained(tmp_path / "base")
+        model = lora_bert(modules_to_save=["classifier"])
+        make_b_nonzero(model, cls_batches())
+    else:
+        tiny_gpt2().save_pretrained(tmp_path / "base")
+        model = lora_gpt2()
+        make_b_nonzero(model, lm_batches())
+    model.save_pretrained(tmp_path / "a")
+    with caplog.at_level("WARNING", logger="fimlora"):
+        fimlora.export_adapter(tmp_path / "a", "merged", tmp_path / "m", base_model=str(tmp_path / "base"))
+    assert not [f for f in TOKENIZER_FILES if (tmp_path / "m" / f).exists()]
+    assert f"{tmp_path / 'base'} has no tokenizer" in caplog.text and "saved without one" in caplog.text
+
+
+def test_merged_export_keeps_a_real_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from fimlora.experiments.models import resolve_model
+
+    minilm = resolve_model("minilm")
+    lora_bert(modules_to_save=["classifier"]).save_pretrained(tmp_path / "a")
+    _, tokenizer = fimlora.export.load_base_model(minilm, tmp_path / "a")
+    assert tokenizer is not None and len(tokenizer) == len(AutoTokenizer.from_pretrained(minilm)) > 1000

