@@ -270,7 +270,8 @@ def config_problems(cfg: dict) -> list[str]:
     if cfg.get("peft_type") not in (None, "LORA"):
         problems.append(f"peft_type: {cfg.get('peft_type')!r} is not LORA")
     problems += _problem(check_int, "r", cfg.get("r", _PEFT_DEFAULT_R), 1)
-    problems += _problem(check_number, "lora_alpha", cfg.get("lora_alpha", _PEFT_DEFAULT_ALPHA), 0)
+    # alpha 0 is valid PEFT (scale 0: the adapter changes nothing); engines read it otherwise (llama.cpp: scale 1).
+    problems += _problem(check_number, "lora_alpha", cfg.get("lora_alpha", _PEFT_DEFAULT_ALPHA), 0, False)
     for label in _PATTERNS:
         pattern = cfg.get(label) or {}
         if not isinstance(pattern, dict):
@@ -283,7 +284,7 @@ def config_problems(cfg: dict) -> list[str]:
             if label == "rank_pattern":
                 problems += _problem(check_int, f"rank_pattern[{key!r}]", value, 1)
             else:
-                problems += _problem(check_number, f"alpha_pattern[{key!r}]", value, 0)
+                problems += _problem(check_number, f"alpha_pattern[{key!r}]", value, 0, False)
     return problems
 
 
@@ -524,6 +525,9 @@ def engine_refusals(cfg: dict, ranks: Mapping[str, int], engine: str) -> list[st
                            f"{'/'.join(VLLM_HEADS)} of classification models)")
         if cfg.get("lora_bias"):
             reasons.append("lora_bias=True (LoRA bias)")
+    if engine == "vllm" and vllm_max_lora_rank(_largest_rank(cfg, ranks)) is None:
+        reasons.append(f"rank {_largest_rank(cfg, ranks)} exceeds vLLM's largest --max-lora-rank "
+                       f"{VLLM_MAX_LORA_RANKS[-1]}")
     if changes_base_weights(cfg.get("init_lora_weights")):
         # Every engine here loads the adapter onto the original base; the adapter is right only on PEFT's rewritten
         # one (PEFT itself converts it with path_initial_model_for_weight_conversion on save).
@@ -545,22 +549,23 @@ def serving_verdict(cfg: dict, ranks: Mapping[str, int], engine: str) -> Serving
     return ServingVerdict(engine, engine_refusals(cfg, ranks, engine), mis)
 
 
-def vllm_findings(cfg: dict, shapes: LoraShapes, report: CheckReport) -> list[str]:
-    """Problems for serving with vLLM at all; sets ``report.vllm_max_lora_rank`` and the serving sizes.
+def vllm_sizes(cfg: dict, shapes: LoraShapes, report: CheckReport) -> None:
+    """Set ``report.vllm_max_lora_rank`` and the serving sizes (None when no vLLM --max-lora-rank covers the
+    adapter: a refusal of vLLM's, :func:`engine_refusals`, and no problem for the other engines).
 
     vLLM <= 0.31 validates only the config's r against --max-lora-rank, >= 0.32 max(r, rank_pattern values);
     both pad every module to it. So K must cover the config's r as well as every module's rank.
     """
-    problems = []
     if report.ranks:
-        largest = max(max(report.ranks.values()), cfg.get("r", _PEFT_DEFAULT_R))
-        report.vllm_max_lora_rank = vllm_max_lora_rank(largest)
-        if report.vllm_max_lora_rank is None:
-            problems.append(f"rank {largest} exceeds vLLM's largest max_lora_rank {VLLM_MAX_LORA_RANKS[-1]}")
-        else:
+        report.vllm_max_lora_rank = vllm_max_lora_rank(_largest_rank(cfg, report.ranks))
+        if report.vllm_max_lora_rank is not None:
             report.real_params, report.serving_params = serving_sizes(shapes, report.ranks,
                                                                       report.vllm_max_lora_rank)
-    return problems
+
+
+def _largest_rank(cfg: dict, ranks: Mapping[str, int]) -> int:
+    """The rank vLLM's --max-lora-rank must cover: the largest module rank, and the config's r."""
+    return max(max(ranks.values(), default=0), cfg.get("r", _PEFT_DEFAULT_R))
 
 
 def serving_findings(cfg: dict, report: CheckReport, serve: str | None) -> tuple[list[str], list[str]]:
@@ -642,7 +647,7 @@ def check_adapter(path: str | Path, base_modules: BaseShapes | Iterable[str] | N
         report.problems += [f"{label}: {p}" for p in check_pattern_keys(cfg.get(label) or {}, targets, all_names)]
     report.problems += rank_and_scale_problems(cfg, shapes, report)
     report.notes += scaling_notes(cfg, report)
-    report.problems += vllm_findings(cfg, shapes, report)
+    vllm_sizes(cfg, shapes, report)
     serve_problems, serve_notes = serving_findings(cfg, report, serve)
     report.problems += serve_problems
     report.notes += serve_notes

@@ -55,7 +55,7 @@ from .check import (
 )
 from .config import check_choice, first_line
 from .io import atomic_directory, atomic_write_text, check_output_dir, package_versions
-from .modules import cut_layers
+from .modules import cut_layers, pattern_keys
 
 __all__ = ["EXPORT_ENGINES", "ExportPlan", "compute_export", "export_adapter", "load_base_model", "EXPORT_RECORD"]
 
@@ -65,6 +65,12 @@ EXPORT_ENGINES = ("peft", "vllm", "llama.cpp", "merged")
 EXPORT_RECORD = "fimlora_export.json"
 # Files an export rewrites or must not carry over (a .bin beside the safetensors would be a second, stale copy).
 _REWRITTEN = {CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin", EXPORT_RECORD}
+# What travels with an exported adapter (:func:`carried_files`): its model card, tokenizer and chat template, and
+# fimlora's rank map.
+_CARRIED = {"README.md", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+            "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+            "rank_map.json", "rank_map.png", "rank_map.svg"}
+_CARRIED_PREFIXES = ("spiece.", "sentencepiece.")
 _SERVE_HINTS = {
     "peft": "PeftModel.from_pretrained(base_model, DIR)",
     "vllm": "vllm serve BASE --enable-lora --lora-modules NAME=DIR --max-lora-rank K",
@@ -87,6 +93,8 @@ class ExportPlan:
     served_scales: dict[str, float] = field(default_factory=dict)
     b_factors: dict[str, float] = field(default_factory=dict)
     rule: str = ""
+    # Top-level entries of the source folder an adapter export does not copy (a checkpoint's optimizer.pt, ...).
+    left_out: list[str] = field(default_factory=list)
 
     def record(self) -> dict:
         """The content of ``fimlora_export.json``."""
@@ -156,6 +164,8 @@ def compute_export(path: str | Path, engine: str, base_modules=None, base_name: 
     cfg, ranks, other = _checked_source(path, base_modules, base_name)
     peft = served_scales(cfg, ranks, "peft")
     plan = ExportPlan(engine, str(path.resolve()), dict(cfg), ranks, peft, dict(peft), dict.fromkeys(ranks, 1.0))
+    if engine != "merged":
+        plan.left_out = carried_files(path)[1]
     if engine in ("peft", "merged"):
         plan.rule = ("copy: PEFT's own scales" if engine == "peft"
                      else "merged: W' = W + s_m B_m A_m (PEFT merge_and_unload)")
@@ -172,8 +182,14 @@ def compute_export(path: str | Path, engine: str, base_modules=None, base_name: 
         raise ValueError(f"adapter: {path} holds tensors other than lora_A/lora_B weights ({other[:3]}), which "
                          f"export --for {engine} cannot rescale; export --for merged instead")
     new = plan.config
-    # Full module names as keys: one key per module, so no key order (PEFT's sorted, vLLM's file order) matters.
-    rank_pattern = {n: r for n, r in ranks.items() if r != new.get("r", _PEFT_DEFAULT_R)}
+    # Written out, so that every engine and converter reads the values PEFT used (llama.cpp's converter reads
+    # lparams["lora_alpha"] and fails on a config without it).
+    new.setdefault("r", _PEFT_DEFAULT_R)
+    new.setdefault("lora_alpha", _PEFT_DEFAULT_ALPHA)
+    # One key per module that matches that module alone (fc -> ^fc$ beside inner.fc), so no key order (PEFT's
+    # sorted, vLLM's file order) matters.
+    keys = pattern_keys(ranks)
+    rank_pattern = {keys[n]: r for n, r in ranks.items() if r != new["r"]}
     if engine == "vllm":
         s = served_scales(cfg, ranks, "vllm")
         rslora = bool(cfg.get("use_rslora", False))
@@ -181,7 +197,7 @@ def compute_export(path: str | Path, engine: str, base_modules=None, base_name: 
         alpha0 = float(new.get("lora_alpha", _PEFT_DEFAULT_ALPHA))
         # alpha'_m with alpha'_m / r_m = s (alpha'_m / sqrt(r_m) = s): PEFT and vLLM >= 0.32 then apply s too.
         alphas = {n: one * (r ** 0.5 if rslora else r) for n, r in ranks.items()}
-        alpha_pattern = {n: a for n, a in alphas.items() if abs(a - alpha0) > 1e-12 * max(1.0, alpha0)}
+        alpha_pattern = {keys[n]: a for n, a in alphas.items() if abs(a - alpha0) > 1e-12 * max(1.0, alpha0)}
         plan.rule = "vllm: B'_m = B_m * s_m / s, s = lora_alpha / r (sqrt(r) with rsLoRA); alpha'_m = s * r_m"
     else:
         alpha = float(cfg.get("lora_alpha", _PEFT_DEFAULT_ALPHA))
@@ -194,7 +210,11 @@ def compute_export(path: str | Path, engine: str, base_modules=None, base_name: 
         plan.rule = "llama.cpp: B'_m = B_m * s_m / (lora_alpha / r_m); no alpha_pattern, use_rslora false"
     new["rank_pattern"], new["alpha_pattern"] = rank_pattern, alpha_pattern
     plan.served_scales = s
-    plan.b_factors = {n: peft[n] / s[n] for n in ranks}
+    unfixable = [n for n in ranks if s[n] == 0 and peft[n] != 0]
+    if unfixable:  # the engine multiplies by 0: no factor in B brings PEFT's delta W back
+        raise ValueError(f"lora_alpha: {engine} applies scale 0 (lora_alpha {new['lora_alpha']}) where PEFT applies "
+                         f"{peft[unfixable[0]]:g} (module {unfixable[0]}); give the adapter a lora_alpha > 0")
+    plan.b_factors = {n: peft[n] / s[n] if s[n] else 1.0 for n in ranks}
     # The new config must give every module its tensors' rank and the scale the engine applies, or PEFT's reload
     # would differ from the engine.
     reloaded = served_scales(new, ranks, "peft")
@@ -216,13 +236,26 @@ def _folded_tensors(path: Path, factors: dict[str, float]) -> dict:
     return tensors
 
 
+def carried_files(src: Path) -> tuple[list[str], list[str]]:
+    """(files an export copies beside the adapter, other top-level entries it leaves out): the model card, the
+    tokenizer and fimlora's rank map travel with an adapter; a training checkpoint's optimizer, scheduler and RNG
+    state (hundreds of MB, no use to a server), sub-folders and anything else do not."""
+    carried, left_out = [], []
+    for item in sorted(src.iterdir()):
+        if item.name in _REWRITTEN:
+            continue
+        if item.is_file() and (item.name in _CARRIED or item.name.startswith(_CARRIED_PREFIXES)):
+            carried.append(item.name)
+        else:
+            left_out.append(item.name)
+    return carried, left_out
+
+
 def _write_adapter(plan: ExportPlan, src: Path, tmp: Path) -> None:
     from safetensors.torch import save_file
 
-    for item in src.iterdir():
-        # Top-level files only (README, tokenizer files): checkpoints in sub-folders are not part of the adapter.
-        if item.is_file() and item.name not in _REWRITTEN:
-            shutil.copy2(item, tmp / item.name)
+    for name in carried_files(src)[0]:
+        shutil.copy2(src / name, tmp / name)
     save_file(_folded_tensors(src, plan.b_factors), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
     # PEFT writes its config with sorted keys; so do we, so that a reload tries pattern keys in the same order.
     atomic_write_text(tmp / CONFIG_NAME, json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
@@ -363,5 +396,7 @@ def export_adapter(path: str | Path, engine: str, out: str | Path, *, base_model
         else:
             _write_adapter(plan, src, tmp)
         atomic_write_text(tmp / EXPORT_RECORD, json.dumps(plan.record(), indent=2) + "\n")
+    if plan.left_out:
+        logger.info("fimlora: not copied from %s (not part of a served adapter): %s", src, ", ".join(plan.left_out))
     logger.info("fimlora: exported %s for %s to %s", src, engine, out)
     return plan

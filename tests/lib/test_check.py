@@ -458,3 +458,35 @@ def test_every_init_through_check_and_export(tmp_path, init):
                 fimlora.export_adapter(tmp_path / "a", engine, tmp_path / f"out-{engine}")
         else:
             fimlora.export_adapter(tmp_path / "a", engine, tmp_path / f"out-{engine}")
+
+
+def test_check_serve_llamacpp_reads_lora_alpha_zero_as_scale_one(tmp_path):
+    """llama.cpp's get_scale: alpha 0 means scale 1; PEFT's alpha/r is 0. check --serve llama.cpp must say so."""
+    model = lora_llama()
+    model.save_pretrained(tmp_path / "a")
+    rewrite_config(tmp_path / "a", lora_alpha=lambda _: 0)
+    report = check_adapter(tmp_path / "a", serve="llama.cpp")
+    verdict = report.serving["llama.cpp"]
+    assert not report.ok and verdict.mis_scaled
+    assert set(verdict.mis_scaled.values()) == {(1.0, 0.0)}
+
+
+def test_check_serve_sglang_rule(tmp_path):
+    """SGLang 0.5.23 loads every module at the config's r (mixed ranks cannot load) and applies one lora_alpha / r,
+    reading neither pattern nor use_rslora."""
+    uniform = lora_llama()
+    uniform.save_pretrained(tmp_path / "uniform")
+    assert check_adapter(tmp_path / "uniform", serve="sglang").ok
+    mixed = lora_llama(rank_pattern={"q_proj": 2})
+    mixed.save_pretrained(tmp_path / "mixed")
+    verdict = check_adapter(tmp_path / "mixed", serve="sglang").serving["sglang"]
+    assert verdict.refusals == ["modules of rank [2] other than the config's r=4: every module is loaded at r"]
+    scaled = lora_llama(alpha_pattern={"q_proj": 16})
+    scaled.save_pretrained(tmp_path / "scaled")
+    verdict = check_adapter(tmp_path / "scaled", serve="sglang").serving["sglang"]
+    assert not verdict.refusals and set(verdict.mis_scaled) == {f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)}
+    assert set(verdict.mis_scaled.values()) == {(2.0, 4.0)}
+    rslora = lora_llama(use_rslora=True)
+    rslora.save_pretrained(tmp_path / "rslora")
+    verdict = check_adapter(tmp_path / "rslora", serve="sglang").serving["sglang"]
+    assert set(verdict.mis_scaled.values()) == {(2.0, 4.0)}  # SGLang 8/4 against PEFT's 8/sqrt(4)

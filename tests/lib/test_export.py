@@ -404,3 +404,91 @@ def test_merged_export_keeps_a_real_tokenizer(tmp_path):
     lora_bert(modules_to_save=["classifier"]).save_pretrained(tmp_path / "a")
     _, tokenizer = fimlora.export.load_base_model(minilm, tmp_path / "a")
     assert tokenizer is not None and len(tokenizer) == len(AutoTokenizer.from_pretrained(minilm)) > 1000
+
+
+# ----------------------------------------------------------------------------- issue 28: crashes and small items
+
+
+@pytest.mark.parametrize("engine", ["vllm", "llama.cpp"])
+def test_export_of_a_name_inside_another_keeps_one_key_per_module(tmp_path, engine):
+    """fimlora's own adapter for ``fc`` and ``inner.fc`` (keys ^fc$ / inner.fc): the export's patterns must give each
+    module its own rank and the engine's scale; plain names made ``fc`` match ``inner.fc`` too (a RuntimeError)."""
+    from fimlora import allocation_from_scores, apply_allocation
+    from tests.lib.test_drop_modules import Nested, nested_lora
+
+    model = nested_lora()
+    apply_allocation(model, allocation_from_scores(model, {"fc": 1.0, "inner.fc": 0.2}, r_min=1, scale="fixed_alpha"))
+    with torch.no_grad():
+        for i in lora_modules(model):
+            i.layer.lora_B["default"].weight.normal_()
+    model.save_pretrained(tmp_path / "a")
+    plan = fimlora.export_adapter(tmp_path / "a", engine, tmp_path / "out")
+    assert len(set(plan.ranks.values())) == 2
+    assert check_adapter(tmp_path / "out", serve=engine).ok
+    reloaded = PeftModel.from_pretrained(Nested(), str(tmp_path / "out"))
+    assert {i.name: i.r for i in lora_modules(reloaded)} == plan.ranks
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (reloaded(x) - model(x)).abs().max().item() < TOL
+
+
+def test_a_rank_above_vllm_s_limit_blocks_only_the_vllm_export(tmp_path):
+    model = lora_llama(r=600, target_modules=["q_proj", "v_proj"])
+    make_b_nonzero(model, lm_batches())
+    model.save_pretrained(tmp_path / "a")
+    report = check_adapter(tmp_path / "a")
+    assert report.ok, report.format()
+    assert any("vLLM <= 0.31: refuses it: rank 600 exceeds vLLM's largest --max-lora-rank 512" in n
+               for n in report.notes), report.notes
+    assert not check_adapter(tmp_path / "a", serve="vllm").ok
+    assert check_adapter(tmp_path / "a", serve="llama.cpp").ok
+    with pytest.raises(ValueError, match="engine: vllm cannot serve .*rank 600 exceeds vLLM's largest "
+                                         "--max-lora-rank 512; export --for merged"):
+        fimlora.export_adapter(tmp_path / "a", "vllm", tmp_path / "v")
+    for engine in ("peft", "llama.cpp"):
+        fimlora.export_adapter(tmp_path / "a", engine, tmp_path / engine)
+    fimlora.export_adapter(tmp_path / "a", "merged", tmp_path / "merged", base_model=tiny_llama())
+
+
+def test_llamacpp_export_writes_the_lora_alpha_peft_used(tmp_path, ids):
+    """A config without lora_alpha means PEFT's default 8; llama.cpp's converter reads lparams["lora_alpha"]."""
+    src, model = trained_adapter(tmp_path, r=8)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    assert cfg["lora_alpha"] == 16
+    del cfg["lora_alpha"]
+    cfg["alpha_pattern"] = {}  # so that PEFT's default 8 applies everywhere
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    ref = engine_logits(src, "peft", ids)
+    for engine in ("llama.cpp", "vllm"):
+        fimlora.export_adapter(src, engine, tmp_path / engine)
+        out = json.loads((tmp_path / engine / "adapter_config.json").read_text())
+        assert out["lora_alpha"] == 8 and out["r"] == 8
+        assert (engine_logits(tmp_path / engine, engine, ids) - ref).abs().max().item() < TOL
+
+
+def test_export_leaves_a_checkpoint_s_training_state_behind(tmp_path):
+    src, _ = trained_adapter(tmp_path)
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"):
+        (src / name).write_bytes(b"x" * 64)
+    for name in ("README.md", "tokenizer.json", "tokenizer_config.json", "rank_map.json"):
+        (src / name).write_text("{}")
+    (src / "runs").mkdir()
+    plan = fimlora.export_adapter(src, "vllm", tmp_path / "out")
+    copied = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert copied == sorted([".fimlora-output.json", "README.md", "adapter_config.json", "adapter_model.safetensors",
+                             EXPORT_RECORD, "rank_map.json", "tokenizer.json", "tokenizer_config.json"])
+    assert plan.left_out == ["optimizer.pt", "rng_state.pth", "runs", "scheduler.pt", "trainer_state.json",
+                             "training_args.bin"]
+    assert json.loads((tmp_path / "out" / EXPORT_RECORD).read_text())["left_out"] == plan.left_out
+
+
+def test_llamacpp_export_of_lora_alpha_zero_is_refused_by_name(tmp_path):
+    """PEFT scales by 0/r = 0 and llama.cpp reads alpha 0 as scale 1: no factor folded into B makes them agree."""
+    src, _ = trained_adapter(tmp_path)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg.update(lora_alpha=0, alpha_pattern={})
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"lora_alpha: must be > 0 to export for llama.cpp \(it reads alpha 0 as "
+                                         r"scale 1 and PEFT as scale 0\), got 0"):
+        fimlora.export_adapter(src, "llama.cpp", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
