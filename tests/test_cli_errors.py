@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fimlora.cli import main
 from tests.references import lm_batches, lora_llama
 
@@ -121,6 +123,74 @@ def test_one_misspelt_target_module_among_good_ones_is_refused_and_the_base_left
     with pytest.raises(ValueError, match=r"target_modules: '.\*nothing' match no module of "
                                          r"BertForSequenceClassification \(PEFT targets none\); its linear layers"):
         build_peft_model(base, LoraConfig(target_modules=".*nothing", task_type="SEQ_CLS"))
+
+
+TASK_HEAD = (r"target_modules: 'classifier' selects classifier, trained whole as modules_to_save \['classifier', "
+             r"'score'\] \(the task head of BertForSequenceClassification\), and cannot take LoRA; its linear layers "
+             r"are named \['query', 'key', 'value', 'dense'\]$")
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"target_modules": ["classifier"]}, TASK_HEAD),
+    ({"target_modules": ["query", "classifier"]}, TASK_HEAD),
+    ({"target_modules": ["query", "key"], "exclude_modules": ["key"]},
+     r"target_modules: 'key' matches 2 module\(s\) of BertForSequenceClassification \(e.g. "
+     r"bert.encoder.layer.0.attention.self.key\), but exclude_modules=\{'key'\} removed every one; its linear "
+     r"layers are named \['query', 'key', 'value', 'dense'\]$"),
+    ({"target_modules": ["query"], "layers_to_transform": [5]},
+     r"target_modules: 'query' matches 2 module\(s\) .* but layers_to_transform=\[5\] removed every one; "),
+    ({"target_modules": ["query"], "exclude_modules": "bert.*", "layers_to_transform": [5]},
+     r" but exclude_modules='bert.\*' and layers_to_transform=\[5\] removed every one; "),
+    ({"target_modules": r".*\.query", "exclude_modules": ["query"]},
+     r"target_modules: '.\*\\\\.query' matches 2 module\(s\) .* but exclude_modules=\{'query'\} removed every one"),
+    ({"target_modules": ["query", "LayerNorm"]},
+     r"target_modules: 'LayerNorm' selects bert.embeddings.LayerNorm, a non-linear module of type LayerNorm that LoRA "
+     r"cannot adapt; its linear layers are named \['query', 'key', 'value', 'dense'\]$"),
+    ({"target_modules": ["embeddings"]}, r"target_modules: 'embeddings' selects bert.embeddings, a non-linear module "
+                                         r"of type BertEmbeddings that LoRA cannot adapt; "),
+], ids=["head", "head-among-good", "excluded", "layers", "both", "regex-excluded", "norm", "block"])
+def test_target_modules_that_select_nothing_lora_can_adapt_say_why_before_peft(settings, message):
+    from fimlora.experiments.builders import build_lora_config, build_peft_model
+    from tests.references import tiny_bert
+
+    base = tiny_bert()
+    before = [name for name, _ in base.named_modules()]
+    with pytest.raises(ValueError, match=message) as info:
+        build_peft_model(base, build_lora_config("classification", 2, **settings))
+    assert "\n" not in str(info.value)
+    assert [name for name, _ in base.named_modules()] == before
+
+
+def test_target_modules_that_lora_can_adapt_pass():
+    from fimlora.experiments.builders import build_lora_config, build_peft_model
+    from tests.references import tiny_bert, tiny_llama
+
+    model = build_peft_model(tiny_bert(), build_lora_config("classification", 2, target_modules=["word_embeddings"]))
+    assert "default" in model.base_model.model.bert.embeddings.word_embeddings.lora_embedding_A
+    model = build_peft_model(tiny_llama(), build_lora_config("lm", 2, target_modules=["q_proj", "lm_head"]))
+    assert "default" in model.base_model.model.lm_head.lora_A
+
+
+@pytest.mark.parametrize("targets, message", [
+    (["classifier"], "target_modules: 'classifier' selects classifier, trained whole as modules_to_save"),
+    (["query", "classifier"], "target_modules: 'classifier' selects classifier, trained whole as modules_to_save"),
+    (["LayerNorm"], "target_modules: 'LayerNorm' selects bert.embeddings.LayerNorm, a non-linear module of type "
+                    "LayerNorm that LoRA cannot adapt; its linear layers are named ['query', 'key', 'value', "
+                    "'dense']"),
+], ids=["head", "head-among-good", "norm"])
+def test_calibrate_refuses_target_modules_in_one_line_before_calibrating(tmp_path, capsys, monkeypatch, targets,
+                                                                          message):
+    import fimlora.experiments.jobs as jobs
+
+    def never(*args, **kwargs):
+        raise AssertionError("calibration started before target_modules were checked")
+
+    monkeypatch.setattr(jobs, "build_calibration_loader", never)
+    code, text = run(capsys, "calibrate", "--model", "minilm", "--n-layers", "1", "--data", "trec6", "--max-train",
+                     "16", "--target-modules", *targets, "--out", str(tmp_path / "out"))
+    assert code == 2 and message in text, text
+    assert len([line for line in text.splitlines() if "target_modules" in line]) == 1 and "Traceback" not in text
+    assert not (tmp_path / "out").exists()
 
 
 def test_version(capsys):

@@ -354,6 +354,23 @@ def _peft_internal(name: str) -> bool:
                for part in name.split("."))
 
 
+def _names_peft_matched(base: BaseShapes, adapted: set[str]) -> set[str]:
+    """The base model's names in the form PEFT matched the adapter's targeting against.
+
+    PEFT matched the names of one model, the one the adapter was made on, and the adapter's names are some of
+    them. A base given in two forms (bare, and with the task model's prefix) holds a second name for each body
+    module, which exclude_modules or a regex written for the adapter's form need not match: of the two, only the
+    one under the adapter's own top-level modules is PEFT's. A name without a twin (a head such as lm_head) stays.
+    """
+    roots = {a.split(".")[0] for a in adapted}
+    tails = {n.split(".", 1)[1] for n in base if "." in n}
+
+    def has_twin(n: str) -> bool:
+        return n in tails or ("." in n and n.split(".", 1)[1] in base)
+
+    return {n for n in base if n and not _peft_internal(n) and (n.split(".")[0] in roots or not has_twin(n))}
+
+
 def untargeted_problems(cfg: dict, shapes: LoraShapes, base: BaseShapes) -> list[str]:
     """Base modules the config's targeting selects (PEFT's own rule) for which the adapter has no LoRA tensors.
 
@@ -371,19 +388,10 @@ def untargeted_problems(cfg: dict, shapes: LoraShapes, base: BaseShapes) -> list
         config = LoraConfig(**{k: cfg[k] for k in fields if cfg.get(k) is not None})
     except (TypeError, ValueError):  # a config PEFT itself refuses; nothing to compare with
         return []
-    names = {n for n in base if n and not _peft_internal(n)}
     adapted = set(shapes)
-    missing = []
-    for name in sorted(names):
-        if name in adapted or not _is_leaf(name, names):
-            continue
-        # The base lists names both bare and with the task model's prefix; the adapter holds one form.
-        if any(a.endswith("." + name) or name.endswith("." + a) for a in adapted):
-            continue
-        if check_target_module_exists(config, name):
-            missing.append(name)
-    # A name missing in both forms counts once (the longer, prefixed one).
-    missing = [n for n in missing if not any(o.endswith("." + n) for o in missing)]
+    names = _names_peft_matched(base, adapted)
+    missing = [name for name in sorted(names - adapted)
+               if _is_leaf(name, names) and check_target_module_exists(config, name)]
     if not missing:
         return []
     return [f"{len(missing)} base module(s) match target_modules but have no LoRA tensors in the adapter (e.g. "

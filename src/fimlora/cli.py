@@ -269,10 +269,21 @@ def cmd_check(args) -> int:
     if args.base_model:
         from .experiments.models import base_module_shapes
 
-        base_modules = base_module_shapes(args.base_model, args.n_layers)
+        base_modules = base_module_shapes(args.base_model, args.n_layers, _adapter_task_type(args.adapter_dir))
     report = check_adapter(args.adapter_dir, base_modules, serve=args.serve)
     print(report.format())
     return 0 if report.ok else 1
+
+
+def _adapter_task_type(adapter_dir: str) -> str | None:
+    """The adapter config's task_type, which names the task model PEFT loads it onto; None when the config cannot
+    be read (check_adapter reports why)."""
+    from .check import CONFIG_NAME, _Unreadable, read_adapter_config
+
+    try:
+        return read_adapter_config(Path(adapter_dir) / CONFIG_NAME).get("task_type")
+    except (_Unreadable, OSError):
+        return None
 
 
 def cmd_export(args) -> int:

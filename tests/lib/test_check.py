@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import fimlora
 from fimlora import check_pattern_keys
 from fimlora.check import check_adapter, vllm_max_lora_rank
-from tests.references import llama_base, lm_batches, lora_bert, lora_llama, make_b_nonzero, tiny_llama
+from tests.references import llama_base, lm_batches, lora_bert, lora_llama, make_b_nonzero, tiny_bert, tiny_llama
 
 
 def test_vllm_rank():
@@ -146,6 +146,60 @@ def test_check_with_base_passes_on_adapter_with_dropped_modules(tmp_path):
     from fimlora.cli import main
 
     assert main(["check", str(tmp_path / "a"), "--base-model", str(tmp_path / "base")]) == 0
+
+
+def check_on_saved_base(tmp_path, adapter, base):
+    """``fimlora check ADAPTER --base-model BASE``: BASE saved as a folder, its names read by base_module_shapes."""
+    from fimlora.cli import main
+
+    base.save_pretrained(tmp_path / "base")
+    adapter.save_pretrained(tmp_path / "a", save_embedding_layers=False)
+    return main(["check", str(tmp_path / "a"), "--base-model", str(tmp_path / "base")])
+
+
+def drop_tensors(adapter, needle):
+    """The adapter as if saved without the modules whose names contain ``needle``."""
+    weights = adapter / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if needle not in k}, weights)
+
+
+@pytest.mark.parametrize("exclude", [["bert.encoder.layer.0.attention.self.query"],
+                                     r"bert\.encoder\.layer\.0\..*"], ids=["list", "regex"])
+def test_check_passes_exclude_modules_written_with_peft_names(tmp_path, capsys, exclude):
+    """PEFT matches exclude_modules against the names of the model it wraps (``bert.encoder...`` for a SEQ_CLS
+    adapter); the same module's bare name (``encoder...``) is not one PEFT ever saw."""
+    from fimlora.experiments.models import base_module_shapes
+
+    assert check_on_saved_base(tmp_path, lora_bert(exclude_modules=exclude), tiny_bert()) == 0, \
+        capsys.readouterr().out
+    base = base_module_shapes(str(tmp_path / "base"))  # no task type: every name form, still no problem
+    assert check_adapter(tmp_path / "a", base).ok
+    # The adapter cut to its first layer: what exclude_modules spared in layer 1 is missing, and reported.
+    lora_bert(exclude_modules=exclude).save_pretrained(tmp_path / "cut")
+    drop_tensors(tmp_path / "cut", ".layer.1.")
+    report = check_adapter(tmp_path / "cut", base)
+    assert [p.split(" (e.g. ")[0] for p in report.problems] == [
+        "6 base module(s) match target_modules but have no LoRA tensors in the adapter"], report.problems
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_check_passes_lora_on_lm_head(tmp_path, capsys, tied):
+    """A causal LM's head is a module of the model PEFT wraps (AutoModelForCausalLM), not of the bare AutoModel."""
+    base = tiny_llama()
+    base.config.tie_word_embeddings = tied
+    assert check_on_saved_base(tmp_path, lora_llama(target_modules=["q_proj", "lm_head"]), base) == 0, \
+        capsys.readouterr().out
+
+
+def test_check_still_reports_lm_head_missing_from_the_adapter(tmp_path, capsys):
+    from fimlora.cli import main
+
+    lora_llama(target_modules=["q_proj", "lm_head"]).save_pretrained(tmp_path / "a", save_embedding_layers=False)
+    tiny_llama(layers=4).save_pretrained(tmp_path / "base")
+    drop_tensors(tmp_path / "a", "lm_head")
+    assert main(["check", str(tmp_path / "a"), "--base-model", str(tmp_path / "base")]) == 1
+    out = capsys.readouterr().out
+    assert ("3 base module(s) match target_modules but have no LoRA tensors in the adapter (e.g. lm_head)") in out, out
 
 
 def test_check_catches_non_finite_values(saved_adapter):

@@ -167,13 +167,11 @@ def reload_adapter(base, adapter_dir):
 
 
 def build_peft_model(base, peft_config, seed: int | None = 0, **kwargs):
-    """``get_peft_model`` (A drawn from ``seed`` unless None); target modules that match nothing are named."""
+    """``get_peft_model`` (A drawn from ``seed`` unless None); target modules that select nothing LoRA can adapt are
+    refused first (:func:`check_target_modules`), with the model untouched."""
     from peft import get_peft_model
 
-    unmatched = unmatched_target_modules(base, peft_config)
-    if unmatched:
-        # PEFT adapts whatever part of a list matches, so one misspelt name would silently go un-adapted.
-        raise _no_match_error(base, unmatched, "every name must match one")
+    check_target_modules(base, peft_config)
     if seed is not None:
         torch.manual_seed(seed)
     with quiet_peft():
@@ -182,29 +180,136 @@ def build_peft_model(base, peft_config, seed: int | None = 0, **kwargs):
         except ValueError as e:
             if "No modules were targeted" not in str(e) and "not found in the base model" not in str(e):
                 raise
-            # A regex, or a list whose every match is excluded: PEFT found nothing to adapt.
-            raise _no_match_error(base, peft_config.target_modules, "PEFT targets none") from None
+            # What check_target_modules could not foresee (a custom dispatcher, a PEFT rule it does not read).
+            raise _no_match_error(base, peft_config, peft_config.target_modules, "PEFT targets none") from None
 
 
-def _no_match_error(base, targets, rule: str) -> ValueError:
+def _no_match_error(base, peft_config, targets, rule: str) -> ValueError:
     """target_modules that select nothing, named with the model's real linear-layer names to choose from."""
     return ValueError(f"target_modules: {targets!r} match no module of {type(base).__name__} ({rule}); its linear "
-                      f"layers are named {linear_layer_names(base)}")
+                      f"layers are named {_choices(base, peft_config)}")
+
+
+def _choices(model, peft_config) -> list[str]:
+    """The linear layers a user can give LoRA: not the task heads PEFT trains whole."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    saved = _unfiltered(as_peft_matches(peft_config), "modules_to_save")
+    heads = set()
+    for name, _ in model.named_modules():
+        saved.target_modules = {name}
+        if name and not check_target_module_exists(saved, name):
+            heads.add(name.rsplit(".", 1)[-1])
+    return [n for n in linear_layer_names(model) if n not in heads]
+
+
+def as_peft_matches(peft_config):
+    """The config PEFT matches module names with: for SEQ_CLS, PeftModelForSequenceClassification first adds the
+    classification heads to modules_to_save (trained whole, so never LoRA-adapted), and matching skips them."""
+    config = copy.copy(peft_config)
+    if config.task_type == "SEQ_CLS":
+        config.modules_to_save = [*(config.modules_to_save or []), *CLASSIFICATION_HEADS]
+    return config
+
+
+# The config fields that remove a module target_modules matches, as PEFT applies them.
+_FILTERS = {"modules_to_save": ("modules_to_save",), "exclude_modules": ("exclude_modules",),
+            "layers_to_transform": ("layers_to_transform", "layers_pattern")}
+
+
+def _unfiltered(config, keep: str | None = None):
+    """``config`` with every filter of :data:`_FILTERS` off but ``keep``."""
+    one = copy.copy(config)
+    for label, names in _FILTERS.items():
+        if label != keep:
+            for name in names:
+                setattr(one, name, None)
+    return one
+
+
+def _removed_by(config, key: str) -> list[str]:
+    """The filters of ``config`` that each on its own remove module ``key`` (which its target_modules match)."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    if not check_target_module_exists(_unfiltered(config), key):
+        return []
+    # An excluded module comes back as a falsy marker, not False.
+    return [label for label in _FILTERS if not check_target_module_exists(_unfiltered(config, label), key)]
+
+
+def check_target_modules(model, peft_config) -> None:
+    """Refuse target_modules that would give LoRA to nothing, or that PEFT cannot adapt, before ``get_peft_model``.
+
+    By PEFT's own rule (``check_target_module_exists`` on the config PEFT matches with, :func:`as_peft_matches`),
+    each name of a list (a regex string as a whole) must select a module, and that module must not be removed by
+    exclude_modules or layers_to_transform or be a head trained whole (modules_to_save); the first name that fails
+    is named with the reason. A selected module that is not linear-like (a norm, a whole block) is refused here in
+    one line rather than by PEFT's dump of the module. ``"all-linear"`` is PEFT's to expand, and not checked.
+    """
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    targets = peft_config.target_modules
+    if targets is None or targets == ALL_LINEAR:
+        return
+    unmatched = unmatched_target_modules(model, peft_config)
+    config = as_peft_matches(peft_config)
+    modules = [(name, module) for name, module in model.named_modules() if name]
+    for target in [targets] if isinstance(targets, str) else sorted(targets):
+        one = copy.copy(config)
+        one.target_modules = target if isinstance(targets, str) else {target}
+        if target in unmatched or isinstance(targets, str):
+            matched = [name for name, _ in modules if check_target_module_exists(_unfiltered(one), name)]
+            if not matched and not isinstance(targets, str):
+                continue  # matches no name at all: reported for every such name together, below
+            removed = {label for name in matched for label in _removed_by(one, name)}
+            if matched and not any(check_target_module_exists(one, name) for name in matched):
+                raise ValueError(_removed_error(target, matched, removed, one, model, peft_config))
+        for name, module in modules:
+            if check_target_module_exists(one, name) and not _lora_adaptable(module):
+                raise ValueError(f"target_modules: {target!r} selects {name}, a non-linear module of type "
+                                 f"{type(module).__name__} that LoRA cannot adapt; its linear layers are named "
+                                 f"{_choices(model, peft_config)}")
+    if unmatched:
+        # PEFT adapts whatever part of a list matches, so one misspelt name would silently go un-adapted.
+        raise _no_match_error(model, peft_config, unmatched, "every name must match one")
+
+
+def _removed_error(target, matched: list[str], removed: set[str], config, model, peft_config) -> str:
+    """Why ``target``, which matches ``matched``, selects nothing: the filters that removed every match."""
+    model_type, choices = type(model).__name__, _choices(model, peft_config)
+    if removed == {"modules_to_save"}:
+        return (f"target_modules: {target!r} selects {', '.join(matched)}, trained whole as modules_to_save "
+                f"{list(config.modules_to_save)} (the task head of {model_type}), and cannot take LoRA; its linear "
+                f"layers are named {choices}")
+    why = " and ".join(f"{label}={getattr(config, label)!r}" for label in _FILTERS if label in removed)
+    return (f"target_modules: {target!r} matches {len(matched)} module(s) of {model_type} (e.g. {matched[0]}), "
+            f"but {why} removed every one; its linear layers are named {choices}")
+
+
+def _lora_adaptable(module) -> bool:
+    """Whether LoRA can wrap ``module``: it holds a weight matrix of its own (linear, Conv1D, conv, embedding,
+    attention's in_proj_weight), or is a leaf with a matrix buffer (a quantised linear's packed weight). A norm (a
+    1-d weight) or a block of modules (an embeddings block holds only position-id buffers) cannot take one."""
+    if any(p.ndim >= 2 for p in module.parameters(recurse=False)):
+        return True
+    return next(module.children(), None) is None and any(b.ndim >= 2 for b in module.buffers(recurse=False))
 
 
 def unmatched_target_modules(model, peft_config) -> list[str]:
     """The names in a ``target_modules`` list that select no module of ``model``, sorted, by PEFT's own rule
-    (``check_target_module_exists``, so ``exclude_modules`` and ``layers_to_transform`` count: a name whose only
-    matches are excluded selects nothing). A string (a regex or "all-linear") is not checked."""
+    (``check_target_module_exists`` on the config PEFT matches with, so ``exclude_modules``,
+    ``layers_to_transform`` and the task heads PEFT trains whole count: a name whose only matches are removed
+    selects nothing). A string (a regex or "all-linear") is not checked."""
     from peft.tuners.tuners_utils import check_target_module_exists
 
     targets = peft_config.target_modules
     if targets is None or isinstance(targets, str):
         return []
+    config = as_peft_matches(peft_config)
     keys = [name for name, _ in model.named_modules() if name]
     unmatched = []
     for target in sorted(targets):
-        one = copy.copy(peft_config)
+        one = copy.copy(config)
         one.target_modules = {target}
         # An excluded module comes back as a falsy marker, not False.
         if not any(check_target_module_exists(one, key) for key in keys):

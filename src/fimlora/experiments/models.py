@@ -238,24 +238,45 @@ def load_causal_lm(name: str, n_layers: int | None = None, dtype: torch.dtype = 
     return cut_layers(model, n_layers)
 
 
-def base_module_shapes(name: str, n_layers: int | None = None) -> dict[str, tuple[int, int] | None]:
+# PEFT task type -> the transformers class a model of that task is loaded with (what PeftModel wraps).
+TASK_MODELS = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
+               "TOKEN_CLS": "AutoModelForTokenClassification", "QUESTION_ANS": "AutoModelForQuestionAnswering",
+               "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "FEATURE_EXTRACTION": "AutoModel"}
+
+
+def base_module_shapes(name: str, n_layers: int | None = None,
+                       task_type: str | None = None) -> dict[str, tuple[int, int] | None]:
     """Every module of a model (built on the meta device, no weights read; cut to its first ``n_layers`` layers
-    when given): name -> (d_in, d_out) for linear-like modules, None for the rest. Names are given both bare and
-    with the task model's prefix (``bert.``, ``model.``), since adapters are saved from task models."""
-    from transformers import AutoConfig, AutoModel
+    when given): name -> (d_in, d_out) for linear-like modules, None for the rest.
+
+    The names are those PEFT matches target_modules against: ``named_modules()`` of the model the adapter is loaded
+    onto. ``task_type`` (the adapter config's) says which: the task model of :data:`TASK_MODELS`, e.g.
+    ``model.layers.0.self_attn.q_proj`` and ``lm_head`` for CAUSAL_LM. Without one that model is unknown, so the
+    names of the bare model, of the bare model with the task model's prefix (``bert.``, ``model.``) and of the
+    checkpoint's own class (``config.architectures``, with its head) are all given."""
+    import transformers
 
     path = resolve_model(name)
     with _hub_errors(name, path):
-        cfg = AutoConfig.from_pretrained(path)
+        cfg = transformers.AutoConfig.from_pretrained(path)
+    task_class = TASK_MODELS.get(task_type or "")
     with torch.device("meta"):
-        base = cut_layers(AutoModel.from_config(cfg), n_layers)
-    shapes: dict[str, tuple[int, int] | None] = {}
-    for module_name, module in base.named_modules():
-        shapes[module_name] = _linear_shape(module)
+        if task_class is not None:
+            return _shapes(cut_layers(getattr(transformers, task_class).from_config(cfg), n_layers))
+        base = cut_layers(transformers.AutoModel.from_config(cfg), n_layers)
+        architecture = getattr(transformers, (cfg.architectures or [""])[0], None)
+        own = cut_layers(architecture(cfg), n_layers) if isinstance(architecture, type) else None
+    shapes = _shapes(base)
     prefix = getattr(base, "base_model_prefix", "")
     if prefix:
         shapes.update({(f"{prefix}.{n}" if n else prefix): s for n, s in list(shapes.items())})
+    if own is not None:
+        shapes.update(_shapes(own))
     return shapes
+
+
+def _shapes(model) -> dict[str, tuple[int, int] | None]:
+    return {module_name: _linear_shape(module) for module_name, module in model.named_modules()}
 
 
 def _linear_shape(module) -> tuple[int, int] | None:
