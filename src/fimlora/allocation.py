@@ -155,21 +155,12 @@ class RankAllocation:
     def module_names(self) -> list[str]:
         return list(self.ranks)
 
-    @property
-    def rank_pattern(self) -> dict[str, int]:
-        return dict(self.ranks)
-
-    @property
-    def alpha_pattern(self) -> dict[str, float]:
-        return dict(self.alphas)
-
     def unstable_modules(self) -> list[str]:
         """Modules whose point rank comes back in fewer than the bootstrap's threshold of resamples ([] if none
         or no bootstrap, or a bootstrap that was not estimable)."""
-        if not self.confidence or not self.confidence.get("estimable", True):
-            return []
-        threshold = self.confidence["threshold"]
-        return [n for n, a in self.confidence["agreement"].items() if a < threshold]
+        from .confidence import RankConfidence
+
+        return RankConfidence.from_dict(self.confidence).unstable() if self.confidence else []
 
     def trainable_lora_params(self) -> int:
         """Number of LoRA parameters after resizing: sum_m r_m * costs[m], costs[m] = d_in + d_out."""

@@ -17,7 +17,7 @@ from .fisher import FisherResult, LossFn, compute_fisher, compute_scores
 from .io import package_versions
 from .modules import check_fresh_adapter, check_same_modules, lora_config_of, lora_modules
 from .resize import apply_allocation, check_whole_layers
-from .waterfill import allocate_ranks, random_scores, validate_allocation_inputs
+from .waterfill import BudgetAboveCap, allocate_ranks, random_scores, validate_allocation_inputs
 
 __all__ = ["resolve_config", "apply_fim_ranks", "compute_allocation", "allocation_from_scores", "random_allocation"]
 
@@ -52,8 +52,8 @@ def _bounds(model: nn.Module, config: FimConfig) -> _Bounds:
     # Checked before any calibration compute is spent.
     try:
         validate_allocation_inputs([0.0] * len(infos), budget, config.r_min, r_max, costs)
-    except ValueError as e:
-        if config.max_lora_rank is None or "L*r_max < budget" not in str(e):
+    except BudgetAboveCap as e:
+        if config.max_lora_rank is None:
             raise
         raise ValueError(f"{e}; r_max is capped by max_lora_rank={config.max_lora_rank}, so this budget cannot "
                          "be spent on an adapter vLLM serves at that setting: raise max_lora_rank or lower the "

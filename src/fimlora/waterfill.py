@@ -74,7 +74,11 @@ import numpy as np
 
 from .config import check_int
 
-__all__ = ["allocate_ranks", "water_fill", "random_scores", "validate_allocation_inputs"]
+__all__ = ["allocate_ranks", "water_fill", "random_scores", "validate_allocation_inputs", "BudgetAboveCap"]
+
+
+class BudgetAboveCap(ValueError):
+    """A rank budget no allocation can spend: more than L * r_max (every module at its cap)."""
 
 # Fractional parts closer than this to 0 or 1 are treated as exact integers so
 # that floating-point noise in tau*s_m (e.g. 2.9999999999) cannot move a unit.
@@ -151,7 +155,7 @@ def _check_budget_and_scores(
             f"> budget={budget}; lower r_min or raise the budget"
         )
     elif n * r_max < budget:
-        raise ValueError(
+        raise BudgetAboveCap(
             f"budget: infeasible, L*r_max < budget: {n} modules * r_max={r_max} = {n * r_max} "
             f"< budget={budget}; raise r_max or lower the budget"
         )
@@ -176,8 +180,9 @@ def validate_allocation_inputs(
     """Raise ValueError naming the field, the rule and the values if infeasible.
 
     Without ``costs`` the budget is in units of rank (L*r_min <= budget <= L*r_max); with
-    ``costs`` it is in parameters (sum_m c_m * r_min <= budget). r_min may be 0 (callers
-    that need r_min >= 1, like FimConfig, check it themselves).
+    ``costs`` it is in parameters (sum_m c_m * r_min <= budget). r_min may be 0 (a module allocated 0
+    loses its adapter). A budget above L*r_max raises :class:`BudgetAboveCap`, a ValueError callers can tell
+    apart by type (the cap may come from a serving limit they want to name).
     """
     names = list(scores.keys()) if isinstance(scores, Mapping) else None
     values = [scores[k] for k in names] if names is not None else scores
