@@ -44,8 +44,9 @@ def _add_calibration_args(p: argparse.ArgumentParser, job: dict) -> None:
                    help=f"calibration batches N (default {FIM_DEFAULTS['n_batches']}), or 'auto': until the rank "
                         f"map is stable (2 to {FIM_DEFAULTS['max_batches']} batches)")
     g.add_argument("--auto-rule", choices=AUTO_RULE_NAMES, default=FIM_DEFAULTS["auto_rule"],
-                   help="when --n-batches auto stops: within_one (most modules within one rank of the map in most "
-                        "bootstrap resamples) or exact (their exact rank) "
+                   help="when --n-batches auto stops: within_one (in most bootstrap resamples, most modules keep "
+                        "their rank in the map, or one either way where it is 4 or more) or exact (their exact "
+                        "rank) "
                         f"(default {FIM_DEFAULTS['auto_rule']})")
     g.add_argument("--estimator", choices=ESTIMATORS, default=FIM_DEFAULTS["estimator"],
                    help="batch: squared mini-batch gradients (paper); per_example: eq. 1 "

@@ -32,7 +32,8 @@ BUDGET_UNITS = ("rank", "params")
 MIN_AUTO_BATCHES = 2
 DEFAULT_BOOTSTRAP = 200
 # n_batches="auto"'s stop rules (the functions are fimlora.confidence.AUTO_RULES): "within_one" asks that most
-# resamples keep most modules within one rank of the map, "exact" that most modules keep exactly their rank.
+# resamples keep most modules close to their rank (exact below rank 4, within one from 4 on), "exact" that most
+# modules keep exactly their rank.
 AUTO_RULE_NAMES = ("within_one", "exact")
 # The values vLLM accepts for --max-lora-rank (here, not in check.py, so FimConfig can validate against them).
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -90,7 +91,7 @@ class FimConfig:
     Attributes:
         n_batches: calibration batches N (the paper's default 8), or ``"auto"``: calibrate batch by batch and
             stop once the rank map is settled by ``auto_rule`` (default: in at least ``stable_threshold`` of the
-            bootstrap resamples, at least ``auto_stable_share`` of the modules are within one rank of the map),
+            bootstrap resamples, at least ``auto_stable_share`` of the modules are close to their rank in the map),
             after at least 2 and at most ``max_batches`` batches. Needs ``aggregation="mean"``.
         max_batches: the cap of ``n_batches="auto"`` (default 32).
         bootstrap: resamples of the calibration units (batches, or examples for ``per_example``) behind the
@@ -101,7 +102,8 @@ class FimConfig:
         auto_stable_share: ``n_batches="auto"`` stops when ``auto_rule`` finds at least this share of the
             modules settled (0.9).
         auto_rule: when ``n_batches="auto"`` stops. ``"within_one"`` (default): in at least ``stable_threshold``
-            of the resamples, at least ``auto_stable_share`` of the modules are within one rank of the map
+            of the resamples, at least ``auto_stable_share`` of the modules are close to their rank p in the map:
+            |R - p| <= 1 where p >= 4, R = p where p < 4, so no module is dropped or added
             (:func:`fimlora.confidence.within_one_share`). ``"exact"``: at least ``auto_stable_share`` of the
             modules get exactly their rank in at least ``stable_threshold`` of the resamples (the earlier rule;
             at r = 8 it ran to the cap in every benchmark setup, docs/benchmarks.md section 7).
