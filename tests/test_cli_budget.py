@@ -99,7 +99,7 @@ def test_calibrate_n_batches_auto_reports_why_it_stopped(capsys, tmp_path):
     assert 2 <= used <= 4 and f"n_batches auto: stopped after {used} batches; {reason}" in stdout
     assert rank_map["settings"]["n_batches"] == "auto" and rank_map["confidence"]["n_units"] == used
     assert "stable: " in stdout and "bootstrap resamples of the" in stdout
-    assert rank_map["settings"]["auto_rule"] == "within_one" and "within one rank" in reason
+    assert rank_map["settings"]["auto_rule"] == "within_one" and "close to their rank" in reason
 
 
 def test_calibrate_auto_rule_is_passed_on_and_checked(capsys, tmp_path):
@@ -110,7 +110,7 @@ def test_calibrate_auto_rule_is_passed_on_and_checked(capsys, tmp_path):
     assert code == 0
     settings = json.loads((out / "rank_map.json").read_text())["settings"]
     assert settings["auto_rule"] == "exact"
-    assert "within one rank" not in settings["stop_reason"]  # the exact rule decided, not the default
+    assert "close to their rank" not in settings["stop_reason"]  # the exact rule decided, not the default
     with pytest.raises(SystemExit) as e:
         main([*CALIBRATE, "--n-batches", "auto", "--auto-rule", "roughly", "--out", str(tmp_path / "p")])
     assert e.value.code == 2 and "--auto-rule: invalid choice: 'roughly'" in capsys.readouterr().err
