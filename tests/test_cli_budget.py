@@ -117,6 +117,15 @@ def test_calibrate_auto_rule_is_passed_on_and_checked(capsys, tmp_path):
     assert not (tmp_path / "p").exists()
 
 
+def test_auto_rule_without_auto_is_one_line_error(capsys, tmp_path):
+    """Issue 28 (14b): --auto-rule without --n-batches auto was silently ignored."""
+    code = main([*CALIBRATE, "--out", str(tmp_path / "o"), "--auto-rule", "exact"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "auto_rule: only n_batches='auto' uses it, got auto_rule='exact' with n_batches=8" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_n_batches_must_be_a_number_or_auto(capsys, tmp_path):
     code = main([*CALIBRATE, "--out", str(tmp_path / "o"), "--n-batches", "lots"])
     assert code == 2 and "n_batches: must be a positive integer or 'auto', got 'lots'" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from fimlora.confidence import (
     resampled_ranks,
     within_one_share,
 )
-from fimlora.config import AUTO_RULE_NAMES, MIN_AUTO_BATCHES
+from fimlora.config import AUTO_RULE_NAMES, MIN_AUTO_BATCHES, MIN_AUTO_BOOTSTRAP
 from fimlora.waterfill import allocate_ranks
 from tests.references import lm_batches, lora_llama
 
@@ -121,6 +121,31 @@ def test_rule_names_agree_and_default_is_within_one():
 def test_config_errors_name_the_field(kw, needle):
     with pytest.raises(ValueError, match=needle):
         FimConfig(**kw)
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(n_batches="auto", bootstrap=1), r"bootstrap: n_batches='auto' stops on a bootstrap of the batches so far, "
+                                          r"which needs at least 20 resamples \(None = 200\), got 1"),
+    (dict(n_batches="auto", bootstrap=0), r"bootstrap: n_batches='auto' .* at least 20 resamples .*, got 0"),
+    (dict(n_batches="auto", bootstrap=MIN_AUTO_BOOTSTRAP - 1), r"bootstrap: .* got 19"),
+    (dict(auto_rule="exact"), r"auto_rule: only n_batches='auto' uses it, got auto_rule='exact' with n_batches=8; "
+                              r"set n_batches='auto' or leave it at the default"),
+    (dict(n_batches=4, auto_stable_share=0.8), r"auto_stable_share: only n_batches='auto' uses it, got "
+                                               r"auto_stable_share=0.8 with n_batches=4"),
+    (dict(n_batches=4, max_batches=8, auto_rule="exact"), r"max_batches, auto_rule: only n_batches='auto' uses "
+                                                          r"them, got max_batches=8, auto_rule='exact' with"),
+])
+def test_auto_settings_need_auto_and_auto_needs_a_bootstrap(kw, needle):
+    """Issue 28 (14a, 14b): a bootstrap of 0 or 1 resamples cannot judge stability, and auto's settings with a
+    fixed number of batches would be silently ignored."""
+    with pytest.raises(ValueError, match=needle):
+        FimConfig(**kw)
+
+
+def test_auto_settings_at_their_defaults_and_small_fixed_bootstraps_pass():
+    FimConfig(n_batches="auto", bootstrap=MIN_AUTO_BOOTSTRAP)
+    FimConfig(n_batches=4, bootstrap=1)  # the confidence of a fixed run: no stop decision rests on it
+    FimConfig(n_batches=4, **{f: getattr(FimConfig(), f) for f in ("max_batches", "auto_stable_share", "auto_rule")})
 
 
 @pytest.mark.parametrize("kw, needle", [
