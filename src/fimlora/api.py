@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
@@ -177,8 +178,15 @@ def stable_enough(unit_scores, allocate, config: FimConfig) -> str | None:
 
 
 def _confidence(fisher: FisherResult, allocation: RankAllocation, allocate, config: FimConfig) -> dict | None:
-    """The allocation's bootstrap as a dict keyed by module name, or None when off or not possible."""
+    """The allocation's bootstrap as a dict keyed by module name, or None when off or not possible, or when
+    ``n_batches="auto"`` ran out of data before judging the map (then a warning says so)."""
     if not config.resamples or fisher.unit_scores is None or not is_main_process():
+        return None
+    if fisher.auto_unjudged:
+        # A bootstrap of one batch's examples would print a share of stable modules next to a stop reason that
+        # says auto never judged stability: the stop reason alone says it.
+        warnings.warn(f"n_batches: auto stopped ({fisher.stop_reason}); no confidence is reported", UserWarning,
+                      stacklevel=3)
         return None
     # The unit scores' columns are in module order, the allocation's order.
     return _bootstrap(fisher.unit_scores, list(allocation.ranks), list(allocation.ranks.values()), allocate,

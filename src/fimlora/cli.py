@@ -236,7 +236,8 @@ def cmd_calibrate(args) -> int:
     print(f"\ndata: {result.task.meta.get('n_train')} training examples of {args.data}{labels}; "
           f"calibrated on {batches} shuffled batches of {args.batch_size}")
     if "stop_reason" in result.allocation.settings:
-        print(f"n_batches auto: stopped after {batches} batches; {result.allocation.settings['stop_reason']}")
+        print(f"n_batches auto: stopped after {batches} batch{'' if batches == 1 else 'es'}; "
+              f"{result.allocation.settings['stop_reason']}")
     print(f"calibration: {result.seconds:.1f} s; wrote " + ", ".join(str(f) for f in result.files))
     for note in result.notes:
         print(f"note: {note}")
