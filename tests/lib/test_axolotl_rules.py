@@ -58,6 +58,21 @@ def test_schema_model_reports_fimconfig_error_through_pydantic():
         FimLoraArgs(fimlora={"r_min": -1})
 
 
+@pytest.mark.skipif(importlib.util.find_spec("axolotl") is not None, reason="axolotl is installed")
+def test_plugin_without_axolotl_names_the_extra_to_install():
+    """Issue 28 (14e): it was a bare ModuleNotFoundError for axolotl.integrations."""
+    import importlib
+    import sys
+
+    from fimlora.extras import MissingExtraError
+
+    sys.modules.pop("fimlora.integrations.axolotl", None)
+    with pytest.raises(MissingExtraError, match=r"fimlora.integrations.axolotl \(the plugin\) needs the 'axolotl' "
+                                                r"package, which is not installed; install it with: "
+                                                r"pip install 'fimlora\[axolotl\]'"):
+        importlib.import_module("fimlora.integrations.axolotl")
+
+
 def test_plan_calibrates_a_fresh_run_and_keeps_an_adapter_loaded_from_disk(tmp_path):
     assert plan_run(tmp_path).action == "calibrate"
     (tmp_path / "checkpoint-3").mkdir()  # a checkpoint without auto-resume: axolotl starts afresh
