@@ -99,7 +99,7 @@ def test_calibrate_n_batches_auto_reports_why_it_stopped(capsys, tmp_path):
     assert 2 <= used <= 4 and f"n_batches auto: stopped after {used} batches; {reason}" in stdout
     assert rank_map["settings"]["n_batches"] == "auto" and rank_map["confidence"]["n_units"] == used
     assert "stable: " in stdout and "bootstrap resamples of the" in stdout
-    assert rank_map["settings"]["auto_rule"] == "within_one" and "within one rank" in reason
+    assert rank_map["settings"]["auto_rule"] == "within_one" and "close to their rank" in reason
 
 
 def test_calibrate_auto_rule_is_passed_on_and_checked(capsys, tmp_path):
@@ -110,11 +110,20 @@ def test_calibrate_auto_rule_is_passed_on_and_checked(capsys, tmp_path):
     assert code == 0
     settings = json.loads((out / "rank_map.json").read_text())["settings"]
     assert settings["auto_rule"] == "exact"
-    assert "within one rank" not in settings["stop_reason"]  # the exact rule decided, not the default
+    assert "close to their rank" not in settings["stop_reason"]  # the exact rule decided, not the default
     with pytest.raises(SystemExit) as e:
         main([*CALIBRATE, "--n-batches", "auto", "--auto-rule", "roughly", "--out", str(tmp_path / "p")])
     assert e.value.code == 2 and "--auto-rule: invalid choice: 'roughly'" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def test_auto_rule_without_auto_is_one_line_error(capsys, tmp_path):
+    """Issue 28 (14b): --auto-rule without --n-batches auto was silently ignored."""
+    code = main([*CALIBRATE, "--out", str(tmp_path / "o"), "--auto-rule", "exact"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "auto_rule: only n_batches='auto' uses it, got auto_rule='exact' with n_batches=8" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_n_batches_must_be_a_number_or_auto(capsys, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from .allocation import RankAllocation, scaled_alpha
 from .confidence import AUTO_RULES, MIN_UNITS, RankConfidence, compute_rank_confidence, resampled_ranks
-from .config import DEFAULT_BOOTSTRAP, FimConfig, check_bool
+from .config import FimConfig, check_bool
 from .distributed import broadcast_object, is_main_process
 from .fisher import FisherResult, LossFn, compute_fisher, compute_scores
 from .io import package_versions
@@ -152,7 +153,7 @@ def _bootstrap(unit_scores, names: list[str], point: list[int] | None, allocate,
     if point is None:
         point = allocate(unit_scores.mean(dim=0).tolist())
     unit = "batch" if config.estimator == "batch" else "example"
-    return compute_rank_confidence(unit_scores.numpy(), names, point, allocate, n_resamples=config.resamples or 200,
+    return compute_rank_confidence(unit_scores.numpy(), names, point, allocate, n_resamples=config.resamples,
                                    seed=config.seed, threshold=config.stable_threshold, unit=unit)
 
 
@@ -167,7 +168,7 @@ def stable_enough(unit_scores, allocate, config: FimConfig) -> str | None:
     # A bootstrap of one unit resamples it alone: every resample agrees, which says nothing.
     if is_main_process() and unit_scores is not None and unit_scores.shape[0] >= MIN_UNITS:
         point = allocate(unit_scores.mean(dim=0).tolist())
-        ranks = resampled_ranks(unit_scores.numpy(), allocate, config.resamples or DEFAULT_BOOTSTRAP, config.seed)
+        ranks = resampled_ranks(unit_scores.numpy(), allocate, config.resamples, config.seed)
         rule, words = AUTO_RULES[config.auto_rule]
         share = rule(ranks, point, config.stable_threshold)
         if share >= config.auto_stable_share:
@@ -177,8 +178,15 @@ def stable_enough(unit_scores, allocate, config: FimConfig) -> str | None:
 
 
 def _confidence(fisher: FisherResult, allocation: RankAllocation, allocate, config: FimConfig) -> dict | None:
-    """The allocation's bootstrap as a dict keyed by module name, or None when off or not possible."""
+    """The allocation's bootstrap as a dict keyed by module name, or None when off or not possible, or when
+    ``n_batches="auto"`` ran out of data before judging the map (then a warning says so)."""
     if not config.resamples or fisher.unit_scores is None or not is_main_process():
+        return None
+    if fisher.auto_unjudged:
+        # A bootstrap of one batch's examples would print a share of stable modules next to a stop reason that
+        # says auto never judged stability: the stop reason alone says it.
+        warnings.warn(f"n_batches: auto stopped ({fisher.stop_reason}); no confidence is reported", UserWarning,
+                      stacklevel=3)
         return None
     # The unit scores' columns are in module order, the allocation's order.
     return _bootstrap(fisher.unit_scores, list(allocation.ranks), list(allocation.ranks.values()), allocate,

@@ -44,8 +44,9 @@ def _add_calibration_args(p: argparse.ArgumentParser, job: dict) -> None:
                    help=f"calibration batches N (default {FIM_DEFAULTS['n_batches']}), or 'auto': until the rank "
                         f"map is stable (2 to {FIM_DEFAULTS['max_batches']} batches)")
     g.add_argument("--auto-rule", choices=AUTO_RULE_NAMES, default=FIM_DEFAULTS["auto_rule"],
-                   help="when --n-batches auto stops: within_one (most modules within one rank of the map in most "
-                        "bootstrap resamples) or exact (their exact rank) "
+                   help="when --n-batches auto stops: within_one (in most bootstrap resamples, most modules keep "
+                        "their rank in the map, or one either way where it is 4 or more) or exact (their exact "
+                        "rank) "
                         f"(default {FIM_DEFAULTS['auto_rule']})")
     g.add_argument("--estimator", choices=ESTIMATORS, default=FIM_DEFAULTS["estimator"],
                    help="batch: squared mini-batch gradients (paper); per_example: eq. 1 "
@@ -242,7 +243,8 @@ def cmd_calibrate(args) -> int:
     print(f"\ndata: {result.task.meta.get('n_train')} training examples of {args.data}{labels}; "
           f"calibrated on {batches} shuffled batches of {args.batch_size}")
     if "stop_reason" in result.allocation.settings:
-        print(f"n_batches auto: stopped after {batches} batches; {result.allocation.settings['stop_reason']}")
+        print(f"n_batches auto: stopped after {batches} batch{'' if batches == 1 else 'es'}; "
+              f"{result.allocation.settings['stop_reason']}")
     print(f"calibration: {result.seconds:.1f} s; wrote " + ", ".join(str(f) for f in result.files))
     for note in result.notes:
         print(f"note: {note}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 __all__ = [
     "FimConfig",
@@ -14,6 +14,7 @@ __all__ = [
     "BUDGET_UNITS",
     "VLLM_MAX_LORA_RANKS",
     "MIN_AUTO_BATCHES",
+    "MIN_AUTO_BOOTSTRAP",
     "AUTO_RULE_NAMES",
     "check_int",
     "check_number",
@@ -31,8 +32,15 @@ BUDGET_UNITS = ("rank", "params")
 # n_batches="auto" calibrates at least this many batches (a bootstrap of one unit says nothing).
 MIN_AUTO_BATCHES = 2
 DEFAULT_BOOTSTRAP = 200
+# n_batches="auto" stops on a bootstrap of at least this many resamples. With fewer, agreement by chance decides:
+# a resample of 2 batches is the point map itself with probability 1/2, so one resample says "stable" half the
+# time whatever the data. At 20 the default stable_threshold (0.9) asks for 18 agreeing resamples of 20.
+MIN_AUTO_BOOTSTRAP = 20
+# The settings only n_batches="auto" reads: set away from their defaults without it, they would do nothing.
+AUTO_ONLY_SETTINGS = ("max_batches", "auto_stable_share", "auto_rule")
 # n_batches="auto"'s stop rules (the functions are fimlora.confidence.AUTO_RULES): "within_one" asks that most
-# resamples keep most modules within one rank of the map, "exact" that most modules keep exactly their rank.
+# resamples keep most modules close to their rank (exact below rank 4, within one from 4 on), "exact" that most
+# modules keep exactly their rank.
 AUTO_RULE_NAMES = ("within_one", "exact")
 # The values vLLM accepts for --max-lora-rank (here, not in check.py, so FimConfig can validate against them).
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -90,18 +98,22 @@ class FimConfig:
     Attributes:
         n_batches: calibration batches N (the paper's default 8), or ``"auto"``: calibrate batch by batch and
             stop once the rank map is settled by ``auto_rule`` (default: in at least ``stable_threshold`` of the
-            bootstrap resamples, at least ``auto_stable_share`` of the modules are within one rank of the map),
+            bootstrap resamples, at least ``auto_stable_share`` of the modules are close to their rank in the map),
             after at least 2 and at most ``max_batches`` batches. Needs ``aggregation="mean"``.
-        max_batches: the cap of ``n_batches="auto"`` (default 32).
+        max_batches: the cap of ``n_batches="auto"`` (default 32). It, ``auto_stable_share`` and ``auto_rule``
+            are read by ``"auto"`` only: with a number of batches, setting them away from their defaults is an
+            error, not a setting that silently does nothing.
         bootstrap: resamples of the calibration units (batches, or examples for ``per_example``) behind the
             rank map's confidence (:mod:`fimlora.confidence`); ``None`` = 200 where supported (``mean``
-            aggregation; ``max``/``l2`` are not means over units and get none), 0 = off.
+            aggregation; ``max``/``l2`` are not means over units and get none), 0 = off. ``n_batches="auto"``
+            stops on this bootstrap, so it needs ``None`` or at least ``MIN_AUTO_BOOTSTRAP`` (20).
         stable_threshold: a module's rank is stable when the bootstrap gives it in at least this share of
             resamples (default 0.9).
         auto_stable_share: ``n_batches="auto"`` stops when ``auto_rule`` finds at least this share of the
             modules settled (0.9).
         auto_rule: when ``n_batches="auto"`` stops. ``"within_one"`` (default): in at least ``stable_threshold``
-            of the resamples, at least ``auto_stable_share`` of the modules are within one rank of the map
+            of the resamples, at least ``auto_stable_share`` of the modules are close to their rank p in the map:
+            |R - p| <= 1 where p >= 4, R = p where p < 4, so no module is dropped or added
             (:func:`fimlora.confidence.within_one_share`). ``"exact"``: at least ``auto_stable_share`` of the
             modules get exactly their rank in at least ``stable_threshold`` of the resamples (the earlier rule;
             at r = 8 it ran to the cap in every benchmark setup, docs/benchmarks.md section 7).
@@ -164,9 +176,14 @@ class FimConfig:
             raise ValueError(f"n_batches: must be a positive integer or 'auto', got {self.n_batches!r}")
         check_int("max_batches", self.max_batches, minimum=MIN_AUTO_BATCHES)
         check_int("bootstrap", self.bootstrap, minimum=0, allow_none=True)
+        if self.n_batches == "auto" and self.bootstrap is not None and self.bootstrap < MIN_AUTO_BOOTSTRAP:
+            raise ValueError(f"bootstrap: n_batches='auto' stops on a bootstrap of the batches so far, which needs "
+                             f"at least {MIN_AUTO_BOOTSTRAP} resamples (None = {DEFAULT_BOOTSTRAP}), "
+                             f"got {self.bootstrap}")
         check_fraction("stable_threshold", self.stable_threshold)
         check_fraction("auto_stable_share", self.auto_stable_share)
         check_choice("auto_rule", self.auto_rule, AUTO_RULE_NAMES)
+        self._check_auto_only()
         check_int("r_min", self.r_min, minimum=0)
         check_int("r_max", self.r_max, minimum=1, allow_none=True)
         if self.r_max is not None and self.r_max < self.r_min:
@@ -201,6 +218,17 @@ class FimConfig:
             raise ValueError(f"adapter_name: must be a non-empty string, got {self.adapter_name!r}")
         check_bool("train_mode", self.train_mode)
         check_bool("progress", self.progress)
+
+    def _check_auto_only(self) -> None:
+        if self.n_batches == "auto":
+            return
+        defaults = {f.name: f.default for f in fields(self)}
+        changed = {name: getattr(self, name) for name in AUTO_ONLY_SETTINGS if getattr(self, name) != defaults[name]}
+        if changed:
+            given = ", ".join(f"{name}={value!r}" for name, value in changed.items())
+            it = "it" if len(changed) == 1 else "them"
+            raise ValueError(f"{', '.join(changed)}: only n_batches='auto' uses {it}, got {given} with "
+                             f"n_batches={self.n_batches!r}; set n_batches='auto' or leave {it} at the default")
 
     @property
     def resamples(self) -> int:

@@ -90,6 +90,9 @@ class FisherResult:
     # per_example estimator's modules saw different examples.
     unit_scores: torch.Tensor | None = None
     stop_reason: str | None = None
+    # n_batches="auto" whose data ended before its first stability check (MIN_AUTO_BATCHES batches on this
+    # process): auto never judged the map, whatever a bootstrap of the units so far would say.
+    auto_unjudged: bool = False
 
 
 # ---------------------------------------------------------------------------
@@ -401,6 +404,7 @@ def compute_fisher(
     result = _reduce_to_result(estimator, config.estimator, n_done, device)
     if auto:
         result.stop_reason = reason or _auto_stop_reason(n_done, n_batches)
+        result.auto_unjudged = n_done < MIN_AUTO_BATCHES
     return result
 
 
@@ -409,8 +413,8 @@ def _auto_stop_reason(n_done: int, cap: int) -> str:
     if n_done == cap:
         return f"cap: max_batches={cap} reached before the map was stable"
     if n_done < MIN_AUTO_BATCHES:
-        return (f"dataloader: ended after {n_done} batch, fewer than the {MIN_AUTO_BATCHES} a bootstrap needs; the "
-                "rank map's confidence is not estimable")
+        return (f"dataloader: ended after {n_done} batch, before the {MIN_AUTO_BATCHES} n_batches='auto' needs to "
+                "judge the rank map's stability; its stability is unknown")
     return f"dataloader: ended after {n_done} batches"
 
 

@@ -323,3 +323,38 @@ def test_a_pissa_run_s_kept_adapter_reloads_onto_the_unchanged_base(tmp_path):
     reloaded = PeftModel.from_pretrained(build_base_model("minilm", task, 1, seed=1), adapter)
     again = evaluate(reloaded, task, load_tokenizer("minilm"), TrainSettings(max_length=32, progress=False))
     assert again == record["metrics"]["trec6"] and len(again["correct"]) == 32
+
+
+@pytest.mark.parametrize("method", ["gora", "fim_gora"])
+def test_gora_sign_from_the_config_is_the_sign_used_and_the_one_hashed(method):
+    """Issue 28 (14f): a config's ``gora: {sign: ascent}`` reaches the init through the sweep's own spec builder
+    (B = -/+ (eta sqrt(d_in / r) / s) G A^+, so ascent's B is descent's negated, A being seeded alike), and the
+    settings the run's hash covers record that sign (ascent by the absence of the key, GORA_SIGN_BEFORE)."""
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    from fimlora.experiments.config import GORA_SIGN_BEFORE, ExperimentConfig, RunSpec, run_settings
+    from fimlora.experiments.gora import DEFAULT_LR
+    from fimlora.experiments.sweep import _method_spec
+
+    batches = data()
+    grads = reference_mean_gradient(batches[:2])
+    run = RunSpec("sst2", method, 4, 0)
+    b, recorded = {}, {}
+    for sign in ("descent", "ascent"):
+        cfg = ExperimentConfig(name="t", model="minilm", tasks=["sst2"], methods=[method], seeds=[0], ranks=[4],
+                               target_modules=TARGETS, fim={"n_batches": 3}, gora={"n_batches": 2, "sign": sign})
+        model, _, _ = prepare_method(_method_spec(cfg, run, "lm", 8, SimpleNamespace(max_steps=1)), base(),
+                                     lambda: list(batches))
+        layers = lora_layers(model)
+        b[sign] = {n: layer.lora_B["default"].weight.detach().clone() for n, layer in layers.items()}
+        for name, layer in layers.items():
+            want = gora_b(grads[name].float(), layer.lora_A["default"].weight, layer.scaling["default"], DEFAULT_LR,
+                          sign=sign)
+            torch.testing.assert_close(b[sign][name], want, atol=1e-6, rtol=1e-4)
+        gora_settings = run_settings(asdict(cfg), run)["gora"]
+        recorded[sign] = gora_settings.get("sign", GORA_SIGN_BEFORE)
+    for name, descent in b["descent"].items():
+        assert descent.abs().max() > 0
+        torch.testing.assert_close(b["ascent"][name], -descent)
+    assert recorded == {"descent": "descent", "ascent": "ascent"}

@@ -58,6 +58,21 @@ def test_schema_model_reports_fimconfig_error_through_pydantic():
         FimLoraArgs(fimlora={"r_min": -1})
 
 
+@pytest.mark.skipif(importlib.util.find_spec("axolotl") is not None, reason="axolotl is installed")
+def test_plugin_without_axolotl_names_the_extra_to_install():
+    """Issue 28 (14e): it was a bare ModuleNotFoundError for axolotl.integrations."""
+    import importlib
+    import sys
+
+    from fimlora.extras import MissingExtraError
+
+    sys.modules.pop("fimlora.integrations.axolotl", None)
+    with pytest.raises(MissingExtraError, match=r"fimlora.integrations.axolotl \(the plugin\) needs the 'axolotl' "
+                                                r"package, which is not installed; install it with: "
+                                                r"pip install 'fimlora\[axolotl\]'"):
+        importlib.import_module("fimlora.integrations.axolotl")
+
+
 def test_plan_calibrates_a_fresh_run_and_keeps_an_adapter_loaded_from_disk(tmp_path):
     assert plan_run(tmp_path).action == "calibrate"
     (tmp_path / "checkpoint-3").mkdir()  # a checkpoint without auto-resume: axolotl starts afresh
@@ -81,6 +96,33 @@ def test_plan_on_resume_prefers_the_checkpoints_rank_map_then_output_dirs(tmp_pa
     assert plan_run(tmp_path, auto_resume=True).rank_map == tmp_path / "checkpoint-10" / RANK_MAP
     explicit = plan_run(tmp_path, resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert (explicit.action, explicit.rank_map) == ("load", tmp_path / RANK_MAP)
+
+
+def checkpoints_with_their_own_maps(out):
+    for n in (10, 20):
+        (out / f"checkpoint-{n}").mkdir()
+        (out / f"checkpoint-{n}" / RANK_MAP).write_text(f'{{"checkpoint": {n}}}')
+
+
+def test_plan_resume_true_is_the_newest_checkpoint(tmp_path):
+    """Issue 28 (14c): HF Trainer's and axolotl's resume_from_checkpoint=True ("the newest checkpoint-N in
+    output_dir") raised TypeError."""
+    with pytest.raises(ValueError, match=r"resume_from_checkpoint: True means the newest checkpoint-N in "
+                                         r"output_dir=.*, but it has none"):
+        plan_run(tmp_path, resume_from_checkpoint=True)
+    checkpoints_with_their_own_maps(tmp_path)
+    plan = plan_run(tmp_path, resume_from_checkpoint=True)
+    assert (plan.action, plan.rank_map) == ("load", tmp_path / "checkpoint-20" / RANK_MAP)
+    assert plan_run(tmp_path, resume_from_checkpoint=False).rank_map is None  # False: no resume, as None
+
+
+def test_plan_explicit_checkpoint_wins_over_auto_resume(tmp_path):
+    """Issue 28 (14d): with a named checkpoint and auto_resume both set, the newest checkpoint's rank map must not
+    replace the named one's."""
+    checkpoints_with_their_own_maps(tmp_path)
+    plan = plan_run(tmp_path, resume_from_checkpoint=str(tmp_path / "checkpoint-10"), auto_resume=True)
+    assert (plan.action, plan.rank_map) == ("load", tmp_path / "checkpoint-10" / RANK_MAP)
+    assert plan.rank_map.read_text() == '{"checkpoint": 10}'
 
 
 def test_plan_refuses_to_resume_without_a_rank_map(tmp_path):

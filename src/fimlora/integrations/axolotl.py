@@ -17,9 +17,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from axolotl.integrations.base import BasePlugin
-
 from ..allocation import RankAllocation
+from ..extras import require
 from ..io import atomic_write_text
 from ..resize import apply_allocation
 from . import _unwrapped, calibrate_trainer, check_no_optimizer
@@ -37,6 +36,9 @@ from .axolotl_rules import (
 __all__ = ["FimLoraPlugin"]
 
 logger = logging.getLogger(__name__)
+
+# Without axolotl, an error that names the extra to install, as every other optional dependency's does.
+BasePlugin = require("axolotl.integrations.base", "axolotl", "fimlora.integrations.axolotl (the plugin)").BasePlugin
 
 
 class FimLoraPlugin(BasePlugin):

@@ -105,10 +105,11 @@ def plan_run(output_dir: str | Path, resume_from_checkpoint=None, auto_resume: b
 
     - ``lora_model_dir`` set: the adapter comes from disk and its saved ``rank_pattern`` already holds its ranks
       (a trained adapter would be refused by calibration anyway): keep it.
-    - resuming (``resume_from_checkpoint``, or ``auto_resume_from_checkpoints`` with a ``checkpoint-N`` in
-      ``output_dir``): the checkpoint's tensors have the calibrated shapes, so the model must get the saved
-      ranks before the Trainer loads them; calibrating again would score a different model and could change
-      them. The rank map is looked for in the checkpoint, then in ``output_dir``; none is an error.
+    - resuming (``resume_from_checkpoint``: a path, or True for the newest ``checkpoint-N`` in ``output_dir`` as
+      HF Trainer reads it; or ``auto_resume_from_checkpoints`` with a ``checkpoint-N`` in ``output_dir``, which
+      a named checkpoint overrides): the checkpoint's tensors have the calibrated shapes, so the model must get
+      the saved ranks before the Trainer loads them; calibrating again would score a different model and could
+      change them. The rank map is looked for in the checkpoint, then in ``output_dir``; none is an error.
     - a ``rank_map.json`` already in ``output_dir``: a restarted run; reuse it rather than overwrite it with a
       map that may differ (delete it to calibrate afresh).
     - otherwise calibrate.
@@ -117,8 +118,11 @@ def plan_run(output_dir: str | Path, resume_from_checkpoint=None, auto_resume: b
     if lora_model_dir:
         return Plan("keep", f"lora_model_dir={lora_model_dir!s} is loaded with the ranks saved in it")
     checkpoint = resume_from_checkpoint
-    if not checkpoint and auto_resume:
+    if checkpoint is True or (not checkpoint and auto_resume):
         found = checkpoints_in(out)
+        if checkpoint is True and not found:
+            raise ValueError(f"resume_from_checkpoint: True means the newest checkpoint-N in output_dir={out!s}, "
+                             "but it has none; name a checkpoint folder or start without resuming")
         checkpoint = found[-1] if found else None
     if checkpoint:
         for folder in (Path(checkpoint), out):
