@@ -11,7 +11,15 @@ from pathlib import Path
 
 from . import __version__
 from .check import SERVE_ENGINES
-from .config import AGGREGATIONS, AUTO_RULE_NAMES, ESTIMATORS, SCALE_MODES, VLLM_MAX_LORA_RANKS, FimConfig
+from .config import (
+    AGGREGATIONS,
+    AUTO_RULE_NAMES,
+    ESTIMATORS,
+    FIM_DEFAULTS,
+    SCALE_MODES,
+    VLLM_MAX_LORA_RANKS,
+    setting_help,
+)
 from .experiments.data import TASK_TYPES, TASKS
 from .experiments.demo import DEMO_TARGET_MODULES, DemoJob
 from .experiments.jobs import MIN_MAX_LENGTH, CalibrateJob
@@ -22,7 +30,6 @@ __all__ = ["main", "build_parser"]
 logger = logging.getLogger("fimlora")
 
 # Defaults and choices come from the library's and the harness's own constants, never a second list.
-FIM_DEFAULTS = {f.name: f.default for f in dataclasses.fields(FimConfig)}
 def _defaults(cls) -> dict:
     return {f.name: None if f.default is dataclasses.MISSING else f.default for f in dataclasses.fields(cls)}
 
@@ -32,31 +39,24 @@ DEMO_DEFAULTS = _defaults(DemoJob)
 TARGET_DEFAULT_HELP = "PEFT's default for the architecture, e.g. query and value only on BERT"
 
 
+# The FimConfig settings calibrate and demo take as flags (--n-batches, ...), with what argparse needs to parse
+# them; each flag's help and default are FimConfig's own (config.setting_help, FIM_DEFAULTS).
+CALIBRATION_FLAGS = {"n_batches": {"metavar": "N|auto"}, "auto_rule": {"choices": AUTO_RULE_NAMES},
+                     "estimator": {"choices": ESTIMATORS}, "aggregation": {"choices": AGGREGATIONS},
+                     "scale": {"choices": SCALE_MODES}, "r_min": {"type": int}, "r_max": {"type": int},
+                     "seed": {"type": int}}
+
+
 def _add_calibration_args(p: argparse.ArgumentParser, job: dict) -> None:
     g = p.add_argument_group("FIM-LoRA")
     g.add_argument("--r", type=int, default=job["r"],
                    help=f"base LoRA rank r; the budget is (number of modules) x r (default {job['r']})")
     g.add_argument("--alpha", type=float, default=None, help="lora_alpha, > 0 (default 2r)")
-    g.add_argument("--r-min", type=int, default=FIM_DEFAULTS["r_min"],
-                   help=f"smallest rank per module (default {FIM_DEFAULTS['r_min']})")
-    g.add_argument("--r-max", type=int, default=FIM_DEFAULTS["r_max"], help="largest rank per module (default 2r)")
-    g.add_argument("--n-batches", default=FIM_DEFAULTS["n_batches"],
-                   help=f"calibration batches N (default {FIM_DEFAULTS['n_batches']}), or 'auto': until the rank "
-                        f"map is stable (2 to {FIM_DEFAULTS['max_batches']} batches)")
-    g.add_argument("--auto-rule", choices=AUTO_RULE_NAMES, default=FIM_DEFAULTS["auto_rule"],
-                   help="when --n-batches auto stops: within_one (in most bootstrap resamples, most modules keep "
-                        "their rank in the map, or one either way where it is 4 or more) or exact (their exact "
-                        "rank) "
-                        f"(default {FIM_DEFAULTS['auto_rule']})")
-    g.add_argument("--estimator", choices=ESTIMATORS, default=FIM_DEFAULTS["estimator"],
-                   help="batch: squared mini-batch gradients (paper); per_example: eq. 1 "
-                        f"(default {FIM_DEFAULTS['estimator']})")
-    g.add_argument("--aggregation", choices=AGGREGATIONS, default=FIM_DEFAULTS["aggregation"],
-                   help=f"module score from its Fisher matrix (default {FIM_DEFAULTS['aggregation']})")
-    g.add_argument("--scale", choices=SCALE_MODES, default=FIM_DEFAULTS["scale"],
-                   help=f"preserve alpha/r per module or keep alpha fixed (default {FIM_DEFAULTS['scale']})")
-    g.add_argument("--seed", type=int, default=FIM_DEFAULTS["seed"],
-                   help=f"seed for data order, head init and new A rows (default {FIM_DEFAULTS['seed']})")
+    for name, kwargs in CALIBRATION_FLAGS.items():
+        default = FIM_DEFAULTS[name]
+        shown = "" if default is None else f" (default {default})"
+        g.add_argument(f"--{name.replace('_', '-')}", default=default, help=setting_help(name, plain=True) + shown,
+                       **kwargs)
 
 
 def _add_budget_args(p: argparse.ArgumentParser) -> None:
@@ -226,10 +226,11 @@ def _add_report_command(sub) -> None:
 
 
 def _job(cls, args):
-    """A job dataclass from the parsed arguments that share its field names."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    """A job dataclass from the parsed arguments that share its field names or FimConfig's."""
+    names = {f.name for f in dataclasses.fields(cls)} | set(CALIBRATION_FLAGS)
+    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
     values["progress"] = not getattr(args, "no_progress", False)
-    return cls(**values)
+    return cls.from_settings(**values)
 
 
 def cmd_calibrate(args) -> int:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+import re
+import textwrap
+from dataclasses import asdict, dataclass, field, fields
 
 __all__ = [
     "FimConfig",
+    "FIM_DEFAULTS",
+    "setting_help",
     "ESTIMATORS",
     "AGGREGATIONS",
     "SCALE_MODES",
@@ -91,83 +95,91 @@ def check_bool(name: str, value) -> None:
         raise ValueError(f"{name}: must be true or false, got {value!r}")
 
 
+def setting(default, help: str):
+    """A :class:`FimConfig` field: its default and its help, the one text of what the setting means (the class's
+    docs and the ``fimlora`` command's flags show it)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class FimConfig:
-    """How to calibrate and allocate.
+    """How to calibrate and allocate; validated on construction.
 
-    Attributes:
-        n_batches: calibration batches N (the paper's default 8), or ``"auto"``: calibrate batch by batch and
-            stop once the rank map is settled by ``auto_rule`` (default: in at least ``stable_threshold`` of the
-            bootstrap resamples, at least ``auto_stable_share`` of the modules are close to their rank in the map),
-            after at least 2 and at most ``max_batches`` batches. Needs ``aggregation="mean"``.
-        max_batches: the cap of ``n_batches="auto"`` (default 32). It, ``auto_stable_share`` and ``auto_rule``
-            are read by ``"auto"`` only: with a number of batches, setting them away from their defaults is an
-            error, not a setting that silently does nothing.
-        bootstrap: resamples of the calibration units (batches, or examples for ``per_example``) behind the
-            rank map's confidence (:mod:`fimlora.confidence`); ``None`` = 200 where supported (``mean``
-            aggregation; ``max``/``l2`` are not means over units and get none), 0 = off. ``n_batches="auto"``
-            stops on this bootstrap, so it needs ``None`` or at least ``MIN_AUTO_BOOTSTRAP`` (20).
-        stable_threshold: a module's rank is stable when the bootstrap gives it in at least this share of
-            resamples (default 0.9).
-        auto_stable_share: ``n_batches="auto"`` stops when ``auto_rule`` finds at least this share of the
-            modules settled (0.9).
-        auto_rule: when ``n_batches="auto"`` stops. ``"within_one"`` (default): in at least ``stable_threshold``
-            of the resamples, at least ``auto_stable_share`` of the modules are close to their rank p in the map:
-            |R - p| <= 1 where p >= 4, R = p where p < 4, so no module is dropped or added
-            (:func:`fimlora.confidence.within_one_share`). ``"exact"``: at least ``auto_stable_share`` of the
-            modules get exactly their rank in at least ``stable_threshold`` of the resamples (the earlier rule;
-            at r = 8 it ran to the cap in every benchmark setup, docs/benchmarks.md section 7).
-        r_min: smallest rank any module may get (>= 0). With 0, a module allocated rank 0 loses its
-            adapter (its LoRA layer becomes the base layer again; see :mod:`fimlora.resize`).
-        r_max: largest rank; ``None`` means 2 * the config's base rank r.
-        budget: total rank over all modules (``budget_unit="rank"``) or total LoRA parameters
-            (``"params"``); ``None`` means the current adapter's size in that unit: the sum of
-            current ranks (L * r for uniform LoRA) or sum_m r_m * (d_in + d_out).
-        budget_unit: ``"rank"`` (every unit of rank costs the same) or ``"params"`` (a unit of
-            rank in module m costs d_in + d_out parameters; the ranks spend at most ``budget``).
-        budget_fraction: the budget as a fraction in (0, 1] of the default budget (the current
-            adapter's size in ``budget_unit``), rounded down; exclusive with ``budget``.
-        max_lora_rank: serve with vLLM at this ``--max-lora-rank`` (one of
-            ``VLLM_MAX_LORA_RANKS``): r_max defaults to it, and an explicit r_max may not exceed it; a LoRA
-            config r above K is written as r = K with lora_alpha scaled to keep lora_alpha / r
-            (:func:`fimlora.allocation.serving_base`).
-        estimator: ``"batch"`` squares each mini-batch gradient (the paper's);
-            ``"per_example"`` averages squared per-example gradients (eq. 1).
-        aggregation: module score from its Fisher matrix: ``"mean"``, ``"max"`` or ``"l2"``.
-        scale: ``"preserve"`` keeps alpha_m / r_m (or / sqrt(r_m) with rsLoRA) equal to
-            the module's old value; ``"fixed_alpha"`` keeps alpha_m and lets the scale move.
-        loss_reduction: how the loss combines examples, ``"mean"`` (HF models) or ``"sum"``;
-            the per-example estimator needs it to undo the 1/batch factor.
-        train_mode: keep dropout on during calibration (default off: deterministic scores).
-        loss_scale: multiply the loss by this before backward and divide gradients after;
-            ``None`` = 1 for fp32/bf16 and 1024 for fp16 models (avoids gradient underflow).
-        seed: seeds the initialisation of new A rows, so every process gets identical rows, and the
-            bootstrap (>= 0).
-        adapter_name: the PEFT adapter to calibrate and resize.
-        progress: show a progress bar.
+    Each setting's meaning is its field's ``help`` (:func:`setting_help`), which the ``fimlora`` command's flags
+    show too; the "Attributes" section below is made from them.
     """
 
-    n_batches: int | str = 8
-    max_batches: int = 32
-    bootstrap: int | None = None
-    stable_threshold: float = 0.9
-    auto_stable_share: float = 0.9
-    auto_rule: str = "within_one"
-    r_min: int = 1
-    r_max: int | None = None
-    budget: int | None = None
-    budget_unit: str = "rank"
-    budget_fraction: float | None = None
-    max_lora_rank: int | None = None
-    estimator: str = "batch"
-    aggregation: str = "mean"
-    scale: str = "preserve"
-    loss_reduction: str = "mean"
-    train_mode: bool = False
-    loss_scale: float | None = None
-    seed: int = 0
-    adapter_name: str = "default"
-    progress: bool = True
+    n_batches: int | str = setting(8, (
+        'calibration batches N (the paper\'s default 8), or ``"auto"``: calibrate batch by batch and stop '
+        'once the rank map is settled by ``auto_rule`` (default: in at least ``stable_threshold`` of the '
+        'bootstrap resamples, at least ``auto_stable_share`` of the modules are close to their rank in '
+        'the map), after at least 2 and at most ``max_batches`` batches. Needs ``aggregation="mean"``.'))
+    max_batches: int = setting(32, (
+        'the cap of ``n_batches="auto"`` (default 32). It, ``auto_stable_share`` and ``auto_rule`` are '
+        'read by ``"auto"`` only: with a number of batches, setting them away from their defaults is an '
+        'error, not a setting that silently does nothing.'))
+    bootstrap: int | None = setting(None, (
+        'resamples of the calibration units (batches, or examples for ``per_example``) behind the rank '
+        "map's confidence (:mod:`fimlora.confidence`); ``None`` = 200 where supported (``mean`` "
+        'aggregation; ``max``/``l2`` are not means over units and get none), 0 = off. '
+        '``n_batches="auto"`` stops on this bootstrap, so it needs ``None`` or at least '
+        '``MIN_AUTO_BOOTSTRAP`` (20).'))
+    stable_threshold: float = setting(0.9, (
+        "a module's rank is stable when the bootstrap gives it in at least this share of resamples "
+        "(default 0.9)."))
+    auto_stable_share: float = setting(0.9, (
+        '``n_batches="auto"`` stops when ``auto_rule`` finds at least this share of the modules settled '
+        '(0.9).'))
+    auto_rule: str = setting("within_one", (
+        'when ``n_batches="auto"`` stops. ``"within_one"`` (default): in at least ``stable_threshold`` '
+        'of the resamples, at least ``auto_stable_share`` of the modules are close to their rank p in '
+        'the map: |R - p| <= 1 where p >= 4, R = p where p < 4, so no module is dropped or added '
+        '(:func:`fimlora.confidence.within_one_share`). ``"exact"``: at least ``auto_stable_share`` of '
+        'the modules get exactly their rank in at least ``stable_threshold`` of the resamples (the '
+        'earlier rule; at r = 8 it ran to the cap in every benchmark setup, docs/benchmarks.md section '
+        '7).'))
+    r_min: int = setting(1, (
+        "smallest rank any module may get (>= 0). With 0, a module allocated rank 0 loses its adapter "
+        "(its LoRA layer becomes the base layer again; see :mod:`fimlora.resize`)."))
+    r_max: int | None = setting(None, (
+        "largest rank; ``None`` means 2 * the config's base rank r."))
+    budget: int | None = setting(None, (
+        'total rank over all modules (``budget_unit="rank"``) or total LoRA parameters (``"params"``); '
+        "``None`` means the current adapter's size in that unit: the sum of current ranks (L * r for "
+        'uniform LoRA) or sum_m r_m * (d_in + d_out).'))
+    budget_unit: str = setting("rank", (
+        '``"rank"`` (every unit of rank costs the same) or ``"params"`` (a unit of rank in module m '
+        'costs d_in + d_out parameters; the ranks spend at most ``budget``).'))
+    budget_fraction: float | None = setting(None, (
+        "the budget as a fraction in (0, 1] of the default budget (the current adapter's size in "
+        "``budget_unit``), rounded down; exclusive with ``budget``."))
+    max_lora_rank: int | None = setting(None, (
+        "serve with vLLM at this ``--max-lora-rank`` (one of ``VLLM_MAX_LORA_RANKS``): r_max defaults to "
+        "it, and an explicit r_max may not exceed it; a LoRA config r above K is written as r = K with "
+        "lora_alpha scaled to keep lora_alpha / r (:func:`fimlora.allocation.serving_base`)."))
+    estimator: str = setting("batch", (
+        '``"batch"`` squares each mini-batch gradient (the paper\'s); ``"per_example"`` averages squared '
+        'per-example gradients (eq. 1).'))
+    aggregation: str = setting("mean", (
+        'module score from its Fisher matrix: ``"mean"``, ``"max"`` or ``"l2"``.'))
+    scale: str = setting("preserve", (
+        '``"preserve"`` keeps alpha_m / r_m (or / sqrt(r_m) with rsLoRA) equal to the module\'s old '
+        'value; ``"fixed_alpha"`` keeps alpha_m and lets the scale move.'))
+    loss_reduction: str = setting("mean", (
+        'how the loss combines examples, ``"mean"`` (HF models) or ``"sum"``; the per-example estimator '
+        'needs it to undo the 1/batch factor.'))
+    train_mode: bool = setting(False, (
+        "keep dropout on during calibration (default off: deterministic scores)."))
+    loss_scale: float | None = setting(None, (
+        "multiply the loss by this before backward and divide gradients after; ``None`` = 1 for "
+        "fp32/bf16 and 1024 for fp16 models (avoids gradient underflow)."))
+    seed: int = setting(0, (
+        "seeds the initialisation of new A rows, so every process gets identical rows, and the bootstrap "
+        "(>= 0)."))
+    adapter_name: str = setting("default", (
+        "the PEFT adapter to calibrate and resize."))
+    progress: bool = setting(True, (
+        "show a progress bar."))
 
     def __post_init__(self) -> None:
         if isinstance(self.n_batches, int) and not isinstance(self.n_batches, bool):
@@ -239,3 +251,18 @@ class FimConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# Every FimConfig setting's default, by name (one table for the CLI, the harness's fim: blocks and the docs).
+FIM_DEFAULTS = {f.name: f.default for f in fields(FimConfig)}
+
+
+def setting_help(name: str, plain: bool = False) -> str:
+    """The help of FimConfig setting ``name``; ``plain`` drops the reST markup (``x``, :func:`y`) for a terminal."""
+    text = next(f for f in fields(FimConfig) if f.name == name).metadata["help"]
+    return re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "") if plain else text
+
+
+FimConfig.__doc__ += "\n    Attributes:\n" + "".join(
+    textwrap.fill(f"{f.name}: {setting_help(f.name)}", width=115, initial_indent=" " * 8,
+                  subsequent_indent=" " * 12) + "\n" for f in fields(FimConfig))

@@ -9,17 +9,15 @@ import copy
 import logging
 import warnings
 from collections.abc import Mapping
-from dataclasses import fields
 
 import torch
 
-from ..config import FimConfig
+from ..config import FIM_DEFAULTS, FimConfig
 from ..extras import require
 from .data import HEAD_KINDS, TaskData, collator_for
 from .models import load_causal_lm, load_classifier, load_tokenizer
 
 __all__ = [
-    "FIM_DEFAULTS",
     "QUANTIZATIONS",
     "ALL_LINEAR",
     "task_type_for",
@@ -40,7 +38,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # The CLI and the configs take their defaults from here, so there is one list of them.
-FIM_DEFAULTS = {f.name: f.default for f in fields(FimConfig)}
 
 # Base-model quantisations (bitsandbytes): 4-bit NF4 as in QLoRA, or LLM.int8().
 QUANTIZATIONS = ("4bit", "8bit")

@@ -112,7 +112,7 @@ def run_demo(job: DemoJob, say: Callable[[str], None] = print) -> dict:
     uniform = build_peft_model(base, build_lora_config(task.kind, job.r, job.alpha, target_modules), job.seed)
     fim = copy.deepcopy(uniform)  # same base, same head init, same A init: only the ranks differ
 
-    say(f"[2/5] calibrating FIM-LoRA: {job.n_batches} backward passes")
+    say(f"[2/5] calibrating FIM-LoRA: {job.fim.n_batches} backward passes")
     start = time.perf_counter()
     loader = build_calibration_loader(task, tok, job.batch_size, job.max_length, job.seed)
     alloc = apply_fim_ranks(fim, loader, config=job.fim_config())

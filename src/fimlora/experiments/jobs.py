@@ -7,21 +7,20 @@ no calibration time, and the output folder appears only when everything in it is
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..allocation import RankAllocation
-from ..config import FimConfig, check_bool, check_fraction, check_int, check_number
+from ..config import FIM_DEFAULTS, FimConfig, check_bool, check_fraction, check_int, check_number
 from ..io import atomic_directory, check_output_dir, output_path
 from ..modules import DORA_8BIT_REASON
 from ..rankmap import save_rank_map
 from .builders import (
-    FIM_DEFAULTS,
     build_base_model,
     build_calibration_loader,
-    build_fim_config,
     build_lora_config,
     build_peft_model,
     build_tokenizer,
@@ -54,14 +53,9 @@ class CalibrateJob:
     task_type: str | None = None  # a text/label file's labels: "classification" or "regression" (target numbers)
     r: int = 8
     alpha: float | None = None
-    r_min: int = FIM_DEFAULTS["r_min"]
-    r_max: int | None = FIM_DEFAULTS["r_max"]
-    n_batches: int | str = FIM_DEFAULTS["n_batches"]
-    auto_rule: str = FIM_DEFAULTS["auto_rule"]
-    estimator: str = FIM_DEFAULTS["estimator"]
-    aggregation: str = FIM_DEFAULTS["aggregation"]
-    scale: str = FIM_DEFAULTS["scale"]
-    seed: int = FIM_DEFAULTS["seed"]
+    # How to calibrate (n_batches, r_min, r_max, estimator, seed, ...); budget, max_lora_rank and progress come from
+    # the job's own fields (the budget's command-line forms are parsed here), see fim_config().
+    fim: FimConfig = field(default_factory=FimConfig)
     budget: int | str | None = None
     budget_params: int | None = None
     max_lora_rank: int | None = None
@@ -104,12 +98,24 @@ class CalibrateJob:
                              f"budget_params={self.budget_params!r}")
         # A fraction ("0.5x") is of the uniform adapter's size in parameters, the size that is served and stored.
         unit = "params" if self.budget_params is not None or fraction is not None else "rank"
-        return build_fim_config(n_batches=parse_n_batches(self.n_batches), auto_rule=self.auto_rule,
-                                r_min=self.r_min, r_max=self.r_max,
-                                estimator=self.estimator, aggregation=self.aggregation, scale=self.scale,
-                                seed=self.seed, progress=self.progress,
-                                budget=self.budget_params if self.budget_params is not None else budget,
-                                budget_unit=unit, budget_fraction=fraction, max_lora_rank=self.max_lora_rank)
+        return dataclasses.replace(self.fim, progress=self.progress, max_lora_rank=self.max_lora_rank,
+                                   budget=self.budget_params if self.budget_params is not None else budget,
+                                   budget_unit=unit, budget_fraction=fraction)
+
+    @classmethod
+    def from_settings(cls, **settings):
+        """The job from flat settings (the command's flags): the job's own fields, and any FimConfig setting
+        (``n_batches`` as a number or ``"auto"``, ``r_min``, ...) into :attr:`fim`."""
+        own = {f.name for f in dataclasses.fields(cls)}
+        fim = {k: settings.pop(k) for k in list(settings) if k not in own and k in FIM_DEFAULTS}
+        if "n_batches" in fim:
+            fim["n_batches"] = parse_n_batches(fim["n_batches"])
+        return cls(**settings, fim=FimConfig(**fim))
+
+    @property
+    def seed(self) -> int:
+        """One seed for the job: data order, head init and FIM-LoRA's new A rows (:attr:`FimConfig.seed`)."""
+        return self.fim.seed
 
 
 def parse_n_batches(value: int | str) -> int | str:
