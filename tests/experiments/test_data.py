@@ -211,16 +211,25 @@ def test_score_choices_picks_highest_likelihood():
     assert score_choices(Uniform(), CharTokenizer(), exs, batch_size=3) == [1, 0]
 
 
-def test_choice_logliks_match_one_unpadded_sequence_at_a_time():
-    """Length-sorted, right-padded batches give each choice the log-likelihood of its own forward."""
-    from tests.references import tiny_llama
+@pytest.mark.parametrize("shared_context, batch_size, peft", [(False, 4, False), (True, 4, False), (True, 1, False),
+                                                         (True, 5, True)],
+                         ids=["flat", "shared", "shared-one-at-a-time", "shared-peft"])
+def test_choice_logliks_match_one_unpadded_sequence_at_a_time(shared_context, batch_size, peft):
+    """Length-sorted, right-padded batches, or contexts run once with their cache copied to every choice, give
+    each choice the log-likelihood of its own forward (a choice cut by max_length gets its own context)."""
+    from tests.references import lm_batches, lora_llama, make_b_nonzero, tiny_llama
 
-    model = tiny_llama(seed=3)
+    if peft:
+        model = lora_llama(seed=3)
+        make_b_nonzero(model, lm_batches())
+    else:
+        model = tiny_llama(seed=3)
     tok = CharTokenizer()
     exs = [{"context": "a longer context here", "choices": ["x", "yes indeed", "no"], "answer": 0},
            {"context": "", "choices": ["abc", "defgh"], "answer": 1},
-           {"context": "ctx", "choices": ["zz", "a much longer choice text"], "answer": 1}]
-    got = choice_logliks(model, tok, exs, batch_size=4, max_length=24)
+           {"context": "ctx", "choices": ["zz", "a much longer choice text"], "answer": 1},
+           {"context": "", "choices": ["z"], "answer": 0}]
+    got = choice_logliks(model, tok, exs, batch_size=batch_size, max_length=24, shared_context=shared_context)
     for ei, e in enumerate(exs):
         for ci, c in enumerate(e["choices"]):
             ctx = [3 + ord(ch) % 50 for ch in e["context"]] or [tok.bos_token_id]
@@ -233,7 +242,7 @@ def test_choice_logliks_match_one_unpadded_sequence_at_a_time():
                 logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
             want = sum(float(logp[t - 1, ids[t]]) for t in range(start, len(ids)))
             assert got[(ei, ci)] == pytest.approx(want, abs=1e-4), (ei, ci)
-    assert len(got) == 7
+    assert len(got) == 8
 
 
 def test_task_kind_is_validated():
