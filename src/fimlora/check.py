@@ -34,31 +34,43 @@ Each engine's scale rule, read from its source (one helper, :func:`served_scales
   asserts equal shapes), so a module of another rank fails to load. DoRA is refused
   (``LoRAManager.validate_new_adapter``).
 
+The adapter files (names, tensor keys, PEFT's defaults) are read by :mod:`fimlora.adapter_files`; its public
+names used with the checks are re-exported here.
+
 ``check_adapter`` runs one step per group of rules; each step returns a list of
 problems (or notes), so a broken file is reported rather than raised.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .adapter_files import (
+    CONFIG_NAME,
+    PEFT_DEFAULT_ALPHA,
+    PEFT_DEFAULT_R,
+    WEIGHTS_NAME,
+    BaseShapes,
+    LoraShapes,
+    UnreadableAdapter,
+    first_pattern_key,
+    module_rank_alpha,
+    module_shapes,
+    read_adapter_config,
+    read_lora_tensors,
+)
 from .allocation import lora_scaling
 from .config import VLLM_MAX_LORA_RANKS, check_choice, check_int, check_number
-from .modules import check_pattern_keys, pattern_key_error, pattern_matches
+from .modules import check_pattern_keys, pattern_key_error
 
 __all__ = ["CheckReport", "ServingVerdict", "SERVE_ENGINES", "BASE_CHANGING_INITS", "changes_base_weights",
-           "check_adapter", "served_scales", "serving_verdict", "VLLM_MAX_LORA_RANKS", "vllm_max_lora_rank"]
+           "check_adapter", "served_scales", "serving_verdict", "VLLM_MAX_LORA_RANKS", "vllm_max_lora_rank",
+           # adapter-file names re-exported: callers imported them from here before the split
+           "CONFIG_NAME", "WEIGHTS_NAME", "UnreadableAdapter", "module_rank_alpha", "module_shapes",
+           "read_adapter_config", "read_lora_tensors"]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-_TENSOR = re.compile(r"^(?:base_model\.model\.)?(?P<name>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
-# DoRA's magnitude vector m (d_out,): PEFT saves it as "<module>.lora_magnitude_vector" (no adapter name, no ".weight")
-_MAGNITUDE = re.compile(r"^(?:base_model\.model\.)?(?P<name>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
-_PEFT_DEFAULT_R, _PEFT_DEFAULT_ALPHA = 8, 8
 _PATTERNS = ("rank_pattern", "alpha_pattern")
 # Engines whose scale rule served_scales knows, and how reports name them (the version the rule was read from).
 SERVE_ENGINES = ("peft", "vllm", "llama.cpp", "sglang")
@@ -75,10 +87,6 @@ BASE_CHANGING_INITS = {"pissa": "prefix", "corda": "prefix", "olora": "exact", "
 # Relative difference below which two scales are the same number written two ways (alpha*r'/r / r' vs alpha/r).
 SCALE_RTOL = 1e-6
 
-# name -> {"A": shape of lora_A (r, d_in), "B": shape of lora_B (d_out, r), "M": DoRA magnitude (d_out,) if saved}
-LoraShapes = dict[str, dict[str, tuple[int, ...]]]
-# name -> (d_in, d_out) of a linear-like base module, None for other modules
-BaseShapes = Mapping[str, "tuple[int, int] | None"]
 
 
 @dataclass
@@ -155,10 +163,6 @@ class CheckReport:
         return "\n".join(lines)
 
 
-class _Unreadable(Exception):
-    """A file the remaining checks cannot run without; its message is the one problem reported."""
-
-
 def changes_base_weights(init) -> bool:
     """Whether PEFT rewrites the base weights for ``init_lora_weights=init`` (:data:`BASE_CHANGING_INITS`)."""
     if not isinstance(init, str):
@@ -172,13 +176,6 @@ def vllm_max_lora_rank(max_rank: int) -> int | None:
     return next((v for v in VLLM_MAX_LORA_RANKS if v >= max_rank), None)
 
 
-def _first_key(pattern: dict, name: str):
-    for key in sorted(pattern):  # PEFT's order after save_pretrained (sorted JSON keys)
-        if pattern_matches(key, name):
-            return key
-    return None
-
-
 def _problem(check, *args) -> list[str]:
     """The config.py validators raise ValueError("field: rule, got value"); here that message is a problem."""
     try:
@@ -188,71 +185,7 @@ def _problem(check, *args) -> list[str]:
     return []
 
 
-# ----------------------------------------------------------------------------- step 1: read the files
-
-
-def read_adapter_config(cfg_path: Path) -> dict:
-    """``adapter_config.json`` as a dict; _Unreadable names the file when missing, not JSON or not an object."""
-    if not cfg_path.exists():
-        raise _Unreadable(f"{cfg_path}: missing; not a PEFT adapter folder")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _Unreadable(f"{cfg_path}: not valid JSON ({e})") from e
-    if not isinstance(cfg, dict):
-        raise _Unreadable(f"{cfg_path}: must be a JSON object, got {type(cfg).__name__}")
-    return cfg
-
-
-def read_lora_tensors(weights: Path) -> tuple[LoraShapes, list[str]]:
-    """(LoRA A/B shapes by module, problems with non-finite values) from reading every tensor of ``weights``.
-
-    Adapters are small (MBs), so values are read, not only the header.
-    """
-    from safetensors import SafetensorError, safe_open
-
-    if not weights.exists():
-        raise _Unreadable(f"{weights}: missing (only safetensors adapters are checked)")
-    shapes: LoraShapes = {}
-    problems = []
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            for key in f.keys():
-                tensor = f.get_tensor(key)
-                m = _TENSOR.match(key)
-                if m:
-                    shapes.setdefault(m.group("name"), {})[m.group("ab")] = tuple(tensor.shape)
-                m = _MAGNITUDE.match(key)
-                if m:
-                    shapes.setdefault(m.group("name"), {})["M"] = tuple(tensor.shape)
-                if tensor.is_floating_point():
-                    bad = int((~tensor.isfinite()).sum())
-                    if bad:
-                        problems.append(f"{key}: {bad} non-finite value(s) (NaN or inf)")
-    except (SafetensorError, OSError) as e:
-        raise _Unreadable(
-            f"{weights}: cannot be read as safetensors ({e}); truncated or not a safetensors file?"
-        ) from e
-    if not any("A" in ab or "B" in ab for ab in shapes.values()):
-        raise _Unreadable(f"{weights}: holds no LoRA A/B tensors")
-    return shapes, problems
-
-
-def module_shapes(model) -> dict[str, tuple[int, int] | None]:
-    """Every module of a loaded ``torch`` model: name -> (d_in, d_out) for linear-like modules (``nn.Linear``,
-    GPT-2's ``Conv1D``), None for the rest; the ``base_modules`` that :func:`check_adapter` takes."""
-    import torch
-
-    shapes: dict[str, tuple[int, int] | None] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            shapes[name] = (int(module.in_features), int(module.out_features))
-        elif type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
-            d_in, d_out = module.weight.shape
-            shapes[name] = (int(d_in), int(d_out))
-        else:
-            shapes[name] = None
-    return shapes
+# ----------------------------------------------------------------------------- step 1: the files (adapter_files)
 
 
 def _as_base_shapes(base_modules: BaseShapes | Iterable[str] | None) -> BaseShapes | None:
@@ -269,9 +202,9 @@ def config_problems(cfg: dict) -> list[str]:
     problems = []
     if cfg.get("peft_type") not in (None, "LORA"):
         problems.append(f"peft_type: {cfg.get('peft_type')!r} is not LORA")
-    problems += _problem(check_int, "r", cfg.get("r", _PEFT_DEFAULT_R), 1)
+    problems += _problem(check_int, "r", cfg.get("r", PEFT_DEFAULT_R), 1)
     # alpha 0 is valid PEFT (scale 0: the adapter changes nothing); engines read it otherwise (llama.cpp: scale 1).
-    problems += _problem(check_number, "lora_alpha", cfg.get("lora_alpha", _PEFT_DEFAULT_ALPHA), 0, False)
+    problems += _problem(check_number, "lora_alpha", cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA), 0, False)
     for label in _PATTERNS:
         pattern = cfg.get(label) or {}
         if not isinstance(pattern, dict):
@@ -408,12 +341,12 @@ def rank_and_scale_problems(cfg: dict, shapes: LoraShapes, report: CheckReport) 
     Scaling per module is PEFT's alpha_m / r_m (alpha_m / sqrt(r_m) with rsLoRA), from the config.
     """
     problems = []
-    rank_pattern, r0 = cfg.get("rank_pattern") or {}, cfg.get("r", _PEFT_DEFAULT_R)
+    rank_pattern, r0 = cfg.get("rank_pattern") or {}, cfg.get("r", PEFT_DEFAULT_R)
     for name, ab in shapes.items():
         a_shape, b_shape = ab.get("A"), ab.get("B")
         if a_shape is None or b_shape is None or 0 in a_shape or 0 in b_shape:
             continue  # reported by tensor_problems
-        key = _first_key(rank_pattern, name)
+        key = first_pattern_key(rank_pattern, name)
         r = rank_pattern[key] if key is not None else r0
         if a_shape[0] != r or b_shape[1] != r:
             problems.append(
@@ -427,7 +360,7 @@ def rank_and_scale_problems(cfg: dict, shapes: LoraShapes, report: CheckReport) 
 
 def scaling_notes(cfg: dict, report: CheckReport) -> list[str]:
     """Whether every module has one scale (what vLLM applies), and pattern entries without an alpha."""
-    r0, alpha0 = cfg.get("r", _PEFT_DEFAULT_R), cfg.get("lora_alpha", _PEFT_DEFAULT_ALPHA)
+    r0, alpha0 = cfg.get("r", PEFT_DEFAULT_R), cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA)
     base_scaling = lora_scaling(alpha0, r0, bool(cfg.get("use_rslora", False)))
     notes = []
     distinct = sorted({round(s, 9) for s in report.scalings.values()})
@@ -438,8 +371,8 @@ def scaling_notes(cfg: dict, report: CheckReport) -> list[str]:
                      f"(base alpha/r = {base_scaling:g}; expected with scale='fixed_alpha', and after export --for "
                      "llama.cpp, which folds each module's scale into lora_B)")
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    changed = [n for n in report.ranks if _first_key(rank_pattern, n) is not None
-               and _first_key(alpha_pattern, n) is None and report.ranks[n] != r0]
+    changed = [n for n in report.ranks if first_pattern_key(rank_pattern, n) is not None
+               and first_pattern_key(alpha_pattern, n) is None and report.ranks[n] != r0]
     if changed:
         notes.append(f"{len(changed)} module(s) have a rank_pattern entry but no alpha_pattern entry; "
                      f"their scale is alpha/r_m (e.g. {changed[0]})")
@@ -466,16 +399,6 @@ def serving_sizes(shapes: LoraShapes, ranks: Mapping[str, int], max_lora_rank: i
     return real, padded
 
 
-def module_rank_alpha(cfg: dict, name: str) -> tuple[int, float]:
-    """(r_m, alpha_m) PEFT gives module ``name``: the first rank_pattern / alpha_pattern key that matches
-    (keys in sorted order, as after a reload), else the config's r and lora_alpha."""
-    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    key, akey = _first_key(rank_pattern, name), _first_key(alpha_pattern, name)
-    r = rank_pattern[key] if key is not None else cfg.get("r", _PEFT_DEFAULT_R)
-    alpha = alpha_pattern[akey] if akey is not None else cfg.get("lora_alpha", _PEFT_DEFAULT_ALPHA)
-    return int(r), float(alpha)
-
-
 def served_scales(cfg: dict, ranks: Mapping[str, int], engine: str) -> dict[str, float]:
     """Scale each engine multiplies module m's B_m A_m x by, for the adapter config ``cfg``.
 
@@ -489,8 +412,8 @@ def served_scales(cfg: dict, ranks: Mapping[str, int], engine: str) -> dict[str,
     * ``sglang``:    s = alpha / r for every module; use_rslora is not read (SGLang 0.5.23).
     """
     check_choice("engine", engine, SERVE_ENGINES)
-    r0 = cfg.get("r", _PEFT_DEFAULT_R)
-    alpha0 = float(cfg.get("lora_alpha", _PEFT_DEFAULT_ALPHA))
+    r0 = cfg.get("r", PEFT_DEFAULT_R)
+    alpha0 = float(cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA))
     rslora = bool(cfg.get("use_rslora", False))
     if engine == "peft":
         scales = {}
@@ -541,7 +464,7 @@ def engine_refusals(cfg: dict, ranks: Mapping[str, int], engine: str) -> list[st
         # one (PEFT itself converts it with path_initial_model_for_weight_conversion on save).
         reasons.append(f"init_lora_weights={cfg['init_lora_weights']!r} changes the base weights")
     if engine == "sglang":
-        r0 = cfg.get("r", _PEFT_DEFAULT_R)
+        r0 = cfg.get("r", PEFT_DEFAULT_R)
         other = sorted({r for r in ranks.values() if r != r0})
         if other:
             reasons.append(f"modules of rank {other} other than the config's r={r0}: every module is loaded at r")
@@ -573,7 +496,7 @@ def vllm_sizes(cfg: dict, shapes: LoraShapes, report: CheckReport) -> None:
 
 def _largest_rank(cfg: dict, ranks: Mapping[str, int]) -> int:
     """The rank vLLM's --max-lora-rank must cover: the largest module rank, and the config's r."""
-    return max(max(ranks.values(), default=0), cfg.get("r", _PEFT_DEFAULT_R))
+    return max(max(ranks.values(), default=0), cfg.get("r", PEFT_DEFAULT_R))
 
 
 def serving_findings(cfg: dict, report: CheckReport, serve: str | None) -> tuple[list[str], list[str]]:
@@ -635,7 +558,7 @@ def check_adapter(path: str | Path, base_modules: BaseShapes | Iterable[str] | N
     try:
         cfg = read_adapter_config(path / CONFIG_NAME)
         shapes, non_finite = read_lora_tensors(path / WEIGHTS_NAME)
-    except _Unreadable as e:
+    except UnreadableAdapter as e:
         report.problems.append(str(e))
         return report
     report.problems += non_finite
