@@ -2,7 +2,7 @@
 
 PEFT adds s_m * B_m A_m x to module m's output, with A_m (r_m, d_in), B_m (d_out, r_m) and
 s_m = alpha_m / r_m (alpha_m / sqrt(r_m) with use_rslora). Engines apply their own rule
-(:func:`fimlora.check.served_scales`, which cites each engine's source):
+(:func:`fimlora.engines.served_scales`; each engine's record in :mod:`fimlora.engines` cites its source):
 
 * vLLM <= 0.31 and SGLang apply one s = lora_alpha / r to every module (vLLM: / sqrt(r) with rsLoRA);
   vLLM >= 0.32 reads the patterns like PEFT.
@@ -51,8 +51,9 @@ from .adapter_files import (
     read_adapter_config,
     read_module_ranks,
 )
-from .check import check_adapter, engine_refusals, only_classifier_heads, served_scales
+from .check import check_adapter
 from .config import check_choice, first_line
+from .engines import engine_refusals, only_classifier_heads, served_scales
 from .io import atomic_directory, atomic_write_text, check_output_dir, package_versions
 from .modules import cut_layers, pattern_keys
 
