@@ -12,27 +12,9 @@ length or without use_dora; NaN/inf values; inconsistent scaling; the smallest v
 against the real size; and, per serving engine, whether it refuses the adapter or
 multiplies some module's B_m A_m x by another scale than PEFT does.
 
-Each engine's scale rule, read from its source (one helper, :func:`served_scales`):
-
-* PEFT: s_m = alpha_m / r_m (alpha_m / sqrt(r_m) with use_rslora), alpha_m and r_m from
-  alpha_pattern / rank_pattern (first matching key), else lora_alpha and r.
-* vLLM <= 0.31: one s = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora) for every module;
-  rank_pattern/alpha_pattern are not read (``vllm/lora/peft_helper.py``, ``PEFTHelper.__post_init__``).
-  vLLM >= 0.32 resolves both patterns per module like PEFT (``PEFTHelper.get_rank_and_scaling``,
-  used by ``LoRALayerWeights.from_config`` in ``vllm/lora/lora_weights.py``). It refuses DoRA,
-  LoRA bias, base-changing inits and ``modules_to_save`` (<= 0.30: any; >= 0.31: other than
-  ``classifier``/``score``) in ``PEFTHelper._validate_features``. A classifier/score head alone is not counted as
-  a refusal (0.31 and later load it, for classification models); a note says so.
-* llama.cpp (and Ollama, LM Studio, which embed it): ``convert_lora_to_gguf.py`` writes one
-  ``adapter.lora.alpha`` = lora_alpha and reads neither alpha_pattern nor use_rslora; at run time
-  each tensor gets s_m = alpha / r_m with r_m its own rank (``llama_adapter_lora_weight::get_scale``,
-  ``src/llama-adapter.h``; alpha 0 means scale 1). The converter stops on any tensor other than
-  lora_A/lora_B (a DoRA magnitude, a modules_to_save head, a LoRA bias).
-* SGLang 0.5.23: one s = lora_alpha / r for every module, use_rslora and both patterns not read
-  (``sglang/srt/lora/lora.py``, ``LoRAAdapter.__init__``); every module is copied into a buffer
-  slice of the config's r (``LoRAMemoryPool.load_lora_weight_to_buffer`` in ``mem_pool.py``
-  asserts equal shapes), so a module of another rank fails to load. DoRA is refused
-  (``LoRAManager.validate_new_adapter``).
+Each engine's scale rule and refusals, read from its source, are records in :mod:`fimlora.engines`; the adapter
+files (names, tensor keys, PEFT's defaults) are read by :mod:`fimlora.adapter_files`. Both modules' public names
+used with the checks are re-exported here.
 
 ``check_adapter`` runs one step per group of rules; each step returns a list of
 problems (or notes), so a broken file is reported rather than raised.
@@ -40,81 +22,49 @@ problems (or notes), so a broken file is reported rather than raised.
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .adapter_files import (
+    CONFIG_NAME,
+    PEFT_DEFAULT_ALPHA,
+    PEFT_DEFAULT_R,
+    WEIGHTS_NAME,
+    BaseShapes,
+    LoraShapes,
+    UnreadableAdapter,
+    config_rank_alpha,
+    first_pattern_key,
+    module_rank_alpha,
+    module_shapes,
+    read_adapter_config,
+    read_lora_tensors,
+)
 from .allocation import lora_scaling
 from .config import VLLM_MAX_LORA_RANKS, check_choice, check_int, check_number
-from .modules import check_pattern_keys, pattern_key_error, pattern_matches
+from .engines import (
+    BASE_CHANGING_INITS,
+    ENGINES,
+    SERVE_ENGINES,
+    ServingVerdict,
+    changes_base_weights,
+    engine_refusals,
+    only_classifier_heads,
+    served_scales,
+    serving_verdict,
+    vllm_max_lora_rank,
+    vllm_rank_needed,
+)
+from .modules import check_pattern_keys, pattern_key_error
 
 __all__ = ["CheckReport", "ServingVerdict", "SERVE_ENGINES", "BASE_CHANGING_INITS", "changes_base_weights",
-           "check_adapter", "served_scales", "serving_verdict", "VLLM_MAX_LORA_RANKS", "vllm_max_lora_rank"]
+           "check_adapter", "served_scales", "serving_verdict", "VLLM_MAX_LORA_RANKS", "vllm_max_lora_rank",
+           # adapter-file and engine names re-exported: callers imported them from here before the split
+           "CONFIG_NAME", "WEIGHTS_NAME", "UnreadableAdapter", "engine_refusals", "module_rank_alpha",
+           "module_shapes", "only_classifier_heads", "read_adapter_config", "read_lora_tensors"]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-_TENSOR = re.compile(r"^(?:base_model\.model\.)?(?P<name>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
-# DoRA's magnitude vector m (d_out,): PEFT saves it as "<module>.lora_magnitude_vector" (no adapter name, no ".weight")
-_MAGNITUDE = re.compile(r"^(?:base_model\.model\.)?(?P<name>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
-_PEFT_DEFAULT_R, _PEFT_DEFAULT_ALPHA = 8, 8
 _PATTERNS = ("rank_pattern", "alpha_pattern")
-# Engines whose scale rule served_scales knows, and how reports name them (the version the rule was read from).
-SERVE_ENGINES = ("peft", "vllm", "llama.cpp", "sglang")
-ENGINE_NAMES = {"peft": "PEFT", "vllm": "vLLM <= 0.31", "llama.cpp": "llama.cpp (Ollama, LM Studio)",
-                "sglang": "SGLang 0.5.23"}
-# What `fimlora export --for` fixes each engine with (SGLang cannot load mixed ranks: only a merged model serves).
-EXPORT_FOR = {"vllm": "vllm", "llama.cpp": "llama.cpp", "sglang": "merged"}
-# init_lora_weights values with which PEFT (0.21.2, ``LoraLayer.update_layer``) rewrites the base weights while it
-# creates the adapter: pissa_init, corda_init, olora_init, loftq_init and lora_ga_init all assign
-# base_layer.weight.data. Such an adapter is right only on that rewritten base, so an engine that loads it onto the
-# original base serves it wrongly (tests/lib/test_check.py checks this table against the pinned PEFT). The value
-# says whether PEFT matches the name as a prefix ("pissa_niter_4", "corda_...") or exactly.
-BASE_CHANGING_INITS = {"pissa": "prefix", "corda": "prefix", "olora": "exact", "loftq": "exact", "lora_ga": "exact"}
-# Relative difference below which two scales are the same number written two ways (alpha*r'/r / r' vs alpha/r).
-SCALE_RTOL = 1e-6
-
-# name -> {"A": shape of lora_A (r, d_in), "B": shape of lora_B (d_out, r), "M": DoRA magnitude (d_out,) if saved}
-LoraShapes = dict[str, dict[str, tuple[int, ...]]]
-# name -> (d_in, d_out) of a linear-like base module, None for other modules
-BaseShapes = Mapping[str, "tuple[int, int] | None"]
-
-
-@dataclass
-class ServingVerdict:
-    """How one engine serves an adapter: refusals (it will not load it) and modules it scales otherwise than PEFT.
-
-    ``mis_scaled`` maps module -> (the engine's scale, PEFT's scale s_m), for every module where they differ.
-    """
-
-    engine: str
-    refusals: list[str] = field(default_factory=list)
-    mis_scaled: dict[str, tuple[float, float]] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return not self.refusals and not self.mis_scaled
-
-    def describe(self, path: str | None = None) -> str:
-        """One line: what the engine does with the adapter and, if it serves it wrongly, what to run."""
-        name = ENGINE_NAMES[self.engine]
-        if self.ok:
-            return f"{name}: serves it as PEFT computes it"
-        parts = []
-        if self.refusals:
-            parts.append("refuses it: " + "; ".join(self.refusals))
-        if self.mis_scaled:
-            module, (served, peft) = next(iter(self.mis_scaled.items()))
-            parts.append(f"scales {len(self.mis_scaled)} module(s) otherwise than PEFT (e.g. {module}: {served:g} "
-                         f"instead of {peft:g})")
-        # Scales are fixed by folding them into lora_B; a refusal (DoRA, a saved head) only by merging.
-        fix = "merged" if self.refusals else EXPORT_FOR[self.engine]
-        how = f"; run `fimlora export {path or 'ADAPTER'} --for {fix} --out DIR"
-        how += " --base-model BASE`" if fix == "merged" else "`"
-        if fix == "merged" and self.engine == "llama.cpp":
-            how += ", then llama.cpp's convert_hf_to_gguf.py on DIR"
-        return f"{name}: {', and '.join(parts)}{how}"
 
 
 @dataclass
@@ -155,30 +105,6 @@ class CheckReport:
         return "\n".join(lines)
 
 
-class _Unreadable(Exception):
-    """A file the remaining checks cannot run without; its message is the one problem reported."""
-
-
-def changes_base_weights(init) -> bool:
-    """Whether PEFT rewrites the base weights for ``init_lora_weights=init`` (:data:`BASE_CHANGING_INITS`)."""
-    if not isinstance(init, str):
-        return False
-    init = init.lower()
-    return any(init == name or (how == "prefix" and init.startswith(name))
-               for name, how in BASE_CHANGING_INITS.items())
-
-
-def vllm_max_lora_rank(max_rank: int) -> int | None:
-    return next((v for v in VLLM_MAX_LORA_RANKS if v >= max_rank), None)
-
-
-def _first_key(pattern: dict, name: str):
-    for key in sorted(pattern):  # PEFT's order after save_pretrained (sorted JSON keys)
-        if pattern_matches(key, name):
-            return key
-    return None
-
-
 def _problem(check, *args) -> list[str]:
     """The config.py validators raise ValueError("field: rule, got value"); here that message is a problem."""
     try:
@@ -188,71 +114,7 @@ def _problem(check, *args) -> list[str]:
     return []
 
 
-# ----------------------------------------------------------------------------- step 1: read the files
-
-
-def read_adapter_config(cfg_path: Path) -> dict:
-    """``adapter_config.json`` as a dict; _Unreadable names the file when missing, not JSON or not an object."""
-    if not cfg_path.exists():
-        raise _Unreadable(f"{cfg_path}: missing; not a PEFT adapter folder")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _Unreadable(f"{cfg_path}: not valid JSON ({e})") from e
-    if not isinstance(cfg, dict):
-        raise _Unreadable(f"{cfg_path}: must be a JSON object, got {type(cfg).__name__}")
-    return cfg
-
-
-def read_lora_tensors(weights: Path) -> tuple[LoraShapes, list[str]]:
-    """(LoRA A/B shapes by module, problems with non-finite values) from reading every tensor of ``weights``.
-
-    Adapters are small (MBs), so values are read, not only the header.
-    """
-    from safetensors import SafetensorError, safe_open
-
-    if not weights.exists():
-        raise _Unreadable(f"{weights}: missing (only safetensors adapters are checked)")
-    shapes: LoraShapes = {}
-    problems = []
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            for key in f.keys():
-                tensor = f.get_tensor(key)
-                m = _TENSOR.match(key)
-                if m:
-                    shapes.setdefault(m.group("name"), {})[m.group("ab")] = tuple(tensor.shape)
-                m = _MAGNITUDE.match(key)
-                if m:
-                    shapes.setdefault(m.group("name"), {})["M"] = tuple(tensor.shape)
-                if tensor.is_floating_point():
-                    bad = int((~tensor.isfinite()).sum())
-                    if bad:
-                        problems.append(f"{key}: {bad} non-finite value(s) (NaN or inf)")
-    except (SafetensorError, OSError) as e:
-        raise _Unreadable(
-            f"{weights}: cannot be read as safetensors ({e}); truncated or not a safetensors file?"
-        ) from e
-    if not any("A" in ab or "B" in ab for ab in shapes.values()):
-        raise _Unreadable(f"{weights}: holds no LoRA A/B tensors")
-    return shapes, problems
-
-
-def module_shapes(model) -> dict[str, tuple[int, int] | None]:
-    """Every module of a loaded ``torch`` model: name -> (d_in, d_out) for linear-like modules (``nn.Linear``,
-    GPT-2's ``Conv1D``), None for the rest; the ``base_modules`` that :func:`check_adapter` takes."""
-    import torch
-
-    shapes: dict[str, tuple[int, int] | None] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            shapes[name] = (int(module.in_features), int(module.out_features))
-        elif type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
-            d_in, d_out = module.weight.shape
-            shapes[name] = (int(d_in), int(d_out))
-        else:
-            shapes[name] = None
-    return shapes
+# ----------------------------------------------------------------------------- step 1: the files (adapter_files)
 
 
 def _as_base_shapes(base_modules: BaseShapes | Iterable[str] | None) -> BaseShapes | None:
@@ -269,9 +131,9 @@ def config_problems(cfg: dict) -> list[str]:
     problems = []
     if cfg.get("peft_type") not in (None, "LORA"):
         problems.append(f"peft_type: {cfg.get('peft_type')!r} is not LORA")
-    problems += _problem(check_int, "r", cfg.get("r", _PEFT_DEFAULT_R), 1)
+    problems += _problem(check_int, "r", cfg.get("r", PEFT_DEFAULT_R), 1)
     # alpha 0 is valid PEFT (scale 0: the adapter changes nothing); engines read it otherwise (llama.cpp: scale 1).
-    problems += _problem(check_number, "lora_alpha", cfg.get("lora_alpha", _PEFT_DEFAULT_ALPHA), 0, False)
+    problems += _problem(check_number, "lora_alpha", cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA), 0, False)
     for label in _PATTERNS:
         pattern = cfg.get(label) or {}
         if not isinstance(pattern, dict):
@@ -408,13 +270,12 @@ def rank_and_scale_problems(cfg: dict, shapes: LoraShapes, report: CheckReport) 
     Scaling per module is PEFT's alpha_m / r_m (alpha_m / sqrt(r_m) with rsLoRA), from the config.
     """
     problems = []
-    rank_pattern, r0 = cfg.get("rank_pattern") or {}, cfg.get("r", _PEFT_DEFAULT_R)
+    rank_pattern = cfg.get("rank_pattern") or {}
     for name, ab in shapes.items():
         a_shape, b_shape = ab.get("A"), ab.get("B")
         if a_shape is None or b_shape is None or 0 in a_shape or 0 in b_shape:
             continue  # reported by tensor_problems
-        key = _first_key(rank_pattern, name)
-        r = rank_pattern[key] if key is not None else r0
+        key, r = first_pattern_key(rank_pattern, name), module_rank_alpha(cfg, name)[0]
         if a_shape[0] != r or b_shape[1] != r:
             problems.append(
                 f"{name}: config gives rank {r} (key {key!r}) but tensors are A{list(a_shape)}, B{list(b_shape)}; "
@@ -427,7 +288,7 @@ def rank_and_scale_problems(cfg: dict, shapes: LoraShapes, report: CheckReport) 
 
 def scaling_notes(cfg: dict, report: CheckReport) -> list[str]:
     """Whether every module has one scale (what vLLM applies), and pattern entries without an alpha."""
-    r0, alpha0 = cfg.get("r", _PEFT_DEFAULT_R), cfg.get("lora_alpha", _PEFT_DEFAULT_ALPHA)
+    r0, alpha0 = config_rank_alpha(cfg)
     base_scaling = lora_scaling(alpha0, r0, bool(cfg.get("use_rslora", False)))
     notes = []
     distinct = sorted({round(s, 9) for s in report.scalings.values()})
@@ -438,8 +299,8 @@ def scaling_notes(cfg: dict, report: CheckReport) -> list[str]:
                      f"(base alpha/r = {base_scaling:g}; expected with scale='fixed_alpha', and after export --for "
                      "llama.cpp, which folds each module's scale into lora_B)")
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    changed = [n for n in report.ranks if _first_key(rank_pattern, n) is not None
-               and _first_key(alpha_pattern, n) is None and report.ranks[n] != r0]
+    changed = [n for n in report.ranks if first_pattern_key(rank_pattern, n) is not None
+               and first_pattern_key(alpha_pattern, n) is None and report.ranks[n] != r0]
     if changed:
         notes.append(f"{len(changed)} module(s) have a rank_pattern entry but no alpha_pattern entry; "
                      f"their scale is alpha/r_m (e.g. {changed[0]})")
@@ -466,114 +327,18 @@ def serving_sizes(shapes: LoraShapes, ranks: Mapping[str, int], max_lora_rank: i
     return real, padded
 
 
-def module_rank_alpha(cfg: dict, name: str) -> tuple[int, float]:
-    """(r_m, alpha_m) PEFT gives module ``name``: the first rank_pattern / alpha_pattern key that matches
-    (keys in sorted order, as after a reload), else the config's r and lora_alpha."""
-    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    key, akey = _first_key(rank_pattern, name), _first_key(alpha_pattern, name)
-    r = rank_pattern[key] if key is not None else cfg.get("r", _PEFT_DEFAULT_R)
-    alpha = alpha_pattern[akey] if akey is not None else cfg.get("lora_alpha", _PEFT_DEFAULT_ALPHA)
-    return int(r), float(alpha)
-
-
-def served_scales(cfg: dict, ranks: Mapping[str, int], engine: str) -> dict[str, float]:
-    """Scale each engine multiplies module m's B_m A_m x by, for the adapter config ``cfg``.
-
-    ``ranks``: module -> r_m, the rank of its tensors (A (r_m, d_in), B (d_out, r_m)). With alpha = lora_alpha,
-    r = the config's r and alpha_m, r'_m from the patterns (:func:`module_rank_alpha`):
-
-    * ``peft``:      s_m = alpha_m / r'_m, or alpha_m / sqrt(r'_m) with use_rslora (``lora_scaling``).
-    * ``vllm``:      s = alpha / r, or alpha / sqrt(r) with use_rslora, for every module (vLLM <= 0.31).
-    * ``llama.cpp``: s_m = alpha / r_m with the tensor's own rank; use_rslora and alpha_pattern are not read,
-      and alpha = 0 means s_m = 1 (``get_scale``).
-    * ``sglang``:    s = alpha / r for every module; use_rslora is not read (SGLang 0.5.23).
-    """
-    check_choice("engine", engine, SERVE_ENGINES)
-    r0 = cfg.get("r", _PEFT_DEFAULT_R)
-    alpha0 = float(cfg.get("lora_alpha", _PEFT_DEFAULT_ALPHA))
-    rslora = bool(cfg.get("use_rslora", False))
-    if engine == "peft":
-        scales = {}
-        for n in ranks:
-            r, alpha = module_rank_alpha(cfg, n)
-            scales[n] = lora_scaling(alpha, r, rslora)
-        return scales
-    if engine == "vllm":
-        return dict.fromkeys(ranks, lora_scaling(alpha0, r0, rslora))
-    if engine == "sglang":
-        return dict.fromkeys(ranks, lora_scaling(alpha0, r0, False))
-    return {n: lora_scaling(alpha0, r, False) if alpha0 else 1.0 for n, r in ranks.items()}
-
-
-# modules_to_save entries vLLM >= 0.31 loads (the heads of classification models); any other entry is refused.
-VLLM_HEADS = ("classifier", "score")
-
-
-def only_classifier_heads(saved) -> bool:
-    """Whether ``modules_to_save`` is non-empty and holds only heads vLLM >= 0.31 loads (classifier, score)."""
-    return bool(saved) and all(str(m).split(".")[-1] in VLLM_HEADS for m in saved)
-
-
-def engine_refusals(cfg: dict, ranks: Mapping[str, int], engine: str) -> list[str]:
-    """Why ``engine`` will not load the adapter at all (each reason names the field and value); [] if it loads."""
-    check_choice("engine", engine, SERVE_ENGINES)
-    if engine == "peft":
-        return []
-    reasons = []
-    if cfg.get("use_dora"):
-        reasons.append("use_dora=True (DoRA)" + (": the converter stops at lora_magnitude_vector"
-                                                 if engine == "llama.cpp" else ""))
-    if engine in ("vllm", "llama.cpp"):
-        saved = cfg.get("modules_to_save") or []
-        if engine == "llama.cpp" and saved:
-            reasons.append(f"modules_to_save={list(saved)} (whole modules in the adapter; the converter stops at "
-                           "their tensors)")
-        elif engine == "vllm" and saved and not only_classifier_heads(saved):
-            reasons.append(f"modules_to_save={list(saved)} (vLLM <= 0.30 refuses any; >= 0.31 accepts only "
-                           f"{'/'.join(VLLM_HEADS)} of classification models)")
-        if cfg.get("lora_bias"):
-            reasons.append("lora_bias=True (LoRA bias)")
-    if engine == "vllm" and vllm_max_lora_rank(_largest_rank(cfg, ranks)) is None:
-        reasons.append(f"rank {_largest_rank(cfg, ranks)} exceeds vLLM's largest --max-lora-rank "
-                       f"{VLLM_MAX_LORA_RANKS[-1]}")
-    if changes_base_weights(cfg.get("init_lora_weights")):
-        # Every engine here loads the adapter onto the original base; the adapter is right only on PEFT's rewritten
-        # one (PEFT itself converts it with path_initial_model_for_weight_conversion on save).
-        reasons.append(f"init_lora_weights={cfg['init_lora_weights']!r} changes the base weights")
-    if engine == "sglang":
-        r0 = cfg.get("r", _PEFT_DEFAULT_R)
-        other = sorted({r for r in ranks.values() if r != r0})
-        if other:
-            reasons.append(f"modules of rank {other} other than the config's r={r0}: every module is loaded at r")
-    return reasons
-
-
-def serving_verdict(cfg: dict, ranks: Mapping[str, int], engine: str) -> ServingVerdict:
-    """How ``engine`` serves the adapter: its refusals and every module whose scale differs from PEFT's."""
-    peft = served_scales(cfg, ranks, "peft")
-    served = served_scales(cfg, ranks, engine)
-    mis = {n: (served[n], peft[n]) for n in ranks
-           if abs(served[n] - peft[n]) > SCALE_RTOL * max(abs(peft[n]), abs(served[n]))}
-    return ServingVerdict(engine, engine_refusals(cfg, ranks, engine), mis)
-
-
 def vllm_sizes(cfg: dict, shapes: LoraShapes, report: CheckReport) -> None:
     """Set ``report.vllm_max_lora_rank`` and the serving sizes (None when no vLLM --max-lora-rank covers the
     adapter: a refusal of vLLM's, :func:`engine_refusals`, and no problem for the other engines).
 
-    vLLM <= 0.31 validates only the config's r against --max-lora-rank, >= 0.32 max(r, rank_pattern values);
-    both pad every module to it. So K must cover the config's r as well as every module's rank.
+    vLLM pads every module to --max-lora-rank K, and K must cover the config's r as well as every module's rank
+    (:func:`fimlora.engines.vllm_rank_needed`).
     """
     if report.ranks:
-        report.vllm_max_lora_rank = vllm_max_lora_rank(_largest_rank(cfg, report.ranks))
+        report.vllm_max_lora_rank = vllm_max_lora_rank(vllm_rank_needed(cfg, report.ranks))
         if report.vllm_max_lora_rank is not None:
             report.real_params, report.serving_params = serving_sizes(shapes, report.ranks,
                                                                       report.vllm_max_lora_rank)
-
-
-def _largest_rank(cfg: dict, ranks: Mapping[str, int]) -> int:
-    """The rank vLLM's --max-lora-rank must cover: the largest module rank, and the config's r."""
-    return max(max(ranks.values(), default=0), cfg.get("r", _PEFT_DEFAULT_R))
 
 
 def serving_findings(cfg: dict, report: CheckReport, serve: str | None) -> tuple[list[str], list[str]]:
@@ -594,14 +359,10 @@ def serving_findings(cfg: dict, report: CheckReport, serve: str | None) -> tuple
             problems.append(line)
         else:
             notes.append(f"WARNING: served wrongly by {line}")
-    if "vllm" in engines and only_classifier_heads(cfg.get("modules_to_save")):
-        notes.append(f"vLLM: modules_to_save={list(cfg['modules_to_save'])} are classification heads: vLLM >= 0.31 "
-                     "loads them, for a classification model only; vLLM <= 0.30 refuses any modules_to_save")
+    for engine in engines:
+        notes += ENGINES[engine].notes(cfg, report.serving[engine])
     if not serve and all(report.serving[e].ok for e in engines):
-        notes.append("served as PEFT computes it by " + ", ".join(ENGINE_NAMES[e] for e in engines))
-    if "vllm" in report.serving and report.serving["vllm"].mis_scaled:
-        notes.append("vLLM >= 0.32 reads rank_pattern/alpha_pattern per module like PEFT; "
-                     "`fimlora export --for vllm` gives an adapter every vLLM version serves alike")
+        notes.append("served as PEFT computes it by " + ", ".join(ENGINES[e].name for e in engines))
     return problems, notes
 
 
@@ -635,7 +396,7 @@ def check_adapter(path: str | Path, base_modules: BaseShapes | Iterable[str] | N
     try:
         cfg = read_adapter_config(path / CONFIG_NAME)
         shapes, non_finite = read_lora_tensors(path / WEIGHTS_NAME)
-    except _Unreadable as e:
+    except UnreadableAdapter as e:
         report.problems.append(str(e))
         return report
     report.problems += non_finite

@@ -281,11 +281,11 @@ def cmd_check(args) -> int:
 def _adapter_task_type(adapter_dir: str) -> str | None:
     """The adapter config's task_type, which names the task model PEFT loads it onto; None when the config cannot
     be read (check_adapter reports why)."""
-    from .check import CONFIG_NAME, _Unreadable, read_adapter_config
+    from .check import CONFIG_NAME, UnreadableAdapter, read_adapter_config
 
     try:
         return read_adapter_config(Path(adapter_dir) / CONFIG_NAME).get("task_type")
-    except (_Unreadable, OSError):
+    except (UnreadableAdapter, OSError):
         return None
 
 

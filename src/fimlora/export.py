@@ -2,7 +2,7 @@
 
 PEFT adds s_m * B_m A_m x to module m's output, with A_m (r_m, d_in), B_m (d_out, r_m) and
 s_m = alpha_m / r_m (alpha_m / sqrt(r_m) with use_rslora). Engines apply their own rule
-(:func:`fimlora.check.served_scales`, which cites each engine's source):
+(:func:`fimlora.engines.served_scales`; each engine's record in :mod:`fimlora.engines` cites its source):
 
 * vLLM <= 0.31 and SGLang apply one s = lora_alpha / r to every module (vLLM: / sqrt(r) with rsLoRA);
   vLLM >= 0.32 reads the patterns like PEFT.
@@ -39,21 +39,21 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .check import (
-    _PEFT_DEFAULT_ALPHA,
-    _PEFT_DEFAULT_R,
-    _TENSOR,
+from .adapter_files import (
     CONFIG_NAME,
+    PEFT_DEFAULT_ALPHA,
+    PEFT_DEFAULT_R,
     WEIGHTS_NAME,
-    check_adapter,
-    engine_refusals,
+    config_rank_alpha,
     module_rank_alpha,
     module_shapes,
-    only_classifier_heads,
+    parse_tensor_key,
     read_adapter_config,
-    served_scales,
+    read_module_ranks,
 )
+from .check import check_adapter
 from .config import check_choice, first_line
+from .engines import engine_refusals, only_classifier_heads, served_scales
 from .io import atomic_directory, atomic_write_text, check_output_dir, package_versions
 from .modules import cut_layers, pattern_keys
 
@@ -105,21 +105,6 @@ class ExportPlan:
         return d
 
 
-def _read_ranks(path: Path) -> tuple[dict[str, int], list[str]]:
-    """module -> rank of its lora_A (r_m, d_in), and the names of tensors that are not lora_A/lora_B weights."""
-    from safetensors import safe_open
-
-    ranks, other = {}, []
-    with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
-        for key in f.keys():
-            m = _TENSOR.match(key)
-            if m is None:
-                other.append(key)
-            elif m.group("ab") == "A":
-                ranks[m.group("name")] = int(f.get_slice(key).get_shape()[0])
-    return ranks, other
-
-
 def _is_head_tensor(key: str, heads) -> bool:
     """Whether tensor ``key`` belongs to one of the modules_to_save ``heads`` (saved whole, as PEFT saves them)."""
     name = key.removeprefix("base_model.model.")
@@ -133,9 +118,9 @@ def _checked_source(path: Path, base_modules=None, base_name: str | None = None
     if not path.exists():
         raise ValueError(f"adapter: {path}: does not exist")
     if not path.is_dir():
-        raise ValueError(f"adapter: {path} is not a folder (expected adapter_config.json + adapter_model.safetensors)")
+        raise ValueError(f"adapter: {path} is not a folder (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
     if base_modules is not None and (path / CONFIG_NAME).exists():
-        ranks, _ = _read_ranks(path) if (path / WEIGHTS_NAME).exists() else ({}, [])
+        ranks, _ = read_module_ranks(path / WEIGHTS_NAME) if (path / WEIGHTS_NAME).exists() else ({}, [])
         if ranks and not any(n in base_modules for n in ranks):
             cfg = read_adapter_config(path / CONFIG_NAME)
             raise ValueError(f"base_model: {base_name} has none of the adapter's target modules (target_modules="
@@ -147,7 +132,7 @@ def _checked_source(path: Path, base_modules=None, base_name: str | None = None
         raise ValueError(f"adapter: {path} fails `fimlora check`{against} ({len(report.problems)} problem(s)); fix "
                          "them before exporting: " + "; ".join(report.problems[:3]))
     cfg = read_adapter_config(path / CONFIG_NAME)
-    ranks, other = _read_ranks(path)
+    ranks, other = read_module_ranks(path / WEIGHTS_NAME)
     return cfg, ranks, other
 
 
@@ -184,8 +169,8 @@ def compute_export(path: str | Path, engine: str, base_modules=None, base_name: 
     new = plan.config
     # Written out, so that every engine and converter reads the values PEFT used (llama.cpp's converter reads
     # lparams["lora_alpha"] and fails on a config without it).
-    new.setdefault("r", _PEFT_DEFAULT_R)
-    new.setdefault("lora_alpha", _PEFT_DEFAULT_ALPHA)
+    new.setdefault("r", PEFT_DEFAULT_R)
+    new.setdefault("lora_alpha", PEFT_DEFAULT_ALPHA)
     # One key per module that matches that module alone (fc -> ^fc$ beside inner.fc), so no key order (PEFT's
     # sorted, vLLM's file order) matters.
     keys = pattern_keys(ranks)
@@ -194,13 +179,13 @@ def compute_export(path: str | Path, engine: str, base_modules=None, base_name: 
         s = served_scales(cfg, ranks, "vllm")
         rslora = bool(cfg.get("use_rslora", False))
         one = next(iter(s.values()))
-        alpha0 = float(new.get("lora_alpha", _PEFT_DEFAULT_ALPHA))
+        alpha0 = config_rank_alpha(new)[1]
         # alpha'_m with alpha'_m / r_m = s (alpha'_m / sqrt(r_m) = s): PEFT and vLLM >= 0.32 then apply s too.
         alphas = {n: one * (r ** 0.5 if rslora else r) for n, r in ranks.items()}
         alpha_pattern = {keys[n]: a for n, a in alphas.items() if abs(a - alpha0) > 1e-12 * max(1.0, alpha0)}
         plan.rule = "vllm: B'_m = B_m * s_m / s, s = lora_alpha / r (sqrt(r) with rsLoRA); alpha'_m = s * r_m"
     else:
-        alpha = float(cfg.get("lora_alpha", _PEFT_DEFAULT_ALPHA))
+        alpha = config_rank_alpha(cfg)[1]
         if alpha <= 0:
             raise ValueError(f"lora_alpha: must be > 0 to export for llama.cpp (it reads alpha 0 as scale 1 and PEFT "
                              f"as scale 0), got {cfg.get('lora_alpha')}")
@@ -230,9 +215,9 @@ def _folded_tensors(path: Path, factors: dict[str, float]) -> dict:
 
     tensors = load_file(str(path / WEIGHTS_NAME))
     for key, t in tensors.items():
-        m = _TENSOR.match(key)
-        if m and m.group("ab") == "B" and factors.get(m.group("name"), 1.0) != 1.0:
-            tensors[key] = (t.double() * factors[m.group("name")]).to(t.dtype).contiguous()
+        name, part = parse_tensor_key(key) or (None, None)
+        if part == "B" and factors.get(name, 1.0) != 1.0:
+            tensors[key] = (t.double() * factors[name]).to(t.dtype).contiguous()
     return tensors
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..adapter_files import module_shapes
 from ..config import first_line
 from ..export import usable_tokenizer
 from ..io import share_by_umask
@@ -262,27 +263,14 @@ def base_module_shapes(name: str, n_layers: int | None = None,
     task_class = TASK_MODELS.get(task_type or "")
     with torch.device("meta"):
         if task_class is not None:
-            return _shapes(cut_layers(getattr(transformers, task_class).from_config(cfg), n_layers))
+            return module_shapes(cut_layers(getattr(transformers, task_class).from_config(cfg), n_layers))
         base = cut_layers(transformers.AutoModel.from_config(cfg), n_layers)
         architecture = getattr(transformers, (cfg.architectures or [""])[0], None)
         own = cut_layers(architecture(cfg), n_layers) if isinstance(architecture, type) else None
-    shapes = _shapes(base)
+    shapes = module_shapes(base)
     prefix = getattr(base, "base_model_prefix", "")
     if prefix:
         shapes.update({(f"{prefix}.{n}" if n else prefix): s for n, s in list(shapes.items())})
     if own is not None:
-        shapes.update(_shapes(own))
+        shapes.update(module_shapes(own))
     return shapes
-
-
-def _shapes(model) -> dict[str, tuple[int, int] | None]:
-    return {module_name: _linear_shape(module) for module_name, module in model.named_modules()}
-
-
-def _linear_shape(module) -> tuple[int, int] | None:
-    if isinstance(module, torch.nn.Linear):
-        return int(module.in_features), int(module.out_features)
-    if type(module).__name__ == "Conv1D":  # GPT-2 style: weight is (d_in, d_out)
-        d_in, d_out = module.weight.shape
-        return int(d_in), int(d_out)
-    return None
