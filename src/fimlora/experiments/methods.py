@@ -333,11 +333,6 @@ def _prepare_fim_eva(spec: MethodSpec, base_model: nn.Module,
                    "eva_seconds": eva_seconds, "eva_forward_passes": forwards.count, **fim_info(alloc)}, []
 
 
-# PEFT init methods that rewrite the base weights (W -> W - s B_0 A_0): an adapter trained from them only means
-# something on the changed base, so it is saved converted to plain LoRA (:func:`save_adapter`).
-MUTATING_INITS = ("pissa", "lora_ga", "olora", "corda")
-
-
 def pissa_init(settings: Mapping) -> str:
     """PEFT's ``init_lora_weights`` for the ``pissa`` block: ``"pissa"`` (exact SVD of W) when ``niter`` is None,
     else ``"pissa_niter_K"`` (randomised ``torch.svd_lowrank`` with K subspace iterations, what PiSSA's authors
@@ -499,9 +494,12 @@ def _prepare_fim_gora(spec: MethodSpec, base_model: nn.Module,
 
 
 def mutates_base(model: nn.Module, adapter_name: str = "default") -> bool:
-    """Whether the adapter's init rewrote the base weights (PiSSA, LoRA-GA, OLoRA, CorDA)."""
-    init = str(model.peft_config[adapter_name].init_lora_weights).lower()
-    return init.startswith(MUTATING_INITS)
+    """Whether the adapter's init rewrote the base weights (W -> W - s B_0 A_0: PiSSA, LoRA-GA, OLoRA, CorDA,
+    LoftQ; the library's one table, :data:`fimlora.engines.BASE_CHANGING_INITS`): an adapter trained from it only
+    means something on the changed base, so it is saved converted to plain LoRA (:func:`save_adapter`)."""
+    from ..engines import changes_base_weights
+
+    return changes_base_weights(model.peft_config[adapter_name].init_lora_weights)
 
 
 def save_adapter(model: nn.Module, directory, initial_directory=None) -> None:
