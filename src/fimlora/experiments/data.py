@@ -1104,6 +1104,14 @@ def context_groups(flat: list) -> list[tuple[list[int], list[tuple[tuple[int, in
     return [(list(ctx), conts) for (_, ctx), conts in groups.items()]
 
 
+def _cache_argument(model) -> str:
+    """What the model's forward calls its KV cache: ``cache`` (transformers >= 5.2x), else ``past_key_values``."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def _shared_context_logliks(model, flat: list, pad_id: int, batch_size: int, bar) -> dict[tuple[int, int], float]:
     """:func:`choice_logliks` with one forward per context: contexts (B, Lc) left-padded, so that position Lc - 1
     of every row is its last token, whose logits give each choice's first token; the cache of context b is
@@ -1134,7 +1142,7 @@ def _shared_context_logliks(model, flat: list, pad_id: int, batch_size: int, bar
         owner = torch.tensor([b for b, (_, conts) in enumerate(chunk) for _ in conts], dtype=torch.long)
         conts = [cont for _, cs in chunk for _, cont in cs]
         keys = [key for _, cs in chunk for key, _ in cs]
-        cache = out.past_key_values
+        cache = getattr(out, "cache", None) or out.past_key_values
         cache.reorder_cache(owner.to(device))
         cont_ids, cont_mask = right_pad(conts, pad_id)
         lengths = torch.tensor([len(c) for c in contexts], dtype=torch.long)[owner]
@@ -1143,7 +1151,7 @@ def _shared_context_logliks(model, flat: list, pad_id: int, batch_size: int, bar
             rest = model(input_ids=cont_ids[:, :-1].to(device),
                          attention_mask=torch.cat([ctx_mask[owner], cont_mask[:, :-1]], dim=1).to(device),
                          position_ids=(lengths[:, None] + torch.arange(cont_ids.shape[1] - 1)).to(device),
-                         past_key_values=cache, use_cache=False)
+                         use_cache=False, **{_cache_argument(model): cache})
             tok_lp = torch.log_softmax(rest.logits.float(), dim=-1).gather(
                 -1, cont_ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
         for r, (key, cont) in enumerate(zip(keys, conts)):
