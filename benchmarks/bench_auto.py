@@ -110,7 +110,7 @@ def _replay(run: dict, rule: str, rows_per_batch: int, max_k: int) -> tuple[int 
 
 def converge_setup(cfg, train_task, spec, settings, batches, seed: int, n_ref: int) -> dict:
     """Sections 1 and 2: prefix maps of one N = n_ref calibration, and the stop rules replayed on it."""
-    from fimlora.experiments.builders import build_base_model
+    from fimlora.app.builders import build_base_model
     from fimlora.experiments.sweep import causal_lm_dtype
 
     def base():
@@ -143,11 +143,11 @@ def measure_setup(config_path: str, task: str | None, seed: int, smoke: bool) ->
     it (section 3), all on the same batches."""
     from dataclasses import asdict, replace
 
-    from fimlora.experiments.builders import build_base_model, build_calibration_loader, build_tokenizer
+    from fimlora.app.builders import build_base_model, build_calibration_loader, build_tokenizer
+    from fimlora.app.train import TrainSettings
     from fimlora.experiments.config import ExperimentConfig, RunSpec, load_config
     from fimlora.experiments.methods import prepare_method
     from fimlora.experiments.sweep import _load_tasks, _method_spec, causal_lm_dtype
-    from fimlora.experiments.train import TrainSettings
 
     cfg = load_config(ROOT / config_path)
     if smoke:

@@ -41,11 +41,11 @@ def train_and_score(size: str, seed: int, fim: dict) -> dict:
 
     from transformers import set_seed
 
-    from fimlora.experiments.builders import build_base_model, build_calibration_loader, build_tokenizer
+    from fimlora.app.builders import build_base_model, build_calibration_loader, build_tokenizer
+    from fimlora.app.train import TrainSettings, finetune, predict
     from fimlora.experiments.config import ExperimentConfig, RunSpec, load_config
     from fimlora.experiments.methods import prepare_method
     from fimlora.experiments.sweep import _load_tasks, _method_spec, causal_lm_dtype
-    from fimlora.experiments.train import TrainSettings, finetune, predict
 
     cfg = load_config(ROOT / CONFIG)
     train = dict(cfg.train)
@@ -77,8 +77,8 @@ def train_and_score(size: str, seed: int, fim: dict) -> dict:
 def paired_interval(a: list[list[int]], b: list[list[int]], resamples: int = RESAMPLES, level: float = LEVEL,
                     seed: int = 0) -> tuple[float, float, float]:
     """mean_s (acc_a,s - acc_b,s) and its paired bootstrap interval over test examples: the harness's
-    :func:`fimlora.experiments.significance.paired_bootstrap` (examples resampled, seeds pooled)."""
-    from fimlora.experiments.significance import paired_bootstrap
+    :func:`fimlora.bench.significance.paired_bootstrap` (examples resampled, seeds pooled)."""
+    from fimlora.bench.significance import paired_bootstrap
 
     r = paired_bootstrap(a, b, n_resamples=resamples, seed=seed, confidence=level)
     return r["difference"], r["ci_low"], r["ci_high"]

@@ -135,13 +135,13 @@ CASES = {
 
 
 def minilm_base():
-    from fimlora.experiments.models import load_classifier
+    from fimlora.app.models import load_classifier
 
     return load_classifier("minilm", 2, seed=0)
 
 
 def smollm2_base(layers: int | None):
-    from fimlora.experiments.models import load_causal_lm
+    from fimlora.app.models import load_causal_lm
 
     return load_causal_lm("smollm2", layers)
 
@@ -159,8 +159,9 @@ def qllama_base(layers: int, hidden: int, bits: int):
 
 def sst2_batches(n: int, bs: int, seq: int) -> list[dict]:
     """``n`` collated SST-2 training batches of ``bs`` examples, truncated to ``seq`` tokens, for MiniLM."""
-    from fimlora.experiments.data import ClassificationCollator, load_task
-    from fimlora.experiments.models import load_tokenizer
+    from fimlora.app.collators import ClassificationCollator
+    from fimlora.app.models import load_tokenizer
+    from fimlora.app.tasks import load_task
 
     task = load_task("sst2", seed=0, max_train=n * bs)
     collate = ClassificationCollator(load_tokenizer("minilm"), seq)
@@ -184,7 +185,7 @@ def lora_model(case: Case) -> nn.Module:
     """The case's base model with rank-LORA_R LoRA on its targets (A drawn from seed 0)."""
     from peft import LoraConfig
 
-    from fimlora.experiments.builders import build_peft_model
+    from fimlora.app.builders import build_peft_model
 
     config = LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, target_modules=target_modules(case),
                         task_type=case.task_type)

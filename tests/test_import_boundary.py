@@ -1,8 +1,15 @@
-"""The library never loads the research harness or an optional package; the CLI runs on core dependencies.
+"""Three layers, each importing only those below it, and no optional package; the CLI runs on core dependencies.
 
-Like torchtune's tests/test_import_recipes.py: a fresh interpreter imports ``fimlora`` and we look at
-what it loaded. PyYAML cannot be blocked beyond ``import fimlora``: huggingface_hub (so transformers)
-imports it, which makes it a core dependency in practice.
+* the library (``fimlora`` but ``app``, ``bench``, ``experiments`` and ``cli.py``) imports neither other layer;
+* the application layer (``fimlora.app``: what the ``fimlora`` command needs) never imports the research bench
+  (``fimlora.bench``, and ``fimlora.experiments``, the bench's old path) or the CLI;
+* ``import fimlora.cli`` loads no bench module: the bench is imported by ``run``/``report`` only (and its
+  bundled tasks through the ``fimlora.tasks`` entry point, when a task name is looked up).
+
+Every module of the package belongs to exactly one layer (:func:`layer_of`); there is no exemption list. Like
+torchtune's tests/test_import_recipes.py, a fresh interpreter imports ``fimlora`` and we look at what it loaded.
+PyYAML cannot be blocked beyond ``import fimlora``: huggingface_hub (so transformers) imports it, which makes it a
+core dependency in practice.
 """
 
 from __future__ import annotations
@@ -20,15 +27,29 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "fimlora"
 OPTIONAL = ("matplotlib", "yaml", "pyarrow", "gguf", "datasets", "axolotl", "llamafactory")
-# Outside the library: the harness subpackage and the CLI that dispatches to both.
-NOT_LIBRARY = ("experiments", "cli.py")
+# What each layer's modules may not import (a prefix of the imported module's name).
+FORBIDDEN = {"library": ("fimlora.app", "fimlora.bench", "fimlora.experiments", "fimlora.cli"),
+             "app": ("fimlora.bench", "fimlora.experiments", "fimlora.cli"),
+             "cli": (),
+             "bench": ("fimlora.cli",)}
 # The axolotl plugin subclasses axolotl's BasePlugin, so importing it imports axolotl; axolotl imports it by the
 # name in its config's `plugins:` list, and no other module may import it (or axolotl).
 PLUGINS = {"fimlora.integrations.axolotl": "axolotl"}
 
 
+def layer_of(path: Path) -> str:
+    """The layer of a module of the package: app/ is the app, bench/ and the deprecated experiments/ paths (which
+    import the app and the bench) the bench, cli.py the CLI, everything else the library."""
+    top = path.relative_to(PACKAGE).parts[0]
+    return {"app": "app", "bench": "bench", "experiments": "bench", "cli.py": "cli"}.get(top, "library")
+
+
+def package_modules() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
 def library_modules() -> list[Path]:
-    return sorted(p for p in PACKAGE.rglob("*.py") if p.relative_to(PACKAGE).parts[0] not in NOT_LIBRARY)
+    return [p for p in package_modules() if layer_of(p) == "library"]
 
 
 def run_python(code: str, blocked=OPTIONAL, timeout=600) -> subprocess.CompletedProcess:
@@ -53,7 +74,7 @@ def test_import_fimlora_loads_no_harness_no_cli_and_no_optional_package():
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "fimlora.integrations" in loaded and "fimlora.api" in loaded  # the whole library was imported
     assert "fimlora.integrations.axolotl_rules" in loaded and not set(PLUGINS) & set(loaded)
-    assert [m for m in loaded if m.startswith(("fimlora.experiments", "fimlora.cli"))] == []
+    assert [m for m in loaded if m.startswith(FORBIDDEN["library"])] == []
 
 
 def _imports(path: Path) -> list[str]:
@@ -70,10 +91,26 @@ def _imports(path: Path) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("path", library_modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
-def test_library_module_never_imports_the_harness_or_the_cli(path):
-    bad = [m for m in _imports(path) if m.startswith(("fimlora.experiments", "fimlora.cli"))]
-    assert bad == []
+@pytest.mark.parametrize("path", package_modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_each_module_imports_only_the_layers_below_its_own(path):
+    bad = [m for m in _imports(path) if m.startswith(FORBIDDEN[layer_of(path)])]
+    assert bad == [], f"{layer_of(path)} module imports {bad}"
+
+
+def test_import_fimlora_cli_loads_no_bench_module():
+    proc = run_python("import json, fimlora.cli\n"
+                      "print(json.dumps(sorted(m for m in sys.modules if m.startswith('fimlora'))))\n",
+                      blocked=("matplotlib", "pyarrow", "gguf", "datasets", "axolotl", "llamafactory"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "fimlora.app.jobs" in loaded and "fimlora.app.demo" in loaded  # the CLI imports the app at the top
+    assert [m for m in loaded if m.startswith(("fimlora.bench", "fimlora.experiments"))] == []
+
+
+def test_every_module_is_in_a_layer_and_each_layer_is_checked():
+    layers = {layer_of(p) for p in package_modules()}
+    assert layers == set(FORBIDDEN)
+    assert layer_of(PACKAGE / "app" / "tasks.py") == "app" and layer_of(PACKAGE / "bench" / "tasks.py") == "bench"
 
 
 @pytest.mark.parametrize("path", library_modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
@@ -87,9 +124,10 @@ def test_only_the_plugin_modules_import_their_tool(path):
 def test_the_boundary_check_sees_lazy_and_relative_imports(tmp_path):
     """The AST scan must catch what it exists to catch (a lazy, relative import inside a function)."""
     fake = PACKAGE / "_boundary_probe.py"
-    fake.write_text("def f():\n    from .experiments.data import load_task\n    return load_task\n")
+    fake.write_text("def f():\n    from .bench.tasks import load_sst2\n    return load_sst2\n")
     try:
-        assert "fimlora.experiments.data" in _imports(fake)
+        assert "fimlora.bench.tasks" in _imports(fake)
+        assert [m for m in _imports(fake) if m.startswith(FORBIDDEN[layer_of(fake)])]
     finally:
         fake.unlink()
 

@@ -106,7 +106,7 @@ def test_fsdp2_snippet_runs(tmp_path):
 
 
 def test_readme_lists_every_bundled_task_and_extra():
-    from fimlora.experiments.data import TASKS
+    from fimlora.app.tasks import TASKS
 
     text = README.read_text(encoding="utf-8")
     missing = [t for t in TASKS if f"`{t}`" not in text]

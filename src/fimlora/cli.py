@@ -10,6 +10,9 @@ import warnings
 from pathlib import Path
 
 from . import __version__
+from .app.demo import DEMO_TARGET_MODULES, DemoJob
+from .app.jobs import MIN_MAX_LENGTH, CalibrateJob
+from .app.tasks import TASK_TYPES, TASKS
 from .check import SERVE_ENGINES
 from .config import (
     AGGREGATIONS,
@@ -20,9 +23,6 @@ from .config import (
     VLLM_MAX_LORA_RANKS,
     setting_help,
 )
-from .experiments.data import TASK_TYPES, TASKS
-from .experiments.demo import DEMO_TARGET_MODULES, DemoJob
-from .experiments.jobs import MIN_MAX_LENGTH, CalibrateJob
 from .export import EXPORT_ENGINES
 
 __all__ = ["main", "build_parser"]
@@ -234,7 +234,7 @@ def _job(cls, args):
 
 
 def cmd_calibrate(args) -> int:
-    from .experiments.jobs import CalibrateJob, run_calibrate
+    from .app.jobs import CalibrateJob, run_calibrate
     from .rankmap import format_rank_table
 
     result = run_calibrate(_job(CalibrateJob, args))
@@ -270,7 +270,7 @@ def cmd_check(args) -> int:
         raise ValueError(f"n_layers: cuts the base model given with --base-model; got --n-layers {args.n_layers} "
                          "without one")
     if args.base_model:
-        from .experiments.models import base_module_shapes
+        from .app.models import base_module_shapes
 
         base_modules = base_module_shapes(args.base_model, args.n_layers, _adapter_task_type(args.adapter_dir))
     report = check_adapter(args.adapter_dir, base_modules, serve=args.serve)
@@ -296,7 +296,7 @@ def cmd_export(args) -> int:
     if args.base_model:
         if args.engine != "merged":
             raise ValueError(f"base-model: only --for merged uses a base model, got --for {args.engine}")
-        from .experiments.models import resolve_model
+        from .app.models import resolve_model
 
         base = resolve_model(args.base_model)
     plan = export_adapter(args.adapter_dir, args.engine, args.out, base_model=base, overwrite=args.overwrite,
@@ -309,7 +309,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .experiments.demo import DemoJob, run_demo
+    from .app.demo import DemoJob, run_demo
 
     run_demo(_job(DemoJob, args))
     return 0

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from fimlora.experiments.builders import reload_adapter
+from fimlora.app.builders import reload_adapter
 from fimlora.experiments.gora import gora_b, gora_importance, gora_rank_bounds, gora_ranks
 from fimlora.experiments.methods import MethodSpec, final_rank_map, prepare_method, save_adapter
 from fimlora.modules import base_model_of
@@ -306,11 +306,11 @@ def test_a_pissa_run_s_kept_adapter_reloads_onto_the_unchanged_base(tmp_path):
 
     from peft import PeftModel
 
-    from fimlora.experiments.builders import build_base_model
-    from fimlora.experiments.data import load_task
-    from fimlora.experiments.models import load_tokenizer
+    from fimlora.app.builders import build_base_model
+    from fimlora.app.models import load_tokenizer
+    from fimlora.app.tasks import load_task
+    from fimlora.app.train import TrainSettings, evaluate
     from fimlora.experiments.sweep import run_sweep
-    from fimlora.experiments.train import TrainSettings, evaluate
     from tests.experiments.test_sweep import base_cfg
 
     cfg = base_cfg(methods=["pissa"], seeds=[1], keep_adapters=True)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from fimlora.app.train import DivergenceCallback
 from fimlora.experiments.config import ExperimentConfig, expand_runs, load_config, parse_shard
 from fimlora.experiments.methods import adalora_schedule
 from fimlora.experiments.report import build_report, load_results
 from fimlora.experiments.sweep import run_sweep
-from fimlora.experiments.train import DivergenceCallback
 from tests.references import assert_adapter_readable_as_its_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml"))
@@ -129,10 +129,10 @@ def test_sweep_runs_all_five_methods_for_real(sweep):
     # the recorded accuracy is the kept adapter's, reloaded with stock PEFT and scored independently here
     from peft import PeftModel
 
-    from fimlora.experiments.builders import build_base_model
-    from fimlora.experiments.data import load_task
-    from fimlora.experiments.models import load_tokenizer
-    from fimlora.experiments.train import TrainSettings, evaluate
+    from fimlora.app.builders import build_base_model
+    from fimlora.app.models import load_tokenizer
+    from fimlora.app.tasks import load_task
+    from fimlora.app.train import TrainSettings, evaluate
 
     task = load_task("trec6", seed=0, max_train=64, max_test=32)
     reloaded = PeftModel.from_pretrained(build_base_model("minilm", task, 1, seed=1),
@@ -196,10 +196,11 @@ def test_adalora_prunes_through_trainer_callback_and_reloads_with_stock_peft(tmp
     import torch
     from peft import PeftModel
 
-    from fimlora.experiments.data import ClassificationCollator, load_task
+    from fimlora.app.collators import ClassificationCollator
+    from fimlora.app.models import load_classifier, load_tokenizer
+    from fimlora.app.tasks import load_task
+    from fimlora.app.train import TrainSettings, finetune
     from fimlora.experiments.methods import MethodSpec, final_rank_map, prepare_method
-    from fimlora.experiments.models import load_classifier, load_tokenizer
-    from fimlora.experiments.train import TrainSettings, finetune
 
     task = load_task("trec6", max_train=64, max_test=16)
     tok = load_tokenizer("minilm")

@@ -168,7 +168,7 @@ def drop_tensors(adapter, needle):
 def test_check_passes_exclude_modules_written_with_peft_names(tmp_path, capsys, exclude):
     """PEFT matches exclude_modules against the names of the model it wraps (``bert.encoder...`` for a SEQ_CLS
     adapter); the same module's bare name (``encoder...``) is not one PEFT ever saw."""
-    from fimlora.experiments.models import base_module_shapes
+    from fimlora.app.models import base_module_shapes
 
     assert check_on_saved_base(tmp_path, lora_bert(exclude_modules=exclude), tiny_bert()) == 0, \
         capsys.readouterr().out

@@ -398,7 +398,7 @@ def test_merged_export_of_a_base_without_tokenizer_files_saves_none_and_says_so(
 def test_merged_export_keeps_a_real_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
-    from fimlora.experiments.models import resolve_model
+    from fimlora.app.models import resolve_model
 
     minilm = resolve_model("minilm")
     lora_bert(modules_to_save=["classifier"]).save_pretrained(tmp_path / "a")

@@ -10,8 +10,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch.utils.data import DataLoader
 
 import fimlora
-from fimlora.experiments.data import CausalLMCollator, ClassificationCollator, load_task
-from fimlora.experiments.models import load_causal_lm, load_classifier, load_tokenizer
+from fimlora.app.collators import CausalLMCollator, ClassificationCollator
+from fimlora.app.models import load_causal_lm, load_classifier, load_tokenizer
+from fimlora.app.tasks import load_task
 from tests.references import make_b_nonzero
 
 pytestmark = pytest.mark.slow

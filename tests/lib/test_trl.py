@@ -282,7 +282,7 @@ def test_sft_trainer_qlora_4bit_base_all_linear(tmp_path):
     from peft import LoraConfig, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    from fimlora.experiments.builders import build_quantization_config, quantized_device_map
+    from fimlora.app.builders import build_quantization_config, quantized_device_map
 
     base = AutoModelForCausalLM.from_pretrained(_save_tiny_llama(tmp_path / "base"), dtype=torch.float32,
                                                 quantization_config=build_quantization_config("4bit"),

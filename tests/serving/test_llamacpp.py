@@ -46,7 +46,7 @@ REL_TOL = 0.02
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    from fimlora.experiments.models import resolve_model
+    from fimlora.app.models import resolve_model
 
     for script in ("convert_lora_to_gguf.py", "convert_hf_to_gguf.py"):
         if not (CONVERTER_DIR / script).exists():

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from fimlora.experiments.metrics import GLUE_METRICS, compute_metrics, default_metrics, glue_task
+from fimlora.app.metrics import GLUE_METRICS, compute_metrics, default_metrics, glue_task
 
 pytest.importorskip("sklearn")
 pytest.importorskip("scipy")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fimlora.experiments.significance import paired_bootstrap
+from fimlora.bench.significance import paired_bootstrap
 
 
 def slow_paired_bootstrap(a, b, n_resamples, seed, confidence):

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from fimlora.experiments.data import load_task, load_user_file
+from fimlora.app.tasks import load_task
+from fimlora.app.user_files import load_user_file
 
 
 def write_jsonl(path, records):

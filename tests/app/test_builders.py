@@ -6,14 +6,14 @@ import warnings
 
 import pytest
 
-from fimlora.experiments.builders import (
+from fimlora.app.builders import (
     FIM_DEFAULTS,
     build_fim_config,
     build_lora_config,
     check_tokenizer_coverage,
     task_type_for,
 )
-from fimlora.experiments.data import TaskData
+from fimlora.app.tasks import TaskData
 
 
 class WordTokenizer:
@@ -69,7 +69,7 @@ def test_reload_adapter_is_stock_and_quiet(tmp_path):
 
     import torch
 
-    from fimlora.experiments.builders import reload_adapter
+    from fimlora.app.builders import reload_adapter
     from tests.references import lm_batches, lora_llama, make_b_nonzero, tiny_llama
 
     model = lora_llama()

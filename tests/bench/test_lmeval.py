@@ -18,7 +18,7 @@ pytestmark = [
 def smol():
     import torch
 
-    from fimlora.experiments.models import load_causal_lm, load_tokenizer
+    from fimlora.app.models import load_causal_lm, load_tokenizer
 
     torch.manual_seed(0)
     return load_causal_lm("smollm2", n_layers=2).eval(), load_tokenizer("smollm2")
@@ -29,8 +29,9 @@ def test_local_tasks_give_our_log_likelihoods_and_accuracy(smol, tmp_path):
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from fimlora.experiments.data import choice_logliks, load_task, score_choices
-    from fimlora.experiments.lmeval import lm_eval_scores, write_local_tasks
+    from fimlora.app.scoring import choice_logliks, score_choices
+    from fimlora.app.tasks import load_task
+    from fimlora.bench.lmeval import lm_eval_scores, write_local_tasks
 
     model, tok = smol
     # piqa and hellaswag: a context; winogrande: none (lm-eval then conditions on a prefix token, as we do)

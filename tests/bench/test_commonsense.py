@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from fimlora.experiments import data
-from fimlora.experiments.data import load_task, load_user_file
+from fimlora.app.tasks import load_task
+from fimlora.app.user_files import load_user_file
+from fimlora.bench import tasks as data
 
 ROWS = [  # two rows in commonsense_170k's shape (instruction, input, output, answer)
     {"instruction": "Please choose the correct solution to the question: How do you open a jar?\n\n"
@@ -52,7 +53,7 @@ def test_offline_commonsense_170k_falls_back_to_the_bundled_mixture_and_says_so(
             raise ConnectionError("Couldn't reach the hub (offline)")
         return load_dataset
 
-    monkeypatch.setattr(data, "_hub_load_dataset", offline)
+    monkeypatch.setattr(data, "hub_load_dataset", offline)
     task = load_task("commonsense_170k", seed=3)
     assert "could not be loaded (ConnectionError: Couldn't reach the hub (offline))" in task.meta["fallback"]
     assert task.kind == "multiple_choice" and task.test == []
@@ -68,7 +69,7 @@ def test_a_mixture_training_on_commonsense_170k_records_the_fallback(monkeypatch
     from fimlora.experiments.config import ExperimentConfig, expand_runs
     from fimlora.experiments.sweep import _load_tasks
 
-    monkeypatch.setattr(data, "_hub_load_dataset", lambda spec: (_ for _ in ()).throw(ConnectionError("offline")))
+    monkeypatch.setattr(data, "hub_load_dataset", lambda spec: (_ for _ in ()).throw(ConnectionError("offline")))
     cfg = ExperimentConfig(name="c", model="smollm2", methods=["lora"], seeds=[1], ranks=[2],
                            mixture={"train": ["commonsense_170k"], "eval": ["piqa"]},
                            data={"max_train_per_task": 10, "max_test": 5})

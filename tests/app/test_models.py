@@ -22,7 +22,7 @@ def test_two_processes_converting_smollm2_into_a_fresh_cache_both_succeed(tmp_pa
     """
     env = {**os.environ, "FIMLORA_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
-    code = "from fimlora.experiments.models import resolve_model; print(resolve_model('smollm2'))"
+    code = "from fimlora.app.models import resolve_model; print(resolve_model('smollm2'))"
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
     outs = [p.communicate(timeout=280) for p in procs]
