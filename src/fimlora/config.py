@@ -70,9 +70,16 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name}: must be one of {list(choices)}, got {value!r}")
 
 
-def check_fraction(name: str, value) -> None:
-    """None, or a number in (0, 1]: a share of something that exists."""
-    check_number(name, value, minimum=0, allow_none=True)
+def check_fraction(name: str, value, below_one: bool = False, allow_none: bool = True) -> None:
+    """A share: a number in (0, 1], a share of something that exists (a budget); with ``below_one`` in [0, 1),
+    a share that may be none but never all (dropout, a held-out split, a schedule's phase). None passes when
+    ``allow_none``."""
+    if below_one:
+        check_number(name, value, minimum=0, strict=False, allow_none=allow_none)
+        if value is not None and value >= 1:
+            raise ValueError(f"{name}: must be < 1, got {value!r}")
+        return
+    check_number(name, value, minimum=0, allow_none=allow_none)
     if value is not None and value > 1:
         raise ValueError(f"{name}: must be in (0, 1], got {value!r}")
 

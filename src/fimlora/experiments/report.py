@@ -24,22 +24,20 @@ from pathlib import Path
 from ..extras import MissingExtraError, require
 from ..io import atomic_write_text
 from .metrics import GLUE_COLUMNS, GLUE_DISPLAY, METRIC_LABELS, METRICS, PAPER_METRIC, glue_task
+from .registry import method_info, method_names
 from .significance import paired_bootstrap
 
 __all__ = ["load_results", "mean_std", "task_scores", "select_runs", "paired_comparison", "paired_scoreboard",
            "build_report", "write_report"]
 
-METHOD_ORDER = ["lora", "rslora", "adalora", "eva", "pissa", "lora_ga", "gora", "random", "fim", "fim_eva",
-                "fim_rslora", "fim_pissa", "fim_gora"]
-METHOD_LABEL = {"lora": "LoRA", "adalora": "AdaLoRA", "eva": "EVA", "random": "Random-rank", "fim": "FIM-LoRA",
-                "fim_eva": "FIM ranks + EVA directions", "rslora": "rsLoRA", "pissa": "PiSSA", "lora_ga": "LoRA-GA",
-                "gora": "GoRA", "fim_rslora": "FIM ranks + rsLoRA", "fim_pissa": "FIM ranks + PiSSA init",
-                "fim_gora": "FIM ranks + GoRA init"}
-# What each composite (FIM ranks + another method's init or scale) is judged against: the two methods it combines.
-COMPOSITE_PARENTS = {"fim_eva": ("fim", "eva"), "fim_rslora": ("fim", "rslora"), "fim_pissa": ("fim", "pissa"),
-                     "fim_gora": ("fim", "gora")}
-# The baselines and peers FIM-LoRA is judged against, in the order the verdict lines name them.
-BASELINES = ("lora", "random", "eva", "adalora", "rslora", "pissa", "lora_ga", "gora")
+# The methods in the report's order, their labels, each composite's two parents (what it is judged against) and the
+# baselines FIM-LoRA is judged against, in the order the verdict lines name them: all declared in .registry.
+METHOD_ORDER = list(method_names())
+METHOD_LABEL = {name: method_info(name).label for name in METHOD_ORDER}
+COMPOSITE_PARENTS = {name: method_info(name).parents for name in METHOD_ORDER if method_info(name).parents}
+BASELINES = tuple(sorted((name for name in METHOD_ORDER if method_info(name).baseline is not None),
+                         key=lambda name: method_info(name).baseline))
+
 # Bootstrap resamples per comparison: p-values resolve to about 1e-4, and a report of a few hundred comparisons
 # over a few hundred examples each stays within seconds.
 BOOTSTRAP_RESAMPLES = 10_000

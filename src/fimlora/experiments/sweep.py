@@ -200,12 +200,13 @@ def _total_steps(n_train: int, settings) -> int:
 def _method_spec(cfg: ExperimentConfig, run: RunSpec, kind: str, n_train: int, settings):
     from .builders import task_type_for
     from .methods import MethodSpec
+    from .registry import settings_block
 
     return MethodSpec(method=run.method, r=run.r, lora_alpha=cfg.lora_alpha_ratio * run.r,
                       target_modules=cfg.target_modules, task_type=task_type_for(kind),
                       lora_dropout=cfg.lora_dropout, seed=run.seed, fim={**cfg.fim, **dict(run.fim_variant)},
-                      eva_rho=float(cfg.eva.get("rho", 2.0)), adalora=dict(cfg.adalora), pissa=dict(cfg.pissa),
-                      lora_ga=dict(cfg.lora_ga), gora=dict(cfg.gora),
+                      eva_rho=float(settings_block("eva").value(cfg.eva, "rho")), adalora=dict(cfg.adalora),
+                      pissa=dict(cfg.pissa), lora_ga=dict(cfg.lora_ga), gora=dict(cfg.gora),
                       total_steps=_total_steps(n_train, settings))
 
 
