@@ -601,24 +601,12 @@ def rank_map_stats(runs: list[dict], figures_dir: Path | None) -> list[str]:
     return out
 
 
-def _allocation_of(run: dict):
-    """The run's rank map before training as a RankAllocation (scores 0 when the run recorded none)."""
-    from ..allocation import RankAllocation
-
-    ranks = run["rank_map_before_training"]
-    scores = run["method_info"].get("scores") or {n: 0.0 for n in ranks}
-    return RankAllocation(scores=scores, ranks=ranks, alphas={n: 1.0 for n in ranks},
-                          old_ranks={n: run["r"] for n in ranks}, old_alphas={n: 1.0 for n in ranks},
-                          shapes={n: [0, 0] for n in ranks}, budget=sum(ranks.values()),
-                          r_min=min(ranks.values()), r_max=max(ranks.values()), base_r=run["r"], base_alpha=1.0)
-
-
 def _rank_map_entry(run: dict, figures_dir: Path | None) -> str:
     """One bullet of the rank-map section, with the figure's Markdown image link when it was drawn."""
-    from ..rankmap import group_stats
+    from ..rankmap import rank_stats
 
-    alloc = _allocation_of(run)
-    stats = group_stats(alloc)
+    ranks = run["rank_map_before_training"]
+    stats = rank_stats(ranks)
     by_type = ", ".join(f"{k} {mean:.2f}" for k, mean in stats["mean_rank_by_type"].items())
     by_group = ", ".join(f"{g} (layers {grp['layers'][0]}-{grp['layers'][1]}) {grp['mean_rank']:.2f}"
                          for g, grp in stats["mean_rank_by_layer_group"].items())
@@ -627,17 +615,18 @@ def _rank_map_entry(run: dict, figures_dir: Path | None) -> str:
     if figures_dir is not None:
         # Named by experiment too: one report holds several experiments with the same task and rank.
         fig = figures_dir / f"rank_map_{_safe_name(run['experiment'])}_{run['task'].replace('+', '_')}_r{run['r']}.png"
-        if _draw_rank_map(alloc, fig, scores="scores" in run["method_info"]):
+        if _draw_rank_map(ranks, fig, run["method_info"].get("scores") or False):
             text += f"\n\n  ![rank map {run['task']} r={run['r']}]({fig.parent.name}/{fig.name})"
     return text
 
 
-def _draw_rank_map(alloc, fig: Path, scores: bool) -> bool:
-    """Draw the rank map to ``fig``; False (the report goes on without it) when it cannot be drawn."""
+def _draw_rank_map(ranks: dict[str, int], fig: Path, scores: dict[str, float] | bool) -> bool:
+    """Draw the rank map {module: rank} (with the run's scores, when it recorded them) to ``fig``; False (the
+    report goes on without it) when it cannot be drawn."""
     from ..rankmap import plot_rank_map
 
     try:
-        plot_rank_map(alloc, fig, scores=scores)
+        plot_rank_map(ranks, fig, scores=scores)
     except MissingExtraError as e:
         # The tables are the report; a missing plotting extra only costs the figures.
         warnings.warn(f"report: rank-map figures left out: {e}", stacklevel=4)
