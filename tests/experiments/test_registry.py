@@ -30,8 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_report_tables_read_off_the_registry_are_the_ones_the_report_always_had():
-    from fimlora.experiments import report
-    tables = report
+    from fimlora.experiments import report, tables
 
     assert tables.METHOD_ORDER == ["lora", "rslora", "adalora", "eva", "pissa", "lora_ga", "gora", "random", "fim",
                                    "fim_eva", "fim_rslora", "fim_pissa", "fim_gora"]
