@@ -214,7 +214,7 @@ def _experiment_section(runs: list[dict], experiment: str, figures_dir: Path | N
     """The lines of one experiment's section: method tables (plain methods and explicit FIM variants),
     fim_grid ablations, rank maps and cost."""
     parts = ["", f"## {experiment}", ""]
-    plain = [run for run in runs if not run.get("fim_variant") or _explicit_variant(run)]
+    plain = [run for run in runs if not run["fim_variant"] or _explicit_variant(run)]
     if plain:
         parts += _plain_sections(plain, csv_rows)
         parts += frontier_section(plain, experiment, figures_dir)

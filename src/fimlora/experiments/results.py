@@ -127,7 +127,8 @@ _LATER = ("config", "data_contents", "settings_hash", "wall_seconds", "reused_fr
 def upgrade(d: Mapping) -> dict:
     """A result file's JSON as the current code reads it; every difference of older results is handled here.
 
-    * ``fim_variant`` and ``method_info`` missing or null (the first results): {}.
+    * ``fim_variant`` and ``method_info`` missing or null (the first results): {}; the report reads them
+      without a fallback.
     * ``settings_hash`` missing (results written before hashes were recorded): the hash of the config it recorded
       (:func:`~fimlora.experiments.config.run_settings_hash`, without data contents: those results did not record
       them, so one that read a user's file cannot match a current run and runs again); none when that config

@@ -147,7 +147,7 @@ def _value_order(value):
 
 def _variant_key(run: dict) -> str:
     """The run's fim_grid settings as "k1=v1,k2=v2" (sorted keys); "" for a plain run."""
-    variant = run.get("fim_variant") or {}
+    variant = run["fim_variant"]
     return ",".join(f"{k}={variant[k]}" for k in sorted(variant))
 
 
@@ -155,7 +155,7 @@ def _row_order(runs: list[dict], row: tuple[str, str]):
     """Sort key of a (method, variant) row: the paper's method order, then the variant's values."""
     method, variant_key = row
     sample = next(run for run in runs if (run["method"], _variant_key(run)) == row)
-    variant = sample.get("fim_variant") or {}
+    variant = sample["fim_variant"]
     return (METHOD_ORDER.index(method) if method in METHOD_ORDER else 99,
             tuple(_value_order(variant[k]) for k in sorted(variant)))
 
@@ -280,7 +280,7 @@ def rank_sweep(runs: list[dict]) -> list[str]:
 
 def ablation_tables(runs: list[dict]) -> list[str]:
     """Tables over fim_grid variants: a 2-D grid when two settings vary, else a 1-D sweep per setting."""
-    fim = [run for run in runs if run["method"] == "fim" and run.get("fim_variant")]
+    fim = [run for run in runs if run["method"] == "fim" and run["fim_variant"]]
     if not fim:
         return []
     out = []
