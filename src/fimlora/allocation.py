@@ -130,10 +130,8 @@ class RankAllocation:
             self.costs = {n: sum(self.shapes[n]) for n in names}
         check_same_modules("costs", self.costs, names, "the keys of ranks")
         self.costs = {n: self.costs[n] for n in names}
-        # Rank units allow cost 0: a rank map read back without module shapes (the report's) has none to give.
-        least_cost = 1 if self.budget_unit == "params" else 0
         for n, c in self.costs.items():
-            check_int(f"costs[{n!r}]", c, minimum=least_cost)
+            check_int(f"costs[{n!r}]", c, minimum=1)
         spent = self.trainable_lora_params()
         if self.params_spent is None:
             self.params_spent = spent

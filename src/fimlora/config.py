@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import textwrap
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "check_choice",
     "check_fraction",
     "check_bool",
+    "check_keys",
     "first_line",
 ]
 
@@ -82,11 +84,28 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name}: must be one of {list(choices)}, got {value!r}")
 
 
-def check_fraction(name: str, value) -> None:
-    """None, or a number in (0, 1]: a share of something that exists."""
-    check_number(name, value, minimum=0, allow_none=True)
+def check_fraction(name: str, value, below_one: bool = False, allow_none: bool = True) -> None:
+    """A share: a number in (0, 1], a share of something that exists (a budget); with ``below_one`` in [0, 1),
+    a share that may be none but never all (dropout, a held-out split, a schedule's phase). None passes when
+    ``allow_none``."""
+    if below_one:
+        check_number(name, value, minimum=0, strict=False, allow_none=allow_none)
+        if value is not None and value >= 1:
+            raise ValueError(f"{name}: must be < 1, got {value!r}")
+        return
+    check_number(name, value, minimum=0, allow_none=allow_none)
     if value is not None and value > 1:
         raise ValueError(f"{name}: must be in (0, 1], got {value!r}")
+
+
+def check_keys(where: str, block, known, what: str = "setting(s)") -> None:
+    """``block`` is a mapping whose keys are all in ``known``; the error names ``where``, the unknown keys and the
+    known ones (a typo like ``eva: {roh: 9}`` stops the sweep instead of running with a default)."""
+    if not isinstance(block, Mapping):
+        raise ValueError(f"{where}: must be a mapping of settings, got {block!r}")
+    unknown = sorted(set(block) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown {what} {unknown}; known: {sorted(known)}")
 
 
 def check_bool(name: str, value) -> None:

@@ -10,8 +10,8 @@ from .allocation import RankAllocation
 from .confidence import not_estimable_text, units_text
 from .extras import require
 
-__all__ = ["split_name", "rank_grid", "group_stats", "format_rank_table", "budget_text", "confidence_text",
-           "plot_rank_map", "save_rank_map"]
+__all__ = ["split_name", "rank_grid", "rank_stats", "group_stats", "format_rank_table", "budget_text",
+           "confidence_text", "plot_rank_map", "save_rank_map"]
 
 _LAYER = re.compile(r"^(?P<prefix>.*?)\.(?P<idx>\d+)\.(?P<rest>.+)$")
 
@@ -49,9 +49,15 @@ def _mean(xs):
 
 
 def group_stats(alloc: RankAllocation) -> dict:
+    """:func:`rank_stats` of the allocation's ranks, with its base rank and budget."""
+    return {**rank_stats(alloc.ranks), "base_r": alloc.base_r, "budget": alloc.budget}
+
+
+def rank_stats(ranks: dict[str, int]) -> dict:
     """Mean rank per module type and per layer group (first, middle, last third of layers; the first and last
-    groups are equal in size, so two layers are "first" and "last" and a middle group needs three)."""
-    layers, types, grid, _ = rank_grid(alloc.ranks)
+    groups are equal in size, so two layers are "first" and "last" and a middle group needs three) of a plain
+    {module: rank} map (an allocation's, or a run's recorded rank map)."""
+    layers, types, grid, _ = rank_grid(ranks)
     by_type = {t: _mean([grid[(l, t)] for l in layers if (l, t) in grid]) for t in types}
     groups = {}
     if layers:
@@ -63,8 +69,7 @@ def group_stats(alloc: RankAllocation) -> dict:
             if ls:
                 vals = [grid[(l, t)] for l in ls for t in types if (l, t) in grid]
                 groups[label] = {"layers": [ls[0], ls[-1]], "mean_rank": _mean(vals)}
-    return {"mean_rank_by_type": by_type, "mean_rank_by_layer_group": groups,
-            "base_r": alloc.base_r, "budget": alloc.budget}
+    return {"mean_rank_by_type": by_type, "mean_rank_by_layer_group": groups}
 
 
 def _short(t: str) -> str:
@@ -144,27 +149,48 @@ def save_rank_map(allocation: RankAllocation, folder: str | Path) -> tuple[list[
     return files, []
 
 
-def _name_at(alloc: RankAllocation, layer: int, typ: str) -> str | None:
-    return next((n for n in alloc.ranks if split_name(n) == (layer, typ)), None)
+def _name_at(ranks: dict[str, int], layer: int, typ: str) -> str | None:
+    return next((n for n in ranks if split_name(n) == (layer, typ)), None)
 
 
-def plot_rank_map(alloc: RankAllocation, path: str | Path, scores: bool = True, title: str | None = None) -> Path:
+def _title(alloc: RankAllocation) -> str:
+    stable = ""
+    if alloc.confidence and not alloc.confidence.get("estimable", True):
+        stable = "; stability not estimable"
+    elif alloc.confidence:
+        stable = f"; {100 * alloc.confidence['stable_share']:.0f}% stable, ? = unstable rank"
+    return (f"FIM-LoRA rank map ({budget_text(alloc)}, {alloc.params_spent:,} params spent, "
+            f"r={alloc.base_r}, r_min={alloc.r_min}, r_max={alloc.r_max}{stable})")
+
+
+def plot_rank_map(alloc: RankAllocation | dict[str, int], path: str | Path, scores: bool | dict[str, float] = True,
+                  title: str | None = None) -> Path:
     """Heatmap of layer x module type with the rank in each cell; scores (log10) as a second panel.
 
-    The image is (1.1 * types * panels + 2) x (0.35 * layers + 2.2) inches at 120 dpi; the format
-    follows the suffix (``.png``, ``.svg``, ...). SVG keeps text as text, so the ranks stay searchable.
+    ``alloc``: an allocation, or a plain {module: rank} map (a run's recorded rank map), drawn without the
+    allocation's budget, bounds and stability; ``scores``: whether to draw the allocation's scores, or the
+    {module: score} to draw (False: none).
+
+    The image is (1.1 * types * panels + 2) x (0.35 * layers + 2.2) inches at 120 dpi; the format follows the
+    suffix (``.png``, ``.svg``, ...). SVG keeps text as text, so the ranks stay searchable.
     Raises ValueError when no module name has a layer index, ImportError without matplotlib.
     """
-    layers, types, grid, _ = rank_grid(alloc.ranks)
+    allocation = alloc if isinstance(alloc, RankAllocation) else None
+    ranks = allocation.ranks if allocation else dict(alloc)
+    layers, types, grid, _ = rank_grid(ranks)
     if not layers:
         raise ValueError(
             f"rank map: no module name has a layer index (like model.layers.3.self_attn.q_proj), got "
-            f"{list(alloc.ranks)[:3]}; nothing to plot as a grid"
+            f"{list(ranks)[:3]}; nothing to plot as a grid"
         )
     Figure, rc_context = _plotting()
-    panels = [("rank", alloc.ranks)]
-    if scores:
-        panels.append(("log10 score", {n: math.log10(s) if s > 0 else float("nan") for n, s in alloc.scores.items()}))
+    panels = [("rank", ranks)]
+    score_map = (allocation.scores if allocation else {}) if scores is True else (scores or {})
+    if score_map:
+        panels.append(("log10 score", {n: math.log10(s) if s > 0 else float("nan") for n, s in score_map.items()}))
+    unstable = set(allocation.unstable_modules()) if allocation else set()
+    # Text turns dark above the middle of the rank range.
+    middle = ((allocation.r_min + allocation.r_max) if allocation else (min(ranks.values()) + max(ranks.values()))) / 2
     # A bare Figure, not pyplot: no global backend switch and no figure registry in the caller's process.
     fig = Figure(figsize=(1.1 * len(types) * len(panels) + 2, 0.35 * len(layers) + 2.2))
     axes = fig.subplots(1, len(panels), squeeze=False)
@@ -177,22 +203,15 @@ def plot_rank_map(alloc: RankAllocation, path: str | Path, scores: bool = True, 
         ax.set_ylabel("layer")
         ax.set_title(label)
         if label == "rank":
-            unstable = set(alloc.unstable_modules())
             for i, row in enumerate(data):
                 for j, v in enumerate(row):
                     if v == v:
                         # Same "?" as the table: the bootstrap does not give this cell its rank often enough.
-                        text = f"{int(v)}?" if _name_at(alloc, layers[i], types[j]) in unstable else str(int(v))
+                        text = f"{int(v)}?" if _name_at(ranks, layers[i], types[j]) in unstable else str(int(v))
                         ax.text(j, i, text, ha="center", va="center", fontsize=7,
-                                color="white" if v < (alloc.r_min + alloc.r_max) / 2 else "black")
+                                color="white" if v < middle else "black")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    stable = ""
-    if alloc.confidence and not alloc.confidence.get("estimable", True):
-        stable = "; stability not estimable"
-    elif alloc.confidence:
-        stable = f"; {100 * alloc.confidence['stable_share']:.0f}% stable, ? = unstable rank"
-    fig.suptitle(title or f"FIM-LoRA rank map ({budget_text(alloc)}, {alloc.params_spent:,} params spent, "
-                          f"r={alloc.base_r}, r_min={alloc.r_min}, r_max={alloc.r_max}{stable})", fontsize=9)
+    fig.suptitle(title or (_title(allocation) if allocation else "rank map"), fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

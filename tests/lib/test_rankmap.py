@@ -190,3 +190,23 @@ def test_unstable_ranks_are_marked_in_table_and_picture_and_kept_in_json(tmp_pat
     assert "?" not in format_rank_table(fake_alloc([[1, 8], [2, 6], [3, 5]])).split("LoRA params")[0]
     all_stable = format_rank_table(with_confidence(fake_alloc([[1, 8], [2, 6], [3, 5]]), set()))
     assert "batches; none is marked ?" in all_stable and "marks the 0" not in all_stable
+
+
+def test_rank_stats_and_the_plot_take_a_plain_rank_map(tmp_path):
+    """A run's recorded {module: rank} needs no allocation (the report built one with made-up shapes before)."""
+    from fimlora.rankmap import rank_stats
+
+    alloc = fake_alloc([[1, 8], [2, 6], [3, 5]])
+    assert rank_stats(dict(alloc.ranks)) == {k: v for k, v in group_stats(alloc).items() if k not in ("base_r",
+                                                                                                    "budget")}
+    pytest.importorskip("matplotlib")
+    svg = plot_rank_map(dict(alloc.ranks), tmp_path / "plain.svg", scores=dict(alloc.scores)).read_text()
+    assert "log10 score" in svg and "rank map" in svg and "budget" not in svg
+    assert "log10 score" not in plot_rank_map(dict(alloc.ranks), tmp_path / "ranks.svg", scores=False).read_text()
+
+
+def test_an_allocation_refuses_a_module_of_cost_0_in_rank_units_too():
+    alloc = fake_alloc([[1, 8]])
+    d = {**alloc.__dict__, "shapes": {n: [0, 0] for n in alloc.ranks}, "costs": None, "params_spent": None}
+    with pytest.raises(ValueError, match=r"costs\['model.layers.0.self_attn.q_proj'\]: must be >= 1, got 0"):
+        fimlora.RankAllocation(**d)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..config import FIM_DEFAULTS, FimConfig
+from ..config import FIM_DEFAULTS, FimConfig, check_keys
 from ..extras import require
 from .collators import collator_for
 from .models import load_causal_lm, load_classifier, load_tokenizer
@@ -341,9 +341,7 @@ def build_calibration_loader(task: TaskData, tokenizer, batch_size: int, max_len
 def build_fim_config(settings: Mapping | None = None, **overrides) -> FimConfig:
     """FimConfig from a settings mapping (a config's ``fim:`` block) plus explicit overrides."""
     merged = {**(settings or {}), **overrides}
-    unknown = sorted(set(merged) - set(FIM_DEFAULTS))
-    if unknown:
-        raise ValueError(f"fim: unknown setting(s) {unknown}; known: {sorted(FIM_DEFAULTS)}")
+    check_keys("fim", merged, FIM_DEFAULTS)
     return FimConfig(**merged)
 
 

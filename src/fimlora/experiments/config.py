@@ -14,12 +14,13 @@ import itertools
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from ..config import FimConfig, check_bool, check_choice, check_int, check_number
+from ..config import FimConfig, check_bool, check_int, check_number
 from ..extras import require
+from .registry import check_block, check_keys, fraction, integer, method_info, method_names, settings_blocks
 
 __all__ = [
     "ExperimentConfig",
@@ -39,83 +40,20 @@ __all__ = [
 # ----------------------------------------------------------------------------- settings blocks
 
 
-def _number(minimum: float | None = None, strict: bool = True) -> Callable[[str, object], None]:
-    return lambda name, value: check_number(name, value, minimum=minimum, strict=strict)
-
-
-def _integer(minimum: int | None = None, allow_none: bool = False) -> Callable[[str, object], None]:
-    return lambda name, value: check_int(name, value, minimum=minimum, allow_none=allow_none)
-
-
-def _fraction(name: str, value) -> None:
-    check_number(name, value, minimum=0, strict=False)
-    if value >= 1:
-        raise ValueError(f"{name}: must be < 1, got {value!r}")
-
-
 # Settings that change only what is shown while a run runs, never its result: kept out of the settings hash
 # (a result is not stale because its bars were hidden) and out of FIM variants.
 DISPLAY_SETTINGS = ("progress",)
 # FimConfig settings each run sets itself, so a config may not.
 _RUN_FIM_SETTINGS = {"seed": "each run's FIM seed is the run's seed (the config's seeds list)"}
 
-EVA_SETTINGS = {"rho": _number(minimum=0)}
-ADALORA_SETTINGS = {
-    "init_r_ratio": _number(minimum=1, strict=False),
-    "tinit_ratio": _fraction,
-    "tfinal_ratio": _fraction,
-    "deltaT": _integer(minimum=1),
-    "orth_reg_weight": _number(minimum=0, strict=False),
-}
-PISSA_SETTINGS = {"niter": _integer(minimum=1, allow_none=True)}
-LORA_GA_SETTINGS = {
-    "direction": lambda name, value: check_choice(name, value, ("ArBr", "A2rBr", "ArB2r", "random")),
-    "scale": lambda name, value: check_choice(name, value, ("stable", "weight_svd", "gd_scale", "unit")),
-    "stable_gamma": _number(minimum=0),
-    "n_batches": _integer(minimum=1),
-}
-# The direction of GoRA's initial step (experiments/gora.py): the paper's gradient descent, the reference code's +G.
-GORA_SIGNS = ("descent", "ascent")
-GORA_SIGN_DEFAULT = "descent"
-GORA_SETTINGS = {
-    "min_rank_ratio": _number(minimum=0),
-    "max_rank_ratio": _number(minimum=0),
-    "lr": _number(minimum=0),
-    "n_batches": _integer(minimum=1),
-    "sign": lambda name, value: check_choice(name, value, GORA_SIGNS),
-}
-# GoRA's init direction before the setting existed (the reference code's +G): a recorded gora block without
-# ``sign`` was made with it, and at that value the key stays out of the settings hash so those results keep theirs.
-GORA_SIGN_BEFORE = "ascent"
-GORA_METHODS = ("gora", "fim_gora")
+# The method settings blocks (eva, adalora, pissa, lora_ga, gora) are declared with their methods in .registry.
 DATA_SETTINGS = {
-    "max_train": _integer(minimum=1, allow_none=True),
-    "max_test": _integer(minimum=1, allow_none=True),
-    "max_train_per_task": _integer(minimum=1, allow_none=True),
-    "data_seed": _integer(),
-    "test_fraction": _fraction,
+    "max_train": integer(minimum=1, allow_none=True),
+    "max_test": integer(minimum=1, allow_none=True),
+    "max_train_per_task": integer(minimum=1, allow_none=True),
+    "data_seed": integer(),
+    "test_fraction": fraction,
 }
-
-
-def check_block(block_name: str, block, schema: Mapping[str, Callable[[str, object], None]]) -> None:
-    """A settings mapping: known keys only, each value checked by its validator (errors name ``block.key``)."""
-    if not isinstance(block, Mapping):
-        raise ValueError(f"{block_name}: must be a mapping of settings, got {block!r}")
-    unknown = sorted(set(block) - set(schema))
-    if unknown:
-        raise ValueError(f"{block_name}: unknown setting(s) {unknown}; known: {sorted(schema)}")
-    for key, value in block.items():
-        schema[key](f"{block_name}.{key}", value)
-
-
-def _check_gora_ratios(block) -> None:
-    """GoRA's rank bounds, as multiples of the run's r: min_rank_ratio <= 1 <= max_rank_ratio, so uniform rank r
-    is always allowed and the budget L*r is reachable."""
-    lo, hi = block.get("min_rank_ratio", 0.5), block.get("max_rank_ratio", 4.0)
-    if lo > 1:
-        raise ValueError(f"gora.min_rank_ratio: must be <= 1 (rank r must stay allowed), got {lo!r}")
-    if hi < 1:
-        raise ValueError(f"gora.max_rank_ratio: must be >= 1 (rank r must stay allowed), got {hi!r}")
 
 
 def _check_fim_block(cfg: ExperimentConfig) -> None:
@@ -129,11 +67,7 @@ def _check_fim_block(cfg: ExperimentConfig) -> None:
     blocks = [("fim", cfg.fim), ("fim_grid", cfg.fim_grid)]
     blocks += [(f"fim_variants[{i}]", v) for i, v in enumerate(cfg.fim_variants)]
     for name, block in blocks:
-        if not isinstance(block, Mapping):
-            raise ValueError(f"{name}: must be a mapping of settings, got {block!r}")
-        unknown = sorted(set(block) - known)
-        if unknown:
-            raise ValueError(f"{name}: unknown setting(s) {unknown}; known: {sorted(known)}")
+        check_keys(name, block, known)
     for name, block in blocks:
         for key in sorted(block):
             if key in _RUN_FIM_SETTINGS:
@@ -155,12 +89,8 @@ def _check_fim_block(cfg: ExperimentConfig) -> None:
 def _check_train_block(block) -> None:
     from .train import TrainSettings
 
-    if not isinstance(block, Mapping):
-        raise ValueError(f"train: must be a mapping of settings, got {block!r}")
-    known = {f.name for f in fields(TrainSettings)}
-    unknown = sorted(set(block) - known)
-    if unknown:  # checked before TrainSettings(**block), which would raise a bare TypeError
-        raise ValueError(f"train: unknown setting(s) {unknown}; known: {sorted(known)}")
+    # Checked before TrainSettings(**block), which would raise a bare TypeError.
+    check_keys("train", block, {f.name for f in fields(TrainSettings)})
     try:
         TrainSettings(**block)
     except ValueError as e:
@@ -272,11 +202,12 @@ class ExperimentConfig:
     fim: dict = field(default_factory=dict)
     fim_grid: dict = field(default_factory=dict)
     fim_variants: list = field(default_factory=list)
-    eva: dict = field(default_factory=lambda: {"rho": 2.0})
-    adalora: dict = field(default_factory=dict)
-    pissa: dict = field(default_factory=dict)
-    lora_ga: dict = field(default_factory=dict)
-    gora: dict = field(default_factory=dict)
+    # One field per settings block of .registry (its schema and defaults are there).
+    eva: dict = field(default_factory=lambda: _block_default("eva"))
+    adalora: dict = field(default_factory=lambda: _block_default("adalora"))
+    pissa: dict = field(default_factory=lambda: _block_default("pissa"))
+    lora_ga: dict = field(default_factory=lambda: _block_default("lora_ga"))
+    gora: dict = field(default_factory=lambda: _block_default("gora"))
     train: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
     keep_adapters: bool = False
@@ -284,16 +215,14 @@ class ExperimentConfig:
     notes: str = ""
 
     def __post_init__(self) -> None:
-        from .methods import METHODS
-
         for name in ("name", "model"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name}: must be a non-empty string, got {getattr(self, name)!r}")
         _check_tasks(self)
         _check_string_list("methods", self.methods)
-        bad = [m for m in self.methods if m not in METHODS]
+        bad = [m for m in self.methods if m not in method_names()]
         if bad:
-            raise ValueError(f"methods: each must be one of {list(METHODS)}, got {bad}")
+            raise ValueError(f"methods: each must be one of {list(method_names())}, got {bad}")
         for name in ("seeds", "ranks"):
             values = getattr(self, name)
             if not isinstance(values, list) or not values:
@@ -304,17 +233,17 @@ class ExperimentConfig:
         if self.target_modules is not None and not isinstance(self.target_modules, str):
             _check_string_list("target_modules", self.target_modules)
         check_number("lora_alpha_ratio", self.lora_alpha_ratio, minimum=0)
-        _fraction("lora_dropout", self.lora_dropout)
+        fraction("lora_dropout", self.lora_dropout)
         _check_fim_block(self)
-        check_block("eva", self.eva, EVA_SETTINGS)
-        check_block("adalora", self.adalora, ADALORA_SETTINGS)
-        check_block("pissa", self.pissa, PISSA_SETTINGS)
-        check_block("lora_ga", self.lora_ga, LORA_GA_SETTINGS)
-        check_block("gora", self.gora, GORA_SETTINGS)
-        _check_gora_ratios(self.gora)
-        if set(self.methods) & set(GORA_METHODS) and "sign" not in self.gora:
-            # Written into the config (and so into every result) because a missing key means the old +G init.
-            self.gora = {**self.gora, "sign": GORA_SIGN_DEFAULT}
+        read = {b for m in self.methods for b in method_info(m).blocks}
+        for block in settings_blocks():
+            block.validate(getattr(self, block.name))
+            written = {k: block.settings[k].default for k in block.written_when_used
+                       if block.name in read and k not in getattr(self, block.name)}
+            if written:
+                # Written into the config (and so into every result) because a missing key means the value
+                # results were made with before the setting existed (GoRA's sign: the old +G init).
+                setattr(self, block.name, {**getattr(self, block.name), **written})
         _check_train_block(self.train)
         check_block("data", self.data, DATA_SETTINGS)
         check_bool("keep_adapters", self.keep_adapters)
@@ -335,6 +264,13 @@ class ExperimentConfig:
             if task_id(entry) == label:
                 return entry
         raise KeyError(label)
+
+
+def _block_default(name: str) -> dict:
+    """What a config that leaves out settings block ``name`` records for it."""
+    from .registry import settings_block
+
+    return dict(settings_block(name).config_default)
 
 
 def task_id(entry) -> str:
@@ -407,10 +343,7 @@ def load_config(path: str | os.PathLike) -> ExperimentConfig:
         raise ValueError(f"config: {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"config: {path} must hold a YAML mapping, got {type(raw).__name__}")
-    known = {f.name for f in fields(ExperimentConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"config: {path}: unknown key(s) {unknown}; known: {sorted(known)}")
+    check_keys(f"config: {path}", raw, {f.name for f in fields(ExperimentConfig)}, what="key(s)")
     missing = sorted(f.name for f in fields(ExperimentConfig) if f.name not in raw and f.name in _REQUIRED)
     if missing:
         raise ValueError(f"config: {path}: missing key(s) {missing}")
@@ -489,9 +422,7 @@ _COMMON_SETTINGS = ("model", "tasks", "mixture", "n_layers", "target_modules", "
 # Settings added after results were first recorded, with the value every earlier result was made with:
 # at that value they stay out of the hash, so those results keep theirs.
 _ADDED_SETTINGS = {"evaluator": "fimlora"}
-_METHOD_SETTINGS = {"fim": ("fim",), "random": ("fim",), "eva": ("eva",), "adalora": ("adalora",), "fim_eva": ("fim",),
-                    "pissa": ("pissa",), "lora_ga": ("lora_ga",), "gora": ("gora",), "fim_rslora": ("fim",),
-                    "fim_pissa": ("fim", "pissa"), "fim_gora": ("fim", "gora")}
+# The blocks that matter only to some methods are each method's ``blocks`` in .registry.
 
 
 def _field_defaults() -> dict:
@@ -508,7 +439,8 @@ def run_settings(config: Mapping, run: RunSpec, data_contents: Mapping[str, str]
     it the settings say nothing of them, as for results recorded before they were hashed.
     """
     defaults = _field_defaults()
-    keys = _COMMON_SETTINGS + _METHOD_SETTINGS.get(run.method, ())
+    blocks = method_info(run.method).blocks if run.method in method_names() else ()
+    keys = _COMMON_SETTINGS + blocks
     settings = {k: config[k] if k in config else defaults[k] for k in keys}
     for key, before in _ADDED_SETTINGS.items():
         if settings.get(key) == before:
@@ -516,9 +448,9 @@ def run_settings(config: Mapping, run: RunSpec, data_contents: Mapping[str, str]
     for block in ("fim", "train"):
         if isinstance(settings.get(block), Mapping):
             settings[block] = {k: v for k, v in settings[block].items() if k not in DISPLAY_SETTINGS}
-    gora = settings.get("gora")
-    if isinstance(gora, Mapping) and gora.get("sign", GORA_SIGN_BEFORE) == GORA_SIGN_BEFORE:
-        settings["gora"] = {k: v for k, v in gora.items() if k != "sign"}
+    for block in settings_blocks():
+        if isinstance(settings.get(block.name), Mapping):
+            settings[block.name] = block.hashed(settings[block.name])
     if settings["tasks"]:  # only this run's task entry matters, not the others in the list
         entries = [t for t in settings["tasks"] if task_id(t) == run.task]
         settings["tasks"] = entries or [run.task]

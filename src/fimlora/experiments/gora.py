@@ -39,20 +39,26 @@ import torch
 from torch import nn
 
 from ..modules import LoraModuleInfo, lora_modules
-from .config import GORA_SIGN_DEFAULT, GORA_SIGNS
+from .registry import (
+    CALIBRATION_BATCHES,
+    GORA_LR,
+    GORA_MAX_RANK_RATIO,
+    GORA_MIN_RANK_RATIO,
+    GORA_SIGN_DEFAULT,
+    GORA_SIGNS,
+)
 
 __all__ = ["mean_weight_gradients", "gora_importance", "gora_rank_bounds", "gora_ranks", "gora_b", "apply_gora_init"]
 
-# GoRA's published scripts: --gora-min-rank 4 --gora-max-rank 32 at --lora-rank 8; --gora-lr 5e-2.
-DEFAULT_MIN_RANK_RATIO = 0.5
-DEFAULT_MAX_RANK_RATIO = 4.0
-DEFAULT_LR = 0.05
-# The direction of GoRA's initial step (see above); the choices are the config's, one list.
+# GoRA's defaults are declared once, with its settings block (experiments/registry.py): the published scripts'
+# rank bounds 4 and 32 at rank 8 and step 5e-2, the paper's descent, and the harness's calibration size (GoRA's
+# scripts take 32 steps of 4 x 8 GPUs).
+DEFAULT_MIN_RANK_RATIO = GORA_MIN_RANK_RATIO
+DEFAULT_MAX_RANK_RATIO = GORA_MAX_RANK_RATIO
+DEFAULT_LR = GORA_LR
 SIGNS = GORA_SIGNS
 DEFAULT_SIGN = GORA_SIGN_DEFAULT
-# The harness's calibration size for every data-driven method (FimConfig's n_batches default); GoRA's scripts
-# take 32 steps of 4 x 8 GPUs.
-DEFAULT_N_BATCHES = 8
+DEFAULT_N_BATCHES = CALIBRATION_BATCHES
 # The ridge GoRA adds before the pseudo-inverse (L174).
 PINV_RIDGE = 1e-8
 

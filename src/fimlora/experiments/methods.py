@@ -38,14 +38,15 @@ from ..config import FimConfig, check_int
 from ..modules import lora_modules
 from ..resize import apply_allocation, lora_config_for_allocation
 from .builders import build_peft_model, normalize_target_modules
+from .registry import CALIBRATION_BATCHES, EVA_RHO, method_info, method_names, settings_block
 
 __all__ = ["METHODS", "MethodSpec", "AdaLoraCallback", "prepare_method", "final_rank_map", "adalora_schedule",
            "mutates_base", "save_adapter", "pissa_init"]
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("lora", "fim", "random", "eva", "adalora", "fim_eva", "rslora", "pissa", "lora_ga", "gora", "fim_rslora",
-           "fim_pissa", "fim_gora")
+# Every registered method (.registry), in the report's order.
+METHODS = method_names()
 
 # Returns a fresh iterable of model-input batches (with labels) each time it is called.
 BatchFactory = Callable[[], Iterable]
@@ -63,7 +64,7 @@ class MethodSpec:
     lora_dropout: float = 0.0
     seed: int = 0
     fim: dict = field(default_factory=dict)  # FimConfig fields
-    eva_rho: float = 2.0
+    eva_rho: float = EVA_RHO
     adalora: dict = field(default_factory=dict)  # init_r_ratio, tinit_ratio, tfinal_ratio, deltaT, orth_reg_weight
     pissa: dict = field(default_factory=dict)  # niter
     lora_ga: dict = field(default_factory=dict)  # direction, scale, stable_gamma
@@ -71,15 +72,21 @@ class MethodSpec:
     total_steps: int | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method: must be one of {list(METHODS)}, got {self.method!r}")
+        method_info(self.method)  # a registered method, or a ValueError naming them
         check_int("r", self.r, minimum=1)
         self.target_modules = normalize_target_modules(self.target_modules)
 
 
-def adalora_schedule(total_steps: int, r: int, init_r_ratio: float = 1.5, tinit_ratio: float = 0.1,
-                     tfinal_ratio: float = 0.2, deltaT: int = 10) -> dict:
-    """AdaLoRA's schedule in steps, validated: tinit < total_step - tfinal."""
+# The adalora block's defaults (.registry), as this function's.
+_ADALORA = settings_block("adalora").settings
+
+
+def adalora_schedule(total_steps: int, r: int, init_r_ratio: float = _ADALORA["init_r_ratio"].default,
+                     tinit_ratio: float = _ADALORA["tinit_ratio"].default,
+                     tfinal_ratio: float = _ADALORA["tfinal_ratio"].default,
+                     deltaT: int = _ADALORA["deltaT"].default) -> dict:
+    """AdaLoRA's schedule in steps, validated: tinit < total_step - tfinal, with tinit = round(tinit_ratio T),
+    tfinal = round(tfinal_ratio T) and init_r = max(r, ceil(init_r_ratio r))."""
     if total_steps is None or total_steps < 1:
         raise ValueError(f"adalora.total_step: must be a positive number of optimizer steps, got {total_steps!r}")
     tinit = int(round(tinit_ratio * total_steps))
@@ -122,8 +129,9 @@ def prepare_method(
     (eva), the schedule (adalora).
     """
     torch.manual_seed(spec.seed)  # LoRA's A initialisation follows the run's seed
-    model, method_info, callbacks = PREPARE[spec.method](spec, base_model, calibration_batches)
-    return model, {"method": spec.method, "calibration_seconds": 0.0, **method_info}, callbacks
+    prepare = method_info(spec.method).prepare_function()
+    model, info, callbacks = prepare(spec, base_model, calibration_batches)
+    return model, {"method": spec.method, "calibration_seconds": 0.0, **info}, callbacks
 
 
 def _lora_config(spec: MethodSpec, **extra):
@@ -387,7 +395,7 @@ def _check_ranks_kept(model: nn.Module, ranks: Mapping[str, int], method: str) -
 
 
 # Calibration batches for LoRA-GA: the harness's size for every data-driven method (FimConfig's n_batches default).
-LORA_GA_BATCHES = 8
+LORA_GA_BATCHES = CALIBRATION_BATCHES
 
 
 def lora_ga_config(settings: Mapping):
@@ -414,7 +422,7 @@ def _prepare_lora_ga(spec: MethodSpec, base_model: nn.Module,
     config = _maybe_include_all_linear_layers(config, base_model)
     batches = {"n": 0}
 
-    n_batches = int(spec.lora_ga.get("n_batches", LORA_GA_BATCHES))
+    n_batches = int(settings_block("lora_ga").value(spec.lora_ga, "n_batches"))
 
     def train_step():
         for batch in itertools.islice(calibration_batches(), n_batches):
@@ -428,9 +436,14 @@ def _prepare_lora_ga(spec: MethodSpec, base_model: nn.Module,
 
 
 def _gora_gradients(spec: MethodSpec, uniform: nn.Module, calibration_batches: BatchFactory) -> dict:
-    from .gora import DEFAULT_N_BATCHES, mean_weight_gradients
+    from .gora import mean_weight_gradients
 
-    return mean_weight_gradients(uniform, calibration_batches(), int(spec.gora.get("n_batches", DEFAULT_N_BATCHES)))
+    return mean_weight_gradients(uniform, calibration_batches(), int(_gora(spec, "n_batches")))
+
+
+def _gora(spec: MethodSpec, key: str):
+    """The run's GoRA setting ``key``, its declared default when the gora block leaves it out."""
+    return settings_block("gora").value(spec.gora, key)
 
 
 def _prepare_gora(spec: MethodSpec, base_model: nn.Module,
@@ -445,7 +458,7 @@ def _prepare_gora(spec: MethodSpec, base_model: nn.Module,
     nominal budget sum_m f_m r; the allocation's ``budget`` is what it spent, the nominal one is ``gora_budget``.
     """
     from ..allocation import RankAllocation
-    from .gora import DEFAULT_LR, DEFAULT_SIGN, apply_gora_init, gora_importance, gora_rank_bounds, gora_ranks
+    from .gora import apply_gora_init, gora_importance, gora_rank_bounds, gora_ranks
 
     uniform = _uniform_lora(spec, base_model, use_rslora=True)
     infos = lora_modules(uniform)
@@ -453,7 +466,7 @@ def _prepare_gora(spec: MethodSpec, base_model: nn.Module,
     grads = _gora_gradients(spec, uniform, calibration_batches)
     importances = {i.name: gora_importance(i.layer.get_base_layer().weight, grads[i.name]) for i in infos}
     features = {i.name: i.in_features + i.out_features for i in infos}
-    r_min, r_max = gora_rank_bounds(spec.r, spec.gora.get("min_rank_ratio", 0.5), spec.gora.get("max_rank_ratio", 4.0))
+    r_min, r_max = gora_rank_bounds(spec.r, _gora(spec, "min_rank_ratio"), _gora(spec, "max_rank_ratio"))
     ranks = gora_ranks(importances, features, spec.r, r_min, r_max)
     spent = sum(ranks[n] * features[n] for n in ranks)
     alloc = RankAllocation(
@@ -465,7 +478,7 @@ def _prepare_gora(spec: MethodSpec, base_model: nn.Module,
     config = lora_config_for_allocation(alloc, _lora_config(spec, use_rslora=True))
     model = build_peft_model(uniform.unload(), config, seed=None)
     _check_ranks_kept(model, ranks, "gora")
-    apply_gora_init(model, grads, float(spec.gora.get("lr", DEFAULT_LR)), sign=spec.gora.get("sign", DEFAULT_SIGN))
+    apply_gora_init(model, grads, float(_gora(spec, "lr")), sign=_gora(spec, "sign"))
     return model, {"calibration_seconds": time.perf_counter() - start, "scores": importances,
                    "allocated_ranks": ranks, "params_spent": spent,
                    "gora_budget": sum(f * spec.r for f in features.values()), "gora_rank_bounds": [r_min, r_max]}, []
@@ -476,7 +489,7 @@ def _prepare_fim_gora(spec: MethodSpec, base_model: nn.Module,
     """FIM-LoRA's ranks and alphas (scale alpha_m / r_m) with GoRA's B: the mean base-weight gradients come from the
     same calibration batches (on the uniform adapter, B = 0, so they are the base model's), and each module's B is
     GoRA's for its own rank and scale, so s_m B A = eta sqrt(d_in / r_m) G A^+ A as in GoRA."""
-    from .gora import DEFAULT_LR, DEFAULT_SIGN, apply_gora_init
+    from .gora import apply_gora_init
 
     uniform = _uniform_lora(spec, base_model)
     start = time.perf_counter()
@@ -487,7 +500,7 @@ def _prepare_fim_gora(spec: MethodSpec, base_model: nn.Module,
     model = build_peft_model(uniform.unload(), lora_config_for_allocation(alloc, _lora_config(spec)), seed=None)
     _check_ranks_kept(model, alloc.ranks, "fim_gora")
     kept = {n: g for n, g in grads.items() if alloc.ranks[n] > 0}
-    apply_gora_init(model, kept, float(spec.gora.get("lr", DEFAULT_LR)), sign=spec.gora.get("sign", DEFAULT_SIGN))
+    apply_gora_init(model, kept, float(_gora(spec, "lr")), sign=_gora(spec, "sign"))
     init_seconds = time.perf_counter() - start
     return model, {"calibration_seconds": fim_seconds + init_seconds, "fim_seconds": fim_seconds,
                    "init_seconds": init_seconds, **fim_info(alloc)}, []
@@ -539,20 +552,14 @@ def _prepare_adalora(spec: MethodSpec, base_model: nn.Module,
     """PEFT's AdaLoRA with its schedule in steps and the callback that prunes after each optimizer step."""
     from peft import AdaLoraConfig
 
-    schedule_args = {k: v for k, v in spec.adalora.items() if k != "orth_reg_weight"}
-    sched = adalora_schedule(spec.total_steps, spec.r, **schedule_args)
-    cfg = AdaLoraConfig(lora_alpha=spec.lora_alpha, orth_reg_weight=spec.adalora.get("orth_reg_weight", 0.5),
+    block = settings_block("adalora")
+    settings = {k: block.value(spec.adalora, k) for k in block.settings}
+    sched = adalora_schedule(spec.total_steps, spec.r, **{k: v for k, v in settings.items() if k != "orth_reg_weight"})
+    cfg = AdaLoraConfig(lora_alpha=spec.lora_alpha, orth_reg_weight=settings["orth_reg_weight"],
                         target_modules=spec.target_modules, lora_dropout=spec.lora_dropout,
                         task_type=spec.task_type, **sched)
     model = build_peft_model(base_model, cfg, seed=None)
     return model, {"adalora": sched}, [AdaLoraCallback(model)]
-
-
-# One preparation per method: (spec, base model, calibration batches factory) -> (model, info, callbacks).
-PREPARE = {"lora": _prepare_lora, "fim": _prepare_fim, "random": _prepare_random, "eva": _prepare_eva,
-           "adalora": _prepare_adalora, "fim_eva": _prepare_fim_eva, "rslora": _prepare_rslora,
-           "pissa": _prepare_pissa, "lora_ga": _prepare_lora_ga, "fim_rslora": _prepare_fim_rslora,
-           "fim_pissa": _prepare_fim_pissa, "gora": _prepare_gora, "fim_gora": _prepare_fim_gora}
 
 
 class _ForwardCounter:

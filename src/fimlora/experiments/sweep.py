@@ -34,6 +34,7 @@ from pathlib import Path
 
 from ..io import atomic_write_text, share_by_umask
 from .config import ExperimentConfig, RunSpec, current_settings_hash, expand_runs, run_data_contents, run_settings_hash
+from .results import RunResult, read_result
 
 __all__ = [
     "SweepPlan",
@@ -49,9 +50,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-FINISHED = ("ok", "diverged")
-
 
 # ----------------------------------------------------------------------------- planning
 
@@ -70,17 +68,13 @@ def run_status(cfg: ExperimentConfig, run: RunSpec, results: Path) -> RunStatus:
     """Whether ``run`` has a finished result made with the settings ``cfg`` gives it now."""
     failed = (results / f"{run.run_id}.error.json").exists()
     try:
-        record = json.loads((results / f"{run.run_id}.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        # Results written before hashes were recorded get theirs from the config they recorded (results.upgrade).
+        record = read_result(results / f"{run.run_id}.json")
+    except (OSError, ValueError, TypeError):
         return RunStatus(False, failed=failed)
-    if not isinstance(record, dict) or record.get("status") not in FINISHED:
+    if not record.finished:
         return RunStatus(False, failed=failed)
-    recorded = record.get("settings_hash")
-    if recorded is None and isinstance(record.get("config"), dict):
-        # Results written before hashes were recorded; they did not record their data's contents either, so
-        # one that read a user's file cannot match (its file may have changed since) and runs again.
-        recorded = run_settings_hash(record["config"], run)
-    if recorded != current_settings_hash(cfg, run):
+    if record.settings_hash != current_settings_hash(cfg, run):
         return RunStatus(False, stale=True)
     return RunStatus(True)
 
@@ -200,12 +194,13 @@ def _total_steps(n_train: int, settings) -> int:
 def _method_spec(cfg: ExperimentConfig, run: RunSpec, kind: str, n_train: int, settings):
     from .builders import task_type_for
     from .methods import MethodSpec
+    from .registry import settings_block
 
     return MethodSpec(method=run.method, r=run.r, lora_alpha=cfg.lora_alpha_ratio * run.r,
                       target_modules=cfg.target_modules, task_type=task_type_for(kind),
                       lora_dropout=cfg.lora_dropout, seed=run.seed, fim={**cfg.fim, **dict(run.fim_variant)},
-                      eva_rho=float(cfg.eva.get("rho", 2.0)), adalora=dict(cfg.adalora), pissa=dict(cfg.pissa),
-                      lora_ga=dict(cfg.lora_ga), gora=dict(cfg.gora),
+                      eva_rho=float(settings_block("eva").value(cfg.eva, "rho")), adalora=dict(cfg.adalora),
+                      pissa=dict(cfg.pissa), lora_ga=dict(cfg.lora_ga), gora=dict(cfg.gora),
                       total_steps=_total_steps(n_train, settings))
 
 
@@ -240,7 +235,7 @@ def lm_eval_metrics(model, tok, eval_tasks, batch_size: int, scratch: Path) -> d
     return scores
 
 
-def run_one(cfg: ExperimentConfig, run: RunSpec, work_dir: str | os.PathLike) -> dict:
+def run_one(cfg: ExperimentConfig, run: RunSpec, work_dir: str | os.PathLike) -> RunResult:
     """Prepare the method, fine-tune, reload the saved adapter with stock PEFT and evaluate it."""
     from transformers import set_seed
 
@@ -274,18 +269,18 @@ def run_one(cfg: ExperimentConfig, run: RunSpec, work_dir: str | os.PathLike) ->
     diverged = train_out["diverged"]
     metrics = {} if diverged else _evaluate_saved(work / "adapter", make_base, eval_tasks, tok, settings,
                                                   cfg.evaluator)
-    return {
-        "run_id": run.run_id, "status": "diverged" if diverged else "ok",
-        "experiment": cfg.name, "task": run.task, "method": run.method, "r": run.r, "seed": run.seed,
-        "fim_variant": dict(run.fim_variant), "metrics": metrics,
-        "rank_map": ranks_after, "rank_map_before_training": rank_map_before,
-        "trainable_params": n_trainable, "calibration_seconds": info.get("calibration_seconds", 0.0),
-        "train_seconds": train_out["train_seconds"], "train_loss": train_out["train_loss"],
-        "train_steps": train_out["steps"], "divergence": train_out["divergence"],
-        "method_info": {k: v for k, v in info.items() if k not in ("method", "allocated_ranks")},
-        "data_meta": {t.name: t.meta for t in eval_tasks} | {"train": train_task.meta},
-        "versions": package_versions(), "machine": machine_info(),
-    }
+    return RunResult(
+        run_id=run.run_id, status="diverged" if diverged else "ok",
+        experiment=cfg.name, task=run.task, method=run.method, r=run.r, seed=run.seed,
+        fim_variant=dict(run.fim_variant), metrics=metrics,
+        rank_map=ranks_after, rank_map_before_training=rank_map_before,
+        trainable_params=n_trainable, calibration_seconds=info.get("calibration_seconds", 0.0),
+        train_seconds=train_out["train_seconds"], train_loss=train_out["train_loss"],
+        train_steps=train_out["steps"], divergence=train_out["divergence"],
+        method_info={k: v for k, v in info.items() if k not in ("method", "allocated_ranks")},
+        data_meta={t.name: t.meta for t in eval_tasks} | {"train": train_task.meta},
+        versions=package_versions(), machine=machine_info(),
+    )
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -327,17 +322,16 @@ def _execute(cfg: ExperimentConfig, run: RunSpec, results: Path) -> str:
         _record_failure(results, run, e)
         shutil.rmtree(work, ignore_errors=True)
         return "failed"
-    result.update(stands_for)
-    result["wall_seconds"] = time.perf_counter() - start
+    result = RunResult.from_dict({**result, **stands_for, "wall_seconds": time.perf_counter() - start}, upgraded=True)
     if cfg.keep_adapters:
         dest = results / "adapters" / run.run_id
         shutil.rmtree(dest, ignore_errors=True)
         shutil.move(str(work / "adapter"), dest)
         share_by_umask(dest)
-    atomic_write_text(results / f"{run.run_id}.json", json.dumps(result, indent=2, default=str) + "\n")
+    atomic_write_text(results / f"{run.run_id}.json", result.to_json())
     (results / f"{run.run_id}.error.json").unlink(missing_ok=True)
     shutil.rmtree(work, ignore_errors=True)
-    return result["status"]
+    return result.status
 
 
 def _reuse(cfg: ExperimentConfig, run: RunSpec, results: Path, reuse: list[Path]) -> bool:
