@@ -19,7 +19,7 @@ Per setup (the experiment suites' own model, data, batch size and LoRA config, r
    (``estimator="per_example"``, calibrated separately on the first batches), compared with the batch
    estimator's N = 32 map.
 3. Timed on the same calibration batches, each prepared as the sweep prepares it
-   (fimlora.experiments.methods.prepare_method): FIM-LoRA with N = 8, FIM-LoRA with ``n_batches="auto"``
+   (fimlora.bench.methods.prepare_method): FIM-LoRA with N = 8, FIM-LoRA with ``n_batches="auto"``
    (the library default rule), and PEFT's EVA (rho 2) with its own rule (it replays the batches until its SVD
    components converge; forward passes counted on the model). Times are ratios within one setup and seed.
 
@@ -70,8 +70,8 @@ def _unit_scores(spec, base, batches, estimator: str, n_batches: int) -> dict:
     import torch
 
     from fimlora.api import _allocator, _bounds
+    from fimlora.bench.methods import _uniform_lora
     from fimlora.config import FimConfig
-    from fimlora.experiments.methods import _uniform_lora
     from fimlora.fisher import compute_fisher
 
     torch.manual_seed(spec.seed)  # LoRA's A, on which dL/dB depends, is drawn as prepare_method draws it
@@ -111,7 +111,7 @@ def _replay(run: dict, rule: str, rows_per_batch: int, max_k: int) -> tuple[int 
 def converge_setup(cfg, train_task, spec, settings, batches, seed: int, n_ref: int) -> dict:
     """Sections 1 and 2: prefix maps of one N = n_ref calibration, and the stop rules replayed on it."""
     from fimlora.app.builders import build_base_model
-    from fimlora.experiments.sweep import causal_lm_dtype
+    from fimlora.bench.sweep import causal_lm_dtype
 
     def base():
         return build_base_model(cfg.model, train_task, cfg.n_layers, seed, causal_lm_dtype(settings.precision))
@@ -145,9 +145,9 @@ def measure_setup(config_path: str, task: str | None, seed: int, smoke: bool) ->
 
     from fimlora.app.builders import build_base_model, build_calibration_loader, build_tokenizer
     from fimlora.app.train import TrainSettings
-    from fimlora.experiments.config import ExperimentConfig, RunSpec, load_config
-    from fimlora.experiments.methods import prepare_method
-    from fimlora.experiments.sweep import _load_tasks, _method_spec, causal_lm_dtype
+    from fimlora.bench.config import ExperimentConfig, RunSpec, load_config
+    from fimlora.bench.methods import prepare_method
+    from fimlora.bench.sweep import _load_tasks, _method_spec, causal_lm_dtype
 
     cfg = load_config(ROOT / config_path)
     if smoke:

@@ -35,7 +35,7 @@ RESAMPLES, LEVEL = 2000, 0.95
 
 
 def train_and_score(size: str, seed: int, fim: dict) -> dict:
-    """One run as fimlora.experiments.sweep.run_one does it; per-example correctness on the test split."""
+    """One run as fimlora.bench.sweep.run_one does it; per-example correctness on the test split."""
     import functools
     from dataclasses import asdict, replace
 
@@ -43,9 +43,9 @@ def train_and_score(size: str, seed: int, fim: dict) -> dict:
 
     from fimlora.app.builders import build_base_model, build_calibration_loader, build_tokenizer
     from fimlora.app.train import TrainSettings, finetune, predict
-    from fimlora.experiments.config import ExperimentConfig, RunSpec, load_config
-    from fimlora.experiments.methods import prepare_method
-    from fimlora.experiments.sweep import _load_tasks, _method_spec, causal_lm_dtype
+    from fimlora.bench.config import ExperimentConfig, RunSpec, load_config
+    from fimlora.bench.methods import prepare_method
+    from fimlora.bench.sweep import _load_tasks, _method_spec, causal_lm_dtype
 
     cfg = load_config(ROOT / CONFIG)
     train = dict(cfg.train)

@@ -206,7 +206,7 @@ def lora_layer_types(model) -> dict[str, int]:
 
 def method_spec(case: Case, method: str, **fields):
     """The experiment harness's MethodSpec for ``method`` on this case (rank LORA_R, alpha 2r)."""
-    from fimlora.experiments.methods import MethodSpec
+    from fimlora.bench.methods import MethodSpec
 
     return MethodSpec(method=method, r=LORA_R, lora_alpha=2 * LORA_R, target_modules=target_modules(case),
                       task_type=case.task_type, **fields)
@@ -274,7 +274,7 @@ def _floor_row(case: Case, repeats: int) -> dict:
 
 def bench_eva(cases: list[Case]) -> list[dict]:
     """Per case: FIM-LoRA calibration against EVA's initialisation, both prepared as the experiments do."""
-    from fimlora.experiments.methods import prepare_method
+    from fimlora.bench.methods import prepare_method
 
     rows = []
     for case in cases:

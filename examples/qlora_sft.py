@@ -22,9 +22,10 @@ from peft import LoraConfig, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from trl import SFTConfig, SFTTrainer
 
+from fimlora.app.models import base_module_shapes, cut_layers, load_tokenizer, resolve_model
+from fimlora.app.tasks import load_task
+from fimlora.bench.tasks import MC_TASKS
 from fimlora.check import check_adapter
-from fimlora.experiments.data import MC_TASKS, load_task
-from fimlora.experiments.models import base_module_shapes, cut_layers, load_tokenizer, resolve_model
 from fimlora.integrations import calibrate_trainer
 from fimlora.rankmap import format_rank_table
 

@@ -14,9 +14,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
-from fimlora.experiments.data import ClassificationCollator, load_task
-from fimlora.experiments.models import load_classifier, load_tokenizer
-from fimlora.experiments.train import TrainSettings, evaluate
+from fimlora.app.collators import ClassificationCollator
+from fimlora.app.models import load_classifier, load_tokenizer
+from fimlora.app.tasks import load_task
+from fimlora.app.train import TrainSettings, evaluate
 from fimlora.integrations import calibrate_trainer
 
 parser = argparse.ArgumentParser()

@@ -19,8 +19,8 @@ import torch
 
 from fimlora.app.models import load_causal_lm, load_tokenizer
 from fimlora.app.train import TrainSettings, evaluate
-from fimlora.experiments.config import load_config
-from fimlora.experiments.sweep import causal_lm_dtype, load_eval_tasks
+from fimlora.bench.config import load_config
+from fimlora.bench.sweep import causal_lm_dtype, load_eval_tasks
 
 SCORED_BY_MODEL = ("multiple_choice",)
 

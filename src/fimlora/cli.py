@@ -316,8 +316,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .experiments.config import load_config, parse_shard
-    from .experiments.sweep import plan_sweep, run_sweep
+    from .bench.config import load_config, parse_shard
+    from .bench.sweep import plan_sweep, run_sweep
 
     cfg = load_config(args.config)
     shard = parse_shard(args.shard)
@@ -342,7 +342,7 @@ def _run_state(plan, run_id: str) -> str:
 
 
 def cmd_report(args) -> int:
-    from .experiments.report import write_report
+    from .bench.report import write_report
 
     out = write_report([Path(d) for d in args.results_dir], args.out, args.title, args.commands, args.preface)
     print(f"report -> {out} (+ {out.with_suffix('.csv').name})")

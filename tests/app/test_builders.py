@@ -56,7 +56,7 @@ def test_lora_config_for_each_kind():
 
 
 def test_all_linear_in_a_config_list_reaches_peft_as_the_shortcut():
-    from fimlora.experiments.methods import MethodSpec
+    from fimlora.bench.methods import MethodSpec
 
     spec = MethodSpec(method="lora", r=2, lora_alpha=4, target_modules=["all-linear"], task_type="CAUSAL_LM")
     assert spec.target_modules == "all-linear"

@@ -11,7 +11,7 @@ import torch
 
 from fimlora.app.tasks import load_task
 from fimlora.app.user_files import load_user_file
-from fimlora.experiments.config import ExperimentConfig
+from fimlora.bench.config import ExperimentConfig
 
 WORDS = "the a cat dog sat ran on under mat rug red blue big small old new".split()
 
@@ -132,8 +132,8 @@ def test_regression_head_trains_with_mse(tmp_path):
 def test_regression_sweep_end_to_end_on_minilm(tmp_path):
     """A user's JSONL of scored sentence pairs through the whole harness: calibrate (FIM, on the MSE loss),
     train, save, reload with stock PEFT, score by correlation, report."""
-    from fimlora.experiments.report import build_report, load_results
-    from fimlora.experiments.sweep import run_sweep
+    from fimlora.bench.report import build_report, load_results
+    from fimlora.bench.sweep import run_sweep
 
     p = write_pairs(tmp_path / "sts.jsonl")
     cfg = ExperimentConfig(name="reg", model="minilm", n_layers=1, tasks=[{"train": p, "task_type": "regression"}],

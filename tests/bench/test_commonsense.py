@@ -66,8 +66,8 @@ def test_offline_commonsense_170k_falls_back_to_the_bundled_mixture_and_says_so(
 
 @needs_data
 def test_a_mixture_training_on_commonsense_170k_records_the_fallback(monkeypatch):
-    from fimlora.experiments.config import ExperimentConfig, expand_runs
-    from fimlora.experiments.sweep import _load_tasks
+    from fimlora.bench.config import ExperimentConfig, expand_runs
+    from fimlora.bench.sweep import _load_tasks
 
     monkeypatch.setattr(data, "hub_load_dataset", lambda spec: (_ for _ in ()).throw(ConnectionError("offline")))
     cfg = ExperimentConfig(name="c", model="smollm2", methods=["lora"], seeds=[1], ranks=[2],

@@ -57,9 +57,9 @@ def test_local_tasks_give_our_log_likelihoods_and_accuracy(smol, tmp_path):
 
 
 def test_a_sweep_with_evaluator_lm_eval_scores_the_saved_adapter_offline(tmp_path, monkeypatch):
-    from fimlora.experiments.config import ExperimentConfig
-    from fimlora.experiments.report import load_results
-    from fimlora.experiments.sweep import run_sweep
+    from fimlora.bench.config import ExperimentConfig
+    from fimlora.bench.report import load_results
+    from fimlora.bench.sweep import run_sweep
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     cfg = ExperimentConfig(name="d", model="smollm2", n_layers=2, methods=["fim"], seeds=[1], ranks=[2],
@@ -78,7 +78,7 @@ def test_a_sweep_with_evaluator_lm_eval_scores_the_saved_adapter_offline(tmp_pat
 def test_evaluator_is_checked_and_the_default_keeps_old_hashes():
     from dataclasses import asdict
 
-    from fimlora.experiments.config import ExperimentConfig, expand_runs, run_settings_hash
+    from fimlora.bench.config import ExperimentConfig, expand_runs, run_settings_hash
 
     base = dict(name="d", model="smollm2", methods=["lora"], seeds=[1], ranks=[2],
                 mixture={"train": ["piqa"], "eval": ["piqa"]})

@@ -1,6 +1,4 @@
-"""The research harness: offline models and data, fine-tuning, the five methods, sweeps and reports.
-
-It builds on the library (``fimlora``) and is never imported by it. Its optional needs (PyYAML,
-matplotlib, pyarrow, gguf) are imported where they are used; install them with
-``pip install 'fimlora[experiments]'``.
+"""Deprecated: the research harness moved into two layers, :mod:`fimlora.app` (what the ``fimlora`` command
+needs: jobs, builders, models, training, data) and :mod:`fimlora.bench` (methods, sweeps, reports). Each old module
+path here imports its new home with a DeprecationWarning, for one release.
 """

@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-import fimlora.experiments.sweep as sweep
-from fimlora.experiments.config import load_config
+import fimlora.bench.sweep as sweep
+from fimlora.bench.config import load_config
 
 
 def fake_run_one(cfg, run, work_dir, log: str, seconds: float) -> dict:

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from fimlora.app.train import DivergenceCallback
-from fimlora.experiments.config import ExperimentConfig, expand_runs, load_config, parse_shard
-from fimlora.experiments.methods import adalora_schedule
-from fimlora.experiments.report import build_report, load_results
-from fimlora.experiments.sweep import run_sweep
+from fimlora.bench.config import ExperimentConfig, expand_runs, load_config, parse_shard
+from fimlora.bench.methods import adalora_schedule
+from fimlora.bench.report import build_report, load_results
+from fimlora.bench.sweep import run_sweep
 from tests.references import assert_adapter_readable_as_its_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml"))
@@ -200,7 +200,7 @@ def test_adalora_prunes_through_trainer_callback_and_reloads_with_stock_peft(tmp
     from fimlora.app.models import load_classifier, load_tokenizer
     from fimlora.app.tasks import load_task
     from fimlora.app.train import TrainSettings, finetune
-    from fimlora.experiments.methods import MethodSpec, final_rank_map, prepare_method
+    from fimlora.bench.methods import MethodSpec, final_rank_map, prepare_method
 
     task = load_task("trec6", max_train=64, max_test=16)
     tok = load_tokenizer("minilm")
@@ -270,7 +270,7 @@ def test_eval_tasks_of_a_task_config_are_its_runs_test_sets_and_the_reference_is
 
     import yaml
 
-    from fimlora.experiments.sweep import _load_tasks, load_eval_tasks
+    from fimlora.bench.sweep import _load_tasks, load_eval_tasks
 
     cfg = base_cfg(tasks=["trec6", "sst2"], methods=["lora"], seeds=[1], data={"max_train": 16, "max_test": 40})
     evals = load_eval_tasks(cfg)
@@ -291,7 +291,7 @@ def test_eval_tasks_of_a_task_config_are_its_runs_test_sets_and_the_reference_is
 
 
 def test_mixture_eval_tasks_refuse_a_config_without_a_mixture():
-    from fimlora.experiments.sweep import load_mixture_eval_tasks
+    from fimlora.bench.sweep import load_mixture_eval_tasks
 
     with pytest.raises(ValueError, match=r"mixture: config 't' has no mixture \(it lists tasks \['trec6'\]\)"):
         load_mixture_eval_tasks(base_cfg())

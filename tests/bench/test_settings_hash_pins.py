@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fimlora.experiments.config import expand_runs, load_config, run_settings_hash
+from fimlora.bench.config import expand_runs, load_config, run_settings_hash
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from fimlora.experiments.config import RunSpec, run_settings_hash
-from fimlora.experiments.report import load_results
-from fimlora.experiments.results import NOT_RESULT_FOLDERS, NOT_RUN_RESULTS, RunResult, upgrade
+from fimlora.bench.config import RunSpec, run_settings_hash
+from fimlora.bench.report import load_results
+from fimlora.bench.results import NOT_RESULT_FOLDERS, NOT_RUN_RESULTS, RunResult, upgrade
 
 RESULTS = Path(__file__).resolve().parents[2] / "results"
 FILES = sorted(p for p in RESULTS.rglob("*.json")

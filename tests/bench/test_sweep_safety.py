@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from fimlora.experiments.config import load_config, task_id
-from fimlora.experiments.sweep import plan_sweep
+from fimlora.bench.config import load_config, task_id
+from fimlora.bench.sweep import plan_sweep
 
 WORKER = Path(__file__).with_name("sweep_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,8 +109,8 @@ def test_changed_settings_rerun_and_keep_the_old_result(tmp_path):
 
 def test_a_rewritten_data_file_makes_its_results_stale_and_never_reused(tmp_path, monkeypatch):
     """Issue 20, 2: a result stands for the data it was trained on, not for the file's name."""
-    import fimlora.experiments.sweep as sweep
-    from tests.experiments.sweep_worker import fake_run_one
+    import fimlora.bench.sweep as sweep
+    from tests.bench.sweep_worker import fake_run_one
 
     log = tmp_path / "log"
     monkeypatch.setattr(sweep, "run_one", lambda cfg, run, work: fake_run_one(cfg, run, work, str(log), 0.0))

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from fimlora.experiments import registry
-from fimlora.experiments.config import ExperimentConfig
-from fimlora.experiments.registry import (
+from fimlora.bench import registry
+from fimlora.bench.config import ExperimentConfig
+from fimlora.bench.registry import (
     MethodInfo,
     Setting,
     SettingsBlock,
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_report_tables_read_off_the_registry_are_the_ones_the_report_always_had():
-    from fimlora.experiments import report, tables
+    from fimlora.bench import report, tables
 
     assert tables.METHOD_ORDER == ["lora", "rslora", "adalora", "eva", "pissa", "lora_ga", "gora", "random", "fim",
                                    "fim_eva", "fim_rslora", "fim_pissa", "fim_gora"]
@@ -42,7 +42,7 @@ def test_the_report_tables_read_off_the_registry_are_the_ones_the_report_always_
 
 
 def test_every_method_prepares_with_a_function_of_the_harness():
-    from fimlora.experiments.methods import METHODS
+    from fimlora.bench.methods import METHODS
 
     assert METHODS == method_names()
     for name in method_names():
@@ -60,8 +60,8 @@ def test_every_settings_block_is_a_config_field_whose_default_is_the_blocks():
 
 
 def test_defaults_are_written_once():
+    from fimlora.bench import gora, methods
     from fimlora.config import FimConfig
-    from fimlora.experiments import gora, methods
 
     assert registry.CALIBRATION_BATCHES == FimConfig().n_batches == gora.DEFAULT_N_BATCHES == methods.LORA_GA_BATCHES
     assert (gora.DEFAULT_MIN_RANK_RATIO, gora.DEFAULT_MAX_RANK_RATIO, gora.DEFAULT_LR, gora.DEFAULT_SIGN) == tuple(
@@ -93,10 +93,10 @@ def test_one_validator_checks_every_block_and_its_cross_rule():
 
 
 def test_validating_a_config_loads_no_method_code():
-    code = ("import json, sys\nfrom fimlora.experiments.config import load_config\n"
+    code = ("import json, sys\nfrom fimlora.bench.config import load_config\n"
             "load_config('configs/frontier_encoder.yaml')\n"
-            "print(json.dumps([m for m in sys.modules if m in ('fimlora.experiments.methods', "
-            "'fimlora.experiments.gora', 'fimlora.experiments.builders')]))\n")
+            "print(json.dumps([m for m in sys.modules if m in ('fimlora.bench.methods', "
+            "'fimlora.bench.gora', 'fimlora.app.builders')]))\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=600)

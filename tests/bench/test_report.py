@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fimlora.experiments.report import (
+from fimlora.bench.report import (
     build_report,
     load_results,
     mean_std,
@@ -283,7 +283,7 @@ def test_frontier_table_has_a_row_per_method_and_size_and_the_plot_is_written(tm
 
 
 def test_frontier_without_matplotlib_keeps_the_table_and_says_so(tmp_path, monkeypatch):
-    import fimlora.experiments.report as report
+    import fimlora.bench.report as report
 
     def no_matplotlib(module, extra, purpose):
         raise MissingExtraError(f"{purpose} needs the 'matplotlib' package")

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from fimlora.app.builders import reload_adapter
-from fimlora.experiments.gora import gora_b, gora_importance, gora_rank_bounds, gora_ranks
-from fimlora.experiments.methods import MethodSpec, final_rank_map, prepare_method, save_adapter
+from fimlora.bench.gora import gora_b, gora_importance, gora_rank_bounds, gora_ranks
+from fimlora.bench.methods import MethodSpec, final_rank_map, prepare_method, save_adapter
 from fimlora.modules import base_model_of
 from tests.references import cls_batches, llama_base, lm_batches, make_b_nonzero, tiny_bert
 
@@ -48,7 +48,7 @@ def logits(model, batch):
 
 def assert_reload_gives_trained_model(model, batches, make_base, tmp_path):
     """Train a little, save as the harness does, reload onto a fresh (unchanged) base: same logits."""
-    from fimlora.experiments.methods import mutates_base
+    from fimlora.bench.methods import mutates_base
 
     initial = tmp_path / "initial_adapter" if mutates_base(model) else None
     if initial is not None:
@@ -310,8 +310,8 @@ def test_a_pissa_run_s_kept_adapter_reloads_onto_the_unchanged_base(tmp_path):
     from fimlora.app.models import load_tokenizer
     from fimlora.app.tasks import load_task
     from fimlora.app.train import TrainSettings, evaluate
-    from fimlora.experiments.sweep import run_sweep
-    from tests.experiments.test_sweep import base_cfg
+    from fimlora.bench.sweep import run_sweep
+    from tests.bench.test_sweep import base_cfg
 
     cfg = base_cfg(methods=["pissa"], seeds=[1], keep_adapters=True)
     assert run_sweep(cfg, tmp_path, progress=False)["ok"] == 1
@@ -333,9 +333,9 @@ def test_gora_sign_from_the_config_is_the_sign_used_and_the_one_hashed(method):
     from dataclasses import asdict
     from types import SimpleNamespace
 
-    from fimlora.experiments.config import GORA_SIGN_BEFORE, ExperimentConfig, RunSpec, run_settings
-    from fimlora.experiments.gora import DEFAULT_LR
-    from fimlora.experiments.sweep import _method_spec
+    from fimlora.bench.config import GORA_SIGN_BEFORE, ExperimentConfig, RunSpec, run_settings
+    from fimlora.bench.gora import DEFAULT_LR
+    from fimlora.bench.sweep import _method_spec
 
     batches = data()
     grads = reference_mean_gradient(batches[:2])

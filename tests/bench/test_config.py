@@ -6,7 +6,7 @@ from dataclasses import asdict
 
 import pytest
 
-from fimlora.experiments.config import ExperimentConfig, RunSpec, expand_runs, load_config, run_settings_hash, task_id
+from fimlora.bench.config import ExperimentConfig, RunSpec, expand_runs, load_config, run_settings_hash, task_id
 
 BASE = "name: x\nmodel: minilm\nmethods: [lora, fim, eva]\nseeds: [1]\nranks: [2]\ntasks: [sst2]\n"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from fimlora.experiments.methods import MethodSpec, counted_forwards, final_rank_map, prepare_method
+from fimlora.bench.methods import MethodSpec, counted_forwards, final_rank_map, prepare_method
 from fimlora.modules import base_model_of
 from tests.references import llama_base, lm_batches
 
@@ -93,7 +93,7 @@ def test_fim_methods_take_a_progress_setting_from_the_config():
 def test_eva_layer_inputs_keep_one_vector_per_example_and_mask_tokens_as_peft():
     from peft.tuners.lora.eva import prepare_layer_inputs_fn_language_modeling
 
-    from fimlora.experiments.methods import eva_layer_inputs
+    from fimlora.bench.methods import eva_layer_inputs
 
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]]).bool().nonzero()  # what PEFT's model-input step hands over
     tokens = torch.randn(2, 3, 5)
@@ -135,7 +135,7 @@ def test_eva_refuses_up_front_a_layer_with_fewer_rows_than_components():
 def test_eva_rows_per_layer_counts_tokens_and_examples():
     from peft import EvaConfig
 
-    from fimlora.experiments.methods import eva_rows_per_layer
+    from fimlora.bench.methods import eva_rows_per_layer
     from tests.references import cls_batches, lora_bert
 
     model = lora_bert(target_modules="all-linear", eva_config=EvaConfig(use_label_mask=False))
