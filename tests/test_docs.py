@@ -85,3 +85,20 @@ def test_generated_pages_stay_where_their_writers_write_them():
     assert "docs/benchmarks.md" in (ROOT / "benchmarks" / "bench_calibration.py").read_text()
     for page in ("results.md", "benchmarks.md", "results_preface.md"):
         assert (DOCS / page).exists()
+
+
+def test_llamafactory_page_shows_the_shipped_recipe():
+    """The config on the page is the one the script runs, and every file the recipe names ships."""
+    page = (DOCS / "llamafactory.md").read_text(encoding="utf-8")
+    recipe = ROOT / "examples" / "llamafactory"
+    shown = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", page, flags=re.S)]
+    config = yaml.safe_load((recipe / "llama_fim.yaml").read_text())
+    assert config in shown
+    info = yaml.safe_load((recipe / "dataset_info.json").read_text())
+    assert config["dataset_dir"] == "examples/llamafactory"  # relative to the repository root, where the script runs
+    assert (recipe / info[config["dataset"]]["file_name"]).exists()
+    assert (recipe / "stubs" / "torchaudio" / "__init__.py").exists()
+    requirements = (ROOT / "requirements-llamafactory.txt").read_text()
+    assert "omegaconf" in requirements and "omegaconf" in page and "dataset_dir" in page
+    script = (ROOT / "scripts" / "test_llamafactory.sh").read_text()
+    assert "examples/llamafactory/llama_fim.yaml" in script and "requirements-llamafactory.txt" in script
