@@ -1,7 +1,8 @@
 """The axolotl plugin with real axolotl (0.19, its own venv: scripts/test_axolotl.sh), on the CPU.
 
 Each run is ``python -m axolotl.cli.train CONFIG`` (axolotl's own entry point; one test runs ``axolotl train``)
-on a tiny seeded LLaMA with a word-level tokenizer and a JSONL completion data set written here. Skipped when axolotl is not importable.
+on a tiny seeded LLaMA with a word-level tokenizer and a JSONL completion data set written here. Skipped when
+axolotl is not importable.
 """
 
 from __future__ import annotations
