@@ -143,4 +143,4 @@ def test_wheel_builds_passes_twine_and_runs_in_a_clean_venv(tmp_path):
     rank_map = json.loads((out / "rank_map.json").read_text())
     assert sum(rank_map["ranks"].values()) == rank_map["budget"] == 2 * 2  # query and value of one layer at r = 2
     assert (out / "adapter" / "adapter_config.json").exists()
-    assert not (out / "rank_map.png").exists() and "matplotlib" in proc.stdout + proc.stderr  # no [plot] extra
+    assert not (out / "rank_map.png").exists() and "rank_map.png skipped" in proc.stdout  # no [plot] extra
