@@ -171,6 +171,7 @@ def test_cli_calibrate_without_extras_writes_adapter_and_rank_map(tmp_path):
     proc = run_python(f"from fimlora.cli import main\nsys.exit(main({args!r}))",
                       blocked=("matplotlib", "pyarrow", "gguf", "datasets"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    # .fimlora-output.json: the record that lets --overwrite replace only an earlier fimlora output
     assert sorted(p.name for p in out.iterdir()) == [".fimlora-output.json", "adapter", "rank_map.json"]
     meta = json.loads((out / "rank_map.json").read_text())["settings"]["data_meta"]
     assert meta["n_train"] == 24 and meta["n_test"] == 0  # calibration uses every row of the user's file

@@ -334,8 +334,8 @@ def test_gora_sign_from_the_config_is_the_sign_used_and_the_one_hashed(method):
     from types import SimpleNamespace
 
     from fimlora.bench.config import ExperimentConfig, RunSpec, run_settings
-    from fimlora.bench.registry import GORA_SIGN_BEFORE
     from fimlora.bench.gora import DEFAULT_LR
+    from fimlora.bench.registry import GORA_SIGN_BEFORE
     from fimlora.bench.sweep import _method_spec
 
     batches = data()

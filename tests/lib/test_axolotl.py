@@ -1,7 +1,8 @@
 """The axolotl plugin with real axolotl (0.19, its own venv: scripts/test_axolotl.sh), on the CPU.
 
-Each run is ``python -m axolotl.cli.train CONFIG`` (axolotl's own entry point) on a tiny seeded LLaMA with a
-word-level tokenizer and a JSONL completion data set written here. Skipped when axolotl is not importable.
+Each run is ``python -m axolotl.cli.train CONFIG`` (axolotl's own entry point; one test runs ``axolotl train``)
+on a tiny seeded LLaMA with a word-level tokenizer and a JSONL completion data set written here. Skipped when
+axolotl is not importable.
 """
 
 from __future__ import annotations
@@ -174,3 +175,19 @@ def test_qlora_run_calibrates_and_saves_the_allocated_adapter(assets):
     assert {k: v.shape[0] for k, v in tensors.items() if "lora_A" in k} == {
         f"base_model.model.{n}.lora_A.weight": r for n, r in alloc.ranks.items()}
     assert json.loads((out / "adapter_config.json").read_text())["rank_pattern"] == alloc.ranks
+
+
+def test_axolotl_train_command_runs_with_the_venvs_bin_on_path(assets):
+    """`axolotl train CONFIG` as docs/axolotl.md shows it: the launcher it starts (`accelerate`) is found only with
+    the venv's bin/ on PATH; with it the run calibrates and saves the allocated adapter."""
+    bin_dir = Path(sys.executable).parent
+    cfg = write_config(assets, assets / "out_cli", "cli", max_steps=2, save_steps=2)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1",
+           "LOG_LEVEL": "INFO", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "PATH": os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")])}
+    proc = subprocess.run([str(bin_dir / "axolotl"), "train", str(cfg)], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    alloc = fimlora.RankAllocation.from_json(assets / "out_cli" / "rank_map.json")
+    config = json.loads((assets / "out_cli" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == alloc.ranks

@@ -187,7 +187,7 @@ def test_fused_kernels_default_off_and_explicit_true_is_refused():
     check_no_lora_kernels(cfg)
 
 
-def test_readme_axolotl_config_names_the_plugin_and_valid_settings():
+def test_docs_axolotl_config_names_the_plugin_and_valid_settings():
     import re
     from pathlib import Path
 
@@ -195,8 +195,8 @@ def test_readme_axolotl_config_names_the_plugin_and_valid_settings():
 
     from fimlora.integrations.axolotl_rules import PLUGIN
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
-    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", readme, flags=re.S) if "plugins:" in b]
+    page = (Path(__file__).resolve().parents[2] / "docs" / "axolotl.md").read_text(encoding="utf-8")
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", page, flags=re.S) if "plugins:" in b]
     assert blocks and all(b["plugins"] == [PLUGIN] for b in blocks)
     for block in blocks:
         fim_settings(block["fimlora"])
