@@ -432,6 +432,18 @@ def test_export_of_a_name_inside_another_keeps_one_key_per_module(tmp_path, engi
         assert (reloaded(x) - model(x)).abs().max().item() < TOL
 
 
+@pytest.mark.parametrize("names", [["fc", "inner.fc"], ["a.fc", "b.a.fc"], ["inner.fc", "inner_fc"],
+                                   ["model.layers.1.q", "model.layers.11.q", "x.model.layers.1.q"]])
+def test_pattern_keys_match_one_module_each(names):
+    """The keys an export writes: each matches its own module and no other of the adapter's, by PEFT's rule, whatever
+    the names share (a whole dotted tail such as a.fc inside b.a.fc, not only the last part)."""
+    from fimlora.modules import pattern_keys, pattern_matches
+
+    keys = pattern_keys(names)
+    for name in names:
+        assert [n for n in names if pattern_matches(keys[name], n)] == [name], (name, keys[name])
+
+
 def test_a_rank_above_vllm_s_limit_blocks_only_the_vllm_export(tmp_path):
     model = lora_llama(r=600, target_modules=["q_proj", "v_proj"])
     make_b_nonzero(model, lm_batches())
