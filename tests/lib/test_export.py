@@ -504,3 +504,20 @@ def test_llamacpp_export_of_lora_alpha_zero_is_refused_by_name(tmp_path):
                                          r"scale 1 and PEFT as scale 0\), got 0"):
         fimlora.export_adapter(src, "llama.cpp", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_vllm_export_of_lora_alpha_zero_is_scale_zero_on_both_sides(tmp_path):
+    """lora_alpha 0 is valid PEFT: vLLM's 0/r and PEFT's 0/r_m agree, so the export copies B; only a module PEFT
+    scales otherwise (an alpha_pattern entry) cannot be fixed by a factor in B, and is refused by name."""
+    src, _ = trained_adapter(tmp_path)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg.update(lora_alpha=0, alpha_pattern={})
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    plan = fimlora.export_adapter(src, "vllm", tmp_path / "out")
+    assert set(plan.served_scales.values()) == set(plan.peft_scales.values()) == {0.0}
+    assert set(plan.b_factors.values()) == {1.0}
+    cfg.update(alpha_pattern={"q_proj": 8})
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"lora_alpha: vllm applies scale 0 \(lora_alpha 0\) where PEFT applies "
+                                         r"[0-9.]+ \(module model\.layers\.\d\.self_attn\.q_proj\)"):
+        fimlora.export_adapter(src, "vllm", tmp_path / "out2")
