@@ -171,6 +171,20 @@ def test_target_modules_that_lora_can_adapt_pass():
     assert "default" in model.base_model.model.lm_head.lora_A
 
 
+def test_a_regex_whose_matches_filters_remove_only_in_part_passes():
+    """A regex target some of whose matches exclude_modules removes still selects the rest: refused only when the
+    filters remove every match (PEFT takes no layers_to_transform with a regex)."""
+    from fimlora.app.builders import build_lora_config, build_peft_model
+    from tests.references import tiny_bert
+
+    for settings in ({"exclude_modules": r".*layer\.1\..*"},
+                     {"exclude_modules": ["bert.encoder.layer.1.attention.self.query"]}):
+        model = build_peft_model(tiny_bert(), build_lora_config("classification", 2, target_modules=r".*\.query",
+                                                                **settings))
+        adapted = [n for n, m in model.named_modules() if hasattr(m, "lora_A") and n.endswith("query")]
+        assert adapted == ["base_model.model.bert.encoder.layer.0.attention.self.query"], settings
+
+
 @pytest.mark.parametrize("targets, message", [
     (["classifier"], "target_modules: 'classifier' selects classifier, trained whole as modules_to_save"),
     (["query", "classifier"], "target_modules: 'classifier' selects classifier, trained whole as modules_to_save"),

@@ -432,6 +432,18 @@ def test_export_of_a_name_inside_another_keeps_one_key_per_module(tmp_path, engi
         assert (reloaded(x) - model(x)).abs().max().item() < TOL
 
 
+@pytest.mark.parametrize("names", [["fc", "inner.fc"], ["a.fc", "b.a.fc"], ["inner.fc", "inner_fc"],
+                                   ["model.layers.1.q", "model.layers.11.q", "x.model.layers.1.q"]])
+def test_pattern_keys_match_one_module_each(names):
+    """The keys an export writes: each matches its own module and no other of the adapter's, by PEFT's rule, whatever
+    the names share (a whole dotted tail such as a.fc inside b.a.fc, not only the last part)."""
+    from fimlora.modules import pattern_keys, pattern_matches
+
+    keys = pattern_keys(names)
+    for name in names:
+        assert [n for n in names if pattern_matches(keys[name], n)] == [name], (name, keys[name])
+
+
 def test_a_rank_above_vllm_s_limit_blocks_only_the_vllm_export(tmp_path):
     model = lora_llama(r=600, target_modules=["q_proj", "v_proj"])
     make_b_nonzero(model, lm_batches())
@@ -492,3 +504,20 @@ def test_llamacpp_export_of_lora_alpha_zero_is_refused_by_name(tmp_path):
                                          r"scale 1 and PEFT as scale 0\), got 0"):
         fimlora.export_adapter(src, "llama.cpp", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_vllm_export_of_lora_alpha_zero_is_scale_zero_on_both_sides(tmp_path):
+    """lora_alpha 0 is valid PEFT: vLLM's 0/r and PEFT's 0/r_m agree, so the export copies B; only a module PEFT
+    scales otherwise (an alpha_pattern entry) cannot be fixed by a factor in B, and is refused by name."""
+    src, _ = trained_adapter(tmp_path)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg.update(lora_alpha=0, alpha_pattern={})
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    plan = fimlora.export_adapter(src, "vllm", tmp_path / "out")
+    assert set(plan.served_scales.values()) == set(plan.peft_scales.values()) == {0.0}
+    assert set(plan.b_factors.values()) == {1.0}
+    cfg.update(alpha_pattern={"q_proj": 8})
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"lora_alpha: vllm applies scale 0 \(lora_alpha 0\) where PEFT applies "
+                                         r"[0-9.]+ \(module model\.layers\.\d\.self_attn\.q_proj\)"):
+        fimlora.export_adapter(src, "vllm", tmp_path / "out2")

@@ -204,3 +204,77 @@ def test_atomic_directory_gives_safetensors_files_the_umask_s_mode(tmp_path, uma
     for f in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
         assert stat.S_IMODE((tmp_path / "out" / f).stat().st_mode) == mode
     assert stat.S_IMODE((tmp_path / "out" / "adapter").stat().st_mode) == mode | (0o111 & ~umask)
+
+
+@pytest.mark.parametrize("entry", ["../victim", "sub/x"])
+def test_a_manifest_naming_a_path_outside_its_folder_proves_nothing(tmp_path, entry):
+    """A manifest entry is one name in the folder: one with a '/' (say '../victim', written by hand or by another
+    tool) must not make --overwrite move and delete a file outside the output."""
+    out = tmp_path / "out"
+    with atomic_directory(out) as tmp:
+        (tmp / "rank_map.json").write_text("{}")
+    (tmp_path / "victim").write_text("mine")
+    record = json.loads((out / OUTPUT_MANIFEST).read_text())
+    record["files"].append(entry)
+    (out / OUTPUT_MANIFEST).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="was not written by fimlora"):
+        with atomic_directory(out, overwrite=True) as tmp:
+            (tmp / "rank_map.json").write_text("new")
+    assert (tmp_path / "victim").read_text() == "mine"
+    assert (out / "rank_map.json").read_text() == "{}"
+
+
+def test_a_failed_write_into_an_existing_empty_folder_keeps_the_folder(tmp_path):
+    """Only a folder atomic_directory created is removed when the block fails; an empty folder the user prepared
+    (a mount point, a folder with its own mode) stays."""
+    out = tmp_path / "prepared"
+    out.mkdir()
+    with pytest.raises(RuntimeError):
+        with atomic_directory(out) as tmp:
+            (tmp / "f").write_text("x")
+            raise RuntimeError("crash")
+    assert out.is_dir() and names(out) == []
+
+
+def test_overwrite_replaces_an_earlier_dangling_symlink(tmp_path):
+    """An earlier output's entry that is a symlink to nothing is still one of its entries: replaced like the rest,
+    not left behind (where the next --overwrite would find it a file fimlora did not write)."""
+    out = tmp_path / "out"
+    with atomic_directory(out) as tmp:
+        (tmp / "latest").symlink_to(tmp_path / "nowhere")
+    assert os.path.islink(out / "latest")
+    with atomic_directory(out, overwrite=True) as tmp:
+        (tmp / "f").write_text("x")
+    assert names(out) == [OUTPUT_MANIFEST, "f"]
+    check_output_dir(out, overwrite=True)
+
+
+def test_the_files_in_the_way_are_listed_up_to_five(tmp_path):
+    (tmp_path / "five").mkdir()
+    for i in range(5):
+        (tmp_path / "five" / f"f{i}").write_text("x")
+    with pytest.raises(ValueError, match=r"\(it holds f0, f1, f2, f3, f4\); choose"):
+        check_output_dir(tmp_path / "five")
+    (tmp_path / "five" / "f5").write_text("x")
+    with pytest.raises(ValueError, match=r"\(it holds f0, f1, f2, f3, f4 and 1 more\); choose"):
+        check_output_dir(tmp_path / "five")
+
+
+def test_a_symlink_to_a_file_is_not_a_folder_not_a_dangling_link(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "file")
+    with pytest.raises(ValueError, match=f"out: {tmp_path / 'link'} exists and is not a folder"):
+        check_output_dir(tmp_path / "link")
+    assert (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.parametrize("record", [{"files": ["rank_map.json"]}, {"written_by": "other", "files": ["rank_map.json"]},
+                                    ["rank_map.json"]])
+def test_a_manifest_fimlora_did_not_write_proves_nothing(tmp_path, record):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "rank_map.json").write_text("mine")
+    (out / OUTPUT_MANIFEST).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="was not written by fimlora"):
+        check_output_dir(out, overwrite=True)
+    assert (out / "rank_map.json").read_text() == "mine"
