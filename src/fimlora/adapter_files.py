@@ -119,8 +119,9 @@ def read_module_ranks(weights: Path) -> tuple[dict[str, int], list[str]]:
 
 def first_pattern_key(pattern: Mapping, name: str):
     """The key of ``pattern`` (rank_pattern or alpha_pattern) PEFT applies to module ``name``: the first that
-    matches in sorted order, PEFT's order after save_pretrained (sorted JSON keys); None when none matches."""
-    for key in sorted(pattern):
+    matches in the config's own key order, the order PEFT tries them in after loading it (``save_pretrained``
+    writes them sorted, a hand-edited file may not be); None when none matches."""
+    for key in pattern:
         if pattern_matches(key, name):
             return key
     return None

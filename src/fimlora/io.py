@@ -129,13 +129,6 @@ def check_output_dir(target: str | os.PathLike, overwrite: bool = False, inputs:
                          "replaces only fimlora's own output, so move them or choose a new or empty folder")
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
-
-
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, overwrite: bool = False, inputs: Iterable = ()):
     """Yield a temporary folder inside ``target``; on success its contents replace what fimlora wrote there before.

@@ -544,3 +544,25 @@ def test_check_serve_sglang_rule(tmp_path):
     rslora.save_pretrained(tmp_path / "rslora")
     verdict = check_adapter(tmp_path / "rslora", serve="sglang").serving["sglang"]
     assert set(verdict.mis_scaled.values()) == {(2.0, 4.0)}  # SGLang 8/4 against PEFT's 8/sqrt(4)
+
+
+def test_check_reads_an_unsorted_hand_edited_pattern_in_the_file_s_order(tmp_path):
+    """PEFT tries pattern keys in the order the loaded config holds them (save_pretrained writes them sorted, a
+    hand-edited file need not be). Sorted, '^model...$' (rank 6) would come first; in the file's order layer 0's
+    q_proj gets 'layers.0.self_attn.q_proj' (rank 2), as PEFT loads it: no false size mismatch, overlap reported."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    lora_llama(rank_pattern={"layers.0.self_attn.q_proj": 2}).save_pretrained(tmp_path / "a")
+    rewrite_config(tmp_path / "a", rank_pattern=lambda p: {**p, "^model.layers.0.self_attn.q_proj$": 6})
+    assert list(json.loads((tmp_path / "a" / "adapter_config.json").read_text())["rank_pattern"]) == [
+        "layers.0.self_attn.q_proj", "^model.layers.0.self_attn.q_proj$"]
+    reloaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "a"))
+    peft_ranks = {n: m.r["default"] for n, m in reloaded.base_model.model.named_modules() if isinstance(m, LoraLayer)}
+    assert peft_ranks["model.layers.0.self_attn.q_proj"] == 2
+    report = check_adapter(tmp_path / "a")
+    assert not [p for p in report.problems if "size mismatch" in p], report.problems
+    assert any("matched by 2 keys" in p for p in report.problems)
+    assert report.scalings["model.layers.0.self_attn.q_proj"] == pytest.approx(reloaded.base_model.model.model
+                                                                               .layers[0].self_attn.q_proj
+                                                                               .scaling["default"])
