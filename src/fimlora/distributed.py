@@ -37,12 +37,12 @@ __all__ = [
 _SHARDED_ADVICE = ("calibrate and resize the full (unwrapped) PEFT model in every process first, then wrap or "
                    "shard it (accelerate/Trainer do this when training starts); see fimlora.distributed")
 _FSDP2_ADVICE = ("for a model that does not fit in one process, shard it with FSDP2 (torch.distributed.fsdp."
-                 "fully_shard per decoder layer and at the root) and calibrate the sharded model; see the README "
-                 "section 'Models that do not fit on one device'")
+                 "fully_shard per decoder layer and at the root) and calibrate the sharded model; see "
+                 "docs/distributed.md, 'Models that do not fit on one device'")
 _RESIZE_SHARDED_ADVICE = ("a sharded model is not resized in place: compute_allocation on it, then build the resized "
                           "adapter with fimlora.lora_config_for_allocation and get_peft_model on the base model, "
-                          "apply_resized_lora_a, and shard that; see the README section 'Models that do not fit on "
-                          "one device'")
+                          "apply_resized_lora_a, and shard that; see docs/distributed.md, 'Models that do not fit "
+                          "on one device'")
 
 
 def is_distributed() -> bool:

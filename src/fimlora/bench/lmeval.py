@@ -11,7 +11,7 @@ The paper scores Llama-3-8B zero-shot on seven tasks with lm-evaluation-harness 
 
 On those local tasks lm-eval's ``acc`` and our accuracy answer the same question (the choice of
 highest summed log-likelihood); ``tests/bench/test_lmeval.py`` checks that they agree and the
-README says where they can differ (lm-eval tokenises context and continuation together).
+docs/experiments.md says where they can differ (lm-eval tokenises context and continuation together).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Running a config's grid: every run writes one JSON result; sweeps resume and share folders safely.
 
-Guarantees (stated in the README):
+Guarantees (stated in docs/experiments.md):
 
 * **Atomic results.** A result JSON is written to a temporary file and renamed; a killed sweep never
   leaves half a result. A run's scratch space is ``RESULTS/.work/RUN_ID`` and is removed afterwards.
