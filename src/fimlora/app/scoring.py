@@ -89,6 +89,7 @@ def _shared_context_logliks(model, flat: list, pad_id: int, batch_size: int, bar
     groups = sorted(context_groups(flat), key=lambda g: len(g[0]))
     scores: dict[tuple[int, int], float] = {}
     device = next(model.parameters()).device
+    cache_name = _cache_argument(model)  # once: inspecting the forward's signature is not free
     start = 0
     while start < len(groups):
         end, rows = start, 0
@@ -120,7 +121,7 @@ def _shared_context_logliks(model, flat: list, pad_id: int, batch_size: int, bar
             rest = model(input_ids=cont_ids[:, :-1].to(device),
                          attention_mask=torch.cat([ctx_mask[owner], cont_mask[:, :-1]], dim=1).to(device),
                          position_ids=(lengths[:, None] + torch.arange(cont_ids.shape[1] - 1)).to(device),
-                         use_cache=False, **{_cache_argument(model): cache})
+                         use_cache=False, **{cache_name: cache})
             tok_lp = torch.log_softmax(rest.logits.float(), dim=-1).gather(
                 -1, cont_ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
         for r, (key, cont) in enumerate(zip(keys, conts)):
