@@ -330,7 +330,9 @@ def cmd_run(args) -> int:
     counts = run_sweep(cfg, results, shard=shard, only=args.only, progress=not args.no_progress, reuse=args.reuse)
     print(f"{cfg.name}: {counts['total']} runs in this plan: {counts['ok']} ok, {counts['diverged']} diverged, "
           f"{counts['failed']} failed, {counts['skipped']} already done, {counts['reused']} reused, "
-          f"{counts['busy']} held by another worker -> {results}")
+          f"{counts['busy']} held by another worker"
+          + (f", {counts['undecided']} cell(s) without a chosen learning rate yet" if counts.get('undecided') else "")
+          + f" -> {results}")
     return 1 if counts["failed"] else 0
 
 

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import check_int
 from .metrics import check_references, default_metrics
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class TaskData:
     human-readable note for each group of examples that the loader left out. ``metrics`` are the
     task's own (see :mod:`.metrics`; the first is its headline), by default those of its kind.
     ``extra_tests`` holds further test sets by name (MNLI's ``"mismatched"``), scored like ``test``.
+    ``validation`` holds examples carved out of the training data (``load_task(max_validation=...)``), never
+    trained on: what a choice of settings (a learning rate) is judged on, so that ``test`` is never used for one.
     """
 
     name: str
@@ -66,6 +69,7 @@ class TaskData:
     meta: dict = field(default_factory=dict)
     metrics: tuple = ()
     extra_tests: dict = field(default_factory=dict)
+    validation: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -223,14 +227,17 @@ def _sha256_of(path: str, stat_key: tuple) -> str:
 
 def load_task(name: str, seed: int = 0, max_train: int | None = None, max_test: int | None = None,
               test_fraction: float | None = None, test_data: str | None = None,
-              task_type: str | None = None) -> TaskData:
+              task_type: str | None = None, max_validation: int | None = None) -> TaskData:
     """A bundled task by name, a user's JSONL/JSON/CSV file, or (with network) ``hf:NAME[:CONFIG]``.
 
     ``test_data`` and ``task_type`` (user files only) are a second file used whole as the test set and
     what a text/label file is (:data:`TASK_TYPES`); see :func:`load_user_file`. ``max_train``/``max_test``
     subsample with ``seed`` (MNLI's mismatched test set too); ``meta`` records seed and sizes, and
-    ``meta["dropped"]`` lists notes on examples the loader left out.
+    ``meta["dropped"]`` lists notes on examples the loader left out. ``max_validation`` examples are drawn
+    (with ``seed``) out of the training data into ``validation`` before ``max_train`` subsamples the rest, so the
+    two never share an example.
     """
+    check_int("max_validation", max_validation, minimum=1, allow_none=True)
     for option, value in (("test_data", test_data), ("task_type", task_type)):
         if value is not None and not is_user_file(name):
             raise ValueError(f"data: {option}={value!r} is only for a user's own file; "
@@ -254,6 +261,8 @@ def load_task(name: str, seed: int = 0, max_train: int | None = None, max_test: 
             f"data: unknown task {name!r}; use one of {sorted(TASKS)}, a .jsonl/.json/.csv file, or hf:NAME[:CONFIG]"
         )
     full_train, full_test = len(task.train), len(task.test)
+    if max_validation is not None:
+        task.train, task.validation = _carve_validation(task, max_validation, seed)
     rng = random.Random(seed + 1)
     if max_train is not None and len(task.train) > max_train:
         task.train = rng.sample(task.train, max_train)
@@ -266,7 +275,22 @@ def load_task(name: str, seed: int = 0, max_train: int | None = None, max_test: 
     task.meta.setdefault("dropped", [])
     task.meta.update({"seed": seed, "n_train": len(task.train), "n_test": len(task.test),
                       "n_train_available": full_train, "n_test_available": full_test})
+    if max_validation is not None:
+        task.meta["n_validation"] = len(task.validation)
     return task
+
+
+def _carve_validation(task: TaskData, n: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train without the validation examples, validation): ``n`` training examples drawn with their own seeded
+    stream (``seed + 2``); at least as many examples must stay for training as are taken."""
+    if 2 * n > len(task.train):
+        raise ValueError(f"data: max_validation={n} would take over half of {task.name}'s {len(task.train)} "
+                         f"training examples; use at most {len(task.train) // 2}")
+    idx = list(range(len(task.train)))
+    random.Random(seed + 2).shuffle(idx)
+    held = set(idx[:n])
+    return ([row for i, row in enumerate(task.train) if i not in held],
+            [task.train[i] for i in idx[:n]])
 
 
 def _check_test_labels(task: TaskData) -> None:

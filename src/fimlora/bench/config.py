@@ -53,6 +53,7 @@ DATA_SETTINGS = {
     "max_train_per_task": integer(minimum=1, allow_none=True),
     "data_seed": integer(),
     "test_fraction": fraction,
+    "max_validation": integer(minimum=1, allow_none=True),
 }
 
 
@@ -140,6 +141,28 @@ def _check_tasks(cfg: ExperimentConfig) -> None:
                 _check_task_file(f"mixture.{part}[{i}]", name)
 
 
+def _check_lr_grid(cfg: ExperimentConfig) -> None:
+    """``lr_grid``: the learning rates each method chooses from (see :mod:`.lr_protocol`): distinct positive
+    numbers, judged on a validation split carved from the training data (``data.max_validation``), so a config
+    with a grid needs one and may not also fix ``train.learning_rate``."""
+    if not isinstance(cfg.lr_grid, list):
+        raise ValueError(f"lr_grid: must be a list of learning rates, got {cfg.lr_grid!r}")
+    if not cfg.lr_grid:
+        return
+    for i, value in enumerate(cfg.lr_grid):
+        check_number(f"lr_grid[{i}]", value, minimum=0)
+    if len(set(cfg.lr_grid)) != len(cfg.lr_grid) or len(cfg.lr_grid) < 2:
+        raise ValueError(f"lr_grid: needs at least two distinct learning rates, got {cfg.lr_grid}")
+    if "learning_rate" in cfg.train:
+        raise ValueError(f"train.learning_rate: each method chooses its own from lr_grid {cfg.lr_grid}; remove "
+                         f"train.learning_rate (got {cfg.train['learning_rate']!r})")
+    if not cfg.data.get("max_validation"):
+        raise ValueError("data.max_validation: lr_grid chooses each learning rate on a validation split carved from "
+                         "the training data; give its size (e.g. max_validation: 200)")
+    if cfg.mixture:
+        raise ValueError("lr_grid: not supported with a mixture (its validation split would mix tasks); use tasks")
+
+
 def _check_task_type(name: str, value) -> None:
     from ..app.user_files import check_task_type
 
@@ -210,6 +233,7 @@ class ExperimentConfig:
     gora: dict = field(default_factory=lambda: _block_default("gora"))
     train: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
+    lr_grid: list = field(default_factory=list)
     keep_adapters: bool = False
     evaluator: str = "fimlora"
     notes: str = ""
@@ -246,6 +270,7 @@ class ExperimentConfig:
                 setattr(self, block.name, {**getattr(self, block.name), **written})
         _check_train_block(self.train)
         check_block("data", self.data, DATA_SETTINGS)
+        _check_lr_grid(self)
         check_bool("keep_adapters", self.keep_adapters)
         _check_evaluator(self)
         if not isinstance(self.notes, str):
@@ -367,11 +392,18 @@ class RunSpec:
     r: int
     seed: int
     fim_variant: tuple = ()  # sorted (key, value) pairs from fim_grid
+    lr: float | None = None  # the run's learning rate when the config has an lr_grid; else train's
 
     @property
     def run_id(self) -> str:
         variant = "".join(f"__{k}{v}" for k, v in self.fim_variant)
-        return f"{self.task}__{self.method}__r{self.r}__s{self.seed}{variant}"
+        lr = "" if self.lr is None else f"__lr{self.lr:g}"
+        return f"{self.task}__{self.method}__r{self.r}__s{self.seed}{variant}{lr}"
+
+    @property
+    def cell(self) -> tuple:
+        """What a learning rate is chosen for: the run without its seed and learning rate."""
+        return (self.task, self.method, self.r, self.fim_variant)
 
 
 def _fim_variants(cfg: ExperimentConfig) -> list[tuple]:
@@ -389,15 +421,21 @@ def _fim_variants(cfg: ExperimentConfig) -> list[tuple]:
 
 
 def expand_runs(cfg: ExperimentConfig) -> list[RunSpec]:
-    """The grid, sorted by run id (stable across machines, so shards are disjoint)."""
+    """The grid, sorted by run id (stable across machines, so shards are disjoint).
+
+    With an ``lr_grid`` these are the runs that choose the learning rate: the first seed at every grid value.
+    The other seeds' runs depend on that choice (:func:`~fimlora.bench.lr_protocol.chosen_runs`).
+    """
     variants = _fim_variants(cfg)
+    seeds = cfg.seeds[:1] if cfg.lr_grid else cfg.seeds
+    lrs = list(cfg.lr_grid) or [None]
     runs = []
     for task in cfg.task_labels:
         for method in cfg.methods:
             for r in cfg.ranks:
-                for seed in cfg.seeds:
+                for seed in seeds:
                     for v in (variants if method == "fim" else [()]):
-                        runs.append(RunSpec(task, method, r, seed, v))
+                        runs += [RunSpec(task, method, r, seed, v, lr) for lr in lrs]
     return sorted(runs, key=lambda s: s.run_id)
 
 
@@ -457,6 +495,8 @@ def run_settings(config: Mapping, run: RunSpec, data_contents: Mapping[str, str]
     if data_contents:  # absent when empty, so runs on the bundled data at its pins keep their recorded hashes
         settings["data_contents"] = dict(data_contents)
     settings.update(run=run.run_id, method=run.method, r=run.r, seed=run.seed, fim_variant=dict(run.fim_variant))
+    if run.lr is not None:  # absent otherwise, so runs without a grid keep their recorded hashes
+        settings["train"] = {**settings["train"], "learning_rate": run.lr}
     return settings
 
 

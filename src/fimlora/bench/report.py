@@ -23,6 +23,8 @@ from pathlib import Path
 
 from ..extras import MissingExtraError, require
 from ..io import atomic_write_text
+from .lr_protocol import at_chosen_lr
+from .lr_report import lr_section
 from .results import load_results
 from .tables import (
     AVG,
@@ -40,7 +42,9 @@ from .tables import (
     glue_table,
     main_tables,
     mean_std,
+    params_label,
     rank_sweep,
+    safe_name,
     select_runs,
     task_scores,
 )
@@ -81,7 +85,7 @@ def _rank_map_entry(run: dict, figures_dir: Path | None) -> str:
             f"by layer group: {by_group}")
     if figures_dir is not None:
         # Named by experiment too: one report holds several experiments with the same task and rank.
-        fig = figures_dir / f"rank_map_{_safe_name(run['experiment'])}_{run['task'].replace('+', '_')}_r{run['r']}.png"
+        fig = figures_dir / f"rank_map_{safe_name(run['experiment'])}_{run['task'].replace('+', '_')}_r{run['r']}.png"
         if _draw_rank_map(ranks, fig, run["method_info"].get("scores") or False):
             text += f"\n\n  ![rank map {run['task']} r={run['r']}]({fig.parent.name}/{fig.name})"
     return text
@@ -110,7 +114,8 @@ FRONTIER_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h")
 
 
 
-def draw_frontier(points: list[dict], columns: list[str], fig: Path, title: str) -> bool:
+def draw_frontier(points: list[dict], columns: list[str], fig: Path, title: str,
+                  size: str = "trainable parameters") -> bool:
     """One panel per column (each task, and Avg), a line per method: mean score in points against trainable
     parameters (log scale), seed std as error bars. False (the report goes on without it) when matplotlib is
     missing."""
@@ -137,7 +142,7 @@ def draw_frontier(points: list[dict], columns: list[str], fig: Path, title: str)
                         color=f"C{i % 10}", marker=FRONTIER_MARKERS[i % len(FRONTIER_MARKERS)],
                         linestyle="-" if i < 10 else "--", capsize=3, label=_label(method, variant))
         ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters")
+        ax.set_xlabel(size)
         ax.set_ylabel("score (%)")
         ax.set_title(name)
     # Beside the panels, not on one: with a dozen methods an inner legend hides the points it names.
@@ -156,19 +161,20 @@ def frontier_section(runs: list[dict], experiment: str, figures_dir: Path | None
         return []
     tasks = _eval_tasks(runs)
     points = frontier_points(runs, tasks)
-    parts = [f"### Accuracy-size frontier ({_unit(runs, tasks)}, mean ± std over seeds, against trainable "
-             "parameters)", "", frontier_table(runs, points, tasks), ""]
+    size = params_label(runs).replace("params", "parameters")
+    parts = [f"### Accuracy-size frontier ({_unit(runs, tasks)}, mean ± std over seeds, against {size})", "",
+             frontier_table(runs, points, tasks), ""]
+    doubled = sorted({_label(run["method"], "") for run in runs
+                      if run.get("served_params") is not None and run["served_params"] > run["trainable_params"]})
+    if doubled:
+        parts += [f"{', '.join(doubled)}: served as plain LoRA of rank 2r for the unchanged base (their init "
+                  "rewrote the base weights), so their parameters as served exceed what they trained.", ""]
     if figures_dir is not None:
-        fig = figures_dir / f"frontier_{_safe_name(experiment)}.png"
+        fig = figures_dir / f"frontier_{safe_name(experiment)}.png"
         columns = tasks + ([AVG] if len(tasks) > 1 else [])
-        if draw_frontier(points, columns, fig, f"{experiment}: score against trainable parameters"):
+        if draw_frontier(points, columns, fig, f"{experiment}: score against {size}", size):
             parts += [f"![accuracy-size frontier {experiment}]({fig.parent.name}/{fig.name})", ""]
     return parts
-
-
-def _safe_name(text: str) -> str:
-    """``text`` as a file name part (an experiment name is the user's)."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
 # ----------------------------------------------------------------------------- the report
@@ -212,8 +218,11 @@ def _header(runs: list[dict], experiments: list[str], title: str | None, command
 def _experiment_section(runs: list[dict], experiment: str, figures_dir: Path | None,
                         csv_rows: list[dict]) -> list[str]:
     """The lines of one experiment's section: method tables (plain methods and explicit FIM variants),
-    fim_grid ablations, rank maps and cost."""
+    fim_grid ablations, rank maps and cost; for an ``lr_grid`` config the tables show each cell's runs at its
+    chosen learning rate, and a learning-rate section shows the choices and curves."""
     parts = ["", f"## {experiment}", ""]
+    every_run = runs
+    runs, choices = at_chosen_lr(runs)
     plain = [run for run in runs if not run["fim_variant"] or _explicit_variant(run)]
     if plain:
         parts += _plain_sections(plain, csv_rows)
@@ -225,6 +234,7 @@ def _experiment_section(runs: list[dict], experiment: str, figures_dir: Path | N
     stats = rank_map_stats(runs, figures_dir)
     if stats:
         parts += ["### Rank maps (§4.4 statistics: mean rank by module type and by layer third)", ""] + stats + [""]
+    parts += lr_section(every_run, runs, choices, experiment, figures_dir)
     parts += ["### Cost", "", cost_table(runs), ""]
     return parts
 

@@ -32,6 +32,10 @@ class RunResult:
     ``method_info``: what the method decided (scores, EVA's ranks, AdaLoRA's schedule, ...). ``config``: the
     experiment config as ``asdict`` gives it; ``data_contents`` and ``settings_hash``: what the result stands for
     (:func:`~fimlora.bench.config.run_settings_hash`); ``reused_from``: the result file it was copied from.
+    ``learning_rate``: what it trained at; ``validation_metrics``: like ``metrics``, on the validation split
+    carved from the training data (configs with ``data.max_validation``); ``served_params``: the parameters of
+    the adapter as saved for serving (PiSSA and LoRA-GA save as plain LoRA of rank 2r); ``lr_choice``: for a run
+    repeated at its cell's chosen learning rate, the choice (:class:`~fimlora.bench.lr_protocol.LrChoice`).
     ``extra``: keys this code does not know, kept as read and written back after the known ones.
     """
 
@@ -61,6 +65,10 @@ class RunResult:
     settings_hash: str | None = None
     wall_seconds: float | None = None
     reused_from: str | None = None
+    learning_rate: float | None = None
+    validation_metrics: dict | None = None
+    served_params: int | None = None
+    lr_choice: dict | None = None
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -121,7 +129,8 @@ _FIELDS = frozenset(f.name for f in fields(RunResult)) - {"extra"}
 Mapping.register(RunResult)
 
 # Keys written only when set: results made before they existed lack them.
-_LATER = ("config", "data_contents", "settings_hash", "wall_seconds", "reused_from")
+_LATER = ("config", "data_contents", "settings_hash", "wall_seconds", "reused_from", "learning_rate",
+          "validation_metrics", "served_params", "lr_choice")
 
 
 def upgrade(d: Mapping) -> dict:
@@ -143,7 +152,8 @@ def upgrade(d: Mapping) -> dict:
     if d.get("settings_hash") is None and isinstance(d.get("config"), dict) and _has_identity(d):
         from .config import RunSpec, run_settings_hash
 
-        spec = RunSpec(d["task"], d["method"], d["r"], d["seed"], tuple(sorted(d["fim_variant"].items())))
+        lr = d.get("learning_rate") if d["config"].get("lr_grid") else None
+        spec = RunSpec(d["task"], d["method"], d["r"], d["seed"], tuple(sorted(d["fim_variant"].items())), lr)
         try:
             d["settings_hash"] = run_settings_hash(d["config"], spec)
         except KeyError:  # a config without a required key (model, ...): no run it could stand for

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from ..io import atomic_write_text, share_by_umask
 from .config import ExperimentConfig, RunSpec, current_settings_hash, expand_runs, run_data_contents, run_settings_hash
+from .lr_protocol import choose_learning_rate
 from .results import RunResult, read_result
 
 __all__ = [
@@ -43,6 +44,8 @@ __all__ = [
     "run_status",
     "run_one",
     "run_sweep",
+    "chosen_runs",
+    "served_parameters",
     "machine_info",
     "causal_lm_dtype",
     "load_eval_tasks",
@@ -87,6 +90,8 @@ class SweepPlan:
     finished: set[str]
     stale: set[str]
     failed: set[str] = field(default_factory=set)
+    # lr_grid configs: cells whose learning rate is not chosen yet (their other seeds' runs wait for it).
+    undecided: int = 0
 
     @property
     def todo(self) -> list[RunSpec]:
@@ -102,11 +107,55 @@ def plan_sweep(cfg: ExperimentConfig, results_dir: str | os.PathLike, shard: tup
     if shard is not None:
         i, n = shard
         runs = runs[i::n]
+    repeats, undecided = chosen_runs(cfg, results)
+    if shard is not None:  # by run id, not position: the repeats known grow as choices are made
+        runs += [r for r in repeats if _shard_of(r.run_id, shard[1]) == shard[0]]
+    else:
+        runs += repeats
     if only:
         runs = [r for r in runs if only in r.run_id]
     status = {r.run_id: run_status(cfg, r, results) for r in runs}
     return SweepPlan(runs, {k for k, s in status.items() if s.done}, {k for k, s in status.items() if s.stale},
-                     {k for k, s in status.items() if s.failed})
+                     {k for k, s in status.items() if s.failed}, undecided)
+
+
+def _shard_of(run_id: str, n: int) -> int:
+    import hashlib
+
+    return int(hashlib.sha256(run_id.encode()).hexdigest(), 16) % n
+
+
+def chosen_runs(cfg: ExperimentConfig, results: Path) -> tuple[list[RunSpec], int]:
+    """(the runs of the other seeds at each decided cell's chosen learning rate, how many cells are undecided).
+
+    A cell is decided once the first seed has a current result (same settings) at every ``lr_grid`` value
+    (:func:`~fimlora.bench.lr_protocol.choose_learning_rate`); configs without a grid have no such runs.
+    """
+    if not cfg.lr_grid:
+        return [], 0
+    cells: dict[tuple, list[RunSpec]] = {}
+    for run in expand_runs(cfg):
+        cells.setdefault(run.cell, []).append(run)
+    repeats, undecided = [], 0
+    for (task, method, r, variant), grid_runs in sorted(cells.items(), key=lambda kv: str(kv[0])):
+        records = [read_result(results / f"{run.run_id}.json") for run in grid_runs
+                   if run_status(cfg, run, results).done]
+        choice = choose_learning_rate(records, list(cfg.lr_grid), cfg.seeds[0])
+        if choice is None:
+            undecided += 1
+            continue
+        repeats += [RunSpec(task, method, r, seed, variant, choice.learning_rate) for seed in cfg.seeds[1:]]
+    return sorted(repeats, key=lambda s: s.run_id), undecided
+
+
+def _lr_choice(cfg: ExperimentConfig, run: RunSpec, results: Path) -> dict | None:
+    """The recorded choice behind a repeat run (one of the other seeds), None for a choosing run."""
+    if not cfg.lr_grid or run.seed == cfg.seeds[0]:
+        return None
+    grid_runs = [RunSpec(run.task, run.method, run.r, cfg.seeds[0], run.fim_variant, lr) for lr in cfg.lr_grid]
+    records = [read_result(results / f"{g.run_id}.json") for g in grid_runs if run_status(cfg, g, results).done]
+    choice = choose_learning_rate(records, list(cfg.lr_grid), cfg.seeds[0])
+    return None if choice is None else choice.to_dict()
 
 
 # ----------------------------------------------------------------------------- one run
@@ -151,7 +200,7 @@ def _load_single_task(cfg: ExperimentConfig, label: str):
     d = cfg.data
     entry = cfg.task_entry(label)
     kwargs = {"seed": d.get("data_seed", 0), "max_train": d.get("max_train"), "max_test": d.get("max_test"),
-              "test_fraction": d.get("test_fraction")}
+              "test_fraction": d.get("test_fraction"), "max_validation": d.get("max_validation")}
     if isinstance(entry, dict):
         return load_task(entry["train"], test_data=entry.get("test"), task_type=entry.get("task_type"), **kwargs)
     return load_task(entry, **kwargs)
@@ -245,7 +294,8 @@ def run_one(cfg: ExperimentConfig, run: RunSpec, work_dir: str | os.PathLike) ->
     from .methods import final_rank_map, mutates_base, prepare_method, save_adapter
 
     work = Path(work_dir)
-    settings = TrainSettings(**{**cfg.train, "seed": run.seed, "progress": False})
+    lr = {} if run.lr is None else {"learning_rate": run.lr}
+    settings = TrainSettings(**{**cfg.train, **lr, "seed": run.seed, "progress": False})
     train_task, eval_tasks = _load_tasks(cfg, run)
     tok = build_tokenizer(cfg.model)
     make_base = functools.partial(build_base_model, cfg.model, train_task, cfg.n_layers, run.seed,
@@ -269,6 +319,11 @@ def run_one(cfg: ExperimentConfig, run: RunSpec, work_dir: str | os.PathLike) ->
     diverged = train_out["diverged"]
     metrics = {} if diverged else _evaluate_saved(work / "adapter", make_base, eval_tasks, tok, settings,
                                                   cfg.evaluator)
+    validation = [t for t in (_validation_task(t) for t in eval_tasks) if t is not None]
+    validation_metrics = None
+    if validation:
+        validation_metrics = {} if diverged else _evaluate_saved(work / "adapter", make_base, validation, tok,
+                                                                 settings, "fimlora")
     return RunResult(
         run_id=run.run_id, status="diverged" if diverged else "ok",
         experiment=cfg.name, task=run.task, method=run.method, r=run.r, seed=run.seed,
@@ -280,7 +335,33 @@ def run_one(cfg: ExperimentConfig, run: RunSpec, work_dir: str | os.PathLike) ->
         method_info={k: v for k, v in info.items() if k not in ("method", "allocated_ranks")},
         data_meta={t.name: t.meta for t in eval_tasks} | {"train": train_task.meta},
         versions=package_versions(), machine=machine_info(),
+        learning_rate=settings.learning_rate, validation_metrics=validation_metrics,
+        served_params=served_parameters(work / "adapter"),
     )
+
+
+def _validation_task(task):
+    """``task`` with its validation split as the test set (None without one), scored like the test set."""
+    import dataclasses
+
+    if not task.validation:
+        return None
+    return dataclasses.replace(task, test=task.validation, extra_tests={}, validation=[])
+
+
+def served_parameters(adapter_dir: Path) -> int:
+    """Parameters in the saved adapter file: what is served (PiSSA and LoRA-GA, saved as plain LoRA for the
+    unchanged base, have rank 2r there), the task head saved with it included."""
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), framework="pt") as f:
+        for key in f.keys():
+            n = 1
+            for size in f.get_slice(key).get_shape():
+                n *= size
+            total += n
+    return total
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -317,6 +398,9 @@ def _execute(cfg: ExperimentConfig, run: RunSpec, results: Path) -> str:
         contents = run_data_contents(config, run)
         stands_for = {"config": config, "data_contents": contents,
                       "settings_hash": run_settings_hash(config, run, contents)}
+        choice = _lr_choice(cfg, run, results)
+        if choice is not None:
+            stands_for["lr_choice"] = choice
         result = run_one(cfg, run, work)
     except Exception as e:  # record and go on: one bad run must not lose the rest of a sweep
         _record_failure(results, run, e)
@@ -355,9 +439,6 @@ def run_sweep(cfg: ExperimentConfig, results_dir: str | os.PathLike, shard: tupl
     ``busy`` counts runs another worker held when this one reached them; ``reused`` the runs copied from a
     ``reuse`` folder (same settings hash) instead of run.
     """
-    from filelock import FileLock, Timeout
-    from tqdm.auto import tqdm
-
     results = Path(results_dir)
     results.mkdir(parents=True, exist_ok=True)
     plan = plan_sweep(cfg, results, shard, only)
@@ -370,8 +451,29 @@ def run_sweep(cfg: ExperimentConfig, results_dir: str | os.PathLike, shard: tupl
         if folder.resolve() == results.resolve():
             raise ValueError(f"reuse: {folder} is the results folder itself")
     (results / ".locks").mkdir(exist_ok=True)
-    bar = tqdm(plan.todo, desc=f"{cfg.name}", unit="run", disable=not progress)
+    attempted: set[str] = set()
+    todo = plan.todo
+    while todo:
+        _run_todo(cfg, results, todo, counts, reuse, progress, attempted)
+        # An lr_grid config's choosing runs decide cells as they finish: their repeats are run in the same sweep.
+        plan = plan_sweep(cfg, results, shard, only)
+        todo = [r for r in plan.todo if r.run_id not in attempted]
+        counts["total"] = max(counts["total"], len(plan.runs))
+    if plan.undecided:
+        logger.warning("%d cell(s) have no chosen learning rate yet (a choosing run failed, diverged at every grid "
+                       "value or is held by another worker); run again to finish their other seeds", plan.undecided)
+    counts["undecided"] = plan.undecided
+    return counts
+
+
+def _run_todo(cfg: ExperimentConfig, results: Path, todo: list[RunSpec], counts: dict, reuse: list[Path],
+              progress: bool, attempted: set[str]) -> None:
+    from filelock import FileLock, Timeout
+    from tqdm.auto import tqdm
+
+    bar = tqdm(todo, desc=f"{cfg.name}", unit="run", disable=not progress)
     for run in bar:
+        attempted.add(run.run_id)
         bar.set_postfix_str(run.run_id)
         lock = FileLock(str(results / ".locks" / f"{run.run_id}.lock"))
         try:
@@ -392,4 +494,3 @@ def run_sweep(cfg: ExperimentConfig, results_dir: str | os.PathLike, shard: tupl
             counts[_execute(cfg, run, results)] += 1
         finally:
             lock.release()
-    return counts

@@ -208,7 +208,8 @@ def main_tables(runs: list[dict], csv_rows: list[dict], table: str = "main",
         rows = [_main_row(at_r, method, variant, columns, n_seeds, csv_rows, table)
                 for method, variant in _method_rows(at_r)]
         note = _missing_metric_note(at_r, columns)
-        out.append(f"#### r = {r} ({_unit(at_r, columns)}, mean ± std over {n_seeds} seeds; trainable parameters)\n\n"
+        size = params_label(at_r).replace("params", "parameters")
+        out.append(f"#### r = {r} ({_unit(at_r, columns)}, mean ± std over {n_seeds} seeds; {size})\n\n"
                    + _table(["Method", *(_column_header(at_r, t) for t in columns), AVG, "params"], rows)
                    + (f"\n\n{note}" if note else ""))
     return out
@@ -231,9 +232,28 @@ def _main_row(at_r: list[dict], method: str, variant: str, tasks: list[str], n_s
     return [label, *cells, _fmt(_seed_avgs(sel, tasks), n_seeds), _params_cell(sel)]
 
 
+def safe_name(text: str) -> str:
+    """``text`` as a file name part (an experiment or task name is the user's)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+def run_params(run: dict) -> int:
+    """A run's size: its parameters as served (the saved adapter: PiSSA and LoRA-GA saved as plain LoRA have rank
+    2r) where the result records them, else its trainable parameters (results made before they were recorded)."""
+    served = run.get("served_params")
+    return run["trainable_params"] if served is None else served
+
+
+def params_label(runs: list[dict]) -> str:
+    """What :func:`run_params` counts for these runs, as a column header."""
+    if all(run.get("served_params") is not None for run in runs):
+        return "params as served"
+    return "trainable params"
+
+
 def _params_cell(runs: list[dict]) -> str:
-    """The runs' trainable parameter count, or its range when the runs differ (random ranks, other seeds)."""
-    params = sorted({run["trainable_params"] for run in runs})
+    """The runs' parameter count (:func:`run_params`), or its range when the runs differ (random ranks, seeds)."""
+    params = sorted({run_params(run) for run in runs})
     if not params:
         return "–"
     return f"{params[0]:,}" + (f"–{params[-1]:,}" if len(params) > 1 else "")
@@ -341,7 +361,7 @@ def cost_table(runs: list[dict]) -> str:
         calib = statistics.fmean(run["calibration_seconds"] for run in sel)
         train = statistics.fmean(run["train_seconds"] for run in sel)
         rows.append([_label(method, variant), f"{calib:.2f}", f"{train:.1f}", _params_cell(sel), _eva_note(sel)])
-    return _table(["Method", "calibration s (mean)", "training s (mean)", "trainable params", "notes"], rows)
+    return _table(["Method", "calibration s (mean)", "training s (mean)", params_label(runs), "notes"], rows)
 
 
 # ----------------------------------------------------------------------------- the accuracy-size frontier
@@ -360,7 +380,7 @@ def frontier_points(runs: list[dict], tasks: list[str]) -> list[dict]:
             if not sel:
                 continue
             points.append({"method": method, "variant": variant, "r": r,
-                           "params": statistics.fmean(run["trainable_params"] for run in sel),
+                           "params": statistics.fmean(run_params(run) for run in sel),
                            "scores": {column: _scores(sel, column, tasks) for column in columns}})
     return points
 
@@ -372,6 +392,6 @@ def frontier_table(runs: list[dict], points: list[dict], tasks: list[str]) -> st
     n_seeds = len({run["seed"] for run in runs})
     rows = [[_label(p["method"], p["variant"]), str(p["r"]), f"{p['params']:,.0f}",
              *(_fmt(p["scores"][column], n_seeds) for column in columns)] for p in points]
-    header = ["Method", "r", "trainable params (mean)",
+    header = ["Method", "r", f"{params_label(runs)} (mean)",
               *(AVG if column == AVG else _column_header(runs, column) for column in columns)]
     return _table(header, rows)
