@@ -43,6 +43,8 @@ __all__ = [
     "plan_sweep",
     "run_status",
     "run_one",
+    "prepare_run",
+    "PreparedRun",
     "run_sweep",
     "chosen_runs",
     "served_parameters",
@@ -284,16 +286,32 @@ def lm_eval_metrics(model, tok, eval_tasks, batch_size: int, scratch: Path) -> d
     return scores
 
 
-def run_one(cfg: ExperimentConfig, run: RunSpec, work_dir: str | os.PathLike) -> RunResult:
-    """Prepare the method, fine-tune, reload the saved adapter with stock PEFT and evaluate it."""
+@dataclass
+class PreparedRun:
+    """One run up to the start of training: the method applied to a fresh base (``model``), what it decided
+    (``info``), its callbacks, and what training and evaluation read (``tokenizer``, ``settings``, the tasks, a
+    factory of fresh base models and of the calibration batches the method saw)."""
+
+    model: object
+    info: dict
+    callbacks: list
+    tokenizer: object
+    settings: object
+    train_task: object
+    eval_tasks: list
+    make_base: object
+    calibration_batches: object
+
+
+def prepare_run(cfg: ExperimentConfig, run: RunSpec) -> PreparedRun:
+    """Build the base model and apply ``run``'s method to it, seeded as the run trains (:func:`run_one`'s first
+    half; ``benchmarks/fit_lr_rule.py`` measures a cell's prepared adapter with it)."""
     from transformers import set_seed
 
     from ..app.builders import build_base_model, build_calibration_loader, build_tokenizer
-    from ..app.train import TrainSettings, finetune, trainable_parameters
-    from ..io import package_versions
-    from .methods import final_rank_map, mutates_base, prepare_method, save_adapter
+    from ..app.train import TrainSettings
+    from .methods import prepare_method
 
-    work = Path(work_dir)
     lr = {} if run.lr is None else {"learning_rate": run.lr}
     settings = TrainSettings(**{**cfg.train, **lr, "seed": run.seed, "progress": False})
     train_task, eval_tasks = _load_tasks(cfg, run)
@@ -305,37 +323,49 @@ def run_one(cfg: ExperimentConfig, run: RunSpec, work_dir: str | os.PathLike) ->
     set_seed(run.seed)
     spec = _method_spec(cfg, run, train_task.kind, len(train_task.train), settings)
     model, info, callbacks = prepare_method(spec, make_base(), calibration_batches)
-    rank_map_before = final_rank_map(model, run.method, info.get("allocated_ranks"))
+    return PreparedRun(model, info, callbacks, tok, settings, train_task, eval_tasks, make_base, calibration_batches)
+
+
+def run_one(cfg: ExperimentConfig, run: RunSpec, work_dir: str | os.PathLike) -> RunResult:
+    """Prepare the method, fine-tune, reload the saved adapter with stock PEFT and evaluate it."""
+    from ..app.train import finetune, trainable_parameters
+    from ..io import package_versions
+    from .methods import final_rank_map, mutates_base, save_adapter
+
+    work = Path(work_dir)
+    p = prepare_run(cfg, run)
+    model = p.model
+    rank_map_before = final_rank_map(model, run.method, p.info.get("allocated_ranks"))
     # PiSSA/LoRA-GA rewrote the base weights: the adapter as initialised is kept so that the trained one can be
     # saved as plain LoRA for the unchanged base the evaluation reloads it onto.
     initial = work / "initial_adapter" if mutates_base(model) else None
     if initial is not None:
         model.save_pretrained(initial)
-    train_out = finetune(model, train_task, tok, settings, str(work / "trainer"), callbacks=callbacks)
+    train_out = finetune(model, p.train_task, p.tokenizer, p.settings, str(work / "trainer"), callbacks=p.callbacks)
     n_trainable = trainable_parameters(model)
-    ranks_after = final_rank_map(model, run.method, info.get("allocated_ranks"))
+    ranks_after = final_rank_map(model, run.method, p.info.get("allocated_ranks"))
     save_adapter(model, work / "adapter", initial)
-    del model
+    p.model = model = None  # the trained model is not needed again: free it before the reloads
     diverged = train_out["diverged"]
-    metrics = {} if diverged else _evaluate_saved(work / "adapter", make_base, eval_tasks, tok, settings,
-                                                  cfg.evaluator)
-    validation = [t for t in (_validation_task(t) for t in eval_tasks) if t is not None]
+    metrics = {} if diverged else _evaluate_saved(work / "adapter", p.make_base, p.eval_tasks, p.tokenizer,
+                                                  p.settings, cfg.evaluator)
+    validation = [t for t in (_validation_task(t) for t in p.eval_tasks) if t is not None]
     validation_metrics = None
     if validation:
-        validation_metrics = {} if diverged else _evaluate_saved(work / "adapter", make_base, validation, tok,
-                                                                 settings, "fimlora")
+        validation_metrics = {} if diverged else _evaluate_saved(work / "adapter", p.make_base, validation,
+                                                                 p.tokenizer, p.settings, "fimlora")
     return RunResult(
         run_id=run.run_id, status="diverged" if diverged else "ok",
         experiment=cfg.name, task=run.task, method=run.method, r=run.r, seed=run.seed,
         fim_variant=dict(run.fim_variant), metrics=metrics,
         rank_map=ranks_after, rank_map_before_training=rank_map_before,
-        trainable_params=n_trainable, calibration_seconds=info.get("calibration_seconds", 0.0),
+        trainable_params=n_trainable, calibration_seconds=p.info.get("calibration_seconds", 0.0),
         train_seconds=train_out["train_seconds"], train_loss=train_out["train_loss"],
         train_steps=train_out["steps"], divergence=train_out["divergence"],
-        method_info={k: v for k, v in info.items() if k not in ("method", "allocated_ranks")},
-        data_meta={t.name: t.meta for t in eval_tasks} | {"train": train_task.meta},
+        method_info={k: v for k, v in p.info.items() if k not in ("method", "allocated_ranks")},
+        data_meta={t.name: t.meta for t in p.eval_tasks} | {"train": p.train_task.meta},
         versions=package_versions(), machine=machine_info(),
-        learning_rate=settings.learning_rate, validation_metrics=validation_metrics,
+        learning_rate=p.settings.learning_rate, validation_metrics=validation_metrics,
         served_params=served_parameters(work / "adapter"),
     )
 
