@@ -213,3 +213,33 @@ def test_fim_config_validates_the_lr_settings():
     with pytest.raises(ValueError, match="lr_steps: must be >= 2, got 1"):
         FimConfig(lr_steps=1)
     assert dataclasses.asdict(FimConfig(lr_rule="none"))["lr_rule"] == "none"
+
+
+@pytest.mark.parametrize("rule", ["hessian", "range"])
+def test_compute_allocation_measures_the_resized_adapter_and_leaves_the_model_unchanged(rule):
+    import fimlora
+    from fimlora import apply_allocation
+
+    model = lora_bert(seed=2)
+    model.eval()
+    batches = cls_batches(4)
+    before, modules = _state(model), dict(model.named_modules())
+    config = fimlora.FimConfig(n_batches=3, r_min=0, budget=10, lr_rule=rule, lr_steps=5, progress=False)
+    alloc = fimlora.compute_allocation(model, iter(batches), config)  # a generator: read once
+    assert 0 in alloc.ranks.values() and set(alloc.ranks.values()) != {4}  # a real resize, with a module dropped
+    assert _same(before, _state(model)) and dict(model.named_modules()) == modules
+    # The same measurement on the adapter apply_allocation builds, by hand, from the first 2 batches.
+    resized = copy.deepcopy(model)
+    apply_allocation(resized, alloc, seed=config.seed)
+    want = compute_lr_recommendation(resized, batches[:2], rule, steps=5, seed=config.seed)
+    assert alloc.lr["statistic"] == pytest.approx(want.statistic, rel=1e-6)
+    key = "eigenvalues" if rule == "hessian" else "losses"
+    assert alloc.lr["details"][key] == pytest.approx(want.details[key], rel=1e-6)
+    assert alloc.lr["passes"] == want.passes and alloc.lr["rule"] == rule and alloc.learning_rate is None
+    again = fimlora.RankAllocation.from_json(alloc.to_json())
+    assert again.lr == json.loads(json.dumps(alloc.lr))
+    # apply_fim_ranks keeps it; "none" computes none.
+    applied = fimlora.apply_fim_ranks(copy.deepcopy(model), batches, config=config)
+    assert applied.lr["statistic"] == pytest.approx(alloc.lr["statistic"], rel=1e-6)
+    off = fimlora.compute_allocation(model, batches, dataclasses.replace(config, lr_rule="none"))
+    assert off.lr is None and off.learning_rate is None
