@@ -229,14 +229,14 @@ class FimConfig:
     lr_rule: str = setting(lr_rule_table()["default_rule"], (
         'how the recommended AdamW learning rate for the resized adapter is estimated (:mod:`fimlora.lr`): '
         '``"hessian"``: constant / lambda_max, the largest eigenvalue of the Hessian of the mean calibration '
-        'loss in the LoRA A and B weights (power iteration on Hessian-vector products); ``"range"``: constant * '
+        'loss in the LoRA A and B weights (Lanczos iteration on Hessian-vector products); ``"range"``: constant * '
         'the learning rate of steepest loss descent in a short AdamW range test, the adapter restored exactly '
         'after; ``"none"``: no recommendation. Default: ``lr_rule.json``\'s ``default_rule``. A rule whose '
         'constant is not fitted yet reports its statistic and no learning rate.'))
     lr_batches: int = setting(2, (
         "the first calibration batches the learning-rate rule reads (default 2; >= 1)."))
     lr_steps: int | None = setting(None, (
-        'the most power iterations (``"hessian"``, default 20) or the range test\'s steps (``"range"``, '
+        'the most Lanczos iterations (``"hessian"``, default 20) or the range test\'s steps (``"range"``, '
         'default 10); ``None`` = the rule\'s default.'))
     adapter_name: str = setting("default", (
         "the PEFT adapter to calibrate and resize."))

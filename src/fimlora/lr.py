@@ -97,15 +97,24 @@ class LrRecommendation:
     def from_dict(cls, d: dict) -> LrRecommendation:
         return cls(**d)
 
+    @property
+    def statistic_name(self) -> str:
+        return "lambda_max" if self.rule == "hessian" else "range-test lr"
+
     def text(self) -> str:
-        """One line for a terminal or a log."""
-        name = "lambda_max" if self.rule == "hessian" else "range-test lr"
+        """One line for a terminal or a log: the learning rate (or "not fitted"), the statistic and the cost."""
         cost = f"{self.passes['forward']} forward + {self.passes['backward']} backward passes, {self.seconds:.1f} s"
         if self.learning_rate is None:
-            return (f"learning rate: not fitted (rule {self.rule!r}: {name} = {self.statistic:.4g}; lr_rule.json "
-                    f"has no constant for it yet; {cost})")
-        return (f"learning rate: {self.learning_rate:.3g} (AdamW; rule {self.rule!r}: {name} = {self.statistic:.4g},"
-                f" constant {self.constant:g}; {cost})")
+            return (f"learning rate: not fitted (rule {self.rule!r}: {self.statistic_name} = {self.statistic:.4g}; "
+                    f"lr_rule.json has no constant for it yet; {cost})")
+        return (f"learning rate: {self.learning_rate:.3g} (AdamW; rule {self.rule!r}: {self.statistic_name} = "
+                f"{self.statistic:.4g}, constant {self.constant:g}; {cost})")
+
+    def short_text(self) -> str:
+        """A few words for a figure's title."""
+        if self.learning_rate is None:
+            return f"lr not fitted ({self.rule}: {self.statistic_name} {self.statistic:.3g})"
+        return f"AdamW lr {self.learning_rate:.2g} ({self.rule})"
 
 
 def learning_rate_from_statistic(rule: str, statistic: float, constant: float | None = None) -> float | None:
