@@ -52,6 +52,11 @@ def test_calibrate_writes_adapter_rank_map_and_table(calibrated):
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert cfg["rank_pattern"] == rank_map["ranks"]
     assert "mean rank by type" in proc.stdout and "query" in proc.stdout
+    # The learning-rate recommendation (lr_rule.json ships unfitted): statistic, cost, no learning rate.
+    lr = rank_map["lr"]
+    assert lr["rule"] == "hessian" and lr["learning_rate"] is None and lr["statistic"] > 0
+    assert lr["passes"]["forward"] == 2 and lr["passes"]["backward"] > 2 and lr["seconds"] > 0
+    assert "learning rate: not fitted (rule 'hessian': lambda_max = " in proc.stdout
 
 
 def test_check_ok_then_fails_on_broken_adapter(calibrated, tmp_path):
@@ -127,7 +132,8 @@ def test_check_passes_smollm2_adapter_with_lm_head_and_exclude_modules(tmp_path)
 def test_plot_svg(calibrated, tmp_path):
     out, _ = calibrated
     fimlora("plot", str(out / "rank_map.json"), "--out", str(tmp_path / "m.svg"))
-    assert (tmp_path / "m.svg").read_text().lstrip().startswith("<?xml")
+    svg = (tmp_path / "m.svg").read_text()
+    assert svg.lstrip().startswith("<?xml") and "lr not fitted (hessian: lambda_max" in svg
 
 
 def test_bad_input_exits_2_with_message(tmp_path):

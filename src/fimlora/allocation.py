@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .config import BUDGET_UNITS, SCALE_MODES, check_choice, check_int
 from .io import atomic_write_text
+from .lr import LrRecommendation
 from .modules import check_same_modules
 
 __all__ = ["RankAllocation", "scaled_alpha", "lora_scaling", "check_alphas", "serving_base"]
@@ -99,6 +100,10 @@ class RankAllocation:
     ``confidence`` is the bootstrap of the map (:class:`fimlora.confidence.RankConfidence` as a dict:
     score and rank intervals, agreement per module, stable share), or None when not computed; with fewer
     than 2 calibration units it says ``estimable: False`` and carries no per-module values.
+    ``lr`` is the recommended AdamW learning rate for the resized adapter and what it came from
+    (:class:`fimlora.lr.LrRecommendation` as a dict: ``learning_rate``, None while the rule is not fitted,
+    ``rule``, ``statistic``, ``constant``, ``passes``, ``seconds``, ``fitted_on``, ``details``), or None when
+    not computed (``lr_rule="none"``, a rank map written before it, a random allocation).
     """
 
     scores: dict[str, float]
@@ -120,6 +125,7 @@ class RankAllocation:
     costs: dict[str, int] | None = None
     params_spent: int | None = None
     confidence: dict | None = None
+    lr: dict | None = None
 
     def __post_init__(self) -> None:
         names = list(self.ranks)
@@ -145,9 +151,21 @@ class RankAllocation:
         if self.confidence is not None and self.confidence.get("estimable", True):
             check_same_modules("confidence.agreement", self.confidence.get("agreement", {}), names,
                                "the keys of ranks")
+        if self.lr is not None:
+            try:
+                LrRecommendation.from_dict(self.lr)
+            except TypeError as e:
+                raise ValueError(f"lr: must be a learning-rate recommendation (LrRecommendation.to_dict()), got "
+                                 f"{self.lr!r} ({e})") from None
         bad = [(n, r) for n, r in self.ranks.items() if not (self.r_min <= r <= self.r_max)]
         if bad:
             raise ValueError(f"ranks: must lie in [r_min={self.r_min}, r_max={self.r_max}], got {bad[:3]}")
+
+    @property
+    def learning_rate(self) -> float | None:
+        """The recommended AdamW learning rate (``lr["learning_rate"]``), or None when there is none or the rule
+        is not fitted yet."""
+        return self.lr.get("learning_rate") if self.lr else None
 
     @property
     def module_names(self) -> list[str]:

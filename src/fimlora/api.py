@@ -13,11 +13,12 @@ from torch import nn
 from .allocation import RankAllocation, scaled_alpha
 from .confidence import AUTO_RULES, MIN_UNITS, RankConfidence, compute_rank_confidence, resampled_ranks
 from .config import FimConfig, check_bool
-from .distributed import broadcast_object, is_main_process
+from .distributed import broadcast_object, is_fsdp2_sharded, is_main_process
 from .fisher import FisherResult, LossFn, compute_fisher, compute_scores
 from .io import package_versions
+from .lr import compute_lr_recommendation
 from .modules import check_fresh_adapter, check_same_modules, lora_config_of, lora_modules
-from .resize import apply_allocation, check_whole_layers
+from .resize import apply_allocation, check_whole_layers, resized_adapter
 from .waterfill import BudgetAboveCap, allocate_ranks, random_scores, validate_allocation_inputs
 
 __all__ = ["resolve_config", "apply_fim_ranks", "compute_allocation", "allocation_from_scores", "random_allocation"]
@@ -121,6 +122,10 @@ def compute_allocation(
     The adapter must be freshly initialised (LoRA-B = 0, straight after ``get_peft_model``):
     the scores are the Fisher of dL/dB at B = 0. ``allow_trained=True`` calibrates a trained
     adapter anyway (recorded in ``settings["allow_trained"]``).
+
+    Unless ``lr_rule="none"``, ``allocation.lr`` is the recommended AdamW learning rate for the resized
+    adapter (:func:`fimlora.lr.compute_lr_recommendation` on the first ``lr_batches`` calibration batches, the
+    adapter resized as :func:`fimlora.apply_allocation` will resize it for the measurement only, then put back).
     """
     config = resolve_config(config, settings)
     check_bool("allow_trained", allow_trained)
@@ -130,7 +135,8 @@ def compute_allocation(
     allocate = _allocator(bounds)
     stop_rule = functools.partial(stable_enough, allocate=allocate, config=config) if config.n_batches == "auto" \
         else None
-    fisher = compute_fisher(model, dataloader, config, loss_fn, stop_rule=stop_rule)
+    batches = FirstBatches(dataloader, config.lr_batches if config.lr_rule != "none" else 0)
+    fisher = compute_fisher(model, batches, config, loss_fn, stop_rule=stop_rule)
     # All-reduced sums are identical on every process in exact arithmetic; broadcasting
     # rank 0's scores makes the allocation (and so the tensor shapes DDP checks) identical in practice too.
     scores = broadcast_object(compute_scores(fisher, config.aggregation))
@@ -139,7 +145,38 @@ def compute_allocation(
         extra["stop_reason"] = fisher.stop_reason
     allocation = allocation_from_scores(model, scores, config, method="fim", extra_settings=extra)
     allocation.confidence = broadcast_object(_confidence(fisher, allocation, allocate, config))
+    allocation.lr = _lr_recommendation(model, allocation, batches.kept, config, loss_fn, allow_trained)
     return allocation
+
+
+class FirstBatches:
+    """``dataloader`` as calibration reads it, keeping its first ``keep`` batches for the learning-rate rule (the
+    same batches, whatever the dataloader's shuffling or a generator's exhaustion)."""
+
+    def __init__(self, dataloader: Iterable, keep: int):
+        self.dataloader, self.keep, self.kept = dataloader, keep, []
+
+    def __iter__(self):
+        for batch in self.dataloader:
+            if len(self.kept) < self.keep:
+                self.kept.append(batch)
+            yield batch
+
+
+def _lr_recommendation(model: nn.Module, allocation: RankAllocation, batches: list, config: FimConfig, loss_fn,
+                       allow_trained: bool) -> dict | None:
+    """The learning-rate recommendation for the resized adapter as a dict (rank 0's on every process), or None."""
+    if config.lr_rule == "none":
+        return None
+    if is_fsdp2_sharded(model):
+        warnings.warn("lr_rule: a sharded model is not resized in place, so no learning rate is recommended; call "
+                      "fimlora.lr.compute_lr_recommendation on the resized model", UserWarning, stacklevel=3)
+        return None
+    with resized_adapter(model, allocation, config.adapter_name, config.seed, allow_trained=allow_trained):
+        rec = compute_lr_recommendation(model, batches, config.lr_rule, loss_fn=loss_fn,
+                                        adapter_name=config.adapter_name, n_batches=config.lr_batches,
+                                        steps=config.lr_steps, seed=config.seed, train_mode=config.train_mode)
+    return broadcast_object(rec.to_dict())
 
 
 def _allocator(bounds: _Bounds):
@@ -255,7 +292,8 @@ def apply_fim_ranks(
     given by name (``None`` counts as not given), and a conflict is a ValueError
     naming the arguments rather than one silently winning.
 
-    Returns the RankAllocation; build the optimizer after this call.
+    Returns the RankAllocation, whose ``lr`` (and ``learning_rate``) is the recommended AdamW learning rate
+    for the resized adapter (``lr_rule``; see :func:`compute_allocation`); build the optimizer after this call.
     """
     named = dict(n_batches=n_batches, r_min=r_min, r_max=r_max, budget=budget, estimator=estimator,
                  aggregation=aggregation)

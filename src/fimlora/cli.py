@@ -19,6 +19,7 @@ from .config import (
     AUTO_RULE_NAMES,
     ESTIMATORS,
     FIM_DEFAULTS,
+    LR_RULE_CHOICES,
     SCALE_MODES,
     VLLM_MAX_LORA_RANKS,
     setting_help,
@@ -44,7 +45,8 @@ TARGET_DEFAULT_HELP = "PEFT's default for the architecture, e.g. query and value
 CALIBRATION_FLAGS = {"n_batches": {"metavar": "N|auto"}, "auto_rule": {"choices": AUTO_RULE_NAMES},
                      "estimator": {"choices": ESTIMATORS}, "aggregation": {"choices": AGGREGATIONS},
                      "scale": {"choices": SCALE_MODES}, "r_min": {"type": int}, "r_max": {"type": int},
-                     "seed": {"type": int}}
+                     "seed": {"type": int}, "lr_rule": {"choices": LR_RULE_CHOICES},
+                     "lr_batches": {"type": int}, "lr_steps": {"type": int}}
 
 
 def _add_calibration_args(p: argparse.ArgumentParser, job: dict) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import re
 import textwrap
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 __all__ = [
     "FimConfig",
@@ -21,6 +24,9 @@ __all__ = [
     "MIN_AUTO_BATCHES",
     "MIN_AUTO_BOOTSTRAP",
     "AUTO_RULE_NAMES",
+    "LR_RULES",
+    "LR_RULE_CHOICES",
+    "lr_rule_table",
     "check_int",
     "check_number",
     "check_choice",
@@ -48,6 +54,12 @@ AUTO_ONLY_SETTINGS = ("max_batches", "auto_stable_share", "auto_rule")
 # resamples keep most modules close to their rank (exact below rank 4, within one from 4 on), "exact" that most
 # modules keep exactly their rank.
 AUTO_RULE_NAMES = ("within_one", "exact")
+# The learning-rate rules (fimlora.lr): "hessian" (constant / lambda_max of the LoRA Hessian) and "range" (constant *
+# the LR of steepest descent in a short range test); "none" computes no recommendation.
+LR_RULES = ("hessian", "range")
+LR_RULE_CHOICES = LR_RULES + ("none",)
+# Each rule's fitted constant, where it was fitted and by which script; filling this file is all a fit needs to do.
+LR_RULE_FILE = Path(__file__).with_name("lr_rule.json")
 # The values vLLM accepts for --max-lora-rank (here, not in check.py, so FimConfig can validate against them).
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -112,6 +124,25 @@ def check_bool(name: str, value) -> None:
     """A real bool: YAML's ``"no"`` in quotes is a string, and a string is always truthy."""
     if not isinstance(value, bool):
         raise ValueError(f"{name}: must be true or false, got {value!r}")
+
+
+@functools.cache
+def lr_rule_table() -> dict:
+    """``lr_rule.json``, checked: ``{"rules": {rule: {"constant": float > 0 or null, "fitted_on": str or null,
+    "script": str or null}}, "default_rule": rule}`` with one entry per rule of ``LR_RULES``. A null constant means
+    the rule is not fitted yet: its statistic is still computed and reported, its learning rate is None."""
+    where = str(LR_RULE_FILE)
+    table = json.loads(LR_RULE_FILE.read_text(encoding="utf-8"))
+    check_keys(where, table, ("rules", "default_rule"))
+    check_keys(f"{where}: rules", table["rules"], LR_RULES, "rule(s)")
+    for rule in LR_RULES:
+        entry = table["rules"].get(rule)
+        if entry is None:
+            raise ValueError(f"{where}: rules: must have an entry for {rule!r}, got {sorted(table['rules'])}")
+        check_keys(f"{where}: rules.{rule}", entry, ("constant", "fitted_on", "script"))
+        check_number(f"{where}: rules.{rule}.constant", entry.get("constant"), minimum=0, allow_none=True)
+    check_choice(f"{where}: default_rule", table["default_rule"], LR_RULE_CHOICES)
+    return table
 
 
 def setting(default, help: str):
@@ -195,6 +226,18 @@ class FimConfig:
     seed: int = setting(0, (
         "seeds the initialisation of new A rows, so every process gets identical rows, and the bootstrap "
         "(>= 0)."))
+    lr_rule: str = setting(lr_rule_table()["default_rule"], (
+        'how the recommended AdamW learning rate for the resized adapter is estimated (:mod:`fimlora.lr`): '
+        '``"hessian"``: constant / lambda_max, the largest eigenvalue of the Hessian of the mean calibration '
+        'loss in the LoRA A and B weights (Lanczos iteration on Hessian-vector products); ``"range"``: constant * '
+        'the learning rate of steepest loss descent in a short AdamW range test, the adapter restored exactly '
+        'after; ``"none"``: no recommendation. Default: ``lr_rule.json``\'s ``default_rule``. A rule whose '
+        'constant is not fitted yet reports its statistic and no learning rate.'))
+    lr_batches: int = setting(2, (
+        "the first calibration batches the learning-rate rule reads (default 2; >= 1)."))
+    lr_steps: int | None = setting(None, (
+        'the most Lanczos iterations (``"hessian"``, default 20) or the range test\'s steps (``"range"``, '
+        'default 10); ``None`` = the rule\'s default.'))
     adapter_name: str = setting("default", (
         "the PEFT adapter to calibrate and resize."))
     progress: bool = setting(True, (
@@ -248,6 +291,9 @@ class FimConfig:
         if not isinstance(self.adapter_name, str) or not self.adapter_name:
             raise ValueError(f"adapter_name: must be a non-empty string, got {self.adapter_name!r}")
         check_bool("train_mode", self.train_mode)
+        check_choice("lr_rule", self.lr_rule, LR_RULE_CHOICES)
+        check_int("lr_batches", self.lr_batches, minimum=1)
+        check_int("lr_steps", self.lr_steps, minimum=2, allow_none=True)
         check_bool("progress", self.progress)
 
     def _check_auto_only(self) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from .allocation import RankAllocation
 from .confidence import not_estimable_text, units_text
 from .extras import require
+from .lr import LrRecommendation
 
 __all__ = ["split_name", "rank_grid", "rank_stats", "group_stats", "format_rank_table", "budget_text",
            "confidence_text", "plot_rank_map", "save_rank_map"]
@@ -102,6 +103,8 @@ def format_rank_table(alloc: RankAllocation) -> str:
                  f"r_min={alloc.r_min}, r_max={alloc.r_max}); LoRA params spent {alloc.params_spent:,}")
     if alloc.confidence:
         lines.append(confidence_text(alloc))
+    if alloc.lr:
+        lines.append(LrRecommendation.from_dict(alloc.lr).text())
     dropped = [n for n, r in alloc.ranks.items() if r == 0]
     if dropped:
         lines.append(f"{len(dropped)} module(s) at rank 0 dropped (no adapter): " + ", ".join(dropped))
@@ -159,8 +162,9 @@ def _title(alloc: RankAllocation) -> str:
         stable = "; stability not estimable"
     elif alloc.confidence:
         stable = f"; {100 * alloc.confidence['stable_share']:.0f}% stable, ? = unstable rank"
+    lr = f"\n{LrRecommendation.from_dict(alloc.lr).short_text()}" if alloc.lr else ""
     return (f"FIM-LoRA rank map ({budget_text(alloc)}, {alloc.params_spent:,} params spent, "
-            f"r={alloc.base_r}, r_min={alloc.r_min}, r_max={alloc.r_max}{stable})")
+            f"r={alloc.base_r}, r_min={alloc.r_min}, r_max={alloc.r_max}{stable}){lr}")
 
 
 def plot_rank_map(alloc: RankAllocation | dict[str, int], path: str | Path, scores: bool | dict[str, float] = True,

@@ -36,11 +36,13 @@ the two paths give bit-identical adapters.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
 import math
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -66,6 +68,7 @@ __all__ = [
     "check_whole_layers",
     "lora_a_weights",
     "lora_config_for_allocation",
+    "resized_adapter",
     "resized_lora_a",
     "resized_lora_weights",
 ]
@@ -224,20 +227,10 @@ def apply_allocation(
     :func:`fimlora.allocation.check_alphas`). The config's global r/lora_alpha follow
     :func:`fimlora.allocation.serving_base` (``max_lora_rank``).
     """
-    check_bool("allow_trained", allow_trained)
-    seed = _allocation_seed(allocation, seed)
-    config = lora_config_of(model, adapter_name)
-    infos = lora_modules(model, adapter_name)
-    _check_applicable(allocation, infos, config, adapter_name, allow_trained)
-    kept = [i for i in infos if allocation.ranks[i.name] > 0]
-    dropped = [i for i in infos if allocation.ranks[i.name] == 0]
-    staged = [_stage_module(info, allocation, adapter_name, config.init_lora_weights, seed) for info in kept]
-    parents = [_parent_of(model, info) for info in dropped]
+    config, infos, plan = _plan(model, allocation, adapter_name, seed, allow_trained)
     # Swap: only assignments from here on, nothing that can fail half-way.
-    for module in staged:
-        _swap_module(module, adapter_name, bool(config.use_rslora))
-    for info, (parent, child) in zip(dropped, parents):
-        setattr(parent, child, info.layer.get_base_layer())
+    _swap_in(plan, adapter_name, bool(config.use_rslora))
+    dropped = [info for info, _ in plan.dropped]
     # One full, non-overlapping key per module: overlapping keys resolve in sorted
     # order after a reload and can silently change ranks or scales.
     _set_patterns(config, allocation)
@@ -247,6 +240,61 @@ def apply_allocation(
     logger.info("fimlora: resized %d of %d LoRA modules (%d dropped at rank 0; budget %d %s)", changed, len(infos),
                 len(dropped), allocation.budget, allocation.budget_unit)
     return model
+
+
+@contextlib.contextmanager
+def resized_adapter(model: nn.Module, allocation: RankAllocation, adapter_name: str = "default",
+                    seed: int | None = None, *, allow_trained: bool = False):
+    """Inside the block, the model's LoRA layers are the ones :func:`apply_allocation` would build (same ranks,
+    alphas, scales and seeded new A rows; rank-0 modules replaced by their base layer); on exit, whatever happened,
+    every original layer, weight, rank, alpha and scale is back. The LoRA config (rank_pattern, target_modules, r)
+    is never touched, so this is for measuring the resized adapter (``compute_allocation``'s learning rate), not
+    for training or saving it.
+    """
+    config, _, plan = _plan(model, allocation, adapter_name, seed, allow_trained)
+    saved = [(info.layer, info.layer.lora_A[adapter_name], info.layer.lora_B[adapter_name],
+              info.layer.r[adapter_name], info.layer.lora_alpha[adapter_name], info.layer.scaling[adapter_name])
+             for info, *_ in plan.staged]
+    try:
+        _swap_in(plan, adapter_name, bool(config.use_rslora))
+        yield model
+    finally:
+        for layer, lin_a, lin_b, r, alpha, scaling in saved:
+            layer.lora_A[adapter_name], layer.lora_B[adapter_name] = lin_a, lin_b
+            layer.r[adapter_name], layer.lora_alpha[adapter_name] = r, alpha
+            layer.scaling[adapter_name] = scaling
+        for info, (parent, child) in plan.dropped:
+            setattr(parent, child, info.layer)
+        for info, *_ in plan.staged:
+            if info.dora:
+                info.layer.lora_magnitude_vector[adapter_name]._cache_clear()
+
+
+class _Plan(NamedTuple):
+    staged: list  # _stage_module's tuples, one per kept module
+    dropped: list  # (info, (parent, attribute)) per module allocated rank 0
+
+
+def _plan(model: nn.Module, allocation: RankAllocation, adapter_name: str, seed: int | None, allow_trained: bool):
+    """Every check and every new layer of a resize, built before anything in the model changes:
+    (LoRA config, module infos, _Plan)."""
+    check_bool("allow_trained", allow_trained)
+    seed = _allocation_seed(allocation, seed)
+    config = lora_config_of(model, adapter_name)
+    infos = lora_modules(model, adapter_name)
+    _check_applicable(allocation, infos, config, adapter_name, allow_trained)
+    staged = [_stage_module(info, allocation, adapter_name, config.init_lora_weights, seed)
+              for info in infos if allocation.ranks[info.name] > 0]
+    dropped = [(info, _parent_of(model, info)) for info in infos if allocation.ranks[info.name] == 0]
+    return config, infos, _Plan(staged, dropped)
+
+
+def _swap_in(plan: _Plan, adapter_name: str, use_rslora: bool) -> None:
+    """The plan's layers in place: plain assignments, nothing that can fail half-way."""
+    for module in plan.staged:
+        _swap_module(module, adapter_name, use_rslora)
+    for info, (parent, child) in plan.dropped:
+        setattr(parent, child, info.layer.get_base_layer())
 
 
 def _parent_of(model: nn.Module, info: LoraModuleInfo) -> tuple[nn.Module, str]:

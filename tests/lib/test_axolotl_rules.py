@@ -24,7 +24,7 @@ from fimlora.integrations.axolotl_rules import (
 from tests.references import lora_llama, tiny_llama
 
 BAD = [{"r_min": -1}, {"budget_unit": "flops"}, {"n_batches": 0}, {"budget": 10, "budget_fraction": 0.5},
-       {"progress": "no"}, {"aggregation": "max", "bootstrap": 10}]
+       {"progress": "no"}, {"aggregation": "max", "bootstrap": 10}, {"lr_rule": "grid"}]
 
 
 @pytest.mark.parametrize("settings", BAD, ids=lambda s: ",".join(s))
@@ -44,6 +44,29 @@ def test_settings_as_given_unknown_key_and_wrong_type():
         fim_settings({"nbatches": 8})
     with pytest.raises(ValueError, match="fimlora: must be a mapping of FimConfig settings, got list"):
         fim_settings([8])
+    # The plugin's own key, checked like the rest and kept out of FimConfig.
+    assert fim_settings({"use_learning_rate": True, "lr_rule": "range"}) == {"use_learning_rate": True,
+                                                                              "lr_rule": "range"}
+    with pytest.raises(ValueError, match="fimlora.use_learning_rate: must be true or false, got 'yes'"):
+        fim_settings({"use_learning_rate": "yes"})
+
+
+def test_fragment_writes_learning_rate_only_when_asked_and_fitted():
+    import dataclasses
+
+    _, alloc = dropping_allocation()
+    rec = {"learning_rate": None, "rule": "hessian", "statistic": 12.5, "constant": None,
+           "passes": {"forward": 2, "backward": 12}, "seconds": 0.5, "fitted_on": None, "details": {}}
+    alloc = dataclasses.replace(alloc, lr=rec)
+    for use in (False, True):  # not fitted: never written, the statistic is a comment
+        s = axolotl_lora_settings(alloc, use)
+        text = fragment_yaml(s, "rank_map.json", alloc)
+        assert "learning_rate" not in s and "# learning rate: not fitted (rule 'hessian': lambda_max = 12.5" in text
+    fitted = dataclasses.replace(alloc, lr={**rec, "learning_rate": 4e-4, "constant": 5e-3})
+    assert "learning_rate" not in axolotl_lora_settings(fitted)
+    s = axolotl_lora_settings(fitted, use_learning_rate=True)
+    text = fragment_yaml(s, "rank_map.json", fitted)
+    assert s["learning_rate"] == 4e-4 and "\nlearning_rate: 0.0004\n" in text and "# learning rate" not in text
 
 
 @pytest.mark.skipif(importlib.util.find_spec("pydantic") is None, reason="pydantic (axolotl's schema) not installed")

@@ -189,3 +189,33 @@ def test_params_budget_with_dropped_modules_trains_and_saves(tmp_path):
     assert not [n for n in trained if any(f"{d}." in n for d in dropped)]
     saved = json.loads((tmp_path / "rank_map.json").read_text())
     assert saved["budget_unit"] == "params" and saved["params_spent"] == alloc.params_spent
+
+
+def test_learning_rate_is_reported_and_replaces_the_trainers_only_when_asked(tmp_path, monkeypatch, caplog):
+    import copy as _copy
+
+    from fimlora import lr as lrmod
+    from fimlora.config import lr_rule_table
+
+    # Not fitted (as shipped): asked or not, the trainer keeps its learning rate; asked, a warning says why.
+    trainer = make_trainer(tmp_path / "a", lora_llama(), Recorder())
+    with caplog.at_level("INFO", logger="fimlora"):
+        alloc = calibrate_trainer(trainer, n_batches=2, progress=False, save=False, use_learning_rate=True)
+    assert alloc.lr["statistic"] > 0 and alloc.learning_rate is None and trainer.args.learning_rate == 1e-2
+    assert any(r.levelname == "WARNING" and "no recommended learning rate" in r.message for r in caplog.records)
+    assert alloc.settings["trainer"]["learning_rate_from"] == "trainer"
+    fitted = _copy.deepcopy(lr_rule_table())
+    fitted["rules"]["hessian"]["constant"] = 0.5
+    monkeypatch.setattr(lrmod, "lr_rule_table", lambda: fitted)
+    trainer = make_trainer(tmp_path / "b", lora_llama(), Recorder())
+    alloc = calibrate_trainer(trainer, n_batches=2, progress=False, save=False)
+    assert alloc.learning_rate == pytest.approx(0.5 / alloc.lr["statistic"]) and trainer.args.learning_rate == 1e-2
+    trainer = make_trainer(tmp_path / "c", lora_llama(), Recorder(), max_steps=1)
+    alloc = calibrate_trainer(trainer, n_batches=2, progress=False, use_learning_rate=True)
+    assert trainer.args.learning_rate == alloc.learning_rate != 1e-2
+    saved = fimlora.RankAllocation.from_json(tmp_path / "c" / "rank_map.json").settings["trainer"]
+    assert saved["learning_rate"] == alloc.learning_rate and saved["learning_rate_from"] == "fimlora"
+    trainer.train()
+    assert trainer.optimizer.param_groups[0]["initial_lr"] == pytest.approx(alloc.learning_rate)
+    with pytest.raises(ValueError, match="use_learning_rate: must be true or false, got 'yes'"):
+        calibrate_trainer(make_trainer(tmp_path / "d", lora_llama(), Recorder()), use_learning_rate="yes")

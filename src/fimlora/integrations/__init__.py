@@ -29,10 +29,12 @@ from transformers import TrainerCallback
 
 from ..allocation import RankAllocation
 from ..api import apply_fim_ranks, resolve_config
-from ..config import FimConfig
+from ..config import FimConfig, check_bool
 from ..distributed import is_main_process
+from ..lr import LrRecommendation
 
 __all__ = [
+    "apply_learning_rate",
     "calibrate_trainer",
     "check_no_optimizer",
     "RankMapLoggerCallback",
@@ -146,8 +148,32 @@ def check_no_optimizer(trainer, what: str = "calibrate_trainer") -> None:
         )
 
 
+def apply_learning_rate(trainer, allocation: RankAllocation, use: bool) -> str:
+    """With ``use``, set ``trainer.args.learning_rate`` to the allocation's recommended learning rate when there
+    is one; log (or, when ``use`` asked for one that is missing, warn about) what training will use. Returns where
+    the learning rate training uses came from: ``"fimlora"`` or ``"trainer"``."""
+    current = trainer.args.learning_rate
+    recommended = allocation.learning_rate
+    if recommended is None:
+        why = ("lr_rule='none' computed none" if allocation.lr is None
+               else LrRecommendation.from_dict(allocation.lr).text())
+        (logger.warning if use else logger.info)(
+            "fimlora: no recommended learning rate (%s); the trainer keeps learning_rate=%g", why, current)
+        return "trainer"
+    if not use:
+        logger.info("fimlora: recommended AdamW learning rate %.3g; the trainer keeps its learning_rate=%g "
+                    "(use_learning_rate=True trains at the recommendation)", recommended, current)
+        return "trainer"
+    if "adamw" not in str(getattr(trainer.args, "optim", "adamw")).lower():
+        logger.warning("fimlora: the recommended learning rate is for AdamW; the trainer's optimizer is %s",
+                       trainer.args.optim)
+    trainer.args.learning_rate = recommended
+    logger.info("fimlora: learning_rate set to the recommended %.3g (was %g)", recommended, current)
+    return "fimlora"
+
+
 def calibrate_trainer(trainer, config: FimConfig | None = None, save: bool = True, allow_trained: bool = False,
-                      **kwargs) -> RankAllocation:
+                      use_learning_rate: bool = False, **kwargs) -> RankAllocation:
     """Calibrate and resize ``trainer.model`` on the trainer's own first training batches.
 
     Call after building the Trainer and before ``trainer.train()``. Settings go
@@ -155,7 +181,14 @@ def calibrate_trainer(trainer, config: FimConfig | None = None, save: bool = Tru
     the rank map is written to ``args.output_dir`` (``rank_map.json``/``.png``)
     and logged to the configured trackers when training starts. A trained adapter
     (non-zero LoRA-B) is refused unless ``allow_trained=True`` (see :func:`fimlora.apply_fim_ranks`).
+
+    The recommended AdamW learning rate (``allocation.learning_rate``, ``lr_rule``) is logged next to the
+    trainer's ``args.learning_rate``, which it replaces only with ``use_learning_rate=True`` (a learning rate
+    the user set is never changed silently); with no recommendation (``lr_rule="none"``, or a rule whose
+    constant is not fitted yet) the trainer's stays, with a warning when one was asked for.
+    ``settings["trainer"]`` records the learning rate training will use and where it came from.
     """
+    check_bool("use_learning_rate", use_learning_rate)
     check_no_optimizer(trainer)
     if config is None:
         kwargs.setdefault("progress", not trainer.args.disable_tqdm)
@@ -166,9 +199,11 @@ def calibrate_trainer(trainer, config: FimConfig | None = None, save: bool = Tru
         allocation = apply_fim_ranks(model, loader, config=config, allow_trained=allow_trained,
                                      loss_fn=TrainerLoss(trainer))
     warn_if_single_cpu_process(trainer.args.world_size)
+    source = apply_learning_rate(trainer, allocation, use_learning_rate)
     allocation.settings["trainer"] = {"per_device_train_batch_size": trainer.args.per_device_train_batch_size,
                                       "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
-                                      "world_size": trainer.args.world_size}
+                                      "world_size": trainer.args.world_size,
+                                      "learning_rate": trainer.args.learning_rate, "learning_rate_from": source}
     png = None
     if save and is_main_process():
         from ..rankmap import format_rank_table, save_rank_map

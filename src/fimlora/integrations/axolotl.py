@@ -21,10 +21,11 @@ from ..allocation import RankAllocation
 from ..extras import require
 from ..io import atomic_write_text
 from ..resize import apply_allocation
-from . import _unwrapped, calibrate_trainer, check_no_optimizer
+from . import _unwrapped, apply_learning_rate, calibrate_trainer, check_no_optimizer
 from .axolotl_rules import (
     FRAGMENT,
     LORA_ADAPTERS,
+    PLUGIN_SETTINGS,
     axolotl_lora_settings,
     check_no_lora_kernels,
     default_kernels_off,
@@ -48,6 +49,7 @@ class FimLoraPlugin(BasePlugin):
         super().__init__()
         self.allocation: RankAllocation | None = None
         self.plan = None
+        self.settings: dict = {}
 
     def register(self, cfg):
         # The raw config, before axolotl's schema auto-enables its fused LoRA kernels.
@@ -74,8 +76,11 @@ class FimLoraPlugin(BasePlugin):
             self.allocation = RankAllocation.from_json(self.plan.rank_map)
             apply_allocation(_unwrapped(trainer.model), self.allocation,
                              settings.get("adapter_name", "default"))
+            # A resumed run trains at the learning rate the first one did.
+            apply_learning_rate(trainer, self.allocation, settings.get("use_learning_rate", False))
             return
         check_no_lora_kernels(cfg)
+        self.settings = settings
         self.allocation = calibrate_trainer(trainer, **settings)
         if trainer.args.process_index == 0:
             self._write_fragment(Path(cfg.output_dir))
@@ -83,7 +88,9 @@ class FimLoraPlugin(BasePlugin):
     def _write_fragment(self, out: Path) -> None:
         # Optional convenience: an adapter whose alphas axolotl cannot write is still a good adapter.
         try:
-            text = fragment_yaml(axolotl_lora_settings(self.allocation), str(out / "rank_map.json"))
+            use = self.settings.get("use_learning_rate", PLUGIN_SETTINGS["use_learning_rate"])
+            text = fragment_yaml(axolotl_lora_settings(self.allocation, use), str(out / "rank_map.json"),
+                                 self.allocation)
         except ValueError as e:
             logger.warning("fimlora: %s not written: %s", FRAGMENT, e)
             return

@@ -12,7 +12,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ..allocation import RankAllocation
-from ..config import FimConfig
+from ..config import FimConfig, check_bool
+from ..lr import LrRecommendation
 
 __all__ = [
     "PLUGIN",
@@ -20,6 +21,7 @@ __all__ = [
     "FRAGMENT",
     "LORA_ADAPTERS",
     "LORA_KERNELS",
+    "PLUGIN_SETTINGS",
     "default_kernels_off",
     "check_no_lora_kernels",
     "Plan",
@@ -41,26 +43,31 @@ LORA_ADAPTERS = ("lora", "qlora")
 # autograd function and bypass the LoRA layers' forward, so the hooks that calibration puts on each LoRA-B
 # never see a batch.
 LORA_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
+# Keys of the fimlora: block that are the plugin's own, not FimConfig settings, with their defaults.
+# use_learning_rate: train at the recommended learning rate (calibrate_trainer's) and write it into the fragment.
+PLUGIN_SETTINGS = {"use_learning_rate": False}
 
 
 def fim_settings(value) -> dict:
     """The ``fimlora:`` block of an axolotl config, checked by constructing :class:`FimConfig` from it.
 
     Returns the settings as given (``None`` -> ``{}``), so that defaults left out stay the Trainer's (progress
-    bars follow ``disable_tqdm``). Errors are FimConfig's own, prefixed with ``fimlora.`` so they point into
-    the YAML; an unknown key names the known ones.
+    bars follow ``disable_tqdm``); the plugin's own keys (:data:`PLUGIN_SETTINGS`) are checked too. Errors are
+    FimConfig's own, prefixed with ``fimlora.`` so they point into the YAML; an unknown key names the known ones.
     """
     if value is None:
         return {}
     if not isinstance(value, Mapping):
         raise ValueError(f"fimlora: must be a mapping of FimConfig settings, got {type(value).__name__} {value!r}")
     settings = dict(value)
-    known = [f.name for f in fields(FimConfig)]
+    known = [f.name for f in fields(FimConfig)] + list(PLUGIN_SETTINGS)
     unknown = sorted(str(k) for k in settings if k not in known)
     if unknown:
         raise ValueError(f"fimlora.{unknown[0]}: unknown setting; known settings are {known}")
     try:
-        FimConfig(**settings)
+        for key in PLUGIN_SETTINGS.keys() & settings.keys():
+            check_bool(key, settings[key])
+        FimConfig(**{k: v for k, v in settings.items() if k not in PLUGIN_SETTINGS})
     except ValueError as e:
         raise ValueError(f"fimlora.{e}") from None
     return settings
@@ -138,8 +145,9 @@ def plan_run(output_dir: str | Path, resume_from_checkpoint=None, auto_resume: b
     return Plan("calibrate", "no checkpoint and no rank map in output_dir")
 
 
-def axolotl_lora_settings(allocation: RankAllocation) -> dict:
-    """The axolotl config keys that build this allocation's adapter without the plugin.
+def axolotl_lora_settings(allocation: RankAllocation, use_learning_rate: bool = False) -> dict:
+    """The axolotl config keys that build this allocation's adapter without the plugin; with
+    ``use_learning_rate`` and a recommended learning rate (a fitted ``lr_rule``), ``learning_rate`` too.
 
     The keys and target list are the library's own (:func:`fimlora.lora_config_for_allocation`: one
     non-overlapping full-name key per kept module). axolotl's rules on top of PEFT's: ``lora_rank_pattern`` and
@@ -168,13 +176,19 @@ def axolotl_lora_settings(allocation: RankAllocation) -> dict:
         target = config.target_modules
         settings["lora_target_modules"] = target if isinstance(target, str) else sorted(target)
         settings["lora_target_linear"] = False
+    if use_learning_rate and allocation.learning_rate is not None:
+        settings["learning_rate"] = float(allocation.learning_rate)
     return settings
 
 
-def fragment_yaml(settings: dict, source: str) -> str:
-    """``settings`` as YAML with a header that says where they came from and how to use them."""
+def fragment_yaml(settings: dict, source: str, allocation: RankAllocation | None = None) -> str:
+    """``settings`` as YAML with a header that says where they came from and how to use them; a learning-rate
+    recommendation of ``allocation`` that ``settings`` leaves out is a comment there."""
     import yaml  # comes with transformers (huggingface_hub), and axolotl needs it anyway
 
     header = (f"# fimlora ranks for axolotl, from {source}.\n"
               "# Paste into an axolotl config (without the fimlora plugin) to train an adapter with these ranks.\n")
+    if allocation is not None and allocation.lr and "learning_rate" not in settings:
+        header += (f"# {LrRecommendation.from_dict(allocation.lr).text()}; learning_rate is written only with "
+                   "fimlora: {use_learning_rate: true} and a fitted rule.\n")
     return header + yaml.safe_dump(settings, sort_keys=False)
