@@ -193,3 +193,22 @@ def test_auto_accuracy_script_smoke(tmp_path):
                      text, re.MULTILINE), text
     data = json.loads((tmp_path / "b_auto_accuracy.json").read_text())
     assert [(r["seed"], r["variant"]) for r in data["runs"]] == [(42, "N = 8"), (42, "auto")]
+
+
+def test_the_lr_rule_fit_recovers_a_planted_constant_and_beats_the_rule_free_baseline_only_when_it_should():
+    fit_lr_rule = load_benchmark("fit_lr_rule")
+    # Cells whose chosen rate is exactly 0.02 / lambda_max: the fit finds 0.02 and predicts every cell exactly.
+    lambdas = [0.5, 2.0, 8.0, 30.0]
+    cells = [{"chosen_lr": 0.02 / lam, "rules": {"hessian": {"statistic": lam}}} for lam in lambdas]
+    f = fit_lr_rule.fit(cells, "hessian")
+    assert f["constant"] == pytest.approx(0.02)
+    assert max(abs(e) for e in f["loo_log10_errors"]) < 1e-9 and f["within_one_grid_step"] == 4
+    assert f["baseline_mean_abs"] > 0.5  # these rates span 60x: one fixed rate misses most of them
+    # A statistic unrelated to the chosen rate predicts no better than the baseline.
+    noise = [{"chosen_lr": lr, "rules": {"hessian": {"statistic": lam}}}
+             for lr, lam in zip([1e-3, 1e-3, 1e-3, 1e-3], lambdas)]
+    g = fit_lr_rule.fit(noise, "hessian")
+    assert g["baseline_mean_abs"] == pytest.approx(0.0) and g["loo_mean_abs"] > 0.5
+    judged = fit_lr_rule.judge([{"task": "t", "method": "lora", "r": 2, "chosen_lr": 0.01,
+                                 "rules": {"hessian": {"statistic": 2.0}}}], "hessian", 0.02)
+    assert judged[0]["recommended_lr"] == pytest.approx(0.01) and abs(judged[0]["log10_error"]) < 1e-12

@@ -131,3 +131,37 @@ def _head_params(run) -> int:
     """The classifier head's parameters (modules_to_save): the part of a LoRA run that is not LoRA A/B."""
     lora = sum(r * (din + dout) for r, din, dout in [(2, 384, 384)] * 2)  # query and value of one layer at r = 2
     return run["trainable_params"] - lora
+
+
+def _rule_table(tmp_path, monkeypatch, constant):
+    import json
+
+    import fimlora.config as config
+
+    path = tmp_path / "lr_rule.json"
+    entry = {"constant": constant, "fitted_on": "test", "script": "test"}
+    path.write_text(json.dumps({"rules": {"hessian": entry, "range": dict(entry)}, "default_rule": "hessian"}))
+    monkeypatch.setattr(config, "LR_RULE_FILE", path)
+    # The table is cached for the process; the uncached reader sees this test's file (and the cache stays clean).
+    monkeypatch.setattr(config, "lr_rule_table", getattr(config.lr_rule_table, "__wrapped__", config.lr_rule_table))
+
+
+def test_lr_rule_needs_a_fitted_constant_and_excludes_a_grid_or_a_fixed_rate(tmp_path, monkeypatch):
+    _rule_table(tmp_path, monkeypatch, None)
+    with pytest.raises(ValueError, match="lr_rule: 'hessian' has no fitted constant"):
+        _cfg(lr_grid=[], data={"max_train": 64}, lr_rule="hessian")
+    _rule_table(tmp_path, monkeypatch, 0.01)
+    with pytest.raises(ValueError, match="lr_rule: a run's learning rate comes from the rule 'hessian' or from lr_grid"):
+        _cfg(lr_rule="hessian")
+    with pytest.raises(ValueError, match="train.learning_rate: each run trains at lr_rule 'hessian'"):
+        _cfg(lr_grid=[], lr_rule="hessian", train={"learning_rate": 1e-3})
+    with pytest.raises(ValueError, match="lr_rule: must be one of"):
+        _cfg(lr_grid=[], lr_rule="magic")
+    # The constant is part of what a run trained at the rule stands for: a refit makes its results stale.
+    config = {"model": "minilm", "tasks": ["trec6"], "train": {"max_steps": 6}, "lr_rule": "hessian"}
+    run = RunSpec("trec6", "lora", 2, 1)
+    before = run_settings_hash(config, run)
+    _rule_table(tmp_path, monkeypatch, 0.02)
+    assert run_settings_hash(config, run) != before
+    assert run_settings_hash({**config, "lr_rule": None}, run) == run_settings_hash(
+        {k: v for k, v in config.items() if k != "lr_rule"}, run)

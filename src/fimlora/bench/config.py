@@ -34,6 +34,7 @@ __all__ = [
     "run_data_contents",
     "current_settings_hash",
     "DISPLAY_SETTINGS",
+    "lr_rule_settings",
 ]
 
 
@@ -163,6 +164,34 @@ def _check_lr_grid(cfg: ExperimentConfig) -> None:
         raise ValueError("lr_grid: not supported with a mixture (its validation split would mix tasks); use tasks")
 
 
+def _check_lr_rule(cfg: ExperimentConfig) -> None:
+    """``lr_rule``: every run trains at the learning rate fimlora recommends for its prepared adapter
+    (:func:`fimlora.lr.compute_lr_recommendation`), which needs the rule's fitted constant."""
+    if cfg.lr_rule is None:
+        return
+    from ..config import LR_RULES, check_choice, lr_rule_table
+
+    check_choice("lr_rule", cfg.lr_rule, LR_RULES)
+    if cfg.lr_grid:
+        raise ValueError(f"lr_rule: a run's learning rate comes from the rule {cfg.lr_rule!r} or from lr_grid, not "
+                         "both; give one")
+    if "learning_rate" in cfg.train:
+        raise ValueError(f"train.learning_rate: each run trains at lr_rule {cfg.lr_rule!r}'s recommendation; remove "
+                         f"train.learning_rate (got {cfg.train['learning_rate']!r})")
+    if lr_rule_table()["rules"][cfg.lr_rule]["constant"] is None:
+        raise ValueError(f"lr_rule: {cfg.lr_rule!r} has no fitted constant in fimlora/lr_rule.json yet (fit it with "
+                         "benchmarks/fit_lr_rule.py)")
+
+
+def lr_rule_settings(rule: str | None) -> dict | None:
+    """What a run trained at ``lr_rule`` depends on: the rule and its constant (a refit changes every such run)."""
+    if rule is None:
+        return None
+    from ..config import lr_rule_table
+
+    return {"rule": rule, "constant": lr_rule_table()["rules"][rule]["constant"]}
+
+
 def _check_task_type(name: str, value) -> None:
     from ..app.user_files import check_task_type
 
@@ -234,6 +263,7 @@ class ExperimentConfig:
     train: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
     lr_grid: list = field(default_factory=list)
+    lr_rule: str | None = None
     keep_adapters: bool = False
     evaluator: str = "fimlora"
     notes: str = ""
@@ -271,6 +301,7 @@ class ExperimentConfig:
         _check_train_block(self.train)
         check_block("data", self.data, DATA_SETTINGS)
         _check_lr_grid(self)
+        _check_lr_rule(self)
         check_bool("keep_adapters", self.keep_adapters)
         _check_evaluator(self)
         if not isinstance(self.notes, str):
@@ -497,6 +528,8 @@ def run_settings(config: Mapping, run: RunSpec, data_contents: Mapping[str, str]
     settings.update(run=run.run_id, method=run.method, r=run.r, seed=run.seed, fim_variant=dict(run.fim_variant))
     if run.lr is not None:  # absent otherwise, so runs without a grid keep their recorded hashes
         settings["train"] = {**settings["train"], "learning_rate": run.lr}
+    if config.get("lr_rule"):
+        settings["lr_rule"] = lr_rule_settings(config["lr_rule"])
     return settings
 
 

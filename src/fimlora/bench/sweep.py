@@ -21,6 +21,7 @@ Guarantees (stated in docs/experiments.md):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -323,6 +324,13 @@ def prepare_run(cfg: ExperimentConfig, run: RunSpec) -> PreparedRun:
     set_seed(run.seed)
     spec = _method_spec(cfg, run, train_task.kind, len(train_task.train), settings)
     model, info, callbacks = prepare_method(spec, make_base(), calibration_batches)
+    if cfg.lr_rule:
+        # The learning rate a user of fimlora would be told for this adapter, measured as the library measures it.
+        from ..lr import compute_lr_recommendation
+
+        rec = compute_lr_recommendation(model, calibration_batches(), rule=cfg.lr_rule, seed=run.seed)
+        settings = dataclasses.replace(settings, learning_rate=rec.learning_rate)
+        info = {**info, "lr_recommendation": rec.to_dict()}
     return PreparedRun(model, info, callbacks, tok, settings, train_task, eval_tasks, make_base, calibration_batches)
 
 
@@ -372,8 +380,6 @@ def run_one(cfg: ExperimentConfig, run: RunSpec, work_dir: str | os.PathLike) ->
 
 def _validation_task(task):
     """``task`` with its validation split as the test set (None without one), scored like the test set."""
-    import dataclasses
-
     if not task.validation:
         return None
     return dataclasses.replace(task, test=task.validation, extra_tests={}, validation=[])
