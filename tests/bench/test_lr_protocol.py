@@ -151,7 +151,7 @@ def test_lr_rule_needs_a_fitted_constant_and_excludes_a_grid_or_a_fixed_rate(tmp
     with pytest.raises(ValueError, match="lr_rule: 'hessian' has no fitted constant"):
         _cfg(lr_grid=[], data={"max_train": 64}, lr_rule="hessian")
     _rule_table(tmp_path, monkeypatch, 0.01)
-    with pytest.raises(ValueError, match="lr_rule: a run's learning rate comes from the rule 'hessian' or from lr_grid"):
+    with pytest.raises(ValueError, match="lr_rule: a run's learning rate comes from the rule 'hessian' or from"):
         _cfg(lr_rule="hessian")
     with pytest.raises(ValueError, match="train.learning_rate: each run trains at lr_rule 'hessian'"):
         _cfg(lr_grid=[], lr_rule="hessian", train={"learning_rate": 1e-3})
