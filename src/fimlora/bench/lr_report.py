@@ -11,10 +11,10 @@ import warnings
 from pathlib import Path
 
 from ..extras import MissingExtraError, require
-from .lr_protocol import LrChoice, cell_of
+from .lr_protocol import LrChoice, at_chosen_lr, cell_of
 from .tables import _label, _points, _table, _unit, mean_std, safe_name, task_scores
 
-__all__ = ["lr_section", "draw_lr_curves"]
+__all__ = ["lr_section", "draw_lr_curves", "lr_rule_section"]
 
 
 def _cells(choices: dict[tuple, LrChoice | None], task: str, r: int) -> list[tuple[tuple, LrChoice | None]]:
@@ -104,3 +104,43 @@ def draw_lr_curves(cells: list[tuple[tuple, LrChoice | None]], fig: Path, title:
     fig_obj.savefig(fig, dpi=120)
     plt.close(fig_obj)
     return True
+
+
+def lr_rule_section(runs: list[dict]) -> list[str]:
+    """Training at the recommended learning rate (runs of an ``lr_rule`` config) against the grid's best (the runs
+    of an ``lr_grid`` config at their cell's chosen rate) for every (task, method, r, variant) both have: test
+    mean ± std over seeds of each, the difference, and whether it is within one seed std (the larger of the two)."""
+    ruled = [run for run in runs if (run.get("method_info") or {}).get("lr_recommendation")]
+    if not ruled:
+        return []
+    kept, choices = at_chosen_lr([run for run in runs if (run.get("config") or {}).get("lr_grid")])
+    rows = []
+    for key in sorted({_key(run) for run in ruled}, key=str):
+        task, method, r, variant = key
+        mine = [run for run in ruled if _key(run) == key]
+        best = [run for run in kept if _key(run) == key]
+        if not best:
+            continue
+        chosen = {choice.learning_rate for cell, choice in choices.items() if choice and cell[1:] == key}
+        recommended = sorted({run["learning_rate"] for run in mine})
+        rule = mine[0]["method_info"]["lr_recommendation"]["rule"]
+        (m1, s1), (m2, s2) = (mean_std(_points(task_scores(x, task))) for x in (mine, best))
+        within = abs(m1 - m2) <= max(s1, s2)
+        rows.append([task, _label(method, ", ".join(f"{k}={v}" for k, v in variant)), str(r), rule,
+                     "–".join(f"{lr:.2g}" for lr in (recommended[0], recommended[-1]) if lr) if len(recommended) > 1
+                     else f"{recommended[0]:.2g}",
+                     f"{m1:.1f} ± {s1:.1f} (n={len(mine)})", ", ".join(f"{lr:g}" for lr in sorted(chosen)),
+                     f"{m2:.1f} ± {s2:.1f} (n={len(best)})", f"{m1 - m2:+.1f}", "yes" if within else "no"])
+    if not rows:
+        return []
+    header = ["task", "Method", "r", "rule", "recommended LR", "test at recommended", "grid's chosen LR",
+              "test at chosen", "difference", "within one seed std"]
+    return ["## The recommended learning rate against each grid's best", "",
+            "Runs of an `lr_rule` config train at the rate `fimlora` recommends for the prepared adapter "
+            "(`fimlora.lr.compute_lr_recommendation`, the rule's constant from `lr_rule.json`; one rate per seed, "
+            "since each seed's adapter is measured); the grid's best is the same cell of an `lr_grid` config at its "
+            "chosen rate. Scores in points, mean ± std over seeds.", "", _table(header, rows), ""]
+
+
+def _key(run: dict) -> tuple:
+    return (run["task"], run["method"], run["r"], tuple(sorted((run.get("fim_variant") or {}).items())))

@@ -24,7 +24,7 @@ from pathlib import Path
 from ..extras import MissingExtraError, require
 from ..io import atomic_write_text
 from .lr_protocol import at_chosen_lr
-from .lr_report import lr_section
+from .lr_report import lr_rule_section, lr_section
 from .results import load_results
 from .tables import (
     AVG,
@@ -195,6 +195,9 @@ def build_report(results_dir, figures_dir: Path | None = None, title: str | None
         parts += [""] + glue
     for experiment in experiments:
         parts += _experiment_section(select_runs(runs, experiment=experiment), experiment, figures_dir, csv_rows)
+    rule = lr_rule_section(runs)
+    if rule:
+        parts += [""] + rule
     return "\n".join(parts) + "\n", _csv_text(csv_rows)
 
 
