@@ -222,6 +222,20 @@ def test_fim_lora_ga_has_fim_ranks_lora_ga_init_and_reloads_as_plain_lora(tmp_pa
     assert saved["rank_pattern"] == {k: 2 * r for k, r in model.peft_config["default"].rank_pattern.items()}
 
 
+@pytest.mark.parametrize("method", ["lora_ga", "fim_lora_ga"])
+def test_lora_ga_refuses_up_front_a_rank_above_half_the_smaller_side(method):
+    """LoRA-GA needs the gradient's top 2 r_m singular vectors: at r_m = 33 > 64 / 2 PEFT sliced too few columns
+    and failed on a shape mismatch; refused first, naming the module. fim_lora_ga's ranks come from FIM-LoRA (r_max
+    48 lets one module get 2 r_m > 64)."""
+    batches = data()
+    from dataclasses import replace
+
+    s = spec(method, r=33) if method == "lora_ga" else replace(spec(method, r=24), fim={"n_batches": 3, "r_max": 48})
+    with pytest.raises(ValueError, match=r"lora_ga: LoRA-GA needs 2 r <= min\(d_out, d_in\).* has r = \d+ and weight "
+                                         r"shape \((\d+, 64|64, \d+)\)"):
+        prepare_method(s, base(), lambda: list(batches))
+
+
 # ----------------------------------------------------------------------------- gora
 
 

@@ -426,6 +426,7 @@ def lora_ga_gradients(spec: MethodSpec, base_model: nn.Module, config, calibrati
     from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
 
     _maybe_include_all_linear_layers(config, base_model)
+    check_lora_ga_ranks(base_model, config)
     n_batches = int(settings_block("lora_ga").value(spec.lora_ga, "n_batches"))
     used = {"n": 0}
 
@@ -436,6 +437,22 @@ def lora_ga_gradients(spec: MethodSpec, base_model: nn.Module, config, calibrati
 
     preprocess_loraga(base_model, config, train_step)
     return {"lora_ga_batches": used["n"]}
+
+
+def check_lora_ga_ranks(base_model: nn.Module, config) -> None:
+    """LoRA-GA takes A and B from the top 2 r_m singular triplets of a module's gradient G (d_out, d_in) (every
+    direction: ArBr, A2rBr, ArB2r, random), so it needs 2 r_m <= min(d_out, d_in); PEFT 0.21 instead slices fewer
+    columns and fails later with a matmul shape error. r_m is PEFT's: ``rank_pattern``'s matching key, else r."""
+    from peft.tuners.lora.loraga import get_target_modules
+    from peft.utils.other import get_pattern_key
+
+    for name, module in get_target_modules(base_model, config):
+        rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
+        if 2 * rank > min(module.weight.shape):
+            raise ValueError(
+                f"lora_ga: LoRA-GA needs 2 r <= min(d_out, d_in) for every adapted module (A and B come from the "
+                f"gradient's top 2 r singular vectors); {name} has r = {rank} and weight shape "
+                f"{tuple(module.weight.shape)}: lower r (or fim.r_max), or leave the module out of target_modules")
 
 
 def lora_ga_fields(spec: MethodSpec) -> dict:
