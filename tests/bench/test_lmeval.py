@@ -42,6 +42,9 @@ def test_local_tasks_give_our_log_likelihoods_and_accuracy(smol, tmp_path):
                                   num_fewshot=0, log_samples=True)
     for task in tasks:
         ours = choice_logliks(model, tok, task.test, batch_size=8, max_length=256)
+        # The head run only where a choice token is predicted (the default) scores as the head run everywhere.
+        everywhere = choice_logliks(model, tok, task.test, batch_size=8, max_length=256, head_only_where_scored=False)
+        assert ours == pytest.approx(everywhere, abs=1e-4), task.name
         samples = sorted(out["samples"][names[task.name]], key=lambda s: s["doc_id"])
         assert len(samples) == len(task.test)
         for ei, sample in enumerate(samples):

@@ -8,6 +8,7 @@ trained model's logits.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -190,6 +191,49 @@ def test_lora_ga_with_all_linear_targets_every_linear_layer():
     plain, _, _ = prepare_method(replace(spec("lora"), target_modules="all-linear"), base(), lambda: list(batches))
     assert sorted(lora_layers(model)) == sorted(lora_layers(plain)) and len(lora_layers(model)) == 7
     torch.testing.assert_close(logits(model, batches[0]), logits(base(), batches[0]), atol=1e-5, rtol=0)
+
+
+def test_fim_lora_ga_has_fim_ranks_lora_ga_init_and_reloads_as_plain_lora(tmp_path):
+    """LoRA-GA at FIM-LoRA's ranks: a rank_pattern/alpha_pattern adapter (no rsLoRA) whose PEFT conversion to plain
+    LoRA doubles every rank and alpha; the reload onto the unchanged base gives the trained model."""
+    batches = data()
+    fim, fim_info, _ = prepare_method(spec("fim"), base(), lambda: list(batches))
+    model, info, _ = prepare_method(spec("fim_lora_ga", lora_ga={"n_batches": 2}), base(), lambda: list(batches))
+    ranks = final_rank_map(model, "fim_lora_ga")
+    assert len(set(ranks.values())) > 1, "test needs a non-uniform FIM pattern"
+    assert ranks == final_rank_map(fim, "fim") == info["allocated_ranks"] and info["scores"] == fim_info["scores"]
+    assert info["lora_ga_batches"] == 2 and info["init_lora_weights"] == "lora_ga"
+    assert model.peft_config["default"].rank_pattern and not model.peft_config["default"].use_rslora
+    torch.testing.assert_close(logits(model, batches[0]), logits(base(), batches[0]), atol=1e-5, rtol=0)
+    assert_w_res_plus_sba_is_w(model, base())
+    grads = reference_mean_gradient(batches[:2])
+    for name, layer in lora_layers(model).items():
+        r_m = ranks[name]
+        assert layer.scaling["default"] == pytest.approx(8 / 4)  # fim scale "preserve": alpha_m / r_m = alpha / r
+        # ArB2r at the module's own rank: A's rows lie in the top-r_m right singular vectors of G.
+        a = layer.lora_A["default"].weight.double()
+        assert a.shape[0] == r_m
+        top = torch.linalg.svd(grads[name], full_matrices=False)[2][:r_m]
+        captured = torch.linalg.matrix_norm(a @ top.T) ** 2 / torch.linalg.matrix_norm(a) ** 2
+        assert captured > 0.99, (name, r_m, float(captured))
+    assert_reload_gives_trained_model(model, batches, base, tmp_path)
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["init_lora_weights"] is True
+    assert saved["rank_pattern"] == {k: 2 * r for k, r in model.peft_config["default"].rank_pattern.items()}
+
+
+@pytest.mark.parametrize("method", ["lora_ga", "fim_lora_ga"])
+def test_lora_ga_refuses_up_front_a_rank_above_half_the_smaller_side(method):
+    """LoRA-GA needs the gradient's top 2 r_m singular vectors: at r_m = 33 > 64 / 2 PEFT sliced too few columns
+    and failed on a shape mismatch; refused first, naming the module. fim_lora_ga's ranks come from FIM-LoRA (r_max
+    48 lets one module get 2 r_m > 64)."""
+    batches = data()
+    from dataclasses import replace
+
+    s = spec(method, r=33) if method == "lora_ga" else replace(spec(method, r=24), fim={"n_batches": 3, "r_max": 48})
+    with pytest.raises(ValueError, match=r"lora_ga: LoRA-GA needs 2 r <= min\(d_out, d_in\).* has r = \d+ and weight "
+                                         r"shape \((\d+, 64|64, \d+)\)"):
+        prepare_method(s, base(), lambda: list(batches))
 
 
 # ----------------------------------------------------------------------------- gora

@@ -33,9 +33,10 @@ def test_the_report_tables_read_off_the_registry_are_the_ones_the_report_always_
     from fimlora.bench import report, tables
 
     assert tables.METHOD_ORDER == ["lora", "rslora", "adalora", "eva", "pissa", "lora_ga", "gora", "random", "fim",
-                                   "fim_eva", "fim_rslora", "fim_pissa", "fim_gora"]
+                                   "fim_eva", "fim_rslora", "fim_pissa", "fim_lora_ga", "fim_gora"]
     assert report.COMPOSITE_PARENTS == {"fim_eva": ("fim", "eva"), "fim_rslora": ("fim", "rslora"),
-                                        "fim_pissa": ("fim", "pissa"), "fim_gora": ("fim", "gora")}
+                                        "fim_pissa": ("fim", "pissa"), "fim_lora_ga": ("fim", "lora_ga"),
+                                        "fim_gora": ("fim", "gora")}
     assert tables.BASELINES == ("lora", "random", "eva", "adalora", "rslora", "pissa", "lora_ga", "gora")
     assert tables.METHOD_LABEL["fim_eva"] == "FIM ranks + EVA directions" and tables.METHOD_LABEL["random"] == (
         "Random-rank")

@@ -15,8 +15,8 @@
   B from the SVD of the calibration batches' mean gradient of W, W becomes W - s B A; saved like PiSSA.
 * ``gora``: GoRA (:mod:`fimlora.bench.gora`): ranks from the accumulated gradient of W over a parameter
   budget, B from the pseudo-inverse of A applied to that gradient; the base weights are not touched.
-* ``fim_eva``, ``fim_pissa``, ``fim_gora``, ``fim_rslora``: FIM-LoRA's ranks with EVA's directions, PiSSA's
-  init, GoRA's B, or rsLoRA's scale.
+* ``fim_eva``, ``fim_pissa``, ``fim_lora_ga``, ``fim_gora``, ``fim_rslora``: FIM-LoRA's ranks with EVA's
+  directions, PiSSA's init, LoRA-GA's init, GoRA's B, or rsLoRA's scale.
 """
 
 from __future__ import annotations
@@ -370,20 +370,28 @@ def _prepare_fim_pissa(spec: MethodSpec, base_model: nn.Module,
 
 
 def _fim_then(spec: MethodSpec, base_model: nn.Module, calibration_batches: BatchFactory | None, method: str,
+              before_build: Callable[[nn.Module, object], dict] | None = None,
               **extra) -> tuple[nn.Module, dict, list]:
     """FIM-LoRA's allocation on a uniform adapter, then a fresh adapter at exactly those ranks and alphas with
-    ``extra`` LoraConfig fields (an init method); refuses a result whose ranks differ from the allocation."""
+    ``extra`` LoraConfig fields (an init method); refuses a result whose ranks differ from the allocation.
+
+    ``before_build(base, config)`` runs on the unloaded base with the allocation's LoraConfig before PEFT builds
+    the adapter (an init that needs the base's gradients first, LoRA-GA); what it returns joins the info."""
     uniform = _uniform_lora(spec, base_model)
     start = time.perf_counter()
     alloc = compute_allocation(uniform, calibration_batches(), _fim_config(spec))
     fim_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    model = build_peft_model(uniform.unload(), lora_config_for_allocation(alloc, _lora_config(spec, **extra)),
-                             seed=None)
+    base = uniform.unload()
+    config = lora_config_for_allocation(alloc, _lora_config(spec, **extra))
+    init_info = before_build(base, config) if before_build is not None else {}
+    model = build_peft_model(base, config, seed=None)
     init_seconds = time.perf_counter() - start
     _check_ranks_kept(model, alloc.ranks, method)
+    # The init's name only: a LoraGAConfig object is no result field (results are JSON).
     return model, {"calibration_seconds": fim_seconds + init_seconds, "fim_seconds": fim_seconds,
-                   "init_seconds": init_seconds, **extra, **fim_info(alloc)}, []
+                   "init_seconds": init_seconds, "init_lora_weights": config.init_lora_weights, **init_info,
+                   **fim_info(alloc)}, []
 
 
 def _check_ranks_kept(model: nn.Module, ranks: Mapping[str, int], method: str) -> None:
@@ -406,33 +414,75 @@ def lora_ga_config(settings: Mapping):
     return LoraGAConfig(**{k: v for k, v in settings.items() if k != "n_batches"})
 
 
-def _prepare_lora_ga(spec: MethodSpec, base_model: nn.Module,
-                     calibration_batches: BatchFactory | None) -> tuple[nn.Module, dict, list]:
-    """LoRA-GA (Wang et al., 2024) through PEFT 0.21's own implementation: ``preprocess_loraga`` stores each
-    target layer's mean gradient G of W over the calibration batches (one forward/backward per batch, only the
-    target weights require grad); PEFT's ``lora_ga_init`` then takes G ~ U S V^T (``svd_lowrank``, q = 4r) and,
-    for the default direction ArB2r, A = V[:, :r]^T, B = U[:, r:2r] diag(S[r:2r]), scaled by d_out^(1/4) /
-    sqrt(stable_gamma) (scale "stable"), and replaces W by W - s B A, so the initial output equals the base's."""
+def lora_ga_gradients(spec: MethodSpec, base_model: nn.Module, config, calibration_batches: BatchFactory) -> dict:
+    """PEFT's ``preprocess_loraga`` on ``base_model`` (no adapter): each target layer of ``config`` gets G, the
+    mean gradient dL/dW over the first ``lora_ga.n_batches`` calibration batches (one forward/backward per batch
+    of the batch-mean loss, only the target weights require grad), which ``lora_ga_init`` reads when PEFT builds
+    the adapter. Returns {"lora_ga_batches": batches used}.
+
+    ``config.target_modules`` "all-linear" is expanded first with PEFT's own rule: preprocess_loraga matches
+    target_modules literally and finds no layer for it (PEFT expands it only when it builds the adapter)."""
     from peft import preprocess_loraga
     from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
 
-    config = _lora_config(spec, init_lora_weights="lora_ga", lora_ga_config=lora_ga_config(spec.lora_ga))
-    # preprocess_loraga matches target_modules literally and finds no layer for "all-linear", which PEFT expands
-    # only when it builds the adapter: expand it first, with PEFT's own rule.
-    config = _maybe_include_all_linear_layers(config, base_model)
-    batches = {"n": 0}
-
+    _maybe_include_all_linear_layers(config, base_model)
+    check_lora_ga_ranks(base_model, config)
     n_batches = int(settings_block("lora_ga").value(spec.lora_ga, "n_batches"))
+    used = {"n": 0}
 
     def train_step():
         for batch in itertools.islice(calibration_batches(), n_batches):
             base_model(**batch).loss.backward()
-            batches["n"] += 1
+            used["n"] += 1
 
-    start = time.perf_counter()
     preprocess_loraga(base_model, config, train_step)
+    return {"lora_ga_batches": used["n"]}
+
+
+def check_lora_ga_ranks(base_model: nn.Module, config) -> None:
+    """LoRA-GA takes A and B from the top 2 r_m singular triplets of a module's gradient G (d_out, d_in) (every
+    direction: ArBr, A2rBr, ArB2r, random), so it needs 2 r_m <= min(d_out, d_in); PEFT 0.21 instead slices fewer
+    columns and fails later with a matmul shape error. r_m is PEFT's: ``rank_pattern``'s matching key, else r."""
+    from peft.tuners.lora.loraga import get_target_modules
+    from peft.utils.other import get_pattern_key
+
+    for name, module in get_target_modules(base_model, config):
+        rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
+        if 2 * rank > min(module.weight.shape):
+            raise ValueError(
+                f"lora_ga: LoRA-GA needs 2 r <= min(d_out, d_in) for every adapted module (A and B come from the "
+                f"gradient's top 2 r singular vectors); {name} has r = {rank} and weight shape "
+                f"{tuple(module.weight.shape)}: lower r (or fim.r_max), or leave the module out of target_modules")
+
+
+def lora_ga_fields(spec: MethodSpec) -> dict:
+    """The LoraConfig fields of a LoRA-GA init (the run's ``lora_ga`` block)."""
+    return {"init_lora_weights": "lora_ga", "lora_ga_config": lora_ga_config(spec.lora_ga)}
+
+
+def _prepare_lora_ga(spec: MethodSpec, base_model: nn.Module,
+                     calibration_batches: BatchFactory | None) -> tuple[nn.Module, dict, list]:
+    """LoRA-GA (Wang et al., 2024) through PEFT 0.21's own implementation: :func:`lora_ga_gradients` stores each
+    target layer's mean gradient G of W over the calibration batches; PEFT's ``lora_ga_init`` then takes
+    G ~ U S V^T (``svd_lowrank``, q = 4r) and, for the default direction ArB2r, A = V[:, :r]^T,
+    B = U[:, r:2r] diag(S[r:2r]), scaled by d_out^(1/4) / sqrt(stable_gamma) (scale "stable"), and replaces W by
+    W - s B A, so the initial output equals the base's."""
+    config = _lora_config(spec, **lora_ga_fields(spec))
+    start = time.perf_counter()
+    info = lora_ga_gradients(spec, base_model, config, calibration_batches)
     model = build_peft_model(base_model, config, seed=None)
-    return model, {"calibration_seconds": time.perf_counter() - start, "lora_ga_batches": batches["n"]}, []
+    return model, {"calibration_seconds": time.perf_counter() - start, **info}, []
+
+
+def _prepare_fim_lora_ga(spec: MethodSpec, base_model: nn.Module,
+                         calibration_batches: BatchFactory | None) -> tuple[nn.Module, dict, list]:
+    """FIM-LoRA's ranks with LoRA-GA's init: the Fisher on a uniform adapter gives the ranks and alphas, then the
+    unloaded (untouched) base's mean gradients G (:func:`lora_ga_gradients`, on the same calibration batches) and
+    a fresh adapter at those ranks, built by PEFT with LoRA-GA's init at each module's own rank r_m (A from the top
+    r_m right singular vectors of G for ArB2r) and scale s_m = alpha_m / r_m: W_res = W - s_m B A."""
+    return _fim_then(spec, base_model, calibration_batches, "fim_lora_ga",
+                     lambda base, config: lora_ga_gradients(spec, base, config, calibration_batches),
+                     **lora_ga_fields(spec))
 
 
 def _gora_gradients(spec: MethodSpec, uniform: nn.Module, calibration_batches: BatchFactory) -> dict:

@@ -247,5 +247,7 @@ register_method(MethodInfo("fim_rslora", "FIM ranks + rsLoRA", "methods:_prepare
                            parents=("fim", "rslora")))
 register_method(MethodInfo("fim_pissa", "FIM ranks + PiSSA init", "methods:_prepare_fim_pissa", ("fim", "pissa"),
                            parents=("fim", "pissa")))
+register_method(MethodInfo("fim_lora_ga", "FIM ranks + LoRA-GA init", "methods:_prepare_fim_lora_ga",
+                           ("fim", "lora_ga"), parents=("fim", "lora_ga")))
 register_method(MethodInfo("fim_gora", "FIM ranks + GoRA init", "methods:_prepare_fim_gora", ("fim", "gora"),
                            parents=("fim", "gora")))
