@@ -36,7 +36,10 @@ def test_shipped_configs_load_and_open_with_their_command(path):
     variants = len(cfg.fim_variants) if cfg.fim_variants else 1
     for values in cfg.fim_grid.values():
         variants *= len(values)
-    per_task = sum(variants if m == "fim" else 1 for m in cfg.methods) * len(cfg.ranks) * len(cfg.seeds)
+    # With an lr_grid the grid is the first seed at every rate (the other seeds follow the choice).
+    seeds = 1 if cfg.lr_grid else len(cfg.seeds)
+    per_task = (sum(variants if m == "fim" else 1 for m in cfg.methods) * len(cfg.ranks) * seeds
+                * (len(cfg.lr_grid) or 1))
     assert len(expand_runs(cfg)) == len(cfg.task_labels) * per_task
 
 
