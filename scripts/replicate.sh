@@ -28,11 +28,19 @@ run configs/small_decoder_beyond.yaml results/small_decoder_beyond --reuse resul
 run configs/frontier_encoder.yaml results/frontier_encoder
 run configs/frontier_encoder_gora_ascent.yaml results/frontier_encoder_gora_ascent  # GoRA with the code's sign
 run configs/frontier_decoder.yaml results/frontier_decoder
+# The fair protocol (issue 30): each method at its own learning rate, chosen on validation data (about 1.5 hours
+# on 2 cores), then the recommended-learning-rate rule fitted on TREC-6's cells, judged on SST-2's.
+run configs/fair_encoder.yaml results/fair_encoder
+run configs/fair_encoder_sst2.yaml results/fair_encoder
+.venv/bin/python benchmarks/fit_lr_rule.py --fit configs/fair_encoder.yaml --judge configs/fair_encoder_sst2.yaml \
+  --results results/fair_encoder --out docs/lr_rule_fit.json --write
+run configs/lr_rule_sst2.yaml results/lr_rule
 .venv/bin/fimlora report results/small_encoder results/small_encoder_ablation results/small_encoder_aggregation \
   results/small_decoder results/small_decoder_params results/small_encoder_beyond results/small_decoder_beyond \
   results/frontier_encoder results/frontier_encoder_gora_ascent results/frontier_decoder \
+  results/fair_encoder results/lr_rule \
   --out docs/results.md --title "FIM-LoRA small-scale replication (CPU, real MiniLM/SmolLM2 and offline data)" \
   --preface docs/results_preface.md \
   --command "bash scripts/replicate.sh" \
   --command "# which runs, per config: fimlora run configs/<name>.yaml --results results/<name> --shard i/2 [--reuse results/<suite>]" \
-  --command "fimlora report results/small_encoder results/small_encoder_ablation results/small_encoder_aggregation results/small_decoder results/small_decoder_params results/small_encoder_beyond results/small_decoder_beyond results/frontier_encoder results/frontier_encoder_gora_ascent results/frontier_decoder --out docs/results.md --preface docs/results_preface.md"
+  --command "fimlora report results/small_encoder results/small_encoder_ablation results/small_encoder_aggregation results/small_decoder results/small_decoder_params results/small_encoder_beyond results/small_decoder_beyond results/frontier_encoder results/frontier_encoder_gora_ascent results/frontier_decoder results/fair_encoder results/lr_rule --out docs/results.md --preface docs/results_preface.md"
