@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 # Every page with Python snippets, and how many this file runs from it; any other page must have none.
-SNIPPET_PAGES = {"README.md": 1, "docs/library.md": 3, "docs/trainer.md": 2, "docs/distributed.md": 1}
+SNIPPET_PAGES = {"README.md": 1, "docs/library.md": 4, "docs/trainer.md": 2, "docs/distributed.md": 1}
 
 
 def snippets(page: str = "README.md", lang: str = "python") -> list[str]:
@@ -78,12 +78,20 @@ def test_library_snippets_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = {"base_model": tiny_llama(), "train_dataloader": lm_batches(n_batches=8),
                  "loader": lm_batches(n_batches=8), "fresh_model": lora_llama(target_modules=["q_proj", "v_proj"])}
-    one, two, _ = snippets("docs/library.md")
+    one, two, *_ = snippets("docs/library.md")
     exec(compile(one, "docs/library.md snippet 1", "exec"), namespace)  # noqa: S102 - the page's own code
     assert sum(namespace["allocation"].ranks.values()) == 4 * 8  # 2 layers x (q, v) at r = 8
     exec(compile(two, "docs/library.md snippet 2", "exec"), namespace)  # noqa: S102
     assert sum(namespace["ranks"].values()) == 32 and (tmp_path / "rank_map.json").exists()
     assert isinstance(namespace["fisher"], __import__("fimlora").FisherResult)
+    assert namespace["allocation"].lr["rule"] == "hessian" and namespace["allocation"].learning_rate is None
+
+
+def test_learning_rate_snippet_runs():
+    namespace = {"model": lora_llama(), "batches": lm_batches(n_batches=2), "fimlora": __import__("fimlora")}
+    exec(compile(snippets("docs/library.md")[2], "docs/library.md snippet 3", "exec"), namespace)  # noqa: S102
+    rec = namespace["rec"]
+    assert rec.statistic > 0 and rec.learning_rate is None and rec.passes["forward"] == 2
 
 
 def test_drop_snippet_runs():
@@ -92,7 +100,7 @@ def test_drop_snippet_runs():
     model = lora_llama(seed=3, r=8, target_modules="all-linear")
     full = sum(i.r * (i.in_features + i.out_features) for i in lora_modules(model))
     namespace = {"model": model, "train_dataloader": lm_batches(n_batches=8), "fimlora": __import__("fimlora")}
-    exec(compile(snippets("docs/library.md")[2], "docs/library.md snippet 3", "exec"), namespace)  # noqa: S102
+    exec(compile(snippets("docs/library.md")[3], "docs/library.md snippet 4", "exec"), namespace)  # noqa: S102
     dropped = namespace["dropped"]
     assert dropped and namespace["allocation"].params_spent <= full // 2
     assert {i.name for i in lora_modules(model)} == set(namespace["allocation"].ranks) - set(dropped)

@@ -91,6 +91,11 @@ def test_one_version_in_one_place():
     assert f"## [{fimlora.__version__}]" in changelog  # the release this tree is
     assert (ROOT / "LICENSE").read_text().lstrip().startswith("Apache License")
     assert (ROOT / "src" / "fimlora" / "py.typed").exists()
+    # Every data file of the package ships in the wheel (lr_rule.json: FimConfig reads it on import).
+    data = {p.name for p in (ROOT / "src" / "fimlora").iterdir() if p.is_file() and p.suffix != ".py"}
+    assert data == {"py.typed", "lr_rule.json"}
+    assert sorted(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+                  ["fimlora"]) == sorted(data)
 
 
 @pytest.mark.slow
@@ -142,5 +147,6 @@ def test_wheel_builds_passes_twine_and_runs_in_a_clean_venv(tmp_path):
                 "--out", str(out)], **kw)
     rank_map = json.loads((out / "rank_map.json").read_text())
     assert sum(rank_map["ranks"].values()) == rank_map["budget"] == 2 * 2  # query and value of one layer at r = 2
+    assert rank_map["lr"]["rule"] == "hessian" and rank_map["lr"]["statistic"] > 0  # lr_rule.json was installed
     assert (out / "adapter" / "adapter_config.json").exists()
     assert not (out / "rank_map.png").exists() and "rank_map.png skipped" in proc.stdout  # no [plot] extra

@@ -10,6 +10,7 @@ from .api import allocation_from_scores, apply_fim_ranks, compute_allocation, ra
 from .config import FimConfig
 from .export import compute_export, export_adapter
 from .fisher import FisherResult, aggregate_fisher, compute_fisher, compute_scores
+from .lr import LrRecommendation, compute_lr_recommendation, learning_rate_from_statistic
 from .modules import check_pattern_keys, lora_modules, pattern_matches
 from .resize import apply_allocation, apply_resized_lora_a, lora_a_weights, lora_config_for_allocation
 from .waterfill import allocate_ranks, random_scores
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FimConfig",
     "FisherResult",
+    "LrRecommendation",
     "RankAllocation",
     "aggregate_fisher",
     "allocate_ranks",
@@ -30,8 +32,10 @@ __all__ = [
     "compute_allocation",
     "compute_export",
     "compute_fisher",
+    "compute_lr_recommendation",
     "compute_scores",
     "export_adapter",
+    "learning_rate_from_statistic",
     "lora_a_weights",
     "lora_config_for_allocation",
     "lora_modules",
