@@ -1,7 +1,8 @@
 """Sections of docs/benchmarks.md that one script writes between two marker lines and the others keep.
 
-A script that measures one section (bench_fsdp.py, bench_auto.py) puts it between ``<!-- NAME: begin -->`` and
-``<!-- NAME: end -->``; bench_calibration.py, which regenerates sections 1-5, carries every marked section over.
+A script that measures one section (bench_fsdp.py, bench_auto.py, bench_setup_cost.py) puts it between
+``<!-- NAME: begin -->`` and ``<!-- NAME: end -->``; bench_calibration.py, which regenerates sections 1-5, carries
+every marked section over.
 """
 
 from __future__ import annotations
@@ -53,9 +54,11 @@ def keep_marked_sections(text: str, old: str) -> str:
 
 
 def section_script_main(argv, doc: str, name: str, json_suffix: str, default_out: Path,
-                        measure: Callable[[str], dict], render: Callable[[dict, str, str], str]) -> int:
+                        measure: Callable[[str], dict], render: Callable[[dict, str, str], str],
+                        json_name: str | None = None) -> int:
     """The command line every one-section script shares: ``--smoke``, ``--out``, ``--note``; measure single-threaded,
-    write the raw data beside ``--out`` (``<stem>_<json_suffix>.json``) and the section between its markers."""
+    write the raw data beside ``--out`` (``<stem>_<json_suffix>.json``, or ``json_name`` when given) and the section
+    between its markers."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="one tiny setup and seed: checks the script runs")
     p.add_argument("--out", default=str(default_out))
@@ -68,7 +71,7 @@ def section_script_main(argv, doc: str, name: str, json_suffix: str, default_out
     command = f"python benchmarks/{name}" + (" --smoke" if args.smoke else "")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_name(f"{out.stem}_{json_suffix}.json").write_text(json.dumps(data, indent=2))
+    out.with_name(json_name or f"{out.stem}_{json_suffix}.json").write_text(json.dumps(data, indent=2))
     text = out.read_text() if out.exists() else ""
     out.write_text(put_section(text, render(data, command, args.note), name))
     print(f"-> {out}")

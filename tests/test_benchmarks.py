@@ -244,3 +244,78 @@ def test_scoring_benchmark_script_smoke(tmp_path):
     assert re.search(rf"^\| obqa \| 8 \| 32 \| [\d,]+ / [\d,]+ / [\d,]+ \| `shared_head` \| {NUM} \| {NUM}x \|", text,
                      re.MULTILINE)
     assert re.search(rf"^\| `shared_head` \| {NUM} \|$", text, re.MULTILINE)
+
+
+def test_setup_cost_core_counts_passes_on_a_tiny_model():
+    """bench_setup_cost.py's core on a seeded 2-layer LLaMA: every method prepared as the sweep prepares it, with
+    its passes, batches and gradient bytes counted on the model; FIM-LoRA with N batches is N forward + N backward
+    passes whose gradients are LoRA-B's alone, LoRA-GA and GoRA are N of each with full-weight gradients."""
+    import torch
+
+    bench = load_benchmark("bench_setup_cost")
+    torch.set_num_threads(1)
+    setup = bench.smoke_setup()
+    n = bench.calibration_batches(setup)
+    assert n == 4  # configs/frontier_decoder.yaml's N for fim, lora_ga and gora
+    rows = {m: bench.run_method(setup, m, setup.base()) for m in bench.METHODS}
+    arith = bench.arithmetic(setup.dims, bench.RANK)
+    modules = 2 * 7
+    for m in ("fim", "lora_ga", "gora"):
+        assert (rows[m]["batches_drawn"], rows[m]["forward"], rows[m]["backward"]) == (n, n, n), m
+    for m in ("lora", "pissa"):
+        assert (rows[m]["batches_drawn"], rows[m]["forward"], rows[m]["backward"], rows[m]["grad_bytes"]) == (0,) * 4
+    assert rows["fim"]["grad_params"] == {"LoRA-B": modules}
+    assert rows["fim"]["grad_bytes"] == arith["lora_b_grad_bytes"]["fp32"] == 4 * 2 * (64 * 4 + 168 * 2 + 64) * 8
+    for m in ("lora_ga", "gora"):
+        assert rows[m]["grad_params"] == {"base weight": modules}, m
+        assert rows[m]["grad_bytes"] == arith["full_grad_bytes"]["fp32"] == 4 * 2 * (64 * 64 * 4 + 3 * 64 * 168), m
+    # FIM-LoRA's learning-rate rule on top: one more forward and backward on one batch, then Hessian-vector
+    # products (each a backward) over the LoRA weights, A and B; the allocation's passes unchanged.
+    lr_row = rows["fim_lr"]
+    assert (lr_row["batches_drawn"], lr_row["forward"]) == (n, n + 1) and n + 2 <= lr_row["backward"] <= n + 1 + 8
+    assert lr_row["grad_params"] == {"LoRA-A": modules, "LoRA-B": modules}
+    eva = rows["eva"]
+    # EVA: no backward; its own forward passes plus fimlora's one row check, counted on the model
+    assert eva["backward"] == 0 and eva["forward"] == eva["eva_forward_passes"] + 1 > 2
+    assert eva["batches_drawn"] >= 2 and eva["modules_after"] == modules
+
+
+def test_setup_cost_arithmetic_at_llama3_8b():
+    bench = load_benchmark("bench_setup_cost")
+    per_layer = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336
+    for r in (8, 16):
+        a = bench.arithmetic(bench.LLAMA3_8B, r)
+        assert a["adapted_params"] == 32 * per_layer == 6_979_321_856 and a["modules"] == 224
+        assert a["lora_b_params"] == 32 * (4096 * 2 + 1024 * 2 + 14336 * 2 + 4096) * r
+        assert a["full_grad_bytes"] == {"fp32": 4 * 32 * per_layer, "bf16": 2 * 32 * per_layer}
+        f = a["flops_per_token"]
+        # skipped: each adapted matrix's weight-gradient product; added: LoRA-B's grad and the LoRA path's input grads
+        assert f["backward_full_w"] - f["backward_lora_b"] == 2 * a["adapted_params"] - 4 * a["lora_b_params"] - (
+            2 * 32 * (4096 * 6 + 14336) * r)
+        assert 0.4 < a["backward_saved"] < 0.5 and 0.25 < a["step_saved"] < 0.35
+
+
+@pytest.mark.slow
+def test_setup_cost_script_smoke(tmp_path):
+    bench = load_benchmark("bench_setup_cost")
+    out = tmp_path / "b.md"
+    out.write_text("# fimlora benchmarks\n\n## GPU\n\nNot measured.\n")
+    assert bench.main(["--smoke", "--out", str(out), "--note", "idle."]) == 0
+    text = out.read_text()
+    headings = [line for line in text.splitlines() if line.startswith("#")]
+    assert headings == ["# fimlora benchmarks",
+                        "## 9. Setup cost before training: FIM-LoRA against EVA, PiSSA, LoRA-GA and GoRA", "## GPU"]
+    cells = r" \| [^|]+ \| (\d+) \| (\d+) \| (\d+) \| " + NUM + r" \| " + NUM + r" \| -?[\d,.]+ \| [\d.n/a]+ \| "
+    found = {m.group(1): m.groups()[1:] for m in re.finditer(r"^\| ([\w -]+(?: \(reference\))?)" + cells, text,
+                                                               re.MULTILINE)}
+    assert found["FIM-LoRA"] == ("4", "4", "4") and found["LoRA-GA"] == ("4", "4", "4") == found["GoRA"]
+    assert found["PiSSA"] == ("0", "0", "0") == found["LoRA (reference)"] and found["EVA"][2] == "0"
+    assert "its backward left `.grad` on 14 LoRA-B parameters and nothing else." in text
+    assert re.search(r"^\| Llama-3-8B \(32 layers, T = 2048\) \| 16 \| 6,979.3 M \| 26.00 GiB / 13.00 GiB \|", text,
+                     re.MULTILINE)
+    assert text.count("(exact)") == 2 and "idle." in text
+    data = json.loads((tmp_path / "bench_setup_cost.json").read_text())
+    assert set(data["methods"]) == set(bench.METHODS) and data["n_batches"] == 4
+    assert {"machine", "versions", "step", "arithmetic"} <= set(data)
+    for rows in data["methods"].values():
+        assert all(r["peak"] >= r["loaded"] > 0 for r in rows)
