@@ -52,11 +52,14 @@ def test_calibrate_writes_adapter_rank_map_and_table(calibrated):
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert cfg["rank_pattern"] == rank_map["ranks"]
     assert "mean rank by type" in proc.stdout and "query" in proc.stdout
-    # The learning-rate recommendation (lr_rule.json ships unfitted): statistic, cost, no learning rate.
-    lr = rank_map["lr"]
-    assert lr["rule"] == "hessian" and lr["learning_rate"] is None and lr["statistic"] > 0
+    # The learning-rate recommendation: the shipped rule's constant over the statistic, its cost, printed.
+    from fimlora.config import lr_rule_table
+
+    lr, constant = rank_map["lr"], lr_rule_table()["rules"]["hessian"]["constant"]
+    assert lr["rule"] == "hessian" and lr["statistic"] > 0 and lr["constant"] == constant
+    assert lr["learning_rate"] == pytest.approx(constant / lr["statistic"])
     assert lr["passes"]["forward"] == 2 and lr["passes"]["backward"] > 2 and lr["seconds"] > 0
-    assert "learning rate: not fitted (rule 'hessian': lambda_max = " in proc.stdout
+    assert f"learning rate: {lr['learning_rate']:.3g} (AdamW; rule 'hessian': lambda_max = " in proc.stdout
 
 
 def test_check_ok_then_fails_on_broken_adapter(calibrated, tmp_path):
@@ -133,7 +136,8 @@ def test_plot_svg(calibrated, tmp_path):
     out, _ = calibrated
     fimlora("plot", str(out / "rank_map.json"), "--out", str(tmp_path / "m.svg"))
     svg = (tmp_path / "m.svg").read_text()
-    assert svg.lstrip().startswith("<?xml") and "lr not fitted (hessian: lambda_max" in svg
+    lr = json.loads((out / "rank_map.json").read_text())["lr"]["learning_rate"]
+    assert svg.lstrip().startswith("<?xml") and f"AdamW lr {lr:.2g} (hessian)" in svg
 
 
 def test_bad_input_exits_2_with_message(tmp_path):

@@ -84,14 +84,17 @@ def test_library_snippets_run(tmp_path, monkeypatch):
     exec(compile(two, "docs/library.md snippet 2", "exec"), namespace)  # noqa: S102
     assert sum(namespace["ranks"].values()) == 32 and (tmp_path / "rank_map.json").exists()
     assert isinstance(namespace["fisher"], __import__("fimlora").FisherResult)
-    assert namespace["allocation"].lr["rule"] == "hessian" and namespace["allocation"].learning_rate is None
+    allocation = namespace["allocation"]
+    assert allocation.lr["rule"] == "hessian" and allocation.learning_rate == pytest.approx(
+        allocation.lr["constant"] / allocation.lr["statistic"]) and allocation.lr["constant"] > 0
 
 
 def test_learning_rate_snippet_runs():
     namespace = {"model": lora_llama(), "batches": lm_batches(n_batches=2), "fimlora": __import__("fimlora")}
     exec(compile(snippets("docs/library.md")[2], "docs/library.md snippet 3", "exec"), namespace)  # noqa: S102
     rec = namespace["rec"]
-    assert rec.statistic > 0 and rec.learning_rate is None and rec.passes["forward"] == 2
+    assert rec.statistic > 0 and rec.learning_rate == pytest.approx(rec.constant / rec.statistic)
+    assert rec.passes["forward"] == __import__("fimlora.config").config.LR_BATCHES  # one forward per batch
 
 
 def test_drop_snippet_runs():

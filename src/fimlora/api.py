@@ -173,10 +173,29 @@ def _lr_recommendation(model: nn.Module, allocation: RankAllocation, batches: li
                       "fimlora.lr.compute_lr_recommendation on the resized model", UserWarning, stacklevel=3)
         return None
     with resized_adapter(model, allocation, config.adapter_name, config.seed, allow_trained=allow_trained):
-        rec = compute_lr_recommendation(model, batches, config.lr_rule, loss_fn=loss_fn,
-                                        adapter_name=config.adapter_name, n_batches=config.lr_batches,
-                                        steps=config.lr_steps, seed=config.seed, train_mode=config.train_mode)
-    return broadcast_object(rec.to_dict())
+        rec = _measured_or_fallback(model, batches, config, loss_fn)
+    return broadcast_object(rec.to_dict() if rec is not None else None)
+
+
+def _measured_or_fallback(model: nn.Module, batches: list, config: FimConfig, loss_fn):
+    """The rule's recommendation; where the model cannot take it (the Hessian rule needs double backward, which
+    TRL's chunked-logprob loss, reentrant checkpointing and some fused kernels lack) the range test's instead, and
+    where that fails too none, each with a warning: the learning rate is advice, the rank map is the product."""
+    rule = config.lr_rule
+    while True:
+        try:
+            return compute_lr_recommendation(model, batches, rule, loss_fn=loss_fn, adapter_name=config.adapter_name,
+                                             n_batches=config.lr_batches,
+                                             steps=config.lr_steps if rule == config.lr_rule else None,
+                                             seed=config.seed, train_mode=config.train_mode)
+        except ValueError as e:
+            if rule == "hessian":
+                warnings.warn(f"{e}; measured with lr_rule='range' instead", UserWarning, stacklevel=4)
+                rule = "range"
+                continue
+            warnings.warn(f"{e}: no learning rate is recommended (the rank map is unaffected)", UserWarning,
+                          stacklevel=4)
+            return None
 
 
 def _allocator(bounds: _Bounds):

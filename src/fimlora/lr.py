@@ -243,9 +243,9 @@ def range_test_statistic(lrs: Sequence[float], losses: Sequence[float]) -> float
 
 
 def lora_weights(model: nn.Module, adapter_name: str = "default") -> list[nn.Parameter]:
-    """Every LoRA A and B weight of ``adapter_name``, in module order (A then B per module)."""
+    """Every LoRA A and B weight of ``adapter_name``, in module order (A then B per module), whatever built them."""
     params = []
-    for info in lora_modules(model, adapter_name):
+    for info in lora_modules(model, adapter_name, any_init=True):
         params += [info.layer.lora_A[adapter_name].weight, info.layer.lora_B[adapter_name].weight]
     return params
 

@@ -176,7 +176,7 @@ def _is_dora(layer: nn.Module, adapter_name: str) -> bool:
         layer, "lora_magnitude_vector", {})
 
 
-def _unsupported_reason(layer: nn.Module, adapter_name: str, config) -> str | None:
+def _unsupported_reason(layer: nn.Module, adapter_name: str, config, any_init: bool = False) -> str | None:
     """Why module ``layer`` cannot be calibrated and resized, or None.
 
     Supported: any PEFT LoRA layer whose adapter is a pair of nn.Linear maps A (r, d_in), B (d_out, r)
@@ -190,7 +190,7 @@ def _unsupported_reason(layer: nn.Module, adapter_name: str, config) -> str | No
     if layer.merged_adapters and adapter_name in layer.merged_adapters:
         return "the adapter is merged into the base weight; unmerge it first"
     init = config.init_lora_weights
-    if init not in _SUPPORTED_INITS:
+    if not any_init and init not in _SUPPORTED_INITS:
         return (
             f"init_lora_weights={init!r} is not supported (only True, False or 'gaussian'); "
             "data-driven inits set the rank themselves"
@@ -198,11 +198,13 @@ def _unsupported_reason(layer: nn.Module, adapter_name: str, config) -> str | No
     return None
 
 
-def lora_modules(model: nn.Module, adapter_name: str = "default") -> list[LoraModuleInfo]:
+def lora_modules(model: nn.Module, adapter_name: str = "default", any_init: bool = False) -> list[LoraModuleInfo]:
     """All LoRA modules of ``adapter_name`` in model order, named as rank_pattern keys.
 
     Raises ValueError up front if the adapter does not exist, if the model has no
-    LoRA module for it, or if any module cannot be calibrated and resized.
+    LoRA module for it, or if any module cannot be calibrated and resized. ``any_init=True`` accepts adapters that a
+    data-driven init (EVA, PiSSA, LoRA-GA, ...) built: what reads their weights without resizing them (the
+    learning-rate rule) needs nothing else.
     """
     from peft.tuners.lora.layer import LoraLayer
 
@@ -215,7 +217,7 @@ def lora_modules(model: nn.Module, adapter_name: str = "default") -> list[LoraMo
             continue
         if adapter_name not in module.r:
             continue
-        reason = _unsupported_reason(module, adapter_name, config)
+        reason = _unsupported_reason(module, adapter_name, config, any_init)
         if reason is not None:
             problems.append(f"{name}: {reason}")
             continue

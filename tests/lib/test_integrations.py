@@ -197,7 +197,10 @@ def test_learning_rate_is_reported_and_replaces_the_trainers_only_when_asked(tmp
     from fimlora import lr as lrmod
     from fimlora.config import lr_rule_table
 
-    # Not fitted (as shipped): asked or not, the trainer keeps its learning rate; asked, a warning says why.
+    # Not fitted: asked or not, the trainer keeps its learning rate; asked, a warning says why.
+    unfitted = _copy.deepcopy(lr_rule_table())
+    unfitted["rules"]["hessian"]["constant"] = None
+    monkeypatch.setattr(lrmod, "lr_rule_table", lambda: unfitted)
     trainer = make_trainer(tmp_path / "a", lora_llama(), Recorder())
     with caplog.at_level("INFO", logger="fimlora"):
         alloc = calibrate_trainer(trainer, n_batches=2, progress=False, save=False, use_learning_rate=True)

@@ -140,8 +140,10 @@ def test_the_model_and_rng_are_exactly_as_before_and_passes_are_counted(rule):
         steps = len(rec.details["learning_rates"])
         assert rec.passes == {"forward": 2 * steps + 2 * (steps == 4), "backward": 2 * steps}
         assert rec.statistic in rec.details["learning_rates"]
-    assert rec.learning_rate is None and rec.constant is None  # lr_rule.json is not fitted yet
-    assert "not fitted" in rec.text()
+    constant = lr_rule_table()["rules"][rule]["constant"]  # the shipped fit
+    assert rec.constant == constant and rec.learning_rate == pytest.approx(
+        learning_rate_from_statistic(rule, rec.statistic, constant))
+    assert "AdamW" in rec.text() and "not fitted" not in rec.text()
     assert LrRecommendation.from_dict(json.loads(json.dumps(rec.to_dict()))) == rec
 
 
@@ -161,9 +163,17 @@ def test_range_test_rule_and_its_step_counts():
 def test_learning_rate_from_statistic_and_the_rule_file(monkeypatch):
     assert learning_rate_from_statistic("hessian", 50.0, constant=0.01) == pytest.approx(2e-4)
     assert learning_rate_from_statistic("range", 1e-3, constant=0.5) == pytest.approx(5e-4)
-    assert learning_rate_from_statistic("hessian", 50.0) is None  # not fitted
     table = json.loads(LR_RULE_FILE.read_text())
     assert table == lr_rule_table() and FimConfig().lr_rule == table["default_rule"]
+    shipped = table["rules"]["hessian"]["constant"]
+    assert shipped > 0 and learning_rate_from_statistic("hessian", 50.0) == pytest.approx(shipped / 50)
+    unfitted = copy.deepcopy(table)
+    unfitted["rules"]["hessian"].update(constant=None, fitted_on=None)
+    monkeypatch.setattr(lrmod, "lr_rule_table", lambda: unfitted)
+    assert learning_rate_from_statistic("hessian", 50.0) is None
+    rec = compute_lr_recommendation(small_bert(False), cls_batches(1), "hessian", n_batches=1, steps=3)
+    assert rec.learning_rate is None and rec.constant is None and "not fitted" in rec.text()
+    assert rec.short_text().startswith("lr not fitted (hessian: lambda_max")
     fitted = copy.deepcopy(table)
     fitted["rules"]["hessian"].update(constant=0.02, fitted_on="suite x")
     monkeypatch.setattr(lrmod, "lr_rule_table", lambda: fitted)
@@ -235,7 +245,8 @@ def test_compute_allocation_measures_the_resized_adapter_and_leaves_the_model_un
     assert alloc.lr["statistic"] == pytest.approx(want.statistic, rel=1e-6)
     key = "eigenvalues" if rule == "hessian" else "losses"
     assert alloc.lr["details"][key] == pytest.approx(want.details[key], rel=1e-6)
-    assert alloc.lr["passes"] == want.passes and alloc.lr["rule"] == rule and alloc.learning_rate is None
+    assert alloc.lr["passes"] == want.passes and alloc.lr["rule"] == rule
+    assert alloc.learning_rate == pytest.approx(want.learning_rate, rel=1e-6) and alloc.learning_rate > 0
     again = fimlora.RankAllocation.from_json(alloc.to_json())
     assert again.lr == json.loads(json.dumps(alloc.lr))
     # apply_fim_ranks keeps it; "none" computes none.
@@ -243,3 +254,41 @@ def test_compute_allocation_measures_the_resized_adapter_and_leaves_the_model_un
     assert applied.lr["statistic"] == pytest.approx(alloc.lr["statistic"], rel=1e-6)
     off = fimlora.compute_allocation(model, batches, dataclasses.replace(config, lr_rule="none"))
     assert off.lr is None and off.learning_rate is None
+
+
+def test_an_adapter_a_data_driven_init_built_gets_a_recommendation_but_is_still_not_resized():
+    """The rule reads LoRA weights only, so PiSSA's (and EVA's, LoRA-GA's) adapters are measured as they are; the
+    resize path keeps refusing them, since their init set the ranks."""
+    from fimlora.modules import lora_modules
+
+    model = lora_bert(r=2, target_modules=["query", "value"], init_lora_weights="pissa", lora_dropout=0.0).eval()
+    with pytest.raises(ValueError, match="init_lora_weights='pissa' is not supported"):
+        lora_modules(model)
+    assert len(lora_modules(model, any_init=True)) == 4
+    rec = compute_lr_recommendation(model, iter(cls_batches(1)), "hessian", n_batches=1, steps=3)
+    assert math.isfinite(rec.statistic) and rec.statistic != 0 and rec.passes["forward"] == 1
+
+
+def test_compute_allocation_falls_back_to_the_range_test_where_double_backward_fails(monkeypatch):
+    """TRL's chunked-logprob loss has no double backward (tests/test_readme.py runs the real SFTTrainer); here the
+    Hessian-vector product fails as it does there, so the fallback's plumbing is checked on a tiny model."""
+    import fimlora
+
+    def no_double_backward(*_):
+        raise RuntimeError("mm(): functions with out=... arguments don't support automatic differentiation")
+
+    monkeypatch.setattr(lrmod, "hessian_vector_product", no_double_backward)
+    model = lora_bert(r=2, target_modules=["query", "value"])
+    batches = cls_batches(3)
+    config = fimlora.FimConfig(n_batches=2, lr_rule="hessian", progress=False)
+    with pytest.warns(UserWarning, match="lr_rule: 'hessian' failed on calibration batch 0 .*measured with "
+                                         "lr_rule='range' instead"):
+        alloc = fimlora.compute_allocation(model, batches, config)
+    assert alloc.lr["rule"] == "range" and alloc.lr["statistic"] > 0 and alloc.learning_rate > 0
+    with pytest.raises(ValueError, match="lr_rule: 'hessian' failed on calibration batch 0"):  # asked directly
+        compute_lr_recommendation(model, batches, "hessian")
+    # Where the range test fails too, no recommendation, and the rank map as without one.
+    monkeypatch.setattr(lrmod, "_range", lambda *a, **k: (_ for _ in ()).throw(ValueError("lr_rule: 'range': x")))
+    with pytest.warns(UserWarning, match="no learning rate is recommended"):
+        none = fimlora.compute_allocation(model, batches, config)
+    assert none.lr is None and none.ranks == alloc.ranks
