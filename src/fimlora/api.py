@@ -188,7 +188,7 @@ def _measured_or_fallback(model: nn.Module, batches: list, config: FimConfig, lo
                                              n_batches=config.lr_batches,
                                              steps=config.lr_steps if rule == config.lr_rule else None,
                                              seed=config.seed, train_mode=config.train_mode)
-        except ValueError as e:
+        except Exception as e:  # noqa: BLE001 - advice only: any failure falls back, the model is restored either way
             if rule == "hessian":
                 warnings.warn(f"{e}; measured with lr_rule='range' instead", UserWarning, stacklevel=4)
                 rule = "range"

@@ -356,7 +356,10 @@ def _range(model, params, batches, loss_fn, device, counter: _Counter, steps: in
     def mean_loss(backward: bool, first: bool = False) -> float:
         total = 0.0
         for b, batch in enumerate(batches):
-            with torch.set_grad_enabled(backward):
+            # Always with autograd on, even for the last loss that no backward follows: quantised layers take
+            # another kernel without it (bitsandbytes' 4-bit inference path), which fails on shapes calibration and
+            # training run fine.
+            with torch.enable_grad():
                 loss = loss_fn(model, _to_device(batch, device))
             if backward:
                 _check_loss(loss, b, adapter_name)

@@ -120,7 +120,8 @@ def sweep(tmp_path_factory):
 @needs_assets
 def test_sweep_runs_all_five_methods_for_real(sweep):
     cfg, results, counts = sweep
-    assert counts == {"total": 10, "skipped": 0, "ok": 10, "diverged": 0, "failed": 0, "busy": 0, "reused": 0}
+    assert counts == {"total": 10, "skipped": 0, "ok": 10, "diverged": 0, "failed": 0, "busy": 0, "reused": 0,
+                      "undecided": 0}
     runs = {r["run_id"]: r for r in load_results(results)}
     assert len(runs) == 10
     for r in runs.values():
