@@ -35,12 +35,14 @@ run configs/fair_encoder_sst2.yaml results/fair_encoder
 .venv/bin/python benchmarks/fit_lr_rule.py --fit configs/fair_encoder.yaml --judge configs/fair_encoder_sst2.yaml \
   --results results/fair_encoder --out docs/lr_rule_fit.json --write
 run configs/lr_rule_sst2.yaml results/lr_rule
+# The fair protocol's decoder half (about 1 h 45 min on 2 cores).
+run configs/fair_decoder.yaml results/fair_decoder
 .venv/bin/fimlora report results/small_encoder results/small_encoder_ablation results/small_encoder_aggregation \
   results/small_decoder results/small_decoder_params results/small_encoder_beyond results/small_decoder_beyond \
   results/frontier_encoder results/frontier_encoder_gora_ascent results/frontier_decoder \
-  results/fair_encoder results/lr_rule \
+  results/fair_encoder results/lr_rule results/fair_decoder \
   --out docs/results.md --title "FIM-LoRA small-scale replication (CPU, real MiniLM/SmolLM2 and offline data)" \
   --preface docs/results_preface.md \
   --command "bash scripts/replicate.sh" \
   --command "# which runs, per config: fimlora run configs/<name>.yaml --results results/<name> --shard i/2 [--reuse results/<suite>]" \
-  --command "fimlora report results/small_encoder results/small_encoder_ablation results/small_encoder_aggregation results/small_decoder results/small_decoder_params results/small_encoder_beyond results/small_decoder_beyond results/frontier_encoder results/frontier_encoder_gora_ascent results/frontier_decoder results/fair_encoder results/lr_rule --out docs/results.md --preface docs/results_preface.md"
+  --command "fimlora report results/small_encoder results/small_encoder_ablation results/small_encoder_aggregation results/small_decoder results/small_decoder_params results/small_encoder_beyond results/small_decoder_beyond results/frontier_encoder results/frontier_encoder_gora_ascent results/frontier_decoder results/fair_encoder results/lr_rule results/fair_decoder --out docs/results.md --preface docs/results_preface.md"
