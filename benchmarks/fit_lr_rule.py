@@ -16,7 +16,12 @@ How well a rule predicts is judged two ways, both in log10 of the learning rate 
   rule-free baseline "always the geometric mean of the other cells' chosen rates";
 * on the ``--judge`` config's cells (another task, never used in the fit): the predicted rate against the chosen one.
 
-The rule with the smaller leave-one-out error is kept (``default_rule``). ``--write`` writes both constants into
+The rule with the smaller leave-one-out error is kept (``default_rule``). ``--judge-only`` skips the fit and judges the
+shipped constants (``lr_rule.json``) on ``--judge``'s cells, ``--methods`` restricting them:
+
+    python benchmarks/fit_lr_rule.py --judge-only --judge configs/fair_decoder.yaml --methods lora fim \
+        --rules hessian --results results/fair_decoder --out docs/lr_rule_judge_decoder.json
+ ``--write`` writes both constants into
 ``src/fimlora/lr_rule.json``; training at the recommendation is then a harness run (``lr_rule:`` in a config), and
 ``docs/results.md`` compares its test accuracy with the grid's best.
 """
@@ -35,8 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RULES = ("hessian", "range")
 
 
-def cell_statistics(cfg, results_dir: Path, rules=RULES) -> list[dict]:
-    """One record per decided cell of ``cfg``: its chosen rate and curve, and each rule's statistic and cost."""
+def cell_statistics(cfg, results_dir: Path, rules=RULES, methods=None) -> list[dict]:
+    """One record per decided cell of ``cfg`` (of ``methods`` only, when given): its chosen rate and curve, and each
+    rule's statistic and cost."""
     from fimlora.bench.config import RunSpec
     from fimlora.bench.lr_protocol import choices_by_cell
     from fimlora.bench.results import load_results
@@ -49,6 +55,8 @@ def cell_statistics(cfg, results_dir: Path, rules=RULES) -> list[dict]:
         if choice is None:
             continue
         _, task, method, r, variant = cell
+        if methods is not None and method not in methods:
+            continue
         run = RunSpec(task, method, r, cfg.seeds[0], variant, choice.learning_rate)
         t = time.perf_counter()
         prepared = prepare_run(cfg, run)
@@ -114,12 +122,22 @@ def judge(records: list[dict], rule: str, constant: float) -> list[dict]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fit", required=True, help="the lr_grid config whose cells fit the constants")
+    parser.add_argument("--fit", help="the lr_grid config whose cells fit the constants")
     parser.add_argument("--judge", help="an lr_grid config on other tasks, never used in the fit")
     parser.add_argument("--results", required=True, help="the results folder of both configs")
     parser.add_argument("--out", required=True, help="where the fit's JSON record goes")
     parser.add_argument("--write", action="store_true", help="write the constants into src/fimlora/lr_rule.json")
+    parser.add_argument("--judge-only", action="store_true",
+                        help="no fit: judge lr_rule.json's constants on --judge's cells")
+    parser.add_argument("--methods", nargs="+", help="judge only these methods' cells")
+    parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES), help="the rules to measure")
     args = parser.parse_args(argv)
+    if args.judge_only:
+        if not args.judge or args.fit or args.write:
+            parser.error("--judge-only needs --judge, and takes neither --fit nor --write")
+        return judge_shipped(args)
+    if not args.fit:
+        parser.error("--fit is required (or --judge-only)")
 
     from fimlora.bench.config import load_config
     from fimlora.config import LR_RULE_FILE
@@ -154,6 +172,29 @@ def main(argv=None) -> int:
         table["default_rule"] = best
         atomic_write_text(LR_RULE_FILE, json.dumps(table, indent=2) + "\n")
         print(f"wrote {LR_RULE_FILE}")
+    return 0
+
+
+def judge_shipped(args) -> int:
+    """``--judge-only``: the shipped constants' recommendations on ``--judge``'s cells, against the chosen rates."""
+    from fimlora.bench.config import load_config
+    from fimlora.config import lr_rule_table
+    from fimlora.io import atomic_write_text, package_versions
+
+    table = lr_rule_table()
+    rules = [rule for rule in args.rules if table["rules"][rule]["constant"] is not None]
+    if not rules:
+        raise SystemExit(f"judge: none of {args.rules} has a fitted constant in lr_rule.json")
+    cfg = load_config(args.judge)
+    records = cell_statistics(cfg, Path(args.results), rules, args.methods)
+    judged = {rule: judge(records, rule, table["rules"][rule]["constant"]) for rule in rules}
+    out = {"judge_config": args.judge, "constants": {rule: table["rules"][rule] for rule in rules},
+           "judge_cells": records, "judged": judged, "versions": package_versions(), "date": time.strftime("%Y-%m-%d")}
+    atomic_write_text(Path(args.out), json.dumps(out, indent=2) + "\n")
+    for rule in rules:
+        for j in judged[rule]:
+            print(f"{rule}: {j['task']} {j['method']} r={j['r']}: recommended {j['recommended_lr']:.3g}, chosen "
+                  f"{j['chosen_lr']:g} (log10 error {j['log10_error']:+.2f})")
     return 0
 
 

