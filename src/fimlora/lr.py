@@ -28,6 +28,7 @@ import contextlib
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -434,5 +435,26 @@ def compute_lr_recommendation(model: nn.Module, batches: Iterable, rule: str = "
                            statistic=statistic, constant=entry["constant"], passes=passes,
                            seconds=time.perf_counter() - start, fitted_on=entry["fitted_on"], details=details)
     logger.info("fimlora: %s", rec.text())
+    if rec.learning_rate is not None and is_causal_lm(model, adapter_name):
+        warnings.warn(DECODER_WARNING, UserWarning, stacklevel=2)
     return rec
+
+
+# What benchmarks/fit_lr_rule.py --judge-only measured on configs/fair_decoder.yaml (docs/lr_rule_judge_decoder.json).
+DECODER_WARNING = (
+    "lr_rule: the learning-rate constant was fitted on encoder classifiers (MiniLM on TREC-6); on a decoder LM "
+    "(SmolLM2-135M on SST-2 as multiple choice) lambda_max was 40-150x larger and the recommendation 18-33x below "
+    "the best rate of a grid, so do not train a causal LM at it unchecked (docs/results.md)")
+
+
+def is_causal_lm(model: nn.Module, adapter_name: str = "default") -> bool:
+    """A decoder language model: PEFT task type CAUSAL_LM, or a ``*ForCausalLM`` under the PEFT wrappers."""
+    configs = getattr(model, "peft_config", None)
+    config = configs.get(adapter_name) if isinstance(configs, dict) else None
+    if str(getattr(config, "task_type", "") or "").rsplit(".", 1)[-1] == "CAUSAL_LM":
+        return True
+    base = getattr(model, "base_model", None)  # PeftModel -> LoraModel -> the transformers model
+    candidates = (model, base, getattr(base, "model", None))
+    return any(type(m).__name__.endswith("ForCausalLM") for m in candidates if m is not None)
+    return False
 

@@ -292,3 +292,17 @@ def test_compute_allocation_falls_back_to_the_range_test_where_double_backward_f
     with pytest.warns(UserWarning, match="no learning rate is recommended"):
         none = fimlora.compute_allocation(model, batches, config)
     assert none.lr is None and none.ranks == alloc.ranks
+
+
+def test_a_causal_lm_gets_the_recommendation_with_a_warning_that_the_constant_was_fitted_on_encoders():
+    import warnings
+
+    from tests.references import lm_batches, lora_llama
+
+    with pytest.warns(UserWarning, match="fitted on encoder classifiers .* 18-33x below the best rate"):
+        rec = compute_lr_recommendation(lora_llama(), lm_batches(n_batches=1), "hessian", steps=3)
+    assert rec.learning_rate > 0 and lrmod.is_causal_lm(lora_llama())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="lr_rule")
+        compute_lr_recommendation(small_bert(False), cls_batches(1), "hessian", n_batches=1, steps=3)
+    assert not lrmod.is_causal_lm(small_bert(False))
