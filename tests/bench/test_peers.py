@@ -403,3 +403,78 @@ def test_gora_sign_from_the_config_is_the_sign_used_and_the_one_hashed(method):
         assert descent.abs().max() > 0
         torch.testing.assert_close(b["ascent"][name], -descent)
     assert recorded == {"descent": "descent", "ascent": "ascent"}
+
+
+# ----------------------------------------------------------------------------- gora's init-step search
+
+
+def _eval_mean_loss(model, batches):
+    model.eval()
+    with torch.no_grad():
+        return sum(float(model(**b).loss) for b in batches) / len(batches)
+
+
+@pytest.mark.parametrize("method", ["gora", "fim_gora"])
+def test_gora_lr_search_picks_the_step_of_lowest_held_out_loss_by_brute_force(method):
+    """gora.lr_search: each candidate step, built as a fixed-lr run of the same seed, scored on the calibration
+    batches after the gradient's (held out from G); the run's step is the argmin and its B is GoRA's at that step."""
+    batches = lm_batches(n_batches=4, batch_size=4, seq=8)
+    held_out = batches[2:4]
+    candidates = [1e-3, 1e-2, 0.1, 1.0, 10.0]
+    want = {}
+    for eta in candidates:
+        fixed, _, _ = prepare_method(spec(method, gora={"n_batches": 2, "lr": eta}), base(), lambda: list(batches))
+        want[eta] = _eval_mean_loss(fixed, held_out)
+    model, info, _ = prepare_method(spec(method, gora={"n_batches": 2, "lr_search": candidates[::-1]}), base(),
+                                    lambda: list(batches))
+    assert len({round(v, 6) for v in want.values()}) == len(candidates), "test needs distinct losses"
+    best = min(want, key=want.get)
+    if method == "fim_gora":  # measured: an interior optimum here (GoRA's own lies at the top of this range)
+        assert min(candidates) < best < max(candidates), want
+    assert info["gora_lr"] == best
+    assert info["gora_lr_search"] == pytest.approx({f"{k:g}": v for k, v in want.items()}, rel=1e-5)
+    assert list(info["gora_lr_search"]) == [f"{k:g}" for k in sorted(candidates)]
+    assert _eval_mean_loss(model, held_out) == pytest.approx(want[best], rel=1e-5)
+    grads = reference_mean_gradient(batches[:2])
+    for name, layer in lora_layers(model).items():
+        if name not in grads or layer.r["default"] == 0:
+            continue
+        torch.testing.assert_close(layer.lora_B["default"].weight.double(),
+                                   gora_b(grads[name].float(), layer.lora_A["default"].weight,
+                                          layer.scaling["default"], best).double(), atol=1e-6, rtol=1e-4)
+
+
+def test_choose_gora_lr_restores_b_and_mode_and_breaks_ties_to_the_smaller_step():
+    from fimlora.bench.gora import choose_gora_lr
+
+    batches = data()
+    model, _, _ = prepare_method(spec("gora", gora={"n_batches": 2}), base(), lambda: list(batches))
+    model.train()
+    before = {n: layer.lora_B["default"].weight.detach().clone() for n, layer in lora_layers(model).items()}
+    grads = reference_mean_gradient(batches[:2])
+    zero = {n: torch.zeros_like(g) for n, g in grads.items()}
+    eta, losses = choose_gora_lr(model, zero, [0.5, 0.05, 5.0], batches[2:])  # G = 0: every step gives B = 0
+    assert eta == 0.05 and len(set(losses.values())) == 1
+    assert model.training
+    for name, layer in lora_layers(model).items():
+        torch.testing.assert_close(layer.lora_B["default"].weight, before[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("kw", "needle"), [
+    ({"lr_search": []}, r"gora\.lr_search: must be a non-empty list"),
+    ({"lr_search": [0.1, -1.0]}, r"gora\.lr_search\[1\]"),
+    ({"lr_search": 0.1}, r"gora\.lr_search: must be a non-empty list of numbers > 0, got 0\.1"),
+    ({"lr_search": [0.1], "lr": 0.05}, r"gora\.lr, gora\.lr_search: give at most one"),
+])
+def test_gora_lr_search_config_errors_name_the_field(kw, needle):
+    from fimlora.bench.config import ExperimentConfig
+
+    with pytest.raises(ValueError, match=needle):
+        ExperimentConfig(name="t", model="minilm", tasks=["sst2"], methods=["gora"], seeds=[0], ranks=[4],
+                         gora=kw)
+
+
+def test_gora_lr_search_needs_a_held_out_batch():
+    batches = data()
+    with pytest.raises(ValueError, match=r"gora\.lr_search: no calibration batch is left after the gradient's"):
+        prepare_method(spec("gora", gora={"n_batches": 3, "lr_search": [0.1]}), base(), lambda: list(batches))

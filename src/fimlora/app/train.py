@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 
 from ..config import check_bool, check_choice, check_int, check_number
 from .collators import CausalLMCollator, collator_for
@@ -17,7 +17,7 @@ from .scoring import score_choices
 from .tasks import TaskData
 
 __all__ = ["TrainSettings", "DivergenceCallback", "finetune", "evaluate", "predict", "trainable_parameters",
-           "per_example_correct"]
+           "per_example_correct", "validation_loss_curve"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,11 @@ class TrainSettings:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     seed: int = 0
     logging_steps: int = 10
+    # Validation loss every this many steps (and before the first and after the last), when the task has a
+    # validation split; 0: never.
+    # Only measured: the evaluations run with the random state saved and restored, so the trained weights are the
+    # same either way.
+    eval_steps: int = 0
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -50,6 +55,7 @@ class TrainSettings:
             check_int(name, getattr(self, name), minimum=1)
         check_int("max_steps", self.max_steps)
         check_int("seed", self.seed)
+        check_int("eval_steps", self.eval_steps, minimum=0)
         check_number("learning_rate", self.learning_rate, minimum=0)
         check_number("epochs", self.epochs, minimum=0, strict=False)
         check_number("warmup_ratio", self.warmup_ratio, minimum=0, strict=False)
@@ -93,10 +99,20 @@ class DivergenceCallback(TrainerCallback):
         return control
 
 
+class RngNeutralEvalTrainer(Trainer):
+    """A Trainer whose evaluations leave the random state as they found it: each evaluation's DataLoader draws a
+    seed from torch's global generator, which would shift every later dropout mask and batch order."""
+
+    def evaluate(self, *args, **kwargs):
+        with torch.random.fork_rng(devices=None if torch.cuda.is_available() else []):
+            return super().evaluate(*args, **kwargs)
+
+
 def finetune(model, task: TaskData, tokenizer, settings: TrainSettings, output_dir: str, callbacks=None) -> dict:
     """Train ``model`` on ``task.train`` with the Trainer; returns loss, steps, wall time and divergence."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
+    curve = settings.eval_steps > 0 and bool(task.validation)
     args = TrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=settings.batch_size,
@@ -111,7 +127,11 @@ def finetune(model, task: TaskData, tokenizer, settings: TrainSettings, output_d
         fp16=settings.precision == "fp16",
         logging_steps=settings.logging_steps,
         save_strategy="no",
-        eval_strategy="no",
+        eval_strategy="steps" if curve else "no",
+        eval_steps=settings.eval_steps if curve else None,
+        eval_on_start=curve,
+        per_device_eval_batch_size=settings.eval_batch_size,
+        prediction_loss_only=True,
         report_to=[],
         seed=settings.seed,
         data_seed=settings.seed,
@@ -121,9 +141,9 @@ def finetune(model, task: TaskData, tokenizer, settings: TrainSettings, output_d
         use_cpu=not torch.cuda.is_available(),
     )
     guard = DivergenceCallback()
-    trainer = Trainer(model=model, args=args, train_dataset=task.train,
-                      data_collator=collator_for(task, tokenizer, settings.max_length),
-                      callbacks=[guard, *(callbacks or [])])
+    trainer = (RngNeutralEvalTrainer if curve else Trainer)(
+        model=model, args=args, train_dataset=task.train, eval_dataset=task.validation if curve else None,
+        data_collator=collator_for(task, tokenizer, settings.max_length), callbacks=[guard, *(callbacks or [])])
     # The bar (or nothing), without the raw log dicts the stock callbacks print; losses go to the result.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -133,8 +153,17 @@ def finetune(model, task: TaskData, tokenizer, settings: TrainSettings, output_d
     out = trainer.train()
     wall = time.perf_counter() - start
     model.eval()
-    return {"train_loss": float(out.training_loss), "steps": int(out.global_step), "train_seconds": wall,
-            "diverged": guard.diverged, "divergence": guard.reason, "settings": asdict(settings)}
+    result = {"train_loss": float(out.training_loss), "steps": int(out.global_step), "train_seconds": wall,
+              "diverged": guard.diverged, "divergence": guard.reason, "settings": asdict(settings)}
+    if curve:
+        result["validation_loss_curve"] = validation_loss_curve(trainer.state.log_history)
+    return result
+
+
+def validation_loss_curve(log_history: list[dict]) -> list[list]:
+    """[[step, validation loss], ...] from a Trainer's ``state.log_history`` (its ``eval_loss`` entries; the loss is
+    the mean over the validation examples' loss tokens or labels, as training's)."""
+    return [[int(e["step"]), float(e["eval_loss"])] for e in log_history if "eval_loss" in e]
 
 
 @torch.no_grad()

@@ -41,9 +41,10 @@ __all__ = [
 # ----------------------------------------------------------------------------- settings blocks
 
 
-# Settings that change only what is shown while a run runs, never its result: kept out of the settings hash
-# (a result is not stale because its bars were hidden) and out of FIM variants.
-DISPLAY_SETTINGS = ("progress",)
+# Settings that change only what is shown or measured while a run runs, never what it trains or scores: kept out of
+# the settings hash (a result is not stale because its bars were hidden, or its validation loss was not logged
+# along the way) and out of FIM variants.
+DISPLAY_SETTINGS = ("progress", "eval_steps")
 # FimConfig settings each run sets itself, so a config may not.
 _RUN_FIM_SETTINGS = {"seed": "each run's FIM seed is the run's seed (the config's seeds list)"}
 

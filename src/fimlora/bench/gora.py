@@ -21,6 +21,12 @@ For every target module m with base weight W_m (d_out, d_in):
    :func:`gora_b` is written, so it also serves an adapter with another scale rule (``fim_gora``). The base weight
    is not changed (``reinit_weight`` is False there), so the initial model is *not* the base model.
 
+Init step (setting ``lr_search``): eta is a learning rate too (issue 30), and the fixed 5e-2 of GoRA's scripts was
+chosen for their models, not ours. With ``lr_search: [eta_1, ...]`` the step is chosen per run by a line search
+along GoRA's own direction (:func:`choose_gora_lr`): the candidate of lowest mean loss on calibration batches held
+out from the gradient (the ``n_batches`` after those G was averaged over), a tie to the smaller step. It costs one
+forward per candidate and held-out batch, no backward.
+
 Sign (setting ``sign``): the paper initialises the adapter as one step of gradient descent, -eta G, and the
 reference code's own diagnostic (L185) measures the distance to -eta G; the code itself sets B from +G (L178; its
 gradient hook stores p.grad unchanged, ``grad_utils.py``), a step *up* the calibration loss. ``descent`` (the
@@ -48,7 +54,8 @@ from .registry import (
     GORA_SIGNS,
 )
 
-__all__ = ["mean_weight_gradients", "gora_importance", "gora_rank_bounds", "gora_ranks", "gora_b", "apply_gora_init"]
+__all__ = ["mean_weight_gradients", "gora_importance", "gora_rank_bounds", "gora_ranks", "gora_b", "apply_gora_init",
+           "choose_gora_lr"]
 
 # GoRA's defaults are declared once, with its settings block (bench/registry.py): the published scripts'
 # rank bounds 4 and 32 at rank 8 and step 5e-2, the paper's descent, and the harness's calibration size (GoRA's
@@ -154,3 +161,42 @@ def apply_gora_init(model: nn.Module, grads: Mapping[str, torch.Tensor], lr: flo
         new = gora_b(grads[info.name], info.layer.lora_A[adapter_name].weight, info.layer.scaling[adapter_name], lr,
                      sign)
         b.copy_(new.to(b.dtype))
+
+
+@torch.no_grad()
+def choose_gora_lr(model: nn.Module, grads: Mapping[str, torch.Tensor], candidates: Iterable[float],
+                   batches: Iterable, adapter_name: str = "default", sign: str = DEFAULT_SIGN) -> tuple[float, dict]:
+    """(eta*, {eta: mean loss}): GoRA's init step by line search. For each candidate eta, B_m = :func:`gora_b` (G_m,
+    A_m, s_m, eta) on every module, and L(eta) = (1/K) sum_k L_k, the mean over the K ``batches`` of each batch's
+    loss as the model returns it (a mean over its examples or tokens), in eval mode (no dropout); eta* = argmin
+    L(eta), a tie to the smaller eta. The batches must not be those G was averaged over (the step would be judged
+    on the data it was fitted to). The model's B and train/eval mode are restored: only :func:`apply_gora_init`
+    changes it.
+    """
+    etas = sorted(float(c) for c in candidates)
+    if not etas or any(not (math.isfinite(e) and e > 0) for e in etas):
+        raise ValueError(f"gora.lr_search: must be a non-empty list of positive finite steps, got {etas!r}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("gora.lr_search: no calibration batch is left after the gradient's n_batches to judge the "
+                         "step on; use more training data or fewer gora.n_batches")
+    infos = lora_modules(model, adapter_name)
+    saved = [i.layer.lora_B[adapter_name].weight.detach().clone() for i in infos]
+    was_training = model.training
+    losses = {}
+    model.eval()
+    try:
+        for eta in etas:
+            apply_gora_init(model, grads, eta, adapter_name, sign)
+            total = 0.0
+            for batch in batches:
+                total += float(model(**batch).loss)
+            losses[eta] = total / len(batches)
+    finally:
+        for info, b in zip(infos, saved):
+            info.layer.lora_B[adapter_name].weight.copy_(b)
+        model.train(was_training)
+    finite = [(loss, eta) for eta, loss in losses.items() if math.isfinite(loss)]
+    if not finite:
+        raise ValueError(f"gora.lr_search: the loss is not finite at any step {etas}; the gradients or data are bad")
+    return min(finite)[1], losses

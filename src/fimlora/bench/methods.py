@@ -491,6 +491,21 @@ def _gora_gradients(spec: MethodSpec, uniform: nn.Module, calibration_batches: B
     return mean_weight_gradients(uniform, calibration_batches(), int(_gora(spec, "n_batches")))
 
 
+def _gora_lr(spec: MethodSpec, model: nn.Module, grads: Mapping,
+             calibration_batches: BatchFactory) -> tuple[float, dict]:
+    """(GoRA's init step eta, what chose it): the block's ``lr``, or with ``lr_search`` the line search's choice
+    (:func:`~fimlora.bench.gora.choose_gora_lr`) on the ``n_batches`` calibration batches after the gradient's."""
+    from .gora import choose_gora_lr
+
+    candidates = _gora(spec, "lr_search")
+    if candidates is None:
+        return float(_gora(spec, "lr")), {}
+    n = int(_gora(spec, "n_batches"))
+    held_out = itertools.islice(calibration_batches(), n, 2 * n)
+    eta, losses = choose_gora_lr(model, grads, candidates, held_out, sign=_gora(spec, "sign"))
+    return eta, {"gora_lr": eta, "gora_lr_search": {f"{k:g}": v for k, v in losses.items()}}
+
+
 def _gora(spec: MethodSpec, key: str):
     """The run's GoRA setting ``key``, its declared default when the gora block leaves it out."""
     return settings_block("gora").value(spec.gora, key)
@@ -528,10 +543,12 @@ def _prepare_gora(spec: MethodSpec, base_model: nn.Module,
     config = lora_config_for_allocation(alloc, _lora_config(spec, use_rslora=True))
     model = build_peft_model(uniform.unload(), config, seed=None)
     _check_ranks_kept(model, ranks, "gora")
-    apply_gora_init(model, grads, float(_gora(spec, "lr")), sign=_gora(spec, "sign"))
+    eta, search = _gora_lr(spec, model, grads, calibration_batches)
+    apply_gora_init(model, grads, eta, sign=_gora(spec, "sign"))
     return model, {"calibration_seconds": time.perf_counter() - start, "scores": importances,
                    "allocated_ranks": ranks, "params_spent": spent,
-                   "gora_budget": sum(f * spec.r for f in features.values()), "gora_rank_bounds": [r_min, r_max]}, []
+                   "gora_budget": sum(f * spec.r for f in features.values()), "gora_rank_bounds": [r_min, r_max],
+                   **search}, []
 
 
 def _prepare_fim_gora(spec: MethodSpec, base_model: nn.Module,
@@ -550,10 +567,11 @@ def _prepare_fim_gora(spec: MethodSpec, base_model: nn.Module,
     model = build_peft_model(uniform.unload(), lora_config_for_allocation(alloc, _lora_config(spec)), seed=None)
     _check_ranks_kept(model, alloc.ranks, "fim_gora")
     kept = {n: g for n, g in grads.items() if alloc.ranks[n] > 0}
-    apply_gora_init(model, kept, float(_gora(spec, "lr")), sign=_gora(spec, "sign"))
+    eta, search = _gora_lr(spec, model, kept, calibration_batches)
+    apply_gora_init(model, kept, eta, sign=_gora(spec, "sign"))
     init_seconds = time.perf_counter() - start
     return model, {"calibration_seconds": fim_seconds + init_seconds, "fim_seconds": fim_seconds,
-                   "init_seconds": init_seconds, **fim_info(alloc)}, []
+                   "init_seconds": init_seconds, **fim_info(alloc), **search}, []
 
 
 def mutates_base(model: nn.Module, adapter_name: str = "default") -> bool:

@@ -21,8 +21,8 @@ from ..config import FimConfig, check_choice, check_fraction, check_int, check_k
 
 __all__ = ["Setting", "SettingsBlock", "MethodInfo", "register_block", "register_method", "method_names",
            "method_info", "settings_blocks", "settings_block", "check_keys", "check_block", "number", "integer",
-           "choice", "fraction", "CALIBRATION_BATCHES", "EVA_RHO", "GORA_SIGNS", "GORA_SIGN_DEFAULT",
-           "GORA_SIGN_BEFORE", "GORA_MIN_RANK_RATIO", "GORA_MAX_RANK_RATIO", "GORA_LR"]
+           "choice", "fraction", "positive_numbers", "CALIBRATION_BATCHES", "EVA_RHO", "GORA_SIGNS",
+           "GORA_SIGN_DEFAULT", "GORA_SIGN_BEFORE", "GORA_MIN_RANK_RATIO", "GORA_MAX_RANK_RATIO", "GORA_LR"]
 
 Validator = Callable[[str, object], None]
 
@@ -41,6 +41,14 @@ def integer(minimum: int | None = None, allow_none: bool = False) -> Validator:
 
 def choice(choices: tuple) -> Validator:
     return lambda name, value: check_choice(name, value, choices)
+
+
+def positive_numbers(name: str, value) -> None:
+    """A non-empty list of finite numbers > 0."""
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{name}: must be a non-empty list of numbers > 0, got {value!r}")
+    for i, v in enumerate(value):
+        check_number(f"{name}[{i}]", v, minimum=0)
 
 
 def fraction(name: str, value) -> None:
@@ -217,12 +225,17 @@ def _check_gora_ratios(block: Mapping) -> None:
         raise ValueError(f"gora.min_rank_ratio: must be <= 1 (rank r must stay allowed), got {lo!r}")
     if hi < 1:
         raise ValueError(f"gora.max_rank_ratio: must be >= 1 (rank r must stay allowed), got {hi!r}")
+    if "lr" in block and "lr_search" in block:
+        raise ValueError(f"gora.lr, gora.lr_search: give at most one (a fixed init step, or the steps to choose it "
+                         f"from), got lr={block['lr']!r} and lr_search={block['lr_search']!r}")
 
 
 register_block(SettingsBlock("gora", {
     "min_rank_ratio": Setting(number(minimum=0), GORA_MIN_RANK_RATIO),
     "max_rank_ratio": Setting(number(minimum=0), GORA_MAX_RANK_RATIO),
     "lr": Setting(number(minimum=0), GORA_LR),
+    # The init steps to choose eta from per run (bench/gora.py's choose_gora_lr); None: the fixed lr.
+    "lr_search": Setting(positive_numbers),
     "n_batches": Setting(integer(minimum=1), CALIBRATION_BATCHES),
     "sign": Setting(choice(GORA_SIGNS), GORA_SIGN_DEFAULT),
 }, check=_check_gora_ratios, written_when_used=("sign",), before={"sign": GORA_SIGN_BEFORE}))

@@ -36,6 +36,7 @@ class RunResult:
     carved from the training data (configs with ``data.max_validation``); ``served_params``: the parameters of
     the adapter as saved for serving (PiSSA and LoRA-GA save as plain LoRA of rank 2r); ``lr_choice``: for a run
     repeated at its cell's chosen learning rate, the choice (:class:`~fimlora.bench.lr_protocol.LrChoice`).
+    ``validation_loss_curve``: [[step, validation loss], ...] during training (``train.eval_steps``).
     ``extra``: keys this code does not know, kept as read and written back after the known ones.
     """
 
@@ -68,6 +69,7 @@ class RunResult:
     learning_rate: float | None = None
     validation_metrics: dict | None = None
     served_params: int | None = None
+    validation_loss_curve: list | None = None
     lr_choice: dict | None = None
     extra: dict = field(default_factory=dict)
 
@@ -130,7 +132,7 @@ Mapping.register(RunResult)
 
 # Keys written only when set: results made before they existed lack them.
 _LATER = ("config", "data_contents", "settings_hash", "wall_seconds", "reused_from", "learning_rate",
-          "validation_metrics", "served_params", "lr_choice")
+          "validation_metrics", "served_params", "lr_choice", "validation_loss_curve")
 
 
 def upgrade(d: Mapping) -> dict:

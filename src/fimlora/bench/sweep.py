@@ -375,6 +375,7 @@ def run_one(cfg: ExperimentConfig, run: RunSpec, work_dir: str | os.PathLike) ->
         versions=package_versions(), machine=machine_info(),
         learning_rate=p.settings.learning_rate, validation_metrics=validation_metrics,
         served_params=served_parameters(work / "adapter"),
+        validation_loss_curve=train_out.get("validation_loss_curve"),
     )
 
 
