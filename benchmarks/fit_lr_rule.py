@@ -3,6 +3,9 @@
     python benchmarks/fit_lr_rule.py --fit configs/fair_encoder.yaml --judge configs/fair_encoder_sst2.yaml \
         --results results/fair_encoder --out docs/lr_rule_fit.json --write
 
+Constants are per model family (``fimlora.lr.model_family``: a causal LM or not; ``lr_rule.json`` holds one per rule
+and family): every cell of a fit must be of one family, and ``--write`` writes that family's constants only.
+
 For every decided cell (task, method, rank) of the ``--fit`` config (``fimlora.bench.lr_protocol``: each method's
 learning rate chosen on validation data) the cell's adapter is prepared exactly as its runs trained it (first
 seed; ``fimlora.bench.sweep.prepare_run``) and each rule's statistic is measured on it
@@ -16,8 +19,10 @@ How well a rule predicts is judged two ways, both in log10 of the learning rate 
   rule-free baseline "always the geometric mean of the other cells' chosen rates";
 * on the ``--judge`` config's cells (another task, never used in the fit): the predicted rate against the chosen one.
 
-The rule with the smaller leave-one-out error is kept (``default_rule``). ``--judge-only`` skips the fit and judges the
-shipped constants (``lr_rule.json``) on ``--judge``'s cells, ``--methods`` restricting them:
+The rule with the smaller leave-one-out error is reported as kept; ``--set-default`` also makes it ``default_rule``
+(one for every family: it is FimConfig's default). ``--methods`` restricts the cells (fit and judge).
+``--judge-only`` skips the fit and judges the shipped constants (``lr_rule.json``, each cell's family's) on
+``--judge``'s cells:
 
     python benchmarks/fit_lr_rule.py --judge-only --judge configs/fair_decoder.yaml --methods lora fim \
         --rules hessian --results results/fair_decoder --out docs/lr_rule_judge_decoder.json
@@ -60,12 +65,13 @@ def cell_statistics(cfg, results_dir: Path, rules=RULES, methods=None) -> list[d
         run = RunSpec(task, method, r, cfg.seeds[0], variant, choice.learning_rate)
         t = time.perf_counter()
         prepared = prepare_run(cfg, run)
-        record = {"task": task, "method": method, "r": r, "variant": dict(variant),
+        record = {"task": task, "method": method, "r": r, "variant": dict(variant), "model": cfg.model,
                   "chosen_lr": choice.learning_rate, "curve": {str(k): v for k, v in choice.curve.items()},
                   "prepare_seconds": time.perf_counter() - t, "rules": {}}
         for rule in rules:
             rec = compute_lr_recommendation(prepared.model, prepared.calibration_batches(), rule=rule, seed=run.seed)
             record["rules"][rule] = {"statistic": rec.statistic, "passes": rec.passes, "seconds": rec.seconds}
+            record["family"] = rec.family
         print(f"{task} {method} r={r}: chosen {choice.learning_rate:g}; "
               + ", ".join(f"{k} {v['statistic']:.4g}" for k, v in record["rules"].items()), file=sys.stderr)
         records.append(record)
@@ -108,8 +114,17 @@ def _mean_abs(errors: list[float]) -> float | None:
     return statistics.fmean(abs(e) for e in errors) if errors else None
 
 
+def family_of(records: list[dict], what: str) -> str:
+    """The one model family of ``records`` (a constant is fitted and judged within one family)."""
+    families = sorted({rec["family"] for rec in records})
+    if len(families) != 1:
+        raise SystemExit(f"{what}: the cells must be of one model family (lr_rule.json holds a constant per family), "
+                         f"got {families}")
+    return families[0]
+
+
 def judge(records: list[dict], rule: str, constant: float) -> list[dict]:
-    """Each judged cell's recommendation with the fitted constant, against the rate its grid chose."""
+    """Each judged cell's recommendation with ``constant`` (its family's), against the rate its grid chose."""
     from fimlora.lr import learning_rate_from_statistic
 
     out = []
@@ -129,9 +144,13 @@ def main(argv=None) -> int:
     parser.add_argument("--write", action="store_true", help="write the constants into src/fimlora/lr_rule.json")
     parser.add_argument("--judge-only", action="store_true",
                         help="no fit: judge lr_rule.json's constants on --judge's cells")
-    parser.add_argument("--methods", nargs="+", help="judge only these methods' cells")
+    parser.add_argument("--methods", nargs="+", help="fit and judge only these methods' cells")
+    parser.add_argument("--set-default", action="store_true",
+                        help="with --write, also make the kept rule lr_rule.json's default_rule")
     parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES), help="the rules to measure")
     args = parser.parse_args(argv)
+    if args.set_default and not args.write:
+        parser.error("--set-default needs --write")
     if args.judge_only:
         if not args.judge or args.fit or args.write:
             parser.error("--judge-only needs --judge, and takes neither --fit nor --write")
@@ -144,16 +163,19 @@ def main(argv=None) -> int:
     from fimlora.io import atomic_write_text, package_versions
 
     fit_cfg = load_config(args.fit)
-    fit_records = cell_statistics(fit_cfg, Path(args.results))
+    fit_records = cell_statistics(fit_cfg, Path(args.results), methods=args.methods)
     if len(fit_records) < 2:
         raise SystemExit(f"fit: {args.fit} has {len(fit_records)} decided cell(s) in {args.results}; need 2 or more")
+    family = family_of(fit_records, "fit")
     fits = {rule: fit(fit_records, rule) for rule in RULES}
     best = min(RULES, key=lambda rule: fits[rule]["loo_mean_abs"])
-    out = {"fit_config": args.fit, "fit_cells": fit_records, "fits": fits, "kept": best,
+    out = {"fit_config": args.fit, "family": family, "fit_cells": fit_records, "fits": fits, "kept": best,
            "versions": package_versions(), "date": time.strftime("%Y-%m-%d")}
     if args.judge:
         judge_cfg = load_config(args.judge)
-        judge_records = cell_statistics(judge_cfg, Path(args.results))
+        judge_records = cell_statistics(judge_cfg, Path(args.results), methods=args.methods)
+        if family_of(judge_records, "judge") != family:
+            raise SystemExit(f"judge: {args.judge}'s cells are not {family} models like the fit's")
         out.update(judge_config=args.judge, judge_cells=judge_records,
                    judged={rule: judge(judge_records, rule, fits[rule]["constant"]) for rule in RULES})
     atomic_write_text(Path(args.out), json.dumps(out, indent=2) + "\n")
@@ -162,33 +184,39 @@ def main(argv=None) -> int:
         print(f"{rule}: constant {f['constant']:.4g}; leave-one-out mean |log10 error| {f['loo_mean_abs']:.3f} "
               f"({f['within_one_grid_step']}/{f['cells']} within one grid step); rule-free baseline "
               f"{f['baseline_mean_abs']:.3f}")
-    print(f"kept: {best}")
+    print(f"kept: {best} ({family} models)")
     if args.write:
         table = json.loads(LR_RULE_FILE.read_text(encoding="utf-8"))
-        where = f"{fit_cfg.name} ({len(fit_records)} cells: {', '.join(sorted({r['task'] for r in fit_records}))})"
+        tasks = ", ".join(sorted({r["task"] for r in fit_records}))
+        where = f"{fit_cfg.name} ({fit_cfg.model}; {len(fit_records)} cells: {tasks})"
         for rule in RULES:
-            table["rules"][rule] = {"constant": float(f"{fits[rule]['constant']:.4g}"), "fitted_on": where,
-                                    "script": "benchmarks/fit_lr_rule.py"}
-        table["default_rule"] = best
+            table["rules"][rule][family] = {"constant": float(f"{fits[rule]['constant']:.4g}"), "fitted_on": where,
+                                            "script": "benchmarks/fit_lr_rule.py"}
+        if args.set_default:
+            table["default_rule"] = best
         atomic_write_text(LR_RULE_FILE, json.dumps(table, indent=2) + "\n")
         print(f"wrote {LR_RULE_FILE}")
     return 0
 
 
 def judge_shipped(args) -> int:
-    """``--judge-only``: the shipped constants' recommendations on ``--judge``'s cells, against the chosen rates."""
+    """``--judge-only``: the shipped constants' recommendations on ``--judge``'s cells (each cell's family's
+    constant), against the chosen rates."""
     from fimlora.bench.config import load_config
-    from fimlora.config import lr_rule_table
+    from fimlora.config import lr_rule_entry
     from fimlora.io import atomic_write_text, package_versions
 
-    table = lr_rule_table()
-    rules = [rule for rule in args.rules if table["rules"][rule]["constant"] is not None]
-    if not rules:
-        raise SystemExit(f"judge: none of {args.rules} has a fitted constant in lr_rule.json")
     cfg = load_config(args.judge)
-    records = cell_statistics(cfg, Path(args.results), rules, args.methods)
-    judged = {rule: judge(records, rule, table["rules"][rule]["constant"]) for rule in rules}
-    out = {"judge_config": args.judge, "constants": {rule: table["rules"][rule] for rule in rules},
+    records = cell_statistics(cfg, Path(args.results), args.rules, args.methods)
+    if not records:
+        raise SystemExit(f"judge: {args.judge} has no decided cell in {args.results}")
+    family = family_of(records, "judge")
+    rules = [rule for rule in args.rules if lr_rule_entry(rule, family)["constant"] is not None]
+    if not rules:
+        raise SystemExit(f"judge: none of {args.rules} has a fitted {family} constant in lr_rule.json")
+    judged = {rule: judge(records, rule, lr_rule_entry(rule, family)["constant"]) for rule in rules}
+    out = {"judge_config": args.judge, "family": family,
+           "constants": {rule: lr_rule_entry(rule, family) for rule in rules},
            "judge_cells": records, "judged": judged, "versions": package_versions(), "date": time.strftime("%Y-%m-%d")}
     atomic_write_text(Path(args.out), json.dumps(out, indent=2) + "\n")
     for rule in rules:

@@ -213,12 +213,17 @@ def test_the_lr_rule_fit_recovers_a_planted_constant_and_beats_the_rule_free_bas
     judged = fit_lr_rule.judge([{"task": "t", "method": "lora", "r": 2, "chosen_lr": 0.01,
                                  "rules": {"hessian": {"statistic": 2.0}}}], "hessian", 0.02)
     assert judged[0]["recommended_lr"] == pytest.approx(0.01) and abs(judged[0]["log10_error"]) < 1e-12
+    # A constant is per model family: a fit or judgement over cells of two families is refused.
+    assert fit_lr_rule.family_of([{"family": "causal_lm"}, {"family": "causal_lm"}], "fit") == "causal_lm"
+    with pytest.raises(SystemExit, match=r"fit: the cells must be of one model family .* \['causal_lm', 'encoder'\]"):
+        fit_lr_rule.family_of([{"family": "encoder"}, {"family": "causal_lm"}], "fit")
 
 
 @pytest.mark.parametrize("argv, needle", [
     (["--judge-only", "--results", "r", "--out", "o"], "--judge-only needs --judge"),
     (["--judge-only", "--judge", "j", "--fit", "f", "--results", "r", "--out", "o"], "--judge-only needs --judge"),
     (["--results", "r", "--out", "o"], "--fit is required"),
+    (["--fit", "f", "--results", "r", "--out", "o", "--set-default"], "--set-default needs --write"),
 ])
 def test_the_lr_rule_script_refuses_a_fit_without_its_config_and_a_judgement_that_would_also_fit(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:

@@ -55,7 +55,7 @@ def test_calibrate_writes_adapter_rank_map_and_table(calibrated):
     # The learning-rate recommendation: the shipped rule's constant over the statistic, its cost, printed.
     from fimlora.config import LR_BATCHES, lr_rule_table
 
-    lr, constant = rank_map["lr"], lr_rule_table()["rules"]["hessian"]["constant"]
+    lr, constant = rank_map["lr"], lr_rule_table()["rules"]["hessian"]["encoder"]["constant"]
     assert lr["rule"] == "hessian" and lr["statistic"] > 0 and lr["constant"] == constant
     assert lr["learning_rate"] == pytest.approx(constant / lr["statistic"])
     # One forward per batch; a backward for the gradient, then one per Hessian-vector product.

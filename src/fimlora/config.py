@@ -27,6 +27,8 @@ __all__ = [
     "LR_RULES",
     "LR_RULE_CHOICES",
     "lr_rule_table",
+    "lr_rule_entry",
+    "LR_FAMILIES",
     "check_int",
     "check_number",
     "check_choice",
@@ -57,6 +59,10 @@ AUTO_RULE_NAMES = ("within_one", "exact")
 # The learning-rate rules (fimlora.lr): "hessian" (constant / lambda_max of the LoRA Hessian) and "range" (constant *
 # the LR of steepest descent in a short range test); "none" computes no recommendation.
 LR_RULES = ("hessian", "range")
+# Each rule has one fitted constant per model family (fimlora.lr.model_family): the Hessian's scale differs by a
+# factor of about 50 between MiniLM's classifier loss and SmolLM2's next-token loss, so one constant cannot serve
+# both (docs/lr_rule_judge_decoder.json). "encoder": every model that is not a causal LM.
+LR_FAMILIES = ("encoder", "causal_lm")
 LR_RULE_CHOICES = LR_RULES + ("none",)
 # Calibration batches the learning-rate rule reads: one keeps its cost near a few calibration passes; the statistic
 # varied by about 4% between MiniLM batches, far below the rule's resolution.
@@ -133,21 +139,36 @@ def check_bool(name: str, value) -> None:
 
 @functools.cache
 def lr_rule_table() -> dict:
-    """``lr_rule.json``, checked: ``{"rules": {rule: {"constant": float > 0 or null, "fitted_on": str or null,
-    "script": str or null}}, "default_rule": rule}`` with one entry per rule of ``LR_RULES``. A null constant means
-    the rule is not fitted yet: its statistic is still computed and reported, its learning rate is None."""
+    """``lr_rule.json``, checked: ``{"rules": {rule: {family: {"constant": float > 0 or null, "fitted_on": str or
+    null, "script": str or null}}}, "default_rule": rule}`` with one entry per rule of ``LR_RULES`` and per family of
+    ``LR_FAMILIES``. A null constant means the rule is not fitted for that family yet: its statistic is still
+    computed and reported, its learning rate is None."""
     where = str(LR_RULE_FILE)
     table = json.loads(LR_RULE_FILE.read_text(encoding="utf-8"))
     check_keys(where, table, ("rules", "default_rule"))
     check_keys(f"{where}: rules", table["rules"], LR_RULES, "rule(s)")
     for rule in LR_RULES:
-        entry = table["rules"].get(rule)
-        if entry is None:
+        families = table["rules"].get(rule)
+        if families is None:
             raise ValueError(f"{where}: rules: must have an entry for {rule!r}, got {sorted(table['rules'])}")
-        check_keys(f"{where}: rules.{rule}", entry, ("constant", "fitted_on", "script"))
-        check_number(f"{where}: rules.{rule}.constant", entry.get("constant"), minimum=0, allow_none=True)
+        check_keys(f"{where}: rules.{rule}", families, LR_FAMILIES, "model family(ies)")
+        for family in LR_FAMILIES:
+            entry = families.get(family)
+            if entry is None:
+                raise ValueError(f"{where}: rules.{rule}: must have an entry for model family {family!r}, got "
+                                 f"{sorted(families)}")
+            check_keys(f"{where}: rules.{rule}.{family}", entry, ("constant", "fitted_on", "script"))
+            check_number(f"{where}: rules.{rule}.{family}.constant", entry.get("constant"), minimum=0,
+                         allow_none=True)
     check_choice(f"{where}: default_rule", table["default_rule"], LR_RULE_CHOICES)
     return table
+
+
+def lr_rule_entry(rule: str, family: str) -> dict:
+    """``lr_rule.json``'s entry of ``rule`` for model ``family``: {"constant", "fitted_on", "script"}."""
+    check_choice("rule", rule, LR_RULES)
+    check_choice("family", family, LR_FAMILIES)
+    return lr_rule_table()["rules"][rule][family]
 
 
 def setting(default, help: str):

@@ -1,8 +1,9 @@
 """A recommended AdamW learning rate for a LoRA adapter, from a few calibration batches.
 
 Two rules, each a statistic measured on the adapter as it will be trained (after the resize) and one fitted
-constant from ``lr_rule.json`` (:func:`fimlora.config.lr_rule_table`); :func:`learning_rate_from_statistic` is the
-one formula from statistic to learning rate.
+constant per model family from ``lr_rule.json`` (:func:`fimlora.config.lr_rule_entry`; :func:`model_family`: a
+causal LM or not, since the loss's curvature differs by orders of magnitude between them);
+:func:`learning_rate_from_statistic` is the one formula from statistic to learning rate.
 
 * ``"hessian"``: lambda_max, the largest eigenvalue of the Hessian H = d^2 L / d theta^2 of the calibration loss L
   (the model's own loss, a *mean* over tokens or examples as ``model(**batch).loss`` returns it, or ``loss_fn``'s)
@@ -28,14 +29,23 @@ import contextlib
 import logging
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
-from .config import LR_BATCHES, LR_RULES, LR_STEPS, check_choice, check_int, check_number, first_line, lr_rule_table
+from .config import (
+    LR_BATCHES,
+    LR_FAMILIES,
+    LR_RULES,
+    LR_STEPS,
+    check_choice,
+    check_int,
+    check_number,
+    first_line,
+    lr_rule_entry,
+)
 from .fisher import _check_loss, _check_loss_finite, _to_device, default_loss
 from .modules import lora_modules
 
@@ -43,6 +53,7 @@ __all__ = [
     "LrRecommendation",
     "compute_lr_recommendation",
     "learning_rate_from_statistic",
+    "model_family",
     "power_iteration",
     "lanczos",
     "hessian_vector_product",
@@ -71,17 +82,19 @@ class LrRecommendation:
     """A recommended AdamW learning rate and what it came from (plain data; :meth:`to_dict` for JSON).
 
     Attributes:
-        learning_rate: ``learning_rate_from_statistic(rule, statistic)``, or None when the rule's constant is
-            not fitted yet (``lr_rule.json``).
+        learning_rate: ``learning_rate_from_statistic(rule, statistic, family=family)``, or None when the rule's
+            constant is not fitted for the model's family yet (``lr_rule.json``).
         rule: ``"hessian"`` or ``"range"``.
         statistic: lambda_max of the LoRA Hessian (``"hessian"``) or the range test's learning rate of steepest
             descent (``"range"``).
-        constant: the rule's constant (None when not fitted).
+        constant: the rule's constant for the model's family (None when not fitted).
         passes: ``{"forward": n, "backward": n}``, the model's forward passes and the backward passes run.
         seconds: wall time of the estimate.
         fitted_on: where the constant was fitted (``lr_rule.json``), or None.
         details: per-rule record: per-batch eigenvalues and iterations, or the range test's learning rates and
             losses.
+        family: the model family whose constant was used (:func:`model_family`; records written before families
+            existed were all "encoder").
     """
 
     learning_rate: float | None
@@ -92,6 +105,7 @@ class LrRecommendation:
     seconds: float
     fitted_on: str | None
     details: dict = field(default_factory=dict)
+    family: str = "encoder"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,9 +123,9 @@ class LrRecommendation:
         cost = f"{self.passes['forward']} forward + {self.passes['backward']} backward passes, {self.seconds:.1f} s"
         if self.learning_rate is None:
             return (f"learning rate: not fitted (rule {self.rule!r}: {self.statistic_name} = {self.statistic:.4g}; "
-                    f"lr_rule.json has no constant for it yet; {cost})")
+                    f"lr_rule.json has no {self.family} constant for it yet; {cost})")
         return (f"learning rate: {self.learning_rate:.3g} (AdamW; rule {self.rule!r}: {self.statistic_name} = "
-                f"{self.statistic:.4g}, constant {self.constant:g}; {cost})")
+                f"{self.statistic:.4g}, {self.family} constant {self.constant:g}; {cost})")
 
     def short_text(self) -> str:
         """A few words for a figure's title."""
@@ -120,13 +134,16 @@ class LrRecommendation:
         return f"AdamW lr {self.learning_rate:.2g} ({self.rule})"
 
 
-def learning_rate_from_statistic(rule: str, statistic: float, constant: float | None = None) -> float | None:
+def learning_rate_from_statistic(rule: str, statistic: float, constant: float | None = None,
+                                 family: str = "encoder") -> float | None:
     """The recommended learning rate of ``rule`` from its ``statistic``: ``constant / lambda_max`` (``"hessian"``)
-    or ``constant * eta`` (``"range"``). ``constant`` defaults to ``lr_rule.json``'s; None when it is not fitted."""
+    or ``constant * eta`` (``"range"``). ``constant`` defaults to ``lr_rule.json``'s for model ``family``; None
+    when it is not fitted."""
     check_choice("rule", rule, LR_RULES)
+    check_choice("family", family, LR_FAMILIES)
     check_number(f"statistic ({rule})", statistic, minimum=0)
     if constant is None:
-        constant = lr_rule_table()["rules"][rule]["constant"]
+        constant = lr_rule_entry(rule, family)["constant"]
     if constant is None:
         return None
     check_number(f"constant ({rule})", constant, minimum=0)
@@ -429,22 +446,21 @@ def compute_lr_recommendation(model: nn.Module, batches: Iterable, rule: str = "
                 statistic, details = _range(model, params, taken, loss_fn, device, counter, steps, adapter_name)
     finally:
         passes = counter.close()
-    entry = lr_rule_table()["rules"][rule]
+    family = model_family(model, adapter_name)
+    entry = lr_rule_entry(rule, family)
     details["batches"] = len(taken)
-    rec = LrRecommendation(learning_rate=learning_rate_from_statistic(rule, statistic), rule=rule,
+    rec = LrRecommendation(learning_rate=learning_rate_from_statistic(rule, statistic, family=family), rule=rule,
                            statistic=statistic, constant=entry["constant"], passes=passes,
-                           seconds=time.perf_counter() - start, fitted_on=entry["fitted_on"], details=details)
+                           seconds=time.perf_counter() - start, fitted_on=entry["fitted_on"], details=details,
+                           family=family)
     logger.info("fimlora: %s", rec.text())
-    if rec.learning_rate is not None and is_causal_lm(model, adapter_name):
-        warnings.warn(DECODER_WARNING, UserWarning, stacklevel=2)
     return rec
 
 
-# What benchmarks/fit_lr_rule.py --judge-only measured on configs/fair_decoder.yaml (docs/lr_rule_judge_decoder.json).
-DECODER_WARNING = (
-    "lr_rule: the learning-rate constant was fitted on encoder classifiers (MiniLM on TREC-6); on a decoder LM "
-    "(SmolLM2-135M on SST-2 as multiple choice) lambda_max was 40-150x larger and the recommendation 18-33x below "
-    "the best rate of a grid, so do not train a causal LM at it unchecked (docs/results.md)")
+def model_family(model: nn.Module, adapter_name: str = "default") -> str:
+    """The family whose fitted constant a model's recommendation uses: ``"causal_lm"`` (:func:`is_causal_lm`) or
+    ``"encoder"`` (every other model; the constant was fitted on encoder classifiers)."""
+    return "causal_lm" if is_causal_lm(model, adapter_name) else "encoder"
 
 
 def is_causal_lm(model: nn.Module, adapter_name: str = "default") -> bool:
@@ -456,5 +472,4 @@ def is_causal_lm(model: nn.Module, adapter_name: str = "default") -> bool:
     base = getattr(model, "base_model", None)  # PeftModel -> LoraModel -> the transformers model
     candidates = (model, base, getattr(base, "model", None))
     return any(type(m).__name__.endswith("ForCausalLM") for m in candidates if m is not None)
-    return False
 

