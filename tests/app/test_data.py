@@ -53,8 +53,8 @@ def test_trec6_mc_is_trec6s_split_as_six_way_choice_with_each_label_s_word():
 
 
 @needs_data
-@pytest.mark.parametrize("name", ["trec6", "trec6_mc", "boolq", "mrpc", "piqa", "hellaswag", "winogrande", "siqa", "arc_easy",
-                                  "arc_challenge", "obqa"])
+@pytest.mark.parametrize("name", ["trec6", "trec6_mc", "boolq", "mrpc", "piqa", "hellaswag", "winogrande", "siqa",
+                                  "arc_easy", "arc_challenge", "obqa"])
 def test_bundled_tasks_split_with_seed(name):
     a, b, c = load_task(name, seed=3), load_task(name, seed=3), load_task(name, seed=4)
     assert a.train == b.train and a.test == b.test and a.train != c.train

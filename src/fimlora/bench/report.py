@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..extras import MissingExtraError, require
 from ..io import atomic_write_text
+from .budget import curve_section
 from .lr_protocol import at_chosen_lr
 from .lr_report import lr_rule_section, lr_section
 from .results import load_results
@@ -238,6 +239,7 @@ def _experiment_section(runs: list[dict], experiment: str, figures_dir: Path | N
     if stats:
         parts += ["### Rank maps (§4.4 statistics: mean rank by module type and by layer third)", ""] + stats + [""]
     parts += lr_section(every_run, runs, choices, experiment, figures_dir)
+    parts += curve_section(every_run, experiment, figures_dir)
     parts += ["### Cost", "", cost_table(runs), ""]
     return parts
 
