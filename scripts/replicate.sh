@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The small-scale replication behind docs/results.md. Resumable: rerun it after a kill and it
-# continues where it stopped (about 9 hours on 2 cores). Each config runs as two shards, one per CPU core.
+# continues where it stopped (about 11 hours on 2 cores). Each config runs as two shards, one per CPU core.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -35,14 +35,24 @@ run configs/fair_encoder_sst2.yaml results/fair_encoder
 .venv/bin/python benchmarks/fit_lr_rule.py --fit configs/fair_encoder.yaml --judge configs/fair_encoder_sst2.yaml \
   --results results/fair_encoder --out docs/lr_rule_fit.json --write
 run configs/lr_rule_sst2.yaml results/lr_rule
-# The fair protocol's decoder half (about 1 h 45 min on 2 cores).
+# The fair protocol's decoder half (about 1 h 45 min on 2 cores), then the learning-rate rule's causal-LM constant
+# fitted on SST-2's cells and judged on TREC-6 as multiple choice (grid, then training at the recommendation).
 run configs/fair_decoder.yaml results/fair_decoder
+run configs/fair_decoder_trec6.yaml results/fair_decoder
+.venv/bin/python benchmarks/fit_lr_rule.py --fit configs/fair_decoder.yaml --methods lora fim rslora eva pissa lora_ga \
+  --results results/fair_decoder --out docs/lr_rule_fit_decoder.json --write
+.venv/bin/python benchmarks/fit_lr_rule.py --judge-only --judge configs/fair_decoder_trec6.yaml \
+  --results results/fair_decoder --out docs/lr_rule_judge_decoder_trec6.json
+run configs/lr_rule_decoder_trec6.yaml results/lr_rule
+# The long budget: where uniform LoRA's validation loss levels off, then the fair protocol trained that long.
+run configs/long_budget_probe.yaml results/long_budget_probe
+run configs/fair_encoder_long.yaml results/fair_encoder_long
 .venv/bin/fimlora report results/small_encoder results/small_encoder_ablation results/small_encoder_aggregation \
   results/small_decoder results/small_decoder_params results/small_encoder_beyond results/small_decoder_beyond \
   results/frontier_encoder results/frontier_encoder_gora_ascent results/frontier_decoder \
-  results/fair_encoder results/lr_rule results/fair_decoder \
+  results/fair_encoder results/lr_rule results/fair_decoder results/long_budget_probe results/fair_encoder_long \
   --out docs/results.md --title "FIM-LoRA small-scale replication (CPU, real MiniLM/SmolLM2 and offline data)" \
   --preface docs/results_preface.md \
   --command "bash scripts/replicate.sh" \
   --command "# which runs, per config: fimlora run configs/<name>.yaml --results results/<name> --shard i/2 [--reuse results/<suite>]" \
-  --command "fimlora report results/small_encoder results/small_encoder_ablation results/small_encoder_aggregation results/small_decoder results/small_decoder_params results/small_encoder_beyond results/small_decoder_beyond results/frontier_encoder results/frontier_encoder_gora_ascent results/frontier_decoder results/fair_encoder results/lr_rule results/fair_decoder --out docs/results.md --preface docs/results_preface.md"
+  --command "fimlora report results/small_encoder results/small_encoder_ablation results/small_encoder_aggregation results/small_decoder results/small_decoder_params results/small_encoder_beyond results/small_decoder_beyond results/frontier_encoder results/frontier_encoder_gora_ascent results/frontier_decoder results/fair_encoder results/lr_rule results/fair_decoder results/long_budget_probe results/fair_encoder_long --out docs/results.md --preface docs/results_preface.md"
