@@ -39,7 +39,11 @@ run configs/lr_rule_sst2.yaml results/lr_rule
 # fitted on SST-2's cells and judged on TREC-6 as multiple choice (grid, then training at the recommendation).
 run configs/fair_decoder.yaml results/fair_decoder
 run configs/fair_decoder_trec6.yaml results/fair_decoder
+# Over all six methods' cells neither rule beats a fixed rate (docs/lr_rule_fit_decoder_all.json, not written); the
+# constant is fitted on the adapters fimlora builds (B = 0 at init: uniform LoRA and FIM-LoRA).
 .venv/bin/python benchmarks/fit_lr_rule.py --fit configs/fair_decoder.yaml --methods lora fim rslora eva pissa lora_ga \
+  --results results/fair_decoder --out docs/lr_rule_fit_decoder_all.json
+.venv/bin/python benchmarks/fit_lr_rule.py --fit configs/fair_decoder.yaml --methods lora fim \
   --results results/fair_decoder --out docs/lr_rule_fit_decoder.json --write
 .venv/bin/python benchmarks/fit_lr_rule.py --judge-only --judge configs/fair_decoder_trec6.yaml \
   --results results/fair_decoder --out docs/lr_rule_judge_decoder_trec6.json
