@@ -190,8 +190,11 @@ def main(argv=None) -> int:
         tasks = ", ".join(sorted({r["task"] for r in fit_records}))
         where = f"{fit_cfg.name} ({fit_cfg.model}; {len(fit_records)} cells: {tasks})"
         for rule in RULES:
+            # A judgement's warning stays with the family until someone judges the new constant and edits it.
+            kept_warning = table["rules"][rule][family].get("warning")
             table["rules"][rule][family] = {"constant": float(f"{fits[rule]['constant']:.4g}"), "fitted_on": where,
-                                            "script": "benchmarks/fit_lr_rule.py"}
+                                            "script": "benchmarks/fit_lr_rule.py",
+                                            **({"warning": kept_warning} if kept_warning else {})}
         if args.set_default:
             table["default_rule"] = best
         atomic_write_text(LR_RULE_FILE, json.dumps(table, indent=2) + "\n")

@@ -140,9 +140,11 @@ def check_bool(name: str, value) -> None:
 @functools.cache
 def lr_rule_table() -> dict:
     """``lr_rule.json``, checked: ``{"rules": {rule: {family: {"constant": float > 0 or null, "fitted_on": str or
-    null, "script": str or null}}}, "default_rule": rule}`` with one entry per rule of ``LR_RULES`` and per family of
-    ``LR_FAMILIES``. A null constant means the rule is not fitted for that family yet: its statistic is still
-    computed and reported, its learning rate is None."""
+    null, "script": str or null[, "warning": str or null]}}}, "default_rule": rule}`` with one entry per rule of
+    ``LR_RULES`` and per family of ``LR_FAMILIES``. A null constant means the rule is not fitted for that family yet:
+    its statistic is still computed and reported, its learning rate is None. A ``warning`` is what judging the
+    fitted constant on a task it was not fitted on found, when it failed there: every recommendation of that rule
+    for that family comes with it."""
     where = str(LR_RULE_FILE)
     table = json.loads(LR_RULE_FILE.read_text(encoding="utf-8"))
     check_keys(where, table, ("rules", "default_rule"))
@@ -157,18 +159,22 @@ def lr_rule_table() -> dict:
             if entry is None:
                 raise ValueError(f"{where}: rules.{rule}: must have an entry for model family {family!r}, got "
                                  f"{sorted(families)}")
-            check_keys(f"{where}: rules.{rule}.{family}", entry, ("constant", "fitted_on", "script"))
+            check_keys(f"{where}: rules.{rule}.{family}", entry, ("constant", "fitted_on", "script", "warning"))
             check_number(f"{where}: rules.{rule}.{family}.constant", entry.get("constant"), minimum=0,
                          allow_none=True)
+            if not isinstance(entry.get("warning"), (str, type(None))):
+                raise ValueError(f"{where}: rules.{rule}.{family}.warning: must be a string or null, got "
+                                 f"{entry['warning']!r}")
     check_choice(f"{where}: default_rule", table["default_rule"], LR_RULE_CHOICES)
     return table
 
 
 def lr_rule_entry(rule: str, family: str) -> dict:
-    """``lr_rule.json``'s entry of ``rule`` for model ``family``: {"constant", "fitted_on", "script"}."""
+    """``lr_rule.json``'s entry of ``rule`` for model ``family``: {"constant", "fitted_on", "script", "warning"}
+    (``warning`` None when the file has none)."""
     check_choice("rule", rule, LR_RULES)
     check_choice("family", family, LR_FAMILIES)
-    return lr_rule_table()["rules"][rule][family]
+    return {"warning": None, **lr_rule_table()["rules"][rule][family]}
 
 
 def setting(default, help: str):

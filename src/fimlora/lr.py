@@ -29,6 +29,7 @@ import contextlib
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -454,6 +455,8 @@ def compute_lr_recommendation(model: nn.Module, batches: Iterable, rule: str = "
                            seconds=time.perf_counter() - start, fitted_on=entry["fitted_on"], details=details,
                            family=family)
     logger.info("fimlora: %s", rec.text())
+    if rec.learning_rate is not None and entry["warning"]:
+        warnings.warn(f"lr_rule: {entry['warning']}", UserWarning, stacklevel=2)
     return rec
 
 

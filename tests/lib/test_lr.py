@@ -212,6 +212,12 @@ def test_the_rule_file_is_checked_per_rule_and_family(monkeypatch, tmp_path):
         config.lr_rule_table.cache_clear()
         with pytest.raises(ValueError, match=r"rules\.hessian\.causal_lm\.constant: must be > 0, got -1"):
             config.lr_rule_table()
+        bad = copy.deepcopy(table)
+        bad["rules"]["range"]["encoder"]["warning"] = 3
+        path.write_text(json.dumps(bad))
+        config.lr_rule_table.cache_clear()
+        with pytest.raises(ValueError, match=r"rules\.range\.encoder\.warning: must be a string or null, got 3"):
+            config.lr_rule_table()
     finally:
         monkeypatch.undo()
         config.lr_rule_table.cache_clear()
@@ -327,6 +333,8 @@ def test_compute_allocation_falls_back_to_the_range_test_where_double_backward_f
 def test_a_causal_lm_gets_its_own_family_s_constant_and_an_encoder_the_encoder_s(monkeypatch):
     """The Hessian's scale differs by orders of magnitude between a classifier's loss and a next-token loss, so each
     family has its own fitted constant (lr_rule.json); a family without one gets the statistic and no rate."""
+    import warnings
+
     import fimlora.config as config
     from tests.references import lm_batches, lora_llama
 
@@ -340,7 +348,16 @@ def test_a_causal_lm_gets_its_own_family_s_constant_and_an_encoder_the_encoder_s
     enc = compute_lr_recommendation(small_bert(False), cls_batches(1), "hessian", n_batches=1, steps=3)
     assert lrmod.model_family(small_bert(False)) == enc.family == "encoder" and enc.fitted_on == "encoders"
     assert enc.learning_rate == pytest.approx(0.02 / enc.statistic)
+    # A failed judgement travels with the family's constant: every recommendation of it warns, an encoder's not.
+    table["rules"]["hessian"]["causal_lm"]["warning"] = "3x too high on another task"
+    with pytest.warns(UserWarning, match="lr_rule: 3x too high on another task"):
+        compute_lr_recommendation(lora_llama(), lm_batches(n_batches=1), "hessian", steps=3)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="lr_rule")
+        compute_lr_recommendation(small_bert(False), cls_batches(1), "hessian", n_batches=1, steps=3)
     table["rules"]["hessian"]["causal_lm"].update(constant=None, fitted_on=None)
-    rec = compute_lr_recommendation(lora_llama(), lm_batches(n_batches=1), "hessian", steps=3)
+    with warnings.catch_warnings():  # no rate, nothing to warn about
+        warnings.filterwarnings("error", message="lr_rule")
+        rec = compute_lr_recommendation(lora_llama(), lm_batches(n_batches=1), "hessian", steps=3)
     assert rec.learning_rate is None and "no causal_lm constant for it yet" in rec.text()
     assert LrRecommendation.from_dict({k: v for k, v in rec.to_dict().items() if k != "family"}).family == "encoder"
