@@ -51,6 +51,7 @@ run configs/lr_rule_decoder_trec6.yaml results/lr_rule
 # The long budget: where uniform LoRA's validation loss levels off, then the fair protocol trained that long.
 run configs/long_budget_probe.yaml results/long_budget_probe
 run configs/fair_encoder_long.yaml results/fair_encoder_long
+run configs/fair_encoder_long_r2.yaml results/fair_encoder_long
 .venv/bin/fimlora report results/small_encoder results/small_encoder_ablation results/small_encoder_aggregation \
   results/small_decoder results/small_decoder_params results/small_encoder_beyond results/small_decoder_beyond \
   results/frontier_encoder results/frontier_encoder_gora_ascent results/frontier_decoder \
