@@ -153,6 +153,19 @@ def test_lr_rule_needs_a_fitted_constant_and_excludes_a_grid_or_a_fixed_rate(tmp
     with pytest.raises(ValueError, match="lr_rule: 'hessian' has no fitted constant"):
         _cfg(lr_grid=[], data={"max_train": 64}, lr_rule="hessian")
     _rule_table(tmp_path, monkeypatch, 0.01)
+    # The constant of the config's model family is the one needed: a causal LM's missing one is refused by name.
+    import json as _json
+
+    import fimlora.config as fconfig
+
+    table = _json.loads(fconfig.LR_RULE_FILE.read_text())
+    table["rules"]["hessian"]["causal_lm"]["constant"] = None
+    fconfig.LR_RULE_FILE.write_text(_json.dumps(table))
+    _cfg(lr_grid=[], data={"max_train": 64}, lr_rule="hessian")  # minilm: the encoder constant is there
+    with pytest.raises(ValueError, match="lr_rule: 'hessian' has no fitted constant for causal_lm models .* "
+                                         "model 'smollm2'"):
+        _cfg(model="smollm2", lr_grid=[], data={"max_train": 64}, lr_rule="hessian")
+    _rule_table(tmp_path, monkeypatch, 0.01)
     with pytest.raises(ValueError, match="lr_rule: a run's learning rate comes from the rule 'hessian' or from"):
         _cfg(lr_rule="hessian")
     with pytest.raises(ValueError, match="train.learning_rate: each run trains at lr_rule 'hessian'"):
