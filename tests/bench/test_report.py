@@ -283,12 +283,13 @@ def test_frontier_table_has_a_row_per_method_and_size_and_the_plot_is_written(tm
 
 
 def test_frontier_without_matplotlib_keeps_the_table_and_says_so(tmp_path, monkeypatch):
+    import fimlora.bench.figures as figures
     import fimlora.bench.report as report
 
     def no_matplotlib(module, extra, purpose):
         raise MissingExtraError(f"{purpose} needs the 'matplotlib' package")
 
-    monkeypatch.setattr(report, "require", no_matplotlib)
+    monkeypatch.setattr(figures, "require", no_matplotlib)  # every report figure opens pyplot there
     monkeypatch.setattr(report, "rank_map_stats", lambda runs, figures_dir: [])
     _write_runs(tmp_path, [_size_run("lora", 1, r, 0.5, 100 * r) for r in (1, 2)])
     with pytest.warns(UserWarning, match="report: frontier figure left out: .*matplotlib"):

@@ -11,11 +11,10 @@ experiment whose runs recorded curves (a table of each run's levelled-off step, 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..extras import MissingExtraError, require
+from .figures import report_pyplot, save_figure
 from .tables import _label, _table, safe_name
 
 __all__ = ["smoothed", "levelled_off_step", "curve_section", "CURVE_WINDOW", "CURVE_SHARE"]
@@ -81,13 +80,9 @@ def curve_section(runs: list[dict], experiment: str, figures_dir: Path | None) -
 
 
 def _draw_curves(runs: list[dict], fig: Path, title: str) -> bool:
-    try:
-        matplotlib = require("matplotlib", "plot", "report: drawing the validation-loss curves")
-    except MissingExtraError as e:
-        warnings.warn(f"report: validation-loss figure left out: {e}", stacklevel=3)
+    plt = report_pyplot("validation-loss", "the validation-loss curves")
+    if plt is None:
         return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig_obj, ax = plt.subplots(figsize=(7, 4.5))
     for i, run in enumerate(runs):
@@ -103,8 +98,5 @@ def _draw_curves(runs: list[dict], fig: Path, title: str) -> bool:
     ax.set_ylabel("validation loss")
     ax.set_title(title)
     ax.legend(fontsize="small")
-    fig_obj.tight_layout()
-    fig.parent.mkdir(parents=True, exist_ok=True)
-    fig_obj.savefig(fig, dpi=120)
-    plt.close(fig_obj)
+    save_figure(plt, fig_obj, fig)
     return True

@@ -7,10 +7,9 @@ against learning rate, log scale, one line per method, the chosen rate marked).
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
-from ..extras import MissingExtraError, require
+from .figures import report_pyplot, save_figure
 from .lr_protocol import LrChoice, at_chosen_lr, cell_of
 from .tables import _label, _points, _table, _unit, mean_std, safe_name, task_scores
 
@@ -76,13 +75,9 @@ def _curve_cell(choice: LrChoice, lr: float) -> str:
 def draw_lr_curves(cells: list[tuple[tuple, LrChoice | None]], fig: Path, title: str) -> bool:
     """Validation score against learning rate (log scale), a line per method, the chosen rate circled; False
     (the report goes on without it) when matplotlib is missing."""
-    try:
-        matplotlib = require("matplotlib", "plot", "report: drawing the learning-rate curves")
-    except MissingExtraError as e:
-        warnings.warn(f"report: learning-rate figure left out: {e}", stacklevel=3)
+    plt = report_pyplot("learning-rate", "the learning-rate curves")
+    if plt is None:
         return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig_obj, ax = plt.subplots(figsize=(7, 4.5))
     for i, (cell, choice) in enumerate(cells):
@@ -99,10 +94,7 @@ def draw_lr_curves(cells: list[tuple[tuple, LrChoice | None]], fig: Path, title:
     ax.set_ylabel("validation score (%)")
     ax.set_title(title)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig_obj.tight_layout()
-    fig.parent.mkdir(parents=True, exist_ok=True)
-    fig_obj.savefig(fig, dpi=120)
-    plt.close(fig_obj)
+    save_figure(plt, fig_obj, fig)
     return True
 
 

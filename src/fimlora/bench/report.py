@@ -21,9 +21,10 @@ import io
 import warnings
 from pathlib import Path
 
-from ..extras import MissingExtraError, require
+from ..extras import MissingExtraError
 from ..io import atomic_write_text
 from .budget import curve_section
+from .figures import report_pyplot, save_figure
 from .lr_protocol import at_chosen_lr
 from .lr_report import lr_rule_section, lr_section
 from .results import load_results
@@ -120,14 +121,9 @@ def draw_frontier(points: list[dict], columns: list[str], fig: Path, title: str,
     """One panel per column (each task, and Avg), a line per method: mean score in points against trainable
     parameters (log scale), seed std as error bars. False (the report goes on without it) when matplotlib is
     missing."""
-    try:
-        matplotlib = require("matplotlib", "plot", "report: drawing the accuracy-size frontier")
-    except MissingExtraError as e:
-        # The table is the frontier; a missing plotting extra only costs the figure.
-        warnings.warn(f"report: frontier figure left out: {e}", stacklevel=3)
+    plt = report_pyplot("frontier", "the accuracy-size frontier")
+    if plt is None:
         return False
-    matplotlib.use("Agg")  # files only: no display on a headless machine
-    import matplotlib.pyplot as plt
 
     fig_obj, axes = plt.subplots(1, len(columns), figsize=(5 * len(columns), 4), squeeze=False)
     rows = list(dict.fromkeys((p["method"], p["variant"]) for p in points))
@@ -149,10 +145,7 @@ def draw_frontier(points: list[dict], columns: list[str], fig: Path, title: str,
     # Beside the panels, not on one: with a dozen methods an inner legend hides the points it names.
     axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig_obj.suptitle(title)
-    fig_obj.tight_layout()
-    fig.parent.mkdir(parents=True, exist_ok=True)
-    fig_obj.savefig(fig, dpi=120)
-    plt.close(fig_obj)
+    save_figure(plt, fig_obj, fig)
     return True
 
 
