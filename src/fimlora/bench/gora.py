@@ -153,14 +153,18 @@ def apply_gora_init(model: nn.Module, grads: Mapping[str, torch.Tensor], lr: flo
                     adapter_name: str = "default", sign: str = DEFAULT_SIGN) -> None:
     """Set every LoRA module's B to :func:`gora_b` of its gradient, its A and its own scale; A and W unchanged."""
     infos = lora_modules(model, adapter_name)
-    missing = [i.name for i in infos if i.name not in grads]
-    if missing:
-        raise ValueError(f"grads: no gradient for LoRA module(s) {missing[:3]}; compute them on this model's base")
+    _check_grads(infos, grads)
     for info in infos:
         b = info.layer.lora_B[adapter_name].weight
         new = gora_b(grads[info.name], info.layer.lora_A[adapter_name].weight, info.layer.scaling[adapter_name], lr,
                      sign)
         b.copy_(new.to(b.dtype))
+
+
+def _check_grads(infos: list[LoraModuleInfo], grads: Mapping[str, torch.Tensor]) -> None:
+    missing = [i.name for i in infos if i.name not in grads]
+    if missing:
+        raise ValueError(f"grads: no gradient for LoRA module(s) {missing[:3]}; compute them on this model's base")
 
 
 @torch.no_grad()
@@ -181,13 +185,19 @@ def choose_gora_lr(model: nn.Module, grads: Mapping[str, torch.Tensor], candidat
         raise ValueError("gora.lr_search: no calibration batch is left after the gradient's n_batches to judge the "
                          "step on; use more training data or fewer gora.n_batches")
     infos = lora_modules(model, adapter_name)
+    _check_grads(infos, grads)
+    # B is linear in eta: the pseudo-inverse and G A^+ once per module, one scaled copy per candidate.
+    unit = [gora_b(grads[i.name], i.layer.lora_A[adapter_name].weight, i.layer.scaling[adapter_name], 1.0, sign)
+            for i in infos]
     saved = [i.layer.lora_B[adapter_name].weight.detach().clone() for i in infos]
     was_training = model.training
     losses = {}
     model.eval()
     try:
         for eta in etas:
-            apply_gora_init(model, grads, eta, adapter_name, sign)
+            for info, b in zip(infos, unit):
+                weight = info.layer.lora_B[adapter_name].weight
+                weight.copy_((eta * b).to(weight.dtype))
             total = 0.0
             for batch in batches:
                 total += float(model(**batch).loss)
